@@ -1,0 +1,133 @@
+//! Benchmark hyperty. With config `{"role": "sink"}` it answers requests with
+//! 200 and silently counts everything else. With `{"role": "driver"}` an
+//! `execute` request `{"to": sink, "count": n, "mode": "oneway" | "rr",
+//! "batch": b}` makes it send `n` messages to the sink and answer the execute
+//! request when they are all through:
+//! - `rr`: one request at a time, the next sent when the response arrives;
+//! - `oneway`: batches of `b` notifications, each batch closed by a request
+//!   whose response releases the next batch (flow control within the
+//!   receiver's inbox).
+
+use std::cell::RefCell;
+
+use hyperty_guest::{Guest, Message, MessageType, bus};
+use serde::Deserialize;
+use serde_json::json;
+
+#[derive(Deserialize)]
+struct Config {
+    role: String,
+}
+
+#[derive(Deserialize)]
+struct Run {
+    to: String,
+    count: u64,
+    mode: String,
+    #[serde(default = "default_batch")]
+    batch: u64,
+}
+
+fn default_batch() -> u64 {
+    64
+}
+
+struct Active {
+    run: Run,
+    command: Message,
+    sent: u64,
+}
+
+struct State {
+    me: String,
+    sink: bool,
+    received: u64,
+    active: Option<Active>,
+}
+
+thread_local! {
+    static STATE: RefCell<Option<State>> = const { RefCell::new(None) };
+}
+
+const PAYLOAD: &str = r#"{"bench":"0123456789012345678901234567890123456789"}"#;
+
+struct Bench;
+
+impl Guest for Bench {
+    fn init(address: String, config: String) -> Result<(), String> {
+        let config: Config = serde_json::from_str(&config).map_err(|e| format!("bad config: {e}"))?;
+        let sink = match config.role.as_str() {
+            "sink" => true,
+            "driver" => false,
+            other => return Err(format!("unknown role {other:?}")),
+        };
+        STATE.with(|s| *s.borrow_mut() = Some(State { me: address, sink, received: 0, active: None }));
+        Ok(())
+    }
+
+    fn handle(msg: Message) {
+        STATE.with(|s| {
+            let mut state = s.borrow_mut();
+            let Some(state) = state.as_mut() else { return };
+            if state.sink {
+                state.received += 1;
+                if msg.type_ != MessageType::Response && msg.type_ != MessageType::Forward {
+                    let _ = bus::reply(&msg, 200, None);
+                }
+                return;
+            }
+            if msg.type_ == MessageType::Execute {
+                let Some(run) = msg.body.value.as_deref().and_then(|v| serde_json::from_str::<Run>(v).ok()) else {
+                    let _ = bus::reply(&msg, 400, None);
+                    return;
+                };
+                state.active = Some(Active { run, command: msg, sent: 0 });
+                step(state);
+            } else if msg.type_ == MessageType::Response {
+                if msg.body.code != Some(200) {
+                    if let Some(active) = state.active.take() {
+                        let _ = bus::reply(&active.command, 500, Some(&json!({ "failed": msg.body.code }).to_string()));
+                    }
+                    return;
+                }
+                step(state);
+            }
+        });
+    }
+}
+
+/// Sends the next request (rr) or batch (oneway), or reports completion.
+fn step(state: &mut State) {
+    let Some(active) = state.active.as_mut() else { return };
+    if active.sent >= active.run.count {
+        let done = json!({ "sent": active.sent }).to_string();
+        let _ = bus::reply(&active.command, 200, Some(&done));
+        state.active = None;
+        return;
+    }
+    let mut fail = None;
+    if active.run.mode == "oneway" {
+        let batch = active.run.batch.min(active.run.count - active.sent);
+        for _ in 1..batch {
+            active.sent += 1;
+            let m = Message::new(active.sent, MessageType::Update, &state.me, &active.run.to, PAYLOAD);
+            if let Err(e) = bus::send(&m) {
+                fail = Some(e.describe());
+                break;
+            }
+        }
+    }
+    if fail.is_none() {
+        active.sent += 1;
+        let m = Message::new(active.sent, MessageType::Read, &state.me, &active.run.to, PAYLOAD);
+        if let Err(e) = bus::request(&m, None) {
+            fail = Some(e.describe());
+        }
+    }
+    if let Some(e) = fail {
+        let _ = bus::reply(&active.command, 500, Some(&json!({ "failed": e }).to_string()));
+        state.active = None;
+    }
+}
+
+hyperty_guest::export!(Bench);

@@ -1,0 +1,176 @@
+//! Test hyperty driven by the test suite through the bus itself.
+//!
+//! Config: `{"observer": "<address>", "echo": bool}`.
+//! - An `execute` request from the observer is a command, performed with the
+//!   hyperty's own imports and answered with `{"ok": true}` or
+//!   `{"error": "..."}`: `{"op": "send" | "request", "message": {...},
+//!   "timeout_ms": n, "pad": bytes}` or `{"op": "lookup", "domain": d, "name": n}`.
+//! - Every other message is reported to the observer as a `forward` whose
+//!   value is the message as JSON; with `echo`, requests are also answered
+//!   200 with their own value. Without it the puppet never answers, which is
+//!   how the tests provoke a 408.
+
+use std::cell::RefCell;
+
+use hyperty_guest::{Body, Guest, Message, MessageType, bus, registry, warn};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+#[derive(Deserialize)]
+struct Config {
+    observer: String,
+    #[serde(default)]
+    echo: bool,
+}
+
+struct State {
+    me: String,
+    config: Config,
+    next_id: u64,
+}
+
+thread_local! {
+    static STATE: RefCell<Option<State>> = const { RefCell::new(None) };
+}
+
+/// A message as JSON, for commands and reports.
+#[derive(Serialize, Deserialize, Default)]
+struct MessageJson {
+    #[serde(default)]
+    id: u64,
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    from: String,
+    to: String,
+    #[serde(default)]
+    code: Option<u16>,
+    #[serde(default)]
+    resource: Option<String>,
+    #[serde(default)]
+    value: Option<String>,
+    #[serde(default)]
+    description: Option<String>,
+}
+
+const TYPES: [(MessageType, &str); 9] = [
+    (MessageType::Create, "create"),
+    (MessageType::Read, "read"),
+    (MessageType::Update, "update"),
+    (MessageType::Delete, "delete"),
+    (MessageType::Subscribe, "subscribe"),
+    (MessageType::Unsubscribe, "unsubscribe"),
+    (MessageType::Response, "response"),
+    (MessageType::Forward, "forward"),
+    (MessageType::Execute, "execute"),
+];
+
+impl MessageJson {
+    fn from_message(m: &Message) -> Self {
+        let kind = TYPES.iter().find(|(t, _)| *t == m.type_).map(|(_, n)| *n).unwrap_or("?");
+        MessageJson {
+            id: m.id,
+            kind: kind.to_string(),
+            from: m.from.clone(),
+            to: m.to.clone(),
+            code: m.body.code,
+            resource: m.body.resource.clone(),
+            value: m.body.value.clone(),
+            description: m.body.description.clone(),
+        }
+    }
+
+    fn into_message(self) -> Result<Message, String> {
+        let type_ = TYPES
+            .iter()
+            .find(|(_, n)| *n == self.kind)
+            .map(|(t, _)| *t)
+            .ok_or_else(|| format!("unknown message type {:?}", self.kind))?;
+        Ok(Message {
+            id: self.id,
+            type_,
+            from: self.from,
+            to: self.to,
+            body: Body { code: self.code, resource: self.resource, value: self.value, description: self.description },
+        })
+    }
+}
+
+#[derive(Deserialize)]
+struct Command {
+    op: String,
+    #[serde(default)]
+    message: Option<MessageJson>,
+    #[serde(default)]
+    timeout_ms: Option<u32>,
+    #[serde(default)]
+    domain: String,
+    #[serde(default)]
+    name: String,
+    /// With `send`/`request`: replace the value by a JSON string of this
+    /// many bytes (to test size limits without a huge command).
+    #[serde(default)]
+    pad: usize,
+}
+
+struct Puppet;
+
+impl Guest for Puppet {
+    fn init(address: String, config: String) -> Result<(), String> {
+        let config: Config = serde_json::from_str(&config).map_err(|e| format!("bad config: {e}"))?;
+        STATE.with(|s| *s.borrow_mut() = Some(State { me: address, config, next_id: 1 << 32 }));
+        Ok(())
+    }
+
+    fn handle(msg: Message) {
+        STATE.with(|s| {
+            let mut state = s.borrow_mut();
+            let Some(state) = state.as_mut() else { return };
+            if msg.type_ == MessageType::Execute && msg.from == state.config.observer {
+                let outcome = match run_command(state, &msg) {
+                    Ok(v) => v,
+                    Err(e) => json!({ "error": e }),
+                };
+                if let Err(e) = bus::reply(&msg, 200, Some(&outcome.to_string())) {
+                    warn(&format!("cannot answer command: {}", e.describe()));
+                }
+                return;
+            }
+            let report = serde_json::to_string(&MessageJson::from_message(&msg)).unwrap_or_default();
+            state.next_id += 1;
+            let forward = Message::new(state.next_id, MessageType::Forward, &state.me, &state.config.observer, report);
+            if let Err(e) = bus::send(&forward) {
+                warn(&format!("cannot report to observer: {}", e.describe()));
+            }
+            if state.config.echo && msg.type_ != MessageType::Response {
+                if let Err(e) = bus::reply(&msg, 200, msg.body.value.as_deref()) {
+                    warn(&format!("cannot echo: {}", e.describe()));
+                }
+            }
+        });
+    }
+}
+
+fn run_command(state: &mut State, msg: &Message) -> Result<Value, String> {
+    let value = msg.body.value.as_deref().ok_or("command without value")?;
+    let command: Command = serde_json::from_str(value).map_err(|e| format!("bad command: {e}"))?;
+    match command.op.as_str() {
+        "send" | "request" => {
+            let mut m = command.message.ok_or("command without message")?;
+            if m.from.is_empty() {
+                m.from = state.me.clone();
+            }
+            if command.pad > 0 {
+                m.value = Some(format!("\"{}\"", "x".repeat(command.pad)));
+            }
+            let m = m.into_message()?;
+            let sent = if command.op == "send" { bus::send(&m) } else { bus::request(&m, command.timeout_ms) };
+            sent.map_err(|e| e.describe())?;
+            Ok(json!({ "ok": true }))
+        }
+        "lookup" => Ok(json!({ "address": registry::lookup(&command.domain, &command.name) })),
+        other => Err(format!("unknown op {other:?}")),
+    }
+}
+
+hyperty_guest::export!(Puppet);

@@ -1,0 +1,53 @@
+//! What a Rust hyperty needs: the bindings of the `hyperty` world of
+//! `rethink:hyperty@0.1.0` and a few constructors for messages.
+//!
+//! A hyperty implements [`Guest`] and exports it with
+//! `hyperty_guest::export!(MyHyperty);`.
+
+wit_bindgen::generate!({
+    path: "../../wit",
+    world: "hyperty",
+    pub_export_macro: true,
+    default_bindings_module: "hyperty_guest",
+});
+
+pub use exports::rethink::hyperty::handler::Guest;
+pub use rethink::hyperty::types::{Body, Message, MessageType, SendError};
+pub use rethink::hyperty::{bus, registry};
+
+/// Logs at info level into the host's log, tagged with this hyperty.
+pub fn info(text: &str) {
+    rethink::hyperty::log::log(rethink::hyperty::log::Level::Info, text);
+}
+
+/// Logs at warn level into the host's log, tagged with this hyperty.
+pub fn warn(text: &str) {
+    rethink::hyperty::log::log(rethink::hyperty::log::Level::Warn, text);
+}
+
+impl Body {
+    /// A body carrying only a JSON value.
+    pub fn value(json: impl Into<String>) -> Body {
+        Body { code: None, resource: None, value: Some(json.into()), description: None }
+    }
+}
+
+impl Message {
+    /// A message of `kind` from `from` to `to` with a JSON `value`.
+    pub fn new(id: u64, kind: MessageType, from: &str, to: &str, value: impl Into<String>) -> Message {
+        Message { id, type_: kind, from: from.to_string(), to: to.to_string(), body: Body::value(value) }
+    }
+}
+
+impl SendError {
+    /// `kind: detail`, e.g. `spoofed-from: hyperty://... is not ...`.
+    pub fn describe(&self) -> String {
+        match self {
+            SendError::SpoofedFrom(s) => format!("spoofed-from: {s}"),
+            SendError::Malformed(s) => format!("malformed: {s}"),
+            SendError::TooLarge(s) => format!("too-large: {s}"),
+            SendError::DuplicateId(id) => format!("duplicate-id: {id}"),
+            SendError::InboxFull(s) => format!("inbox-full: {s}"),
+        }
+    }
+}

@@ -1,0 +1,132 @@
+//! Bus addresses: URLs of the form `scheme://authority[/path]`.
+//!
+//! `hyperty://<domain>/<uuid>` for hyperties, `runtime://<domain>/<id>` for
+//! runtimes, `domain://<service>.<domain>` for a domain's back-end services
+//! and `<scheme>://<domain>/<id>` for data objects. Routing is by exact
+//! address, so parsing only validates and finds the owning domain; it never
+//! normalises.
+
+use std::fmt;
+
+/// The longest address the bus accepts, in bytes.
+pub const MAX_ADDRESS_LEN: usize = 1024;
+
+/// A validated bus address.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Address(String);
+
+impl Address {
+    /// Validates `text` as an address.
+    pub fn parse(text: impl Into<String>) -> Result<Address, String> {
+        let text = text.into();
+        validate(&text)?;
+        Ok(Address(text))
+    }
+
+    /// A fresh hyperty address in `domain`: `hyperty://<domain>/<uuid>`.
+    pub fn new_hyperty(domain: &str) -> Address {
+        Address(format!("hyperty://{domain}/{}", uuid::Uuid::new_v4()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The URL scheme (`hyperty`, `runtime`, `domain`, a data-object scheme).
+    pub fn scheme(&self) -> &str {
+        &self.0[..self.0.find("://").expect("validated")]
+    }
+
+    /// The provider domain that owns this address: the authority, except for
+    /// `domain://<service>.<domain>` where the service label is dropped.
+    pub fn domain(&self) -> &str {
+        let authority = self.authority();
+        if self.scheme() == "domain" {
+            authority.split_once('.').map_or(authority, |(_, domain)| domain)
+        } else {
+            authority
+        }
+    }
+
+    fn authority(&self) -> &str {
+        let rest = &self.0[self.scheme().len() + 3..];
+        rest.split_once('/').map_or(rest, |(authority, _)| authority)
+    }
+}
+
+/// Checks that `name` is a DNS-style domain name (`alice.example`).
+pub fn validate_domain(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        });
+    if ok { Ok(()) } else { Err(format!("{name:?} is not a domain name (like alice.example)")) }
+}
+
+fn validate(text: &str) -> Result<(), String> {
+    if text.len() > MAX_ADDRESS_LEN {
+        return Err(format!("address is {} bytes long, the limit is {MAX_ADDRESS_LEN}", text.len()));
+    }
+    let Some((scheme, rest)) = text.split_once("://") else {
+        return Err(format!("{text:?} is not an address (scheme://domain/path)"));
+    };
+    let scheme_ok = scheme.bytes().next().is_some_and(|b| b.is_ascii_lowercase())
+        && scheme.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"+-.".contains(&b));
+    if !scheme_ok {
+        return Err(format!("{text:?} has an invalid scheme {scheme:?}"));
+    }
+    let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
+    validate_domain(authority).map_err(|e| format!("{text:?}: {e}"))?;
+    if path.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return Err(format!("{text:?} has whitespace or control characters in its path"));
+    }
+    Ok(())
+}
+
+impl fmt::Display for Address {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for Address {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.0, f)
+    }
+}
+
+impl From<Address> for String {
+    fn from(a: Address) -> String {
+        a.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_finds_the_domain() {
+        let a = Address::parse("hyperty://alice.example/123").unwrap();
+        assert_eq!(a.scheme(), "hyperty");
+        assert_eq!(a.domain(), "alice.example");
+        let r = Address::parse("domain://registry.alice.example").unwrap();
+        assert_eq!(r.domain(), "alice.example");
+        let o = Address::parse("comm://bob.example/room/children/chat").unwrap();
+        assert_eq!(o.domain(), "bob.example");
+        assert_eq!(Address::new_hyperty("x.example").domain(), "x.example");
+    }
+
+    #[test]
+    fn refuses_garbage() {
+        for bad in ["", "alice", "://x", "hyperty://", "hyperty://bad domain/x", "Hyp://a.b/c", "hyperty://a.b/c d"] {
+            assert!(Address::parse(bad).is_err(), "{bad:?} accepted");
+        }
+        assert!(Address::parse(format!("hyperty://a.b/{}", "x".repeat(2000))).is_err());
+    }
+}

@@ -1,0 +1,263 @@
+//! Bundle manifests: which provider domains to run and, per domain, its
+//! limits and its hyperty components, each pinned by sha256.
+//!
+//! ```toml
+//! name = "ping-pong"
+//!
+//! [domains."alice.example"]
+//! limits = { inbox = 256 }
+//!
+//! [[domains."alice.example".hyperties]]
+//! name = "ping"
+//! component = "ping.wasm"          # relative to this file
+//! sha256 = "9f86d0…"               # 64 hex digits
+//! config = { peer = "bob.example/pong", rounds = 3 }
+//! ```
+//!
+//! Every problem is reported as a [`Problem`] naming the file, the line and
+//! the field, and all problems are collected rather than stopping at the
+//! first, so `hyperty check` can list them at once.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::address::validate_domain;
+use crate::engine::Digest;
+use crate::sandbox::Limits;
+
+/// A parsed, statically valid bundle manifest.
+#[derive(Clone, Debug)]
+pub struct Bundle {
+    pub path: PathBuf,
+    pub name: String,
+    pub domains: Vec<DomainSpec>,
+}
+
+/// One provider domain of a bundle.
+#[derive(Clone, Debug)]
+pub struct DomainSpec {
+    pub name: String,
+    pub limits: Limits,
+    pub hyperties: Vec<HypertySpec>,
+}
+
+/// One hyperty of a domain.
+#[derive(Clone, Debug)]
+pub struct HypertySpec {
+    pub name: String,
+    /// The component file, resolved against the manifest's directory.
+    pub component: PathBuf,
+    pub sha256: Digest,
+    /// The `config` table as JSON text, handed to the hyperty's `init`.
+    pub config: String,
+    /// Where the entry is, for problems found later (digest, component).
+    pub at: Location,
+}
+
+/// Where in the manifest an entry is: the field path and the lines of its
+/// `component` and `sha256` keys.
+#[derive(Clone, Debug)]
+pub struct Location {
+    pub field: String,
+    pub component_line: usize,
+    pub sha256_line: usize,
+}
+
+/// A problem with a bundle, with where it is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    pub file: PathBuf,
+    pub line: Option<usize>,
+    /// The field path, e.g. `domains."alice.example".hyperties[0].sha256`.
+    pub field: String,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let Some(line) = self.line {
+            write!(f, ":{line}")?;
+        }
+        if !self.field.is_empty() {
+            write!(f, ": {}", self.field)?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+/// One or more problems that stopped a bundle from loading or deploying.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BundleError {
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for BundleError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.problems.len();
+        write!(f, "{n} problem{} in the bundle", if n == 1 { "" } else { "s" })?;
+        for p in &self.problems {
+            write!(f, "\n  {p}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for BundleError {}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBundle {
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    domains: BTreeMap<Spanned<String>, RawDomain>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDomain {
+    #[serde(default)]
+    limits: Option<Spanned<Limits>>,
+    #[serde(default)]
+    hyperties: Vec<RawHyperty>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHyperty {
+    name: Spanned<String>,
+    component: Spanned<String>,
+    sha256: Spanned<String>,
+    #[serde(default)]
+    config: Option<toml::Table>,
+}
+
+impl Bundle {
+    /// Reads and checks the manifest at `path`.
+    pub fn load(path: impl AsRef<Path>) -> Result<Bundle, BundleError> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|e| BundleError {
+            problems: vec![Problem { file: path.to_owned(), line: None, field: String::new(), message: format!("cannot read: {e}") }],
+        })?;
+        Bundle::parse(&text, path)
+    }
+
+    /// Parses manifest `text`; `path` locates it (component paths are
+    /// relative to its directory) and names it in problems.
+    pub fn parse(text: &str, path: &Path) -> Result<Bundle, BundleError> {
+        let problem = |span: Option<Range<usize>>, field: String, message: String| Problem {
+            file: path.to_owned(),
+            line: span.map(|s| line_of(text, s.start)),
+            field,
+            message,
+        };
+        let raw: RawBundle = toml::from_str(text).map_err(|e| BundleError {
+            problems: vec![problem(e.span(), String::new(), e.message().trim().to_owned())],
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let mut problems = Vec::new();
+        let mut domains = Vec::new();
+        if raw.domains.is_empty() {
+            problems.push(problem(None, "domains".into(), "the bundle names no provider domain".into()));
+        }
+        for (domain_key, raw_domain) in raw.domains {
+            let domain = domain_key.get_ref().clone();
+            let dfield = format!("domains.{domain:?}");
+            if let Err(e) = validate_domain(&domain) {
+                problems.push(problem(Some(domain_key.span()), dfield.clone(), e));
+            }
+            let limits = match raw_domain.limits {
+                Some(limits) => {
+                    if let Err(e) = limits.get_ref().validate() {
+                        problems.push(problem(Some(limits.span()), format!("{dfield}.limits"), e));
+                    }
+                    limits.into_inner()
+                }
+                None => Limits::default(),
+            };
+            let mut hyperties: Vec<HypertySpec> = Vec::new();
+            for (i, h) in raw_domain.hyperties.into_iter().enumerate() {
+                let hfield = format!("{dfield}.hyperties[{i}]");
+                let name = h.name.get_ref().clone();
+                if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) {
+                    problems.push(problem(Some(h.name.span()), format!("{hfield}.name"), format!("{name:?} is not a name (letters, digits, -, _, .)")));
+                } else if hyperties.iter().any(|other| other.name == name) {
+                    problems.push(problem(Some(h.name.span()), format!("{hfield}.name"), format!("{domain}/{name} is named twice")));
+                }
+                let sha256 = Digest::parse(h.sha256.get_ref()).unwrap_or_else(|e| {
+                    problems.push(problem(Some(h.sha256.span()), format!("{hfield}.sha256"), e));
+                    Digest([0; 32])
+                });
+                let config = serde_json::to_string(&h.config.unwrap_or_default()).expect("TOML maps to JSON");
+                hyperties.push(HypertySpec {
+                    name,
+                    component: base.join(h.component.get_ref()),
+                    sha256,
+                    config,
+                    at: Location {
+                        field: hfield,
+                        component_line: line_of(text, h.component.span().start),
+                        sha256_line: line_of(text, h.sha256.span().start),
+                    },
+                });
+            }
+            if hyperties.is_empty() {
+                problems.push(problem(Some(domain_key.span()), format!("{dfield}.hyperties"), "the domain has no hyperty".into()));
+            }
+            domains.push(DomainSpec { name: domain, limits, hyperties });
+        }
+        if !problems.is_empty() {
+            return Err(BundleError { problems });
+        }
+        let name = raw.name.unwrap_or_else(|| path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default());
+        Ok(Bundle { path: path.to_owned(), name, domains })
+    }
+
+    /// A problem about hyperty `h`'s `field` (`component` or `sha256`).
+    pub fn problem(&self, h: &HypertySpec, field: &str, message: String) -> Problem {
+        let line = if field == "sha256" { h.at.sha256_line } else { h.at.component_line };
+        Problem { file: self.path.clone(), line: Some(line), field: format!("{}.{field}", h.at.field), message }
+    }
+}
+
+/// 1-based line number of byte `offset` in `text`.
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].bytes().filter(|&b| b == b'\n').count() + 1
+}
+
+/// Rewrites the `sha256` pin of every hyperty in the manifest at `path` to
+/// the digest of its component file as it is now; returns what changed as
+/// (field, old, new). Formatting and comments are kept.
+pub fn pin(path: &Path) -> anyhow::Result<Vec<(String, String, String)>> {
+    use anyhow::Context;
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut doc: toml_edit::DocumentMut = text.parse().with_context(|| format!("{} is not TOML", path.display()))?;
+    let base = path.parent().unwrap_or(Path::new("."));
+    let mut changed = Vec::new();
+    let domains = doc.get_mut("domains").and_then(|d| d.as_table_like_mut()).context("no [domains] table")?;
+    for (domain, d) in domains.iter_mut() {
+        let Some(hyperties) = d.get_mut("hyperties").and_then(|h| h.as_array_of_tables_mut()) else { continue };
+        for (i, h) in hyperties.iter_mut().enumerate() {
+            let field = format!("domains.{:?}.hyperties[{i}]", domain.get());
+            let component = h.get("component").and_then(|c| c.as_str()).with_context(|| format!("{field}.component is missing"))?;
+            let file = base.join(component);
+            let bytes = std::fs::read(&file).with_context(|| format!("{field}.component: cannot read {}", file.display()))?;
+            let digest = Digest::of(&bytes).to_string();
+            let old = h.get("sha256").and_then(|s| s.as_str()).unwrap_or("").to_owned();
+            if old != digest {
+                h["sha256"] = toml_edit::value(digest.clone());
+                changed.push((format!("{field}.sha256"), old, digest));
+            }
+        }
+    }
+    if !changed.is_empty() {
+        std::fs::write(path, doc.to_string()).with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    Ok(changed)
+}

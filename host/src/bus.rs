@@ -1,0 +1,354 @@
+//! The message bus: exact-address routing, the three policy enforcement
+//! points, request/response correlation and the host's own answers
+//! (403, 404, 408, 503).
+//!
+//! One path for every message, whatever its type:
+//! sender PEP (outgoing) → bus-access PEP → route lookup → receiver PEP
+//! (incoming) → correlation → the receiver's bounded inbox. Problems found at
+//! the import (malformed, spoofed, too large, inbox full) are returned to the
+//! caller as [`SendError`]; problems found on the path are answered with a
+//! `response` message, at once. Nothing is dropped silently: a full inbox is
+//! an error to the sender (back-pressure).
+//!
+//! Pending requests live in two maps that change together: by (requester,
+//! id) for correlation and by deadline for the timer thread, so an entry and
+//! its timer disappear with the response, the 408 or the requester.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, RwLock, Weak};
+use std::time::{Duration, Instant};
+
+use crate::address::Address;
+use crate::message::{Message, MessageType, code};
+use crate::policy::{Decision, EnforcementPoint, PolicyDecisionPoint};
+use crate::sandbox::{Inbox, Refused};
+
+/// Why the bus refused a message at the import; mirrors the WIT `send-error`.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SendError {
+    #[error("spoofed from: {0}")]
+    SpoofedFrom(String),
+    #[error("malformed message: {0}")]
+    Malformed(String),
+    #[error("message too large: {0}")]
+    TooLarge(String),
+    #[error("a request with id {0} from this address is still pending")]
+    DuplicateId(u64),
+    #[error("inbox full: {0}")]
+    InboxFull(String),
+}
+
+/// Where messages for an address go.
+#[derive(Clone)]
+pub(crate) enum Route {
+    /// A hyperty instance in a domain sandbox.
+    Hyperty { inbox: Inbox, instance: u32 },
+    /// An embedder's endpoint.
+    Endpoint(flume::Sender<Message>),
+}
+
+impl Route {
+    fn deliver(&self, message: Message) -> Result<(), Refused> {
+        match self {
+            Route::Hyperty { inbox, instance } => inbox.deliver(*instance, message),
+            Route::Endpoint(tx) => tx.try_send(message).map_err(|e| match e {
+                flume::TrySendError::Full(m) => Refused::Full(m),
+                flume::TrySendError::Disconnected(m) => Refused::Closed(m),
+            }),
+        }
+    }
+}
+
+/// Settings of the bus.
+#[derive(Clone, Debug)]
+pub struct BusConfig {
+    /// The runtime's own domain, whose policies guard bus access.
+    pub runtime_domain: String,
+    /// How long a request waits for its response before the host answers 408.
+    pub request_timeout: Duration,
+    /// The largest message accepted, counted by [`Message::size`].
+    pub max_message_bytes: usize,
+}
+
+/// The bus; cheap to clone (a handle).
+#[derive(Clone)]
+pub(crate) struct Bus {
+    inner: Arc<BusInner>,
+}
+
+struct BusInner {
+    routes: RwLock<HashMap<Address, Route>>,
+    policy: Arc<dyn PolicyDecisionPoint>,
+    config: BusConfig,
+    timer: Arc<Timer>,
+}
+
+impl Bus {
+    pub fn new(config: BusConfig, policy: Arc<dyn PolicyDecisionPoint>) -> Bus {
+        let timer = Arc::new(Timer::default());
+        let inner = Arc::new(BusInner { routes: RwLock::default(), policy, config, timer: timer.clone() });
+        let weak = Arc::downgrade(&inner);
+        std::thread::Builder::new()
+            .name("hyperty-bus-timer".into())
+            .spawn(move || timer.run(weak))
+            .expect("cannot start the bus timer thread");
+        Bus { inner }
+    }
+
+    pub fn config(&self) -> &BusConfig {
+        &self.inner.config
+    }
+
+    /// Adds a route; false if the address is already routed.
+    pub fn add_route(&self, address: Address, route: Route) -> bool {
+        let mut routes = self.inner.routes.write().unwrap();
+        if routes.contains_key(&address) {
+            return false;
+        }
+        routes.insert(address, route);
+        true
+    }
+
+    /// Removes a route and forgets the requests it was waiting on.
+    pub fn remove_route(&self, address: &Address) {
+        self.inner.routes.write().unwrap().remove(address);
+        self.inner.timer.forget_requester(address);
+    }
+
+    /// Requests waiting for a response.
+    pub fn pending_requests(&self) -> usize {
+        self.inner.timer.pending.lock().unwrap().by_key.len()
+    }
+
+    /// Sends `message`, whose `from` the caller has already checked. With
+    /// `timeout`, it is a request: a response is correlated to it, or the
+    /// host answers 408 when the timeout passes.
+    pub fn send(&self, message: Message, timeout: Option<Duration>) -> Result<(), SendError> {
+        let inner = &*self.inner;
+        tracing::debug!(
+            id = message.id,
+            kind = message.kind.as_str(),
+            from = %message.from,
+            to = %message.to,
+            code = message.body.code,
+            "message"
+        );
+        if message.size() > inner.config.max_message_bytes {
+            let limit = inner.config.max_message_bytes;
+            return Err(SendError::TooLarge(format!("{} bytes, the limit is {limit}", message.size())));
+        }
+        if message.kind == MessageType::Response && timeout.is_some() {
+            return Err(SendError::Malformed("a response cannot be sent as a request".into()));
+        }
+        if !self.permitted(EnforcementPoint::Outgoing, message.from.domain(), &message)
+            || !self.permitted(EnforcementPoint::BusAccess, &inner.config.runtime_domain, &message)
+        {
+            return Ok(());
+        }
+        let Some(route) = inner.routes.read().unwrap().get(&message.to).cloned() else {
+            let why = format!("no hyperty or endpoint at {}", message.to);
+            self.answer(&message, code::NOT_FOUND, why);
+            return Ok(());
+        };
+        if !self.permitted(EnforcementPoint::Incoming, message.to.domain(), &message) {
+            return Ok(());
+        }
+        let correlation = if message.kind == MessageType::Response {
+            match inner.timer.take(&message) {
+                Some(outstanding) => Some(outstanding),
+                None => {
+                    tracing::debug!(id = message.id, to = %message.to, "response to no pending request dropped");
+                    return Ok(());
+                }
+            }
+        } else {
+            if let Some(timeout) = timeout {
+                inner.timer.insert(&message, timeout)?;
+            }
+            None
+        };
+        match route.deliver(message) {
+            Ok(()) => Ok(()),
+            Err(Refused::Full(message)) => {
+                let to = message.to.to_string();
+                self.undo_correlation(message, timeout, correlation);
+                Err(SendError::InboxFull(to))
+            }
+            Err(Refused::Closed(message)) => {
+                self.answer(&message, code::UNAVAILABLE, format!("{} has stopped", message.to));
+                self.undo_correlation(message, timeout, correlation);
+                Ok(())
+            }
+        }
+    }
+
+    /// After a failed delivery: a request is no longer pending; a response
+    /// leaves its request pending again, so it still gets an answer.
+    fn undo_correlation(&self, message: Message, timeout: Option<Duration>, correlation: Option<Outstanding>) {
+        if let Some(outstanding) = correlation {
+            self.inner.timer.restore(message.to, message.id, outstanding);
+        } else if timeout.is_some() {
+            self.inner.timer.take_request(&message.from, message.id);
+        }
+    }
+
+    /// Asks the policy decision point; on a denial answers 403 and says no.
+    fn permitted(&self, point: EnforcementPoint, domain: &str, message: &Message) -> bool {
+        match self.inner.policy.decide(point, domain, message) {
+            Decision::Permit => true,
+            Decision::Deny { policies, reason } => {
+                let why = format!("denied at the {point} enforcement point of {domain} by [{}]: {reason}", policies.join(", "));
+                tracing::info!(id = message.id, from = %message.from, to = %message.to, "{why}");
+                self.answer(message, code::FORBIDDEN, why);
+                false
+            }
+        }
+    }
+
+    /// The host's own answer to `message`: a response with `code` delivered
+    /// straight to its sender. Responses are never answered (no loops).
+    pub fn answer(&self, message: &Message, code: u16, description: String) {
+        if message.kind == MessageType::Response {
+            tracing::debug!(id = message.id, to = %message.to, code, "undeliverable response: {description}");
+            return;
+        }
+        let answer = message.answer(code, description);
+        self.deliver_answer(answer);
+    }
+
+    fn deliver_answer(&self, answer: Message) {
+        let route = self.inner.routes.read().unwrap().get(&answer.to).cloned();
+        let result = match route {
+            Some(route) => route.deliver(answer),
+            None => Err(Refused::Closed(answer)),
+        };
+        if let Err(Refused::Full(m) | Refused::Closed(m)) = result {
+            tracing::warn!(id = m.id, to = %m.to, code = m.body.code, "cannot deliver the host's answer: {}",
+                m.body.description.as_deref().unwrap_or(""));
+        }
+    }
+}
+
+/// A request waiting for its response.
+struct Outstanding {
+    responder: Address,
+    deadline: Instant,
+    seq: u64,
+    timeout: Duration,
+}
+
+#[derive(Default)]
+struct Pending {
+    by_key: HashMap<(Address, u64), Outstanding>,
+    by_deadline: BTreeMap<(Instant, u64), (Address, u64)>,
+    next_seq: u64,
+}
+
+/// The pending requests and the thread that answers 408 when one expires.
+#[derive(Default)]
+struct Timer {
+    pending: Mutex<Pending>,
+    wake: Condvar,
+    stopped: AtomicBool,
+}
+
+impl Timer {
+    fn insert(&self, request: &Message, timeout: Duration) -> Result<(), SendError> {
+        let mut p = self.pending.lock().unwrap();
+        let key = (request.from.clone(), request.id);
+        if p.by_key.contains_key(&key) {
+            return Err(SendError::DuplicateId(request.id));
+        }
+        let deadline = Instant::now() + timeout;
+        p.next_seq += 1;
+        let seq = p.next_seq;
+        let earliest = p.by_deadline.first_key_value().is_none_or(|((first, _), _)| deadline < *first);
+        p.by_deadline.insert((deadline, seq), key.clone());
+        p.by_key.insert(key, Outstanding { responder: request.to.clone(), deadline, seq, timeout });
+        drop(p);
+        if earliest {
+            self.wake.notify_one();
+        }
+        Ok(())
+    }
+
+    /// Takes the request `response` answers, if it is pending and
+    /// `response` comes from the address the request went to.
+    fn take(&self, response: &Message) -> Option<Outstanding> {
+        let mut p = self.pending.lock().unwrap();
+        let key = (response.to.clone(), response.id);
+        if p.by_key.get(&key).is_none_or(|o| o.responder != response.from) {
+            return None;
+        }
+        let o = p.by_key.remove(&key)?;
+        p.by_deadline.remove(&(o.deadline, o.seq));
+        Some(o)
+    }
+
+    fn take_request(&self, requester: &Address, id: u64) {
+        let mut p = self.pending.lock().unwrap();
+        if let Some(o) = p.by_key.remove(&(requester.clone(), id)) {
+            p.by_deadline.remove(&(o.deadline, o.seq));
+        }
+    }
+
+    fn restore(&self, requester: Address, id: u64, o: Outstanding) {
+        let mut p = self.pending.lock().unwrap();
+        p.by_deadline.insert((o.deadline, o.seq), (requester.clone(), id));
+        p.by_key.insert((requester, id), o);
+    }
+
+    fn forget_requester(&self, requester: &Address) {
+        let mut p = self.pending.lock().unwrap();
+        let Pending { by_key, by_deadline, .. } = &mut *p;
+        by_key.retain(|(from, _), o| {
+            let keep = from != requester;
+            if !keep {
+                by_deadline.remove(&(o.deadline, o.seq));
+            }
+            keep
+        });
+    }
+
+    /// Answers 408 for each request whose deadline passes, until the bus is
+    /// gone.
+    fn run(&self, bus: Weak<BusInner>) {
+        let mut p = self.pending.lock().unwrap();
+        while !self.stopped.load(Ordering::Acquire) {
+            let now = Instant::now();
+            let mut expired = Vec::new();
+            while let Some(entry) = p.by_deadline.first_entry() {
+                if entry.key().0 > now {
+                    break;
+                }
+                let key = entry.remove();
+                if let Some(o) = p.by_key.remove(&key) {
+                    expired.push((key, o));
+                }
+            }
+            if !expired.is_empty() {
+                drop(p);
+                let Some(inner) = bus.upgrade() else { return };
+                let bus = Bus { inner };
+                for ((requester, id), o) in expired {
+                    let mut answer = Message::response(id, o.responder, requester, code::TIMEOUT);
+                    answer.body.description =
+                        Some(format!("no response from {} within {} ms", answer.from, o.timeout.as_millis()));
+                    bus.deliver_answer(answer);
+                }
+                p = self.pending.lock().unwrap();
+                continue;
+            }
+            let wait = p.by_deadline.first_key_value().map_or(Duration::from_secs(3600), |((d, _), _)| *d - now);
+            p = self.wake.wait_timeout(p, wait).unwrap().0;
+        }
+    }
+}
+
+impl Drop for BusInner {
+    fn drop(&mut self) {
+        self.timer.stopped.store(true, Ordering::Release);
+        self.timer.wake.notify_all();
+    }
+}

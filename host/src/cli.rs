@@ -1,0 +1,116 @@
+//! The `hyperty` command line: `run`, `check` and `pin` a bundle.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+use crate::bundle::{Bundle, pin};
+use crate::runtime::{Runtime, RuntimeConfig, check_file, default_cache_dir};
+
+#[derive(Parser)]
+#[command(name = "hyperty", version, about = "Runs reTHINK hyperties as sandboxed WebAssembly components")]
+struct Cli {
+    /// Where compiled components are cached.
+    #[arg(long, global = true, default_value_os_t = default_cache_dir())]
+    cache_dir: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Deploy a bundle and run it until Ctrl-C (log level from RUST_LOG).
+    Run {
+        bundle: PathBuf,
+        /// Stop once every hyperty is idle: no message queued or in hand and
+        /// no request pending.
+        #[arg(long)]
+        exit_when_idle: bool,
+        /// Default request timeout, after which the host answers 408.
+        #[arg(long, default_value_t = 5000)]
+        request_timeout_ms: u64,
+    },
+    /// Check a bundle: manifest, component files, sha256 pins, and that each
+    /// component fits its world. Lists every problem.
+    Check { bundle: PathBuf },
+    /// Rewrite the bundle's sha256 pins to the digests of its component
+    /// files as they are now.
+    Pin { bundle: PathBuf },
+}
+
+/// Runs the CLI with `args` (the first is the program name).
+pub fn main_with_args<I, T>(args: I) -> ExitCode
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let cli = match Cli::try_parse_from(args) {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { ExitCode::from(2) } else { ExitCode::SUCCESS };
+        }
+    };
+    init_logging();
+    let config = RuntimeConfig { cache_dir: cli.cache_dir, ..RuntimeConfig::default() };
+    let result = match cli.command {
+        Command::Run { bundle, exit_when_idle, request_timeout_ms } => {
+            let config = RuntimeConfig { request_timeout: Duration::from_millis(request_timeout_ms), ..config };
+            run(&bundle, config, exit_when_idle)
+        }
+        Command::Check { bundle } => match check_file(&bundle, config) {
+            Ok(b) => {
+                let n: usize = b.domains.iter().map(|d| d.hyperties.len()).sum();
+                println!("{}: ok ({n} hyperties in {} domains)", bundle.display(), b.domains.len());
+                Ok(())
+            }
+            Err(e) => Err(anyhow::Error::new(e)),
+        },
+        Command::Pin { bundle } => pin(&bundle).map(|changed| {
+            for (field, old, new) in &changed {
+                println!("{}: {field}: {} -> {new}", bundle.display(), if old.is_empty() { "(none)" } else { old });
+            }
+            if changed.is_empty() {
+                println!("{}: every pin matches", bundle.display());
+            }
+        }),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(path: &std::path::Path, config: RuntimeConfig, exit_when_idle: bool) -> anyhow::Result<()> {
+    let bundle = Bundle::load(path)?;
+    let runtime = Runtime::new(config)?;
+    tracing::info!("deploying bundle {:?} ({} domains)", bundle.name, bundle.domains.len());
+    runtime.deploy(&bundle)?;
+    if exit_when_idle {
+        runtime.wait_idle(Duration::MAX);
+        tracing::info!("every hyperty is idle; stopping");
+    } else {
+        tracing::info!("running; press Ctrl-C to stop");
+        tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(tokio::signal::ctrl_c())?;
+        tracing::info!("Ctrl-C: stopping");
+    }
+    runtime.shutdown();
+    Ok(())
+}
+
+/// Logs to stderr, filtered by `RUST_LOG` (default `info`).
+fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .with_timer(tracing_subscriber::fmt::time::uptime())
+        .with_writer(std::io::stderr)
+        .try_init();
+}

@@ -1,0 +1,36 @@
+//! `hyperty-host`: runs reTHINK hyperties as sandboxed WebAssembly
+//! components on wasmtime.
+//!
+//! An embedder creates a [`Runtime`], loads a [`Bundle`] and deploys it;
+//! hyperties then talk over the bus, and the embedder joins the bus through
+//! an [`Endpoint`]. The `hyperty` CLI ([`cli`]) does the same for operators.
+//!
+//! ```no_run
+//! use hyperty_host::{Bundle, Runtime, RuntimeConfig};
+//! let runtime = Runtime::new(RuntimeConfig::default())?;
+//! let bundle = Bundle::load("bundle.toml")?;
+//! for h in runtime.deploy(&bundle)? {
+//!     println!("{}/{} is at {}", h.domain, h.name, h.address);
+//! }
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+pub mod address;
+pub mod bundle;
+mod bus;
+pub mod cli;
+mod engine;
+pub mod message;
+pub mod policy;
+mod registry;
+pub mod runtime;
+mod sandbox;
+
+pub use address::Address;
+pub use bundle::{Bundle, BundleError, Problem};
+pub use bus::SendError;
+pub use engine::Digest;
+pub use message::{Body, Message, MessageType};
+pub use policy::{Decision, EnforcementPoint, PolicyDecisionPoint};
+pub use runtime::{DeployedHyperty, Endpoint, Runtime, RuntimeConfig};
+pub use sandbox::Limits;

@@ -1,0 +1,410 @@
+//! The runtime user agent: loads bundles, verifies and deploys their
+//! components into domain sandboxes, and gives embedders endpoints on the
+//! bus.
+//!
+//! Deployment is all or nothing. Every hyperty of a bundle is checked first
+//! (file, sha256 pin, component, fit to the world); only then are sandboxes
+//! started and instances created, and if any instance fails to start, the
+//! ones this deployment created are removed again. What was running before
+//! is never touched.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use wasmtime::component::Linker;
+
+use crate::address::Address;
+use crate::bundle::{Bundle, BundleError, Problem};
+use crate::bus::{Bus, BusConfig, Route, SendError};
+use crate::engine::{Digest, Engine};
+use crate::message::Message;
+use crate::policy::{AllowAll, PolicyDecisionPoint};
+use crate::registry::Registry;
+use crate::sandbox::{self, HypertyPre, SandboxHandle, SandboxState};
+
+/// Settings of a [`Runtime`].
+#[derive(Clone)]
+pub struct RuntimeConfig {
+    /// Where compiled components are cached.
+    pub cache_dir: PathBuf,
+    /// The runtime's own domain, whose policies guard bus access.
+    pub domain: String,
+    /// How long a request waits for its response before the host answers 408.
+    pub request_timeout: Duration,
+    /// The largest message the bus accepts, in bytes of addresses and body.
+    pub max_message_bytes: usize,
+    /// The policy decision point asked at the three enforcement points.
+    pub policy: Arc<dyn PolicyDecisionPoint>,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> RuntimeConfig {
+        RuntimeConfig {
+            cache_dir: default_cache_dir(),
+            domain: "localhost".into(),
+            request_timeout: Duration::from_secs(5),
+            max_message_bytes: 1 << 20,
+            policy: Arc::new(AllowAll),
+        }
+    }
+}
+
+/// `$HYPERTY_CACHE_DIR`, else `$XDG_CACHE_HOME/hyperty`, else
+/// `$HOME/.cache/hyperty`, else a directory under the system temp dir.
+pub fn default_cache_dir() -> PathBuf {
+    let env = |k| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+    env("HYPERTY_CACHE_DIR")
+        .or_else(|| env("XDG_CACHE_HOME").map(|d| d.join("hyperty")))
+        .or_else(|| env("HOME").map(|d| d.join(".cache/hyperty")))
+        .unwrap_or_else(|| std::env::temp_dir().join("hyperty-cache"))
+}
+
+/// A hyperty deployed by this runtime.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeployedHyperty {
+    pub domain: String,
+    pub name: String,
+    pub address: Address,
+}
+
+struct Running {
+    hyperty: DeployedHyperty,
+    instance: u32,
+}
+
+#[derive(Default)]
+struct Deployed {
+    sandboxes: BTreeMap<String, SandboxHandle>,
+    hyperties: Vec<Running>,
+}
+
+/// The hyperty runtime.
+pub struct Runtime {
+    engine: Engine,
+    linker: Linker<SandboxState>,
+    bus: Bus,
+    registry: Arc<Registry>,
+    /// Held for the whole of a deployment, so deployments do not interleave.
+    deployed: Mutex<Deployed>,
+}
+
+/// A hyperty that passed every check, ready to instantiate.
+struct Prepared {
+    domain: usize,
+    hyperty: usize,
+    pre: HypertyPre<SandboxState>,
+}
+
+impl Runtime {
+    pub fn new(config: RuntimeConfig) -> Result<Runtime> {
+        let engine = Engine::new(&config.cache_dir)?;
+        let linker = sandbox::hyperty_linker(engine.wasmtime())?;
+        let bus = Bus::new(
+            BusConfig {
+                runtime_domain: config.domain,
+                request_timeout: config.request_timeout,
+                max_message_bytes: config.max_message_bytes,
+            },
+            config.policy,
+        );
+        Ok(Runtime { engine, linker, bus, registry: Arc::default(), deployed: Mutex::default() })
+    }
+
+    /// Checks everything about `bundle` that deployment would, without
+    /// running anything: component files, sha256 pins, that each file is a
+    /// component fitting the `hyperty` world, and clashes with what runs.
+    pub fn check(&self, bundle: &Bundle) -> Result<(), BundleError> {
+        let deployed = self.deployed.lock().unwrap();
+        self.prepare(bundle, &deployed).map(drop)
+    }
+
+    fn prepare(&self, bundle: &Bundle, deployed: &Deployed) -> Result<Vec<Prepared>, BundleError> {
+        let mut problems = Vec::new();
+        let mut prepared = Vec::new();
+        for (d, domain) in bundle.domains.iter().enumerate() {
+            if let Some(running) = deployed.sandboxes.get(&domain.name)
+                && running.limits != domain.limits
+            {
+                problems.push(Problem {
+                    file: bundle.path.clone(),
+                    line: None,
+                    field: format!("domains.{:?}.limits", domain.name),
+                    message: format!("{} already runs with other limits ({:?})", domain.name, running.limits),
+                });
+            }
+            for (h, hyperty) in domain.hyperties.iter().enumerate() {
+                if self.registry.lookup(&domain.name, &hyperty.name).is_some() {
+                    let message = format!("{}/{} is already deployed", domain.name, hyperty.name);
+                    problems.push(bundle.problem(hyperty, "name", message));
+                    continue;
+                }
+                let bytes = match std::fs::read(&hyperty.component) {
+                    Ok(bytes) => bytes,
+                    Err(e) => {
+                        let message = format!("cannot read {}: {e}", hyperty.component.display());
+                        problems.push(bundle.problem(hyperty, "component", message));
+                        continue;
+                    }
+                };
+                let digest = Digest::of(&bytes);
+                if digest != hyperty.sha256 {
+                    let message = format!(
+                        "{} does not match its pin: the bundle pins {} but the file's sha256 is {digest}",
+                        hyperty.component.display(),
+                        hyperty.sha256
+                    );
+                    problems.push(bundle.problem(hyperty, "sha256", message));
+                    continue;
+                }
+                let pre = self
+                    .engine
+                    .component(&bytes, digest)
+                    .and_then(|component| sandbox::prepare(&self.linker, &component));
+                match pre {
+                    Ok(pre) => prepared.push(Prepared { domain: d, hyperty: h, pre }),
+                    Err(e) => {
+                        let message = format!("{} is refused: {e:#}", hyperty.component.display());
+                        problems.push(bundle.problem(hyperty, "component", message));
+                    }
+                }
+            }
+        }
+        if problems.is_empty() { Ok(prepared) } else { Err(BundleError { problems }) }
+    }
+
+    /// Deploys every hyperty of `bundle`, or none of them.
+    pub fn deploy(&self, bundle: &Bundle) -> Result<Vec<DeployedHyperty>, BundleError> {
+        let mut deployed = self.deployed.lock().unwrap();
+        let prepared = self.prepare(bundle, &deployed)?;
+        let mut new_domains = Vec::new();
+        let mut started: Vec<Running> = Vec::new();
+        let result = self.start_all(bundle, prepared, &mut deployed, &mut new_domains, &mut started);
+        match result {
+            Ok(()) => {
+                let hyperties = started.iter().map(|r| r.hyperty.clone()).collect();
+                deployed.hyperties.extend(started);
+                Ok(hyperties)
+            }
+            Err(problem) => {
+                for running in &started {
+                    self.stop(&deployed, running);
+                }
+                for domain in new_domains {
+                    deployed.sandboxes.remove(&domain);
+                }
+                tracing::error!("deployment of bundle {} refused: {problem}", bundle.name);
+                Err(BundleError { problems: vec![problem] })
+            }
+        }
+    }
+
+    /// Instantiates every prepared hyperty, routes them all, then calls each
+    /// one's `init` (so a hyperty may message any other of the bundle from
+    /// its `init`).
+    fn start_all(
+        &self,
+        bundle: &Bundle,
+        prepared: Vec<Prepared>,
+        deployed: &mut Deployed,
+        new_domains: &mut Vec<String>,
+        started: &mut Vec<Running>,
+    ) -> Result<(), Problem> {
+        for p in prepared {
+            let domain = &bundle.domains[p.domain];
+            let spec = &domain.hyperties[p.hyperty];
+            if !deployed.sandboxes.contains_key(&domain.name) {
+                let handle = SandboxHandle::spawn(
+                    self.engine.wasmtime(),
+                    &domain.name,
+                    domain.limits.clone(),
+                    self.bus.clone(),
+                    self.registry.clone(),
+                )
+                .map_err(|e| bundle.problem(spec, "component", format!("{e:#}")))?;
+                deployed.sandboxes.insert(domain.name.clone(), handle);
+                new_domains.push(domain.name.clone());
+            }
+            let sandbox = &deployed.sandboxes[&domain.name];
+            let address = Address::new_hyperty(&domain.name);
+            let label: Arc<str> = format!("{}/{}", domain.name, spec.name).into();
+            let instance = sandbox
+                .instantiate(p.pre, address.clone(), label)
+                .map_err(|e| bundle.problem(spec, "component", format!("{e:#}")))?;
+            let hyperty = DeployedHyperty { domain: domain.name.clone(), name: spec.name.clone(), address };
+            self.bus.add_route(hyperty.address.clone(), Route::Hyperty { inbox: sandbox.inbox(), instance });
+            self.registry.register(&hyperty.domain, &hyperty.name, hyperty.address.clone());
+            tracing::info!(
+                "deployed {}/{} at {} ({})",
+                hyperty.domain,
+                hyperty.name,
+                hyperty.address,
+                spec.component.file_name().unwrap_or_default().to_string_lossy()
+            );
+            started.push(Running { hyperty, instance });
+        }
+        for running in started.iter() {
+            let h = &running.hyperty;
+            let domain = bundle.domains.iter().find(|d| d.name == h.domain).expect("from this bundle");
+            let spec = domain.hyperties.iter().find(|s| s.name == h.name).expect("from this bundle");
+            deployed.sandboxes[&h.domain]
+                .init(running.instance, spec.config.clone())
+                .map_err(|e| bundle.problem(spec, "component", format!("{}/{}: {e:#}", h.domain, h.name)))?;
+        }
+        Ok(())
+    }
+
+    fn stop(&self, deployed: &Deployed, running: &Running) {
+        let h = &running.hyperty;
+        self.bus.remove_route(&h.address);
+        self.registry.unregister(&h.domain, &h.name);
+        if let Some(sandbox) = deployed.sandboxes.get(&h.domain) {
+            sandbox.remove(running.instance);
+        }
+    }
+
+    /// The hyperties deployed now.
+    pub fn hyperties(&self) -> Vec<DeployedHyperty> {
+        self.deployed.lock().unwrap().hyperties.iter().map(|r| r.hyperty.clone()).collect()
+    }
+
+    /// The address of hyperty `name` of `domain`.
+    pub fn lookup(&self, domain: &str, name: &str) -> Option<Address> {
+        self.registry.lookup(domain, name)
+    }
+
+    /// Opens an endpoint on the bus at `address`, for the embedding
+    /// application to exchange messages with hyperties. It holds up to
+    /// `capacity` undelivered messages.
+    pub fn endpoint(&self, address: &str, capacity: usize) -> Result<Endpoint> {
+        let address = Address::parse(address).map_err(anyhow::Error::msg)?;
+        let (tx, rx) = flume::bounded(capacity.max(1));
+        if !self.bus.add_route(address.clone(), Route::Endpoint(tx)) {
+            anyhow::bail!("{address} is already in use");
+        }
+        Ok(Endpoint { address, bus: self.bus.clone(), rx })
+    }
+
+    /// Requests still waiting for their response (or 408).
+    pub fn pending_requests(&self) -> usize {
+        self.bus.pending_requests()
+    }
+
+    /// True when no message is queued or being handled in any sandbox and no
+    /// request is pending.
+    pub fn is_idle(&self) -> bool {
+        let deployed = self.deployed.lock().unwrap();
+        self.bus.pending_requests() == 0 && deployed.sandboxes.values().all(|s| s.inbox().in_flight() == 0)
+    }
+
+    /// Waits until [`is_idle`](Self::is_idle) or `timeout`; true if idle.
+    pub fn wait_idle(&self, timeout: Duration) -> bool {
+        let until = Instant::now().checked_add(timeout);
+        loop {
+            if self.is_idle() {
+                return true;
+            }
+            if until.is_some_and(|until| Instant::now() >= until) {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Mean time to instantiate the component at `path` into a fresh store
+    /// from its `InstancePre` (for `just bench`).
+    #[doc(hidden)]
+    pub fn bench_instantiation(&self, path: &std::path::Path, n: u32) -> Result<Duration> {
+        let bytes = std::fs::read(path)?;
+        let component = self.engine.component(&bytes, Digest::of(&bytes))?;
+        let pre = sandbox::prepare(&self.linker, &component)?;
+        sandbox::time_instantiation(self.engine.wasmtime(), &pre, &self.bus, &self.registry, n)
+    }
+
+    /// Stops every hyperty and sandbox.
+    pub fn shutdown(&self) {
+        let mut deployed = self.deployed.lock().unwrap();
+        for running in std::mem::take(&mut deployed.hyperties) {
+            self.stop(&deployed, &running);
+        }
+        deployed.sandboxes.clear();
+    }
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// An embedder's endpoint on the bus: the application side of the runtime,
+/// subject to the same stamping and policies as a hyperty. Closed on drop.
+pub struct Endpoint {
+    address: Address,
+    bus: Bus,
+    rx: flume::Receiver<Message>,
+}
+
+impl Endpoint {
+    pub fn address(&self) -> &Address {
+        &self.address
+    }
+
+    /// Sends a notification; `from` must be this endpoint's address.
+    pub fn send(&self, message: Message) -> Result<(), SendError> {
+        self.check(&message)?;
+        self.bus.send(message, None)
+    }
+
+    /// Sends a request; its response (or the host's 403/404/408) arrives
+    /// through [`recv`](Self::recv). `None` takes the runtime's default
+    /// timeout.
+    pub fn request(&self, message: Message, timeout: Option<Duration>) -> Result<(), SendError> {
+        self.check(&message)?;
+        let timeout = timeout.unwrap_or(self.bus.config().request_timeout);
+        self.bus.send(message, Some(timeout))
+    }
+
+    fn check(&self, message: &Message) -> Result<(), SendError> {
+        if message.from != self.address {
+            return Err(SendError::SpoofedFrom(format!("{} is not this endpoint's address ({})", message.from, self.address)));
+        }
+        if let Some(value) = &message.body.value {
+            crate::message::validate_value(value).map_err(SendError::Malformed)?;
+        }
+        Ok(())
+    }
+
+    /// The next message, waiting at most `timeout`.
+    pub fn recv_timeout(&self, timeout: Duration) -> Option<Message> {
+        self.rx.recv_timeout(timeout).ok()
+    }
+
+    /// The next message, if one is waiting.
+    pub fn try_recv(&self) -> Option<Message> {
+        self.rx.try_recv().ok()
+    }
+
+    /// The next message, asynchronously.
+    pub async fn recv(&self) -> Option<Message> {
+        self.rx.recv_async().await.ok()
+    }
+}
+
+impl Drop for Endpoint {
+    fn drop(&mut self) {
+        self.bus.remove_route(&self.address);
+    }
+}
+
+/// Reads the bundle at `path` and checks it with a throwaway runtime.
+pub fn check_file(path: &std::path::Path, config: RuntimeConfig) -> Result<Bundle, BundleError> {
+    let bundle = Bundle::load(path)?;
+    let runtime = Runtime::new(config).map_err(|e| BundleError {
+        problems: vec![Problem { file: path.to_owned(), line: None, field: String::new(), message: format!("{e:#}") }],
+    })?;
+    runtime.check(&bundle)?;
+    Ok(bundle)
+}

@@ -1,0 +1,33 @@
+# hyperty: the recipes a person uses. `just --list` shows them.
+
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+# Run the demo bundle: ping (alice.example) and pong (bob.example).
+demo: setup
+    cargo build --release -p hyperty-tests -p hyperty-host
+    cargo run --release -q -p hyperty-host -- pin guests/demo/bundle.toml
+    cargo run --release -q -p hyperty-host -- run guests/demo/bundle.toml --exit-when-idle
+
+# Run every test (builds the guest components first).
+test: setup
+    cargo test --workspace
+
+# Benchmarks (release build): bus throughput and latency, instantiation.
+bench: setup
+    cargo bench -p hyperty-tests --bench bus
+
+# Build the guest components into guests/target/wasm32-wasip2/release.
+guests: setup
+    cargo build -p hyperty-tests
+
+# Re-pin the demo bundle after changing a guest.
+pin: guests
+    cargo run -q -p hyperty-host -- pin guests/demo/bundle.toml
+
+# Check a bundle: manifest, files, pins, world fit.
+check bundle: setup
+    cargo run -q -p hyperty-host -- check {{bundle}}
+
+# Install what the recipes need: the wasm32-wasip2 standard library.
+setup:
+    @rustup target list --installed | grep -qx wasm32-wasip2 || rustup target add wasm32-wasip2

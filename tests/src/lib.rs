@@ -1,0 +1,169 @@
+//! Helpers for the end-to-end tests and benchmarks: the guest components
+//! built by this crate's build script, bundles written on the fly with the
+//! right pins, and a runtime wired for tests.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use hyperty_host::{Address, Bundle, Digest, Endpoint, Message, MessageType, Runtime, RuntimeConfig};
+use serde_json::{Value, json};
+
+/// The built component `name` (`ping`, `pong`, `puppet`, `bench`, ...).
+pub fn guest(name: &str) -> PathBuf {
+    // Library components are named with underscores, commands as is.
+    let dir = Path::new(env!("HYPERTY_GUESTS_DIR"));
+    [name.replace('-', "_"), name.to_owned()]
+        .into_iter()
+        .map(|n| dir.join(format!("{n}.wasm")))
+        .find(|p| p.exists())
+        .unwrap_or_else(|| panic!("guest {name} was not built in {}", dir.display()))
+}
+
+/// The repository root.
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("HYPERTY_REPO_DIR"))
+}
+
+/// A runtime for tests: a shared component cache and a short request
+/// timeout.
+pub fn runtime(request_timeout: Duration) -> Runtime {
+    // Logs go to the test's captured output (shown on failure), per RUST_LOG.
+    let _ = tracing_subscriber::fmt()
+        .with_test_writer()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .try_init();
+    Runtime::new(RuntimeConfig { cache_dir: cache_dir(), request_timeout, ..RuntimeConfig::default() }).unwrap()
+}
+
+/// The component cache shared by the tests of one build.
+pub fn cache_dir() -> PathBuf {
+    Path::new(env!("HYPERTY_GUESTS_DIR")).join("test-cache")
+}
+
+/// A bundle manifest written into its own temporary directory.
+pub struct TestBundle {
+    dir: tempfile::TempDir,
+    table: toml::Table,
+}
+
+impl Default for TestBundle {
+    fn default() -> Self {
+        TestBundle::new()
+    }
+}
+
+impl TestBundle {
+    pub fn new() -> TestBundle {
+        TestBundle { dir: tempfile::tempdir().unwrap(), table: toml::Table::new() }
+    }
+
+    /// Adds hyperty `name` to `domain`, running `component` (a path), pinned
+    /// to the file's digest, with `config`.
+    pub fn hyperty(mut self, domain: &str, name: &str, component: &Path, config: Value) -> TestBundle {
+        let bytes = std::fs::read(component).unwrap_or_default();
+        let mut h = toml::Table::new();
+        h.insert("name".into(), name.into());
+        h.insert("component".into(), component.display().to_string().into());
+        h.insert("sha256".into(), Digest::of(&bytes).to_string().into());
+        h.insert("config".into(), toml::Value::try_from(config).unwrap());
+        let domains = self.table.entry("domains").or_insert_with(|| toml::Table::new().into());
+        let d = domains.as_table_mut().unwrap().entry(domain).or_insert_with(|| toml::Table::new().into());
+        let list = d.as_table_mut().unwrap().entry("hyperties").or_insert_with(|| toml::Value::Array(vec![]));
+        list.as_array_mut().unwrap().push(h.into());
+        self
+    }
+
+    /// The directory the manifest is written to (for extra files).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Writes `bundle.toml` and returns its path; the directory lives as
+    /// long as `self`.
+    pub fn write(&self) -> PathBuf {
+        let path = self.dir.path().join("bundle.toml");
+        std::fs::write(&path, toml::to_string(&self.table).unwrap()).unwrap();
+        path
+    }
+
+    pub fn load(&self) -> Bundle {
+        Bundle::load(self.write()).unwrap()
+    }
+}
+
+/// Address of the test's observer endpoint.
+pub const OBSERVER: &str = "hyperty://app.example/observer";
+
+/// An endpoint that drives puppet hyperties and collects what they report.
+pub struct Driver {
+    pub endpoint: Endpoint,
+    next_id: u64,
+    /// Messages received while looking for another one, oldest first.
+    unmatched: std::cell::RefCell<std::collections::VecDeque<Message>>,
+}
+
+impl Driver {
+    pub fn new(runtime: &Runtime) -> Driver {
+        Driver { endpoint: runtime.endpoint(OBSERVER, 10_000).unwrap(), next_id: 1, unmatched: Default::default() }
+    }
+
+    pub fn address(&self) -> &Address {
+        self.endpoint.address()
+    }
+
+    /// Asks `puppet` to run `command` and returns its answer's value.
+    pub fn command(&mut self, puppet: &Address, command: Value) -> Value {
+        let id = self.fresh_id();
+        let msg = Message::new(id, MessageType::Execute, self.address().clone(), puppet.clone(), Some(command.to_string()));
+        self.endpoint.request(msg, None).unwrap();
+        let answer = self.expect(|m| m.kind == MessageType::Response && m.id == id);
+        serde_json::from_str(answer.body.value.as_deref().unwrap_or("null")).unwrap()
+    }
+
+    pub fn fresh_id(&mut self) -> u64 {
+        self.next_id += 1;
+        self.next_id
+    }
+
+    /// The first message (within 10 s) matching `pred`; others are kept for
+    /// later calls.
+    pub fn expect(&self, pred: impl Fn(&Message) -> bool) -> Message {
+        self.find(pred, Duration::from_secs(10)).expect("the expected message did not arrive within 10 s")
+    }
+
+    /// The first message within `within` matching `pred`.
+    pub fn find(&self, pred: impl Fn(&Message) -> bool, within: Duration) -> Option<Message> {
+        let mut unmatched = self.unmatched.borrow_mut();
+        if let Some(i) = unmatched.iter().position(&pred) {
+            return unmatched.remove(i);
+        }
+        let until = Instant::now() + within;
+        loop {
+            let left = until.saturating_duration_since(Instant::now());
+            let m = self.endpoint.recv_timeout(left)?;
+            if pred(&m) {
+                return Some(m);
+            }
+            unmatched.push_back(m);
+        }
+    }
+
+    /// The first report (a puppet's `forward`) whose reported message
+    /// matches `pred`, as JSON.
+    pub fn report(&self, from_puppet: &Address, pred: impl Fn(&Value) -> bool) -> Value {
+        let m = self.expect(|m| {
+            m.kind == MessageType::Forward && &m.from == from_puppet && pred(&reported(m))
+        });
+        reported(&m)
+    }
+}
+
+/// The message a puppet reported, as JSON.
+pub fn reported(m: &Message) -> Value {
+    serde_json::from_str(m.body.value.as_deref().unwrap_or("null")).unwrap_or(Value::Null)
+}
+
+/// A puppet config reporting to the test observer.
+pub fn puppet_config(echo: bool) -> Value {
+    json!({ "observer": OBSERVER, "echo": echo })
+}

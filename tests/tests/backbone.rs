@@ -1,0 +1,182 @@
+//! The backbone end to end: real components in two provider domains, the
+//! bus between them, and the embedder's endpoint.
+
+use std::time::Duration;
+
+use hyperty_host::{Address, Message, MessageType, Runtime, SendError};
+use hyperty_tests::*;
+use serde_json::{Value, json};
+
+/// alice.example/a and bob.example/b, both puppets reporting to the test.
+fn two_domains(runtime: &Runtime, echo_b: bool) -> (TestBundle, Address, Address) {
+    let bundle = TestBundle::new()
+        .hyperty("alice.example", "a", &guest("puppet"), puppet_config(false))
+        .hyperty("bob.example", "b", &guest("puppet"), puppet_config(echo_b));
+    runtime.deploy(&bundle.load()).expect("deploys");
+    let a = runtime.lookup("alice.example", "a").unwrap();
+    let b = runtime.lookup("bob.example", "b").unwrap();
+    (bundle, a, b)
+}
+
+fn request_to(to: &Address, value: Value) -> Value {
+    json!({ "op": "request", "message": { "id": 7, "type": "read", "to": to.to_string(), "value": value.to_string() } })
+}
+
+#[test]
+fn messages_cross_domains_and_responses_find_their_request() {
+    let runtime = runtime(Duration::from_secs(5));
+    let mut driver = Driver::new(&runtime);
+    let (_bundle, a, b) = two_domains(&runtime, true);
+    assert_eq!(a.domain(), "alice.example");
+    assert_eq!(b.domain(), "bob.example");
+
+    let answer = driver.command(&a, request_to(&b, json!({ "n": 1 })));
+    assert_eq!(answer, json!({ "ok": true }));
+
+    // b (bob.example) received the request from a (alice.example) ...
+    let at_b = driver.report(&b, |m| m["type"] == "read");
+    assert_eq!(at_b["from"], a.as_str());
+    assert_eq!(at_b["id"], 7);
+    assert_eq!(at_b["value"], r#"{"n":1}"#);
+    // ... and a received b's echo as the response to request 7.
+    let at_a = driver.report(&a, |m| m["type"] == "response");
+    assert_eq!(at_a["from"], b.as_str());
+    assert_eq!(at_a["id"], 7);
+    assert_eq!(at_a["code"], 200);
+    assert_eq!(at_a["value"], r#"{"n":1}"#);
+    assert!(runtime.wait_idle(Duration::from_secs(5)));
+    assert_eq!(runtime.pending_requests(), 0);
+}
+
+#[test]
+fn unknown_local_address_is_answered_404_at_once() {
+    // A long request timeout: a 404 must not wait for it.
+    let runtime = runtime(Duration::from_secs(60));
+    let mut driver = Driver::new(&runtime);
+    let (_bundle, a, _) = two_domains(&runtime, false);
+    let nobody = Address::parse("hyperty://bob.example/nobody").unwrap();
+
+    // From the embedder's endpoint.
+    let id = driver.fresh_id();
+    let msg = Message::new(id, MessageType::Read, driver.address().clone(), nobody.clone(), None);
+    driver.endpoint.request(msg, None).unwrap();
+    let answer = driver.find(|m| m.id == id, Duration::from_secs(10)).expect("an answer well before the 60 s timeout");
+    assert_eq!(answer.kind, MessageType::Response);
+    assert_eq!(answer.body.code, Some(404));
+    assert_eq!(answer.from, nobody);
+    assert!(answer.body.description.unwrap().contains("hyperty://bob.example/nobody"));
+
+    // From a hyperty.
+    driver.command(&a, request_to(&nobody, json!(null)));
+    let at_a = driver.report(&a, |m| m["type"] == "response");
+    assert_eq!(at_a["code"], 404);
+    assert_eq!(at_a["id"], 7);
+    assert_eq!(runtime.pending_requests(), 0);
+}
+
+#[test]
+fn unanswered_request_gets_408_and_leaves_nothing_behind() {
+    let runtime = runtime(Duration::from_millis(300));
+    let mut driver = Driver::new(&runtime);
+    let (_bundle, a, b) = two_domains(&runtime, false); // b never answers
+
+    // The endpoint's request to b times out with 408 carrying its id.
+    let id = driver.fresh_id();
+    let msg = Message::new(id, MessageType::Read, driver.address().clone(), b.clone(), None);
+    driver.endpoint.request(msg, None).unwrap();
+    assert_eq!(runtime.pending_requests(), 1);
+    let answer = driver.expect(|m| m.kind == MessageType::Response && m.id == id);
+    assert_eq!(answer.body.code, Some(408));
+    assert_eq!(answer.from, b);
+
+    // A hyperty's request with its own timeout does the same.
+    let cmd = json!({ "op": "request", "timeout_ms": 100,
+        "message": { "id": 9, "type": "execute", "to": b.to_string() } });
+    driver.command(&a, cmd);
+    let at_a = driver.report(&a, |m| m["type"] == "response" && m["id"] == 9);
+    assert_eq!(at_a["code"], 408);
+    assert_eq!(at_a["from"], b.as_str());
+
+    assert!(runtime.wait_idle(Duration::from_secs(5)));
+    assert_eq!(runtime.pending_requests(), 0, "no map entry or timer outlives its request");
+}
+
+#[test]
+fn answered_request_leaves_no_pending_entry() {
+    let runtime = runtime(Duration::from_secs(60));
+    let mut driver = Driver::new(&runtime);
+    let (_bundle, _a, b) = two_domains(&runtime, true);
+    for _ in 0..50 {
+        let id = driver.fresh_id();
+        let msg = Message::new(id, MessageType::Read, driver.address().clone(), b.clone(), None);
+        driver.endpoint.request(msg, None).unwrap();
+        let answer = driver.expect(|m| m.kind == MessageType::Response && m.id == id);
+        assert_eq!(answer.body.code, Some(200));
+    }
+    assert!(runtime.wait_idle(Duration::from_secs(5)));
+    assert_eq!(runtime.pending_requests(), 0);
+}
+
+#[test]
+fn duplicate_pending_request_id_is_refused() {
+    let runtime = runtime(Duration::from_secs(60));
+    let driver = Driver::new(&runtime);
+    let (_bundle, _a, b) = two_domains(&runtime, false);
+    let msg = Message::new(5, MessageType::Read, driver.address().clone(), b.clone(), None);
+    driver.endpoint.request(msg.clone(), None).unwrap();
+    assert_eq!(driver.endpoint.request(msg, None), Err(SendError::DuplicateId(5)));
+}
+
+#[test]
+fn spoofed_from_is_refused_and_goes_nowhere() {
+    let runtime = runtime(Duration::from_secs(5));
+    let mut driver = Driver::new(&runtime);
+    let (_bundle, a, b) = two_domains(&runtime, true);
+
+    // a pretends to be b, then a hyperty of another domain that does not exist.
+    for forged in [b.to_string(), "hyperty://bob.example/forged".to_string(), "hyperty://alice.example/other".into()] {
+        let cmd = json!({ "op": "send", "message": { "id": 1, "type": "update", "from": forged, "to": b.to_string() } });
+        let answer = driver.command(&a, cmd);
+        let error = answer["error"].as_str().unwrap_or_default();
+        assert!(error.starts_with("spoofed-from"), "{answer}");
+        assert!(error.contains(&forged), "the error names the forged address: {error}");
+    }
+    let cmd = json!({ "op": "send", "message": { "id": 1, "type": "update", "from": "not an address", "to": b.to_string() } });
+    assert!(driver.command(&a, cmd)["error"].as_str().unwrap().starts_with("malformed"));
+
+    // Nothing reached b.
+    assert!(driver.find(|m| m.from == b, Duration::from_millis(300)).is_none());
+
+    // The embedder's endpoint is stamped the same way.
+    let forged = Message::new(1, MessageType::Update, a.clone(), b.clone(), None);
+    assert!(matches!(driver.endpoint.send(forged), Err(SendError::SpoofedFrom(_))));
+
+    // And a still works.
+    assert_eq!(driver.command(&a, request_to(&b, json!(1))), json!({ "ok": true }));
+    driver.report(&b, |m| m["type"] == "read");
+}
+
+#[test]
+fn malformed_messages_are_refused_at_the_import() {
+    let runtime = runtime(Duration::from_secs(5));
+    let mut driver = Driver::new(&runtime);
+    let (_bundle, a, b) = two_domains(&runtime, false);
+    let bad_to = json!({ "op": "send", "message": { "type": "read", "to": "nowhere" } });
+    assert!(driver.command(&a, bad_to)["error"].as_str().unwrap().starts_with("malformed: to:"));
+    let bad_json = json!({ "op": "send", "message": { "type": "read", "to": b.to_string(), "value": "{not json" } });
+    assert!(driver.command(&a, bad_json)["error"].as_str().unwrap().contains("not JSON"));
+    let too_big = json!({ "op": "send", "pad": 2 << 20, "message": { "type": "read", "to": b.to_string() } });
+    assert!(driver.command(&a, too_big)["error"].as_str().unwrap().starts_with("too-large"));
+    assert!(driver.find(|m| m.from == b, Duration::from_millis(200)).is_none());
+}
+
+#[test]
+fn registry_lookup_resolves_bundle_names() {
+    let runtime = runtime(Duration::from_secs(5));
+    let mut driver = Driver::new(&runtime);
+    let (_bundle, a, b) = two_domains(&runtime, false);
+    let found = driver.command(&a, json!({ "op": "lookup", "domain": "bob.example", "name": "b" }));
+    assert_eq!(found["address"], b.as_str());
+    let missing = driver.command(&a, json!({ "op": "lookup", "domain": "bob.example", "name": "zz" }));
+    assert_eq!(missing["address"], Value::Null);
+}

@@ -1,0 +1,167 @@
+//! Bad bundles are refused with a clear error naming what and where, and
+//! what was already running keeps running.
+
+use std::path::Path;
+use std::time::Duration;
+
+use hyperty_host::{Address, Bundle, BundleError, Runtime};
+use hyperty_tests::*;
+use serde_json::json;
+
+/// A runtime with a good bundle running: alice.example/a and
+/// bob.example/b (echoing).
+fn running() -> (Runtime, Driver, TestBundle, Address, Address) {
+    let runtime = runtime(Duration::from_secs(5));
+    let driver = Driver::new(&runtime);
+    let bundle = TestBundle::new()
+        .hyperty("alice.example", "a", &guest("puppet"), puppet_config(false))
+        .hyperty("bob.example", "b", &guest("puppet"), puppet_config(true));
+    runtime.deploy(&bundle.load()).unwrap();
+    let a = runtime.lookup("alice.example", "a").unwrap();
+    let b = runtime.lookup("bob.example", "b").unwrap();
+    (runtime, driver, bundle, a, b)
+}
+
+/// The running bundle still works end to end.
+fn still_works(driver: &mut Driver, a: &Address, b: &Address) {
+    let id = driver.fresh_id();
+    let cmd = json!({ "op": "request", "message": { "id": id, "type": "read", "to": b.to_string() } });
+    assert_eq!(driver.command(a, cmd), json!({ "ok": true }));
+    let answer = driver.report(a, |m| m["type"] == "response" && m["id"] == id);
+    assert_eq!(answer["code"], 200);
+}
+
+fn deploy_err(runtime: &Runtime, bundle: &TestBundle) -> BundleError {
+    let err = runtime.deploy(&bundle.load()).expect_err("the bundle must be refused");
+    assert!(runtime.lookup("carol.example", "c").is_none(), "nothing of a refused bundle is deployed");
+    err
+}
+
+#[test]
+fn malformed_manifest_points_at_line_and_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bundle.toml");
+    let cases = [
+        ("[domains.\"a.example\"\nx = 1\n", 1, ""),
+        ("name = \"x\"\n\n[[domains.\"a.example\".hyperties]]\nnmae = \"p\"\n", 4, "unknown field `nmae`"),
+        (
+            "[[domains.\"a.example\".hyperties]]\nname = \"p\"\ncomponent = \"p.wasm\"\nsha256 = \"abc\"\n",
+            4,
+            "domains.\"a.example\".hyperties[0].sha256",
+        ),
+        (
+            "[[domains.\"not a domain\".hyperties]]\nname = \"p\"\ncomponent = \"p.wasm\"\nsha256 = \"00\"\n",
+            1,
+            "not a domain name",
+        ),
+        ("[domains.\"a.example\".limits]\ninbox = 0\n", 1, "inbox must be in"),
+    ];
+    for (text, line, needle) in cases {
+        std::fs::write(&path, text).unwrap();
+        let err = Bundle::load(&path).expect_err(text);
+        let first = &err.problems[0];
+        assert_eq!(first.file, path);
+        assert_eq!(first.line, Some(line), "{err}");
+        let shown = err.to_string();
+        assert!(shown.contains(needle), "{shown:?} should mention {needle:?}");
+        assert!(shown.contains(&path.display().to_string()), "{shown}");
+    }
+}
+
+#[test]
+fn digest_mismatch_is_refused_naming_both_digests() {
+    let (runtime, mut driver, _good, a, b) = running();
+    let bundle = TestBundle::new().hyperty("carol.example", "c", &guest("puppet"), puppet_config(false));
+    let path = bundle.write();
+    let text = std::fs::read_to_string(&path).unwrap();
+    let pinned = "0".repeat(64);
+    let actual = hyperty_host::Digest::of(&std::fs::read(guest("puppet")).unwrap()).to_string();
+    std::fs::write(&path, text.replace(&actual, &pinned)).unwrap();
+    let err = runtime.deploy(&Bundle::load(&path).unwrap()).unwrap_err();
+    let shown = err.to_string();
+    assert!(shown.contains(&pinned) && shown.contains(&actual), "{shown}");
+    assert!(shown.contains("hyperties[0].sha256"), "{shown}");
+    assert!(runtime.lookup("carol.example", "c").is_none());
+    still_works(&mut driver, &a, &b);
+}
+
+#[test]
+fn file_that_is_not_a_component_is_refused() {
+    let (runtime, mut driver, _good, a, b) = running();
+    let dir = tempfile::tempdir().unwrap();
+    let cases: [(&str, &[u8], &str); 3] = [
+        ("junk.wasm", b"this is not webassembly", "not a WebAssembly file"),
+        ("core.wasm", b"\0asm\x01\0\0\0", "core WebAssembly module, not a component"),
+        ("broken.wasm", b"\0asm\x0d\0\x01\0\xff\xff", "not a valid component"),
+    ];
+    for (name, bytes, reason) in cases {
+        let file = dir.path().join(name);
+        std::fs::write(&file, bytes).unwrap();
+        let bundle = TestBundle::new().hyperty("carol.example", "c", &file, json!({}));
+        let shown = deploy_err(&runtime, &bundle).to_string();
+        assert!(shown.contains(reason), "{shown:?} should say {reason:?}");
+        assert!(shown.contains(name) && shown.contains("hyperties[0].component"), "{shown}");
+    }
+    still_works(&mut driver, &a, &b);
+}
+
+#[test]
+fn component_of_another_world_is_refused_with_the_reason() {
+    let (runtime, mut driver, _good, a, b) = running();
+    let bundle = TestBundle::new().hyperty("carol.example", "c", &guest("not-a-hyperty"), json!({}));
+    let shown = deploy_err(&runtime, &bundle).to_string();
+    assert!(shown.contains("does not fit the hyperty world"), "{shown}");
+    assert!(shown.contains("rethink:hyperty/handler"), "the reason names the missing export: {shown}");
+    still_works(&mut driver, &a, &b);
+}
+
+#[test]
+fn missing_file_is_refused() {
+    let (runtime, mut driver, _good, a, b) = running();
+    let bundle = TestBundle::new().hyperty("carol.example", "c", Path::new("/no/such/file.wasm"), json!({}));
+    let shown = deploy_err(&runtime, &bundle).to_string();
+    assert!(shown.contains("cannot read /no/such/file.wasm"), "{shown}");
+    still_works(&mut driver, &a, &b);
+}
+
+#[test]
+fn every_problem_is_listed_and_nothing_is_half_deployed() {
+    let (runtime, mut driver, _good, a, b) = running();
+    // One good hyperty and two bad ones in the same bundle: none deploys.
+    let bundle = TestBundle::new()
+        .hyperty("carol.example", "c", &guest("puppet"), puppet_config(false))
+        .hyperty("carol.example", "d", Path::new("/no/such/file.wasm"), json!({}))
+        .hyperty("dave.example", "e", &guest("not-a-hyperty"), json!({}));
+    let err = deploy_err(&runtime, &bundle);
+    assert_eq!(err.problems.len(), 2, "{err}");
+    assert!(runtime.lookup("carol.example", "c").is_none());
+    // A name already running is a problem too.
+    let again = TestBundle::new().hyperty("alice.example", "a", &guest("puppet"), puppet_config(false));
+    assert!(deploy_err(&runtime, &again).to_string().contains("alice.example/a is already deployed"));
+    still_works(&mut driver, &a, &b);
+}
+
+#[test]
+fn init_failure_rolls_back_the_whole_bundle() {
+    let (runtime, mut driver, _good, a, b) = running();
+    // The puppet refuses a config without an observer.
+    let bundle = TestBundle::new()
+        .hyperty("carol.example", "c", &guest("puppet"), puppet_config(false))
+        .hyperty("carol.example", "bad", &guest("puppet"), json!({ "nothing": true }));
+    let shown = deploy_err(&runtime, &bundle).to_string();
+    assert!(shown.contains("init refused: bad config"), "{shown}");
+    assert!(runtime.lookup("carol.example", "bad").is_none());
+    still_works(&mut driver, &a, &b);
+}
+
+#[test]
+fn cli_check_reports_problems_and_passes_good_bundles() {
+    let good = TestBundle::new().hyperty("carol.example", "c", &guest("puppet"), puppet_config(false));
+    let cache = cache_dir();
+    let run = |path: &Path| {
+        hyperty_host::cli::main_with_args(["hyperty", "--cache-dir", cache.to_str().unwrap(), "check", path.to_str().unwrap()])
+    };
+    assert_eq!(run(&good.write()), std::process::ExitCode::SUCCESS);
+    let bad = TestBundle::new().hyperty("carol.example", "c", &guest("not-a-hyperty"), json!({}));
+    assert_eq!(run(&bad.write()), std::process::ExitCode::FAILURE);
+}
