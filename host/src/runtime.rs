@@ -8,7 +8,7 @@
 //! ones this deployment created are removed again. What was running before
 //! is never touched.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -124,6 +124,7 @@ impl Runtime {
     fn prepare(&self, bundle: &Bundle, deployed: &Deployed) -> Result<Vec<Prepared>, BundleError> {
         let mut problems = Vec::new();
         let mut prepared = Vec::new();
+        let mut files = HashMap::new();
         for (d, domain) in bundle.domains.iter().enumerate() {
             if let Some(running) = deployed.sandboxes.get(&domain.name)
                 && running.limits != domain.limits
@@ -141,15 +142,14 @@ impl Runtime {
                     problems.push(bundle.problem(hyperty, "name", message));
                     continue;
                 }
-                let bytes = match std::fs::read(&hyperty.component) {
-                    Ok(bytes) => bytes,
+                let (bytes, digest) = match read_once(&mut files, &hyperty.component) {
+                    Ok(file) => file,
                     Err(e) => {
                         let message = format!("cannot read {}: {e}", hyperty.component.display());
                         problems.push(bundle.problem(hyperty, "component", message));
                         continue;
                     }
                 };
-                let digest = Digest::of(&bytes);
                 if digest != hyperty.sha256 {
                     let message = format!(
                         "{} does not match its pin: the bundle pins {} but the file's sha256 is {digest}",
@@ -161,7 +161,7 @@ impl Runtime {
                 }
                 let pre = self
                     .engine
-                    .component(&bytes, digest)
+                    .component(bytes, digest)
                     .and_then(|component| sandbox::prepare(&self.linker, &component));
                 match pre {
                     Ok(pre) => prepared.push(Prepared { domain: d, hyperty: h, pre }),
@@ -397,6 +397,21 @@ impl Drop for Endpoint {
     fn drop(&mut self) {
         self.bus.remove_route(&self.address);
     }
+}
+
+/// The bytes and digest of the file at `path`, read and hashed once per
+/// deployment however many hyperties of the bundle use it.
+fn read_once<'a>(
+    files: &'a mut HashMap<PathBuf, (Vec<u8>, Digest)>,
+    path: &std::path::Path,
+) -> std::io::Result<(&'a [u8], Digest)> {
+    if !files.contains_key(path) {
+        let bytes = std::fs::read(path)?;
+        let digest = Digest::of(&bytes);
+        files.insert(path.to_owned(), (bytes, digest));
+    }
+    let (bytes, digest) = &files[path];
+    Ok((bytes, *digest))
 }
 
 /// Reads the bundle at `path` and checks it with a throwaway runtime.
