@@ -120,6 +120,15 @@ impl Driver {
         serde_json::from_str(answer.body.value.as_deref().unwrap_or("null")).unwrap()
     }
 
+    /// Sends a `read` request to `to` and waits for its answer (the
+    /// response, or the host's 403/404/408).
+    pub fn read(&mut self, to: &Address) -> Message {
+        let id = self.fresh_id();
+        let msg = Message::new(id, MessageType::Read, self.address().clone(), to.clone(), None);
+        self.endpoint.request(msg, None).unwrap();
+        self.expect(|m| m.kind == MessageType::Response && m.id == id)
+    }
+
     pub fn fresh_id(&mut self) -> u64 {
         self.next_id += 1;
         self.next_id

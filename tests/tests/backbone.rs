@@ -107,11 +107,7 @@ fn answered_request_leaves_no_pending_entry() {
     let mut driver = Driver::new(&runtime);
     let (_bundle, _a, b) = two_domains(&runtime, true);
     for _ in 0..50 {
-        let id = driver.fresh_id();
-        let msg = Message::new(id, MessageType::Read, driver.address().clone(), b.clone(), None);
-        driver.endpoint.request(msg, None).unwrap();
-        let answer = driver.expect(|m| m.kind == MessageType::Response && m.id == id);
-        assert_eq!(answer.body.code, Some(200));
+        assert_eq!(driver.read(&b).body.code, Some(200));
     }
     assert!(runtime.wait_idle(Duration::from_secs(5)));
     assert_eq!(runtime.pending_requests(), 0);

@@ -67,11 +67,7 @@ fn each_enforcement_point_can_deny_on_its_own_with_a_prompt_403() {
 #[test]
 fn every_message_including_responses_passes_all_three_points() {
     let (runtime, recorder, mut driver, b) = setup();
-    let id = driver.fresh_id();
-    let msg = Message::new(id, MessageType::Read, driver.address().clone(), b.clone(), None);
-    driver.endpoint.request(msg, None).unwrap();
-    let answer = driver.expect(|m| m.kind == MessageType::Response && m.id == id);
-    assert_eq!(answer.body.code, Some(200));
+    assert_eq!(driver.read(&b).body.code, Some(200));
     assert!(runtime.wait_idle(Duration::from_secs(5)));
     let asked = recorder.asked.lock().unwrap();
     for kind in [MessageType::Read, MessageType::Response, MessageType::Forward] {

@@ -5,7 +5,7 @@ use std::cell::RefCell;
 
 use hyperty_guest::{Guest, Message, MessageType, bus, info, registry, warn};
 use serde::Deserialize;
-use serde_json::{Value, json};
+use serde_json::json;
 
 #[derive(Deserialize)]
 struct Config {
@@ -58,13 +58,7 @@ impl Guest for Ping {
                 ));
                 return;
             }
-            let text = msg
-                .body
-                .value
-                .as_deref()
-                .and_then(|v| serde_json::from_str::<Value>(v).ok())
-                .and_then(|v| v.get("text").and_then(Value::as_str).map(str::to_owned))
-                .unwrap_or_default();
+            let text = msg.value_str("text").unwrap_or_default();
             info(&format!("{} answered \"{text}\" (round {} of {})", state.peer_name, msg.id, state.rounds));
             if msg.id < state.rounds {
                 send_ping(state, msg.id + 1);

@@ -33,6 +33,12 @@ impl Body {
 }
 
 impl Message {
+    /// The string field `key` of the body's JSON value, if there is one.
+    pub fn value_str(&self, key: &str) -> Option<String> {
+        let value: serde_json::Value = serde_json::from_str(self.body.value.as_deref()?).ok()?;
+        value.get(key)?.as_str().map(str::to_owned)
+    }
+
     /// A message of `kind` from `from` to `to` with a JSON `value`.
     pub fn new(id: u64, kind: MessageType, from: &str, to: &str, value: impl Into<String>) -> Message {
         Message { id, type_: kind, from: from.to_string(), to: to.to_string(), body: Body::value(value) }
