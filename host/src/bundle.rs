@@ -5,7 +5,9 @@
 //! name = "ping-pong"
 //!
 //! [domains."alice.example"]
-//! limits = { inbox = 256 }
+//! limits = { inbox = 256, memory-mb = 32 }         # see sandbox::limits::Limits
+//! restart = { policy = "backoff", initial-backoff-ms = 100, max-backoff-ms = 30000 }
+//! grants = ["clocks", "random"]                     # the default; also "filesystem", "sockets"
 //!
 //! [[domains."alice.example".hyperties]]
 //! name = "ping"
@@ -28,7 +30,8 @@ use toml::Spanned;
 
 use crate::address::validate_domain;
 use crate::engine::Digest;
-use crate::sandbox::Limits;
+use crate::sandbox::SandboxSettings;
+use crate::sandbox::limits::{Grant, Limits, RestartPolicy, default_grants};
 
 /// A parsed, statically valid bundle manifest.
 #[derive(Clone, Debug)]
@@ -42,7 +45,8 @@ pub struct Bundle {
 #[derive(Clone, Debug)]
 pub struct DomainSpec {
     pub name: String,
-    pub limits: Limits,
+    /// Limits, restart policy and WASI grants of the domain's sandbox.
+    pub settings: SandboxSettings,
     pub hyperties: Vec<HypertySpec>,
 }
 
@@ -125,6 +129,10 @@ struct RawDomain {
     #[serde(default)]
     limits: Option<Spanned<Limits>>,
     #[serde(default)]
+    restart: Option<Spanned<RestartPolicy>>,
+    #[serde(default = "default_grants")]
+    grants: Vec<Grant>,
+    #[serde(default)]
     hyperties: Vec<RawHyperty>,
 }
 
@@ -181,6 +189,18 @@ impl Bundle {
                 }
                 None => Limits::default(),
             };
+            let restart = match raw_domain.restart {
+                Some(restart) => {
+                    if let Err(e) = restart.get_ref().validate() {
+                        problems.push(problem(Some(restart.span()), format!("{dfield}.restart"), e));
+                    }
+                    restart.into_inner()
+                }
+                None => RestartPolicy::default(),
+            };
+            let mut grants = raw_domain.grants;
+            grants.sort();
+            grants.dedup();
             let mut hyperties: Vec<HypertySpec> = Vec::new();
             for (i, h) in raw_domain.hyperties.into_iter().enumerate() {
                 let hfield = format!("{dfield}.hyperties[{i}]");
@@ -210,7 +230,7 @@ impl Bundle {
             if hyperties.is_empty() {
                 problems.push(problem(Some(domain_key.span()), format!("{dfield}.hyperties"), "the domain has no hyperty".into()));
             }
-            domains.push(DomainSpec { name: domain, limits, hyperties });
+            domains.push(DomainSpec { name: domain, settings: SandboxSettings { limits, restart, grants }, hyperties });
         }
         if !problems.is_empty() {
             return Err(BundleError { problems });

@@ -37,6 +37,8 @@ pub enum SendError {
     DuplicateId(u64),
     #[error("inbox full: {0}")]
     InboxFull(String),
+    #[error("rate limited: {0}")]
+    RateLimited(String),
 }
 
 /// Where messages for an address go.

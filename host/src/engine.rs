@@ -2,8 +2,9 @@
 //!
 //! Engine settings are chosen for the sync call path: no
 //! `component-model-async` (it costs 2-3x per call), the pooling allocator
-//! (instantiation ~6 us instead of ~12-15 us), and epoch interruption for
-//! per-call deadlines (no measurable overhead). Components are compiled once
+//! (instantiation ~6 us instead of ~12-15 us), epoch interruption for
+//! per-call deadlines and fuel for optional deterministic budgets (stores
+//! without a budget get `u64::MAX`). Components are compiled once
 //! and cached on disk keyed by their sha256 digest and the engine's
 //! compatibility hash; a cached artifact is only deserialised after its own
 //! sha256 (recorded when the runtime wrote it) matches, because
@@ -78,6 +79,7 @@ impl Engine {
         config
             .wasm_component_model(true)
             .epoch_interruption(true)
+            .consume_fuel(true)
             .allocation_strategy(wasmtime::InstanceAllocationStrategy::Pooling(pool));
         let engine = wasmtime::Engine::new(&config).map_err(|e| anyhow::anyhow!("cannot create the wasmtime engine: {e:#}"))?;
 

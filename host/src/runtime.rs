@@ -23,7 +23,8 @@ use crate::engine::{Digest, Engine};
 use crate::message::Message;
 use crate::policy::{AllowAll, PolicyDecisionPoint};
 use crate::registry::Registry;
-use crate::sandbox::{self, HypertyPre, SandboxHandle, SandboxState};
+use crate::events::{Event, Events};
+use crate::sandbox::{self, HypertyPre, InstanceState, NewHyperty, SandboxHandle, Shared};
 
 /// Settings of a [`Runtime`].
 #[derive(Clone)]
@@ -84,9 +85,10 @@ struct Deployed {
 /// The hyperty runtime.
 pub struct Runtime {
     engine: Engine,
-    linker: Linker<SandboxState>,
+    linker: Linker<InstanceState>,
     bus: Bus,
     registry: Arc<Registry>,
+    events: Events,
     /// Held for the whole of a deployment, so deployments do not interleave.
     deployed: Mutex<Deployed>,
 }
@@ -95,7 +97,7 @@ pub struct Runtime {
 struct Prepared {
     domain: usize,
     hyperty: usize,
-    pre: HypertyPre<SandboxState>,
+    pre: HypertyPre<InstanceState>,
 }
 
 impl Runtime {
@@ -110,7 +112,7 @@ impl Runtime {
             },
             config.policy,
         );
-        Ok(Runtime { engine, linker, bus, registry: Arc::default(), deployed: Mutex::default() })
+        Ok(Runtime { engine, linker, bus, registry: Arc::default(), events: Events::default(), deployed: Mutex::default() })
     }
 
     /// Checks everything about `bundle` that deployment would, without
@@ -127,13 +129,16 @@ impl Runtime {
         let mut files = HashMap::new();
         for (d, domain) in bundle.domains.iter().enumerate() {
             if let Some(running) = deployed.sandboxes.get(&domain.name)
-                && running.limits != domain.limits
+                && running.settings != domain.settings
             {
                 problems.push(Problem {
                     file: bundle.path.clone(),
                     line: None,
-                    field: format!("domains.{:?}.limits", domain.name),
-                    message: format!("{} already runs with other limits ({:?})", domain.name, running.limits),
+                    field: format!("domains.{:?}", domain.name),
+                    message: format!(
+                        "{} already runs with other limits, restart policy or grants ({:?})",
+                        domain.name, running.settings
+                    ),
                 });
             }
             for (h, hyperty) in domain.hyperties.iter().enumerate() {
@@ -162,7 +167,10 @@ impl Runtime {
                 let pre = self
                     .engine
                     .component(bytes, digest)
-                    .and_then(|component| sandbox::prepare(&self.linker, &component));
+                    .and_then(|component| {
+                        sandbox::check_grants(self.engine.wasmtime(), &component, &domain.settings.grants)?;
+                        sandbox::prepare(&self.linker, &component)
+                    });
                 match pre {
                     Ok(pre) => prepared.push(Prepared { domain: d, hyperty: h, pre }),
                     Err(e) => {
@@ -216,13 +224,7 @@ impl Runtime {
             let domain = &bundle.domains[p.domain];
             let spec = &domain.hyperties[p.hyperty];
             if !deployed.sandboxes.contains_key(&domain.name) {
-                let handle = SandboxHandle::spawn(
-                    self.engine.wasmtime(),
-                    &domain.name,
-                    domain.limits.clone(),
-                    self.bus.clone(),
-                    self.registry.clone(),
-                )
+                let handle = SandboxHandle::spawn(&domain.name, domain.settings.clone(), self.shared())
                 .map_err(|e| bundle.problem(spec, "component", format!("{e:#}")))?;
                 deployed.sandboxes.insert(domain.name.clone(), handle);
                 new_domains.push(domain.name.clone());
@@ -230,8 +232,9 @@ impl Runtime {
             let sandbox = &deployed.sandboxes[&domain.name];
             let address = Address::new_hyperty(&domain.name);
             let label: Arc<str> = format!("{}/{}", domain.name, spec.name).into();
+            let new = NewHyperty { pre: p.pre, address: address.clone(), label, config: spec.config.clone() };
             let instance = sandbox
-                .instantiate(p.pre, address.clone(), label)
+                .instantiate(new)
                 .map_err(|e| bundle.problem(spec, "component", format!("{e:#}")))?;
             let hyperty = DeployedHyperty { domain: domain.name.clone(), name: spec.name.clone(), address };
             self.bus.add_route(hyperty.address.clone(), Route::Hyperty { inbox: sandbox.inbox(), instance });
@@ -250,7 +253,7 @@ impl Runtime {
             let domain = bundle.domains.iter().find(|d| d.name == h.domain).expect("from this bundle");
             let spec = domain.hyperties.iter().find(|s| s.name == h.name).expect("from this bundle");
             deployed.sandboxes[&h.domain]
-                .init(running.instance, spec.config.clone())
+                .init(running.instance)
                 .map_err(|e| bundle.problem(spec, "component", format!("{}/{}: {e:#}", h.domain, h.name)))?;
         }
         Ok(())
@@ -320,7 +323,26 @@ impl Runtime {
         let bytes = std::fs::read(path)?;
         let component = self.engine.component(&bytes, Digest::of(&bytes))?;
         let pre = sandbox::prepare(&self.linker, &component)?;
-        sandbox::time_instantiation(self.engine.wasmtime(), &pre, &self.bus, &self.registry, n)
+        sandbox::time_instantiation(&self.shared(), &pre, n)
+    }
+
+    fn shared(&self) -> Shared {
+        Shared {
+            engine: self.engine.wasmtime().clone(),
+            bus: self.bus.clone(),
+            registry: self.registry.clone(),
+            events: self.events.clone(),
+        }
+    }
+
+    /// Subscribes to status events (traps, restarts, stops, rate limits).
+    pub fn events(&self) -> tokio::sync::broadcast::Receiver<Event> {
+        self.events.subscribe()
+    }
+
+    /// Linear memory held by the instances of `domain`, in bytes.
+    pub fn memory_used(&self, domain: &str) -> Option<usize> {
+        self.deployed.lock().unwrap().sandboxes.get(domain).map(SandboxHandle::memory_used)
     }
 
     /// Stops every hyperty and sandbox.

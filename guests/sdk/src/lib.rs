@@ -54,6 +54,7 @@ impl SendError {
             SendError::TooLarge(s) => format!("too-large: {s}"),
             SendError::DuplicateId(id) => format!("duplicate-id: {id}"),
             SendError::InboxFull(s) => format!("inbox-full: {s}"),
+            SendError::RateLimited(s) => format!("rate-limited: {s}"),
         }
     }
 }

@@ -1,0 +1,286 @@
+//! What a domain sandbox may use: its limits, its WASI grants and its
+//! restart policy, all set per domain in the bundle manifest.
+//!
+//! Each limit defends against one kind of hostile or broken guest:
+//!
+//! | limit | defends against |
+//! |---|---|
+//! | `memory-mb` (per instance) | a memory bomb in one hyperty |
+//! | `total-memory-mb` (per domain) | many instances together exhausting the host |
+//! | `instances` | a bundle or restart loop creating instances without bound |
+//! | `table-elements` | table growth as a memory bomb |
+//! | `call-timeout-ms` (epoch deadline) | infinite loops: the call traps at the deadline |
+//! | `fuel-per-call` (optional) | the same with a deterministic instruction budget |
+//! | `inbox` | unbounded queues: senders get `inbox-full` (back-pressure) |
+//! | `rate` / `burst` (per hyperty) | floods: sends beyond the rate get `rate-limited` |
+//! | `grants` | ambient authority: WASI files, sockets, clocks, random only when granted |
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+
+use crate::engine::MAX_MEMORY_BYTES;
+
+/// Limits of a domain sandbox.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Limits {
+    /// Messages the domain's inbox holds before senders get `inbox-full`.
+    pub inbox: usize,
+    /// Linear memory per instance, in MiB.
+    pub memory_mb: u32,
+    /// Linear memory of all the domain's instances together, in MiB.
+    pub total_memory_mb: u32,
+    /// Elements per table of an instance.
+    pub table_elements: u32,
+    /// Wall-clock time one call into a guest may take, in milliseconds.
+    pub call_timeout_ms: u64,
+    /// If set, a deterministic budget of fuel (roughly, instructions) per call.
+    pub fuel_per_call: Option<u64>,
+    /// Hyperty instances the domain may hold.
+    pub instances: u32,
+    /// Messages per second each hyperty may send (sustained).
+    pub rate: u32,
+    /// Messages a hyperty may send in a burst above `rate`.
+    pub burst: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            inbox: 1024,
+            memory_mb: 64,
+            total_memory_mb: 512,
+            table_elements: 20_000,
+            call_timeout_ms: 1000,
+            fuel_per_call: None,
+            instances: 100,
+            rate: 100_000,
+            burst: 10_000,
+        }
+    }
+}
+
+impl Limits {
+    /// Checks the values are in range; the error names the field.
+    pub fn validate(&self) -> Result<(), String> {
+        let max_mb = (MAX_MEMORY_BYTES >> 20) as u32;
+        let check = |ok: bool, field: &str, range: String| if ok { Ok(()) } else { Err(format!("{field} must be in {range}")) };
+        check((1..=1_000_000).contains(&self.inbox), "inbox", "1..=1000000".into())?;
+        check((1..=max_mb).contains(&self.memory_mb), "memory-mb", format!("1..={max_mb}"))?;
+        check(self.total_memory_mb >= self.memory_mb, "total-memory-mb", "memory-mb.. (at least one instance)".into())?;
+        check((1..=10_000_000).contains(&self.table_elements), "table-elements", "1..=10000000".into())?;
+        check((10..=600_000).contains(&self.call_timeout_ms), "call-timeout-ms", "10..=600000".into())?;
+        check(self.fuel_per_call.is_none_or(|f| f > 0), "fuel-per-call", "1..".into())?;
+        check((1..=1000).contains(&self.instances), "instances", "1..=1000".into())?;
+        check(self.rate >= 1, "rate", "1..".into())?;
+        check(self.burst >= 1, "burst", "1..".into())
+    }
+}
+
+/// What happens to a hyperty that traps.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct RestartPolicy {
+    /// `backoff`: restart after a delay that doubles with each consecutive
+    /// failure; `stop`: leave it stopped.
+    pub policy: RestartKind,
+    pub initial_backoff_ms: u64,
+    pub max_backoff_ms: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestartKind {
+    Backoff,
+    Stop,
+}
+
+impl Default for RestartPolicy {
+    fn default() -> RestartPolicy {
+        RestartPolicy { policy: RestartKind::Backoff, initial_backoff_ms: 100, max_backoff_ms: 30_000 }
+    }
+}
+
+impl RestartPolicy {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.initial_backoff_ms == 0 || self.max_backoff_ms < self.initial_backoff_ms {
+            return Err("need 0 < initial-backoff-ms <= max-backoff-ms".into());
+        }
+        Ok(())
+    }
+
+    /// The delay before restart attempt `failures` (1 for the first).
+    pub fn backoff(&self, failures: u32) -> Option<Duration> {
+        match self.policy {
+            RestartKind::Stop => None,
+            RestartKind::Backoff => {
+                let factor = 1u64 << failures.saturating_sub(1).min(20);
+                Some(Duration::from_millis(self.initial_backoff_ms.saturating_mul(factor).min(self.max_backoff_ms)))
+            }
+        }
+    }
+}
+
+/// A WASI capability a domain can be granted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Grant {
+    /// `wasi:clocks`: wall and monotonic clocks.
+    Clocks,
+    /// `wasi:random`: secure and insecure random.
+    Random,
+    /// `wasi:filesystem`: linked, with no directory opened.
+    Filesystem,
+    /// `wasi:sockets`: linked; every address is refused unless allowed.
+    Sockets,
+}
+
+impl Grant {
+    /// The WASI package whose interfaces this grant links.
+    pub fn package(self) -> &'static str {
+        match self {
+            Grant::Clocks => "wasi:clocks/",
+            Grant::Random => "wasi:random/",
+            Grant::Filesystem => "wasi:filesystem/",
+            Grant::Sockets => "wasi:sockets/",
+        }
+    }
+
+    pub const ALL: [Grant; 4] = [Grant::Clocks, Grant::Random, Grant::Filesystem, Grant::Sockets];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Grant::Clocks => "clocks",
+            Grant::Random => "random",
+            Grant::Filesystem => "filesystem",
+            Grant::Sockets => "sockets",
+        }
+    }
+}
+
+/// The default grants: clocks and random, nothing else.
+pub fn default_grants() -> Vec<Grant> {
+    vec![Grant::Clocks, Grant::Random]
+}
+
+/// Memory used by all the instances of one domain.
+#[derive(Debug, Default)]
+pub(crate) struct DomainMemory {
+    used: AtomicUsize,
+}
+
+impl DomainMemory {
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
+    }
+}
+
+/// The `ResourceLimiter` of one instance's store: its own limits and its
+/// share of the domain's total memory, released when the store is dropped.
+pub(crate) struct InstanceLimiter {
+    memory_per_instance: usize,
+    memory_total: usize,
+    table_elements: usize,
+    domain: Arc<DomainMemory>,
+    held: usize,
+    /// Set when a grow was refused, to explain the trap that usually follows.
+    pub refused_growth: Option<String>,
+}
+
+impl InstanceLimiter {
+    pub fn new(limits: &Limits, domain: Arc<DomainMemory>) -> InstanceLimiter {
+        InstanceLimiter {
+            memory_per_instance: (limits.memory_mb as usize) << 20,
+            memory_total: (limits.total_memory_mb as usize) << 20,
+            table_elements: limits.table_elements as usize,
+            domain,
+            held: 0,
+            refused_growth: None,
+        }
+    }
+}
+
+impl wasmtime::ResourceLimiter for InstanceLimiter {
+    fn memory_growing(&mut self, current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        if desired > self.memory_per_instance {
+            self.refused_growth = Some(format!(
+                "memory limit of the instance reached ({} MiB asked, memory-mb = {})",
+                desired >> 20,
+                self.memory_per_instance >> 20
+            ));
+            return Ok(false);
+        }
+        let delta = desired.saturating_sub(current);
+        let before = self.domain.used.fetch_add(delta, Ordering::Relaxed);
+        if before + delta > self.memory_total {
+            self.domain.used.fetch_sub(delta, Ordering::Relaxed);
+            self.refused_growth = Some(format!(
+                "memory limit of the domain reached (total-memory-mb = {})",
+                self.memory_total >> 20
+            ));
+            return Ok(false);
+        }
+        self.held += delta;
+        Ok(true)
+    }
+
+    fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        if desired > self.table_elements {
+            self.refused_growth = Some(format!("table limit reached (table-elements = {})", self.table_elements));
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    fn instances(&self) -> usize {
+        // Core instances inside one component (a Rust guest has a handful).
+        100
+    }
+
+    fn tables(&self) -> usize {
+        100
+    }
+
+    fn memories(&self) -> usize {
+        100
+    }
+}
+
+impl Drop for InstanceLimiter {
+    fn drop(&mut self) {
+        self.domain.used.fetch_sub(self.held, Ordering::Relaxed);
+    }
+}
+
+/// A token bucket: `rate` tokens a second, at most `burst` saved up.
+pub(crate) struct RateLimiter {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl RateLimiter {
+    pub fn new(limits: &Limits) -> RateLimiter {
+        let burst = limits.burst as f64;
+        RateLimiter { rate: limits.rate as f64, burst, tokens: burst, last: Instant::now() }
+    }
+
+    /// Takes a token; false if there is none.
+    pub fn take(&mut self) -> bool {
+        if self.tokens < 1.0 {
+            let now = Instant::now();
+            let earned = now.duration_since(self.last).as_secs_f64() * self.rate;
+            self.tokens = (self.tokens + earned).min(self.burst);
+            self.last = now;
+            if self.tokens < 1.0 {
+                return false;
+            }
+        }
+        self.tokens -= 1.0;
+        true
+    }
+}

@@ -1,0 +1,472 @@
+//! Domain sandboxes: one thread and one bounded inbox per provider domain,
+//! and one wasmtime `Store` per hyperty instance of that domain.
+//!
+//! The domain's thread takes envelopes from the inbox in order: control
+//! (instantiate, init, remove, stop) from the runtime and messages from the
+//! bus, each handed to the target instance's exported `handle`. Guest code
+//! runs synchronously under an epoch deadline (and, if configured, a fuel
+//! budget), so a runaway call traps instead of holding the thread; a thread
+//! per domain means a slow domain never delays another.
+//!
+//! Decision: a store per *instance*, not per domain. A trapped instance can
+//! never be entered again, and a store frees its instances' memory only when
+//! it is dropped; with one store per domain every crash/restart would leak
+//! the dead instance until the whole domain stopped. Stores per instance
+//! also separate the linear memories of hyperties of the same domain. The
+//! domain's limits still hold for the domain as a whole: its total memory
+//! is accounted across its stores ([`limits::DomainMemory`]).
+//!
+//! A trapped instance is restarted per the domain's [`RestartPolicy`] into a
+//! fresh store, with its address, after a backoff; messages that reach it
+//! meanwhile are answered 503. Each trap, restart and stop is logged and
+//! emitted as an [`Event`](crate::events::Event).
+
+mod glue;
+pub mod limits;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use anyhow::{Result, anyhow};
+use wasmtime::Store;
+
+use crate::address::Address;
+use crate::bus::Bus;
+use crate::engine::EPOCH_TICK;
+use crate::events::{EventKind, Events};
+use crate::message::{Message, code};
+use crate::registry::Registry;
+
+pub(crate) use glue::{HypertyPre, InstanceState, check_grants, hyperty_linker, prepare};
+use glue::Hyperty;
+use limits::{DomainMemory, Grant, InstanceLimiter, Limits, RestartPolicy};
+
+/// What a sandbox's inbox carries.
+pub(crate) enum Envelope {
+    Deliver { instance: u32, message: Message },
+    Control(Control),
+}
+
+pub(crate) enum Control {
+    Instantiate { hyperty: NewHyperty, reply: flume::Sender<Result<u32>> },
+    Init { instance: u32, reply: flume::Sender<Result<()>> },
+    Remove { instance: u32 },
+    Stop,
+}
+
+/// A hyperty to instantiate in a sandbox.
+pub(crate) struct NewHyperty {
+    pub pre: HypertyPre<InstanceState>,
+    pub address: Address,
+    /// `<domain>/<name>`, for logs and events.
+    pub label: Arc<str>,
+    /// JSON configuration for `init` (again at each restart).
+    pub config: String,
+}
+
+/// Why a delivery did not happen; the message comes back.
+pub(crate) enum Refused {
+    Full(Message),
+    Closed(Message),
+}
+
+/// The sending side of a sandbox's inbox; cheap to clone.
+#[derive(Clone)]
+pub(crate) struct Inbox {
+    tx: flume::Sender<Envelope>,
+    /// Messages accepted but not yet handled: inbox length plus the one in
+    /// hand, so "zero" means the domain is idle.
+    in_flight: Arc<AtomicUsize>,
+}
+
+impl Inbox {
+    pub fn deliver(&self, instance: u32, message: Message) -> Result<(), Refused> {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.tx.try_send(Envelope::Deliver { instance, message }).map_err(|e| {
+            self.in_flight.fetch_sub(1, Ordering::Relaxed);
+            match e {
+                flume::TrySendError::Full(Envelope::Deliver { message, .. }) => Refused::Full(message),
+                flume::TrySendError::Disconnected(Envelope::Deliver { message, .. }) => Refused::Closed(message),
+                _ => unreachable!("only deliveries are tried"),
+            }
+        })
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Acquire)
+    }
+
+    /// Sends a control envelope, waiting for room in the inbox.
+    fn control(&self, control: Control) -> Result<()> {
+        self.tx.send(Envelope::Control(control)).map_err(|_| anyhow!("the sandbox has stopped"))
+    }
+}
+
+/// How a domain sandbox is set up, from the bundle.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SandboxSettings {
+    pub limits: Limits,
+    pub restart: RestartPolicy,
+    pub grants: Vec<Grant>,
+}
+
+/// What every sandbox shares with the runtime.
+#[derive(Clone)]
+pub(crate) struct Shared {
+    pub engine: wasmtime::Engine,
+    pub bus: Bus,
+    pub registry: Arc<Registry>,
+    pub events: Events,
+}
+
+/// The runtime's handle on a running sandbox.
+pub(crate) struct SandboxHandle {
+    pub settings: SandboxSettings,
+    memory: Arc<DomainMemory>,
+    inbox: Inbox,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl SandboxHandle {
+    /// Starts the sandbox of `domain` on its own thread.
+    pub fn spawn(domain: &str, settings: SandboxSettings, shared: Shared) -> Result<SandboxHandle> {
+        let (tx, rx) = flume::bounded(settings.limits.inbox);
+        let inbox = Inbox { tx, in_flight: Arc::default() };
+        let memory = Arc::new(DomainMemory::default());
+        let sandbox = Sandbox {
+            settings: settings.clone(),
+            shared,
+            memory: memory.clone(),
+            slots: Vec::new(),
+            restarts: Vec::new(),
+            call_ticks: settings.limits.call_timeout_ms.div_ceil(EPOCH_TICK.as_millis() as u64),
+            in_flight: inbox.in_flight.clone(),
+        };
+        let thread = std::thread::Builder::new()
+            .name(format!("sandbox {domain}"))
+            .spawn(move || sandbox.run(rx))
+            .map_err(|e| anyhow!("cannot start the sandbox thread: {e}"))?;
+        Ok(SandboxHandle { settings, memory, inbox, thread: Some(thread) })
+    }
+
+    pub fn inbox(&self) -> Inbox {
+        self.inbox.clone()
+    }
+
+    /// Linear memory held by the domain's instances, in bytes.
+    pub fn memory_used(&self) -> usize {
+        self.memory.used()
+    }
+
+    pub fn instantiate(&self, hyperty: NewHyperty) -> Result<u32> {
+        let (reply, result) = flume::bounded(1);
+        self.inbox.control(Control::Instantiate { hyperty, reply })?;
+        result.recv().map_err(|_| anyhow!("the sandbox stopped"))?
+    }
+
+    pub fn init(&self, instance: u32) -> Result<()> {
+        let (reply, result) = flume::bounded(1);
+        self.inbox.control(Control::Init { instance, reply })?;
+        result.recv().map_err(|_| anyhow!("the sandbox stopped"))?
+    }
+
+    pub fn remove(&self, instance: u32) {
+        let _ = self.inbox.control(Control::Remove { instance });
+    }
+}
+
+impl Drop for SandboxHandle {
+    fn drop(&mut self) {
+        let _ = self.inbox.control(Control::Stop);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Lifecycle of an instance inside its sandbox.
+enum Status {
+    /// Instantiated; messages wait in the backlog until `init` succeeds.
+    Instantiated { backlog: Vec<Message> },
+    Live,
+    /// Trapped; a fresh instance is due at `at`.
+    Restarting { at: Instant },
+    /// Trapped, and the restart policy says stop.
+    Stopped,
+}
+
+/// A running instance: its own store and the bindings of its exports.
+struct Running {
+    store: Store<InstanceState>,
+    bindings: Hyperty,
+}
+
+struct Slot {
+    hyperty: NewHyperty,
+    /// `None` after a trap, until the restart.
+    running: Option<Running>,
+    status: Status,
+    /// Consecutive failures; reset by a successfully handled message.
+    failures: u32,
+}
+
+/// The sandbox thread's state.
+struct Sandbox {
+    settings: SandboxSettings,
+    shared: Shared,
+    memory: Arc<DomainMemory>,
+    /// Indexed by instance id; `None` once removed.
+    slots: Vec<Option<Slot>>,
+    /// Instances waiting for their restart (usually none).
+    restarts: Vec<u32>,
+    call_ticks: u64,
+    in_flight: Arc<AtomicUsize>,
+}
+
+impl Sandbox {
+    fn run(mut self, inbox: flume::Receiver<Envelope>) {
+        loop {
+            let envelope = match self.next_restart() {
+                None => inbox.recv().map_err(|_| flume::RecvTimeoutError::Disconnected),
+                Some(at) => inbox.recv_deadline(at),
+            };
+            match envelope {
+                Ok(Envelope::Deliver { instance, message }) => {
+                    self.deliver(instance, message);
+                    self.in_flight.fetch_sub(1, Ordering::Release);
+                }
+                Ok(Envelope::Control(Control::Instantiate { hyperty, reply })) => {
+                    let _ = reply.send(self.instantiate(hyperty));
+                }
+                Ok(Envelope::Control(Control::Init { instance, reply })) => {
+                    let _ = reply.send(self.init(instance));
+                }
+                Ok(Envelope::Control(Control::Remove { instance })) => {
+                    if let Some(slot) = self.slots.get_mut(instance as usize) {
+                        *slot = None;
+                    }
+                    self.restarts.retain(|&i| i != instance);
+                }
+                Ok(Envelope::Control(Control::Stop)) | Err(flume::RecvTimeoutError::Disconnected) => break,
+                Err(flume::RecvTimeoutError::Timeout) => {}
+            }
+            if !self.restarts.is_empty() {
+                self.restart_due();
+            }
+        }
+    }
+
+    /// A fresh store with `hyperty` instantiated in it.
+    fn start(&self, hyperty: &NewHyperty) -> Result<Running> {
+        let limiter = InstanceLimiter::new(&self.settings.limits, self.memory.clone());
+        let state = InstanceState::new(
+            hyperty.address.clone(),
+            hyperty.label.clone(),
+            &self.settings.limits,
+            limiter,
+            self.shared.bus.clone(),
+            self.shared.registry.clone(),
+            self.shared.events.clone(),
+        );
+        let mut store = Store::new(&self.shared.engine, state);
+        store.limiter(|s| &mut s.limiter);
+        store.epoch_deadline_trap();
+        arm(&mut store, self.call_ticks, &self.settings.limits);
+        match hyperty.pre.instantiate(&mut store) {
+            Ok(bindings) => Ok(Running { store, bindings }),
+            Err(e) => Err(anyhow!("instantiation failed: {}", explain(&e, &store, &self.settings.limits))),
+        }
+    }
+
+    fn instantiate(&mut self, hyperty: NewHyperty) -> Result<u32> {
+        let live = self.slots.iter().flatten().count();
+        let max = self.settings.limits.instances as usize;
+        if live >= max {
+            return Err(anyhow!("the domain already holds {live} instances (instances = {max})"));
+        }
+        let running = self.start(&hyperty)?;
+        let id = self.slots.len() as u32;
+        self.slots.push(Some(Slot {
+            hyperty,
+            running: Some(running),
+            status: Status::Instantiated { backlog: Vec::new() },
+            failures: 0,
+        }));
+        Ok(id)
+    }
+
+    /// Calls `init` on a fresh instance; for a deployment, the error is the
+    /// deployment's.
+    fn init(&mut self, instance: u32) -> Result<()> {
+        let limits = &self.settings.limits;
+        let slot = self.slots.get_mut(instance as usize).and_then(Option::as_mut).ok_or_else(|| anyhow!("no such instance"))?;
+        let running = slot.running.as_mut().ok_or_else(|| anyhow!("not running"))?;
+        arm(&mut running.store, self.call_ticks, limits);
+        let address = slot.hyperty.address.to_string();
+        let result = running.bindings.rethink_hyperty_handler().call_init(&mut running.store, &address, &slot.hyperty.config);
+        let error = match result {
+            Ok(Ok(())) => {
+                if let Status::Instantiated { backlog } = std::mem::replace(&mut slot.status, Status::Live) {
+                    for message in backlog {
+                        self.deliver(instance, message);
+                    }
+                }
+                return Ok(());
+            }
+            Ok(Err(reason)) => anyhow!("init refused: {reason}"),
+            Err(trap) => anyhow!("init trapped: {}", explain(&trap, &running.store, limits)),
+        };
+        slot.running = None;
+        slot.status = Status::Stopped;
+        Err(error)
+    }
+
+    fn deliver(&mut self, instance: u32, message: Message) {
+        let Some(slot) = self.slots.get_mut(instance as usize).and_then(Option::as_mut) else {
+            let why = format!("{} has been removed", message.to);
+            self.shared.bus.answer(&message, code::NOT_FOUND, why);
+            return;
+        };
+        let running = match (&mut slot.status, slot.running.as_mut()) {
+            (Status::Instantiated { backlog }, _) => return backlog.push(message),
+            (Status::Live, Some(running)) => running,
+            (Status::Restarting { .. }, _) | (Status::Live, None) => {
+                let why = format!("{} is restarting after a failure; try again later", message.to);
+                self.shared.bus.answer(&message, code::UNAVAILABLE, why);
+                return;
+            }
+            (Status::Stopped, _) => {
+                let why = format!("{} has stopped after a failure", message.to);
+                self.shared.bus.answer(&message, code::UNAVAILABLE, why);
+                return;
+            }
+        };
+        arm(&mut running.store, self.call_ticks, &self.settings.limits);
+        match running.bindings.rethink_hyperty_handler().call_handle(&mut running.store, &message.into()) {
+            Ok(()) => slot.failures = 0,
+            Err(trap) => {
+                let reason = explain(&trap, &running.store, &self.settings.limits);
+                self.failed(instance, reason);
+            }
+        }
+    }
+
+    /// After a trap: drop the instance (its store and memory go with it),
+    /// report, and schedule the restart or stop for good.
+    fn failed(&mut self, instance: u32, reason: String) {
+        let policy = self.settings.restart.clone();
+        let slot = self.slots[instance as usize].as_mut().expect("a failing instance exists");
+        slot.running = None;
+        slot.failures += 1;
+        let h = &slot.hyperty;
+        tracing::error!(hyperty = %h.label, "trapped: {reason}");
+        self.shared.events.emit(&h.label, &h.address, EventKind::Trapped { reason: reason.clone() });
+        match policy.backoff(slot.failures) {
+            Some(delay) => {
+                tracing::info!(hyperty = %h.label, "restarting in {} ms (failure {})", delay.as_millis(), slot.failures);
+                slot.status = Status::Restarting { at: Instant::now() + delay };
+                self.restarts.push(instance);
+            }
+            None => {
+                tracing::warn!(hyperty = %h.label, "stopped (restart policy: stop)");
+                self.shared.events.emit(&h.label, &h.address, EventKind::Stopped { reason });
+                slot.status = Status::Stopped;
+            }
+        }
+    }
+
+    fn next_restart(&self) -> Option<Instant> {
+        self.restarts
+            .iter()
+            .filter_map(|&i| match self.slots[i as usize].as_ref()?.status {
+                Status::Restarting { at } => Some(at),
+                _ => None,
+            })
+            .min()
+    }
+
+    fn restart_due(&mut self) {
+        let now = Instant::now();
+        let due: Vec<u32> = self
+            .restarts
+            .iter()
+            .copied()
+            .filter(|&i| matches!(self.slots[i as usize].as_ref().map(|s| &s.status), Some(Status::Restarting { at }) if *at <= now))
+            .collect();
+        self.restarts.retain(|i| !due.contains(i));
+        for instance in due {
+            let slot = self.slots[instance as usize].as_ref().expect("restarting instance exists");
+            match self.start(&slot.hyperty) {
+                Ok(running) => {
+                    let slot = self.slots[instance as usize].as_mut().expect("exists");
+                    slot.running = Some(running);
+                    slot.status = Status::Instantiated { backlog: Vec::new() };
+                    match self.init(instance) {
+                        Ok(()) => {
+                            let slot = self.slots[instance as usize].as_ref().expect("exists");
+                            let h = &slot.hyperty;
+                            tracing::info!(hyperty = %h.label, "restarted at {}", h.address);
+                            self.shared.events.emit(&h.label, &h.address, EventKind::Restarted { failures: slot.failures });
+                        }
+                        Err(e) => self.failed(instance, format!("{e:#}")),
+                    }
+                }
+                Err(e) => self.failed(instance, format!("{e:#}")),
+            }
+        }
+    }
+}
+
+/// Mean time to instantiate `pre` into a fresh store, as a (re)start does,
+/// over `n` runs (for benchmarks).
+pub(crate) fn time_instantiation(shared: &Shared, pre: &HypertyPre<InstanceState>, n: u32) -> Result<std::time::Duration> {
+    let sandbox = Sandbox {
+        settings: SandboxSettings { limits: Limits::default(), restart: RestartPolicy::default(), grants: Vec::new() },
+        shared: shared.clone(),
+        memory: Arc::default(),
+        slots: Vec::new(),
+        restarts: Vec::new(),
+        call_ticks: 100,
+        in_flight: Arc::default(),
+    };
+    let hyperty = NewHyperty {
+        pre: pre.clone(),
+        address: Address::new_hyperty("bench.example"),
+        label: "bench.example/bench".into(),
+        config: "{}".into(),
+    };
+    let mut total = std::time::Duration::ZERO;
+    for _ in 0..n {
+        let started = Instant::now();
+        let running = sandbox.start(&hyperty)?;
+        total += started.elapsed();
+        drop(running);
+    }
+    Ok(total / n.max(1))
+}
+
+/// Sets the deadline and the fuel budget for the next call into `store`.
+fn arm(store: &mut Store<InstanceState>, call_ticks: u64, limits: &Limits) {
+    store.set_epoch_deadline(call_ticks);
+    store.set_fuel(limits.fuel_per_call.unwrap_or(u64::MAX)).expect("the engine consumes fuel");
+}
+
+/// Why a call trapped, in words: the deadline, fuel, a refused memory or
+/// table growth, a stack overflow, or the guest's own trap.
+fn explain(error: &wasmtime::Error, store: &Store<InstanceState>, limits: &Limits) -> String {
+    let trap = error.downcast_ref::<wasmtime::Trap>();
+    let what = match trap {
+        Some(wasmtime::Trap::Interrupt) => format!("ran past its call deadline (call-timeout-ms = {})", limits.call_timeout_ms),
+        Some(wasmtime::Trap::OutOfFuel) => format!("ran out of fuel (fuel-per-call = {})", limits.fuel_per_call.unwrap_or(0)),
+        Some(wasmtime::Trap::StackOverflow) => "stack overflow".to_owned(),
+        Some(wasmtime::Trap::UnreachableCodeReached) => "panicked or reached unreachable code".to_owned(),
+        Some(other) => format!("trapped: {other}"),
+        None => format!("{error:#}"),
+    };
+    match &store.data().limiter.refused_growth {
+        Some(limit) => format!("{what}; {limit}"),
+        None => what,
+    }
+}
