@@ -219,7 +219,8 @@ impl Bus {
         self.deliver_answer(answer);
     }
 
-    fn deliver_answer(&self, answer: Message) {
+    /// Delivers a response the host made itself straight to its `to`.
+    pub fn deliver_answer(&self, answer: Message) {
         let route = self.inner.routes.read().unwrap().get(&answer.to).cloned();
         let result = match route {
             Some(route) => route.deliver(answer),

@@ -31,6 +31,9 @@ pub enum EventKind {
     /// The hyperty exceeded its message rate (reported at most once a
     /// second per hyperty).
     RateLimited,
+    /// The bus refused a message of the hyperty as spoofed, malformed or too
+    /// large (reported at most once a second per hyperty).
+    Refused { reason: String },
 }
 
 /// The sending side, cheap to clone.

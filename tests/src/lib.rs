@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use hyperty_host::{Address, Bundle, Digest, Endpoint, Message, MessageType, Runtime, RuntimeConfig};
+use hyperty_host::{Address, Bundle, Digest, Endpoint, Event, Message, MessageType, Runtime, RuntimeConfig};
 use serde_json::{Value, json};
 
 /// The built component `name` (`ping`, `pong`, `puppet`, `bench`, ...).
@@ -70,6 +70,16 @@ impl TestBundle {
         let d = domains.as_table_mut().unwrap().entry(domain).or_insert_with(|| toml::Table::new().into());
         let list = d.as_table_mut().unwrap().entry("hyperties").or_insert_with(|| toml::Value::Array(vec![]));
         list.as_array_mut().unwrap().push(h.into());
+        self
+    }
+
+    /// Sets keys of `domain`'s table (limits, restart, grants...), given as
+    /// JSON: `json!({"limits": {"memory-mb": 16}})`.
+    pub fn domain(mut self, domain: &str, settings: Value) -> TestBundle {
+        let domains = self.table.entry("domains").or_insert_with(|| toml::Table::new().into());
+        let d = domains.as_table_mut().unwrap().entry(domain).or_insert_with(|| toml::Table::new().into());
+        let toml::Value::Table(extra) = toml::Value::try_from(settings).unwrap() else { panic!("settings must be an object") };
+        d.as_table_mut().unwrap().extend(extra);
         self
     }
 
@@ -175,4 +185,58 @@ pub fn reported(m: &Message) -> Value {
 /// A puppet config reporting to the test observer.
 pub fn puppet_config(echo: bool) -> Value {
     json!({ "observer": OBSERVER, "echo": echo })
+}
+
+/// Deploys a healthy pair: alice.example/a and bob.example/b (echoing),
+/// puppets reporting to the test observer.
+pub fn healthy_pair(runtime: &Runtime) -> (TestBundle, Address, Address) {
+    let bundle = TestBundle::new()
+        .hyperty("alice.example", "a", &guest("puppet"), puppet_config(false))
+        .hyperty("bob.example", "b", &guest("puppet"), puppet_config(true));
+    runtime.deploy(&bundle.load()).expect("the healthy pair deploys");
+    let a = runtime.lookup("alice.example", "a").unwrap();
+    let b = runtime.lookup("bob.example", "b").unwrap();
+    (bundle, a, b)
+}
+
+impl Driver {
+    /// Asserts that a (alice.example) can still make a request to b
+    /// (bob.example) and get b's answer: the runtime and those domains work.
+    pub fn still_works(&mut self, a: &Address, b: &Address) {
+        let id = self.fresh_id();
+        let cmd = json!({ "op": "request", "message": { "id": id, "type": "read", "to": b.to_string() } });
+        assert_eq!(self.command(a, cmd), json!({ "ok": true }));
+        let answer = self.report(a, |m| m["type"] == "response" && m["id"] == id);
+        assert_eq!(answer["code"], 200, "{answer}");
+    }
+
+    /// Sends a request with a JSON value to `to` and waits for its answer.
+    pub fn ask(&mut self, to: &Address, value: Value) -> Message {
+        let id = self.fresh_id();
+        let msg = Message::new(id, MessageType::Execute, self.address().clone(), to.clone(), Some(value.to_string()));
+        self.endpoint.request(msg, None).unwrap();
+        self.expect(|m| m.kind == MessageType::Response && m.id == id)
+    }
+}
+
+/// The first event matching `pred` within 10 s.
+pub fn wait_event(events: &mut tokio::sync::broadcast::Receiver<Event>, pred: impl Fn(&Event) -> bool) -> Event {
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        match events.try_recv() {
+            Ok(e) if pred(&e) => return e,
+            Ok(_) | Err(tokio::sync::broadcast::error::TryRecvError::Lagged(_)) => {}
+            Err(_) => {
+                assert!(Instant::now() < until, "the expected event did not come within 10 s");
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+    }
+}
+
+/// Resident memory of this process, in bytes (Linux).
+pub fn resident_bytes() -> usize {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    let pages: usize = statm.split_whitespace().nth(1).and_then(|p| p.parse().ok()).unwrap_or(0);
+    pages * 4096
 }

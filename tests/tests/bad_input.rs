@@ -8,27 +8,12 @@ use hyperty_host::{Address, Bundle, BundleError, Runtime};
 use hyperty_tests::*;
 use serde_json::json;
 
-/// A runtime with a good bundle running: alice.example/a and
-/// bob.example/b (echoing).
+/// A runtime with the healthy pair running.
 fn running() -> (Runtime, Driver, TestBundle, Address, Address) {
     let runtime = runtime(Duration::from_secs(5));
     let driver = Driver::new(&runtime);
-    let bundle = TestBundle::new()
-        .hyperty("alice.example", "a", &guest("puppet"), puppet_config(false))
-        .hyperty("bob.example", "b", &guest("puppet"), puppet_config(true));
-    runtime.deploy(&bundle.load()).unwrap();
-    let a = runtime.lookup("alice.example", "a").unwrap();
-    let b = runtime.lookup("bob.example", "b").unwrap();
+    let (bundle, a, b) = healthy_pair(&runtime);
     (runtime, driver, bundle, a, b)
-}
-
-/// The running bundle still works end to end.
-fn still_works(driver: &mut Driver, a: &Address, b: &Address) {
-    let id = driver.fresh_id();
-    let cmd = json!({ "op": "request", "message": { "id": id, "type": "read", "to": b.to_string() } });
-    assert_eq!(driver.command(a, cmd), json!({ "ok": true }));
-    let answer = driver.report(a, |m| m["type"] == "response" && m["id"] == id);
-    assert_eq!(answer["code"], 200);
 }
 
 fn deploy_err(runtime: &Runtime, bundle: &TestBundle) -> BundleError {
@@ -82,7 +67,7 @@ fn digest_mismatch_is_refused_naming_both_digests() {
     assert!(shown.contains(&pinned) && shown.contains(&actual), "{shown}");
     assert!(shown.contains("hyperties[0].sha256"), "{shown}");
     assert!(runtime.lookup("carol.example", "c").is_none());
-    still_works(&mut driver, &a, &b);
+    driver.still_works(&a, &b);
 }
 
 #[test]
@@ -102,7 +87,7 @@ fn file_that_is_not_a_component_is_refused() {
         assert!(shown.contains(reason), "{shown:?} should say {reason:?}");
         assert!(shown.contains(name) && shown.contains("hyperties[0].component"), "{shown}");
     }
-    still_works(&mut driver, &a, &b);
+    driver.still_works(&a, &b);
 }
 
 #[test]
@@ -112,7 +97,7 @@ fn component_of_another_world_is_refused_with_the_reason() {
     let shown = deploy_err(&runtime, &bundle).to_string();
     assert!(shown.contains("does not fit the hyperty world"), "{shown}");
     assert!(shown.contains("rethink:hyperty/handler"), "the reason names the missing export: {shown}");
-    still_works(&mut driver, &a, &b);
+    driver.still_works(&a, &b);
 }
 
 #[test]
@@ -121,7 +106,7 @@ fn missing_file_is_refused() {
     let bundle = TestBundle::new().hyperty("carol.example", "c", Path::new("/no/such/file.wasm"), json!({}));
     let shown = deploy_err(&runtime, &bundle).to_string();
     assert!(shown.contains("cannot read /no/such/file.wasm"), "{shown}");
-    still_works(&mut driver, &a, &b);
+    driver.still_works(&a, &b);
 }
 
 #[test]
@@ -138,7 +123,7 @@ fn every_problem_is_listed_and_nothing_is_half_deployed() {
     // A name already running is a problem too.
     let again = TestBundle::new().hyperty("alice.example", "a", &guest("puppet"), puppet_config(false));
     assert!(deploy_err(&runtime, &again).to_string().contains("alice.example/a is already deployed"));
-    still_works(&mut driver, &a, &b);
+    driver.still_works(&a, &b);
 }
 
 #[test]
@@ -151,7 +136,7 @@ fn init_failure_rolls_back_the_whole_bundle() {
     let shown = deploy_err(&runtime, &bundle).to_string();
     assert!(shown.contains("init refused: bad config"), "{shown}");
     assert!(runtime.lookup("carol.example", "bad").is_none());
-    still_works(&mut driver, &a, &b);
+    driver.still_works(&a, &b);
 }
 
 #[test]

@@ -75,6 +75,8 @@ pub(crate) struct InstanceState {
     rate: RateLimiter,
     /// When a rate-limited event was last emitted (at most one a second).
     rate_reported: Option<Instant>,
+    /// When a refused-message event was last emitted (at most one a second).
+    misbehaviour_reported: Option<Instant>,
 }
 
 impl InstanceState {
@@ -98,6 +100,7 @@ impl InstanceState {
             events,
             rate: RateLimiter::new(limits),
             rate_reported: None,
+            misbehaviour_reported: None,
         }
     }
 
@@ -127,7 +130,9 @@ impl InstanceState {
             return Err(SendError::SpoofedFrom(format!("cannot reply to a request addressed to {to}, not {}", self.address)));
         }
         let from = Address::parse(m.from).map_err(|e| SendError::Malformed(format!("from: {e}")))?;
-        self.take_token()?;
+        // Not rate-limited: a reply is delivered only if it answers a pending
+        // request, so replies cannot amplify a flood, and a flooder must
+        // still be able to answer what it was asked.
         Ok(Message::new(m.id, m.type_.into(), from, to, None))
     }
 
@@ -160,21 +165,40 @@ impl wit::Host for InstanceState {}
 
 impl wit_bus::Host for InstanceState {
     fn send(&mut self, msg: wit::Message) -> Result<(), wit::SendError> {
-        let msg = self.accept(msg)?;
-        Ok(self.bus.send(msg, None)?)
+        let result = self.accept(msg).and_then(|msg| self.bus.send(msg, None));
+        Ok(self.reported(result)?)
     }
 
     fn request(&mut self, msg: wit::Message, timeout_ms: Option<u32>) -> Result<(), wit::SendError> {
-        let msg = self.accept(msg)?;
         let timeout = timeout_ms.map_or(self.bus.config().request_timeout, |ms| Duration::from_millis(ms.into()));
-        Ok(self.bus.send(msg, Some(timeout))?)
+        let result = self.accept(msg).and_then(|msg| self.bus.send(msg, Some(timeout)));
+        Ok(self.reported(result)?)
     }
 
     fn reply(&mut self, request: wit::Message, code: u16, value: Option<String>) -> Result<(), wit::SendError> {
-        let request = self.accept_request(request)?;
-        let mut response = Message::response(request.id, request.to, request.from, code);
-        response.body.value = value.map(check_json).transpose()?;
-        Ok(self.bus.send(response, None)?)
+        let result = self.accept_request(request).and_then(|request| {
+            let mut response = Message::response(request.id, request.to, request.from, code);
+            response.body.value = value.map(check_json).transpose()?;
+            self.bus.send(response, None)
+        });
+        Ok(self.reported(result)?)
+    }
+}
+
+impl InstanceState {
+    /// Reports a refusal that says the guest misbehaves (spoofing, garbage,
+    /// oversize) to the operator, at most once a second; back-pressure
+    /// errors are the normal course of things and are not reported.
+    fn reported(&mut self, result: Result<(), SendError>) -> Result<(), SendError> {
+        if let Err(e @ (SendError::SpoofedFrom(_) | SendError::Malformed(_) | SendError::TooLarge(_))) = &result {
+            let now = Instant::now();
+            if self.misbehaviour_reported.is_none_or(|last| now.duration_since(last) >= Duration::from_secs(1)) {
+                self.misbehaviour_reported = Some(now);
+                tracing::warn!(hyperty = %self.label, "message refused: {e}");
+                self.events.emit(&self.label, &self.address, EventKind::Refused { reason: e.to_string() });
+            }
+        }
+        result
     }
 }
 

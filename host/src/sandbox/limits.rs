@@ -70,7 +70,7 @@ impl Limits {
         let check = |ok: bool, field: &str, range: String| if ok { Ok(()) } else { Err(format!("{field} must be in {range}")) };
         check((1..=1_000_000).contains(&self.inbox), "inbox", "1..=1000000".into())?;
         check((1..=max_mb).contains(&self.memory_mb), "memory-mb", format!("1..={max_mb}"))?;
-        check(self.total_memory_mb >= self.memory_mb, "total-memory-mb", "memory-mb.. (at least one instance)".into())?;
+        check(self.total_memory_mb >= 1, "total-memory-mb", "1..".into())?;
         check((1..=10_000_000).contains(&self.table_elements), "table-elements", "1..=10000000".into())?;
         check((10..=600_000).contains(&self.call_timeout_ms), "call-timeout-ms", "10..=600000".into())?;
         check(self.fuel_per_call.is_none_or(|f| f > 0), "fuel-per-call", "1..".into())?;

@@ -36,7 +36,7 @@ use crate::address::Address;
 use crate::bus::Bus;
 use crate::engine::EPOCH_TICK;
 use crate::events::{EventKind, Events};
-use crate::message::{Message, code};
+use crate::message::{Message, MessageType, code};
 use crate::registry::Registry;
 
 pub(crate) use glue::{HypertyPre, InstanceState, check_grants, hyperty_linker, prepare};
@@ -344,10 +344,20 @@ impl Sandbox {
             }
         };
         arm(&mut running.store, self.call_ticks, &self.settings.limits);
-        match running.bindings.rethink_hyperty_handler().call_handle(&mut running.store, &message.into()) {
+        let kind = message.kind;
+        let message = message.into();
+        match running.bindings.rethink_hyperty_handler().call_handle(&mut running.store, &message) {
             Ok(()) => slot.failures = 0,
             Err(trap) => {
                 let reason = explain(&trap, &running.store, &self.settings.limits);
+                if kind != MessageType::Response
+                    && let (Ok(from), Ok(to)) = (Address::parse(message.from), Address::parse(message.to))
+                {
+                    // The message that made it trap gets an answer, not silence.
+                    let mut answer = Message::response(message.id, to, from, code::INTERNAL_ERROR);
+                    answer.body.description = Some(format!("{} failed while handling this message: {reason}", answer.from));
+                    self.shared.bus.deliver_answer(answer);
+                }
                 self.failed(instance, reason);
             }
         }
