@@ -8,11 +8,13 @@
 //! limits = { inbox = 256, memory-mb = 32 }         # see sandbox::limits::Limits
 //! restart = { policy = "backoff", initial-backoff-ms = 100, max-backoff-ms = 30000 }
 //! grants = ["clocks", "random"]                     # the default; also "filesystem", "sockets"
+//! trusted-keys = ["ed25519:…"]                      # optional: require signed components
 //!
 //! [[domains."alice.example".hyperties]]
 //! name = "ping"
 //! component = "ping.wasm"          # relative to this file
 //! sha256 = "9f86d0…"               # 64 hex digits
+//! signature = "ping.wasm.sig"      # the default; checked when the domain trusts keys
 //! config = { peer = "bob.example/pong", rounds = 3 }
 //! ```
 //!
@@ -30,6 +32,7 @@ use toml::Spanned;
 
 use crate::address::validate_domain;
 use crate::engine::Digest;
+use crate::signing::PublicKey;
 use crate::sandbox::SandboxSettings;
 use crate::sandbox::limits::{Grant, Limits, RestartPolicy, default_grants};
 
@@ -45,6 +48,9 @@ pub struct Bundle {
 #[derive(Clone, Debug)]
 pub struct DomainSpec {
     pub name: String,
+    /// If not empty, every component of the domain must carry a signature
+    /// by one of these keys.
+    pub trusted_keys: Vec<PublicKey>,
     /// Limits, restart policy and WASI grants of the domain's sandbox.
     pub settings: SandboxSettings,
     pub hyperties: Vec<HypertySpec>,
@@ -57,6 +63,8 @@ pub struct HypertySpec {
     /// The component file, resolved against the manifest's directory.
     pub component: PathBuf,
     pub sha256: Digest,
+    /// The detached signature file: `signature`, else `<component>.sig`.
+    pub signature: PathBuf,
     /// The `config` table as JSON text, handed to the hyperty's `init`.
     pub config: String,
     /// Where the entry is, for problems found later (digest, component).
@@ -124,7 +132,7 @@ struct RawBundle {
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
 struct RawDomain {
     #[serde(default)]
     limits: Option<Spanned<Limits>>,
@@ -132,6 +140,8 @@ struct RawDomain {
     restart: Option<Spanned<RestartPolicy>>,
     #[serde(default = "default_grants")]
     grants: Vec<Grant>,
+    #[serde(default)]
+    trusted_keys: Vec<PublicKey>,
     #[serde(default)]
     hyperties: Vec<RawHyperty>,
 }
@@ -142,6 +152,8 @@ struct RawHyperty {
     name: Spanned<String>,
     component: Spanned<String>,
     sha256: Spanned<String>,
+    #[serde(default)]
+    signature: Option<String>,
     #[serde(default)]
     config: Option<toml::Table>,
 }
@@ -215,9 +227,15 @@ impl Bundle {
                     Digest([0; 32])
                 });
                 let config = serde_json::to_string(&h.config.unwrap_or_default()).expect("TOML maps to JSON");
+                let component = base.join(h.component.get_ref());
+                let signature = match &h.signature {
+                    Some(path) => base.join(path),
+                    None => signature_path(&component),
+                };
                 hyperties.push(HypertySpec {
                     name,
-                    component: base.join(h.component.get_ref()),
+                    component,
+                    signature,
                     sha256,
                     config,
                     at: Location {
@@ -230,7 +248,7 @@ impl Bundle {
             if hyperties.is_empty() {
                 problems.push(problem(Some(domain_key.span()), format!("{dfield}.hyperties"), "the domain has no hyperty".into()));
             }
-            domains.push(DomainSpec { name: domain, settings: SandboxSettings { limits, restart, grants }, hyperties });
+            domains.push(DomainSpec { name: domain, trusted_keys: raw_domain.trusted_keys, settings: SandboxSettings { limits, restart, grants }, hyperties });
         }
         if !problems.is_empty() {
             return Err(BundleError { problems });
@@ -244,6 +262,13 @@ impl Bundle {
         let line = if field == "sha256" { h.at.sha256_line } else { h.at.component_line };
         Problem { file: self.path.clone(), line: Some(line), field: format!("{}.{field}", h.at.field), message }
     }
+}
+
+/// Where the detached signature of `component` lives by default.
+pub fn signature_path(component: &Path) -> PathBuf {
+    let mut name = component.as_os_str().to_owned();
+    name.push(".sig");
+    PathBuf::from(name)
 }
 
 /// 1-based line number of byte `offset` in `text`.

@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
-use crate::bundle::{Bundle, pin};
+use crate::bundle::{Bundle, pin, signature_path};
+use crate::signing;
 use crate::runtime::{Runtime, RuntimeConfig, check_file, default_cache_dir};
 
 #[derive(Parser)]
@@ -38,6 +39,21 @@ enum Command {
     /// Rewrite the bundle's sha256 pins to the digests of its component
     /// files as they are now.
     Pin { bundle: PathBuf },
+    /// Create an Ed25519 key pair for signing components: writes the secret
+    /// key to SECRET_KEY (owner-only) and prints the public key to put in a
+    /// domain's `trusted-keys`.
+    Keygen {
+        #[arg(value_name = "SECRET_KEY")]
+        secret_key: PathBuf,
+    },
+    /// Sign components with a secret key: writes `<component>.sig` beside
+    /// each.
+    Sign {
+        #[arg(long, value_name = "SECRET_KEY")]
+        key: PathBuf,
+        #[arg(required = true)]
+        components: Vec<PathBuf>,
+    },
 }
 
 /// Runs the CLI with `args` (the first is the program name).
@@ -75,6 +91,17 @@ where
             if changed.is_empty() {
                 println!("{}: every pin matches", bundle.display());
             }
+        }),
+        Command::Keygen { secret_key } => signing::keygen(&secret_key).map(|public| {
+            println!("{public}");
+            eprintln!("secret key written to {} (keep it private)", secret_key.display());
+        }),
+        Command::Sign { key, components } => components.iter().try_for_each(|component| {
+            let signature = signing::sign(&key, component)?;
+            let path = signature_path(component);
+            std::fs::write(&path, signature).map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
+            println!("{}", path.display());
+            Ok(())
         }),
     };
     match result {

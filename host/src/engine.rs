@@ -4,21 +4,20 @@
 //! `component-model-async` (it costs 2-3x per call), the pooling allocator
 //! (instantiation ~6 us instead of ~12-15 us), epoch interruption for
 //! per-call deadlines and fuel for optional deterministic budgets (stores
-//! without a budget get `u64::MAX`). Components are compiled once
-//! and cached on disk keyed by their sha256 digest and the engine's
-//! compatibility hash; a cached artifact is only deserialised after its own
-//! sha256 (recorded when the runtime wrote it) matches, because
-//! `Component::deserialize` trusts its input.
+//! without a budget get `u64::MAX`). Components are compiled once and
+//! cached on disk ([`crate::cache`]) and in memory.
 
 use std::collections::HashMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use sha2::{Digest as _, Sha256};
+
+use crate::cache::DiskCache;
 use wasmtime::component::Component;
 
 /// How often the epoch advances: the granularity of call deadlines.
@@ -59,7 +58,7 @@ impl std::fmt::Debug for Digest {
 /// The engine, its epoch ticker and the component cache.
 pub struct Engine {
     engine: wasmtime::Engine,
-    cache_dir: PathBuf,
+    cache: Option<DiskCache>,
     /// Key of the engine settings, part of every cache file name.
     engine_key: String,
     loaded: Mutex<HashMap<Digest, Component>>,
@@ -87,8 +86,7 @@ impl Engine {
         engine.precompile_compatibility_hash().hash(&mut h);
         let engine_key = format!("{:016x}", h.finish());
 
-        std::fs::create_dir_all(cache_dir)
-            .with_context(|| format!("cannot create the component cache {}", cache_dir.display()))?;
+        let cache = DiskCache::open(cache_dir);
 
         let ticker_stop = Arc::new(AtomicBool::new(false));
         let (ticking, stop) = (engine.clone(), ticker_stop.clone());
@@ -99,7 +97,7 @@ impl Engine {
             }
         })?;
 
-        Ok(Engine { engine, cache_dir: cache_dir.to_owned(), engine_key, loaded: Mutex::default(), ticker_stop })
+        Ok(Engine { engine, cache, engine_key, loaded: Mutex::default(), ticker_stop })
     }
 
     pub fn wasmtime(&self) -> &wasmtime::Engine {
@@ -120,27 +118,17 @@ impl Engine {
         Ok(component)
     }
 
-    fn artifact_path(&self, digest: Digest) -> PathBuf {
-        self.cache_dir.join(format!("{digest}-{}.cwasm", self.engine_key))
-    }
-
-    /// Loads a cached artifact if its recorded sha256 matches its bytes;
-    /// anything else (missing, corrupt, foreign) is a cache miss.
+    /// Loads a cached artifact that passes the cache's integrity check;
+    /// anything else is a cache miss.
     fn load_cached(&self, digest: Digest) -> Option<Component> {
-        let path = self.artifact_path(digest);
-        let bytes = std::fs::read(&path).ok()?;
-        let recorded = std::fs::read_to_string(path.with_extension("sha256")).ok()?;
-        if Digest::parse(recorded.trim()).ok()? != Digest::of(&bytes) {
-            tracing::warn!(file = %path.display(), "cached artifact does not match its recorded digest; recompiling");
-            return None;
-        }
-        // SAFETY: the bytes are exactly those this runtime serialised (their
-        // sha256 matches the digest it recorded beside them), for an engine
-        // with the same compatibility hash.
+        let bytes = self.cache.as_ref()?.load(digest, &self.engine_key)?;
+        // SAFETY: the bytes are exactly those this runtime serialised: their
+        // MAC, keyed by a secret only this runtime's user can read, matches
+        // (see `cache`), and the engine compatibility hash is in their name.
         match unsafe { Component::deserialize(&self.engine, &bytes) } {
             Ok(c) => Some(c),
             Err(e) => {
-                tracing::warn!(file = %path.display(), "cached artifact unusable ({e:#}); recompiling");
+                tracing::warn!(%digest, "cached artifact unusable ({e:#}); recompiling");
                 None
             }
         }
@@ -163,13 +151,9 @@ impl Engine {
     }
 
     fn store_cached(&self, component: &Component, digest: Digest) -> Result<()> {
-        let artifact = component.serialize()?;
-        let path = self.artifact_path(digest);
-        let tmp = path.with_extension(format!("tmp-{}", uuid::Uuid::new_v4()));
-        std::fs::write(&tmp, &artifact)?;
-        std::fs::write(path.with_extension("sha256"), Digest::of(&artifact).to_string())?;
-        std::fs::rename(&tmp, &path)?;
-        Ok(())
+        let Some(cache) = &self.cache else { return Ok(()) };
+        let artifact = component.serialize().map_err(|e| anyhow::anyhow!("{e:#}"))?;
+        cache.store(digest, &self.engine_key, &artifact)
     }
 }
 

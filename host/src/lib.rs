@@ -18,6 +18,7 @@
 pub mod address;
 pub mod bundle;
 mod bus;
+mod cache;
 pub mod cli;
 mod engine;
 pub mod events;
@@ -26,6 +27,7 @@ pub mod policy;
 mod registry;
 pub mod runtime;
 mod sandbox;
+pub mod signing;
 
 pub use address::Address;
 pub use bundle::{Bundle, BundleError, Problem};

@@ -23,6 +23,7 @@ use crate::engine::{Digest, Engine};
 use crate::message::Message;
 use crate::policy::{AllowAll, PolicyDecisionPoint};
 use crate::registry::Registry;
+use crate::signing;
 use crate::events::{Event, Events};
 use crate::sandbox::{self, HypertyPre, InstanceState, NewHyperty, SandboxHandle, Shared};
 
@@ -163,6 +164,15 @@ impl Runtime {
                     );
                     problems.push(bundle.problem(hyperty, "sha256", message));
                     continue;
+                }
+                if !domain.trusted_keys.is_empty() {
+                    let checked = std::fs::read_to_string(&hyperty.signature)
+                        .map_err(|e| format!("signature missing: cannot read {}: {e}", hyperty.signature.display()))
+                        .and_then(|sig| signing::verify(&sig, digest, &domain.trusted_keys));
+                    if let Err(e) = checked {
+                        problems.push(bundle.problem(hyperty, "signature", format!("{} is refused: {e}", hyperty.component.display())));
+                        continue;
+                    }
                 }
                 let pre = self
                     .engine
