@@ -190,9 +190,15 @@ pub fn puppet_config(echo: bool) -> Value {
 /// Deploys a healthy pair: alice.example/a and bob.example/b (echoing),
 /// puppets reporting to the test observer.
 pub fn healthy_pair(runtime: &Runtime) -> (TestBundle, Address, Address) {
+    pair(runtime, true)
+}
+
+/// Deploys puppets alice.example/a and bob.example/b; b answers requests
+/// only if `echo_b`.
+pub fn pair(runtime: &Runtime, echo_b: bool) -> (TestBundle, Address, Address) {
     let bundle = TestBundle::new()
         .hyperty("alice.example", "a", &guest("puppet"), puppet_config(false))
-        .hyperty("bob.example", "b", &guest("puppet"), puppet_config(true));
+        .hyperty("bob.example", "b", &guest("puppet"), puppet_config(echo_b));
     runtime.deploy(&bundle.load()).expect("the healthy pair deploys");
     let a = runtime.lookup("alice.example", "a").unwrap();
     let b = runtime.lookup("bob.example", "b").unwrap();

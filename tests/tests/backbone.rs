@@ -3,20 +3,9 @@
 
 use std::time::Duration;
 
-use hyperty_host::{Address, Message, MessageType, Runtime, SendError};
+use hyperty_host::{Address, Message, MessageType, SendError};
 use hyperty_tests::*;
 use serde_json::{Value, json};
-
-/// alice.example/a and bob.example/b, both puppets reporting to the test.
-fn two_domains(runtime: &Runtime, echo_b: bool) -> (TestBundle, Address, Address) {
-    let bundle = TestBundle::new()
-        .hyperty("alice.example", "a", &guest("puppet"), puppet_config(false))
-        .hyperty("bob.example", "b", &guest("puppet"), puppet_config(echo_b));
-    runtime.deploy(&bundle.load()).expect("deploys");
-    let a = runtime.lookup("alice.example", "a").unwrap();
-    let b = runtime.lookup("bob.example", "b").unwrap();
-    (bundle, a, b)
-}
 
 fn request_to(to: &Address, value: Value) -> Value {
     json!({ "op": "request", "message": { "id": 7, "type": "read", "to": to.to_string(), "value": value.to_string() } })
@@ -26,7 +15,7 @@ fn request_to(to: &Address, value: Value) -> Value {
 fn messages_cross_domains_and_responses_find_their_request() {
     let runtime = runtime(Duration::from_secs(5));
     let mut driver = Driver::new(&runtime);
-    let (_bundle, a, b) = two_domains(&runtime, true);
+    let (_bundle, a, b) = pair(&runtime, true);
     assert_eq!(a.domain(), "alice.example");
     assert_eq!(b.domain(), "bob.example");
 
@@ -53,7 +42,7 @@ fn unknown_local_address_is_answered_404_at_once() {
     // A long request timeout: a 404 must not wait for it.
     let runtime = runtime(Duration::from_secs(60));
     let mut driver = Driver::new(&runtime);
-    let (_bundle, a, _) = two_domains(&runtime, false);
+    let (_bundle, a, _) = pair(&runtime, false);
     let nobody = Address::parse("hyperty://bob.example/nobody").unwrap();
 
     // From the embedder's endpoint.
@@ -78,7 +67,7 @@ fn unknown_local_address_is_answered_404_at_once() {
 fn unanswered_request_gets_408_and_leaves_nothing_behind() {
     let runtime = runtime(Duration::from_millis(300));
     let mut driver = Driver::new(&runtime);
-    let (_bundle, a, b) = two_domains(&runtime, false); // b never answers
+    let (_bundle, a, b) = pair(&runtime, false); // b never answers
 
     // The endpoint's request to b times out with 408 carrying its id.
     let id = driver.fresh_id();
@@ -105,7 +94,7 @@ fn unanswered_request_gets_408_and_leaves_nothing_behind() {
 fn answered_request_leaves_no_pending_entry() {
     let runtime = runtime(Duration::from_secs(60));
     let mut driver = Driver::new(&runtime);
-    let (_bundle, _a, b) = two_domains(&runtime, true);
+    let (_bundle, _a, b) = pair(&runtime, true);
     for _ in 0..50 {
         assert_eq!(driver.read(&b).body.code, Some(200));
     }
@@ -117,7 +106,7 @@ fn answered_request_leaves_no_pending_entry() {
 fn duplicate_pending_request_id_is_refused() {
     let runtime = runtime(Duration::from_secs(60));
     let driver = Driver::new(&runtime);
-    let (_bundle, _a, b) = two_domains(&runtime, false);
+    let (_bundle, _a, b) = pair(&runtime, false);
     let msg = Message::new(5, MessageType::Read, driver.address().clone(), b.clone(), None);
     driver.endpoint.request(msg.clone(), None).unwrap();
     assert_eq!(driver.endpoint.request(msg, None), Err(SendError::DuplicateId(5)));
@@ -127,7 +116,7 @@ fn duplicate_pending_request_id_is_refused() {
 fn spoofed_from_is_refused_and_goes_nowhere() {
     let runtime = runtime(Duration::from_secs(5));
     let mut driver = Driver::new(&runtime);
-    let (_bundle, a, b) = two_domains(&runtime, true);
+    let (_bundle, a, b) = pair(&runtime, true);
 
     // a pretends to be b, then a hyperty of another domain that does not exist.
     for forged in [b.to_string(), "hyperty://bob.example/forged".to_string(), "hyperty://alice.example/other".into()] {
@@ -156,7 +145,7 @@ fn spoofed_from_is_refused_and_goes_nowhere() {
 fn malformed_messages_are_refused_at_the_import() {
     let runtime = runtime(Duration::from_secs(5));
     let mut driver = Driver::new(&runtime);
-    let (_bundle, a, b) = two_domains(&runtime, false);
+    let (_bundle, a, b) = pair(&runtime, false);
     let bad_to = json!({ "op": "send", "message": { "type": "read", "to": "nowhere" } });
     assert!(driver.command(&a, bad_to)["error"].as_str().unwrap().starts_with("malformed: to:"));
     let bad_json = json!({ "op": "send", "message": { "type": "read", "to": b.to_string(), "value": "{not json" } });
@@ -170,7 +159,7 @@ fn malformed_messages_are_refused_at_the_import() {
 fn registry_lookup_resolves_bundle_names() {
     let runtime = runtime(Duration::from_secs(5));
     let mut driver = Driver::new(&runtime);
-    let (_bundle, a, b) = two_domains(&runtime, false);
+    let (_bundle, a, b) = pair(&runtime, false);
     let found = driver.command(&a, json!({ "op": "lookup", "domain": "bob.example", "name": "b" }));
     assert_eq!(found["address"], b.as_str());
     let missing = driver.command(&a, json!({ "op": "lookup", "domain": "bob.example", "name": "zz" }));

@@ -67,6 +67,7 @@ fn fuel_budget_stops_a_loop_deterministically() {
     let (code, why) = c.poke(json!({}));
     assert_eq!(code, 500);
     assert!(why.contains("ran out of fuel (fuel-per-call = 1000000)"), "{why}");
+    assert!(c.trapped().contains("ran out of fuel"));
     c.driver.still_works(&c.a, &c.b);
 }
 
@@ -96,6 +97,7 @@ fn deep_recursion_overflows_the_stack_and_is_contained() {
     let (code, why) = c.poke(json!({}));
     assert_eq!(code, 500);
     assert!(why.contains("stack overflow"), "{why}");
+    assert!(c.trapped().contains("stack overflow"));
     c.driver.still_works(&c.a, &c.b);
 }
 
@@ -143,7 +145,13 @@ fn flood_is_rate_limited_and_other_domains_still_get_through() {
     let sink = TestBundle::new().hyperty("sink.example", "s", &guest("bench"), json!({ "role": "sink" }));
     c.runtime.deploy(&sink.load()).unwrap();
     let sink = c.runtime.lookup("sink.example", "s").unwrap();
-    let answer = c.driver.ask(&c.evil.clone(), json!({ "to": sink.to_string(), "count": 20_000 }));
+    // The flood runs on evil.example's thread while the other domains work.
+    let id = c.driver.fresh_id();
+    let flood = json!({ "to": sink.to_string(), "count": 20_000 }).to_string();
+    let msg = hyperty_host::Message::new(id, hyperty_host::MessageType::Execute, c.driver.address().clone(), c.evil.clone(), Some(flood));
+    c.driver.endpoint.request(msg, Some(Duration::from_secs(60))).unwrap();
+    c.driver.still_works(&c.a, &c.b);
+    let answer = c.driver.expect(|m| m.kind == hyperty_host::MessageType::Response && m.id == id);
     let counts: Value = serde_json::from_str(answer.body.value.as_deref().unwrap_or_else(|| panic!("{answer:?}"))).unwrap();
     let (sent, limited) = (counts["sent"].as_u64().unwrap(), counts["rate_limited"].as_u64().unwrap());
     assert!(limited > 10_000, "most of the flood is refused: {counts}");
@@ -183,6 +191,8 @@ fn garbage_addresses_and_bodies_are_refused_one_by_one() {
     assert!(errors.iter().any(|e| e.starts_with("malformed: from:")), "{errors:?}");
     assert!(errors.iter().any(|e| e.contains("a response cannot be sent as a request")), "{errors:?}");
     assert!(errors.iter().all(|e| !e.is_empty()));
+    let evil = c.evil.clone();
+    wait_event(&mut c.events, |e| e.address == evil && matches!(&e.kind, EventKind::Refused { reason } if reason.contains("malformed")));
     c.driver.still_works(&c.a, &c.b);
 }
 
@@ -231,6 +241,7 @@ fn no_import_reaches_another_domains_state() {
     let vault = runtime.lookup("bob.example", "vault").unwrap();
     let snoop = runtime.lookup("alice.example", "snoop").unwrap();
 
+    let mut events = runtime.events();
     let seen = driver.ask(&snoop, json!({}));
     let seen = seen.body.value.unwrap();
     assert!(!seen.contains("s3cr3t"), "{seen}");
@@ -242,6 +253,8 @@ fn no_import_reaches_another_domains_state() {
     assert_eq!(seen[3]["result"], Value::Null, "may send as itself...");
     assert!(seen[4]["reply"].as_str().unwrap().starts_with("spoofed-from"), "cannot answer for the vault");
     assert_eq!(seen[5]["env"], json!([]), "no environment");
+    let spoofing = wait_event(&mut events, |e| e.address == snoop && matches!(e.kind, EventKind::Refused { .. }));
+    assert!(matches!(spoofing.kind, EventKind::Refused { reason } if reason.contains("spoofed from")), "reported");
 
     // ... and the vault refused the honest update: its state is unchanged.
     let read = driver.ask(&vault, json!({}));
