@@ -24,7 +24,9 @@ fn main() {
     let runtime = runtime(Duration::from_secs(30));
     let bundle = TestBundle::new()
         .hyperty("alice.example", "driver", &guest("bench"), json!({ "role": "driver" }))
-        .hyperty("bob.example", "sink", &guest("bench"), json!({ "role": "sink" }));
+        .hyperty("bob.example", "sink", &guest("bench"), json!({ "role": "sink" }))
+        // The bus is measured here, not the flood limiter.
+        .domain("alice.example", json!({ "limits": { "rate": 100_000_000, "burst": 1_000_000 } }));
     runtime.deploy(&bundle.load()).unwrap();
     let driver = runtime.lookup("alice.example", "driver").unwrap();
     let sink = runtime.lookup("bob.example", "sink").unwrap();
@@ -67,7 +69,7 @@ fn deploy_many(n: usize) -> f64 {
     for i in 0..n {
         bundle = bundle.hyperty("many.example", &format!("pong{i}"), &guest("pong"), json!({}));
     }
-    let bundle = bundle.load();
+    let bundle = bundle.domain("many.example", json!({ "limits": { "instances": 1000 } })).load();
     // Compile (or load from the cache) once, outside the measurement.
     runtime.check(&bundle).unwrap();
     let started = Instant::now();
