@@ -9,6 +9,7 @@
 //! restart = { policy = "backoff", initial-backoff-ms = 100, max-backoff-ms = 30000 }
 //! grants = ["clocks", "random"]                     # the default; also "filesystem", "sockets"
 //! trusted-keys = ["ed25519:…"]                      # optional: require signed components
+//! policies = ["alice.cedar"]                        # optional: Cedar policies of the domain
 //!
 //! [[domains."alice.example".hyperties]]
 //! name = "ping"
@@ -51,6 +52,9 @@ pub struct DomainSpec {
     /// If not empty, every component of the domain must carry a signature
     /// by one of these keys.
     pub trusted_keys: Vec<PublicKey>,
+    /// Cedar policy files of the domain (resolved), for its outgoing and
+    /// incoming enforcement points.
+    pub policies: Vec<PathBuf>,
     /// Limits, restart policy and WASI grants of the domain's sandbox.
     pub settings: SandboxSettings,
     pub hyperties: Vec<HypertySpec>,
@@ -65,6 +69,8 @@ pub struct HypertySpec {
     pub sha256: Digest,
     /// The detached signature file: `signature`, else `<component>.sig`.
     pub signature: PathBuf,
+    /// The user identity the hyperty acts for (policies read it).
+    pub user: Option<String>,
     /// The `config` table as JSON text, handed to the hyperty's `init`.
     pub config: String,
     /// Where the entry is, for problems found later (digest, component).
@@ -143,6 +149,8 @@ struct RawDomain {
     #[serde(default)]
     trusted_keys: Vec<PublicKey>,
     #[serde(default)]
+    policies: Vec<String>,
+    #[serde(default)]
     hyperties: Vec<RawHyperty>,
 }
 
@@ -154,6 +162,8 @@ struct RawHyperty {
     sha256: Spanned<String>,
     #[serde(default)]
     signature: Option<String>,
+    #[serde(default)]
+    user: Option<String>,
     #[serde(default)]
     config: Option<toml::Table>,
 }
@@ -236,6 +246,7 @@ impl Bundle {
                     name,
                     component,
                     signature,
+                    user: h.user,
                     sha256,
                     config,
                     at: Location {
@@ -248,7 +259,8 @@ impl Bundle {
             if hyperties.is_empty() {
                 problems.push(problem(Some(domain_key.span()), format!("{dfield}.hyperties"), "the domain has no hyperty".into()));
             }
-            domains.push(DomainSpec { name: domain, trusted_keys: raw_domain.trusted_keys, settings: SandboxSettings { limits, restart, grants }, hyperties });
+            let policies = raw_domain.policies.iter().map(|p| base.join(p)).collect();
+            domains.push(DomainSpec { name: domain, trusted_keys: raw_domain.trusted_keys, policies, settings: SandboxSettings { limits, restart, grants }, hyperties });
         }
         if !problems.is_empty() {
             return Err(BundleError { problems });

@@ -3,8 +3,10 @@
 //! (403, 404, 408, 503).
 //!
 //! One path for every message, whatever its type:
-//! sender PEP (outgoing) → bus-access PEP → route lookup → receiver PEP
-//! (incoming) → correlation → the receiver's bounded inbox. Problems found at
+//! route lookup (404) → sender PEP (outgoing) → bus-access PEP → receiver
+//! PEP (incoming) → correlation → the receiver's bounded inbox. The route
+//! is looked up first because the policies read what it knows of the
+//! receiver (its name, its user). Problems found at
 //! the import (malformed, spoofed, too large, inbox full) are returned to the
 //! caller as [`SendError`]; problems found on the path are answered with a
 //! `response` message, at once. Nothing is dropped silently: a full inbox is
@@ -21,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use crate::address::Address;
 use crate::message::{Message, MessageType, code};
-use crate::policy::{Decision, EnforcementPoint, PolicyDecisionPoint};
+use crate::policy::{Decision, Descriptor, EnforcementPoint, Parties, PolicyDecisionPoint};
 use crate::sandbox::{Inbox, Refused};
 
 /// Why the bus refused a message at the import; mirrors the WIT `send-error`.
@@ -45,15 +47,22 @@ pub enum SendError {
 #[derive(Clone)]
 pub(crate) enum Route {
     /// A hyperty instance in a domain sandbox.
-    Hyperty { inbox: Inbox, instance: u32 },
+    Hyperty { inbox: Inbox, instance: u32, descriptor: Arc<Descriptor> },
     /// An embedder's endpoint.
     Endpoint(flume::Sender<Message>),
 }
 
 impl Route {
+    fn descriptor(&self) -> Option<&Descriptor> {
+        match self {
+            Route::Hyperty { descriptor, .. } => Some(descriptor),
+            Route::Endpoint(_) => None,
+        }
+    }
+
     fn deliver(&self, message: Message) -> Result<(), Refused> {
         match self {
-            Route::Hyperty { inbox, instance } => inbox.deliver(*instance, message),
+            Route::Hyperty { inbox, instance, .. } => inbox.deliver(*instance, message),
             Route::Endpoint(tx) => tx.try_send(message).map_err(|e| match e {
                 flume::TrySendError::Full(m) => Refused::Full(m),
                 flume::TrySendError::Disconnected(m) => Refused::Closed(m),
@@ -126,7 +135,9 @@ impl Bus {
     /// Sends `message`, whose `from` the caller has already checked. With
     /// `timeout`, it is a request: a response is correlated to it, or the
     /// host answers 408 when the timeout passes.
-    pub fn send(&self, message: Message, timeout: Option<Duration>) -> Result<(), SendError> {
+    /// `sender` describes the sending hyperty, for policies (`None` for an
+    /// embedder's endpoint).
+    pub fn send(&self, message: Message, timeout: Option<Duration>, sender: Option<&Descriptor>) -> Result<(), SendError> {
         let inner = &*self.inner;
         tracing::debug!(
             id = message.id,
@@ -143,17 +154,16 @@ impl Bus {
         if message.kind == MessageType::Response && timeout.is_some() {
             return Err(SendError::Malformed("a response cannot be sent as a request".into()));
         }
-        if !self.permitted(EnforcementPoint::Outgoing, message.from.domain(), &message)
-            || !self.permitted(EnforcementPoint::BusAccess, &inner.config.runtime_domain, &message)
-        {
-            return Ok(());
-        }
         let Some(route) = inner.routes.read().unwrap().get(&message.to).cloned() else {
             let why = format!("no hyperty or endpoint at {}", message.to);
             self.answer(&message, code::NOT_FOUND, why);
             return Ok(());
         };
-        if !self.permitted(EnforcementPoint::Incoming, message.to.domain(), &message) {
+        let parties = Parties { sender, target: route.descriptor() };
+        if !self.permitted(EnforcementPoint::Outgoing, message.from.domain(), &message, parties)
+            || !self.permitted(EnforcementPoint::BusAccess, &inner.config.runtime_domain, &message, parties)
+            || !self.permitted(EnforcementPoint::Incoming, message.to.domain(), &message, parties)
+        {
             return Ok(());
         }
         let correlation = if message.kind == MessageType::Response {
@@ -196,13 +206,15 @@ impl Bus {
     }
 
     /// Asks the policy decision point; on a denial answers 403 and says no.
-    fn permitted(&self, point: EnforcementPoint, domain: &str, message: &Message) -> bool {
-        match self.inner.policy.decide(point, domain, message) {
+    fn permitted(&self, point: EnforcementPoint, domain: &str, message: &Message, parties: Parties<'_>) -> bool {
+        match self.inner.policy.decide(point, domain, message, parties) {
             Decision::Permit => true,
             Decision::Deny { policies, reason } => {
                 let why = format!("denied at the {point} enforcement point of {domain} by [{}]: {reason}", policies.join(", "));
                 tracing::info!(id = message.id, from = %message.from, to = %message.to, "{why}");
-                self.answer(message, code::FORBIDDEN, why);
+                // Even a denied response is answered: host answers bypass the
+                // policies and are never answered themselves, so no loop.
+                self.deliver_answer(message.answer(code::FORBIDDEN, why));
                 false
             }
         }

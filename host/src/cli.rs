@@ -1,6 +1,6 @@
 //! The `hyperty` command line: `run`, `check` and `pin` a bundle.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -32,6 +32,21 @@ enum Command {
         /// Default request timeout, after which the host answers 408.
         #[arg(long, default_value_t = 5000)]
         request_timeout_ms: u64,
+        /// The runtime's bus-access policies (Cedar), e.g. policies/runtime.cedar.
+        #[arg(long)]
+        policies: Option<PathBuf>,
+        /// User groups for policies (TOML: group = ["user", ...]); edit it
+        /// with `hyperty group`, the running runtime picks changes up.
+        #[arg(long)]
+        groups: Option<PathBuf>,
+    },
+    /// Add a user to or remove one from a group in a groups file.
+    Group {
+        #[arg(value_parser = ["add", "remove"])]
+        action: String,
+        groups_file: PathBuf,
+        group: String,
+        user: String,
     },
     /// Check a bundle: manifest, component files, sha256 pins, and that each
     /// component fits its world. Lists every problem.
@@ -72,10 +87,11 @@ where
     init_logging();
     let config = RuntimeConfig { cache_dir: cli.cache_dir, ..RuntimeConfig::default() };
     let result = match cli.command {
-        Command::Run { bundle, exit_when_idle, request_timeout_ms } => {
+        Command::Run { bundle, exit_when_idle, request_timeout_ms, policies, groups } => {
             let config = RuntimeConfig { request_timeout: Duration::from_millis(request_timeout_ms), ..config };
-            run(&bundle, config, exit_when_idle)
+            setup_policies(&config, policies.as_deref(), groups.as_deref()).and_then(|()| run(&bundle, config, exit_when_idle))
         }
+        Command::Group { action, groups_file, group, user } => edit_group(&groups_file, &group, &user, action == "add"),
         Command::Check { bundle } => match check_file(&bundle, config) {
             Ok(b) => {
                 let n: usize = b.domains.iter().map(|d| d.hyperties.len()).sum();
@@ -111,6 +127,41 @@ where
             ExitCode::FAILURE
         }
     }
+}
+
+/// Loads the runtime's policies and groups and watches them for changes.
+fn setup_policies(config: &RuntimeConfig, policies: Option<&Path>, groups: Option<&Path>) -> anyhow::Result<()> {
+    if let Some(file) = policies {
+        config.policies.set_runtime_policies(file)?;
+    }
+    if let Some(file) = groups {
+        config.policies.set_groups_file(file)?;
+    }
+    config.policies.watch(Duration::from_millis(500));
+    Ok(())
+}
+
+/// Adds `user` to (or removes it from) `group` in a groups file, keeping
+/// its layout; a running runtime watching the file picks the change up.
+fn edit_group(file: &Path, group: &str, user: &str, add: bool) -> anyhow::Result<()> {
+    let text = if file.exists() { std::fs::read_to_string(file)? } else { String::new() };
+    let mut doc: toml_edit::DocumentMut = text.parse().map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+    let members = doc
+        .entry(group)
+        .or_insert_with(|| toml_edit::value(toml_edit::Array::new()))
+        .as_array_mut()
+        .ok_or_else(|| anyhow::anyhow!("{}: {group} is not a list of users", file.display()))?;
+    let present = members.iter().position(|m| m.as_str() == Some(user));
+    match (add, present) {
+        (true, None) => members.push(user),
+        (false, Some(i)) => {
+            members.remove(i);
+        }
+        _ => {}
+    }
+    std::fs::write(file, doc.to_string())?;
+    println!("{}: {group} = {}", file.display(), doc[group]);
+    Ok(())
 }
 
 fn run(path: &std::path::Path, config: RuntimeConfig, exit_when_idle: bool) -> anyhow::Result<()> {

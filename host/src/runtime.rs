@@ -21,7 +21,8 @@ use crate::bundle::{Bundle, BundleError, Problem};
 use crate::bus::{Bus, BusConfig, Route, SendError};
 use crate::engine::{Digest, Engine};
 use crate::message::Message;
-use crate::policy::{AllowAll, PolicyDecisionPoint};
+use crate::policy::cedar::CedarPolicies;
+use crate::policy::{Decision, Descriptor, PolicyDecisionPoint};
 use crate::registry::Registry;
 use crate::signing;
 use crate::events::{Event, Events};
@@ -38,8 +39,13 @@ pub struct RuntimeConfig {
     pub request_timeout: Duration,
     /// The largest message the bus accepts, in bytes of addresses and body.
     pub max_message_bytes: usize,
-    /// The policy decision point asked at the three enforcement points.
-    pub policy: Arc<dyn PolicyDecisionPoint>,
+    /// The Cedar policies asked at the three enforcement points: the
+    /// runtime's bus-access set, each domain's set (attached by its bundle)
+    /// and the user groups.
+    pub policies: Arc<CedarPolicies>,
+    /// A decision point used instead of the Cedar policies, for embedders
+    /// with an engine of their own.
+    pub custom_policy: Option<Arc<dyn PolicyDecisionPoint>>,
 }
 
 impl Default for RuntimeConfig {
@@ -49,7 +55,8 @@ impl Default for RuntimeConfig {
             domain: "localhost".into(),
             request_timeout: Duration::from_secs(5),
             max_message_bytes: 1 << 20,
-            policy: Arc::new(AllowAll),
+            policies: Arc::new(CedarPolicies::new()),
+            custom_policy: None,
         }
     }
 }
@@ -90,6 +97,7 @@ pub struct Runtime {
     bus: Bus,
     registry: Arc<Registry>,
     events: Events,
+    policies: Arc<CedarPolicies>,
     /// Held for the whole of a deployment, so deployments do not interleave.
     deployed: Mutex<Deployed>,
 }
@@ -105,15 +113,24 @@ impl Runtime {
     pub fn new(config: RuntimeConfig) -> Result<Runtime> {
         let engine = Engine::new(&config.cache_dir)?;
         let linker = sandbox::hyperty_linker(engine.wasmtime())?;
+        let policies = config.policies.clone();
         let bus = Bus::new(
             BusConfig {
                 runtime_domain: config.domain,
                 request_timeout: config.request_timeout,
                 max_message_bytes: config.max_message_bytes,
             },
-            config.policy,
+            config.custom_policy.unwrap_or_else(|| config.policies.clone()),
         );
-        Ok(Runtime { engine, linker, bus, registry: Arc::default(), events: Events::default(), deployed: Mutex::default() })
+        Ok(Runtime {
+            engine,
+            linker,
+            bus,
+            registry: Arc::default(),
+            events: Events::default(),
+            policies,
+            deployed: Mutex::default(),
+        })
     }
 
     /// Checks everything about `bundle` that deployment would, without
@@ -141,6 +158,20 @@ impl Runtime {
                         domain.name, running.settings
                     ),
                 });
+            }
+            if !domain.policies.is_empty() {
+                if let Err(e) = self.policies.check_files(&domain.policies) {
+                    problems.extend(e.problems);
+                }
+                let current = self.policies.domain_policies(&domain.name);
+                if deployed.sandboxes.contains_key(&domain.name) && current != domain.policies {
+                    problems.push(Problem {
+                        file: bundle.path.clone(),
+                        line: None,
+                        field: format!("domains.{:?}.policies", domain.name),
+                        message: format!("{} already runs with other policies ({current:?})", domain.name),
+                    });
+                }
             }
             for (h, hyperty) in domain.hyperties.iter().enumerate() {
                 if self.registry.lookup(&domain.name, &hyperty.name).is_some() {
@@ -212,6 +243,7 @@ impl Runtime {
                 }
                 for domain in new_domains {
                     deployed.sandboxes.remove(&domain);
+                    let _ = self.policies.set_domain_policies(&domain, &[]);
                 }
                 tracing::error!("deployment of bundle {} refused: {problem}", bundle.name);
                 Err(BundleError { problems: vec![problem] })
@@ -230,6 +262,16 @@ impl Runtime {
         new_domains: &mut Vec<String>,
         started: &mut Vec<Running>,
     ) -> Result<(), Problem> {
+        // The bundle's domain policies apply before anything of it runs, and
+        // are asked whether each hyperty may be deployed.
+        for domain in bundle.domains.iter().filter(|d| !d.policies.is_empty()) {
+            self.policies.set_domain_policies(&domain.name, &domain.policies).map_err(|e| Problem {
+                file: bundle.path.clone(),
+                line: None,
+                field: format!("domains.{:?}.policies", domain.name),
+                message: e.to_string(),
+            })?;
+        }
         for p in prepared {
             let domain = &bundle.domains[p.domain];
             let spec = &domain.hyperties[p.hyperty];
@@ -242,12 +284,27 @@ impl Runtime {
             let sandbox = &deployed.sandboxes[&domain.name];
             let address = Address::new_hyperty(&domain.name);
             let label: Arc<str> = format!("{}/{}", domain.name, spec.name).into();
-            let new = NewHyperty { pre: p.pre, address: address.clone(), label, config: spec.config.clone() };
+            let descriptor = Arc::new(Descriptor {
+                domain: domain.name.clone(),
+                name: spec.name.clone(),
+                user: spec.user.clone(),
+            });
+            if let Decision::Deny { policies, reason } = self.policies.authorize_deploy(&domain.name, &address, &descriptor) {
+                let message = format!("{label}: {reason} by the policies of {} [{}]", domain.name, policies.join(", "));
+                return Err(bundle.problem(spec, "name", message));
+            }
+            let new = NewHyperty {
+                pre: p.pre,
+                address: address.clone(),
+                label,
+                descriptor: descriptor.clone(),
+                config: spec.config.clone(),
+            };
             let instance = sandbox
                 .instantiate(new)
                 .map_err(|e| bundle.problem(spec, "component", format!("{e:#}")))?;
             let hyperty = DeployedHyperty { domain: domain.name.clone(), name: spec.name.clone(), address };
-            self.bus.add_route(hyperty.address.clone(), Route::Hyperty { inbox: sandbox.inbox(), instance });
+            self.bus.add_route(hyperty.address.clone(), Route::Hyperty { inbox: sandbox.inbox(), instance, descriptor });
             self.registry.register(&hyperty.domain, &hyperty.name, hyperty.address.clone());
             tracing::info!(
                 "deployed {}/{} at {} ({})",
@@ -345,6 +402,12 @@ impl Runtime {
         }
     }
 
+    /// The Cedar policies in force: group memberships and reloads go
+    /// through them.
+    pub fn policies(&self) -> &Arc<CedarPolicies> {
+        &self.policies
+    }
+
     /// Subscribes to status events (traps, restarts, stops, rate limits).
     pub fn events(&self) -> tokio::sync::broadcast::Receiver<Event> {
         self.events.subscribe()
@@ -387,7 +450,7 @@ impl Endpoint {
     /// Sends a notification; `from` must be this endpoint's address.
     pub fn send(&self, message: Message) -> Result<(), SendError> {
         self.check(&message)?;
-        self.bus.send(message, None)
+        self.bus.send(message, None, None)
     }
 
     /// Sends a request; its response (or the host's 403/404/408) arrives
@@ -396,7 +459,7 @@ impl Endpoint {
     pub fn request(&self, message: Message, timeout: Option<Duration>) -> Result<(), SendError> {
         self.check(&message)?;
         let timeout = timeout.unwrap_or(self.bus.config().request_timeout);
-        self.bus.send(message, Some(timeout))
+        self.bus.send(message, Some(timeout), None)
     }
 
     fn check(&self, message: &Message) -> Result<(), SendError> {

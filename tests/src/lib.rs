@@ -73,6 +73,14 @@ impl TestBundle {
         self
     }
 
+    /// Binds hyperty `name` of `domain` to `user`.
+    pub fn user(mut self, domain: &str, name: &str, user: &str) -> TestBundle {
+        let list = self.table["domains"][domain]["hyperties"].as_array_mut().unwrap();
+        let h = list.iter_mut().find(|h| h["name"].as_str() == Some(name)).expect("the hyperty is in the bundle");
+        h.as_table_mut().unwrap().insert("user".into(), user.into());
+        self
+    }
+
     /// Sets keys of `domain`'s table (limits, restart, grants...), given as
     /// JSON: `json!({"limits": {"memory-mb": 16}})`.
     pub fn domain(mut self, domain: &str, settings: Value) -> TestBundle {

@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hyperty_host::{
-    Decision, EnforcementPoint, Message, MessageType, PolicyDecisionPoint, Runtime, RuntimeConfig,
+    Decision, EnforcementPoint, Message, MessageType, Parties, PolicyDecisionPoint, Runtime, RuntimeConfig,
 };
 use hyperty_tests::*;
 
@@ -17,7 +17,7 @@ struct Recorder {
 }
 
 impl PolicyDecisionPoint for Recorder {
-    fn decide(&self, point: EnforcementPoint, domain: &str, m: &Message) -> Decision {
+    fn decide(&self, point: EnforcementPoint, domain: &str, m: &Message, _: Parties<'_>) -> Decision {
         self.asked.lock().unwrap().push((point, domain.to_owned(), m.kind));
         if m.body.resource.as_deref() == Some(&format!("deny-{point}")) {
             Decision::Deny { policies: vec![format!("test-{point}")], reason: "the test says no".into() }
@@ -33,7 +33,7 @@ fn setup() -> (Runtime, Arc<Recorder>, Driver, hyperty_host::Address) {
         cache_dir: cache_dir(),
         domain: "runtime.example".into(),
         request_timeout: Duration::from_secs(60),
-        policy: recorder.clone(),
+        custom_policy: Some(recorder.clone()),
         ..RuntimeConfig::default()
     };
     let runtime = Runtime::new(config).unwrap();

@@ -15,6 +15,7 @@ use crate::address::Address;
 use crate::bus::{Bus, SendError};
 use crate::events::{EventKind, Events};
 use crate::message::{Body, Message, MessageType};
+use crate::policy::Descriptor;
 use crate::registry::Registry;
 
 mod bindings {
@@ -69,6 +70,7 @@ pub(crate) struct InstanceState {
     pub limiter: InstanceLimiter,
     pub address: Address,
     pub label: Arc<str>,
+    descriptor: Arc<Descriptor>,
     bus: Bus,
     registry: Arc<Registry>,
     events: Events,
@@ -83,6 +85,7 @@ impl InstanceState {
     pub fn new(
         address: Address,
         label: Arc<str>,
+        descriptor: Arc<Descriptor>,
         limits: &Limits,
         limiter: InstanceLimiter,
         bus: Bus,
@@ -95,6 +98,7 @@ impl InstanceState {
             limiter,
             address,
             label,
+            descriptor,
             bus,
             registry,
             events,
@@ -165,13 +169,13 @@ impl wit::Host for InstanceState {}
 
 impl wit_bus::Host for InstanceState {
     fn send(&mut self, msg: wit::Message) -> Result<(), wit::SendError> {
-        let result = self.accept(msg).and_then(|msg| self.bus.send(msg, None));
+        let result = self.accept(msg).and_then(|msg| self.bus.send(msg, None, Some(&self.descriptor)));
         Ok(self.reported(result)?)
     }
 
     fn request(&mut self, msg: wit::Message, timeout_ms: Option<u32>) -> Result<(), wit::SendError> {
         let timeout = timeout_ms.map_or(self.bus.config().request_timeout, |ms| Duration::from_millis(ms.into()));
-        let result = self.accept(msg).and_then(|msg| self.bus.send(msg, Some(timeout)));
+        let result = self.accept(msg).and_then(|msg| self.bus.send(msg, Some(timeout), Some(&self.descriptor)));
         Ok(self.reported(result)?)
     }
 
@@ -179,7 +183,7 @@ impl wit_bus::Host for InstanceState {
         let result = self.accept_request(request).and_then(|request| {
             let mut response = Message::response(request.id, request.to, request.from, code);
             response.body.value = value.map(check_json).transpose()?;
-            self.bus.send(response, None)
+            self.bus.send(response, None, Some(&self.descriptor))
         });
         Ok(self.reported(result)?)
     }

@@ -37,6 +37,7 @@ use crate::bus::Bus;
 use crate::engine::EPOCH_TICK;
 use crate::events::{EventKind, Events};
 use crate::message::{Message, MessageType, code};
+use crate::policy::Descriptor;
 use crate::registry::Registry;
 
 pub(crate) use glue::{HypertyPre, InstanceState, check_grants, hyperty_linker, prepare};
@@ -62,6 +63,8 @@ pub(crate) struct NewHyperty {
     pub address: Address,
     /// `<domain>/<name>`, for logs and events.
     pub label: Arc<str>,
+    /// What policies know of it.
+    pub descriptor: Arc<Descriptor>,
     /// JSON configuration for `init` (again at each restart).
     pub config: String,
 }
@@ -264,6 +267,7 @@ impl Sandbox {
         let state = InstanceState::new(
             hyperty.address.clone(),
             hyperty.label.clone(),
+            hyperty.descriptor.clone(),
             &self.settings.limits,
             limiter,
             self.shared.bus.clone(),
@@ -445,6 +449,7 @@ pub(crate) fn time_instantiation(shared: &Shared, pre: &HypertyPre<InstanceState
         pre: pre.clone(),
         address: Address::new_hyperty("bench.example"),
         label: "bench.example/bench".into(),
+        descriptor: Arc::default(),
         config: "{}".into(),
     };
     let mut total = std::time::Duration::ZERO;

@@ -1,13 +1,34 @@
 //! The policy hook: the bus asks a [`PolicyDecisionPoint`] at each of its
 //! three enforcement points, for every message of every type.
 //!
-//! The backbone ships [`AllowAll`]; the policy engine plugs in by
-//! implementing the trait. A denial is answered to the sender at once with a
+//! [`AllowAll`] permits everything; [`cedar::CedarPolicies`] evaluates
+//! Cedar policies. A denial is answered to the sender at once with a
 //! `response` 403 naming the point and the policies that denied.
+
+pub mod cedar;
+pub mod clock;
 
 use std::fmt;
 
 use crate::message::Message;
+
+/// What the runtime knows about a hyperty at one end of a message: what
+/// its bundle calls it and the user it acts for.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Descriptor {
+    pub domain: String,
+    /// The name the bundle gives it.
+    pub name: String,
+    /// The user identity the hyperty is bound to, if any.
+    pub user: Option<String>,
+}
+
+/// The two ends of a message, where they are hyperties of this runtime.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Parties<'a> {
+    pub sender: Option<&'a Descriptor>,
+    pub target: Option<&'a Descriptor>,
+}
 
 /// Where on the message path a decision is asked for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -46,14 +67,14 @@ pub enum Decision {
 /// [`EnforcementPoint::BusAccess`]. Called on the per-message path from any
 /// sandbox thread: it must be cheap and must not block.
 pub trait PolicyDecisionPoint: Send + Sync + 'static {
-    fn decide(&self, point: EnforcementPoint, domain: &str, message: &Message) -> Decision;
+    fn decide(&self, point: EnforcementPoint, domain: &str, message: &Message, parties: Parties<'_>) -> Decision;
 }
 
 /// The default decision point: permits everything.
 pub struct AllowAll;
 
 impl PolicyDecisionPoint for AllowAll {
-    fn decide(&self, _: EnforcementPoint, _: &str, _: &Message) -> Decision {
+    fn decide(&self, _: EnforcementPoint, _: &str, _: &Message, _: Parties<'_>) -> Decision {
         Decision::Permit
     }
 }

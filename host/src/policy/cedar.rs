@@ -1,0 +1,563 @@
+//! The policy decision point: Cedar policies, validated against
+//! `policies/schema.cedarschema`, for each provider domain (enforcement
+//! points `outgoing` and `incoming`) and for the runtime itself
+//! (`bus-access`).
+//!
+//! Semantics: Cedar's — a message passes a point if some `permit` matches
+//! and no `forbid` does (forbid overrides permit). A domain with no policy
+//! file attached is open (permits everything); attaching one makes the
+//! domain default-deny like any Cedar policy set.
+//!
+//! Cost: Cedar takes ~15 µs per request with tens of policies, so decisions
+//! are cached per thread (no lock on a hit), keyed on every input a request
+//! is built from (point, domain, from, to, message type, `body.resource`)
+//! plus, when any policy of the set mentions `time`, the current minute —
+//! the finest time a policy can read. A generation number, bumped by every
+//! reload and group change, empties the caches, so a cached decision is
+//! never used after what it depended on changed.
+//!
+//! Reload is all or nothing: every file is parsed and validated first, and
+//! only a fully valid set replaces the one in force (one pointer swap), so a
+//! message sees either the old policies or the new ones.
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime};
+
+use cedar_policy::{
+    Authorizer, Context, Entities, Entity, EntityId, EntityTypeName, EntityUid, PolicyId, PolicySet, Request,
+    RestrictedExpression, Schema, ValidationMode, Validator,
+};
+use miette::Diagnostic;
+
+use super::clock::{CivilTime, Clock, SystemClock};
+use super::{Decision, Descriptor, EnforcementPoint, Parties, PolicyDecisionPoint};
+use crate::address::Address;
+use crate::bundle::Problem;
+use crate::message::Message;
+
+/// The schema policies are validated against (shipped in `policies/`).
+pub const SCHEMA: &str = include_str!("../../../policies/schema.cedarschema");
+
+/// Policy files that do not parse or validate; nothing of them was applied.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PolicyError {
+    pub problems: Vec<Problem>,
+}
+
+impl std::fmt::Display for PolicyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "policies refused, the ones in force are kept")?;
+        for p in &self.problems {
+            write!(f, "\n  {p}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for PolicyError {}
+
+/// One compiled policy set.
+struct Compiled {
+    set: PolicySet,
+    /// Some policy mentions `time`: decisions may change every minute.
+    uses_time: bool,
+}
+
+/// Everything a decision depends on besides the request.
+struct State {
+    runtime: Option<Compiled>,
+    domains: HashMap<String, Compiled>,
+    entities: Entities,
+}
+
+/// Where the policies and groups come from, for reloads.
+#[derive(Clone, Default)]
+struct Sources {
+    runtime: Option<PathBuf>,
+    domains: BTreeMap<String, Vec<PathBuf>>,
+    groups: BTreeMap<String, BTreeSet<String>>,
+    groups_file: Option<PathBuf>,
+}
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+/// Cedar policies as the bus's [`PolicyDecisionPoint`].
+pub struct CedarPolicies {
+    id: u64,
+    schema: Schema,
+    clock: Arc<dyn Clock>,
+    state: RwLock<Arc<State>>,
+    generation: AtomicU64,
+    /// Serialises changes (reloads, group edits).
+    sources: Mutex<Sources>,
+}
+
+impl CedarPolicies {
+    /// No policies yet (everything permitted), the system clock.
+    pub fn new() -> CedarPolicies {
+        CedarPolicies::with_clock(Arc::new(SystemClock))
+    }
+
+    pub fn with_clock(clock: Arc<dyn Clock>) -> CedarPolicies {
+        let (schema, _) = Schema::from_cedarschema_str(SCHEMA).expect("the shipped schema is valid");
+        let state = State { runtime: None, domains: HashMap::new(), entities: Entities::empty() };
+        CedarPolicies {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            schema,
+            clock,
+            state: RwLock::new(Arc::new(state)),
+            generation: AtomicU64::new(1),
+            sources: Mutex::default(),
+        }
+    }
+
+    /// Sets the runtime's bus-access policy file.
+    pub fn set_runtime_policies(&self, file: &Path) -> Result<(), PolicyError> {
+        self.change(|s| s.runtime = Some(file.to_owned()))
+    }
+
+    /// Sets the policy files of `domain` (none: the domain is open).
+    pub fn set_domain_policies(&self, domain: &str, files: &[PathBuf]) -> Result<(), PolicyError> {
+        self.change(|s| {
+            if files.is_empty() {
+                s.domains.remove(domain);
+            } else {
+                s.domains.insert(domain.to_owned(), files.to_vec());
+            }
+        })
+    }
+
+    /// Replaces the members of `group`.
+    pub fn set_group(&self, group: &str, members: impl IntoIterator<Item = String>) {
+        let members = members.into_iter().collect();
+        self.change(|s| {
+            s.groups.insert(group.to_owned(), members);
+        })
+        .expect("group changes do not touch policy files");
+    }
+
+    /// Adds `user` to `group`.
+    pub fn add_member(&self, group: &str, user: &str) {
+        self.change(|s| {
+            s.groups.entry(group.to_owned()).or_default().insert(user.to_owned());
+        })
+        .expect("group changes do not touch policy files");
+    }
+
+    /// Removes `user` from `group`.
+    pub fn remove_member(&self, group: &str, user: &str) {
+        self.change(|s| {
+            if let Some(members) = s.groups.get_mut(group) {
+                members.remove(user);
+            }
+        })
+        .expect("group changes do not touch policy files");
+    }
+
+    /// Reads group memberships from a TOML file (`group = ["user", ...]`)
+    /// and keeps reading it on [`reload`](Self::reload).
+    pub fn set_groups_file(&self, file: &Path) -> Result<(), PolicyError> {
+        let groups = read_groups(file)?;
+        self.change(|s| {
+            s.groups = groups;
+            s.groups_file = Some(file.to_owned());
+        })
+    }
+
+    /// Parses and validates policy `files` without applying them.
+    pub fn check_files(&self, files: &[PathBuf]) -> Result<(), PolicyError> {
+        let mut problems = Vec::new();
+        self.compile(files, &mut problems);
+        if problems.is_empty() { Ok(()) } else { Err(PolicyError { problems }) }
+    }
+
+    /// The policy files attached to `domain`.
+    pub fn domain_policies(&self, domain: &str) -> Vec<PathBuf> {
+        self.sources.lock().unwrap().domains.get(domain).cloned().unwrap_or_default()
+    }
+
+    /// Re-reads every policy and groups file; on any problem the ones in
+    /// force stay.
+    pub fn reload(&self) -> Result<(), PolicyError> {
+        let groups_file = self.sources.lock().unwrap().groups_file.clone();
+        let groups = groups_file.as_deref().map(read_groups).transpose()?;
+        self.change(|s| {
+            if let Some(groups) = groups {
+                s.groups = groups;
+            }
+        })
+    }
+
+    /// Every file the policies come from (to watch for changes).
+    pub fn files(&self) -> Vec<PathBuf> {
+        let s = self.sources.lock().unwrap();
+        s.runtime.iter().chain(s.domains.values().flatten()).chain(s.groups_file.iter()).cloned().collect()
+    }
+
+    /// Reloads whenever one of [`files`](Self::files) changes, checking
+    /// every `interval`, until `self` is dropped; a refused reload is logged
+    /// and the policies in force stay.
+    pub fn watch(self: &Arc<Self>, interval: Duration) {
+        let weak = Arc::downgrade(self);
+        let stamp = |files: &[PathBuf]| -> Vec<Option<SystemTime>> {
+            files.iter().map(|f| std::fs::metadata(f).and_then(|m| m.modified()).ok()).collect()
+        };
+        let mut seen = stamp(&self.files());
+        let _ = std::thread::Builder::new().name("hyperty-policy-watch".into()).spawn(move || {
+            loop {
+                std::thread::sleep(interval);
+                let Some(policies) = weak.upgrade() else { return };
+                let now = stamp(&policies.files());
+                if now != seen {
+                    seen = now;
+                    match policies.reload() {
+                        Ok(()) => tracing::info!("policies reloaded"),
+                        Err(e) => tracing::error!("{e}"),
+                    }
+                }
+            }
+        });
+    }
+
+    /// Applies `edit` to the sources and rebuilds the state from them; if
+    /// anything is wrong, neither changes.
+    fn change(&self, edit: impl FnOnce(&mut Sources)) -> Result<(), PolicyError> {
+        let mut sources = self.sources.lock().unwrap();
+        let mut next = sources.clone();
+        edit(&mut next);
+        let state = self.build(&next)?;
+        *sources = next;
+        *self.state.write().unwrap() = Arc::new(state);
+        self.generation.fetch_add(1, Ordering::Release);
+        Ok(())
+    }
+
+    fn build(&self, sources: &Sources) -> Result<State, PolicyError> {
+        let mut problems = Vec::new();
+        let runtime = sources.runtime.as_ref().and_then(|f| self.compile(std::slice::from_ref(f), &mut problems));
+        let mut domains = HashMap::new();
+        for (domain, files) in &sources.domains {
+            if let Some(c) = self.compile(files, &mut problems) {
+                domains.insert(domain.clone(), c);
+            }
+        }
+        if !problems.is_empty() {
+            return Err(PolicyError { problems });
+        }
+        let entities = self.entities(&sources.groups).map_err(|message| PolicyError {
+            problems: vec![Problem { file: PathBuf::new(), line: None, field: "groups".into(), message }],
+        })?;
+        Ok(State { runtime, domains, entities })
+    }
+
+    /// Parses and validates `files` into one policy set. Policy ids are
+    /// their `@id` annotation, else `<file>:<line>`.
+    fn compile(&self, files: &[PathBuf], problems: &mut Vec<Problem>) -> Option<Compiled> {
+        let mut set = PolicySet::new();
+        let mut uses_time = false;
+        let before = problems.len();
+        for file in files {
+            let problem = |line: Option<usize>, field: String, message: String| Problem { file: file.clone(), line, field, message };
+            let text = match std::fs::read_to_string(file) {
+                Ok(text) => text,
+                Err(e) => {
+                    problems.push(problem(None, String::new(), format!("cannot read: {e}")));
+                    continue;
+                }
+            };
+            let parsed = match PolicySet::from_str(&text) {
+                Ok(parsed) => parsed,
+                Err(errors) => {
+                    for e in errors.iter() {
+                        problems.push(problem(first_line(e, &text), String::new(), e.to_string()));
+                    }
+                    continue;
+                }
+            };
+            let mut ids = HashMap::new();
+            for policy in parsed.policies() {
+                let id = match policy.annotation("id") {
+                    Some(id) => id.to_owned(),
+                    None => {
+                        let line = policy.to_cedar().and_then(|src| text.find(&src)).map_or(0, |at| line_of(&text, at));
+                        format!("{}:{line}", file.file_name().unwrap_or_default().to_string_lossy())
+                    }
+                };
+                ids.insert(policy.id().clone(), id.clone());
+                uses_time |= policy.to_string().contains("time");
+                if let Err(e) = set.add(policy.new_id(PolicyId::new(&id))) {
+                    problems.push(problem(None, id, e.to_string()));
+                }
+            }
+            let validation = Validator::new(self.schema.clone()).validate(&parsed, ValidationMode::Strict);
+            for e in validation.validation_errors() {
+                let id = ids.get(e.policy_id()).cloned().unwrap_or_default();
+                problems.push(problem(first_line(e, &text), id, e.to_string()));
+            }
+        }
+        (problems.len() == before).then_some(Compiled { set, uses_time })
+    }
+
+    fn entities(&self, groups: &BTreeMap<String, BTreeSet<String>>) -> Result<Entities, String> {
+        let group_type = type_name("Group");
+        let user_type = type_name("User");
+        let mut users: BTreeMap<&str, HashSet<EntityUid>> = BTreeMap::new();
+        let mut all = Vec::new();
+        for (group, members) in groups {
+            let gid = EntityUid::from_type_name_and_id(group_type.clone(), EntityId::new(group));
+            all.push(Entity::new_no_attrs(gid.clone(), HashSet::new()));
+            for user in members {
+                users.entry(user).or_default().insert(gid.clone());
+            }
+        }
+        for (user, parents) in users {
+            all.push(Entity::new_no_attrs(EntityUid::from_type_name_and_id(user_type.clone(), EntityId::new(user)), parents));
+        }
+        Entities::from_entities(all, Some(&self.schema)).map_err(|e| e.to_string())
+    }
+
+    /// Evaluates without the cache (what a cache miss costs; for benchmarks).
+    #[doc(hidden)]
+    pub fn decide_uncached(&self, point: EnforcementPoint, domain: &str, message: &Message, parties: Parties<'_>) -> Decision {
+        self.evaluate(point, domain, message, parties, self.clock.now())
+    }
+
+    /// Evaluates without the cache.
+    fn evaluate(&self, point: EnforcementPoint, domain: &str, message: &Message, parties: Parties<'_>, now: i64) -> Decision {
+        let state = self.state.read().unwrap().clone();
+        let compiled = match point {
+            EnforcementPoint::BusAccess => state.runtime.as_ref(),
+            _ => state.domains.get(domain),
+        };
+        let Some(compiled) = compiled else { return Decision::Permit };
+        let request = match self.request(point, message, parties, now) {
+            Ok(r) => r,
+            Err(e) => {
+                return Decision::Deny { policies: vec![], reason: format!("the request cannot be evaluated: {e}") };
+            }
+        };
+        let response = Authorizer::new().is_authorized(&request, &compiled.set, &state.entities);
+        let diagnostics = response.diagnostics();
+        for error in diagnostics.errors() {
+            tracing::warn!("policy evaluation error (the policy is skipped): {error}");
+        }
+        match response.decision() {
+            cedar_policy::Decision::Allow => Decision::Permit,
+            cedar_policy::Decision::Deny => {
+                let mut policies: Vec<String> = diagnostics.reason().map(|id| id.to_string()).collect();
+                policies.sort();
+                let reason = if policies.is_empty() {
+                    format!("no policy permits this {}", message.kind.as_str())
+                } else {
+                    format!("forbidden for this {}", message.kind.as_str())
+                };
+                Decision::Deny { policies, reason }
+            }
+        }
+    }
+
+    fn request(&self, point: EnforcementPoint, m: &Message, parties: Parties<'_>, now: i64) -> Result<Request, String> {
+        let point = point.to_string();
+        build_request(RequestParts {
+            action: m.kind.as_str(),
+            from: &m.from,
+            to: &m.to,
+            point: &point,
+            parties,
+            resource: m.body.resource.as_deref(),
+            now,
+        })
+    }
+
+    /// Whether `domain`'s policies let the hyperty `descriptor` be deployed
+    /// at `address` (action `deploy`, point `deploy`).
+    pub fn authorize_deploy(&self, domain: &str, address: &Address, descriptor: &Descriptor) -> Decision {
+        let state = self.state.read().unwrap().clone();
+        let Some(compiled) = state.domains.get(domain) else { return Decision::Permit };
+        let parties = Parties { sender: Some(descriptor), target: Some(descriptor) };
+        let parts =
+            RequestParts { action: "deploy", from: address, to: address, point: "deploy", parties, resource: None, now: self.clock.now() };
+        let request = match build_request(parts) {
+            Ok(r) => r,
+            Err(e) => return Decision::Deny { policies: vec![], reason: format!("the request cannot be evaluated: {e}") },
+        };
+        let response = Authorizer::new().is_authorized(&request, &compiled.set, &state.entities);
+        match response.decision() {
+            cedar_policy::Decision::Allow => Decision::Permit,
+            cedar_policy::Decision::Deny => {
+                let mut policies: Vec<String> = response.diagnostics().reason().map(|id| id.to_string()).collect();
+                policies.sort();
+                Decision::Deny { policies, reason: "deployment not permitted".into() }
+            }
+        }
+    }
+}
+
+/// What a Cedar request is built from.
+struct RequestParts<'a> {
+    action: &'a str,
+    from: &'a Address,
+    to: &'a Address,
+    point: &'a str,
+    parties: Parties<'a>,
+    resource: Option<&'a str>,
+    now: i64,
+}
+
+fn build_request(p: RequestParts<'_>) -> Result<Request, String> {
+    let address = type_name("Address");
+    let principal = EntityUid::from_type_name_and_id(address.clone(), EntityId::new(p.from.as_str()));
+    let resource = EntityUid::from_type_name_and_id(address, EntityId::new(p.to.as_str()));
+    let action = EntityUid::from_type_name_and_id(type_name("Action"), EntityId::new(p.action));
+    let user = p.parties.sender.and_then(|d| d.user.as_deref());
+    let s = |v: &str| RestrictedExpression::new_string(v.to_owned());
+    let (res, res_type) = p.resource.map_or(("", ""), |r| r.split_once('#').unwrap_or((r, "")));
+    let res_scheme = res.split_once("://").map_or("", |(scheme, _)| scheme);
+    let t = CivilTime::from_unix(p.now);
+    let time = RestrictedExpression::new_record([
+        ("date".to_owned(), RestrictedExpression::new_long(t.date)),
+        ("weekday".to_owned(), RestrictedExpression::new_long(t.weekday)),
+        ("hour".to_owned(), RestrictedExpression::new_long(t.hour)),
+        ("minute".to_owned(), RestrictedExpression::new_long(t.minute)),
+    ])
+    .map_err(|e| e.to_string())?;
+    let context = Context::from_pairs([
+        ("point".to_owned(), s(p.point)),
+        ("sender_domain".to_owned(), s(p.from.domain())),
+        ("target_domain".to_owned(), s(p.to.domain())),
+        ("sender_name".to_owned(), s(p.parties.sender.map_or("", |d| &d.name))),
+        ("target_name".to_owned(), s(p.parties.target.map_or("", |d| &d.name))),
+        ("has_sender_user".to_owned(), RestrictedExpression::new_bool(user.is_some())),
+        ("sender_user".to_owned(), RestrictedExpression::new_entity_uid(user_uid(user.unwrap_or("")))),
+        ("target_scheme".to_owned(), s(p.to.scheme())),
+        ("resource".to_owned(), s(res)),
+        ("resource_scheme".to_owned(), s(res_scheme)),
+        ("resource_type".to_owned(), s(res_type)),
+        ("time".to_owned(), time),
+    ])
+    .map_err(|e| e.to_string())?;
+    Request::new(principal, action, resource, context, None).map_err(|e| e.to_string())
+}
+
+impl Default for CedarPolicies {
+    fn default() -> Self {
+        CedarPolicies::new()
+    }
+}
+
+fn type_name(name: &str) -> EntityTypeName {
+    EntityTypeName::from_str(&format!("Rethink::{name}")).expect("valid type name")
+}
+
+fn user_uid(user: &str) -> EntityUid {
+    EntityUid::from_type_name_and_id(type_name("User"), EntityId::new(user))
+}
+
+fn read_groups(file: &Path) -> Result<BTreeMap<String, BTreeSet<String>>, PolicyError> {
+    let problem = |line, message| PolicyError { problems: vec![Problem { file: file.to_owned(), line, field: String::new(), message }] };
+    let text = std::fs::read_to_string(file).map_err(|e| problem(None, format!("cannot read: {e}")))?;
+    toml::from_str(&text).map_err(|e| problem(e.span().map(|s| line_of(&text, s.start)), e.message().trim().to_owned()))
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].bytes().filter(|&b| b == b'\n').count() + 1
+}
+
+fn first_line(diagnostic: &dyn Diagnostic, text: &str) -> Option<usize> {
+    diagnostic.labels()?.next().map(|label| line_of(text, label.offset()))
+}
+
+/// A cached decision and exactly what it was decided for.
+struct Cached {
+    point: EnforcementPoint,
+    domain: Box<str>,
+    from: Box<str>,
+    to: Box<str>,
+    kind: crate::message::MessageType,
+    resource: Option<Box<str>>,
+    minute: i64,
+    decision: Decision,
+}
+
+/// A thread's decisions for one decision point and generation.
+#[derive(Default)]
+struct ThreadCache {
+    owner: u64,
+    generation: u64,
+    entries: HashMap<u64, Vec<Cached>>,
+    len: usize,
+}
+
+/// Entries a thread keeps before starting afresh.
+const CACHE_CAPACITY: usize = 16_384;
+
+thread_local! {
+    static CACHE: RefCell<ThreadCache> = RefCell::default();
+}
+
+impl PolicyDecisionPoint for CedarPolicies {
+    fn decide(&self, point: EnforcementPoint, domain: &str, message: &Message, parties: Parties<'_>) -> Decision {
+        let generation = self.generation.load(Ordering::Acquire);
+        // Whether time matters is part of the state; reading it needs the
+        // lock only on a miss, so the minute is always computed (cheap).
+        let now = self.clock.now();
+        let minute = now.div_euclid(60);
+        let resource = message.body.resource.as_deref();
+        let mut h = DefaultHasher::new();
+        (point, domain, message.from.as_str(), message.to.as_str(), message.kind, resource).hash(&mut h);
+        let hash = h.finish();
+        let hit = CACHE.with(|cache| {
+            let mut cache = cache.borrow_mut();
+            if cache.owner != self.id || cache.generation != generation {
+                *cache = ThreadCache { owner: self.id, generation, ..ThreadCache::default() };
+                return None;
+            }
+            cache.entries.get(&hash)?.iter().find_map(|c| {
+                let same = c.point == point
+                    && &*c.domain == domain
+                    && &*c.from == message.from.as_str()
+                    && &*c.to == message.to.as_str()
+                    && c.kind == message.kind
+                    && c.resource.as_deref() == resource
+                    && (c.minute == i64::MIN || c.minute == minute);
+                same.then(|| c.decision.clone())
+            })
+        });
+        if let Some(decision) = hit {
+            return decision;
+        }
+        let decision = self.evaluate(point, domain, message, parties, now);
+        let uses_time = {
+            let state = self.state.read().unwrap();
+            match point {
+                EnforcementPoint::BusAccess => state.runtime.as_ref(),
+                _ => state.domains.get(domain),
+            }
+            .is_some_and(|c| c.uses_time)
+        };
+        CACHE.with(|cache| {
+            let mut cache = cache.borrow_mut();
+            if cache.owner != self.id || cache.generation != generation || cache.len >= CACHE_CAPACITY {
+                *cache = ThreadCache { owner: self.id, generation, ..ThreadCache::default() };
+            }
+            cache.len += 1;
+            cache.entries.entry(hash).or_default().push(Cached {
+                point,
+                domain: domain.into(),
+                from: message.from.as_str().into(),
+                to: message.to.as_str().into(),
+                kind: message.kind,
+                resource: resource.map(Into::into),
+                minute: if uses_time { minute } else { i64::MIN },
+                decision: decision.clone(),
+            });
+        });
+        decision
+    }
+}

@@ -1,0 +1,346 @@
+//! Cedar policies at the three enforcement points: the reTHINK vocabulary,
+//! each point on its own, no bypass, prompt 403s, hot reload, groups and the
+//! decision cache.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyperty_host::{Address, CedarPolicies, FixedClock, Runtime, RuntimeConfig};
+use hyperty_tests::*;
+use serde_json::{Value, json};
+
+const OUTGOING_OPEN: &str = r#"@id("outgoing-open") permit (principal, action, resource) when { context.point == "outgoing" };
+@id("deploy-open") permit (principal, action == Rethink::Action::"deploy", resource);"#;
+
+/// Monday 2026-11-23, 12:00 UTC.
+const MONDAY_NOON: i64 = 1_795_435_200;
+
+fn at(day_offset: i64, hour: i64, minute: i64) -> i64 {
+    MONDAY_NOON - 12 * 3600 + day_offset * 86_400 + hour * 3600 + minute * 60
+}
+
+struct World {
+    _runtime: Runtime,
+    clock: Arc<FixedClock>,
+    policies: Arc<CedarPolicies>,
+    driver: Driver,
+    dir: tempfile::TempDir,
+    a: Address,
+    b: Address,
+    _bundle: TestBundle,
+}
+
+/// alice.example/a (user alice@idp.example) and bob.example/b (echoing,
+/// user bob@idp.example); bob.example's policies are `bob_policies`.
+fn world(bob_policies: &str) -> World {
+    let clock = Arc::new(FixedClock::new(MONDAY_NOON));
+    let policies = Arc::new(CedarPolicies::with_clock(clock.clone()));
+    let runtime = Runtime::new(RuntimeConfig {
+        cache_dir: cache_dir(),
+        request_timeout: Duration::from_secs(60),
+        policies: policies.clone(),
+        ..RuntimeConfig::default()
+    })
+    .unwrap();
+    let driver = Driver::new(&runtime);
+    let dir = tempfile::tempdir().unwrap();
+    // bob.example's own traffic out is open; the test's policies judge
+    // what comes in.
+    let bob_file = write(dir.path(), "bob.cedar", &format!("{OUTGOING_OPEN}\n{bob_policies}"));
+    let bundle = TestBundle::new()
+        .hyperty("alice.example", "a", &guest("puppet"), puppet_config(false))
+        .hyperty("bob.example", "b", &guest("puppet"), puppet_config(true))
+        .user("alice.example", "a", "alice@idp.example")
+        .user("bob.example", "b", "bob@idp.example")
+        .domain("bob.example", json!({ "policies": [bob_file.to_str().unwrap()] }));
+    runtime.deploy(&bundle.load()).expect("deploys with valid policies");
+    let a = runtime.lookup("alice.example", "a").unwrap();
+    let b = runtime.lookup("bob.example", "b").unwrap();
+    World { _runtime: runtime, clock, policies, driver, dir, a, b, _bundle: bundle }
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+impl World {
+    /// a sends a `kind` request (with `resource`) to `to`; the code it gets
+    /// back and the description.
+    fn send_as_a(&mut self, kind: &str, to: &Address, resource: Option<&str>) -> (u16, String) {
+        let id = self.driver.fresh_id();
+        let cmd = json!({ "op": "request", "message": { "id": id, "type": kind, "to": to.to_string(), "resource": resource } });
+        assert_eq!(self.driver.command(&self.a.clone(), cmd), json!({ "ok": true }));
+        let answer = self.driver.report(&self.a.clone(), |m| m["type"] == "response" && m["id"] == id);
+        (answer["code"].as_u64().unwrap() as u16, answer["description"].as_str().unwrap_or("").to_owned())
+    }
+
+    fn read(&mut self) -> u16 {
+        let b = self.b.clone();
+        self.send_as_a("read", &b, None).0
+    }
+}
+
+fn permitted(w: &mut World) -> bool {
+    match w.read() {
+        200 => true,
+        403 => false,
+        other => panic!("unexpected {other}"),
+    }
+}
+
+#[test]
+fn sender_user() {
+    let mut w = world(r#"permit (principal, action, resource) when { context.sender_user == Rethink::User::"alice@idp.example" };"#);
+    assert!(permitted(&mut w));
+    let mut w = world(r#"permit (principal, action, resource) when { context.sender_user == Rethink::User::"carol@idp.example" };"#);
+    assert!(!permitted(&mut w));
+}
+
+#[test]
+fn sender_domain() {
+    let mut w = world(r#"permit (principal, action, resource) when { context.sender_domain == "alice.example" };"#);
+    assert!(permitted(&mut w));
+    let mut w = world(r#"permit (principal, action, resource) when { context.sender_domain == "carol.example" };"#);
+    assert!(!permitted(&mut w));
+}
+
+#[test]
+fn target_hyperty_by_name() {
+    let mut w = world(r#"permit (principal, action, resource) when { context.target_name == "b" };"#);
+    assert!(permitted(&mut w));
+    let mut w = world(r#"permit (principal, action, resource) when { context.target_name == "c" };"#);
+    assert!(!permitted(&mut w));
+}
+
+#[test]
+fn message_type() {
+    let mut w = world(r#"permit (principal, action == Rethink::Action::"read", resource);"#);
+    let b = w.b.clone();
+    assert_eq!(w.send_as_a("read", &b, None).0, 200);
+    assert_eq!(w.send_as_a("update", &b, None).0, 403);
+}
+
+#[test]
+fn data_object_scheme_and_resource_type() {
+    let mut w = world(
+        r#"permit (principal, action, resource) when { context.resource_scheme == "comm" && context.resource_type == "chat" };"#,
+    );
+    let b = w.b.clone();
+    assert_eq!(w.send_as_a("read", &b, Some("comm://alice.example/room-1#chat")).0, 200);
+    assert_eq!(w.send_as_a("read", &b, Some("comm://alice.example/room-1#video")).0, 403);
+    assert_eq!(w.send_as_a("read", &b, Some("connection://alice.example/c#chat")).0, 403);
+}
+
+#[test]
+fn date() {
+    let mut w = world(r#"permit (principal, action, resource) when { context.time.date >= 20261201 };"#);
+    assert!(!permitted(&mut w), "23 November is before 1 December");
+    w.clock.set(at(8, 12, 0)); // 2026-12-01
+    assert!(permitted(&mut w));
+}
+
+#[test]
+fn weekday() {
+    let mut w = world(r#"permit (principal, action, resource) when { context.time.weekday <= 5 };"#);
+    assert!(permitted(&mut w), "Monday");
+    w.clock.set(at(6, 12, 0)); // Sunday
+    assert!(!permitted(&mut w));
+}
+
+#[test]
+fn time_window_that_wraps_midnight() {
+    let mut w = world(
+        r#"@id("night-only")
+        permit (principal, action, resource) when { context.time.minute >= 1320 || context.time.minute < 360 };"#,
+    );
+    for (hour, minute, open) in [(12, 0, false), (21, 59, false), (22, 0, true), (23, 30, true), (2, 0, true), (5, 59, true), (6, 0, false)] {
+        w.clock.set(at(0, hour, minute));
+        assert_eq!(permitted(&mut w), open, "{hour:02}:{minute:02}");
+    }
+}
+
+#[test]
+fn named_groups_change_at_run_time_without_reloading_policies() {
+    let mut w = world(r#"permit (principal, action, resource) when { context.sender_user in Rethink::Group::"friends" };"#);
+    assert!(!permitted(&mut w));
+    w.policies.add_member("friends", "alice@idp.example");
+    assert!(permitted(&mut w), "takes effect on the next message");
+    w.policies.remove_member("friends", "alice@idp.example");
+    assert!(!permitted(&mut w));
+    // Through a groups file, as `hyperty group` edits it.
+    let groups = write(w.dir.path(), "groups.toml", "friends = [\"alice@idp.example\"]\n");
+    w.policies.set_groups_file(&groups).unwrap();
+    assert!(permitted(&mut w));
+    let cache = cache_dir();
+    let code = hyperty_host::cli::main_with_args([
+        "hyperty",
+        "--cache-dir",
+        cache.to_str().unwrap(),
+        "group",
+        "remove",
+        groups.to_str().unwrap(),
+        "friends",
+        "alice@idp.example",
+    ]);
+    assert_eq!(code, std::process::ExitCode::SUCCESS);
+    w.policies.reload().unwrap();
+    assert!(!permitted(&mut w));
+}
+
+#[test]
+fn subscription_pre_authorisation() {
+    let mut w = world(
+        r#"@id("room-42-subscribers")
+        permit (principal, action == Rethink::Action::"subscribe", resource)
+        when { context.resource == "comm://bob.example/room-42" && context.sender_user in Rethink::Group::"room-42-invited" };"#,
+    );
+    let b = w.b.clone();
+    assert_eq!(w.send_as_a("subscribe", &b, Some("comm://bob.example/room-42")).0, 403);
+    w.policies.add_member("room-42-invited", "alice@idp.example");
+    assert_eq!(w.send_as_a("subscribe", &b, Some("comm://bob.example/room-42")).0, 200);
+    assert_eq!(w.send_as_a("subscribe", &b, Some("comm://bob.example/room-43")).0, 403);
+}
+
+#[test]
+fn forbid_overrides_permit() {
+    let mut w = world(
+        r#"@id("open") permit (principal, action, resource);
+        @id("no-updates") forbid (principal, action == Rethink::Action::"update", resource);"#,
+    );
+    let b = w.b.clone();
+    assert_eq!(w.send_as_a("read", &b, None).0, 200);
+    let (code, why) = w.send_as_a("update", &b, None);
+    assert_eq!(code, 403);
+    assert!(why.contains("[no-updates]"), "{why}");
+}
+
+#[test]
+fn each_point_denies_on_its_own_and_names_itself_and_the_policy() {
+    let open = r#"permit (principal, action, resource);"#;
+    // incoming (bob.example)
+    let mut w = world(r#"@id("bob-closed") forbid (principal, action, resource) when { context.point == "incoming" };"#);
+    let (code, why) = w.send_as_a("read", &w.b.clone(), None);
+    assert_eq!(code, 403);
+    assert!(why.contains("incoming enforcement point of bob.example") && why.contains("[bob-closed]"), "{why}");
+    // outgoing (alice.example)
+    let mut w = world(open);
+    let alice = write(w.dir.path(), "alice.cedar", r#"@id("alice-open") permit (principal, action, resource);
+        @id("alice-mute") forbid (principal, action == Rethink::Action::"read", resource) when { context.point == "outgoing" };"#);
+    w.policies.set_domain_policies("alice.example", &[alice]).unwrap();
+    let (code, why) = w.send_as_a("read", &w.b.clone(), None);
+    assert_eq!(code, 403);
+    assert!(why.contains("outgoing enforcement point of alice.example") && why.contains("[alice-mute]"), "{why}");
+    // bus access (the runtime's own)
+    let mut w = world(open);
+    let runtime_file = write(w.dir.path(), "runtime.cedar", r#"@id("bus-open") permit (principal, action, resource);
+        @id("no-execute-at-bob") forbid (principal, action == Rethink::Action::"execute", resource)
+        when { context.target_domain == "bob.example" };"#);
+    w.policies.set_runtime_policies(&runtime_file).unwrap();
+    let (code, why) = w.send_as_a("execute", &w.b.clone(), None);
+    assert_eq!(code, 403);
+    assert!(why.contains("bus-access enforcement point of localhost") && why.contains("[no-execute-at-bob]"), "{why}");
+    assert_eq!(w.send_as_a("read", &w.b.clone(), None).0, 200);
+}
+
+#[test]
+fn no_message_type_bypasses_enforcement_and_403_is_prompt() {
+    let mut w = world(r#"@id("closed") forbid (principal, action, resource) when { context.point == "incoming" };"#);
+    let b = w.b.clone();
+    for kind in ["create", "read", "update", "delete", "subscribe", "unsubscribe", "forward", "execute", "response"] {
+        // `request` for all but response, which is sent as a notification.
+        let id = w.driver.fresh_id();
+        let op = if kind == "response" { "send" } else { "request" };
+        let cmd = json!({ "op": op, "message": { "id": id, "type": kind, "to": b.to_string() } });
+        assert_eq!(w.driver.command(&w.a.clone(), cmd), json!({ "ok": true }));
+        // The request timeout is 60 s: a 403 must come long before.
+        let answer = w.driver.find(|m| m.from == w.a && m.kind == hyperty_host::MessageType::Forward && {
+            let r = reported(m);
+            r["id"] == id && r["type"] == "response"
+        }, Duration::from_secs(10)).unwrap_or_else(|| panic!("no prompt answer for {kind}"));
+        assert_eq!(reported(&answer)["code"], 403, "{kind}");
+    }
+    assert!(w.driver.find(|m| m.from == b, Duration::from_millis(200)).is_none(), "nothing reached b");
+}
+
+#[test]
+fn bad_policy_file_is_reported_and_the_old_set_stays_in_force() {
+    let mut w = world(r#"permit (principal, action == Rethink::Action::"read", resource);"#);
+    assert!(permitted(&mut w));
+    let bob_file = w.dir.path().join("bob.cedar");
+    // A syntax error on line 2.
+    std::fs::write(&bob_file, "// all closed\nforbid (principal, action resource);\n").unwrap();
+    let err = w.policies.reload().unwrap_err();
+    let p = &err.problems[0];
+    assert_eq!((p.file.as_path(), p.line), (bob_file.as_path(), Some(2)), "{err}");
+    assert!(permitted(&mut w), "the old policies are still in force");
+    // A schema error (no such attribute) is refused the same way.
+    std::fs::write(&bob_file, "permit (principal, action, resource)\n  when { context.no_such_thing == 1 };\n").unwrap();
+    let err = w.policies.reload().unwrap_err().to_string();
+    assert!(err.contains("bob.cedar") && err.contains("no_such_thing"), "{err}");
+    assert!(permitted(&mut w));
+    // A good file replaces the set at once.
+    std::fs::write(&bob_file, format!("{OUTGOING_OPEN}\nforbid (principal, action, resource) when {{ context.point == \"incoming\" }};\n")).unwrap();
+    w.policies.reload().unwrap();
+    assert!(!permitted(&mut w), "a cached decision is not reused after a reload");
+}
+
+#[test]
+fn a_bundle_with_a_bad_policy_file_is_refused_with_file_and_line() {
+    let runtime = runtime(Duration::from_secs(5));
+    let dir = tempfile::tempdir().unwrap();
+    let bad = write(dir.path(), "carol.cedar", "permit (principal, action, resource);\npermit (principal, action, resource) when { true && 1 };\n");
+    let bundle = TestBundle::new()
+        .hyperty("carol.example", "c", &guest("puppet"), puppet_config(false))
+        .domain("carol.example", json!({ "policies": [bad.to_str().unwrap()] }));
+    let err = runtime.deploy(&bundle.load()).unwrap_err();
+    assert!(err.problems.iter().any(|p| p.file == bad && p.line == Some(2)), "{err}");
+    assert!(runtime.lookup("carol.example", "c").is_none());
+}
+
+#[test]
+fn cached_decision_is_not_reused_across_a_time_window_boundary() {
+    let mut w = world(r#"permit (principal, action, resource) when { context.time.minute >= 1320 || context.time.minute < 360 };"#);
+    w.clock.set(at(1, 5, 59));
+    assert!(permitted(&mut w));
+    assert!(permitted(&mut w), "cached");
+    w.clock.set(at(1, 6, 0));
+    assert!(!permitted(&mut w));
+}
+
+#[test]
+fn policies_reload_when_their_file_changes() {
+    let mut w = world(r#"permit (principal, action, resource);"#);
+    w.policies.watch(Duration::from_millis(20));
+    assert!(permitted(&mut w));
+    let bob_file = w.dir.path().join("bob.cedar");
+    // Make sure the modification time moves even on coarse clocks.
+    std::thread::sleep(Duration::from_millis(20));
+    std::fs::write(&bob_file, format!("{OUTGOING_OPEN}\nforbid (principal, action, resource) when {{ context.point == \"incoming\" }};\n")).unwrap();
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    while permitted(&mut w) {
+        assert!(std::time::Instant::now() < until, "the file change was not picked up");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _: Value = Value::Null;
+}
+
+#[test]
+fn deploy_is_an_action_the_domain_policies_decide() {
+    let w = world(
+        r#"@id("open") permit (principal, action, resource);
+        @id("no-intruders") forbid (principal, action == Rethink::Action::"deploy", resource) when { context.target_name == "intruder" };"#,
+    );
+    let bob_file = w.dir.path().join("bob.cedar");
+    let add = |name: &str| {
+        TestBundle::new()
+            .hyperty("bob.example", name, &guest("puppet"), puppet_config(false))
+            .domain("bob.example", json!({ "policies": [bob_file.to_str().unwrap()] }))
+    };
+    let err = w._runtime.deploy(&add("intruder").load()).unwrap_err().to_string();
+    assert!(err.contains("deployment not permitted") && err.contains("[no-intruders]"), "{err}");
+    assert!(w._runtime.lookup("bob.example", "intruder").is_none());
+    w._runtime.deploy(&add("friend").load()).expect("others may deploy");
+}
