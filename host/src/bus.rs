@@ -160,10 +160,18 @@ impl Bus {
             return Ok(());
         };
         let parties = Parties { sender, target: route.descriptor() };
-        if !self.permitted(EnforcementPoint::Outgoing, message.from.domain(), &message, parties)
-            || !self.permitted(EnforcementPoint::BusAccess, &inner.config.runtime_domain, &message, parties)
-            || !self.permitted(EnforcementPoint::Incoming, message.to.domain(), &message, parties)
-        {
+        let points = [
+            (EnforcementPoint::Outgoing, message.from.domain()),
+            (EnforcementPoint::BusAccess, inner.config.runtime_domain.as_str()),
+            (EnforcementPoint::Incoming, message.to.domain()),
+        ];
+        if let Err((i, Decision::Deny { policies, reason })) = inner.policy.decide_path(&points, &message, parties) {
+            let (point, domain) = points[i];
+            let why = format!("denied at the {point} enforcement point of {domain} by [{}]: {reason}", policies.join(", "));
+            tracing::info!(id = message.id, from = %message.from, to = %message.to, "{why}");
+            // Even a denied response is answered: host answers bypass the
+            // policies and are never answered themselves, so no loop.
+            self.deliver_answer(message.answer(code::FORBIDDEN, why));
             return Ok(());
         }
         let correlation = if message.kind == MessageType::Response {
@@ -202,21 +210,6 @@ impl Bus {
             self.inner.timer.restore(message.to, message.id, outstanding);
         } else if timeout.is_some() {
             self.inner.timer.take_request(&message.from, message.id);
-        }
-    }
-
-    /// Asks the policy decision point; on a denial answers 403 and says no.
-    fn permitted(&self, point: EnforcementPoint, domain: &str, message: &Message, parties: Parties<'_>) -> bool {
-        match self.inner.policy.decide(point, domain, message, parties) {
-            Decision::Permit => true,
-            Decision::Deny { policies, reason } => {
-                let why = format!("denied at the {point} enforcement point of {domain} by [{}]: {reason}", policies.join(", "));
-                tracing::info!(id = message.id, from = %message.from, to = %message.to, "{why}");
-                // Even a denied response is answered: host answers bypass the
-                // policies and are never answered themselves, so no loop.
-                self.deliver_answer(message.answer(code::FORBIDDEN, why));
-                false
-            }
         }
     }
 

@@ -344,3 +344,11 @@ fn deploy_is_an_action_the_domain_policies_decide() {
     assert!(w._runtime.lookup("bob.example", "intruder").is_none());
     w._runtime.deploy(&add("friend").load()).expect("others may deploy");
 }
+
+#[test]
+fn entity_types_follow_the_address_scheme() {
+    let mut w = world(r#"permit (principal is Rethink::Hyperty, action, resource is Rethink::Hyperty);"#);
+    assert!(permitted(&mut w));
+    let mut w = world(r#"permit (principal, action, resource is Rethink::DataObject);"#);
+    assert!(!permitted(&mut w), "b is a hyperty, not a data object");
+}

@@ -71,6 +71,8 @@ struct Compiled {
 
 /// Everything a decision depends on besides the request.
 struct State {
+    /// Bumped by every change; cached decisions are tagged with it.
+    generation: u64,
     runtime: Option<Compiled>,
     domains: HashMap<String, Compiled>,
     entities: Entities,
@@ -93,7 +95,6 @@ pub struct CedarPolicies {
     schema: Schema,
     clock: Arc<dyn Clock>,
     state: RwLock<Arc<State>>,
-    generation: AtomicU64,
     /// Serialises changes (reloads, group edits).
     sources: Mutex<Sources>,
 }
@@ -106,13 +107,12 @@ impl CedarPolicies {
 
     pub fn with_clock(clock: Arc<dyn Clock>) -> CedarPolicies {
         let (schema, _) = Schema::from_cedarschema_str(SCHEMA).expect("the shipped schema is valid");
-        let state = State { runtime: None, domains: HashMap::new(), entities: Entities::empty() };
+        let state = State { generation: 1, runtime: None, domains: HashMap::new(), entities: Entities::empty() };
         CedarPolicies {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             schema,
             clock,
             state: RwLock::new(Arc::new(state)),
-            generation: AtomicU64::new(1),
             sources: Mutex::default(),
         }
     }
@@ -231,10 +231,11 @@ impl CedarPolicies {
         let mut sources = self.sources.lock().unwrap();
         let mut next = sources.clone();
         edit(&mut next);
-        let state = self.build(&next)?;
+        let mut state = self.build(&next)?;
         *sources = next;
-        *self.state.write().unwrap() = Arc::new(state);
-        self.generation.fetch_add(1, Ordering::Release);
+        let mut current = self.state.write().unwrap();
+        state.generation = current.generation + 1;
+        *current = Arc::new(state);
         Ok(())
     }
 
@@ -253,7 +254,7 @@ impl CedarPolicies {
         let entities = self.entities(&sources.groups).map_err(|message| PolicyError {
             problems: vec![Problem { file: PathBuf::new(), line: None, field: "groups".into(), message }],
         })?;
-        Ok(State { runtime, domains, entities })
+        Ok(State { generation: 0, runtime, domains, entities })
     }
 
     /// Parses and validates `files` into one policy set. Policy ids are
@@ -325,12 +326,15 @@ impl CedarPolicies {
     /// Evaluates without the cache (what a cache miss costs; for benchmarks).
     #[doc(hidden)]
     pub fn decide_uncached(&self, point: EnforcementPoint, domain: &str, message: &Message, parties: Parties<'_>) -> Decision {
-        self.evaluate(point, domain, message, parties, self.clock.now())
+        self.evaluate(&self.snapshot(), point, domain, message, parties, self.clock.now())
+    }
+
+    fn snapshot(&self) -> Arc<State> {
+        self.state.read().unwrap().clone()
     }
 
     /// Evaluates without the cache.
-    fn evaluate(&self, point: EnforcementPoint, domain: &str, message: &Message, parties: Parties<'_>, now: i64) -> Decision {
-        let state = self.state.read().unwrap().clone();
+    fn evaluate(&self, state: &State, point: EnforcementPoint, domain: &str, message: &Message, parties: Parties<'_>, now: i64) -> Decision {
         let compiled = match point {
             EnforcementPoint::BusAccess => state.runtime.as_ref(),
             _ => state.domains.get(domain),
@@ -378,7 +382,7 @@ impl CedarPolicies {
     /// Whether `domain`'s policies let the hyperty `descriptor` be deployed
     /// at `address` (action `deploy`, point `deploy`).
     pub fn authorize_deploy(&self, domain: &str, address: &Address, descriptor: &Descriptor) -> Decision {
-        let state = self.state.read().unwrap().clone();
+        let state = self.snapshot();
         let Some(compiled) = state.domains.get(domain) else { return Decision::Permit };
         let parties = Parties { sender: Some(descriptor), target: Some(descriptor) };
         let parts =
@@ -411,9 +415,8 @@ struct RequestParts<'a> {
 }
 
 fn build_request(p: RequestParts<'_>) -> Result<Request, String> {
-    let address = type_name("Address");
-    let principal = EntityUid::from_type_name_and_id(address.clone(), EntityId::new(p.from.as_str()));
-    let resource = EntityUid::from_type_name_and_id(address, EntityId::new(p.to.as_str()));
+    let principal = address_uid(p.from);
+    let resource = address_uid(p.to);
     let action = EntityUid::from_type_name_and_id(type_name("Action"), EntityId::new(p.action));
     let user = p.parties.sender.and_then(|d| d.user.as_deref());
     let s = |v: &str| RestrictedExpression::new_string(v.to_owned());
@@ -453,6 +456,17 @@ impl Default for CedarPolicies {
 
 fn type_name(name: &str) -> EntityTypeName {
     EntityTypeName::from_str(&format!("Rethink::{name}")).expect("valid type name")
+}
+
+/// The entity of a bus address: its type follows its scheme.
+fn address_uid(address: &Address) -> EntityUid {
+    let kind = match address.scheme() {
+        "hyperty" => "Hyperty",
+        "runtime" => "Runtime",
+        "domain" => "Service",
+        _ => "DataObject",
+    };
+    EntityUid::from_type_name_and_id(type_name(kind), EntityId::new(address.as_str()))
 }
 
 fn user_uid(user: &str) -> EntityUid {
@@ -503,14 +517,44 @@ thread_local! {
 
 impl PolicyDecisionPoint for CedarPolicies {
     fn decide(&self, point: EnforcementPoint, domain: &str, message: &Message, parties: Parties<'_>) -> Decision {
-        let generation = self.generation.load(Ordering::Acquire);
-        // Whether time matters is part of the state; reading it needs the
-        // lock only on a miss, so the minute is always computed (cheap).
+        self.decide_with(&self.snapshot(), point, domain, message, parties, self.clock.now())
+    }
+
+    fn decide_path(&self, points: &[(EnforcementPoint, &str)], message: &Message, parties: Parties<'_>) -> Result<(), (usize, Decision)> {
+        // One version of the policies and one instant for the whole path.
+        let state = self.snapshot();
         let now = self.clock.now();
-        let minute = now.div_euclid(60);
+        for (i, (point, domain)) in points.iter().enumerate() {
+            let decision = self.decide_with(&state, *point, domain, message, parties, now);
+            if decision != Decision::Permit {
+                return Err((i, decision));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl CedarPolicies {
+    /// A decision from `state`, through this thread's cache.
+    fn decide_with(
+        &self,
+        state: &State,
+        point: EnforcementPoint,
+        domain: &str,
+        message: &Message,
+        parties: Parties<'_>,
+        now: i64,
+    ) -> Decision {
+        let compiled = match point {
+            EnforcementPoint::BusAccess => state.runtime.as_ref(),
+            _ => state.domains.get(domain),
+        };
+        let Some(compiled) = compiled else { return Decision::Permit };
+        let generation = state.generation;
+        let minute = if compiled.uses_time { now.div_euclid(60) } else { i64::MIN };
         let resource = message.body.resource.as_deref();
         let mut h = DefaultHasher::new();
-        (point, domain, message.from.as_str(), message.to.as_str(), message.kind, resource).hash(&mut h);
+        (point, domain, message.from.as_str(), message.to.as_str(), message.kind, resource, minute).hash(&mut h);
         let hash = h.finish();
         let hit = CACHE.with(|cache| {
             let mut cache = cache.borrow_mut();
@@ -525,22 +569,14 @@ impl PolicyDecisionPoint for CedarPolicies {
                     && &*c.to == message.to.as_str()
                     && c.kind == message.kind
                     && c.resource.as_deref() == resource
-                    && (c.minute == i64::MIN || c.minute == minute);
+                    && c.minute == minute;
                 same.then(|| c.decision.clone())
             })
         });
         if let Some(decision) = hit {
             return decision;
         }
-        let decision = self.evaluate(point, domain, message, parties, now);
-        let uses_time = {
-            let state = self.state.read().unwrap();
-            match point {
-                EnforcementPoint::BusAccess => state.runtime.as_ref(),
-                _ => state.domains.get(domain),
-            }
-            .is_some_and(|c| c.uses_time)
-        };
+        let decision = self.evaluate(state, point, domain, message, parties, now);
         CACHE.with(|cache| {
             let mut cache = cache.borrow_mut();
             if cache.owner != self.id || cache.generation != generation || cache.len >= CACHE_CAPACITY {
@@ -554,7 +590,7 @@ impl PolicyDecisionPoint for CedarPolicies {
                 to: message.to.as_str().into(),
                 kind: message.kind,
                 resource: resource.map(Into::into),
-                minute: if uses_time { minute } else { i64::MIN },
+                minute,
                 decision: decision.clone(),
             });
         });

@@ -68,6 +68,21 @@ pub enum Decision {
 /// sandbox thread: it must be cheap and must not block.
 pub trait PolicyDecisionPoint: Send + Sync + 'static {
     fn decide(&self, point: EnforcementPoint, domain: &str, message: &Message, parties: Parties<'_>) -> Decision;
+
+    /// Decides `message` at each of `points` (a point and the domain whose
+    /// policies apply there), in order, and returns the first denial with
+    /// its index. An implementation whose policies can change must answer
+    /// all of them from one version of its policies, so a message in flight
+    /// sees either the old set or the new one, never both.
+    fn decide_path(&self, points: &[(EnforcementPoint, &str)], message: &Message, parties: Parties<'_>) -> Result<(), (usize, Decision)> {
+        for (i, (point, domain)) in points.iter().enumerate() {
+            let decision = self.decide(*point, domain, message, parties);
+            if decision != Decision::Permit {
+                return Err((i, decision));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The default decision point: permits everything.
