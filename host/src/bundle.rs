@@ -284,7 +284,7 @@ pub fn signature_path(component: &Path) -> PathBuf {
 }
 
 /// 1-based line number of byte `offset` in `text`.
-fn line_of(text: &str, offset: usize) -> usize {
+pub(crate) fn line_of(text: &str, offset: usize) -> usize {
     text[..offset.min(text.len())].bytes().filter(|&b| b == b'\n').count() + 1
 }
 

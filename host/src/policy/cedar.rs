@@ -38,7 +38,7 @@ use miette::Diagnostic;
 use super::clock::{CivilTime, Clock, SystemClock};
 use super::{Decision, Descriptor, EnforcementPoint, Parties, PolicyDecisionPoint};
 use crate::address::Address;
-use crate::bundle::Problem;
+use crate::bundle::{Problem, line_of};
 use crate::message::Message;
 
 /// The schema policies are validated against (shipped in `policies/`).
@@ -477,10 +477,6 @@ fn read_groups(file: &Path) -> Result<BTreeMap<String, BTreeSet<String>>, Policy
     let problem = |line, message| PolicyError { problems: vec![Problem { file: file.to_owned(), line, field: String::new(), message }] };
     let text = std::fs::read_to_string(file).map_err(|e| problem(None, format!("cannot read: {e}")))?;
     toml::from_str(&text).map_err(|e| problem(e.span().map(|s| line_of(&text, s.start)), e.message().trim().to_owned()))
-}
-
-fn line_of(text: &str, offset: usize) -> usize {
-    text[..offset.min(text.len())].bytes().filter(|&b| b == b'\n').count() + 1
 }
 
 fn first_line(diagnostic: &dyn Diagnostic, text: &str) -> Option<usize> {
