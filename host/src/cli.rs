@@ -159,8 +159,9 @@ fn edit_group(file: &Path, group: &str, user: &str, add: bool) -> anyhow::Result
         }
         _ => {}
     }
+    members.fmt();
     std::fs::write(file, doc.to_string())?;
-    println!("{}: {group} = {}", file.display(), doc[group]);
+    println!("{}: {group} = {}", file.display(), doc[group].to_string().trim());
     Ok(())
 }
 
