@@ -157,7 +157,7 @@ fn realistic_policies(owner: &str) -> String {
     let mut p = String::new();
     p.push_str(&format!(
         "@id(\"{owner}-bench\") permit (principal, action in [Rethink::Action::\"read\", Rethink::Action::\"update\", \
-         Rethink::Action::\"response\", Rethink::Action::\"execute\"], resource) \
+         Rethink::Action::\"response\", Rethink::Action::\"execute\", Rethink::Action::\"deploy\"], resource) \
          when {{ [\"alice.example\", \"bob.example\", \"bench.example\"].contains(context.sender_domain) }};\n"
     ));
     for i in 0..POLICIES {
