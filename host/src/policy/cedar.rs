@@ -454,8 +454,16 @@ impl Default for CedarPolicies {
     }
 }
 
-fn type_name(name: &str) -> EntityTypeName {
-    EntityTypeName::from_str(&format!("Rethink::{name}")).expect("valid type name")
+/// `Rethink::<name>`; parsed once per name (parsing runs Cedar's parser,
+/// which would dominate an uncached decision).
+fn type_name(name: &'static str) -> EntityTypeName {
+    static NAMES: std::sync::LazyLock<HashMap<&'static str, EntityTypeName>> = std::sync::LazyLock::new(|| {
+        ["Group", "User", "Action", "Hyperty", "Runtime", "Service", "DataObject"]
+            .into_iter()
+            .map(|n| (n, EntityTypeName::from_str(&format!("Rethink::{n}")).expect("valid type name")))
+            .collect()
+    });
+    NAMES[name].clone()
 }
 
 /// The entity of a bus address: its type follows its scheme.
