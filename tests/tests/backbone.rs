@@ -65,7 +65,7 @@ fn unknown_local_address_is_answered_404_at_once() {
 
 #[test]
 fn unanswered_request_gets_408_and_leaves_nothing_behind() {
-    let runtime = runtime(Duration::from_millis(300));
+    let runtime = runtime(Duration::from_millis(1000));
     let mut driver = Driver::new(&runtime);
     let (_bundle, a, b) = pair(&runtime, false); // b never answers
 
