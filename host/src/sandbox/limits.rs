@@ -269,18 +269,33 @@ impl RateLimiter {
         RateLimiter { rate: limits.rate as f64, burst, tokens: burst, last: Instant::now() }
     }
 
-    /// Takes a token; false if there is none.
+    /// Takes a token; false if there is none. Refills on every call, so
+    /// tokens earned while full are not banked (at most `burst` at once).
     pub fn take(&mut self) -> bool {
+        let now = Instant::now();
+        let earned = now.duration_since(self.last).as_secs_f64() * self.rate;
+        self.tokens = (self.tokens + earned).min(self.burst);
+        self.last = now;
         if self.tokens < 1.0 {
-            let now = Instant::now();
-            let earned = now.duration_since(self.last).as_secs_f64() * self.rate;
-            self.tokens = (self.tokens + earned).min(self.burst);
-            self.last = now;
-            if self.tokens < 1.0 {
-                return false;
-            }
+            return false;
         }
         self.tokens -= 1.0;
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rate_limiter_never_grants_more_than_burst_plus_rate() {
+        let limits = Limits { rate: 1000, burst: 100, ..Limits::default() };
+        let mut bucket = RateLimiter::new(&limits);
+        std::thread::sleep(Duration::from_millis(50)); // idle while full: nothing banked
+        let started = Instant::now();
+        let granted = (0..5000).filter(|_| bucket.take()).count() as f64;
+        let bound = 100.0 + 1000.0 * started.elapsed().as_secs_f64() + 1.0;
+        assert!(granted >= 100.0 && granted <= bound, "granted {granted}, bound {bound}");
     }
 }
