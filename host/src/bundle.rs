@@ -71,6 +71,10 @@ pub struct HypertySpec {
     pub signature: PathBuf,
     /// The user identity the hyperty acts for (policies read it).
     pub user: Option<String>,
+    /// reTHINK hyperty types it offers (chat, audio, ...), for discovery.
+    pub types: Vec<String>,
+    /// Data-object schemes it handles (comm, connection, ...), for discovery.
+    pub schemes: Vec<String>,
     /// The `config` table as JSON text, handed to the hyperty's `init`.
     pub config: String,
     /// Where the entry is, for problems found later (digest, component).
@@ -165,6 +169,10 @@ struct RawHyperty {
     #[serde(default)]
     user: Option<String>,
     #[serde(default)]
+    types: Vec<String>,
+    #[serde(default)]
+    schemes: Vec<String>,
+    #[serde(default)]
     config: Option<toml::Table>,
 }
 
@@ -247,6 +255,8 @@ impl Bundle {
                     component,
                     signature,
                     user: h.user,
+                    types: h.types,
+                    schemes: h.schemes,
                     sha256,
                     config,
                     at: Location {

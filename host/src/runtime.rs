@@ -23,7 +23,7 @@ use crate::engine::{Digest, Engine};
 use crate::message::Message;
 use crate::policy::cedar::CedarPolicies;
 use crate::policy::{Decision, Descriptor, PolicyDecisionPoint};
-use crate::registry::Registry;
+use crate::registry::{Kind, Query, Registration, Registry, Status};
 use crate::signing;
 use crate::events::{Event, Events};
 use crate::sandbox::{self, HypertyPre, InstanceState, NewHyperty, SandboxHandle, Shared};
@@ -305,7 +305,16 @@ impl Runtime {
                 .map_err(|e| bundle.problem(spec, "component", format!("{e:#}")))?;
             let hyperty = DeployedHyperty { domain: domain.name.clone(), name: spec.name.clone(), address };
             self.bus.add_route(hyperty.address.clone(), Route::Hyperty { inbox: sandbox.inbox(), instance, descriptor });
-            self.registry.register(&hyperty.domain, &hyperty.name, hyperty.address.clone());
+            self.registry.register(Registration {
+                address: hyperty.address.clone(),
+                kind: Kind::Hyperty,
+                name: hyperty.name.clone(),
+                domain: hyperty.domain.clone(),
+                user: spec.user.clone(),
+                hyperty_types: spec.types.clone(),
+                schemes: spec.schemes.clone(),
+                status: Status::Created,
+            });
             tracing::info!(
                 "deployed {}/{} at {} ({})",
                 hyperty.domain,
@@ -322,6 +331,7 @@ impl Runtime {
             deployed.sandboxes[&h.domain]
                 .init(running.instance)
                 .map_err(|e| bundle.problem(spec, "component", format!("{}/{}: {e:#}", h.domain, h.name)))?;
+            self.registry.set_status(&h.address, Status::Live);
         }
         Ok(())
     }
@@ -338,6 +348,24 @@ impl Runtime {
     /// The hyperties deployed now.
     pub fn hyperties(&self) -> Vec<DeployedHyperty> {
         self.deployed.lock().unwrap().hyperties.iter().map(|r| r.hyperty.clone()).collect()
+    }
+
+    /// The registrations matching `query` (discovery).
+    pub fn discover(&self, query: &Query) -> Vec<Registration> {
+        self.registry.discover(query)
+    }
+
+    /// Stops hyperty `name` of `domain` and forgets it (route, registration,
+    /// instance); false if it is not deployed.
+    pub fn undeploy(&self, domain: &str, name: &str) -> bool {
+        let mut deployed = self.deployed.lock().unwrap();
+        let Some(i) = deployed.hyperties.iter().position(|r| r.hyperty.domain == domain && r.hyperty.name == name) else {
+            return false;
+        };
+        let running = deployed.hyperties.remove(i);
+        self.stop(&deployed, &running);
+        tracing::info!("undeployed {domain}/{name} from {}", running.hyperty.address);
+        true
     }
 
     /// The address of hyperty `name` of `domain`.

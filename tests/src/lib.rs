@@ -73,6 +73,14 @@ impl TestBundle {
         self
     }
 
+    /// Sets `key` of hyperty `name` of `domain` (e.g. `types`, `schemes`).
+    pub fn set(mut self, domain: &str, name: &str, key: &str, value: Value) -> TestBundle {
+        let list = self.table["domains"][domain]["hyperties"].as_array_mut().unwrap();
+        let h = list.iter_mut().find(|h| h["name"].as_str() == Some(name)).expect("the hyperty is in the bundle");
+        h.as_table_mut().unwrap().insert(key.into(), toml::Value::try_from(value).unwrap());
+        self
+    }
+
     /// Binds hyperty `name` of `domain` to `user`.
     pub fn user(mut self, domain: &str, name: &str, user: &str) -> TestBundle {
         let list = self.table["domains"][domain]["hyperties"].as_array_mut().unwrap();

@@ -4,7 +4,8 @@
 //! - An `execute` request from the observer is a command, performed with the
 //!   hyperty's own imports and answered with `{"ok": true}` or
 //!   `{"error": "..."}`: `{"op": "send" | "request", "message": {...},
-//!   "timeout_ms": n, "pad": bytes}` or `{"op": "lookup", "domain": d, "name": n}`.
+//!   "timeout_ms": n, "pad": bytes}`, `{"op": "lookup", "domain": d, "name": n}`
+//!   or `{"op": "discover", "query": {"user"|"name"|"type"|"domain"|"scheme": ...}}`.
 //! - Every other message is reported to the observer as a `forward` whose
 //!   value is the message as JSON; with `echo`, requests are also answered
 //!   200 with their own value. Without it the puppet never answers, which is
@@ -107,6 +108,9 @@ struct Command {
     domain: String,
     #[serde(default)]
     name: String,
+    /// With `discover`: the query (`user`, `name`, `type`, `domain`, `scheme`).
+    #[serde(default)]
+    query: Option<serde_json::Map<String, Value>>,
     /// With `send`/`request`: replace the value by a JSON string of this
     /// many bytes (to test size limits without a huge command).
     #[serde(default)]
@@ -169,6 +173,23 @@ fn run_command(state: &mut State, msg: &Message) -> Result<Value, String> {
             Ok(json!({ "ok": true }))
         }
         "lookup" => Ok(json!({ "address": registry::lookup(&command.domain, &command.name) })),
+        "discover" => {
+            let q = command.query.unwrap_or_default();
+            let str_field = |k: &str| q.get(k).and_then(Value::as_str).map(str::to_owned);
+            let query = registry::Query {
+                user: str_field("user"),
+                name: str_field("name"),
+                hyperty_type: str_field("type"),
+                domain: str_field("domain"),
+                scheme: str_field("scheme"),
+            };
+            let found: Vec<Value> = registry::discover(&query)
+                .into_iter()
+                .map(|r| json!({ "address": r.address, "name": r.name, "domain": r.domain, "user": r.user,
+                    "types": r.hyperty_types, "schemes": r.schemes, "status": format!("{:?}", r.status) }))
+                .collect();
+            Ok(json!({ "found": found }))
+        }
         other => Err(format!("unknown op {other:?}")),
     }
 }

@@ -16,7 +16,7 @@ use crate::bus::{Bus, SendError};
 use crate::events::{EventKind, Events};
 use crate::message::{Body, Message, MessageType};
 use crate::policy::Descriptor;
-use crate::registry::Registry;
+use crate::registry::{Kind, Query, Registration, Registry, Status};
 
 mod bindings {
     wasmtime::component::bindgen!({
@@ -209,6 +209,36 @@ impl InstanceState {
 impl wit_registry::Host for InstanceState {
     fn lookup(&mut self, domain: String, name: String) -> Option<String> {
         self.registry.lookup(&domain, &name).map(String::from)
+    }
+
+    fn discover(&mut self, q: wit_registry::Query) -> Vec<wit_registry::Registration> {
+        let query = Query { user: q.user, name: q.name, hyperty_type: q.hyperty_type, domain: q.domain, scheme: q.scheme };
+        self.registry.discover(&query).into_iter().map(Into::into).collect()
+    }
+}
+
+impl From<Registration> for wit_registry::Registration {
+    fn from(r: Registration) -> wit_registry::Registration {
+        wit_registry::Registration {
+            address: r.address.into(),
+            kind: match r.kind {
+                Kind::Hyperty => wit_registry::Kind::Hyperty,
+                Kind::Protostub => wit_registry::Kind::Protostub,
+                Kind::IdpProxy => wit_registry::Kind::IdpProxy,
+                Kind::DataObject => wit_registry::Kind::DataObject,
+            },
+            name: r.name,
+            domain: r.domain,
+            user: r.user,
+            hyperty_types: r.hyperty_types,
+            schemes: r.schemes,
+            status: match r.status {
+                Status::Created => wit_registry::Status::Created,
+                Status::Live => wit_registry::Status::Live,
+                Status::Disconnected => wit_registry::Status::Disconnected,
+                Status::Failed => wit_registry::Status::Failed,
+            },
+        }
     }
 }
 

@@ -38,7 +38,7 @@ use crate::engine::EPOCH_TICK;
 use crate::events::{EventKind, Events};
 use crate::message::{Message, MessageType, code};
 use crate::policy::Descriptor;
-use crate::registry::Registry;
+use crate::registry::{Registry, Status as RegistryStatus};
 
 pub(crate) use glue::{HypertyPre, InstanceState, check_grants, hyperty_linker, prepare};
 use glue::Hyperty;
@@ -354,6 +354,9 @@ impl Sandbox {
             Ok(()) => slot.failures = 0,
             Err(trap) => {
                 let reason = explain(&trap, &running.store, &self.settings.limits);
+                // Status, event and restart first, so whoever gets the
+                // answer below sees them.
+                self.failed(instance, reason.clone());
                 if kind != MessageType::Response
                     && let (Ok(from), Ok(to)) = (Address::parse(message.from), Address::parse(message.to))
                 {
@@ -362,7 +365,6 @@ impl Sandbox {
                     answer.body.description = Some(format!("{} failed while handling this message: {reason}", answer.from));
                     self.shared.bus.deliver_answer(answer);
                 }
-                self.failed(instance, reason);
             }
         }
     }
@@ -377,6 +379,7 @@ impl Sandbox {
         let h = &slot.hyperty;
         tracing::error!(hyperty = %h.label, "trapped: {reason}");
         self.shared.events.emit(&h.label, &h.address, EventKind::Trapped { reason: reason.clone() });
+        self.shared.registry.set_status(&h.address, RegistryStatus::Failed);
         match policy.backoff(slot.failures) {
             Some(delay) => {
                 tracing::info!(hyperty = %h.label, "restarting in {} ms (failure {})", delay.as_millis(), slot.failures);
@@ -384,7 +387,8 @@ impl Sandbox {
                 self.restarts.push(instance);
             }
             None => {
-                tracing::warn!(hyperty = %h.label, "stopped (restart policy: stop)");
+                tracing::warn!(hyperty = %h.label, "stopped (restart policy: stop); unregistered");
+                self.shared.registry.unregister(&h.descriptor.domain, &h.descriptor.name);
                 self.shared.events.emit(&h.label, &h.address, EventKind::Stopped { reason });
                 slot.status = Status::Stopped;
             }
@@ -422,6 +426,7 @@ impl Sandbox {
                             let slot = self.slots[instance as usize].as_ref().expect("exists");
                             let h = &slot.hyperty;
                             tracing::info!(hyperty = %h.label, "restarted at {}", h.address);
+                            self.shared.registry.set_status(&h.address, RegistryStatus::Live);
                             self.shared.events.emit(&h.label, &h.address, EventKind::Restarted { failures: slot.failures });
                         }
                         Err(e) => self.failed(instance, format!("{e:#}")),

@@ -1,0 +1,91 @@
+//! Registration and discovery: by user, name, hyperty type, domain and
+//! data-object scheme, from guests (the `registry` import) and embedders;
+//! statuses; unregistration on undeploy and on a final failure.
+
+use std::time::Duration;
+
+use hyperty_host::{EventKind, Query};
+use hyperty_tests::*;
+use serde_json::{Value, json};
+
+fn names(found: &Value) -> Vec<String> {
+    found["found"].as_array().unwrap().iter().map(|r| format!("{}/{}", r["domain"].as_str().unwrap(), r["name"].as_str().unwrap())).collect()
+}
+
+#[test]
+fn discover_by_user_name_type_domain_and_scheme() {
+    let runtime = runtime(Duration::from_secs(5));
+    let mut driver = Driver::new(&runtime);
+    let bundle = TestBundle::new()
+        .hyperty("alice.example", "seeker", &guest("puppet"), puppet_config(false))
+        .hyperty("alice.example", "chat", &guest("pong"), json!({}))
+        .hyperty("bob.example", "chat", &guest("pong"), json!({}))
+        .hyperty("bob.example", "video", &guest("pong"), json!({}))
+        .user("alice.example", "chat", "alice@idp.example")
+        .user("bob.example", "chat", "bob@idp.example")
+        .user("bob.example", "video", "bob@idp.example")
+        .set("alice.example", "chat", "types", json!(["chat"]))
+        .set("bob.example", "chat", "types", json!(["chat"]))
+        .set("bob.example", "video", "types", json!(["audio", "video"]))
+        .set("alice.example", "chat", "schemes", json!(["comm"]))
+        .set("bob.example", "chat", "schemes", json!(["comm"]))
+        .set("bob.example", "video", "schemes", json!(["connection"]));
+    runtime.deploy(&bundle.load()).unwrap();
+    let seeker = runtime.lookup("alice.example", "seeker").unwrap();
+    let mut discover = |query: Value| names(&driver.command(&seeker, json!({ "op": "discover", "query": query })));
+
+    assert_eq!(discover(json!({ "user": "bob@idp.example" })), ["bob.example/chat", "bob.example/video"]);
+    assert_eq!(discover(json!({ "name": "chat" })), ["alice.example/chat", "bob.example/chat"]);
+    assert_eq!(discover(json!({ "type": "video" })), ["bob.example/video"]);
+    assert_eq!(discover(json!({ "domain": "alice.example" })), ["alice.example/chat", "alice.example/seeker"]);
+    assert_eq!(discover(json!({ "scheme": "comm" })), ["alice.example/chat", "bob.example/chat"]);
+    assert_eq!(discover(json!({ "scheme": "comm", "domain": "bob.example" })), ["bob.example/chat"]);
+    assert!(discover(json!({ "user": "carol@idp.example" })).is_empty());
+    assert_eq!(discover(json!({})).len(), 4);
+
+    // A registration says what the bundle said, and that it is live.
+    let found = driver.command(&seeker, json!({ "op": "discover", "query": { "name": "video" } }));
+    let video = &found["found"][0];
+    assert_eq!(video["user"], "bob@idp.example");
+    assert_eq!(video["types"], json!(["audio", "video"]));
+    assert_eq!(video["status"], "Status::Live");
+    assert_eq!(video["address"], runtime.lookup("bob.example", "video").unwrap().as_str());
+
+    // The embedder's view is the same.
+    let by_type = runtime.discover(&Query { hyperty_type: Some("chat".into()), ..Query::default() });
+    assert_eq!(by_type.len(), 2);
+
+    // Undeploying unregisters.
+    assert!(runtime.undeploy("bob.example", "chat"));
+    assert!(!runtime.undeploy("bob.example", "chat"));
+    assert_eq!(names(&driver.command(&seeker, json!({ "op": "discover", "query": { "name": "chat" } }))), ["alice.example/chat"]);
+    assert!(runtime.lookup("bob.example", "chat").is_none());
+}
+
+#[test]
+fn a_failing_hyperty_is_marked_failed_then_live_and_unregistered_when_stopped() {
+    let runtime = runtime(Duration::from_secs(5));
+    let mut driver = Driver::new(&runtime);
+    let mut events = runtime.events();
+    let bundle = TestBundle::new()
+        .hyperty("evil.example", "x", &guest("hostile"), json!({ "mode": "vault" }))
+        .domain("evil.example", json!({ "restart": { "initial-backoff-ms": 200 } }));
+    runtime.deploy(&bundle.load()).unwrap();
+    let x = runtime.lookup("evil.example", "x").unwrap();
+    let status = || runtime.discover(&Query { name: Some("x".into()), ..Query::default() }).first().map(|r| r.status);
+
+    assert_eq!(status(), Some(hyperty_host::registry::Status::Live));
+    assert_eq!(driver.ask(&x, json!({ "panic": true })).body.code, Some(500));
+    assert_eq!(status(), Some(hyperty_host::registry::Status::Failed), "failed while it waits for its restart");
+    wait_event(&mut events, |e| e.address == x && matches!(e.kind, EventKind::Restarted { .. }));
+    assert_eq!(status(), Some(hyperty_host::registry::Status::Live));
+
+    let stopping = TestBundle::new()
+        .hyperty("stop.example", "y", &guest("hostile"), json!({ "mode": "vault" }))
+        .domain("stop.example", json!({ "restart": { "policy": "stop" } }));
+    runtime.deploy(&stopping.load()).unwrap();
+    let y = runtime.lookup("stop.example", "y").unwrap();
+    assert_eq!(driver.ask(&y, json!({ "panic": true })).body.code, Some(500));
+    wait_event(&mut events, |e| e.address == y && matches!(e.kind, EventKind::Stopped { .. }));
+    assert!(runtime.lookup("stop.example", "y").is_none(), "a hyperty stopped for good is unregistered");
+}
