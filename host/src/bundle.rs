@@ -75,6 +75,9 @@ pub struct HypertySpec {
     pub types: Vec<String>,
     /// Data-object schemes it handles (comm, connection, ...), for discovery.
     pub schemes: Vec<String>,
+    /// Get the same address at every deployment, across runtime restarts
+    /// (needs a runtime data directory).
+    pub keep_address: bool,
     /// The `config` table as JSON text, handed to the hyperty's `init`.
     pub config: String,
     /// Where the entry is, for problems found later (digest, component).
@@ -159,7 +162,7 @@ struct RawDomain {
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
 struct RawHyperty {
     name: Spanned<String>,
     component: Spanned<String>,
@@ -172,6 +175,8 @@ struct RawHyperty {
     types: Vec<String>,
     #[serde(default)]
     schemes: Vec<String>,
+    #[serde(default)]
+    keep_address: bool,
     #[serde(default)]
     config: Option<toml::Table>,
 }
@@ -257,6 +262,7 @@ impl Bundle {
                     user: h.user,
                     types: h.types,
                     schemes: h.schemes,
+                    keep_address: h.keep_address,
                     sha256,
                     config,
                     at: Location {

@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand};
 
 use crate::bundle::{Bundle, pin, signature_path};
 use crate::signing;
-use crate::runtime::{Runtime, RuntimeConfig, check_file, default_cache_dir};
+use crate::runtime::{Runtime, RuntimeConfig, check_file, default_cache_dir, default_data_dir};
 
 #[derive(Parser)]
 #[command(name = "hyperty", version, about = "Runs reTHINK hyperties as sandboxed WebAssembly components")]
@@ -16,6 +16,9 @@ struct Cli {
     /// Where compiled components are cached.
     #[arg(long, global = true, default_value_os_t = default_cache_dir())]
     cache_dir: PathBuf,
+    /// Where the runtime keeps its address and kept hyperty addresses.
+    #[arg(long, global = true, default_value_os_t = default_data_dir())]
+    data_dir: PathBuf,
     #[command(subcommand)]
     command: Command,
 }
@@ -85,7 +88,7 @@ where
         }
     };
     init_logging();
-    let config = RuntimeConfig { cache_dir: cli.cache_dir, ..RuntimeConfig::default() };
+    let config = RuntimeConfig { cache_dir: cli.cache_dir, data_dir: Some(cli.data_dir), ..RuntimeConfig::default() };
     let result = match cli.command {
         Command::Run { bundle, exit_when_idle, request_timeout_ms, policies, groups } => {
             let config = RuntimeConfig { request_timeout: Duration::from_millis(request_timeout_ms), ..config };
@@ -168,7 +171,7 @@ fn edit_group(file: &Path, group: &str, user: &str, add: bool) -> anyhow::Result
 fn run(path: &std::path::Path, config: RuntimeConfig, exit_when_idle: bool) -> anyhow::Result<()> {
     let bundle = Bundle::load(path)?;
     let runtime = Runtime::new(config)?;
-    tracing::info!("deploying bundle {:?} ({} domains)", bundle.name, bundle.domains.len());
+    tracing::info!("runtime {}: deploying bundle {:?} ({} domains)", runtime.address(), bundle.name, bundle.domains.len());
     runtime.deploy(&bundle)?;
     if exit_when_idle {
         runtime.wait_idle(Duration::MAX);

@@ -28,6 +28,7 @@ pub mod registry;
 pub mod runtime;
 mod sandbox;
 pub mod signing;
+mod store;
 
 pub use address::Address;
 pub use bundle::{Bundle, BundleError, Problem};

@@ -17,7 +17,7 @@ use anyhow::Result;
 use wasmtime::component::Linker;
 
 use crate::address::Address;
-use crate::bundle::{Bundle, BundleError, Problem};
+use crate::bundle::{Bundle, BundleError, HypertySpec, Problem};
 use crate::bus::{Bus, BusConfig, Route, SendError};
 use crate::engine::{Digest, Engine};
 use crate::message::Message;
@@ -25,6 +25,7 @@ use crate::policy::cedar::CedarPolicies;
 use crate::policy::{Decision, Descriptor, PolicyDecisionPoint};
 use crate::registry::{Kind, Query, Registration, Registry, Status};
 use crate::signing;
+use crate::store::Store;
 use crate::events::{Event, Events};
 use crate::sandbox::{self, HypertyPre, InstanceState, NewHyperty, SandboxHandle, Shared};
 
@@ -33,6 +34,9 @@ use crate::sandbox::{self, HypertyPre, InstanceState, NewHyperty, SandboxHandle,
 pub struct RuntimeConfig {
     /// Where compiled components are cached.
     pub cache_dir: PathBuf,
+    /// Where the runtime keeps what must survive a restart (its address,
+    /// kept hyperty addresses); `None`: nothing is kept.
+    pub data_dir: Option<PathBuf>,
     /// The runtime's own domain, whose policies guard bus access.
     pub domain: String,
     /// How long a request waits for its response before the host answers 408.
@@ -52,6 +56,7 @@ impl Default for RuntimeConfig {
     fn default() -> RuntimeConfig {
         RuntimeConfig {
             cache_dir: default_cache_dir(),
+            data_dir: None,
             domain: "localhost".into(),
             request_timeout: Duration::from_secs(5),
             max_message_bytes: 1 << 20,
@@ -69,6 +74,16 @@ pub fn default_cache_dir() -> PathBuf {
         .or_else(|| env("XDG_CACHE_HOME").map(|d| d.join("hyperty")))
         .or_else(|| env("HOME").map(|d| d.join(".cache/hyperty")))
         .unwrap_or_else(|| std::env::temp_dir().join("hyperty-cache"))
+}
+
+/// `$HYPERTY_DATA_DIR`, else `$XDG_DATA_HOME/hyperty`, else
+/// `$HOME/.local/share/hyperty`, else a directory under the system temp dir.
+pub fn default_data_dir() -> PathBuf {
+    let env = |k| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+    env("HYPERTY_DATA_DIR")
+        .or_else(|| env("XDG_DATA_HOME").map(|d| d.join("hyperty")))
+        .or_else(|| env("HOME").map(|d| d.join(".local/share/hyperty")))
+        .unwrap_or_else(|| std::env::temp_dir().join("hyperty-data"))
 }
 
 /// A hyperty deployed by this runtime.
@@ -98,6 +113,9 @@ pub struct Runtime {
     registry: Arc<Registry>,
     events: Events,
     policies: Arc<CedarPolicies>,
+    store: Option<Store>,
+    /// `runtime://<domain>/<id>`, kept across restarts with a data directory.
+    address: Address,
     /// Held for the whole of a deployment, so deployments do not interleave.
     deployed: Mutex<Deployed>,
 }
@@ -113,6 +131,13 @@ impl Runtime {
     pub fn new(config: RuntimeConfig) -> Result<Runtime> {
         let engine = Engine::new(&config.cache_dir)?;
         let linker = sandbox::hyperty_linker(engine.wasmtime())?;
+        let store = config.data_dir.as_deref().map(Store::open).transpose()?;
+        let new_runtime_address = || format!("runtime://{}/{}", config.domain, uuid::Uuid::new_v4());
+        let address = match &store {
+            Some(store) => store.address(&format!("runtime/{}", config.domain), new_runtime_address)?,
+            None => new_runtime_address(),
+        };
+        let address = Address::parse(address).map_err(anyhow::Error::msg)?;
         let policies = config.policies.clone();
         let bus = Bus::new(
             BusConfig {
@@ -129,6 +154,8 @@ impl Runtime {
             registry: Arc::default(),
             events: Events::default(),
             policies,
+            store,
+            address,
             deployed: Mutex::default(),
         })
     }
@@ -282,7 +309,7 @@ impl Runtime {
                 new_domains.push(domain.name.clone());
             }
             let sandbox = &deployed.sandboxes[&domain.name];
-            let address = Address::new_hyperty(&domain.name);
+            let address = self.hyperty_address(&domain.name, spec).map_err(|e| bundle.problem(spec, "name", format!("{e:#}")))?;
             let label: Arc<str> = format!("{}/{}", domain.name, spec.name).into();
             let descriptor = Arc::new(Descriptor {
                 domain: domain.name.clone(),
@@ -348,6 +375,23 @@ impl Runtime {
     /// The hyperties deployed now.
     pub fn hyperties(&self) -> Vec<DeployedHyperty> {
         self.deployed.lock().unwrap().hyperties.iter().map(|r| r.hyperty.clone()).collect()
+    }
+
+    /// The runtime's own address, `runtime://<domain>/<id>` (the same after
+    /// a restart when the runtime has a data directory).
+    pub fn address(&self) -> &Address {
+        &self.address
+    }
+
+    /// A fresh address for `spec`, or the one it had before if it asks to
+    /// keep it (and there is a data directory to keep it in).
+    fn hyperty_address(&self, domain: &str, spec: &HypertySpec) -> Result<Address> {
+        let fresh = || Address::new_hyperty(domain).into();
+        let text = match (&self.store, spec.keep_address) {
+            (Some(store), true) => store.address(&format!("hyperty/{domain}/{}", spec.name), fresh)?,
+            _ => fresh(),
+        };
+        Address::parse(text).map_err(anyhow::Error::msg)
     }
 
     /// The registrations matching `query` (discovery).

@@ -89,3 +89,40 @@ fn a_failing_hyperty_is_marked_failed_then_live_and_unregistered_when_stopped() 
     wait_event(&mut events, |e| e.address == y && matches!(e.kind, EventKind::Stopped { .. }));
     assert!(runtime.lookup("stop.example", "y").is_none(), "a hyperty stopped for good is unregistered");
 }
+
+#[test]
+fn addresses_are_kept_across_a_runtime_restart_when_asked() {
+    let data = tempfile::tempdir().unwrap();
+    let start = || {
+        hyperty_host::Runtime::new(hyperty_host::RuntimeConfig {
+            cache_dir: cache_dir(),
+            data_dir: Some(data.path().to_owned()),
+            ..hyperty_host::RuntimeConfig::default()
+        })
+        .unwrap()
+    };
+    let bundle = TestBundle::new()
+        .hyperty("alice.example", "kept", &guest("pong"), json!({}))
+        .hyperty("alice.example", "fresh", &guest("pong"), json!({}))
+        .set("alice.example", "kept", "keep-address", json!(true));
+
+    let first = start();
+    first.deploy(&bundle.load()).unwrap();
+    let (runtime_address, kept, fresh) =
+        (first.address().clone(), first.lookup("alice.example", "kept").unwrap(), first.lookup("alice.example", "fresh").unwrap());
+    assert_eq!(runtime_address.scheme(), "runtime");
+    drop(first);
+
+    let second = start();
+    second.deploy(&bundle.load()).unwrap();
+    assert_eq!(second.address(), &runtime_address, "the runtime keeps its address");
+    assert_eq!(second.lookup("alice.example", "kept"), Some(kept.clone()), "a hyperty that asked keeps its address");
+    assert_ne!(second.lookup("alice.example", "fresh"), Some(fresh), "the others get new ones");
+    // And it answers there.
+    let mut driver = Driver::new(&second);
+    assert_eq!(driver.read(&kept).body.code, Some(200));
+
+    // Without a data directory nothing is kept.
+    let third = runtime(Duration::from_secs(5));
+    assert_ne!(third.address(), &runtime_address);
+}
