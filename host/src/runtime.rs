@@ -69,21 +69,23 @@ impl Default for RuntimeConfig {
 /// `$HYPERTY_CACHE_DIR`, else `$XDG_CACHE_HOME/hyperty`, else
 /// `$HOME/.cache/hyperty`, else a directory under the system temp dir.
 pub fn default_cache_dir() -> PathBuf {
-    let env = |k| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
-    env("HYPERTY_CACHE_DIR")
-        .or_else(|| env("XDG_CACHE_HOME").map(|d| d.join("hyperty")))
-        .or_else(|| env("HOME").map(|d| d.join(".cache/hyperty")))
-        .unwrap_or_else(|| std::env::temp_dir().join("hyperty-cache"))
+    user_dir("HYPERTY_CACHE_DIR", "XDG_CACHE_HOME", ".cache", "hyperty-cache")
 }
 
 /// `$HYPERTY_DATA_DIR`, else `$XDG_DATA_HOME/hyperty`, else
 /// `$HOME/.local/share/hyperty`, else a directory under the system temp dir.
 pub fn default_data_dir() -> PathBuf {
-    let env = |k| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
-    env("HYPERTY_DATA_DIR")
-        .or_else(|| env("XDG_DATA_HOME").map(|d| d.join("hyperty")))
-        .or_else(|| env("HOME").map(|d| d.join(".local/share/hyperty")))
-        .unwrap_or_else(|| std::env::temp_dir().join("hyperty-data"))
+    user_dir("HYPERTY_DATA_DIR", "XDG_DATA_HOME", ".local/share", "hyperty-data")
+}
+
+/// `$own`, else `$xdg/hyperty`, else `$HOME/<home>/hyperty`, else
+/// `<temp>/<temp_name>` (XDG base directory conventions).
+fn user_dir(own: &str, xdg: &str, home: &str, temp_name: &str) -> PathBuf {
+    let env = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+    env(own)
+        .or_else(|| env(xdg).map(|d| d.join("hyperty")))
+        .or_else(|| env("HOME").map(|d| d.join(home).join("hyperty")))
+        .unwrap_or_else(|| std::env::temp_dir().join(temp_name))
 }
 
 /// A hyperty deployed by this runtime.
