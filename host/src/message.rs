@@ -21,18 +21,6 @@ pub enum MessageType {
 }
 
 impl MessageType {
-    pub const ALL: [MessageType; 9] = [
-        MessageType::Create,
-        MessageType::Read,
-        MessageType::Update,
-        MessageType::Delete,
-        MessageType::Subscribe,
-        MessageType::Unsubscribe,
-        MessageType::Response,
-        MessageType::Forward,
-        MessageType::Execute,
-    ];
-
     pub fn as_str(self) -> &'static str {
         match self {
             MessageType::Create => "create",
