@@ -1,5 +1,13 @@
 //! The registry: what is registered in this runtime, where, and for whom.
 //!
+//! Every registration change is also announced, as a message on the bus
+//! from the runtime's address, to the provider domain's remote registry at
+//! `domain://registry.<domain>`: `create` (the registration as JSON),
+//! `update` (status changes, and a keep-alive for each registration every
+//! `keep-alive` interval, which the remote registry uses to expire runtimes
+//! that went away), `delete`. Once a protostub serves the domain, these
+//! reach its registry; until then the bus answers them 404, logged at debug.
+//!
 //! Hyperties are registered at deployment with what their bundle says of
 //! them (name, domain, user, hyperty types, data-object schemes), move
 //! through reTHINK's statuses (created → live; failed while restarting) and
@@ -8,9 +16,15 @@
 //! [`Runtime::discover`](crate::Runtime::discover).
 
 use std::collections::BTreeMap;
-use std::sync::RwLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock, RwLock, Weak};
+use std::time::Duration;
+
+use serde_json::json;
 
 use crate::address::Address;
+use crate::bus::{Bus, Route};
+use crate::message::{Message, MessageType};
 
 /// What kind of component a registration is for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -68,9 +82,94 @@ impl Query {
 #[derive(Default)]
 pub struct Registry {
     entries: RwLock<BTreeMap<(String, String), Registration>>,
+    announcer: OnceLock<Announcer>,
+}
+
+/// Sends registration changes to the domains' remote registries.
+struct Announcer {
+    bus: Bus,
+    runtime: Address,
+    next_id: AtomicU64,
+}
+
+impl Announcer {
+    fn announce(&self, kind: MessageType, r: &Registration, value: serde_json::Value) {
+        let Ok(to) = Address::parse(format!("domain://registry.{}", r.domain)) else { return };
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut message = Message::new(id, kind, self.runtime.clone(), to, Some(value.to_string()));
+        message.body.resource = Some(r.address.to_string());
+        if let Err(e) = self.bus.send(message, None, None) {
+            tracing::debug!("registry announcement for {} not sent: {e}", r.address);
+        }
+    }
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Created => "created",
+            Status::Live => "live",
+            Status::Disconnected => "disconnected",
+            Status::Failed => "failed",
+        }
+    }
+}
+
+impl Registration {
+    /// The registration as announced to remote registries.
+    pub fn to_json(&self) -> serde_json::Value {
+        json!({
+            "address": self.address.as_str(),
+            "kind": format!("{:?}", self.kind).to_lowercase(),
+            "name": self.name,
+            "domain": self.domain,
+            "user": self.user,
+            "hyperty-types": self.hyperty_types,
+            "schemes": self.schemes,
+            "status": self.status.as_str(),
+        })
+    }
 }
 
 impl Registry {
+    /// Starts announcing registration changes from `runtime` over `bus`,
+    /// with a keep-alive every `keep_alive`, for as long as the registry
+    /// lives. Answers to the runtime's address (404 while no protostub
+    /// serves a domain) are logged at debug.
+    pub(crate) fn announce(self: &Arc<Self>, bus: Bus, runtime: Address, keep_alive: Duration) {
+        let (tx, answers) = flume::bounded::<Message>(1024);
+        if !bus.add_route(runtime.clone(), Route::Endpoint(tx)) {
+            tracing::warn!("{runtime} is already routed; registry announcements are off");
+            return;
+        }
+        let _ = self.announcer.set(Announcer { bus, runtime, next_id: AtomicU64::new(1) });
+        let registry: Weak<Registry> = Arc::downgrade(self);
+        let _ = std::thread::Builder::new().name("hyperty-registry".into()).spawn(move || {
+            loop {
+                match answers.recv_timeout(keep_alive) {
+                    Ok(answer) => tracing::debug!(
+                        from = %answer.from,
+                        code = answer.body.code,
+                        "registry announcement answered: {}",
+                        answer.body.description.as_deref().unwrap_or("")
+                    ),
+                    Err(flume::RecvTimeoutError::Timeout) => {
+                        let Some(registry) = registry.upgrade() else { return };
+                        registry.keep_alive();
+                    }
+                    Err(flume::RecvTimeoutError::Disconnected) => return,
+                }
+            }
+        });
+    }
+
+    fn keep_alive(&self) {
+        let Some(announcer) = self.announcer.get() else { return };
+        for r in self.entries.read().unwrap().values() {
+            announcer.announce(MessageType::Update, r, json!({ "keep-alive": true, "status": r.status.as_str() }));
+        }
+    }
+
     /// Registers `registration`; false if its domain/name is taken.
     pub fn register(&self, registration: Registration) -> bool {
         let mut entries = self.entries.write().unwrap();
@@ -78,19 +177,30 @@ impl Registry {
         if entries.contains_key(&key) {
             return false;
         }
+        if let Some(announcer) = self.announcer.get() {
+            announcer.announce(MessageType::Create, &registration, registration.to_json());
+        }
         entries.insert(key, registration);
         true
     }
 
     pub fn unregister(&self, domain: &str, name: &str) {
-        self.entries.write().unwrap().remove(&(domain.to_owned(), name.to_owned()));
+        let removed = self.entries.write().unwrap().remove(&(domain.to_owned(), name.to_owned()));
+        if let (Some(r), Some(announcer)) = (removed, self.announcer.get()) {
+            announcer.announce(MessageType::Delete, &r, json!({}));
+        }
     }
 
     /// Sets the status of the registration at `address`.
     pub fn set_status(&self, address: &Address, status: Status) {
         let mut entries = self.entries.write().unwrap();
-        if let Some(r) = entries.values_mut().find(|r| &r.address == address) {
+        if let Some(r) = entries.values_mut().find(|r| &r.address == address)
+            && r.status != status
+        {
             r.status = status;
+            if let Some(announcer) = self.announcer.get() {
+                announcer.announce(MessageType::Update, r, json!({ "status": status.as_str() }));
+            }
         }
     }
 

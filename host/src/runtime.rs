@@ -43,6 +43,8 @@ pub struct RuntimeConfig {
     pub request_timeout: Duration,
     /// The largest message the bus accepts, in bytes of addresses and body.
     pub max_message_bytes: usize,
+    /// How often registrations are refreshed toward the remote registries.
+    pub registry_keep_alive: Duration,
     /// The Cedar policies asked at the three enforcement points: the
     /// runtime's bus-access set, each domain's set (attached by its bundle)
     /// and the user groups.
@@ -60,6 +62,7 @@ impl Default for RuntimeConfig {
             domain: "localhost".into(),
             request_timeout: Duration::from_secs(5),
             max_message_bytes: 1 << 20,
+            registry_keep_alive: Duration::from_secs(60),
             policies: Arc::new(CedarPolicies::new()),
             custom_policy: None,
         }
@@ -149,11 +152,13 @@ impl Runtime {
             },
             config.custom_policy.unwrap_or_else(|| config.policies.clone()),
         );
+        let registry = Arc::new(Registry::default());
+        registry.announce(bus.clone(), address.clone(), config.registry_keep_alive);
         Ok(Runtime {
             engine,
             linker,
             bus,
-            registry: Arc::default(),
+            registry,
             events: Events::default(),
             policies,
             store,

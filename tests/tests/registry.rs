@@ -126,3 +126,37 @@ fn addresses_are_kept_across_a_runtime_restart_when_asked() {
     let third = runtime(Duration::from_secs(5));
     assert_ne!(third.address(), &runtime_address);
 }
+
+#[test]
+fn registrations_are_announced_to_the_domain_registry_with_keep_alives() {
+    use hyperty_host::MessageType;
+    let runtime = hyperty_host::Runtime::new(hyperty_host::RuntimeConfig {
+        cache_dir: cache_dir(),
+        registry_keep_alive: Duration::from_millis(50),
+        ..hyperty_host::RuntimeConfig::default()
+    })
+    .unwrap();
+    // The embedder stands in for alice.example's remote registry (a
+    // protostub will carry these to the real one).
+    let registry = runtime.endpoint("domain://registry.alice.example", 1000).unwrap();
+    let bundle = TestBundle::new()
+        .hyperty("alice.example", "x", &guest("pong"), json!({}))
+        .set("alice.example", "x", "types", json!(["chat"]));
+    runtime.deploy(&bundle.load()).unwrap();
+    let x = runtime.lookup("alice.example", "x").unwrap();
+    let next = |pred: &dyn Fn(&hyperty_host::Message) -> bool| loop {
+        let m = registry.recv_timeout(Duration::from_secs(10)).expect("an announcement");
+        assert_eq!(&m.from, runtime.address(), "announced by the runtime");
+        assert_eq!(m.body.resource.as_deref(), Some(x.as_str()));
+        if pred(&m) {
+            return serde_json::from_str::<Value>(m.body.value.as_deref().unwrap()).unwrap();
+        }
+    };
+    let created = next(&|m| m.kind == MessageType::Create);
+    assert_eq!((created["name"].as_str(), created["hyperty-types"].clone()), (Some("x"), json!(["chat"])));
+    assert_eq!(next(&|m| m.kind == MessageType::Update)["status"], "live");
+    assert_eq!(next(&|m| m.kind == MessageType::Update)["keep-alive"], true);
+    assert_eq!(next(&|m| m.kind == MessageType::Update)["keep-alive"], true, "refreshed again");
+    assert!(runtime.undeploy("alice.example", "x"));
+    next(&|m| m.kind == MessageType::Delete);
+}
