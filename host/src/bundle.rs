@@ -215,24 +215,12 @@ impl Bundle {
             if let Err(e) = validate_domain(&domain) {
                 problems.push(problem(Some(domain_key.span()), dfield.clone(), e));
             }
-            let limits = match raw_domain.limits {
-                Some(limits) => {
-                    if let Err(e) = limits.get_ref().validate() {
-                        problems.push(problem(Some(limits.span()), format!("{dfield}.limits"), e));
-                    }
-                    limits.into_inner()
-                }
-                None => Limits::default(),
-            };
-            let restart = match raw_domain.restart {
-                Some(restart) => {
-                    if let Err(e) = restart.get_ref().validate() {
-                        problems.push(problem(Some(restart.span()), format!("{dfield}.restart"), e));
-                    }
-                    restart.into_inner()
-                }
-                None => RestartPolicy::default(),
-            };
+            let limits = checked(raw_domain.limits, Limits::validate, &mut |span, e| {
+                problems.push(problem(Some(span), format!("{dfield}.limits"), e));
+            });
+            let restart = checked(raw_domain.restart, RestartPolicy::validate, &mut |span, e| {
+                problems.push(problem(Some(span), format!("{dfield}.restart"), e));
+            });
             let mut grants = raw_domain.grants;
             grants.sort();
             grants.dedup();
@@ -290,6 +278,20 @@ impl Bundle {
         let line = if field == "sha256" { h.at.sha256_line } else { h.at.component_line };
         Problem { file: self.path.clone(), line: Some(line), field: format!("{}.{field}", h.at.field), message }
     }
+}
+
+/// `value`, or the default when it is absent; a value that fails `check`
+/// is reported at its span (and kept, so every other problem is found too).
+fn checked<T: Default>(
+    value: Option<Spanned<T>>,
+    check: fn(&T) -> Result<(), String>,
+    report: &mut dyn FnMut(Range<usize>, String),
+) -> T {
+    let Some(value) = value else { return T::default() };
+    if let Err(e) = check(value.get_ref()) {
+        report(value.span(), e);
+    }
+    value.into_inner()
 }
 
 /// Where the detached signature of `component` lives by default.
