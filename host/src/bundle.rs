@@ -17,6 +17,16 @@
 //! sha256 = "9f86d0…"               # 64 hex digits
 //! signature = "ping.wasm.sig"      # the default; checked when the domain trusts keys
 //! config = { peer = "bob.example/pong", rounds = 3 }
+//! user = "alice@idp.example"       # optional: the user it acts for
+//!
+//! # optional: an IdP proxy (world `idp-proxy`); a domain names it with
+//! # `idp = "idp.example"` to have its users' identities asserted by it, and
+//! # then requires asserted identities of messages from other domains
+//! # (`require-identity = false` to accept anonymous ones).
+//! [idps."idp.example"]
+//! component = "idp-jwt.wasm"
+//! sha256 = "…"
+//! config = { issuer = "idp.example", signing-key = "…" }
 //! ```
 //!
 //! Every problem is reported as a [`Problem`] naming the file, the line and
@@ -43,6 +53,21 @@ pub struct Bundle {
     pub path: PathBuf,
     pub name: String,
     pub domains: Vec<DomainSpec>,
+    /// IdP proxies, by the name of their identity provider.
+    pub idps: Vec<IdpSpec>,
+}
+
+/// An IdP proxy of a bundle.
+#[derive(Clone, Debug)]
+pub struct IdpSpec {
+    /// The identity provider's name (a domain name: users are `<name>@<idp>`).
+    pub name: String,
+    pub component: PathBuf,
+    pub sha256: Digest,
+    /// The `config` table as JSON text, handed to the proxy's `init`: its
+    /// keys come from here, never from its code.
+    pub config: String,
+    pub at: Location,
 }
 
 /// One provider domain of a bundle.
@@ -55,6 +80,11 @@ pub struct DomainSpec {
     /// Cedar policy files of the domain (resolved), for its outgoing and
     /// incoming enforcement points.
     pub policies: Vec<PathBuf>,
+    /// The IdP vouching for the domain's users (see [`crate::identity`]).
+    pub idp: Option<String>,
+    /// Whether messages from other domains must carry an identity
+    /// assertion (`require-identity`; by default, when the domain has an IdP).
+    pub require_identity: bool,
     /// Limits, restart policy and WASI grants of the domain's sandbox.
     pub settings: SandboxSettings,
     pub hyperties: Vec<HypertySpec>,
@@ -142,6 +172,17 @@ struct RawBundle {
     name: Option<String>,
     #[serde(default)]
     domains: BTreeMap<Spanned<String>, RawDomain>,
+    #[serde(default)]
+    idps: BTreeMap<Spanned<String>, RawIdp>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawIdp {
+    component: Spanned<String>,
+    sha256: Spanned<String>,
+    #[serde(default)]
+    config: Option<toml::Table>,
 }
 
 #[derive(Deserialize)]
@@ -157,6 +198,10 @@ struct RawDomain {
     trusted_keys: Vec<PublicKey>,
     #[serde(default)]
     policies: Vec<String>,
+    #[serde(default)]
+    idp: Option<Spanned<String>>,
+    #[serde(default)]
+    require_identity: Option<bool>,
     #[serde(default)]
     hyperties: Vec<RawHyperty>,
 }
@@ -264,19 +309,58 @@ impl Bundle {
                 problems.push(problem(Some(domain_key.span()), format!("{dfield}.hyperties"), "the domain has no hyperty".into()));
             }
             let policies = raw_domain.policies.iter().map(|p| base.join(p)).collect();
-            domains.push(DomainSpec { name: domain, trusted_keys: raw_domain.trusted_keys, policies, settings: SandboxSettings { limits, restart, grants }, hyperties });
+            let idp = raw_domain.idp.map(|idp| {
+                if let Err(e) = validate_domain(idp.get_ref()) {
+                    problems.push(problem(Some(idp.span()), format!("{dfield}.idp"), format!("not an IdP name: {e}")));
+                }
+                idp.into_inner()
+            });
+            domains.push(DomainSpec {
+                name: domain,
+                trusted_keys: raw_domain.trusted_keys,
+                policies,
+                require_identity: raw_domain.require_identity.unwrap_or(idp.is_some()),
+                idp,
+                settings: SandboxSettings { limits, restart, grants },
+                hyperties,
+            });
+        }
+        let mut idps = Vec::new();
+        for (key, raw_idp) in raw.idps {
+            let name = key.get_ref().clone();
+            let field = format!("idps.{name:?}");
+            if let Err(e) = validate_domain(&name) {
+                problems.push(problem(Some(key.span()), field.clone(), format!("not an IdP name: {e}")));
+            }
+            let sha256 = Digest::parse(raw_idp.sha256.get_ref()).unwrap_or_else(|e| {
+                problems.push(problem(Some(raw_idp.sha256.span()), format!("{field}.sha256"), e));
+                Digest([0; 32])
+            });
+            idps.push(IdpSpec {
+                name,
+                component: base.join(raw_idp.component.get_ref()),
+                sha256,
+                config: serde_json::to_string(&raw_idp.config.unwrap_or_default()).expect("TOML maps to JSON"),
+                at: Location {
+                    field,
+                    component_line: line_of(text, raw_idp.component.span().start),
+                    sha256_line: line_of(text, raw_idp.sha256.span().start),
+                },
+            });
         }
         if !problems.is_empty() {
             return Err(BundleError { problems });
         }
         let name = raw.name.unwrap_or_else(|| path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default());
-        Ok(Bundle { path: path.to_owned(), name, domains })
+        Ok(Bundle { path: path.to_owned(), name, domains, idps })
     }
 
-    /// A problem about hyperty `h`'s `field` (`component` or `sha256`).
-    pub fn problem(&self, h: &HypertySpec, field: &str, message: String) -> Problem {
-        let line = if field == "sha256" { h.at.sha256_line } else { h.at.component_line };
-        Problem { file: self.path.clone(), line: Some(line), field: format!("{}.{field}", h.at.field), message }
+    /// A problem about `field` of the entry at `at` (a hyperty or an IdP);
+    /// it is placed on the `sha256` line for that field, else on the
+    /// `component` line.
+    pub fn problem(&self, at: &Location, field: &str, message: String) -> Problem {
+        let line = if field == "sha256" { at.sha256_line } else { at.component_line };
+        Problem { file: self.path.clone(), line: Some(line), field: format!("{}.{field}", at.field), message }
     }
 }
 
@@ -315,20 +399,30 @@ pub fn pin(path: &Path) -> anyhow::Result<Vec<(String, String, String)>> {
     let mut doc: toml_edit::DocumentMut = text.parse().with_context(|| format!("{} is not TOML", path.display()))?;
     let base = path.parent().unwrap_or(Path::new("."));
     let mut changed = Vec::new();
+    let mut pin_entry = |field: String, entry: &mut dyn toml_edit::TableLike| -> anyhow::Result<()> {
+        let component = entry.get("component").and_then(|c| c.as_str()).with_context(|| format!("{field}.component is missing"))?;
+        let file = base.join(component);
+        let bytes = std::fs::read(&file).with_context(|| format!("{field}.component: cannot read {}", file.display()))?;
+        let digest = Digest::of(&bytes).to_string();
+        let old = entry.get("sha256").and_then(|s| s.as_str()).unwrap_or("").to_owned();
+        if old != digest {
+            entry.insert("sha256", toml_edit::value(digest.clone()));
+            changed.push((format!("{field}.sha256"), old, digest));
+        }
+        Ok(())
+    };
     let domains = doc.get_mut("domains").and_then(|d| d.as_table_like_mut()).context("no [domains] table")?;
     for (domain, d) in domains.iter_mut() {
         let Some(hyperties) = d.get_mut("hyperties").and_then(|h| h.as_array_of_tables_mut()) else { continue };
         for (i, h) in hyperties.iter_mut().enumerate() {
-            let field = format!("domains.{:?}.hyperties[{i}]", domain.get());
-            let component = h.get("component").and_then(|c| c.as_str()).with_context(|| format!("{field}.component is missing"))?;
-            let file = base.join(component);
-            let bytes = std::fs::read(&file).with_context(|| format!("{field}.component: cannot read {}", file.display()))?;
-            let digest = Digest::of(&bytes).to_string();
-            let old = h.get("sha256").and_then(|s| s.as_str()).unwrap_or("").to_owned();
-            if old != digest {
-                h["sha256"] = toml_edit::value(digest.clone());
-                changed.push((format!("{field}.sha256"), old, digest));
-            }
+            pin_entry(format!("domains.{:?}.hyperties[{i}]", domain.get()), h)?;
+        }
+    }
+    if let Some(idps) = doc.get_mut("idps").and_then(|d| d.as_table_like_mut()) {
+        for (name, idp) in idps.iter_mut() {
+            let field = format!("idps.{:?}", name.get());
+            let entry = idp.as_table_like_mut().with_context(|| format!("{field} is not a table"))?;
+            pin_entry(field, entry)?;
         }
     }
     if !changed.is_empty() {

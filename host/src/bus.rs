@@ -3,10 +3,12 @@
 //! (403, 404, 408, 503).
 //!
 //! One path for every message, whatever its type:
-//! route lookup (404) → sender PEP (outgoing) → bus-access PEP → receiver
-//! PEP (incoming) → correlation → the receiver's bounded inbox. The route
-//! is looked up first because the policies read what it knows of the
-//! receiver (its name, its user). Problems found at
+//! route lookup (404) → identity (assertion attached on leaving the domain,
+//! validated on arriving: 401) → sender PEP (outgoing) → bus-access PEP →
+//! receiver PEP (incoming) → correlation → the receiver's bounded inbox.
+//! The route is looked up first because the policies read what it knows of
+//! the receiver (its name), and the identity before the policies because
+//! they read the validated sender identity. Problems found at
 //! the import (malformed, spoofed, too large, inbox full) are returned to the
 //! caller as [`SendError`]; problems found on the path are answered with a
 //! `response` message, at once. Nothing is dropped silently: a full inbox is
@@ -23,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use crate::address::Address;
 use crate::message::{Message, MessageType, code};
+use crate::identity::Identities;
 use crate::policy::{Decision, Descriptor, EnforcementPoint, Parties, PolicyDecisionPoint};
 use crate::sandbox::{Inbox, Refused};
 
@@ -31,6 +34,8 @@ use crate::sandbox::{Inbox, Refused};
 pub enum SendError {
     #[error("spoofed from: {0}")]
     SpoofedFrom(String),
+    #[error("spoofed identity: {0}")]
+    SpoofedIdentity(String),
     #[error("malformed message: {0}")]
     Malformed(String),
     #[error("message too large: {0}")]
@@ -91,14 +96,15 @@ pub(crate) struct Bus {
 struct BusInner {
     routes: RwLock<HashMap<Address, Route>>,
     policy: Arc<dyn PolicyDecisionPoint>,
+    identities: Arc<Identities>,
     config: BusConfig,
     timer: Arc<Timer>,
 }
 
 impl Bus {
-    pub fn new(config: BusConfig, policy: Arc<dyn PolicyDecisionPoint>) -> Bus {
+    pub fn new(config: BusConfig, policy: Arc<dyn PolicyDecisionPoint>, identities: Arc<Identities>) -> Bus {
         let timer = Arc::new(Timer::default());
-        let inner = Arc::new(BusInner { routes: RwLock::default(), policy, config, timer: timer.clone() });
+        let inner = Arc::new(BusInner { routes: RwLock::default(), policy, identities, config, timer: timer.clone() });
         let weak = Arc::downgrade(&inner);
         std::thread::Builder::new()
             .name("hyperty-bus-timer".into())
@@ -137,7 +143,7 @@ impl Bus {
     /// host answers 408 when the timeout passes.
     /// `sender` describes the sending hyperty, for policies (`None` for an
     /// embedder's endpoint).
-    pub fn send(&self, message: Message, timeout: Option<Duration>, sender: Option<&Descriptor>) -> Result<(), SendError> {
+    pub fn send(&self, mut message: Message, timeout: Option<Duration>, sender: Option<&Descriptor>) -> Result<(), SendError> {
         let inner = &*self.inner;
         tracing::debug!(
             id = message.id,
@@ -159,6 +165,21 @@ impl Bus {
             self.answer(&message, code::NOT_FOUND, why);
             return Ok(());
         };
+        if let Err((code, why)) = inner.identities.establish(&mut message, sender) {
+            tracing::info!(id = message.id, from = %message.from, to = %message.to, code, "{why}");
+            if message.kind == MessageType::Response {
+                // The requester is waiting for this: it gets the refusal in
+                // its place (at once, rather than a 408 later).
+                if inner.timer.take(&message).is_some() {
+                    let mut refusal = Message::response(message.id, message.from, message.to, code);
+                    refusal.body.description = Some(format!("the response was refused: {why}"));
+                    self.deliver_answer(refusal);
+                }
+            } else {
+                self.deliver_answer(message.answer(code, why));
+            }
+            return Ok(());
+        }
         let parties = Parties { sender, target: route.descriptor() };
         let points = [
             (EnforcementPoint::Outgoing, message.from.domain()),

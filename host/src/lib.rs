@@ -22,6 +22,7 @@ mod cache;
 pub mod cli;
 mod engine;
 pub mod events;
+mod identity;
 pub mod message;
 pub mod policy;
 pub mod registry;

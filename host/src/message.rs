@@ -46,6 +46,23 @@ pub struct Body {
     pub description: Option<String>,
 }
 
+/// Who a message's sender acts for: a user and the identity provider that
+/// vouches for it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Identity {
+    pub user: String,
+    pub idp: String,
+}
+
+/// An IdP's signed statement of who the sender is, as it travels with a
+/// message between domains (reTHINK's `body.identity`): the token is opaque
+/// to the host and only the proxy of IdP `idp` can validate it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Assertion {
+    pub idp: String,
+    pub token: String,
+}
+
 /// A message on the bus.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Message {
@@ -54,11 +71,18 @@ pub struct Message {
     pub from: Address,
     pub to: Address,
     pub body: Body,
+    /// Set by the bus alone (see [`crate::identity`]): whatever a sender puts
+    /// here is replaced before the message goes anywhere.
+    pub identity: Option<Identity>,
+    /// The sender's assertion, on messages that cross domains. An embedder's
+    /// endpoint acting as a gateway may set it; guests cannot.
+    pub assertion: Option<Assertion>,
 }
 
 /// Response codes the host itself answers with.
 pub mod code {
     pub const OK: u16 = 200;
+    pub const UNAUTHORIZED: u16 = 401;
     pub const FORBIDDEN: u16 = 403;
     pub const NOT_FOUND: u16 = 404;
     pub const TIMEOUT: u16 = 408;
@@ -69,7 +93,7 @@ pub mod code {
 impl Message {
     /// A message with a JSON value (or none).
     pub fn new(id: u64, kind: MessageType, from: Address, to: Address, value: Option<String>) -> Message {
-        Message { id, kind, from, to, body: Body { value, ..Body::default() } }
+        Message { id, kind, from, to, body: Body { value, ..Body::default() }, identity: None, assertion: None }
     }
 
     /// The response answering request `id` from `requester`, sent by
@@ -81,6 +105,8 @@ impl Message {
             from: responder,
             to: requester,
             body: Body { code: Some(code), ..Body::default() },
+            identity: None,
+            assertion: None,
         }
     }
 
@@ -98,6 +124,7 @@ impl Message {
         self.from.as_str().len()
             + self.to.as_str().len()
             + [&b.resource, &b.value, &b.description].iter().map(|s| s.as_ref().map_or(0, String::len)).sum::<usize>()
+            + self.assertion.as_ref().map_or(0, |a| a.idp.len() + a.token.len())
     }
 }
 

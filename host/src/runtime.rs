@@ -17,13 +17,15 @@ use anyhow::Result;
 use wasmtime::component::Linker;
 
 use crate::address::Address;
-use crate::bundle::{Bundle, BundleError, HypertySpec, Problem};
+use crate::bundle::{Bundle, BundleError, DomainSpec, HypertySpec, Location, Problem};
 use crate::bus::{Bus, BusConfig, Route, SendError};
 use crate::engine::{Digest, Engine};
 use crate::message::Message;
 use crate::policy::cedar::CedarPolicies;
 use crate::policy::{Decision, Descriptor, PolicyDecisionPoint};
 use crate::registry::{Kind, Query, Registration, Registry, Status};
+use crate::identity::{self, DomainIdentity, Identities, Proxy, ProxyPre};
+use crate::sandbox::limits::default_grants;
 use crate::signing;
 use crate::store::Store;
 use crate::events::{Event, Events};
@@ -116,6 +118,7 @@ pub struct Runtime {
     linker: Linker<InstanceState>,
     bus: Bus,
     registry: Arc<Registry>,
+    identities: Arc<Identities>,
     events: Events,
     policies: Arc<CedarPolicies>,
     store: Option<Store>,
@@ -123,6 +126,22 @@ pub struct Runtime {
     address: Address,
     /// Held for the whole of a deployment, so deployments do not interleave.
     deployed: Mutex<Deployed>,
+}
+
+/// Everything of a bundle that passed every check.
+struct Plan {
+    hyperties: Vec<Prepared>,
+    /// IdP proxies, by index in the bundle's `idps`.
+    idps: Vec<(usize, ProxyPre)>,
+}
+
+fn domain_identity(domain: &DomainSpec) -> DomainIdentity {
+    DomainIdentity { idp: domain.idp.clone(), require: domain.require_identity }
+}
+
+/// The registry address of the proxy of IdP `name`.
+fn idp_address(name: &str) -> Address {
+    Address::parse(format!("domain://idp.{name}")).expect("an IdP name is a domain name")
 }
 
 /// A hyperty that passed every check, ready to instantiate.
@@ -144,6 +163,7 @@ impl Runtime {
         };
         let address = Address::parse(address).map_err(anyhow::Error::msg)?;
         let policies = config.policies.clone();
+        let identities = Arc::new(Identities::default());
         let bus = Bus::new(
             BusConfig {
                 runtime_domain: config.domain,
@@ -151,6 +171,7 @@ impl Runtime {
                 max_message_bytes: config.max_message_bytes,
             },
             config.custom_policy.unwrap_or_else(|| config.policies.clone()),
+            identities.clone(),
         );
         let registry = Arc::new(Registry::default());
         registry.announce(bus.clone(), address.clone(), config.registry_keep_alive);
@@ -159,6 +180,7 @@ impl Runtime {
             linker,
             bus,
             registry,
+            identities,
             events: Events::default(),
             policies,
             store,
@@ -175,11 +197,54 @@ impl Runtime {
         self.prepare(bundle, &deployed).map(drop)
     }
 
-    fn prepare(&self, bundle: &Bundle, deployed: &Deployed) -> Result<Vec<Prepared>, BundleError> {
+    fn prepare(&self, bundle: &Bundle, deployed: &Deployed) -> Result<Plan, BundleError> {
         let mut problems = Vec::new();
         let mut prepared = Vec::new();
         let mut files = HashMap::new();
+        let mut idps = Vec::new();
+        for (i, idp) in bundle.idps.iter().enumerate() {
+            if self.identities.has_proxy(&idp.name) {
+                problems.push(bundle.problem(&idp.at, "component", format!("the IdP proxy of {} already runs", idp.name)));
+                continue;
+            }
+            let pre = pinned(&mut files, bundle, &idp.at, &idp.component, idp.sha256).and_then(|(bytes, digest)| {
+                self.engine
+                    .component(bytes, digest)
+                    .and_then(|component| {
+                        sandbox::check_grants(self.engine.wasmtime(), &component, &default_grants())?;
+                        identity::prepare(self.engine.wasmtime(), &component)
+                    })
+                    .map_err(|e| bundle.problem(&idp.at, "component", format!("{} is refused: {e:#}", idp.component.display())))
+            });
+            match pre {
+                Ok(pre) => idps.push((i, pre)),
+                Err(problem) => problems.push(problem),
+            }
+        }
         for (d, domain) in bundle.domains.iter().enumerate() {
+            if let Some(idp) = &domain.idp
+                && !bundle.idps.iter().any(|i| &i.name == idp)
+                && !self.identities.has_proxy(idp)
+            {
+                problems.push(Problem {
+                    file: bundle.path.clone(),
+                    line: None,
+                    field: format!("domains.{:?}.idp", domain.name),
+                    message: format!("no IdP proxy for {idp}: add [idps.{idp:?}] to the bundle"),
+                });
+            }
+            let running = self.identities.domain(&domain.name);
+            if deployed.sandboxes.contains_key(&domain.name) && running != domain_identity(domain) {
+                problems.push(Problem {
+                    file: bundle.path.clone(),
+                    line: None,
+                    field: format!("domains.{:?}.idp", domain.name),
+                    message: format!(
+                        "{} already runs with IdP {:?} and require-identity = {}",
+                        domain.name, running.idp, running.require
+                    ),
+                });
+            }
             if let Some(running) = deployed.sandboxes.get(&domain.name)
                 && running.settings != domain.settings
             {
@@ -210,32 +275,22 @@ impl Runtime {
             for (h, hyperty) in domain.hyperties.iter().enumerate() {
                 if self.registry.lookup(&domain.name, &hyperty.name).is_some() {
                     let message = format!("{}/{} is already deployed", domain.name, hyperty.name);
-                    problems.push(bundle.problem(hyperty, "name", message));
+                    problems.push(bundle.problem(&hyperty.at, "name", message));
                     continue;
                 }
-                let (bytes, digest) = match read_once(&mut files, &hyperty.component) {
+                let (bytes, digest) = match pinned(&mut files, bundle, &hyperty.at, &hyperty.component, hyperty.sha256) {
                     Ok(file) => file,
-                    Err(e) => {
-                        let message = format!("cannot read {}: {e}", hyperty.component.display());
-                        problems.push(bundle.problem(hyperty, "component", message));
+                    Err(problem) => {
+                        problems.push(problem);
                         continue;
                     }
                 };
-                if digest != hyperty.sha256 {
-                    let message = format!(
-                        "{} does not match its pin: the bundle pins {} but the file's sha256 is {digest}",
-                        hyperty.component.display(),
-                        hyperty.sha256
-                    );
-                    problems.push(bundle.problem(hyperty, "sha256", message));
-                    continue;
-                }
                 if !domain.trusted_keys.is_empty() {
                     let checked = std::fs::read_to_string(&hyperty.signature)
                         .map_err(|e| format!("signature missing: cannot read {}: {e}", hyperty.signature.display()))
                         .and_then(|sig| signing::verify(&sig, digest, &domain.trusted_keys));
                     if let Err(e) = checked {
-                        problems.push(bundle.problem(hyperty, "signature", format!("{} is refused: {e}", hyperty.component.display())));
+                        problems.push(bundle.problem(&hyperty.at, "signature", format!("{} is refused: {e}", hyperty.component.display())));
                         continue;
                     }
                 }
@@ -250,21 +305,58 @@ impl Runtime {
                     Ok(pre) => prepared.push(Prepared { domain: d, hyperty: h, pre }),
                     Err(e) => {
                         let message = format!("{} is refused: {e:#}", hyperty.component.display());
-                        problems.push(bundle.problem(hyperty, "component", message));
+                        problems.push(bundle.problem(&hyperty.at, "component", message));
                     }
                 }
             }
         }
-        if problems.is_empty() { Ok(prepared) } else { Err(BundleError { problems }) }
+        if problems.is_empty() { Ok(Plan { hyperties: prepared, idps }) } else { Err(BundleError { problems }) }
+    }
+
+    /// Starts (and initialises) the bundle's IdP proxies and binds its
+    /// domains to their IdPs; `started` collects what to undo.
+    fn start_idps(&self, bundle: &Bundle, idps: Vec<(usize, ProxyPre)>, started: &mut Vec<String>) -> Result<(), Problem> {
+        for (i, pre) in idps {
+            let spec = &bundle.idps[i];
+            let proxy = Proxy::start(&spec.name, pre, spec.config.clone())
+                .map_err(|e| bundle.problem(&spec.at, "component", format!("IdP proxy {}: {e:#}", spec.name)))?;
+            if !self.identities.add_proxy(&spec.name, proxy) {
+                return Err(bundle.problem(&spec.at, "component", format!("the IdP proxy of {} already runs", spec.name)));
+            }
+            started.push(spec.name.clone());
+            self.registry.register(Registration {
+                address: idp_address(&spec.name),
+                kind: Kind::IdpProxy,
+                name: spec.name.clone(),
+                domain: spec.name.clone(),
+                user: None,
+                hyperty_types: Vec::new(),
+                schemes: Vec::new(),
+                status: Status::Live,
+            });
+            tracing::info!("IdP proxy of {} started ({})", spec.name, spec.component.file_name().unwrap_or_default().to_string_lossy());
+        }
+        for domain in &bundle.domains {
+            self.identities.set_domain(&domain.name, domain_identity(domain));
+        }
+        Ok(())
+    }
+
+    fn stop_idp(&self, name: &str) {
+        self.identities.remove_proxy(name);
+        self.registry.unregister(name, name);
     }
 
     /// Deploys every hyperty of `bundle`, or none of them.
     pub fn deploy(&self, bundle: &Bundle) -> Result<Vec<DeployedHyperty>, BundleError> {
         let mut deployed = self.deployed.lock().unwrap();
-        let prepared = self.prepare(bundle, &deployed)?;
+        let plan = self.prepare(bundle, &deployed)?;
         let mut new_domains = Vec::new();
         let mut started: Vec<Running> = Vec::new();
-        let result = self.start_all(bundle, prepared, &mut deployed, &mut new_domains, &mut started);
+        let mut started_idps = Vec::new();
+        let result = self
+            .start_idps(bundle, plan.idps, &mut started_idps)
+            .and_then(|()| self.start_all(bundle, plan.hyperties, &mut deployed, &mut new_domains, &mut started));
         match result {
             Ok(()) => {
                 let hyperties = started.iter().map(|r| r.hyperty.clone()).collect();
@@ -274,6 +366,12 @@ impl Runtime {
             Err(problem) => {
                 for running in &started {
                     self.stop(&deployed, running);
+                }
+                for idp in &started_idps {
+                    self.stop_idp(idp);
+                }
+                for domain in bundle.domains.iter().filter(|d| !deployed.sandboxes.contains_key(&d.name) || new_domains.contains(&d.name)) {
+                    self.identities.remove_domain(&domain.name);
                 }
                 for domain in new_domains {
                     deployed.sandboxes.remove(&domain);
@@ -311,12 +409,12 @@ impl Runtime {
             let spec = &domain.hyperties[p.hyperty];
             if !deployed.sandboxes.contains_key(&domain.name) {
                 let handle = SandboxHandle::spawn(&domain.name, domain.settings.clone(), self.shared())
-                .map_err(|e| bundle.problem(spec, "component", format!("{e:#}")))?;
+                .map_err(|e| bundle.problem(&spec.at, "component", format!("{e:#}")))?;
                 deployed.sandboxes.insert(domain.name.clone(), handle);
                 new_domains.push(domain.name.clone());
             }
             let sandbox = &deployed.sandboxes[&domain.name];
-            let address = self.hyperty_address(&domain.name, spec).map_err(|e| bundle.problem(spec, "name", format!("{e:#}")))?;
+            let address = self.hyperty_address(&domain.name, spec).map_err(|e| bundle.problem(&spec.at, "name", format!("{e:#}")))?;
             let label: Arc<str> = format!("{}/{}", domain.name, spec.name).into();
             let descriptor = Arc::new(Descriptor {
                 domain: domain.name.clone(),
@@ -325,7 +423,7 @@ impl Runtime {
             });
             if let Decision::Deny { policies, reason } = self.policies.authorize_deploy(&domain.name, &address, &descriptor) {
                 let message = format!("{label}: {reason} by the policies of {} [{}]", domain.name, policies.join(", "));
-                return Err(bundle.problem(spec, "name", message));
+                return Err(bundle.problem(&spec.at, "name", message));
             }
             let new = NewHyperty {
                 pre: p.pre,
@@ -336,7 +434,7 @@ impl Runtime {
             };
             let instance = sandbox
                 .instantiate(new)
-                .map_err(|e| bundle.problem(spec, "component", format!("{e:#}")))?;
+                .map_err(|e| bundle.problem(&spec.at, "component", format!("{e:#}")))?;
             let hyperty = DeployedHyperty { domain: domain.name.clone(), name: spec.name.clone(), address };
             self.bus.add_route(hyperty.address.clone(), Route::Hyperty { inbox: sandbox.inbox(), instance, descriptor });
             self.registry.register(Registration {
@@ -364,7 +462,7 @@ impl Runtime {
             let spec = domain.hyperties.iter().find(|s| s.name == h.name).expect("from this bundle");
             deployed.sandboxes[&h.domain]
                 .init(running.instance)
-                .map_err(|e| bundle.problem(spec, "component", format!("{}/{}: {e:#}", h.domain, h.name)))?;
+                .map_err(|e| bundle.problem(&spec.at, "component", format!("{}/{}: {e:#}", h.domain, h.name)))?;
             self.registry.set_status(&h.address, Status::Live);
         }
         Ok(())
@@ -573,18 +671,28 @@ impl Drop for Endpoint {
     }
 }
 
-/// The bytes and digest of the file at `path`, read and hashed once per
-/// deployment however many hyperties of the bundle use it.
-fn read_once<'a>(
+/// The bytes and digest of the component file at `path` of the entry at
+/// `at`, if it matches its pin; read and hashed once per deployment however
+/// many entries of the bundle use it.
+fn pinned<'a>(
     files: &'a mut HashMap<PathBuf, (Vec<u8>, Digest)>,
+    bundle: &Bundle,
+    at: &Location,
     path: &std::path::Path,
-) -> std::io::Result<(&'a [u8], Digest)> {
+    pin: Digest,
+) -> Result<(&'a [u8], Digest), Problem> {
     if !files.contains_key(path) {
-        let bytes = std::fs::read(path)?;
+        let bytes = std::fs::read(path)
+            .map_err(|e| bundle.problem(at, "component", format!("cannot read {}: {e}", path.display())))?;
         let digest = Digest::of(&bytes);
         files.insert(path.to_owned(), (bytes, digest));
     }
     let (bytes, digest) = &files[path];
+    if *digest != pin {
+        let message =
+            format!("{} does not match its pin: the bundle pins {pin} but the file's sha256 is {digest}", path.display());
+        return Err(bundle.problem(at, "sha256", message));
+    }
     Ok((bytes, *digest))
 }
 

@@ -99,6 +99,24 @@ impl TestBundle {
         self
     }
 
+    /// Adds the IdP proxy of `idp` (the `idp-jwt` guest) signing with the
+    /// ed25519 secret key `seed`, and makes it the IdP of `domains`.
+    pub fn idp(mut self, idp: &str, seed: [u8; 32], domains: &[&str]) -> TestBundle {
+        let component = guest("idp-jwt");
+        let bytes = std::fs::read(&component).unwrap();
+        let entry = json!({
+            "component": component.display().to_string(),
+            "sha256": Digest::of(&bytes).to_string(),
+            "config": { "issuer": idp, "signing-key": hex(&seed), "lifetime-seconds": 600 },
+        });
+        let idps = self.table.entry("idps").or_insert_with(|| toml::Table::new().into());
+        idps.as_table_mut().unwrap().insert(idp.into(), toml::Value::try_from(entry).unwrap());
+        for domain in domains {
+            self = self.domain(domain, json!({ "idp": idp }));
+        }
+        self
+    }
+
     /// The directory the manifest is written to (for extra files).
     pub fn dir(&self) -> &Path {
         self.dir.path()
@@ -254,6 +272,29 @@ pub fn wait_event(events: &mut tokio::sync::broadcast::Receiver<Event>, pred: im
             }
         }
     }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A compact EdDSA JWT made here, independently of the IdP proxy guest:
+/// `{"alg":"EdDSA"}` header, claims `iss`, `sub`, `exp` (Unix seconds),
+/// signed with the ed25519 secret key `seed`.
+pub fn jwt(seed: [u8; 32], iss: &str, sub: &str, exp: i64) -> String {
+    use base64::Engine as _;
+    use ed25519_dalek::Signer as _;
+    let b64 = |bytes: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+    let header = b64(br#"{"alg":"EdDSA","typ":"JWT"}"#);
+    let claims = b64(json!({ "iss": iss, "sub": sub, "exp": exp }).to_string().as_bytes());
+    let signed = format!("{header}.{claims}");
+    let signature = ed25519_dalek::SigningKey::from_bytes(&seed).sign(signed.as_bytes());
+    format!("{signed}.{}", b64(&signature.to_bytes()))
+}
+
+/// Seconds since the Unix epoch.
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
 }
 
 /// Resident memory of this process, in bytes (Linux).

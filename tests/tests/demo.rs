@@ -40,7 +40,8 @@ fn demo_bundle_plays_every_round_and_exits_by_itself() {
     let log = String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
     assert!(code == ExitCode::SUCCESS, "the demo failed:\n{log}\n(if a guest changed, re-pin: just pin)");
     for round in 1..=3 {
-        assert!(log.contains(&format!("got \"ping {round}\" from hyperty://alice.example/")), "{log}");
+        let from = format!("got \"ping {round}\" from alice@idp.example (asserted by idp.example) at hyperty://alice.example/");
+        assert!(log.contains(&from), "{log}");
         assert!(log.contains(&format!("answered \"pong {round}\" (round {round} of 3)")), "{log}");
     }
     assert!(log.contains("game over: every ping got its pong"), "{log}");

@@ -31,8 +31,9 @@ struct World {
     _bundle: TestBundle,
 }
 
-/// alice.example/a (user alice@idp.example) and bob.example/b (echoing,
-/// user bob@idp.example); bob.example's policies are `bob_policies`.
+/// alice.example/a (user alice@idp.example, asserted by idp.example) and
+/// bob.example/b (echoing, user bob@idp.example); bob.example's policies
+/// are `bob_policies`.
 fn world(bob_policies: &str) -> World {
     let clock = Arc::new(FixedClock::new(MONDAY_NOON));
     let policies = Arc::new(CedarPolicies::with_clock(clock.clone()));
@@ -53,6 +54,11 @@ fn world(bob_policies: &str) -> World {
         .hyperty("bob.example", "b", &guest("puppet"), puppet_config(true))
         .user("alice.example", "a", "alice@idp.example")
         .user("bob.example", "b", "bob@idp.example")
+        // alice's identity reaches bob.example as an assertion of
+        // idp.example, which is what the policies read; the observer drives
+        // a anonymously, so alice.example accepts that.
+        .idp("idp.example", [7; 32], &["alice.example"])
+        .domain("alice.example", json!({ "require-identity": false }))
         .domain("bob.example", json!({ "policies": [bob_file.to_str().unwrap()] }));
     runtime.deploy(&bundle.load()).expect("deploys with valid policies");
     let a = runtime.lookup("alice.example", "a").unwrap();

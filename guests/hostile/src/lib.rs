@@ -136,7 +136,7 @@ fn garbage() -> Value {
         Message::new(7, MessageType::Read, &me, "hyperty://a.example/x", "{not json"),
         Message::new(8, MessageType::Read, &me, "hyperty://a.example/x", "\u{0}"),
         Message::new(9, MessageType::Read, "", "hyperty://a.example/x", "{}"),
-        Message { id: u64::MAX, type_: MessageType::Response, from: me.clone(), to: "hyperty://a.example/x".into(), body: Body { code: Some(u16::MAX), resource: Some("\0".into()), value: None, description: Some("\u{FFFF}".into()) } },
+        Message { id: u64::MAX, type_: MessageType::Response, from: me.clone(), to: "hyperty://a.example/x".into(), body: Body { code: Some(u16::MAX), resource: Some("\0".into()), value: None, description: Some("\u{FFFF}".into()) }, identity: None },
     ];
     let mut errors = Vec::new();
     for m in &cases {

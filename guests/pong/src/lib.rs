@@ -17,7 +17,9 @@ impl Guest for Pong {
         }
         let text = msg.value_str("text").unwrap_or_default();
         let answer = text.replacen("ping", "pong", 1);
-        info(&format!("got \"{text}\" from {}, answering \"{answer}\"", msg.from));
+        // The host set `identity`: validated by the sender's IdP proxy.
+        let who = msg.identity.as_ref().map_or("an anonymous sender".to_owned(), |i| format!("{} (asserted by {})", i.user, i.idp));
+        info(&format!("got \"{text}\" from {who} at {}, answering \"{answer}\"", msg.from));
         if let Err(e) = bus::reply(&msg, 200, Some(&json!({ "text": answer }).to_string())) {
             warn(&format!("could not answer: {}", e.describe()));
         }

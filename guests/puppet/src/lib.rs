@@ -13,7 +13,7 @@
 
 use std::cell::RefCell;
 
-use hyperty_guest::{Body, Guest, Message, MessageType, bus, registry, warn};
+use hyperty_guest::{Body, Guest, Identity, Message, MessageType, bus, registry, warn};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
@@ -52,6 +52,10 @@ struct MessageJson {
     value: Option<String>,
     #[serde(default)]
     description: Option<String>,
+    /// The sender's identity as the host delivered it, `[user, idp]`; in a
+    /// command, an identity the puppet tries to claim (which the host refuses).
+    #[serde(default)]
+    identity: Option<(String, String)>,
 }
 
 const TYPES: [(MessageType, &str); 9] = [
@@ -78,6 +82,7 @@ impl MessageJson {
             resource: m.body.resource.clone(),
             value: m.body.value.clone(),
             description: m.body.description.clone(),
+            identity: m.identity.as_ref().map(|i| (i.user.clone(), i.idp.clone())),
         }
     }
 
@@ -93,6 +98,7 @@ impl MessageJson {
             from: self.from,
             to: self.to,
             body: Body { code: self.code, resource: self.resource, value: self.value, description: self.description },
+            identity: self.identity.map(|(user, idp)| Identity { user, idp }),
         })
     }
 }

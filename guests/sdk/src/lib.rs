@@ -12,7 +12,7 @@ wit_bindgen::generate!({
 });
 
 pub use exports::rethink::hyperty::handler::Guest;
-pub use rethink::hyperty::types::{Body, Message, MessageType, SendError};
+pub use rethink::hyperty::types::{Body, Identity, Message, MessageType, SendError};
 pub use rethink::hyperty::{bus, registry};
 
 /// Logs at info level into the host's log, tagged with this hyperty.
@@ -41,7 +41,7 @@ impl Message {
 
     /// A message of `kind` from `from` to `to` with a JSON `value`.
     pub fn new(id: u64, kind: MessageType, from: &str, to: &str, value: impl Into<String>) -> Message {
-        Message { id, type_: kind, from: from.to_string(), to: to.to_string(), body: Body::value(value) }
+        Message { id, type_: kind, from: from.to_string(), to: to.to_string(), body: Body::value(value), identity: None }
     }
 }
 
@@ -50,6 +50,7 @@ impl SendError {
     pub fn describe(&self) -> String {
         match self {
             SendError::SpoofedFrom(s) => format!("spoofed-from: {s}"),
+            SendError::SpoofedIdentity(s) => format!("spoofed-identity: {s}"),
             SendError::Malformed(s) => format!("malformed: {s}"),
             SendError::TooLarge(s) => format!("too-large: {s}"),
             SendError::DuplicateId(id) => format!("duplicate-id: {id}"),

@@ -39,7 +39,7 @@ use super::clock::{CivilTime, Clock, SystemClock};
 use super::{Decision, Descriptor, EnforcementPoint, Parties, PolicyDecisionPoint};
 use crate::address::Address;
 use crate::bundle::{Problem, line_of};
-use crate::message::Message;
+use crate::message::{Identity, Message};
 
 /// The schema policies are validated against (shipped in `policies/`).
 pub const SCHEMA: &str = include_str!("../../../policies/schema.cedarschema");
@@ -374,6 +374,7 @@ impl CedarPolicies {
             to: &m.to,
             point: &point,
             parties,
+            identity: m.identity.as_ref(),
             resource: m.body.resource.as_deref(),
             now,
         })
@@ -385,8 +386,18 @@ impl CedarPolicies {
         let state = self.snapshot();
         let Some(compiled) = state.domains.get(domain) else { return Decision::Permit };
         let parties = Parties { sender: Some(descriptor), target: Some(descriptor) };
-        let parts =
-            RequestParts { action: "deploy", from: address, to: address, point: "deploy", parties, resource: None, now: self.clock.now() };
+        // Not asserted yet: the user the bundle binds the hyperty to.
+        let identity = descriptor.user.clone().map(|user| Identity { user, idp: String::new() });
+        let parts = RequestParts {
+            action: "deploy",
+            from: address,
+            to: address,
+            point: "deploy",
+            parties,
+            identity: identity.as_ref(),
+            resource: None,
+            now: self.clock.now(),
+        };
         let request = match build_request(parts) {
             Ok(r) => r,
             Err(e) => return Decision::Deny { policies: vec![], reason: format!("the request cannot be evaluated: {e}") },
@@ -410,6 +421,8 @@ struct RequestParts<'a> {
     to: &'a Address,
     point: &'a str,
     parties: Parties<'a>,
+    /// The sender's identity as the identity module established it.
+    identity: Option<&'a Identity>,
     resource: Option<&'a str>,
     now: i64,
 }
@@ -418,7 +431,7 @@ fn build_request(p: RequestParts<'_>) -> Result<Request, String> {
     let principal = address_uid(p.from);
     let resource = address_uid(p.to);
     let action = EntityUid::from_type_name_and_id(type_name("Action"), EntityId::new(p.action));
-    let user = p.parties.sender.and_then(|d| d.user.as_deref());
+    let user = p.identity.map(|i| i.user.as_str());
     let s = |v: &str| RestrictedExpression::new_string(v.to_owned());
     let (res, res_type) = p.resource.map_or(("", ""), |r| r.split_once('#').unwrap_or((r, "")));
     let res_scheme = res.split_once("://").map_or("", |(scheme, _)| scheme);
@@ -438,6 +451,7 @@ fn build_request(p: RequestParts<'_>) -> Result<Request, String> {
         ("target_name".to_owned(), s(p.parties.target.map_or("", |d| &d.name))),
         ("has_sender_user".to_owned(), RestrictedExpression::new_bool(user.is_some())),
         ("sender_user".to_owned(), RestrictedExpression::new_entity_uid(user_uid(user.unwrap_or("")))),
+        ("sender_idp".to_owned(), s(p.identity.map_or("", |i| &i.idp))),
         ("target_scheme".to_owned(), s(p.to.scheme())),
         ("resource".to_owned(), s(res)),
         ("resource_scheme".to_owned(), s(res_scheme)),
@@ -499,6 +513,8 @@ struct Cached {
     to: Box<str>,
     kind: crate::message::MessageType,
     resource: Option<Box<str>>,
+    /// The sender's identity: user and IdP.
+    user: Option<(Box<str>, Box<str>)>,
     minute: i64,
     decision: Decision,
 }
@@ -557,8 +573,11 @@ impl CedarPolicies {
         let generation = state.generation;
         let minute = if compiled.uses_time { now.div_euclid(60) } else { i64::MIN };
         let resource = message.body.resource.as_deref();
+        // The identity is part of the key: an address's sender may act for
+        // different users (an endpoint, a gateway), and the IdP with it.
+        let user = message.identity.as_ref().map(|i| (i.user.as_str(), i.idp.as_str()));
         let mut h = DefaultHasher::new();
-        (point, domain, message.from.as_str(), message.to.as_str(), message.kind, resource, minute).hash(&mut h);
+        (point, domain, message.from.as_str(), message.to.as_str(), message.kind, resource, user, minute).hash(&mut h);
         let hash = h.finish();
         let hit = CACHE.with(|cache| {
             let mut cache = cache.borrow_mut();
@@ -573,6 +592,7 @@ impl CedarPolicies {
                     && &*c.to == message.to.as_str()
                     && c.kind == message.kind
                     && c.resource.as_deref() == resource
+                    && c.user.as_ref().map(|(u, i)| (&**u, &**i)) == user
                     && c.minute == minute;
                 same.then(|| c.decision.clone())
             })
@@ -594,6 +614,7 @@ impl CedarPolicies {
                 to: message.to.as_str().into(),
                 kind: message.kind,
                 resource: resource.map(Into::into),
+                user: user.map(|(u, i)| (u.into(), i.into())),
                 minute,
                 decision: decision.clone(),
             });

@@ -116,6 +116,12 @@ impl InstanceState {
             return Err(SendError::SpoofedFrom(format!("{from} is not this hyperty's address ({})", self.address)));
         }
         let to = Address::parse(m.to).map_err(|e| SendError::Malformed(format!("to: {e}")))?;
+        if let Some(claimed) = m.identity {
+            return Err(SendError::SpoofedIdentity(format!(
+                "{} claims to act for {} of {}: only the host sets a message's identity",
+                self.address, claimed.user, claimed.idp
+            )));
+        }
         let value = m.body.value.map(check_json).transpose()?;
         self.take_token()?;
         Ok(Message {
@@ -124,6 +130,8 @@ impl InstanceState {
             from,
             to,
             body: Body { code: m.body.code, resource: m.body.resource, value, description: m.body.description },
+            identity: None,
+            assertion: None,
         })
     }
 
@@ -194,7 +202,9 @@ impl InstanceState {
     /// oversize) to the operator, at most once a second; back-pressure
     /// errors are the normal course of things and are not reported.
     fn reported(&mut self, result: Result<(), SendError>) -> Result<(), SendError> {
-        if let Err(e @ (SendError::SpoofedFrom(_) | SendError::Malformed(_) | SendError::TooLarge(_))) = &result {
+        if let Err(e @ (SendError::SpoofedFrom(_) | SendError::SpoofedIdentity(_) | SendError::Malformed(_) | SendError::TooLarge(_))) =
+            &result
+        {
             let now = Instant::now();
             if self.misbehaviour_reported.is_none_or(|last| now.duration_since(last) >= Duration::from_secs(1)) {
                 self.misbehaviour_reported = Some(now);
@@ -270,6 +280,7 @@ impl From<SendError> for wit::SendError {
     fn from(e: SendError) -> wit::SendError {
         match e {
             SendError::SpoofedFrom(s) => wit::SendError::SpoofedFrom(s),
+            SendError::SpoofedIdentity(s) => wit::SendError::SpoofedIdentity(s),
             SendError::Malformed(s) => wit::SendError::Malformed(s),
             SendError::TooLarge(s) => wit::SendError::TooLarge(s),
             SendError::DuplicateId(id) => wit::SendError::DuplicateId(id),
@@ -324,6 +335,7 @@ impl From<Message> for wit::Message {
                 value: m.body.value,
                 description: m.body.description,
             },
+            identity: m.identity.map(|i| wit::Identity { user: i.user, idp: i.idp }),
         }
     }
 }

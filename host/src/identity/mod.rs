@@ -1,0 +1,201 @@
+//! Identity: who a message's sender acts for, established on the one
+//! message path.
+//!
+//! A hyperty is bound to a user at deployment (`user` in its bundle entry);
+//! its domain names the IdP that vouches for its users (`idp`), whose proxy
+//! component (`[idps.<name>]`, world `idp-proxy`) issues and validates
+//! assertions. For every message, after the route lookup and before the
+//! policies (which read the result), the bus asks [`Identities::establish`]:
+//!
+//! - The sender's claim is erased first: only this module sets
+//!   [`Message::identity`] (guests cannot even send one: `spoofed-identity`).
+//! - Inside one domain, no assertion travels; the identity is the user the
+//!   sender is bound to.
+//! - A message leaving its domain from a hyperty of this runtime carries that
+//!   user's assertion, made by the domain's IdP proxy (whatever the message
+//!   carried before is replaced). A hyperty without a user, or of a domain
+//!   without an IdP, sends none.
+//! - A message arriving from another domain is validated by the proxy of
+//!   the IdP its assertion names; the validated user becomes its identity.
+//!   A tampered, expired, foreign-key or unknown-IdP assertion is answered
+//!   401 and not delivered, and so is a message without one into a domain
+//!   that requires identity (`require-identity`, by default on for a domain
+//!   with an IdP: a domain whose users are asserted wants to know who others
+//!   are too).
+//!
+//! Proxies are WebAssembly components and slow to call next to the bus, so
+//! assertions are cached: issued ones per (IdP, user) until half their
+//! lifetime has passed, validated ones per token until they expire. The
+//! caches are bounded; a full one forgets what has expired, then everything.
+
+mod proxy;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+pub(crate) use proxy::{Proxy, ProxyPre, prepare};
+
+use crate::message::{Assertion, Identity, Message, code};
+use crate::policy::Descriptor;
+
+/// Most assertions cached, issued or validated.
+const CACHE_LIMIT: usize = 4096;
+
+/// Why a message cannot go on: the code and the reason its sender is told.
+pub(crate) type Refusal = (u16, String);
+
+/// How a provider domain deals with identity.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DomainIdentity {
+    /// The IdP vouching for the domain's users.
+    pub idp: Option<String>,
+    /// Refuse (401) messages from other domains that carry no assertion.
+    pub require: bool,
+}
+
+/// The IdP proxies of this runtime and which domain trusts which.
+#[derive(Default)]
+pub(crate) struct Identities {
+    proxies: RwLock<HashMap<String, Arc<Proxy>>>,
+    domains: RwLock<HashMap<String, DomainIdentity>>,
+    /// (IdP, user) → an assertion and when it was made.
+    issued: Mutex<HashMap<(String, String), (Assertion, u64, u64)>>,
+    /// An assertion → who it says, until when.
+    validated: RwLock<HashMap<Assertion, (Identity, u64)>>,
+}
+
+fn now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+impl Identities {
+    /// Adds the running proxy of IdP `name`; false if there is one already.
+    pub fn add_proxy(&self, name: &str, proxy: Proxy) -> bool {
+        let mut proxies = self.proxies.write().unwrap();
+        if proxies.contains_key(name) {
+            return false;
+        }
+        proxies.insert(name.to_owned(), Arc::new(proxy));
+        true
+    }
+
+    /// Stops the proxy of IdP `name` and forgets what it said.
+    pub fn remove_proxy(&self, name: &str) {
+        self.proxies.write().unwrap().remove(name);
+        self.issued.lock().unwrap().retain(|(idp, _), _| idp != name);
+        self.validated.write().unwrap().retain(|a, _| a.idp != name);
+    }
+
+    pub fn has_proxy(&self, name: &str) -> bool {
+        self.proxies.read().unwrap().contains_key(name)
+    }
+
+    /// Sets how `domain` deals with identity.
+    pub fn set_domain(&self, domain: &str, identity: DomainIdentity) {
+        self.domains.write().unwrap().insert(domain.to_owned(), identity);
+    }
+
+    /// How `domain` deals with identity (the default: no IdP, nothing
+    /// required).
+    pub fn domain(&self, domain: &str) -> DomainIdentity {
+        self.domains.read().unwrap().get(domain).cloned().unwrap_or_default()
+    }
+
+    /// Forgets `domain`.
+    pub fn remove_domain(&self, domain: &str) {
+        self.domains.write().unwrap().remove(domain);
+    }
+
+    fn domain_idp(&self, domain: &str) -> Option<String> {
+        self.domains.read().unwrap().get(domain).and_then(|d| d.idp.clone())
+    }
+
+    fn proxy(&self, idp: &str) -> Option<Arc<Proxy>> {
+        self.proxies.read().unwrap().get(idp).cloned()
+    }
+
+    /// Sets `message`'s identity (and its assertion, when it leaves its
+    /// domain), or says why it must not be delivered. `sender` describes the
+    /// sending hyperty when it runs here (`None` for an embedder's endpoint,
+    /// whose assertion is taken as it comes, like one from the network).
+    pub fn establish(&self, message: &mut Message, sender: Option<&Descriptor>) -> Result<(), Refusal> {
+        message.identity = None;
+        let from_domain = message.from.domain();
+        if from_domain == message.to.domain() {
+            message.assertion = None;
+            if let Some(user) = sender.and_then(|s| s.user.as_ref()) {
+                let idp = self.domain_idp(from_domain).unwrap_or_else(|| from_domain.to_owned());
+                message.identity = Some(Identity { user: user.clone(), idp });
+            }
+            return Ok(());
+        }
+        if let Some(sender) = sender {
+            message.assertion = match (&sender.user, self.domain_idp(from_domain)) {
+                (Some(user), Some(idp)) => Some(self.assertion_for(&idp, user)?),
+                _ => None,
+            };
+        }
+        match &message.assertion {
+            Some(assertion) => message.identity = Some(self.validate(assertion)?),
+            None => {
+                let to_domain = message.to.domain();
+                if self.domains.read().unwrap().get(to_domain).is_some_and(|d| d.require) {
+                    let why = format!(
+                        "{to_domain} requires an identity assertion on messages from other domains; {} sent none",
+                        message.from
+                    );
+                    return Err((code::UNAUTHORIZED, why));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A current assertion for `user` from IdP `idp`.
+    fn assertion_for(&self, idp: &str, user: &str) -> Result<Assertion, Refusal> {
+        let now = now();
+        let key = (idp.to_owned(), user.to_owned());
+        if let Some((assertion, made, expires)) = self.issued.lock().unwrap().get(&key)
+            && now < made + (expires - made) / 2
+        {
+            return Ok(assertion.clone());
+        }
+        let unavailable = |why: String| (code::INTERNAL_ERROR, format!("cannot assert {user} with IdP {idp}: {why}"));
+        let proxy = self.proxy(idp).ok_or_else(|| unavailable("no proxy runs for it".into()))?;
+        let issued = proxy.generate(user).map_err(unavailable)?;
+        let assertion = Assertion { idp: idp.to_owned(), token: issued.token };
+        let mut cache = self.issued.lock().unwrap();
+        if cache.len() >= CACHE_LIMIT {
+            cache.retain(|_, (_, _, expires)| *expires > now);
+            if cache.len() >= CACHE_LIMIT {
+                cache.clear();
+            }
+        }
+        cache.insert(key, (assertion.clone(), now, issued.expires.max(now)));
+        Ok(assertion)
+    }
+
+    /// Who `assertion` says the sender is, as its IdP's proxy validates it.
+    fn validate(&self, assertion: &Assertion) -> Result<Identity, Refusal> {
+        let now = now();
+        if let Some((identity, expires)) = self.validated.read().unwrap().get(assertion)
+            && now < *expires
+        {
+            return Ok(identity.clone());
+        }
+        let refused = |why: String| (code::UNAUTHORIZED, format!("identity assertion of IdP {} refused: {why}", assertion.idp));
+        let proxy = self.proxy(&assertion.idp).ok_or_else(|| refused("no proxy for this IdP runs here".into()))?;
+        let claims = proxy.validate(&assertion.token).map_err(refused)?;
+        let identity = Identity { user: claims.user, idp: assertion.idp.clone() };
+        let mut cache = self.validated.write().unwrap();
+        if cache.len() >= CACHE_LIMIT {
+            cache.retain(|_, (_, expires)| *expires > now);
+            if cache.len() >= CACHE_LIMIT {
+                cache.clear();
+            }
+        }
+        cache.insert(assertion.clone(), (identity.clone(), claims.expires));
+        Ok(identity)
+    }
+}

@@ -1,0 +1,169 @@
+//! The wasmtime glue of the `idp-proxy` world: one IdP proxy component in
+//! its own store, called from whichever thread needs an assertion made or
+//! checked.
+//!
+//! A proxy is called rarely (the [`Identities`](super::Identities) caches
+//! what it answers until the assertion expires), so one store behind a
+//! mutex is enough; each call has the same deadline, fuel and memory limits
+//! as a hyperty's call. A proxy that traps is dropped and instantiated
+//! afresh (and initialised again) on the next call.
+
+use std::sync::{Arc, Mutex};
+
+use anyhow::{Result, anyhow};
+use wasmtime::Store;
+use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+use crate::engine::EPOCH_TICK;
+use crate::sandbox::limits::{DomainMemory, InstanceLimiter, Limits};
+
+mod bindings {
+    wasmtime::component::bindgen!({
+        path: "../wit",
+        world: "idp-proxy",
+    });
+}
+
+use bindings::exports::rethink::hyperty::identity_provider as wit;
+use bindings::rethink::hyperty::log as wit_log;
+use bindings::{IdpProxy as Bindings, IdpProxyPre};
+
+/// What a valid assertion says, as the proxy answered.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Claims {
+    pub user: String,
+    /// Seconds since the Unix epoch.
+    pub expires: u64,
+}
+
+/// A fresh assertion.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Issued {
+    pub token: String,
+    pub expires: u64,
+}
+
+/// The store data of a proxy instance.
+struct ProxyState {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    limiter: InstanceLimiter,
+    name: Arc<str>,
+}
+
+impl WasiView for ProxyState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+    }
+}
+
+impl wit_log::Host for ProxyState {
+    fn log(&mut self, level: wit_log::Level, message: String) {
+        let who = &self.name;
+        match level {
+            wit_log::Level::Trace | wit_log::Level::Debug => tracing::debug!(target: "hyperty::idp", "{who}: {message}"),
+            wit_log::Level::Info => tracing::info!(target: "hyperty::idp", "{who}: {message}"),
+            wit_log::Level::Warn | wit_log::Level::Error => tracing::warn!(target: "hyperty::idp", "{who}: {message}"),
+        }
+    }
+}
+
+/// Checks that `component` fits the `idp-proxy` world and prepares it.
+pub(crate) fn prepare(engine: &wasmtime::Engine, component: &Component) -> Result<ProxyPre> {
+    let mut linker = Linker::new(engine);
+    wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(|e| anyhow!("{e:#}"))?;
+    Bindings::add_to_linker::<_, HasSelf<ProxyState>>(&mut linker, |s| s).map_err(|e| anyhow!("{e:#}"))?;
+    let pre = linker.instantiate_pre(component).map_err(|e| anyhow!("does not fit the idp-proxy world: {e:#}"))?;
+    IdpProxyPre::new(pre).map(ProxyPre).map_err(|e| anyhow!("does not fit the idp-proxy world: {e:#}"))
+}
+
+/// A component checked against the `idp-proxy` world.
+#[derive(Clone)]
+pub(crate) struct ProxyPre(IdpProxyPre<ProxyState>);
+
+/// One running IdP proxy.
+pub(crate) struct Proxy {
+    name: Arc<str>,
+    pre: ProxyPre,
+    config: String,
+    limits: Limits,
+    memory: Arc<DomainMemory>,
+    running: Mutex<Option<(Store<ProxyState>, Bindings)>>,
+}
+
+impl Proxy {
+    /// Instantiates the proxy of IdP `name` and initialises it with
+    /// `config`; an error names what refused.
+    pub fn start(name: &str, pre: ProxyPre, config: String) -> Result<Proxy> {
+        let proxy = Proxy {
+            name: name.into(),
+            pre,
+            config,
+            limits: Limits::default(),
+            memory: Arc::default(),
+            running: Mutex::new(None),
+        };
+        proxy.call(|_, _| Ok(()))?;
+        Ok(proxy)
+    }
+
+    /// An assertion for `user`.
+    pub fn generate(&self, user: &str) -> Result<Issued, String> {
+        self.call(|b, store| b.rethink_hyperty_identity_provider().call_generate_assertion(store, user))
+            .map_err(|e| format!("{e:#}"))?
+            .map(|a| Issued { token: a.token, expires: a.expires })
+    }
+
+    /// What `token` says, if it is valid.
+    pub fn validate(&self, token: &str) -> Result<Claims, String> {
+        self.call(|b, store| b.rethink_hyperty_identity_provider().call_validate_assertion(store, token))
+            .map_err(|e| format!("{e:#}"))?
+            .map(|c: wit::Claims| Claims { user: c.user, expires: c.expires })
+    }
+
+    /// Runs `f` against the instance, instantiating (and initialising) one
+    /// first if there is none; a trap drops the instance.
+    fn call<T>(&self, f: impl FnOnce(&Bindings, &mut Store<ProxyState>) -> wasmtime::Result<T>) -> Result<T> {
+        let mut running = self.running.lock().unwrap();
+        if running.is_none() {
+            *running = Some(self.instantiate()?);
+        }
+        let (store, bindings) = running.as_mut().expect("just set");
+        self.arm(store);
+        match f(bindings, store) {
+            Ok(value) => Ok(value),
+            Err(e) => {
+                *running = None;
+                tracing::warn!(idp = %self.name, "IdP proxy trapped, it will be instantiated afresh: {e:#}");
+                Err(anyhow!("the IdP proxy of {} trapped: {e:#}", self.name))
+            }
+        }
+    }
+
+    fn instantiate(&self) -> Result<(Store<ProxyState>, Bindings)> {
+        let state = ProxyState {
+            wasi: WasiCtx::builder().build(),
+            table: ResourceTable::new(),
+            limiter: InstanceLimiter::new(&self.limits, self.memory.clone()),
+            name: self.name.clone(),
+        };
+        let mut store = Store::new(self.pre.0.engine(), state);
+        store.limiter(|s| &mut s.limiter);
+        store.epoch_deadline_trap();
+        self.arm(&mut store);
+        let bindings = self.pre.0.instantiate(&mut store).map_err(|e| anyhow!("instantiation failed: {e:#}"))?;
+        self.arm(&mut store);
+        bindings
+            .rethink_hyperty_identity_provider()
+            .call_init(&mut store, &self.config)
+            .map_err(|e| anyhow!("init trapped: {e:#}"))?
+            .map_err(|e| anyhow!("init refused its configuration: {e}"))?;
+        Ok((store, bindings))
+    }
+
+    fn arm(&self, store: &mut Store<ProxyState>) {
+        store.set_epoch_deadline(self.limits.call_timeout_ms.div_ceil(EPOCH_TICK.as_millis() as u64));
+        store.set_fuel(self.limits.fuel_per_call.unwrap_or(u64::MAX)).expect("the engine consumes fuel");
+    }
+}
