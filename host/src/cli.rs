@@ -42,6 +42,11 @@ enum Command {
         /// with `hyperty group`, the running runtime picks changes up.
         #[arg(long)]
         groups: Option<PathBuf>,
+        /// Serve the registry of this provider domain: keep what runtimes
+        /// announce to domain://registry.<domain>, expire what they stop
+        /// refreshing. Repeatable.
+        #[arg(long, value_name = "DOMAIN")]
+        serve_registry: Vec<String>,
     },
     /// Add a user to or remove one from a group in a groups file.
     Group {
@@ -90,8 +95,12 @@ where
     init_logging();
     let config = RuntimeConfig { cache_dir: cli.cache_dir, data_dir: Some(cli.data_dir), ..RuntimeConfig::default() };
     let result = match cli.command {
-        Command::Run { bundle, exit_when_idle, request_timeout_ms, policies, groups } => {
-            let config = RuntimeConfig { request_timeout: Duration::from_millis(request_timeout_ms), ..config };
+        Command::Run { bundle, exit_when_idle, request_timeout_ms, policies, groups, serve_registry } => {
+            let config = RuntimeConfig {
+                request_timeout: Duration::from_millis(request_timeout_ms),
+                serve_registries: serve_registry,
+                ..config
+            };
             setup_policies(&config, policies.as_deref(), groups.as_deref()).and_then(|()| run(&bundle, config, exit_when_idle))
         }
         Command::Group { action, groups_file, group, user } => edit_group(&groups_file, &group, &user, action == "add"),

@@ -24,6 +24,7 @@ use serde_json::json;
 
 use crate::address::Address;
 use crate::bus::{Bus, Route};
+use crate::domain_registry::DomainRegistry;
 use crate::message::{Message, MessageType};
 
 /// What kind of component a registration is for.
@@ -68,7 +69,7 @@ pub struct Query {
 }
 
 impl Query {
-    fn matches(&self, r: &Registration) -> bool {
+    pub(crate) fn matches(&self, r: &Registration) -> bool {
         self.user.as_ref().is_none_or(|u| r.user.as_ref() == Some(u))
             && self.name.as_ref().is_none_or(|n| &r.name == n)
             && self.hyperty_type.as_ref().is_none_or(|t| r.hyperty_types.contains(t))
@@ -83,6 +84,8 @@ impl Query {
 pub struct Registry {
     entries: RwLock<BTreeMap<(String, String), Registration>>,
     announcer: OnceLock<Announcer>,
+    /// The domain registries this runtime serves, if any.
+    served: OnceLock<Arc<DomainRegistry>>,
 }
 
 /// Sends registration changes to the domains' remote registries.
@@ -208,8 +211,20 @@ impl Registry {
         self.entries.read().unwrap().get(&(domain.to_owned(), name.to_owned())).map(|r| r.address.clone())
     }
 
-    /// The registrations matching `query`, ordered by domain and name.
+    /// Adds what the domain registries served here know to discovery.
+    pub(crate) fn include(&self, served: Arc<DomainRegistry>) {
+        let _ = self.served.set(served);
+    }
+
+    /// The registrations matching `query`, ordered by domain and name: this
+    /// runtime's, then what other runtimes announced to the domain
+    /// registries it serves.
     pub fn discover(&self, query: &Query) -> Vec<Registration> {
-        self.entries.read().unwrap().values().filter(|r| query.matches(r)).cloned().collect()
+        let mut found: Vec<Registration> = self.entries.read().unwrap().values().filter(|r| query.matches(r)).cloned().collect();
+        if let (Some(served), Some(announcer)) = (self.served.get(), self.announcer.get()) {
+            found.extend(served.discover(query, &announcer.runtime));
+            found.sort_by(|a, b| (&a.domain, &a.name, &a.address).cmp(&(&b.domain, &b.name, &b.address)));
+        }
+        found
     }
 }

@@ -19,6 +19,7 @@ use wasmtime::component::Linker;
 use crate::address::Address;
 use crate::bundle::{Bundle, BundleError, DomainSpec, HypertySpec, Location, Problem};
 use crate::bus::{Bus, BusConfig, Route, SendError};
+use crate::domain_registry::DomainRegistry;
 use crate::engine::{Digest, Engine};
 use crate::message::Message;
 use crate::policy::cedar::CedarPolicies;
@@ -47,6 +48,12 @@ pub struct RuntimeConfig {
     pub max_message_bytes: usize,
     /// How often registrations are refreshed toward the remote registries.
     pub registry_keep_alive: Duration,
+    /// Provider domains whose registry (`domain://registry.<domain>`) this
+    /// runtime serves (see [`crate::domain_registry`]).
+    pub serve_registries: Vec<String>,
+    /// How long a served registry keeps a registration without a
+    /// keep-alive (reTHINK's expiry); by default three keep-alive intervals.
+    pub registry_expiry: Option<Duration>,
     /// The Cedar policies asked at the three enforcement points: the
     /// runtime's bus-access set, each domain's set (attached by its bundle)
     /// and the user groups.
@@ -65,6 +72,8 @@ impl Default for RuntimeConfig {
             request_timeout: Duration::from_secs(5),
             max_message_bytes: 1 << 20,
             registry_keep_alive: Duration::from_secs(60),
+            serve_registries: Vec::new(),
+            registry_expiry: None,
             policies: Arc::new(CedarPolicies::new()),
             custom_policy: None,
         }
@@ -174,6 +183,12 @@ impl Runtime {
             identities.clone(),
         );
         let registry = Arc::new(Registry::default());
+        if !config.serve_registries.is_empty() {
+            let served = Arc::new(DomainRegistry::default());
+            let expiry = config.registry_expiry.unwrap_or(config.registry_keep_alive * 3);
+            served.serve(&bus, &config.serve_registries, expiry)?;
+            registry.include(served);
+        }
         registry.announce(bus.clone(), address.clone(), config.registry_keep_alive);
         Ok(Runtime {
             engine,

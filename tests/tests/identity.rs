@@ -114,6 +114,10 @@ fn assertion_attached_on_egress_and_not_on_local_traffic() {
         assert_eq!(answer["code"], 200, "{answer}");
         assert_eq!(answer["identity"], json!([who, IDP]), "{answer}");
     }
+    // The IdP proxy is registered.
+    let idps = w.runtime.discover(&hyperty_host::Query { domain: Some(IDP.into()), ..Default::default() });
+    assert_eq!(idps.len(), 1);
+    assert_eq!((idps[0].kind, idps[0].address.as_str()), (hyperty_host::registry::Kind::IdpProxy, "domain://idp.idp.example"));
     // Anonymous domains send no assertion: c's answer to the endpoint.
     let c = w.runtime.lookup("carol.example", "c").unwrap();
     let answer = request_with(&remote, 1, &c, None);

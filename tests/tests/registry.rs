@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use hyperty_host::{EventKind, Query};
+use hyperty_host::{Address, EventKind, Query};
 use hyperty_tests::*;
 use serde_json::{Value, json};
 
@@ -159,4 +159,75 @@ fn registrations_are_announced_to_the_domain_registry_with_keep_alives() {
     assert_eq!(next(&|m| m.kind == MessageType::Update)["keep-alive"], true, "refreshed again");
     assert!(runtime.undeploy("alice.example", "x"));
     next(&|m| m.kind == MessageType::Delete);
+}
+
+#[test]
+fn a_served_domain_registry_keeps_refreshed_registrations_and_expires_silent_ones() {
+    use hyperty_host::{Message, MessageType, Query};
+    let runtime = hyperty_host::Runtime::new(hyperty_host::RuntimeConfig {
+        cache_dir: cache_dir(),
+        registry_keep_alive: Duration::from_millis(50),
+        registry_expiry: Some(Duration::from_millis(500)),
+        serve_registries: vec!["alice.example".into()],
+        ..hyperty_host::RuntimeConfig::default()
+    })
+    .unwrap();
+    // This runtime's own hyperty: announced to the registry it serves, and
+    // discovered once (as its own), not twice.
+    let bundle = TestBundle::new().hyperty("alice.example", "local", &guest("pong"), json!({}));
+    runtime.deploy(&bundle.load()).unwrap();
+    // Another runtime of alice.example announcing (the embedder's endpoint
+    // stands in for a remote runtime whose protostub delivers here).
+    let remote = runtime.endpoint("runtime://alice.example/remote-1", 64).unwrap();
+    let registry = Address::parse("domain://registry.alice.example").unwrap();
+    let far = "hyperty://alice.example/far-away";
+    let announce = |id: u64, kind: MessageType, value: Value| {
+        let mut m = Message::new(id, kind, remote.address().clone(), registry.clone(), Some(value.to_string()));
+        m.body.resource = Some(far.into());
+        remote.send(m).unwrap();
+    };
+    announce(1, MessageType::Create, json!({ "address": far, "kind": "hyperty", "name": "chat", "domain": "alice.example",
+        "user": "carol@idp.example", "hyperty-types": ["chat"], "schemes": ["comm"], "status": "created" }));
+    announce(2, MessageType::Update, json!({ "status": "live" }));
+    // Bad announcements are dropped, the registry keeps serving.
+    announce(3, MessageType::Create, json!({ "address": "hyperty://bob.example/x", "kind": "hyperty", "name": "x", "domain": "bob.example", "status": "live" }));
+    announce(4, MessageType::Create, json!({ "nonsense": true }));
+    let by_type = || runtime.discover(&Query { hyperty_type: Some("chat".into()), ..Default::default() });
+    let names = |q: Query| runtime.discover(&q).into_iter().map(|r| r.name).collect::<Vec<_>>();
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    while by_type().first().map(|r| r.status) != Some(hyperty_host::registry::Status::Live) {
+        assert!(std::time::Instant::now() < until, "the remote registration never became live: {:?}", by_type());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let found = by_type();
+    assert_eq!((found.len(), found[0].address.as_str(), found[0].user.as_deref()), (1, far, Some("carol@idp.example")));
+    assert_eq!(names(Query { domain: Some("alice.example".into()), ..Default::default() }), ["chat", "local"], "own hyperty once, remote one too");
+    assert!(names(Query { domain: Some("bob.example".into()), ..Default::default() }).is_empty(), "a foreign registration was refused");
+    // Refreshed by keep-alives it stays, well past the expiry.
+    for id in 10..40 {
+        announce(id, MessageType::Update, json!({ "keep-alive": true, "status": "live" }));
+        std::thread::sleep(Duration::from_millis(40));
+    }
+    assert_eq!(by_type().len(), 1, "kept while refreshed");
+    // Silent, it expires; the local hyperty, kept alive by this runtime, stays.
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    while !by_type().is_empty() {
+        assert!(std::time::Instant::now() < until, "never expired");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(600));
+    assert_eq!(names(Query { domain: Some("alice.example".into()), ..Default::default() }), ["local"]);
+    // Created again, then deleted: gone at once.
+    announce(50, MessageType::Create, json!({ "address": far, "kind": "hyperty", "name": "chat", "domain": "alice.example", "hyperty-types": ["chat"], "status": "live" }));
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    while by_type().is_empty() {
+        assert!(std::time::Instant::now() < until);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    announce(51, MessageType::Delete, json!({}));
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    while !by_type().is_empty() {
+        assert!(std::time::Instant::now() < until, "delete ignored");
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
