@@ -55,6 +55,30 @@ pub struct Bundle {
     pub domains: Vec<DomainSpec>,
     /// IdP proxies, by the name of their identity provider.
     pub idps: Vec<IdpSpec>,
+    /// Protostubs, by the domain they carry messages to.
+    pub protostubs: Vec<ProtostubSpec>,
+}
+
+/// A protostub of a bundle: how to reach a domain that runs elsewhere.
+#[derive(Clone, Debug)]
+pub struct ProtostubSpec {
+    /// The domain whose messages it carries.
+    pub domain: String,
+    pub component: PathBuf,
+    pub sha256: Digest,
+    /// The `config` table as JSON text, handed to the stub's `init` (node
+    /// addresses, credentials).
+    pub config: String,
+    /// The only `ip:port` endpoints the stub may connect to.
+    pub endpoints: Vec<std::net::SocketAddr>,
+    /// Outbound messages held while the node is unreachable (default 1000);
+    /// beyond that, senders are answered 503.
+    pub queue: usize,
+    /// Start at deployment rather than on the first message for the domain
+    /// (a stub whose domain has hyperties here always starts at once: it
+    /// listens for them).
+    pub preload: bool,
+    pub at: Location,
 }
 
 /// An IdP proxy of a bundle.
@@ -174,6 +198,22 @@ struct RawBundle {
     domains: BTreeMap<Spanned<String>, RawDomain>,
     #[serde(default)]
     idps: BTreeMap<Spanned<String>, RawIdp>,
+    #[serde(default)]
+    protostubs: BTreeMap<Spanned<String>, RawProtostub>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProtostub {
+    component: Spanned<String>,
+    sha256: Spanned<String>,
+    #[serde(default)]
+    config: Option<toml::Table>,
+    endpoints: Spanned<Vec<String>>,
+    #[serde(default)]
+    queue: Option<Spanned<usize>>,
+    #[serde(default)]
+    preload: bool,
 }
 
 #[derive(Deserialize)]
@@ -251,7 +291,7 @@ impl Bundle {
         let base = path.parent().unwrap_or(Path::new("."));
         let mut problems = Vec::new();
         let mut domains = Vec::new();
-        if raw.domains.is_empty() {
+        if raw.domains.is_empty() && raw.protostubs.is_empty() {
             problems.push(problem(None, "domains".into(), "the bundle names no provider domain".into()));
         }
         for (domain_key, raw_domain) in raw.domains {
@@ -348,11 +388,59 @@ impl Bundle {
                 },
             });
         }
+        let mut protostubs = Vec::new();
+        for (key, raw_stub) in raw.protostubs {
+            let domain = key.get_ref().clone();
+            let field = format!("protostubs.{domain:?}");
+            if let Err(e) = validate_domain(&domain) {
+                problems.push(problem(Some(key.span()), field.clone(), e));
+            }
+            let sha256 = Digest::parse(raw_stub.sha256.get_ref()).unwrap_or_else(|e| {
+                problems.push(problem(Some(raw_stub.sha256.span()), format!("{field}.sha256"), e));
+                Digest([0; 32])
+            });
+            let mut endpoints = Vec::new();
+            for e in raw_stub.endpoints.get_ref() {
+                match e.parse::<std::net::SocketAddr>() {
+                    Ok(addr) => endpoints.push(addr),
+                    Err(err) => problems.push(problem(
+                        Some(raw_stub.endpoints.span()),
+                        format!("{field}.endpoints"),
+                        format!("{e:?} is not <ip>:<port>: {err}"),
+                    )),
+                }
+            }
+            if raw_stub.endpoints.get_ref().is_empty() {
+                problems.push(problem(Some(raw_stub.endpoints.span()), format!("{field}.endpoints"), "a protostub needs at least one endpoint".into()));
+            }
+            let queue = match raw_stub.queue {
+                Some(q) if *q.get_ref() == 0 => {
+                    problems.push(problem(Some(q.span()), format!("{field}.queue"), "must be at least 1".into()));
+                    1
+                }
+                Some(q) => q.into_inner(),
+                None => 1000,
+            };
+            protostubs.push(ProtostubSpec {
+                domain,
+                component: base.join(raw_stub.component.get_ref()),
+                sha256,
+                config: serde_json::to_string(&raw_stub.config.unwrap_or_default()).expect("TOML maps to JSON"),
+                endpoints,
+                queue,
+                preload: raw_stub.preload,
+                at: Location {
+                    field,
+                    component_line: line_of(text, raw_stub.component.span().start),
+                    sha256_line: line_of(text, raw_stub.sha256.span().start),
+                },
+            });
+        }
         if !problems.is_empty() {
             return Err(BundleError { problems });
         }
         let name = raw.name.unwrap_or_else(|| path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default());
-        Ok(Bundle { path: path.to_owned(), name, domains, idps })
+        Ok(Bundle { path: path.to_owned(), name, domains, idps, protostubs })
     }
 
     /// A problem about `field` of the entry at `at` (a hyperty or an IdP);
@@ -411,17 +499,18 @@ pub fn pin(path: &Path) -> anyhow::Result<Vec<(String, String, String)>> {
         }
         Ok(())
     };
-    let domains = doc.get_mut("domains").and_then(|d| d.as_table_like_mut()).context("no [domains] table")?;
-    for (domain, d) in domains.iter_mut() {
+    let domains = doc.get_mut("domains").and_then(|d| d.as_table_like_mut());
+    for (domain, d) in domains.into_iter().flat_map(|d| d.iter_mut()) {
         let Some(hyperties) = d.get_mut("hyperties").and_then(|h| h.as_array_of_tables_mut()) else { continue };
         for (i, h) in hyperties.iter_mut().enumerate() {
             pin_entry(format!("domains.{:?}.hyperties[{i}]", domain.get()), h)?;
         }
     }
-    if let Some(idps) = doc.get_mut("idps").and_then(|d| d.as_table_like_mut()) {
-        for (name, idp) in idps.iter_mut() {
-            let field = format!("idps.{:?}", name.get());
-            let entry = idp.as_table_like_mut().with_context(|| format!("{field} is not a table"))?;
+    for table in ["idps", "protostubs"] {
+        let Some(entries) = doc.get_mut(table).and_then(|d| d.as_table_like_mut()) else { continue };
+        for (name, entry) in entries.iter_mut() {
+            let field = format!("{table}.{:?}", name.get());
+            let entry = entry.as_table_like_mut().with_context(|| format!("{field} is not a table"))?;
             pin_entry(field, entry)?;
         }
     }

@@ -27,6 +27,7 @@ use crate::address::Address;
 use crate::message::{Message, MessageType, code};
 use crate::identity::Identities;
 use crate::policy::{Decision, Descriptor, EnforcementPoint, Parties, PolicyDecisionPoint};
+use crate::protostub::{QueueError, Stub};
 use crate::sandbox::{Inbox, Refused};
 
 /// Why the bus refused a message at the import; mirrors the WIT `send-error`.
@@ -55,13 +56,16 @@ pub(crate) enum Route {
     Hyperty { inbox: Inbox, instance: u32, descriptor: Arc<Descriptor> },
     /// An embedder's endpoint.
     Endpoint(flume::Sender<Message>),
+    /// The protostub of a remote domain: for every address of that domain
+    /// with no route here.
+    Stub(Arc<Stub>),
 }
 
 impl Route {
     fn descriptor(&self) -> Option<&Descriptor> {
         match self {
             Route::Hyperty { descriptor, .. } => Some(descriptor),
-            Route::Endpoint(_) => None,
+            Route::Endpoint(_) | Route::Stub(_) => None,
         }
     }
 
@@ -72,6 +76,10 @@ impl Route {
                 flume::TrySendError::Full(m) => Refused::Full(m),
                 flume::TrySendError::Disconnected(m) => Refused::Closed(m),
             }),
+            Route::Stub(stub) => match stub.push(&message) {
+                Ok(()) => Ok(()),
+                Err(QueueError::Full(n)) => Err(Refused::Queue(message, format!("the protostub queue of {} is full ({n} messages)", stub.domain))),
+            },
         }
     }
 }
@@ -95,6 +103,8 @@ pub(crate) struct Bus {
 
 struct BusInner {
     routes: RwLock<HashMap<Address, Route>>,
+    /// Protostubs by the domain they carry messages to.
+    stubs: RwLock<HashMap<String, Arc<Stub>>>,
     policy: Arc<dyn PolicyDecisionPoint>,
     identities: Arc<Identities>,
     config: BusConfig,
@@ -104,7 +114,14 @@ struct BusInner {
 impl Bus {
     pub fn new(config: BusConfig, policy: Arc<dyn PolicyDecisionPoint>, identities: Arc<Identities>) -> Bus {
         let timer = Arc::new(Timer::default());
-        let inner = Arc::new(BusInner { routes: RwLock::default(), policy, identities, config, timer: timer.clone() });
+        let inner = Arc::new(BusInner {
+            routes: RwLock::default(),
+            stubs: RwLock::default(),
+            policy,
+            identities,
+            config,
+            timer: timer.clone(),
+        });
         let weak = Arc::downgrade(&inner);
         std::thread::Builder::new()
             .name("hyperty-bus-timer".into())
@@ -117,11 +134,16 @@ impl Bus {
         &self.inner.config
     }
 
-    /// Adds a route; false if the address is already routed.
+    /// Adds a route; false if the address is already routed. The stub of
+    /// the address's domain, if any, listens for it.
     pub fn add_route(&self, address: Address, route: Route) -> bool {
         let mut routes = self.inner.routes.write().unwrap();
         if routes.contains_key(&address) {
             return false;
+        }
+        if let Some(stub) = self.inner.stubs.read().unwrap().get(address.domain()) {
+            stub.listen(&address);
+            stub.ensure_started();
         }
         routes.insert(address, route);
         true
@@ -130,7 +152,56 @@ impl Bus {
     /// Removes a route and forgets the requests it was waiting on.
     pub fn remove_route(&self, address: &Address) {
         self.inner.routes.write().unwrap().remove(address);
+        if let Some(stub) = self.inner.stubs.read().unwrap().get(address.domain()) {
+            stub.forget(address);
+        }
         self.inner.timer.forget_requester(address);
+    }
+
+    /// Adds the protostub of `stub.domain`, which then listens for every
+    /// address of its domain routed here; false if the domain has one.
+    pub fn add_stub(&self, stub: Arc<Stub>) -> bool {
+        let routes = self.inner.routes.read().unwrap();
+        let mut stubs = self.inner.stubs.write().unwrap();
+        if stubs.contains_key(&stub.domain) {
+            return false;
+        }
+        let mut listening = false;
+        for address in routes.keys().filter(|a| a.domain() == stub.domain) {
+            stub.listen(address);
+            listening = true;
+        }
+        if listening {
+            stub.ensure_started();
+        }
+        stubs.insert(stub.domain.clone(), stub);
+        true
+    }
+
+    pub fn remove_stub(&self, domain: &str) {
+        if let Some(stub) = self.inner.stubs.write().unwrap().remove(domain) {
+            stub.stop();
+        }
+    }
+
+    /// Stops every protostub (the runtime shuts down).
+    pub fn remove_stubs(&self) {
+        for (_, stub) in self.inner.stubs.write().unwrap().drain() {
+            stub.stop();
+        }
+    }
+
+    /// The stub of `domain`, if there is one.
+    pub fn stub(&self, domain: &str) -> Option<Arc<Stub>> {
+        self.inner.stubs.read().unwrap().get(domain).cloned()
+    }
+
+    /// Where messages for `to` go: its own route, else its domain's stub.
+    fn resolve(&self, to: &Address) -> Option<Route> {
+        if let Some(route) = self.inner.routes.read().unwrap().get(to) {
+            return Some(route.clone());
+        }
+        self.inner.stubs.read().unwrap().get(to.domain()).map(|stub| Route::Stub(stub.clone()))
     }
 
     /// Requests waiting for a response.
@@ -143,7 +214,23 @@ impl Bus {
     /// host answers 408 when the timeout passes.
     /// `sender` describes the sending hyperty, for policies (`None` for an
     /// embedder's endpoint).
-    pub fn send(&self, mut message: Message, timeout: Option<Duration>, sender: Option<&Descriptor>) -> Result<(), SendError> {
+    pub fn send(&self, message: Message, timeout: Option<Duration>, sender: Option<&Descriptor>) -> Result<(), SendError> {
+        self.send_from(message, timeout, sender, None)
+    }
+
+    /// A message the protostub of `stub_domain` received from its node: it
+    /// is delivered here, never back out through that stub (loop guard).
+    pub fn send_inbound(&self, message: Message, stub_domain: &str) -> Result<(), SendError> {
+        self.send_from(message, None, None, Some(stub_domain))
+    }
+
+    fn send_from(
+        &self,
+        mut message: Message,
+        timeout: Option<Duration>,
+        sender: Option<&Descriptor>,
+        came_through: Option<&str>,
+    ) -> Result<(), SendError> {
         let inner = &*self.inner;
         tracing::debug!(
             id = message.id,
@@ -160,12 +247,20 @@ impl Bus {
         if message.kind == MessageType::Response && timeout.is_some() {
             return Err(SendError::Malformed("a response cannot be sent as a request".into()));
         }
-        let Some(route) = inner.routes.read().unwrap().get(&message.to).cloned() else {
+        let Some(route) = self.resolve(&message.to) else {
             let why = format!("no hyperty or endpoint at {}", message.to);
             self.answer(&message, code::NOT_FOUND, why);
             return Ok(());
         };
-        if let Err((code, why)) = inner.identities.establish(&mut message, sender) {
+        let remote = matches!(route, Route::Stub(_));
+        if let (Route::Stub(stub), Some(origin)) = (&route, came_through)
+            && stub.domain == origin
+        {
+            let why = format!("no hyperty or endpoint at {} here, and it came through the protostub of {origin}", message.to);
+            self.answer(&message, code::NOT_FOUND, why);
+            return Ok(());
+        }
+        if let Err((code, why)) = inner.identities.establish(&mut message, sender, !remote) {
             tracing::info!(id = message.id, from = %message.from, to = %message.to, code, "{why}");
             if message.kind == MessageType::Response {
                 // The requester is waiting for this: it gets the refusal in
@@ -195,7 +290,10 @@ impl Bus {
             self.deliver_answer(message.answer(code::FORBIDDEN, why));
             return Ok(());
         }
-        let correlation = if message.kind == MessageType::Response {
+        let correlation = if message.kind == MessageType::Response && remote {
+            // The requester is in another runtime, which correlates it.
+            None
+        } else if message.kind == MessageType::Response {
             match inner.timer.take(&message) {
                 Some(outstanding) => Some(outstanding),
                 None => {
@@ -218,6 +316,11 @@ impl Bus {
             }
             Err(Refused::Closed(message)) => {
                 self.answer(&message, code::UNAVAILABLE, format!("{} has stopped", message.to));
+                self.undo_correlation(message, timeout, correlation);
+                Ok(())
+            }
+            Err(Refused::Queue(message, why)) => {
+                self.answer(&message, code::UNAVAILABLE, why);
                 self.undo_correlation(message, timeout, correlation);
                 Ok(())
             }
@@ -247,12 +350,11 @@ impl Bus {
 
     /// Delivers a response the host made itself straight to its `to`.
     pub fn deliver_answer(&self, answer: Message) {
-        let route = self.inner.routes.read().unwrap().get(&answer.to).cloned();
-        let result = match route {
+        let result = match self.resolve(&answer.to) {
             Some(route) => route.deliver(answer),
             None => Err(Refused::Closed(answer)),
         };
-        if let Err(Refused::Full(m) | Refused::Closed(m)) = result {
+        if let Err(Refused::Full(m) | Refused::Closed(m) | Refused::Queue(m, _)) = result {
             tracing::warn!(id = m.id, to = %m.to, code = m.body.code, "cannot deliver the host's answer: {}",
                 m.body.description.as_deref().unwrap_or(""));
         }

@@ -34,6 +34,9 @@ pub enum EventKind {
     /// The bus refused a message of the hyperty as spoofed, malformed or too
     /// large (reported at most once a second per hyperty).
     Refused { reason: String },
+    /// A protostub reported a status: created, in-progress, live,
+    /// disconnected or failed, and why.
+    StubStatus { status: String, detail: String },
 }
 
 /// The sending side, cheap to clone.

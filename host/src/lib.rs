@@ -26,6 +26,7 @@ pub mod events;
 mod identity;
 pub mod message;
 pub mod policy;
+mod protostub;
 pub mod registry;
 pub mod runtime;
 mod sandbox;

@@ -21,6 +21,23 @@ pub enum MessageType {
 }
 
 impl MessageType {
+    pub const ALL: [MessageType; 9] = [
+        MessageType::Create,
+        MessageType::Read,
+        MessageType::Update,
+        MessageType::Delete,
+        MessageType::Subscribe,
+        MessageType::Unsubscribe,
+        MessageType::Response,
+        MessageType::Forward,
+        MessageType::Execute,
+    ];
+
+    /// The type named `name` (as [`MessageType::as_str`] writes it).
+    pub fn parse(name: &str) -> Option<MessageType> {
+        MessageType::ALL.into_iter().find(|t| t.as_str() == name)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             MessageType::Create => "create",

@@ -26,7 +26,8 @@ use crate::policy::cedar::CedarPolicies;
 use crate::policy::{Decision, Descriptor, PolicyDecisionPoint};
 use crate::registry::{Kind, Query, Registration, Registry, Status};
 use crate::identity::{self, DomainIdentity, Identities, Proxy, ProxyPre};
-use crate::sandbox::limits::default_grants;
+use crate::protostub::{self, Stub, StubContext, StubPre, StubSettings};
+use crate::sandbox::limits::{Grant, default_grants};
 use crate::signing;
 use crate::store::Store;
 use crate::events::{Event, Events};
@@ -142,11 +143,17 @@ struct Plan {
     hyperties: Vec<Prepared>,
     /// IdP proxies, by index in the bundle's `idps`.
     idps: Vec<(usize, ProxyPre)>,
+    /// Protostubs, by index in the bundle's `protostubs`.
+    stubs: Vec<(usize, StubPre)>,
 }
 
 fn domain_identity(domain: &DomainSpec) -> DomainIdentity {
     DomainIdentity { idp: domain.idp.clone(), require: domain.require_identity }
 }
+
+/// The registry name of a domain's protostub (its registry key is
+/// (domain, this)).
+const PROTOSTUB_NAME: &str = "protostub";
 
 /// The registry address of the proxy of IdP `name`.
 fn idp_address(name: &str) -> Address {
@@ -233,6 +240,30 @@ impl Runtime {
             });
             match pre {
                 Ok(pre) => idps.push((i, pre)),
+                Err(problem) => problems.push(problem),
+            }
+        }
+        let mut stubs = Vec::new();
+        for (i, spec) in bundle.protostubs.iter().enumerate() {
+            if self.bus.stub(&spec.domain).is_some() {
+                problems.push(bundle.problem(&spec.at, "component", format!("a protostub for {} already runs", spec.domain)));
+                continue;
+            }
+            let pre = pinned(&mut files, bundle, &spec.at, &spec.component, spec.sha256).and_then(|(bytes, digest)| {
+                self.engine
+                    .component(bytes, digest)
+                    .and_then(|component| {
+                        // The network comes with the world, limited to the
+                        // entry's endpoints; nothing else beyond clocks and
+                        // randomness.
+                        let grants = [Grant::Clocks, Grant::Random, Grant::Sockets];
+                        sandbox::check_grants(self.engine.wasmtime(), &component, &grants)?;
+                        protostub::prepare(self.engine.wasmtime(), &component)
+                    })
+                    .map_err(|e| bundle.problem(&spec.at, "component", format!("{} is refused: {e:#}", spec.component.display())))
+            });
+            match pre {
+                Ok(pre) => stubs.push((i, pre)),
                 Err(problem) => problems.push(problem),
             }
         }
@@ -325,7 +356,7 @@ impl Runtime {
                 }
             }
         }
-        if problems.is_empty() { Ok(Plan { hyperties: prepared, idps }) } else { Err(BundleError { problems }) }
+        if problems.is_empty() { Ok(Plan { hyperties: prepared, idps, stubs }) } else { Err(BundleError { problems }) }
     }
 
     /// Starts (and initialises) the bundle's IdP proxies and binds its
@@ -357,6 +388,43 @@ impl Runtime {
         Ok(())
     }
 
+    /// Adds the bundle's protostubs to the bus (each starts when first
+    /// needed, or now if preloaded or listening for hyperties here).
+    fn start_stubs(&self, bundle: &Bundle, stubs: Vec<(usize, StubPre)>, started: &mut Vec<String>) {
+        for (i, pre) in stubs {
+            let spec = &bundle.protostubs[i];
+            let context = StubContext {
+                engine: self.engine.wasmtime().clone(),
+                pre,
+                settings: StubSettings { config: spec.config.clone(), endpoints: spec.endpoints.clone() },
+                bus: self.bus.clone(),
+                registry: self.registry.clone(),
+                events: self.events.clone(),
+            };
+            let stub = Stub::new(&spec.domain, spec.queue, Box::new(move |stub| protostub::spawn(stub, context)));
+            self.registry.register(Registration {
+                address: stub.address.clone(),
+                kind: Kind::Protostub,
+                name: PROTOSTUB_NAME.into(),
+                domain: spec.domain.clone(),
+                user: None,
+                hyperty_types: Vec::new(),
+                schemes: Vec::new(),
+                status: Status::Created,
+            });
+            self.bus.add_stub(stub.clone());
+            started.push(spec.domain.clone());
+            if spec.preload || bundle.domains.iter().any(|d| d.name == spec.domain) {
+                stub.ensure_started();
+            }
+        }
+    }
+
+    fn stop_stub(&self, domain: &str) {
+        self.bus.remove_stub(domain);
+        self.registry.unregister(domain, PROTOSTUB_NAME);
+    }
+
     fn stop_idp(&self, name: &str) {
         self.identities.remove_proxy(name);
         self.registry.unregister(name, name);
@@ -369,9 +437,11 @@ impl Runtime {
         let mut new_domains = Vec::new();
         let mut started: Vec<Running> = Vec::new();
         let mut started_idps = Vec::new();
-        let result = self
-            .start_idps(bundle, plan.idps, &mut started_idps)
-            .and_then(|()| self.start_all(bundle, plan.hyperties, &mut deployed, &mut new_domains, &mut started));
+        let mut started_stubs = Vec::new();
+        let result = self.start_idps(bundle, plan.idps, &mut started_idps).and_then(|()| {
+            self.start_stubs(bundle, plan.stubs, &mut started_stubs);
+            self.start_all(bundle, plan.hyperties, &mut deployed, &mut new_domains, &mut started)
+        });
         match result {
             Ok(()) => {
                 let hyperties = started.iter().map(|r| r.hyperty.clone()).collect();
@@ -384,6 +454,9 @@ impl Runtime {
                 }
                 for idp in &started_idps {
                     self.stop_idp(idp);
+                }
+                for domain in &started_stubs {
+                    self.stop_stub(domain);
                 }
                 for domain in bundle.domains.iter().filter(|d| !deployed.sandboxes.contains_key(&d.name) || new_domains.contains(&d.name)) {
                     self.identities.remove_domain(&domain.name);
@@ -617,6 +690,7 @@ impl Runtime {
             self.stop(&deployed, &running);
         }
         deployed.sandboxes.clear();
+        self.bus.remove_stubs();
     }
 }
 

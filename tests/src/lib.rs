@@ -303,3 +303,121 @@ pub fn resident_bytes() -> usize {
     let pages: usize = statm.split_whitespace().nth(1).and_then(|p| p.parse().ok()).unwrap_or(0);
     pages * 4096
 }
+
+/// A NATS server (Debian's `nats-server`, installed if missing) on
+/// loopback with a free port, stopped on drop. Optionally one node of a
+/// cluster.
+pub struct Nats {
+    child: Option<std::process::Child>,
+    pub port: u16,
+    cluster_port: Option<u16>,
+    routes: Vec<u16>,
+}
+
+/// A free TCP port on loopback (as far as anyone can tell).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Installs `nats-server` from Debian if it is not on the machine.
+pub fn ensure_nats_server() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        if std::process::Command::new("nats-server").arg("--version").output().is_ok() {
+            return;
+        }
+        let root = std::process::Command::new("id").arg("-u").output().map(|o| o.stdout == b"0\n").unwrap_or(false);
+        let apt = |args: &[&str]| {
+            let mut c = if root { std::process::Command::new("apt-get") } else { std::process::Command::new("sudo") };
+            if !root {
+                c.args(["-n", "apt-get"]);
+            }
+            c.args(args).env("DEBIAN_FRONTEND", "noninteractive").status()
+        };
+        let ok = apt(&["install", "-y", "-q", "nats-server"]).is_ok_and(|s| s.success())
+            || (apt(&["update", "-q"]).is_ok() && apt(&["install", "-y", "-q", "nats-server"]).is_ok_and(|s| s.success()));
+        assert!(ok, "nats-server is missing and could not be installed with apt-get");
+    });
+}
+
+impl Nats {
+    /// A single server.
+    pub fn start() -> Nats {
+        Nats::node(None, &[])
+    }
+
+    /// A cluster node listening for routes on `cluster_port`, routed to the
+    /// nodes listening on `routes`.
+    pub fn node(cluster_port: Option<u16>, routes: &[u16]) -> Nats {
+        ensure_nats_server();
+        let mut nats = Nats { child: None, port: free_port(), cluster_port, routes: routes.to_vec() };
+        nats.restart();
+        nats
+    }
+
+    /// `ip:port` of the client listener.
+    pub fn endpoint(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Kills the server (as a crash would).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server (again) on the same ports and waits until it
+    /// accepts connections.
+    pub fn restart(&mut self) {
+        self.kill();
+        let mut cmd = std::process::Command::new("nats-server");
+        cmd.args(["-a", "127.0.0.1", "-p", &self.port.to_string()]);
+        if let Some(cluster) = self.cluster_port {
+            cmd.args(["--cluster_name", "hyperty-test", "--cluster", &format!("nats://127.0.0.1:{cluster}")]);
+            if !self.routes.is_empty() {
+                let routes: Vec<String> = self.routes.iter().map(|p| format!("nats://127.0.0.1:{p}")).collect();
+                cmd.args(["--routes", &routes.join(",")]);
+            }
+        }
+        cmd.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
+        self.child = Some(cmd.spawn().expect("nats-server starts"));
+        let until = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < until, "nats-server did not listen on {} within 10 s", self.port);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+impl TestBundle {
+    /// Adds the NATS protostub for `domain`, connecting to `servers`
+    /// (`ip:port`), which are also its only granted endpoints.
+    pub fn protostub(mut self, domain: &str, servers: &[String], extra: Value) -> TestBundle {
+        let component = guest("nats-stub");
+        let bytes = std::fs::read(&component).unwrap();
+        let mut config = json!({ "servers": servers });
+        if let (Some(c), Some(e)) = (config.as_object_mut(), extra.get("config").and_then(Value::as_object)) {
+            c.extend(e.clone());
+        }
+        let mut entry = json!({
+            "component": component.display().to_string(),
+            "sha256": Digest::of(&bytes).to_string(),
+            "config": config,
+            "endpoints": servers,
+        });
+        if let (Some(entry), Some(extra)) = (entry.as_object_mut(), extra.as_object()) {
+            entry.extend(extra.iter().filter(|(k, _)| *k != "config").map(|(k, v)| (k.clone(), v.clone())));
+        }
+        let stubs = self.table.entry("protostubs").or_insert_with(|| toml::Table::new().into());
+        stubs.as_table_mut().unwrap().insert(domain.into(), toml::Value::try_from(entry).unwrap());
+        self
+    }
+}

@@ -119,7 +119,9 @@ impl Identities {
     /// domain), or says why it must not be delivered. `sender` describes the
     /// sending hyperty when it runs here (`None` for an embedder's endpoint,
     /// whose assertion is taken as it comes, like one from the network).
-    pub fn establish(&self, message: &mut Message, sender: Option<&Descriptor>) -> Result<(), Refusal> {
+    /// `receiver_here`: false when the message leaves through a protostub,
+    /// to be validated by the runtime that receives it.
+    pub fn establish(&self, message: &mut Message, sender: Option<&Descriptor>, receiver_here: bool) -> Result<(), Refusal> {
         message.identity = None;
         let from_domain = message.from.domain();
         if from_domain == message.to.domain() {
@@ -136,11 +138,15 @@ impl Identities {
                 _ => None,
             };
         }
+        if !receiver_here {
+            return Ok(());
+        }
         match &message.assertion {
             Some(assertion) => message.identity = Some(self.validate(assertion)?),
             None => {
                 let to_domain = message.to.domain();
-                if self.domains.read().unwrap().get(to_domain).is_some_and(|d| d.require) {
+                // A domain's services (domain://...) decide for themselves.
+                if message.to.scheme() != "domain" && self.domains.read().unwrap().get(to_domain).is_some_and(|d| d.require) {
                     let why = format!(
                         "{to_domain} requires an identity assertion on messages from other domains; {} sent none",
                         message.from

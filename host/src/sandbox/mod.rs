@@ -73,6 +73,8 @@ pub(crate) struct NewHyperty {
 pub(crate) enum Refused {
     Full(Message),
     Closed(Message),
+    /// A protostub's queue is full; why, in words.
+    Queue(Message, String),
 }
 
 /// The sending side of a sandbox's inbox; cheap to clone.

@@ -1,0 +1,532 @@
+//! A protostub for a domain whose messaging node is NATS: it speaks the NATS
+//! client protocol itself, over a WASI TCP socket to the endpoints the host
+//! grants it.
+//!
+//! Configuration (the bundle's `config` table of the stub, as JSON):
+//!
+//! ```toml
+//! config = { servers = ["127.0.0.1:4222", "127.0.0.1:4223"],  # tried in turn
+//!            user = "…", pass = "…",        # or token = "…" (optional)
+//!            ack-timeout-ms = 2000,          # resend when the far end is silent
+//!            window = 1024 }                 # messages in flight at most
+//! ```
+//!
+//! Addressing: each address maps to the subject
+//! `rethink.<domain with . as _>.<first 32 hex digits of sha256(address)>`
+//! (subjects cannot hold every character an address may). The runtime
+//! listening for an address subscribes to its subject.
+//!
+//! Delivery: every envelope is published with a reply subject in this
+//! stub's inbox; the receiving stub answers `ok` once its host took the
+//! envelope (`busy: …` under back-pressure, `refused: …` otherwise). Only
+//! then does the message leave the host's queue (`delivered`). A node
+//! without a subscriber answers 503 (no responders: the connection asks
+//! for them), and the message is offered again after a pause; so is one
+//! whose answer does not come within the ack timeout. Duplicates this may
+//! cause are dropped by the receiving host (envelopes carry sequence
+//! numbers). On a lost connection the stub reports `disconnected`,
+//! reconnects with backoff (50 ms doubling to 2 s, servers in turn) and
+//! asks the host to `resume`: listen again, offer again what was in flight.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+wit_bindgen::generate!({
+    path: "../../wit",
+    world: "protostub",
+    generate_all,
+});
+
+use exports::rethink::hyperty::stub::Guest;
+use rethink::hyperty::log::{Level, log};
+use rethink::hyperty::stub_host::{self as host, StubStatus, Work};
+use wasi::clocks::monotonic_clock;
+use wasi::io::poll;
+use wasi::io::streams::{InputStream, OutputStream, StreamError};
+use wasi::sockets::network::{IpAddressFamily, IpSocketAddress, Ipv4SocketAddress, Ipv6SocketAddress};
+use wasi::sockets::{instance_network, tcp, tcp_create_socket};
+
+const MS: u64 = 1_000_000;
+/// Pause before offering again a message nobody listened for.
+const RETRY_PAUSE: u64 = 100 * MS;
+const BACKOFF_MIN: u64 = 50 * MS;
+const BACKOFF_MAX: u64 = 2_000 * MS;
+/// How long connecting and the handshake may take.
+const CONNECT_TIMEOUT: u64 = 2_000 * MS;
+/// The subscription id of this stub's inbox (acks, no-responder notices).
+const INBOX_SID: u64 = 1;
+
+#[derive(Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct Config {
+    servers: Vec<String>,
+    #[serde(default)]
+    user: Option<String>,
+    #[serde(default)]
+    pass: Option<String>,
+    #[serde(default)]
+    token: Option<String>,
+    #[serde(default = "default_ack_timeout")]
+    ack_timeout_ms: u64,
+    #[serde(default = "default_window")]
+    window: usize,
+}
+
+fn default_ack_timeout() -> u64 {
+    2000
+}
+
+fn default_window() -> usize {
+    1024
+}
+
+/// One connection to a node. Field order matters: the streams are
+/// children of the socket and must be dropped first.
+struct Conn {
+    input: InputStream,
+    output: OutputStream,
+    _socket: tcp::TcpSocket,
+    rbuf: Vec<u8>,
+    wbuf: Vec<u8>,
+}
+
+struct Stub {
+    domain: String,
+    config: Config,
+    servers: Vec<SocketAddr>,
+    next_server: usize,
+    conn: Option<Conn>,
+    /// This connection's inbox prefix (unique per instance and connection).
+    inbox: String,
+    incarnation: u64,
+    next_sid: u64,
+    /// Listened address → subscription id.
+    subs: HashMap<String, u64>,
+    /// Sequence numbers in flight → when they were sent.
+    in_flight: HashMap<u64, u64>,
+    /// Messages to offer again, by when.
+    deferred: BTreeMap<(u64, u64), ()>,
+    next_connect: u64,
+    backoff: u64,
+    status: Option<StubStatus>,
+}
+
+thread_local! {
+    static STUB: std::cell::RefCell<Option<Stub>> = const { std::cell::RefCell::new(None) };
+}
+
+fn now() -> u64 {
+    monotonic_clock::now()
+}
+
+fn subject(domain: &str, address: &str) -> String {
+    let digest = Sha256::digest(address.as_bytes());
+    let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
+    format!("rethink.{}.{hex}", domain.replace('.', "_"))
+}
+
+fn ip_socket_address(addr: SocketAddr) -> (IpAddressFamily, IpSocketAddress) {
+    match addr {
+        SocketAddr::V4(a) => {
+            let [a0, a1, a2, a3] = a.ip().octets();
+            (IpAddressFamily::Ipv4, IpSocketAddress::Ipv4(Ipv4SocketAddress { port: a.port(), address: (a0, a1, a2, a3) }))
+        }
+        SocketAddr::V6(a) => {
+            let s = a.ip().segments();
+            let address = (s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7]);
+            (IpAddressFamily::Ipv6, IpSocketAddress::Ipv6(Ipv6SocketAddress { port: a.port(), flow_info: 0, address, scope_id: 0 }))
+        }
+    }
+}
+
+/// Waits until `pollable` is ready or `deadline` (monotonic ns) passes;
+/// true if it is ready.
+fn wait_until(pollable: &poll::Pollable, deadline: u64) -> bool {
+    let timer = monotonic_clock::subscribe_instant(deadline);
+    let ready = poll::poll(&[pollable, &timer]);
+    ready.contains(&0)
+}
+
+impl Conn {
+    fn open(addr: SocketAddr) -> Result<Conn, String> {
+        let (family, remote) = ip_socket_address(addr);
+        let network = instance_network::instance_network();
+        let socket = tcp_create_socket::create_tcp_socket(family).map_err(|e| format!("socket: {e:?}"))?;
+        socket.start_connect(&network, remote).map_err(|e| format!("connect to {addr}: {e:?}"))?;
+        let deadline = now() + CONNECT_TIMEOUT;
+        let (input, output) = loop {
+            let pollable = socket.subscribe();
+            let ready = wait_until(&pollable, deadline);
+            drop(pollable);
+            match socket.finish_connect() {
+                Ok(streams) => break streams,
+                Err(tcp::ErrorCode::WouldBlock) if ready || now() < deadline => continue,
+                Err(tcp::ErrorCode::WouldBlock) => return Err(format!("connect to {addr}: timed out")),
+                Err(e) => return Err(format!("connect to {addr}: {e:?}")),
+            }
+        };
+        Ok(Conn { input, output, _socket: socket, rbuf: Vec::new(), wbuf: Vec::new() })
+    }
+
+    /// Reads what is available; an error when the connection is gone.
+    fn read_available(&mut self) -> Result<(), String> {
+        loop {
+            match self.input.read(64 * 1024) {
+                Ok(bytes) if bytes.is_empty() => return Ok(()),
+                Ok(bytes) => self.rbuf.extend_from_slice(&bytes),
+                Err(StreamError::Closed) => return Err("the node closed the connection".into()),
+                Err(StreamError::LastOperationFailed(e)) => return Err(format!("read: {}", e.to_debug_string())),
+            }
+        }
+    }
+
+    fn flush(&mut self) -> Result<(), String> {
+        for chunk in self.wbuf.chunks(4096) {
+            self.output.blocking_write_and_flush(chunk).map_err(|e| match e {
+                StreamError::Closed => "the node closed the connection".to_owned(),
+                StreamError::LastOperationFailed(e) => format!("write: {}", e.to_debug_string()),
+            })?;
+        }
+        self.wbuf.clear();
+        Ok(())
+    }
+
+    /// The next protocol line (without CRLF), if a whole one is buffered.
+    fn line(&mut self) -> Option<String> {
+        let end = self.rbuf.windows(2).position(|w| w == b"\r\n")?;
+        let line = String::from_utf8_lossy(&self.rbuf[..end]).into_owned();
+        Some(line)
+    }
+
+    /// Waits (until `deadline`) for a whole line and takes it.
+    fn read_line(&mut self, deadline: u64) -> Result<String, String> {
+        loop {
+            if let Some(line) = self.line() {
+                self.rbuf.drain(..line.len() + 2);
+                return Ok(line);
+            }
+            let pollable = self.input.subscribe();
+            let ready = wait_until(&pollable, deadline);
+            drop(pollable);
+            if !ready {
+                return Err("the node did not answer in time".into());
+            }
+            self.read_available()?;
+        }
+    }
+}
+
+/// One protocol operation from the node.
+enum Op {
+    Msg { subject: String, reply: Option<String>, headers: Option<String>, payload: Vec<u8> },
+    Ping,
+    Err(String),
+    Other,
+}
+
+/// Takes one whole operation from the front of `buf`, if there is one.
+fn parse(buf: &mut Vec<u8>) -> Result<Option<Op>, String> {
+    let Some(end) = buf.windows(2).position(|w| w == b"\r\n") else { return Ok(None) };
+    let line = String::from_utf8_lossy(&buf[..end]).into_owned();
+    let words: Vec<&str> = line.split_ascii_whitespace().collect();
+    let verb = words.first().map(|w| w.to_ascii_uppercase()).unwrap_or_default();
+    let (header_len, total_len, reply) = match (verb.as_str(), words.len()) {
+        ("MSG", 4) => (None, words[3], None),
+        ("MSG", 5) => (None, words[4], Some(words[3])),
+        ("HMSG", 5) => (Some(words[3]), words[4], None),
+        ("HMSG", 6) => (Some(words[4]), words[5], Some(words[3])),
+        ("PING", _) => {
+            buf.drain(..end + 2);
+            return Ok(Some(Op::Ping));
+        }
+        ("-ERR", _) => {
+            buf.drain(..end + 2);
+            return Ok(Some(Op::Err(line)));
+        }
+        ("MSG" | "HMSG", _) => return Err(format!("malformed {line:?}")),
+        _ => {
+            buf.drain(..end + 2);
+            return Ok(Some(Op::Other));
+        }
+    };
+    let total: usize = total_len.parse().map_err(|_| format!("bad size in {line:?}"))?;
+    let header: usize = header_len.map(str::parse).transpose().map_err(|_| format!("bad header size in {line:?}"))?.unwrap_or(0);
+    let start = end + 2;
+    if buf.len() < start + total + 2 {
+        return Ok(None);
+    }
+    let headers = (header > 0).then(|| String::from_utf8_lossy(&buf[start..start + header]).into_owned());
+    let payload = buf[start + header..start + total].to_vec();
+    let subject = words[1].to_owned();
+    let reply = reply.map(str::to_owned);
+    buf.drain(..start + total + 2);
+    Ok(Some(Op::Msg { subject, reply, headers, payload }))
+}
+
+impl Stub {
+    fn new(domain: String, config: &str) -> Result<Stub, String> {
+        let config: Config = serde_json::from_str(config).map_err(|e| format!("bad config: {e}"))?;
+        let servers = config
+            .servers
+            .iter()
+            .map(|s| s.parse::<SocketAddr>().map_err(|e| format!("server {s:?} is not <ip>:<port>: {e}")))
+            .collect::<Result<Vec<_>, _>>()?;
+        if servers.is_empty() {
+            return Err("no servers".into());
+        }
+        if config.window == 0 {
+            return Err("window must be at least 1".into());
+        }
+        Ok(Stub {
+            domain,
+            config,
+            servers,
+            next_server: 0,
+            conn: None,
+            inbox: String::new(),
+            incarnation: now(),
+            next_sid: INBOX_SID + 1,
+            subs: HashMap::new(),
+            in_flight: HashMap::new(),
+            deferred: BTreeMap::new(),
+            next_connect: 0,
+            backoff: BACKOFF_MIN,
+            status: None,
+        })
+    }
+
+    fn report(&mut self, status: StubStatus, detail: &str) {
+        if self.status != Some(status) {
+            self.status = Some(status);
+            host::report_status(status, detail);
+        }
+    }
+
+    fn connect(&mut self) {
+        let addr = self.servers[self.next_server % self.servers.len()];
+        self.next_server += 1;
+        self.report(StubStatus::InProgress, &format!("connecting to {addr}"));
+        match self.handshake(addr) {
+            Ok(conn) => {
+                self.conn = Some(conn);
+                self.backoff = BACKOFF_MIN;
+                self.report(StubStatus::Live, &format!("connected to {addr}"));
+                // Listen again for every local address; offer again what was
+                // in flight on the last connection.
+                host::resume();
+            }
+            Err(e) => {
+                log(Level::Warn, &format!("{}: {e}", self.domain));
+                self.next_connect = now() + self.backoff;
+                self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+                self.report(StubStatus::Disconnected, &e);
+            }
+        }
+    }
+
+    fn handshake(&mut self, addr: SocketAddr) -> Result<Conn, String> {
+        let mut conn = Conn::open(addr)?;
+        let deadline = now() + CONNECT_TIMEOUT;
+        let info = conn.read_line(deadline)?;
+        if !info.starts_with("INFO ") {
+            return Err(format!("{addr} is not a NATS server (it said {info:?})"));
+        }
+        let mut connect = serde_json::json!({
+            "verbose": false, "pedantic": false, "headers": true, "no_responders": true,
+            "name": format!("hyperty-protostub {}", self.domain), "lang": "rust-wasm", "version": "0.1.0", "protocol": 1,
+        });
+        if let Some(user) = &self.config.user {
+            connect["user"] = user.clone().into();
+            connect["pass"] = self.config.pass.clone().unwrap_or_default().into();
+        }
+        if let Some(token) = &self.config.token {
+            connect["auth_token"] = token.clone().into();
+        }
+        conn.wbuf.extend_from_slice(format!("CONNECT {connect}\r\nPING\r\n").as_bytes());
+        conn.flush()?;
+        loop {
+            let line = conn.read_line(deadline)?;
+            match line.as_str() {
+                "PONG" => break,
+                l if l.starts_with("-ERR") => return Err(format!("{addr} refused the connection: {l}")),
+                _ => {}
+            }
+        }
+        self.incarnation += 1;
+        self.inbox = format!("_INBOX.{:x}{:x}", self.incarnation, now());
+        conn.wbuf.extend_from_slice(format!("SUB {}.* {INBOX_SID}\r\n", self.inbox).as_bytes());
+        conn.flush()?;
+        self.subs.clear();
+        self.in_flight.clear();
+        self.deferred.clear();
+        Ok(conn)
+    }
+
+    fn disconnect(&mut self, why: &str) {
+        self.conn = None;
+        self.subs.clear();
+        self.in_flight.clear();
+        self.deferred.clear();
+        self.next_connect = now() + self.backoff;
+        log(Level::Warn, &format!("{}: connection lost: {why}", self.domain));
+        self.report(StubStatus::Disconnected, why);
+    }
+
+    /// One round of I/O on a live connection.
+    fn pump(&mut self) -> Result<(), String> {
+        let conn = self.conn.as_mut().expect("connected");
+        conn.read_available()?;
+        while let Some(op) = parse(&mut self.conn.as_mut().expect("connected").rbuf)? {
+            self.handle(op);
+        }
+        let now = now();
+        let due: Vec<(u64, u64)> = self.deferred.range(..(now, u64::MAX)).map(|(k, _)| *k).collect();
+        for key in due {
+            self.deferred.remove(&key);
+            host::retry(key.1);
+        }
+        let timeout = self.config.ack_timeout_ms * MS;
+        let late: Vec<u64> = self.in_flight.iter().filter(|(_, sent)| now.saturating_sub(**sent) > timeout).map(|(s, _)| *s).collect();
+        for seq in late {
+            self.in_flight.remove(&seq);
+            host::retry(seq);
+        }
+        while self.in_flight.len() < self.config.window {
+            let Some(work) = host::next_work() else { break };
+            let conn = self.conn.as_mut().expect("connected");
+            match work {
+                Work::Send(o) => {
+                    let subject = subject(&self.domain, &o.to);
+                    conn.wbuf.extend_from_slice(
+                        format!("PUB {subject} {}.{} {}\r\n", self.inbox, o.seq, o.envelope.len()).as_bytes(),
+                    );
+                    conn.wbuf.extend_from_slice(o.envelope.as_bytes());
+                    conn.wbuf.extend_from_slice(b"\r\n");
+                    self.in_flight.insert(o.seq, now);
+                }
+                Work::Listen(address) => {
+                    if !self.subs.contains_key(&address) {
+                        let sid = self.next_sid;
+                        self.next_sid += 1;
+                        conn.wbuf.extend_from_slice(format!("SUB {} {sid}\r\n", subject(&self.domain, &address)).as_bytes());
+                        self.subs.insert(address, sid);
+                    }
+                }
+                Work::Forget(address) => {
+                    if let Some(sid) = self.subs.remove(&address) {
+                        conn.wbuf.extend_from_slice(format!("UNSUB {sid}\r\n").as_bytes());
+                    }
+                }
+            }
+        }
+        self.conn.as_mut().expect("connected").flush()
+    }
+
+    fn handle(&mut self, op: Op) {
+        match op {
+            Op::Ping => self.conn.as_mut().expect("connected").wbuf.extend_from_slice(b"PONG\r\n"),
+            Op::Err(e) => log(Level::Warn, &format!("{}: the node says {e}", self.domain)),
+            Op::Other => {}
+            Op::Msg { subject, reply, headers, payload } => {
+                if let Some(seq) = subject.strip_prefix(&self.inbox).and_then(|s| s.strip_prefix('.')) {
+                    let Ok(seq) = seq.parse::<u64>() else { return };
+                    self.answered(seq, headers.as_deref(), &payload);
+                    return;
+                }
+                let answer = match host::post(&String::from_utf8_lossy(&payload)) {
+                    Ok(()) => "ok".to_owned(),
+                    Err(e) if e.starts_with("busy") => e,
+                    Err(e) => format!("refused: {e}"),
+                };
+                if let Some(reply) = reply {
+                    let conn = self.conn.as_mut().expect("connected");
+                    conn.wbuf.extend_from_slice(format!("PUB {reply} {}\r\n{answer}\r\n", answer.len()).as_bytes());
+                }
+            }
+        }
+    }
+
+    /// The far end's answer to message `seq` (or the node's, for nobody).
+    fn answered(&mut self, seq: u64, headers: Option<&str>, payload: &[u8]) {
+        if self.in_flight.remove(&seq).is_none() {
+            return;
+        }
+        let no_responders = headers.is_some_and(|h| h.starts_with("NATS/1.0 503"));
+        let text = String::from_utf8_lossy(payload);
+        if no_responders || text.starts_with("busy") {
+            self.deferred.insert((now() + RETRY_PAUSE, seq), ());
+        } else {
+            if text != "ok" {
+                log(Level::Warn, &format!("{}: message {seq} {text}", self.domain));
+            }
+            host::delivered(seq);
+        }
+    }
+
+    fn poll(&mut self, wait_ms: u32) {
+        let deadline = now() + u64::from(wait_ms) * MS;
+        loop {
+            if self.conn.is_none() && now() >= self.next_connect {
+                self.connect();
+            }
+            if self.conn.is_some()
+                && let Err(e) = self.pump()
+            {
+                self.disconnect(&e);
+                continue;
+            }
+            let now = now();
+            if now >= deadline {
+                return;
+            }
+            let mut wake = deadline;
+            if self.conn.is_none() {
+                wake = wake.min(self.next_connect);
+            }
+            if let Some(((due, _), _)) = self.deferred.first_key_value() {
+                wake = wake.min(*due);
+            }
+            if let Some(sent) = self.in_flight.values().min() {
+                wake = wake.min(sent + self.config.ack_timeout_ms * MS);
+            }
+            let timer = monotonic_clock::subscribe_instant(wake.max(now));
+            match &self.conn {
+                Some(conn) => {
+                    let input = conn.input.subscribe();
+                    if self.in_flight.len() < self.config.window {
+                        let work = host::work_ready();
+                        poll::poll(&[&timer, &input, &work]);
+                    } else {
+                        poll::poll(&[&timer, &input]);
+                    }
+                }
+                None => {
+                    poll::poll(&[&timer]);
+                }
+            }
+        }
+    }
+}
+
+struct NatsStub;
+
+impl Guest for NatsStub {
+    fn init(domain: String, config: String) -> Result<(), String> {
+        let stub = Stub::new(domain, &config)?;
+        STUB.with(|s| *s.borrow_mut() = Some(stub));
+        Ok(())
+    }
+
+    fn poll(wait_ms: u32) {
+        STUB.with(|s| {
+            if let Some(stub) = s.borrow_mut().as_mut() {
+                stub.poll(wait_ms);
+            }
+        });
+    }
+}
+
+export!(NatsStub);

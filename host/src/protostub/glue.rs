@@ -1,0 +1,185 @@
+//! The wasmtime glue of the `protostub` world: bindings, the store data of
+//! one stub instance, the `stub-host` imports and the network grant.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Result, anyhow};
+use wasmtime::Store;
+use wasmtime::component::{Component, HasSelf, Linker, Resource, ResourceTable};
+use wasmtime_wasi::p2::{DynPollable, Pollable};
+use wasmtime_wasi::sockets::SocketAddrUse;
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+use super::{Stub, StubContext, StubQueue, Work};
+use crate::engine::EPOCH_TICK;
+use crate::sandbox::limits::{DomainMemory, InstanceLimiter, Limits};
+
+mod bindings {
+    wasmtime::component::bindgen!({
+        path: "../wit",
+        world: "protostub",
+        with: { "wasi": wasmtime_wasi::p2::bindings::sync },
+        require_store_data_send: true,
+    });
+}
+
+use bindings::rethink::hyperty::{log as wit_log, stub_host as wit};
+use bindings::{Protostub as Bindings, ProtostubPre};
+pub(crate) use wit::StubStatus;
+
+/// A component checked against the `protostub` world.
+#[derive(Clone)]
+pub(crate) struct StubPre(ProtostubPre<StubState>);
+
+/// Checks that `component` fits the `protostub` world and prepares it.
+pub(crate) fn prepare(engine: &wasmtime::Engine, component: &Component) -> Result<StubPre> {
+    let mut linker = Linker::new(engine);
+    wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(|e| anyhow!("{e:#}"))?;
+    wit::add_to_linker::<_, HasSelf<StubState>>(&mut linker, |s| s).map_err(|e| anyhow!("{e:#}"))?;
+    wit_log::add_to_linker::<_, HasSelf<StubState>>(&mut linker, |s| s).map_err(|e| anyhow!("{e:#}"))?;
+    let pre = linker.instantiate_pre(component).map_err(|e| anyhow!("does not fit the protostub world: {e:#}"))?;
+    ProtostubPre::new(pre).map(StubPre).map_err(|e| anyhow!("does not fit the protostub world: {e:#}"))
+}
+
+/// The store data of a stub instance.
+pub(crate) struct StubState {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    limiter: InstanceLimiter,
+    stub: Arc<Stub>,
+    bus: crate::bus::Bus,
+    registry: Arc<crate::registry::Registry>,
+    events: crate::events::Events,
+}
+
+impl WasiView for StubState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+    }
+}
+
+/// The WASI context of a stub: TCP to its granted endpoints only (and the
+/// implicit wildcard bind a connect makes); no UDP, no name lookup, no
+/// listening. Refusals are logged.
+fn wasi_ctx(domain: &str, endpoints: &[SocketAddr]) -> WasiCtx {
+    let allowed: Arc<[SocketAddr]> = endpoints.into();
+    let domain: Arc<str> = domain.into();
+    WasiCtx::builder()
+        .allow_tcp(true)
+        .allow_udp(false)
+        .allow_ip_name_lookup(false)
+        .socket_addr_check(move |addr, use_| {
+            let ok = match use_ {
+                SocketAddrUse::TcpConnect => allowed.contains(&addr),
+                SocketAddrUse::TcpBind => addr.ip().is_unspecified() && addr.port() == 0,
+                _ => false,
+            };
+            if !ok {
+                tracing::warn!(stub = %domain, "refused: {use_:?} {addr} is not an endpoint granted to this protostub");
+            }
+            Box::pin(async move { ok })
+        })
+        .build()
+}
+
+/// A running stub instance.
+pub(crate) struct Instance {
+    store: Store<StubState>,
+    bindings: Bindings,
+}
+
+impl Instance {
+    /// Instantiates the stub and calls `init`.
+    pub fn start(stub: &Arc<Stub>, context: &StubContext) -> Result<Instance, String> {
+        let state = StubState {
+            wasi: wasi_ctx(&stub.domain, &context.settings.endpoints),
+            table: ResourceTable::new(),
+            limiter: InstanceLimiter::new(&Limits::default(), Arc::new(DomainMemory::default())),
+            stub: stub.clone(),
+            bus: context.bus.clone(),
+            registry: context.registry.clone(),
+            events: context.events.clone(),
+        };
+        let mut store = Store::new(&context.engine, state);
+        store.limiter(|s| &mut s.limiter);
+        store.epoch_deadline_trap();
+        arm(&mut store, super::POLL_DEADLINE);
+        let bindings = context.pre.0.instantiate(&mut store).map_err(|e| format!("instantiation failed: {e:#}"))?;
+        bindings
+            .rethink_hyperty_stub()
+            .call_init(&mut store, &stub.domain, &context.settings.config)
+            .map_err(|e| format!("init trapped: {e:#}"))?
+            .map_err(|e| format!("init refused its configuration: {e}"))?;
+        Ok(Instance { store, bindings })
+    }
+
+    /// One `poll` call; an error (a trap) ends the instance.
+    pub fn poll(&mut self, wait_ms: u32, deadline: Duration) -> Result<(), String> {
+        arm(&mut self.store, deadline);
+        self.bindings.rethink_hyperty_stub().call_poll(&mut self.store, wait_ms).map_err(|e| format!("{e:#}"))
+    }
+}
+
+fn arm(store: &mut Store<StubState>, deadline: Duration) {
+    store.set_epoch_deadline((deadline.as_millis() / EPOCH_TICK.as_millis()) as u64);
+    store.set_fuel(u64::MAX).expect("the engine consumes fuel");
+}
+
+/// Ready while the stub's queue has work it has not taken.
+struct WorkReady(Arc<StubQueue>);
+
+#[wasmtime_wasi::async_trait]
+impl Pollable for WorkReady {
+    async fn ready(&mut self) {
+        self.0.work().await;
+    }
+}
+
+impl wit::Host for StubState {
+    fn work_ready(&mut self) -> Resource<DynPollable> {
+        let resource = self.table.push(WorkReady(self.stub.queue.clone())).expect("the table has room");
+        wasmtime_wasi::p2::subscribe(&mut self.table, resource).expect("the table has room")
+    }
+
+    fn next_work(&mut self) -> Option<wit::Work> {
+        Some(match self.stub.queue.next_work()? {
+            Work::Send { seq, to, envelope } => wit::Work::Send(wit::Outbound { seq, to, envelope }),
+            Work::Listen(a) => wit::Work::Listen(a),
+            Work::Forget(a) => wit::Work::Forget(a),
+        })
+    }
+
+    fn delivered(&mut self, seq: u64) {
+        self.stub.queue.delivered(seq);
+    }
+
+    fn retry(&mut self, seq: u64) {
+        self.stub.queue.retry(seq);
+    }
+
+    fn resume(&mut self) {
+        self.stub.queue.resume();
+    }
+
+    fn post(&mut self, envelope: String) -> Result<(), String> {
+        self.stub.post(&self.bus, &envelope)
+    }
+
+    fn report_status(&mut self, status: StubStatus, detail: String) {
+        let context = super::StatusSink { registry: &self.registry, events: &self.events };
+        super::report(&self.stub, context, status, &detail);
+    }
+}
+
+impl wit_log::Host for StubState {
+    fn log(&mut self, level: wit_log::Level, message: String) {
+        let who = &self.stub.domain;
+        match level {
+            wit_log::Level::Trace | wit_log::Level::Debug => tracing::debug!(target: "hyperty::protostub", "{who}: {message}"),
+            wit_log::Level::Info => tracing::info!(target: "hyperty::protostub", "{who}: {message}"),
+            wit_log::Level::Warn | wit_log::Level::Error => tracing::warn!(target: "hyperty::protostub", "{who}: {message}"),
+        }
+    }
+}

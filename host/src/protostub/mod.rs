@@ -1,0 +1,477 @@
+//! Protostubs: the way out of (and back into) the runtime for messages to
+//! other runtimes, one stub per remote domain, as reTHINK's "protocol on the
+//! fly".
+//!
+//! A stub is a component (world `protostub`) configured by its bundle
+//! entry (`[protostubs."<domain>"]`); the protocol to the domain's messaging
+//! node lives in it, not here. The host gives it:
+//!
+//! - a **queue** ([`StubQueue`]) the bus puts the domain's outbound
+//!   messages in, bounded (a full queue is answered 503 to the sender), in
+//!   the host so it survives the stub's restarts. A message leaves it only
+//!   when the stub says the far end took it; on a reconnection or a
+//!   restart, what was in flight is offered again;
+//! - the **wire format**: an envelope (JSON) carrying the message, its
+//!   identity assertion, the queue's origin id and a sequence number, which
+//!   the receiving host uses to drop duplicates ([`Dedup`]);
+//! - **the network** through WASI sockets, limited to exactly the
+//!   endpoints its bundle entry names: any other address is refused and
+//!   logged;
+//! - its own store and thread, driven by calls to its `poll` export; a
+//!   trap drops the instance, which is started afresh with backoff.
+//!
+//! A stub is started when the first message for its domain is queued, or
+//! at deployment when its domain has hyperties here (it must listen for
+//! them) or its entry says `preload`. Every address routed here in the
+//! stub's domain is listened for. Status changes (created, in-progress,
+//! live, disconnected, failed) go into the registry (announced on the bus
+//! like any registration change) and out as [`EventKind::StubStatus`]
+//! events.
+
+mod glue;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Result;
+use serde_json::{Value, json};
+
+pub(crate) use glue::{StubPre, prepare};
+
+use crate::address::Address;
+use crate::bus::Bus;
+use crate::events::{EventKind, Events};
+use crate::message::{Assertion, Body, Message, MessageType};
+use crate::registry::{Registry, Status};
+
+/// What the bus needs of a stub: queue messages for its domain.
+pub(crate) struct Stub {
+    pub domain: String,
+    /// `domain://protostub.<domain>`: its registry entry and event address.
+    pub address: Address,
+    queue: Arc<StubQueue>,
+    dedup: Mutex<Dedup>,
+    start: Mutex<Option<Box<dyn FnOnce(Arc<Stub>) + Send>>>,
+    stopped: AtomicBool,
+}
+
+/// Why the queue refused a message.
+pub(crate) enum QueueError {
+    Full(usize),
+}
+
+impl Stub {
+    /// A stub for `domain` with a queue of `capacity`; `start` spawns its
+    /// thread, once, when it is first needed.
+    pub fn new(domain: &str, capacity: usize, start: Box<dyn FnOnce(Arc<Stub>) + Send>) -> Arc<Stub> {
+        Arc::new(Stub {
+            domain: domain.to_owned(),
+            address: stub_address(domain),
+            queue: Arc::new(StubQueue::new(capacity)),
+            dedup: Mutex::default(),
+            start: Mutex::new(Some(start)),
+            stopped: AtomicBool::new(false),
+        })
+    }
+
+    /// Starts the stub's thread if it is not running yet.
+    pub fn ensure_started(self: &Arc<Self>) {
+        let start = self.start.lock().unwrap().take();
+        if let Some(start) = start {
+            start(self.clone());
+        }
+    }
+
+    pub fn started(&self) -> bool {
+        self.start.lock().unwrap().is_none()
+    }
+
+    /// Queues `message` for the domain's node (starting the stub if needed).
+    pub fn push(self: &Arc<Self>, message: &Message) -> Result<(), QueueError> {
+        self.queue.push(message)?;
+        self.ensure_started();
+        Ok(())
+    }
+
+    /// Listen for `address` (a local address of the stub's domain).
+    pub fn listen(&self, address: &Address) {
+        self.queue.control(address, true);
+    }
+
+    pub fn forget(&self, address: &Address) {
+        self.queue.control(address, false);
+    }
+
+    /// Messages queued (in flight included).
+    pub fn queued(&self) -> usize {
+        self.queue.state.lock().unwrap().items.len()
+    }
+
+    pub fn stop(&self) {
+        self.stopped.store(true, Ordering::Release);
+        self.queue.notify.notify_one();
+    }
+
+    fn is_stopped(&self) -> bool {
+        self.stopped.load(Ordering::Acquire)
+    }
+}
+
+/// The registry and event address of the stub for `domain`.
+pub(crate) fn stub_address(domain: &str) -> Address {
+    Address::parse(format!("domain://protostub.{domain}")).expect("a domain name makes an address")
+}
+
+/// One outbound message in the queue.
+struct Item {
+    to: Address,
+    envelope: String,
+    in_flight: bool,
+}
+
+/// Work the stub takes from the queue.
+pub(crate) enum Work {
+    Send { seq: u64, to: String, envelope: String },
+    Listen(String),
+    Forget(String),
+}
+
+#[derive(Default)]
+struct QueueState {
+    items: BTreeMap<u64, Item>,
+    /// Items not in flight, in order.
+    ready: BTreeSet<u64>,
+    control: VecDeque<Work>,
+    listening: BTreeSet<Address>,
+    next_seq: u64,
+}
+
+/// The host-side queue of one stub.
+pub(crate) struct StubQueue {
+    state: Mutex<QueueState>,
+    /// Woken on new work (the stub's `work-ready` pollable waits on it).
+    notify: tokio::sync::Notify,
+    capacity: usize,
+    /// This queue's id in envelopes: fresh for every queue, so a restarted
+    /// runtime's sequence numbers are not taken for duplicates.
+    origin: String,
+}
+
+impl StubQueue {
+    fn new(capacity: usize) -> StubQueue {
+        StubQueue {
+            state: Mutex::default(),
+            notify: tokio::sync::Notify::new(),
+            capacity,
+            origin: uuid::Uuid::new_v4().to_string(),
+        }
+    }
+
+    fn push(&self, message: &Message) -> Result<(), QueueError> {
+        let mut s = self.state.lock().unwrap();
+        if s.items.len() >= self.capacity {
+            return Err(QueueError::Full(self.capacity));
+        }
+        s.next_seq += 1;
+        let seq = s.next_seq;
+        let envelope = envelope(message, &self.origin, seq);
+        s.items.insert(seq, Item { to: message.to.clone(), envelope, in_flight: false });
+        s.ready.insert(seq);
+        drop(s);
+        self.notify.notify_one();
+        Ok(())
+    }
+
+    fn control(&self, address: &Address, listen: bool) {
+        let mut s = self.state.lock().unwrap();
+        let changed = if listen { s.listening.insert(address.clone()) } else { s.listening.remove(address) };
+        if changed {
+            let a = address.to_string();
+            s.control.push_back(if listen { Work::Listen(a) } else { Work::Forget(a) });
+            drop(s);
+            self.notify.notify_one();
+        }
+    }
+
+    pub fn has_work(&self) -> bool {
+        let s = self.state.lock().unwrap();
+        !s.control.is_empty() || !s.ready.is_empty()
+    }
+
+    pub fn next_work(&self) -> Option<Work> {
+        let mut s = self.state.lock().unwrap();
+        if let Some(work) = s.control.pop_front() {
+            return Some(work);
+        }
+        let seq = s.ready.pop_first()?;
+        let item = s.items.get_mut(&seq).expect("a ready item is queued");
+        item.in_flight = true;
+        Some(Work::Send { seq, to: item.to.to_string(), envelope: item.envelope.clone() })
+    }
+
+    pub fn delivered(&self, seq: u64) {
+        let mut s = self.state.lock().unwrap();
+        s.items.remove(&seq);
+        s.ready.remove(&seq);
+    }
+
+    pub fn retry(&self, seq: u64) {
+        let mut s = self.state.lock().unwrap();
+        if let Some(item) = s.items.get_mut(&seq)
+            && item.in_flight
+        {
+            item.in_flight = false;
+            s.ready.insert(seq);
+        }
+        drop(s);
+        self.notify.notify_one();
+    }
+
+    /// Everything in flight is offered again; every address is listened for
+    /// again (after a reconnection, or in a fresh instance).
+    pub fn resume(&self) {
+        let mut s = self.state.lock().unwrap();
+        let QueueState { items, ready, control, listening, .. } = &mut *s;
+        for (seq, item) in items.iter_mut().filter(|(_, i)| i.in_flight) {
+            item.in_flight = false;
+            ready.insert(*seq);
+        }
+        control.clear();
+        control.extend(listening.iter().map(|a| Work::Listen(a.to_string())));
+        drop(s);
+        self.notify.notify_one();
+    }
+
+    /// Waits until there is work (for the stub's pollable).
+    pub async fn work(&self) {
+        loop {
+            let notified = self.notify.notified();
+            if self.has_work() {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// The wire format: the message as JSON, with the queue's origin and the
+/// message's sequence number in it.
+fn envelope(m: &Message, origin: &str, seq: u64) -> String {
+    json!({
+        "v": 1,
+        "origin": origin,
+        "seq": seq,
+        "id": m.id,
+        "type": m.kind.as_str(),
+        "from": m.from.as_str(),
+        "to": m.to.as_str(),
+        "body": {
+            "code": m.body.code,
+            "resource": m.body.resource,
+            "value": m.body.value,
+            "description": m.body.description,
+        },
+        "assertion": m.assertion.as_ref().map(|a| json!({ "idp": a.idp, "token": a.token })),
+    })
+    .to_string()
+}
+
+/// A received envelope: the message and where it came from.
+pub(crate) struct Received {
+    pub origin: String,
+    pub seq: u64,
+    pub message: Message,
+}
+
+/// Reads an envelope from the network; every field is checked (it is
+/// untrusted input), the error names the field.
+pub(crate) fn open_envelope(text: &str) -> Result<Received, String> {
+    let v: Value = serde_json::from_str(text).map_err(|e| format!("not JSON: {e}"))?;
+    let str_field = |name: &str| v.get(name).and_then(Value::as_str).ok_or_else(|| format!("{name} is missing or not a string"));
+    let u64_field = |name: &str| v.get(name).and_then(Value::as_u64).ok_or_else(|| format!("{name} is missing or not a number"));
+    if v.get("v").and_then(Value::as_u64) != Some(1) {
+        return Err("unknown envelope version (v)".into());
+    }
+    let kind = str_field("type")?;
+    let kind = MessageType::parse(kind).ok_or_else(|| format!("type {kind:?} is not a message type"))?;
+    let from = Address::parse(str_field("from")?).map_err(|e| format!("from: {e}"))?;
+    let to = Address::parse(str_field("to")?).map_err(|e| format!("to: {e}"))?;
+    let body = v.get("body").ok_or("body is missing")?;
+    let opt = |name: &str| -> Result<Option<String>, String> {
+        match body.get(name) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s.clone())),
+            Some(_) => Err(format!("body.{name} is not a string")),
+        }
+    };
+    let code = match body.get("code") {
+        None | Some(Value::Null) => None,
+        Some(c) => Some(c.as_u64().and_then(|c| u16::try_from(c).ok()).ok_or("body.code is not a status code")?),
+    };
+    let value = opt("value")?;
+    if let Some(value) = &value {
+        crate::message::validate_value(value)?;
+    }
+    let assertion = match v.get("assertion") {
+        None | Some(Value::Null) => None,
+        Some(a) => Some(Assertion {
+            idp: a.get("idp").and_then(Value::as_str).ok_or("assertion.idp is missing")?.to_owned(),
+            token: a.get("token").and_then(Value::as_str).ok_or("assertion.token is missing")?.to_owned(),
+        }),
+    };
+    let message = Message {
+        id: u64_field("id")?,
+        kind,
+        from,
+        to,
+        body: Body { code, resource: opt("resource")?, value, description: opt("description")? },
+        identity: None,
+        assertion,
+    };
+    Ok(Received { origin: str_field("origin")?.to_owned(), seq: u64_field("seq")?, message })
+}
+
+/// Sequence numbers seen per origin, to drop what arrives twice (a resend
+/// after a lost acknowledgement). Bounded: the most recent
+/// [`Dedup::WINDOW`] numbers per origin, [`Dedup::ORIGINS`] origins.
+#[derive(Default)]
+pub(crate) struct Dedup {
+    seen: HashMap<String, BTreeSet<u64>>,
+}
+
+impl Dedup {
+    const WINDOW: usize = 65_536;
+    const ORIGINS: usize = 4_096;
+
+    /// Whether `seq` of `origin` was not seen (one older than the window
+    /// counts as new: a rare duplicate rather than a loss).
+    fn is_new(&self, origin: &str, seq: u64) -> bool {
+        self.seen.get(origin).is_none_or(|s| !s.contains(&seq))
+    }
+
+    fn record(&mut self, origin: &str, seq: u64) {
+        if self.seen.len() >= Self::ORIGINS && !self.seen.contains_key(origin) {
+            self.seen.clear();
+        }
+        let set = self.seen.entry(origin.to_owned()).or_default();
+        set.insert(seq);
+        while set.len() > Self::WINDOW {
+            set.pop_first();
+        }
+    }
+}
+
+impl Stub {
+    /// An envelope the stub received, into the bus; `busy: ...` under
+    /// back-pressure (the sender will offer it again).
+    pub(crate) fn post(&self, bus: &Bus, text: &str) -> Result<(), String> {
+        let received = open_envelope(text).map_err(|e| format!("malformed envelope: {e}"))?;
+        if !self.dedup.lock().unwrap().is_new(&received.origin, received.seq) {
+            tracing::debug!(stub = %self.domain, seq = received.seq, "duplicate dropped");
+            return Ok(());
+        }
+        match bus.send_inbound(received.message, &self.domain) {
+            Ok(()) => {
+                self.dedup.lock().unwrap().record(&received.origin, received.seq);
+                Ok(())
+            }
+            Err(crate::bus::SendError::InboxFull(to)) => Err(format!("busy: inbox of {to} is full")),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+}
+
+/// Settings of a stub from its bundle entry.
+#[derive(Clone, Debug)]
+pub(crate) struct StubSettings {
+    pub config: String,
+    /// `ip:port` endpoints the stub may connect to, and nothing else.
+    pub endpoints: Vec<std::net::SocketAddr>,
+}
+
+/// What a stub's thread works with.
+pub(crate) struct StubContext {
+    pub engine: wasmtime::Engine,
+    pub pre: StubPre,
+    pub settings: StubSettings,
+    pub bus: Bus,
+    pub registry: Arc<Registry>,
+    pub events: Events,
+}
+
+/// How long one `poll` call may wait for work before it returns.
+const POLL_WAIT_MS: u32 = 250;
+/// A `poll` call's deadline: generous, since connecting and the handshake
+/// happen inside one (a stub's own limit is 2 s each).
+const POLL_DEADLINE: Duration = Duration::from_secs(10);
+
+/// Spawns the thread that runs `stub`'s component until it is stopped.
+pub(crate) fn spawn(stub: Arc<Stub>, context: StubContext) {
+    let name = format!("hyperty-stub-{}", stub.domain);
+    let spawned = std::thread::Builder::new().name(name).spawn(move || run(stub, context));
+    if let Err(e) = spawned {
+        tracing::error!("cannot start a protostub thread: {e}");
+    }
+}
+
+fn run(stub: Arc<Stub>, context: StubContext) {
+    let label = format!("protostub {}", stub.domain);
+    let mut failures: u32 = 0;
+    set_status(&stub, &context, glue::StubStatus::Created, "loaded");
+    while !stub.is_stopped() {
+        let failure = match glue::Instance::start(&stub, &context) {
+            Ok(mut instance) => {
+                // What the last instance had in flight is offered again.
+                stub.queue.resume();
+                loop {
+                    if stub.is_stopped() {
+                        return;
+                    }
+                    match instance.poll(POLL_WAIT_MS, POLL_DEADLINE) {
+                        Ok(()) => failures = 0,
+                        Err(e) => break e,
+                    }
+                }
+            }
+            Err(e) => e,
+        };
+        failures += 1;
+        tracing::warn!("{label} failed ({failures} in a row), restarting: {failure}");
+        context.events.emit(&label, &stub.address, EventKind::Trapped { reason: failure.clone() });
+        set_status(&stub, &context, glue::StubStatus::Failed, &failure);
+        let backoff = Duration::from_millis(100 * 2u64.saturating_pow(failures.min(6) - 1)).min(Duration::from_secs(5));
+        std::thread::sleep(backoff);
+        context.events.emit(&label, &stub.address, EventKind::Restarted { failures });
+    }
+}
+
+/// Where status reports go.
+pub(crate) struct StatusSink<'a> {
+    pub registry: &'a Registry,
+    pub events: &'a Events,
+}
+
+fn set_status(stub: &Stub, context: &StubContext, status: glue::StubStatus, detail: &str) {
+    report(stub, StatusSink { registry: &context.registry, events: &context.events }, status, detail);
+}
+
+/// Records a status of the stub: in the registry (announced on the bus like
+/// any registration change) and as an event.
+pub(crate) fn report(stub: &Stub, sink: StatusSink<'_>, status: glue::StubStatus, detail: &str) {
+    let (name, registry_status) = match status {
+        glue::StubStatus::Created => ("created", Status::Created),
+        glue::StubStatus::InProgress => ("in-progress", Status::Created),
+        glue::StubStatus::Live => ("live", Status::Live),
+        glue::StubStatus::Disconnected => ("disconnected", Status::Disconnected),
+        glue::StubStatus::Failed => ("failed", Status::Failed),
+    };
+    tracing::info!("protostub {}: {name} ({detail})", stub.domain);
+    sink.registry.set_status(&stub.address, registry_status);
+    sink.events.emit(
+        &format!("protostub {}", stub.domain),
+        &stub.address,
+        EventKind::StubStatus { status: name.to_owned(), detail: detail.to_owned() },
+    );
+}
