@@ -9,11 +9,11 @@ demo: setup
     cargo run --release -q -p hyperty-host -- run guests/demo/bundle.toml --exit-when-idle
 
 # Run every test (builds the guest components first).
-test: setup
+test: setup nats
     cargo test --workspace
 
 # Benchmarks (release build): bus throughput and latency, instantiation.
-bench: setup
+bench: setup nats
     cargo bench -p hyperty-tests --bench bus
 
 # Build the guest components into guests/target/wasm32-wasip2/release.
@@ -27,6 +27,16 @@ pin: guests
 # Check a bundle: manifest, files, pins, world fit.
 check bundle: setup
     cargo run -q -p hyperty-host -- check {{bundle}}
+
+# Install Debian's nats-server, the messaging node the protostub tests and
+# benchmarks start on loopback (the test harness also installs it if missing).
+nats:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    command -v nats-server >/dev/null && exit 0
+    sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo -n"
+    export DEBIAN_FRONTEND=noninteractive
+    $sudo apt-get install -y -q nats-server || { $sudo apt-get update -q && $sudo apt-get install -y -q nats-server; }
 
 # Install what the recipes need: the wasm32-wasip2 standard library.
 setup:

@@ -59,13 +59,16 @@ pub(crate) enum Route {
     /// The protostub of a remote domain: for every address of that domain
     /// with no route here.
     Stub(Arc<Stub>),
+    /// A protostub's own address (`domain://protostub.<domain>`), where
+    /// local hyperties subscribe to its status.
+    StubStatus(Arc<Stub>),
 }
 
 impl Route {
     fn descriptor(&self) -> Option<&Descriptor> {
         match self {
             Route::Hyperty { descriptor, .. } => Some(descriptor),
-            Route::Endpoint(_) | Route::Stub(_) => None,
+            Route::Endpoint(_) | Route::Stub(_) | Route::StubStatus(_) => None,
         }
     }
 
@@ -76,6 +79,7 @@ impl Route {
                 flume::TrySendError::Full(m) => Refused::Full(m),
                 flume::TrySendError::Disconnected(m) => Refused::Closed(m),
             }),
+            Route::StubStatus(_) => Ok(()),
             Route::Stub(stub) => match stub.push(&message) {
                 Ok(()) => Ok(()),
                 Err(QueueError::Full(n)) => Err(Refused::Queue(message, format!("the protostub queue of {} is full ({n} messages)", stub.domain))),
@@ -141,7 +145,9 @@ impl Bus {
         if routes.contains_key(&address) {
             return false;
         }
-        if let Some(stub) = self.inner.stubs.read().unwrap().get(address.domain()) {
+        if let Some(stub) = self.inner.stubs.read().unwrap().get(address.domain())
+            && !matches!(route, Route::StubStatus(_))
+        {
             stub.listen(&address);
             stub.ensure_started();
         }
@@ -152,9 +158,14 @@ impl Bus {
     /// Removes a route and forgets the requests it was waiting on.
     pub fn remove_route(&self, address: &Address) {
         self.inner.routes.write().unwrap().remove(address);
-        if let Some(stub) = self.inner.stubs.read().unwrap().get(address.domain()) {
+        let stubs = self.inner.stubs.read().unwrap();
+        if let Some(stub) = stubs.get(address.domain()) {
             stub.forget(address);
         }
+        for stub in stubs.values() {
+            stub.unwatch(address);
+        }
+        drop(stubs);
         self.inner.timer.forget_requester(address);
     }
 
@@ -167,7 +178,7 @@ impl Bus {
             return false;
         }
         let mut listening = false;
-        for address in routes.keys().filter(|a| a.domain() == stub.domain) {
+        for address in routes.iter().filter(|(a, r)| a.domain() == stub.domain && !matches!(r, Route::StubStatus(_))).map(|(a, _)| a) {
             stub.listen(address);
             listening = true;
         }
@@ -180,14 +191,35 @@ impl Bus {
 
     pub fn remove_stub(&self, domain: &str) {
         if let Some(stub) = self.inner.stubs.write().unwrap().remove(domain) {
+            self.inner.routes.write().unwrap().remove(&stub.address);
             stub.stop();
         }
     }
 
     /// Stops every protostub (the runtime shuts down).
     pub fn remove_stubs(&self) {
-        for (_, stub) in self.inner.stubs.write().unwrap().drain() {
-            stub.stop();
+        let domains: Vec<String> = self.inner.stubs.read().unwrap().keys().cloned().collect();
+        for domain in domains {
+            self.remove_stub(&domain);
+        }
+    }
+
+    /// A message to a stub's status address: `subscribe` adds its sender to
+    /// the stub's watchers (answered 200 with the current status),
+    /// `unsubscribe` removes it; any other request is answered 405.
+    fn stub_status(&self, stub: &Stub, message: Message) {
+        match message.kind {
+            MessageType::Subscribe | MessageType::Unsubscribe => {
+                let status = if message.kind == MessageType::Subscribe { stub.watch(&message.from) } else { stub.unwatch(&message.from) };
+                let mut answer = Message::response(message.id, message.to, message.from, code::OK);
+                answer.body.value = Some(status.to_string());
+                let _ = self.send(answer, None, None);
+            }
+            MessageType::Response => {}
+            _ => {
+                let why = format!("{} takes subscribe and unsubscribe", message.to);
+                self.answer(&message, code::METHOD_NOT_ALLOWED, why);
+            }
         }
     }
 
@@ -307,6 +339,10 @@ impl Bus {
             }
             None
         };
+        if let Route::StubStatus(stub) = &route {
+            self.stub_status(stub, message);
+            return Ok(());
+        }
         match route.deliver(message) {
             Ok(()) => Ok(()),
             Err(Refused::Full(message)) => {

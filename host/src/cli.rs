@@ -47,6 +47,10 @@ enum Command {
         /// refreshing. Repeatable.
         #[arg(long, value_name = "DOMAIN")]
         serve_registry: Vec<String>,
+        /// How often this runtime's registrations are refreshed toward their
+        /// domains' registries.
+        #[arg(long, default_value_t = 60_000)]
+        registry_keep_alive_ms: u64,
     },
     /// Add a user to or remove one from a group in a groups file.
     Group {
@@ -95,10 +99,11 @@ where
     init_logging();
     let config = RuntimeConfig { cache_dir: cli.cache_dir, data_dir: Some(cli.data_dir), ..RuntimeConfig::default() };
     let result = match cli.command {
-        Command::Run { bundle, exit_when_idle, request_timeout_ms, policies, groups, serve_registry } => {
+        Command::Run { bundle, exit_when_idle, request_timeout_ms, policies, groups, serve_registry, registry_keep_alive_ms } => {
             let config = RuntimeConfig {
                 request_timeout: Duration::from_millis(request_timeout_ms),
                 serve_registries: serve_registry,
+                registry_keep_alive: Duration::from_millis(registry_keep_alive_ms),
                 ..config
             };
             setup_policies(&config, policies.as_deref(), groups.as_deref()).and_then(|()| run(&bundle, config, exit_when_idle))

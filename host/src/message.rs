@@ -102,6 +102,7 @@ pub mod code {
     pub const UNAUTHORIZED: u16 = 401;
     pub const FORBIDDEN: u16 = 403;
     pub const NOT_FOUND: u16 = 404;
+    pub const METHOD_NOT_ALLOWED: u16 = 405;
     pub const TIMEOUT: u16 = 408;
     pub const INTERNAL_ERROR: u16 = 500;
     pub const UNAVAILABLE: u16 = 503;

@@ -2,7 +2,8 @@
 //!
 //! Every registration change is also announced, as a message on the bus
 //! from the runtime's address, to the provider domain's remote registry at
-//! `domain://registry.<domain>`: `create` (the registration as JSON),
+//! `domain://registry.<domain>` (hyperties and data objects; protostubs and
+//! IdP proxies are this runtime's own): `create` (the registration as JSON),
 //! `update` (status changes, and a keep-alive for each registration every
 //! `keep-alive` interval, which the remote registry uses to expire runtimes
 //! that went away), `delete`. Once a protostub serves the domain, these
@@ -97,6 +98,11 @@ struct Announcer {
 
 impl Announcer {
     fn announce(&self, kind: MessageType, r: &Registration, value: serde_json::Value) {
+        // Protostubs and IdP proxies are this runtime's own machinery, not
+        // something its domain's registry lists.
+        if matches!(r.kind, Kind::Protostub | Kind::IdpProxy) {
+            return;
+        }
         let Ok(to) = Address::parse(format!("domain://registry.{}", r.domain)) else { return };
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut message = Message::new(id, kind, self.runtime.clone(), to, Some(value.to_string()));

@@ -413,6 +413,7 @@ impl Runtime {
                 status: Status::Created,
             });
             self.bus.add_stub(stub.clone());
+            self.bus.add_route(stub.address.clone(), Route::StubStatus(stub.clone()));
             started.push(spec.domain.clone());
             if spec.preload || bundle.domains.iter().any(|d| d.name == spec.domain) {
                 stub.ensure_started();

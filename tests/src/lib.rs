@@ -421,3 +421,32 @@ impl TestBundle {
         self
     }
 }
+
+/// Publishes `payload` on `subject` of the NATS server at `port`, as a
+/// plain client (to put raw envelopes on the wire).
+pub fn nats_publish(port: u16, subject: &str, payload: &str) {
+    use std::io::{BufRead, BufReader, Write};
+    let stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    assert!(line.starts_with("INFO"), "{line}");
+    let mut w = stream;
+    write!(w, "CONNECT {{\"verbose\":false}}\r\nPUB {subject} {}\r\n{payload}\r\nPING\r\n", payload.len()).unwrap();
+    loop {
+        line.clear();
+        reader.read_line(&mut line).unwrap();
+        if line.starts_with("PONG") {
+            return;
+        }
+        assert!(!line.starts_with("-ERR"), "{line}");
+    }
+}
+
+/// The NATS subject the `nats-stub` guest uses for `address` of `domain`.
+pub fn nats_subject(domain: &str, address: &str) -> String {
+    use sha2::Digest as _;
+    let digest = sha2::Sha256::digest(address.as_bytes());
+    format!("rethink.{}.{}", domain.replace('.', "_"), hex(&digest[..16]))
+}

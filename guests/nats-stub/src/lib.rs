@@ -8,8 +8,14 @@
 //! config = { servers = ["127.0.0.1:4222", "127.0.0.1:4223"],  # tried in turn
 //!            user = "…", pass = "…",        # or token = "…" (optional)
 //!            ack-timeout-ms = 2000,          # resend when the far end is silent
-//!            window = 1024 }                 # messages in flight at most
+//!            window = 1024,                  # messages in flight at most
+//!            fault-injection = { trap-after-messages = 50 } }  # chaos testing only
 //! ```
+//!
+//! `fault-injection` is for operators testing their deployment (and for
+//! our tests): the instance traps once that many of its messages were
+//! acknowledged, with whatever else it carries in flight, as a crashing
+//! stub would; the host restarts it and nothing queued is lost.
 //!
 //! Addressing: each address maps to the subject
 //! `rethink.<domain with . as _>.<first 32 hex digits of sha256(address)>`
@@ -73,6 +79,14 @@ struct Config {
     ack_timeout_ms: u64,
     #[serde(default = "default_window")]
     window: usize,
+    #[serde(default)]
+    fault_injection: Option<FaultInjection>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct FaultInjection {
+    trap_after_messages: u64,
 }
 
 fn default_ack_timeout() -> u64 {
@@ -112,6 +126,8 @@ struct Stub {
     next_connect: u64,
     backoff: u64,
     status: Option<StubStatus>,
+    /// Messages this instance carried (acknowledged by the far end).
+    carried: u64,
 }
 
 thread_local! {
@@ -295,6 +311,7 @@ impl Stub {
             next_connect: 0,
             backoff: BACKOFF_MIN,
             status: None,
+            carried: 0,
         })
     }
 
@@ -463,6 +480,12 @@ impl Stub {
                 log(Level::Warn, &format!("{}: message {seq} {text}", self.domain));
             }
             host::delivered(seq);
+            self.carried += 1;
+            if let Some(f) = &self.config.fault_injection
+                && self.carried >= f.trap_after_messages
+            {
+                panic!("fault injection: trapping after {} messages", self.carried);
+            }
         }
     }
 
@@ -515,6 +538,8 @@ struct NatsStub;
 
 impl Guest for NatsStub {
     fn init(domain: String, config: String) -> Result<(), String> {
+        // A panic aborts the instance: say why in the host's log first.
+        std::panic::set_hook(Box::new(|info| log(Level::Error, &info.to_string())));
         let stub = Stub::new(domain, &config)?;
         STUB.with(|s| *s.borrow_mut() = Some(stub));
         Ok(())

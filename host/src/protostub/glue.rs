@@ -118,7 +118,10 @@ impl Instance {
     /// One `poll` call; an error (a trap) ends the instance.
     pub fn poll(&mut self, wait_ms: u32, deadline: Duration) -> Result<(), String> {
         arm(&mut self.store, deadline);
-        self.bindings.rethink_hyperty_stub().call_poll(&mut self.store, wait_ms).map_err(|e| format!("{e:#}"))
+        self.bindings.rethink_hyperty_stub().call_poll(&mut self.store, wait_ms).map_err(|e| {
+            let limits = Limits { call_timeout_ms: deadline.as_millis() as u64, ..Limits::default() };
+            crate::sandbox::trap_reason(&e, &limits)
+        })
     }
 }
 
@@ -168,7 +171,7 @@ impl wit::Host for StubState {
     }
 
     fn report_status(&mut self, status: StubStatus, detail: String) {
-        let context = super::StatusSink { registry: &self.registry, events: &self.events };
+        let context = super::StatusSink { registry: &self.registry, events: &self.events, bus: &self.bus };
         super::report(&self.stub, context, status, &detail);
     }
 }

@@ -55,6 +55,10 @@ pub(crate) struct Stub {
     dedup: Mutex<Dedup>,
     start: Mutex<Option<Box<dyn FnOnce(Arc<Stub>) + Send>>>,
     stopped: AtomicBool,
+    /// The last status reported, as JSON `{"status", "detail"}`.
+    status: Mutex<Value>,
+    /// Local addresses subscribed to status changes.
+    watchers: Mutex<BTreeSet<Address>>,
 }
 
 /// Why the queue refused a message.
@@ -73,6 +77,8 @@ impl Stub {
             dedup: Mutex::default(),
             start: Mutex::new(Some(start)),
             stopped: AtomicBool::new(false),
+            status: Mutex::new(json!({ "status": "created", "detail": "not loaded yet" })),
+            watchers: Mutex::default(),
         })
     }
 
@@ -82,10 +88,6 @@ impl Stub {
         if let Some(start) = start {
             start(self.clone());
         }
-    }
-
-    pub fn started(&self) -> bool {
-        self.start.lock().unwrap().is_none()
     }
 
     /// Queues `message` for the domain's node (starting the stub if needed).
@@ -104,9 +106,16 @@ impl Stub {
         self.queue.control(address, false);
     }
 
-    /// Messages queued (in flight included).
-    pub fn queued(&self) -> usize {
-        self.queue.state.lock().unwrap().items.len()
+    /// Adds `address` to the status watchers; the current status.
+    pub fn watch(&self, address: &Address) -> Value {
+        self.watchers.lock().unwrap().insert(address.clone());
+        self.status.lock().unwrap().clone()
+    }
+
+    /// Removes `address` from the status watchers; the current status.
+    pub fn unwatch(&self, address: &Address) -> Value {
+        self.watchers.lock().unwrap().remove(address);
+        self.status.lock().unwrap().clone()
     }
 
     pub fn stop(&self) {
@@ -451,14 +460,16 @@ fn run(stub: Arc<Stub>, context: StubContext) {
 pub(crate) struct StatusSink<'a> {
     pub registry: &'a Registry,
     pub events: &'a Events,
+    pub bus: &'a Bus,
 }
 
 fn set_status(stub: &Stub, context: &StubContext, status: glue::StubStatus, detail: &str) {
-    report(stub, StatusSink { registry: &context.registry, events: &context.events }, status, detail);
+    report(stub, StatusSink { registry: &context.registry, events: &context.events, bus: &context.bus }, status, detail);
 }
 
-/// Records a status of the stub: in the registry (announced on the bus like
-/// any registration change) and as an event.
+/// Records a status of the stub: in the registry, as an event for
+/// operators, and on the bus as an `update` from the stub's address to each
+/// local address that subscribed to it.
 pub(crate) fn report(stub: &Stub, sink: StatusSink<'_>, status: glue::StubStatus, detail: &str) {
     let (name, registry_status) = match status {
         glue::StubStatus::Created => ("created", Status::Created),
@@ -474,4 +485,18 @@ pub(crate) fn report(stub: &Stub, sink: StatusSink<'_>, status: glue::StubStatus
         &stub.address,
         EventKind::StubStatus { status: name.to_owned(), detail: detail.to_owned() },
     );
+    let value = json!({ "status": name, "detail": detail });
+    *stub.status.lock().unwrap() = value.clone();
+    let watchers: Vec<Address> = stub.watchers.lock().unwrap().iter().cloned().collect();
+    for watcher in watchers {
+        let id = STATUS_IDS.fetch_add(1, Ordering::Relaxed);
+        let mut update = Message::new(id, MessageType::Update, stub.address.clone(), watcher, Some(value.to_string()));
+        update.body.resource = Some(stub.address.to_string());
+        if let Err(e) = sink.bus.send(update, None, None) {
+            tracing::debug!("status of protostub {} not told: {e}", stub.domain);
+        }
+    }
 }
+
+/// Ids of status updates (notifications: nobody answers them).
+static STATUS_IDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);

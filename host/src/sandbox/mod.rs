@@ -469,6 +469,19 @@ pub(crate) fn time_instantiation(shared: &Shared, pre: &HypertyPre<InstanceState
     Ok(total / n.max(1))
 }
 
+/// Why a call trapped, in words (the deadline, fuel, a stack overflow, a
+/// panic, ...), without the wasm backtrace.
+pub(crate) fn trap_reason(error: &wasmtime::Error, limits: &Limits) -> String {
+    match error.downcast_ref::<wasmtime::Trap>() {
+        Some(wasmtime::Trap::Interrupt) => format!("ran past its call deadline (call-timeout-ms = {})", limits.call_timeout_ms),
+        Some(wasmtime::Trap::OutOfFuel) => format!("ran out of fuel (fuel-per-call = {})", limits.fuel_per_call.unwrap_or(0)),
+        Some(wasmtime::Trap::StackOverflow) => "stack overflow".to_owned(),
+        Some(wasmtime::Trap::UnreachableCodeReached) => "panicked or reached unreachable code".to_owned(),
+        Some(other) => format!("trapped: {other}"),
+        None => format!("{error:#}"),
+    }
+}
+
 /// Sets the deadline and the fuel budget for the next call into `store`.
 fn arm(store: &mut Store<InstanceState>, call_ticks: u64, limits: &Limits) {
     store.set_epoch_deadline(call_ticks);
@@ -478,15 +491,7 @@ fn arm(store: &mut Store<InstanceState>, call_ticks: u64, limits: &Limits) {
 /// Why a call trapped, in words: the deadline, fuel, a refused memory or
 /// table growth, a stack overflow, or the guest's own trap.
 fn explain(error: &wasmtime::Error, store: &Store<InstanceState>, limits: &Limits) -> String {
-    let trap = error.downcast_ref::<wasmtime::Trap>();
-    let what = match trap {
-        Some(wasmtime::Trap::Interrupt) => format!("ran past its call deadline (call-timeout-ms = {})", limits.call_timeout_ms),
-        Some(wasmtime::Trap::OutOfFuel) => format!("ran out of fuel (fuel-per-call = {})", limits.fuel_per_call.unwrap_or(0)),
-        Some(wasmtime::Trap::StackOverflow) => "stack overflow".to_owned(),
-        Some(wasmtime::Trap::UnreachableCodeReached) => "panicked or reached unreachable code".to_owned(),
-        Some(other) => format!("trapped: {other}"),
-        None => format!("{error:#}"),
-    };
+    let what = trap_reason(error, limits);
     match &store.data().limiter.refused_growth {
         Some(limit) => format!("{what}; {limit}"),
         None => what,
