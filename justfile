@@ -12,9 +12,11 @@ demo: setup
 test: setup nats
     cargo test --workspace
 
-# Benchmarks (release build): bus throughput and latency, instantiation.
+# Benchmarks (release build): bus throughput and latency, instantiation;
+# runtime to runtime through NATS beside NATS's own client-to-client figures.
 bench: setup nats
     cargo bench -p hyperty-tests --bench bus
+    cargo bench -p hyperty-tests --bench nats
 
 # Build the guest components into guests/target/wasm32-wasip2/release.
 guests: setup

@@ -1,0 +1,250 @@
+//! `just bench` (second part): runtime to runtime through NATS, beside
+//! NATS's own client-to-client figures measured in the same run on the same
+//! server (the physical limit of this path).
+//!
+//! - request/response latency, p50 and p99 over 2,000 sequential round
+//!   trips: raw NATS clients (request with a reply subject, answered by a
+//!   subscriber) vs. an embedder endpoint in runtime 1 asking a hyperty in
+//!   runtime 2 (endpoint → bus → protostub → NATS → protostub → bus →
+//!   hyperty, and back the same way, with acknowledged delivery each hop);
+//! - one-way messages/s: a raw publisher to a raw subscriber vs. the bench
+//!   driver hyperty (runtime 1) to the bench sink (runtime 2), batches of 64
+//!   closed by a request for flow control.
+//!
+//! Both runtimes live in this process (each with its own stubs and NATS
+//! connections); the two-process path is exercised by the tests.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use hyperty_host::{Message, MessageType, Runtime};
+use hyperty_tests::*;
+use serde_json::json;
+
+const ROUND_TRIPS: usize = 2000;
+const ONE_WAY: u64 = 20_000;
+const RUNS: usize = 3;
+
+fn main() {
+    let nats = Nats::start();
+    let servers = [nats.endpoint()];
+    let path = RuntimePath::new(&servers);
+    path.round_trips(200); // warm-up: stubs loaded, subscriptions in place
+    path.one_way(2_000);
+    let mut raw = (Vec::new(), Vec::new(), Vec::new());
+    let mut ours = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..RUNS {
+        let (p50, p99) = percentiles(raw_round_trips(nats.port, ROUND_TRIPS));
+        raw.0.push(p50);
+        raw.1.push(p99);
+        raw.2.push(raw_one_way(nats.port, ONE_WAY));
+        let (p50, p99) = percentiles(path.round_trips(ROUND_TRIPS));
+        ours.0.push(p50);
+        ours.1.push(p99);
+        ours.2.push(path.one_way(ONE_WAY));
+    }
+    println!("through NATS (one nats-server on loopback, same run, median of {RUNS}):");
+    println!("                            NATS client-to-client   runtime-to-runtime (hyperty stubs)   ratio");
+    let (a, b) = (median(raw.0), median(ours.0));
+    println!("  request/response p50:     {a:>10.1} µs           {b:>10.1} µs                        {:.1}x", b / a);
+    let (a, b) = (median(raw.1), median(ours.1));
+    println!("  request/response p99:     {a:>10.1} µs           {b:>10.1} µs                        {:.1}x", b / a);
+    let (a, b) = (median(raw.2), median(ours.2));
+    println!("  one-way msg/s:            {a:>10.0}              {b:>10.0}                           {:.0}%", 100.0 * b / a);
+}
+
+/// Runtime 1 (bench driver in alice.example, the harness endpoint in
+/// bench.example) and runtime 2 (bench sink in bob.example), each with NATS
+/// stubs for the three domains.
+struct RuntimePath {
+    r1: Runtime,
+    _r2: Runtime,
+    harness: hyperty_host::Endpoint,
+    driver: hyperty_host::Address,
+    sink: hyperty_host::Address,
+    next_id: std::cell::Cell<u64>,
+    _bundles: (TestBundle, TestBundle),
+}
+
+impl RuntimePath {
+    fn new(servers: &[String]) -> RuntimePath {
+        let stubs = |mut b: TestBundle| {
+            for d in ["alice.example", "bob.example", "bench.example"] {
+                b = b.protostub(d, servers, json!({ "queue": 100_000 }));
+            }
+            b
+        };
+        let unlimited = json!({ "limits": { "rate": 100_000_000, "burst": 1_000_000, "inbox": 65_536 } });
+        let b1 = stubs(TestBundle::new().hyperty("alice.example", "driver", &guest("bench"), json!({ "role": "driver" })))
+            .domain("alice.example", unlimited.clone());
+        let b2 = stubs(TestBundle::new().hyperty("bob.example", "sink", &guest("bench"), json!({ "role": "sink" })))
+            .domain("bob.example", unlimited);
+        let r1 = runtime(Duration::from_secs(60));
+        let r2 = runtime(Duration::from_secs(60));
+        r1.deploy(&b1.load()).unwrap();
+        r2.deploy(&b2.load()).unwrap();
+        let harness = r1.endpoint("hyperty://bench.example/harness", 1024).unwrap();
+        let driver = r1.lookup("alice.example", "driver").unwrap();
+        let sink = r2.lookup("bob.example", "sink").unwrap();
+        RuntimePath { r1, _r2: r2, harness, driver, sink, next_id: Default::default(), _bundles: (b1, b2) }
+    }
+
+    fn id(&self) -> u64 {
+        self.next_id.set(self.next_id.get() + 1);
+        self.next_id.get()
+    }
+
+    /// µs per round trip, harness (runtime 1) → sink (runtime 2) and back.
+    fn round_trips(&self, n: usize) -> Vec<f64> {
+        let mut times = Vec::with_capacity(n);
+        while times.len() < n {
+            let id = self.id();
+            let msg = Message::new(id, MessageType::Read, self.harness.address().clone(), self.sink.clone(), Some("{}".into()));
+            let started = Instant::now();
+            self.harness.request(msg, None).unwrap();
+            let answer = self.harness.recv_timeout(Duration::from_secs(60)).expect("an answer");
+            let elapsed = started.elapsed();
+            // Until the stubs are live and subscribed, answers are 503/408.
+            if answer.body.code == Some(200) {
+                times.push(elapsed.as_secs_f64() * 1e6);
+            }
+        }
+        let _ = &self.r1;
+        times
+    }
+
+    /// Messages/s from the driver (runtime 1) to the sink (runtime 2).
+    fn one_way(&self, count: u64) -> f64 {
+        let command = json!({ "to": self.sink.to_string(), "count": count, "mode": "oneway", "batch": 64 });
+        let msg = Message::new(self.id(), MessageType::Execute, self.harness.address().clone(), self.driver.clone(), Some(command.to_string()));
+        let started = Instant::now();
+        self.harness.request(msg, None).unwrap();
+        let answer = self.harness.recv_timeout(Duration::from_secs(120)).expect("the driver answers");
+        assert_eq!(answer.body.code, Some(200), "{:?}", answer.body);
+        count as f64 / started.elapsed().as_secs_f64()
+    }
+}
+
+/// A plain NATS client over TCP, enough for the baseline.
+struct Client {
+    reader: BufReader<TcpStream>,
+    writer: TcpStream,
+}
+
+impl Client {
+    fn connect(port: u16) -> Client {
+        let stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        stream.set_nodelay(true).unwrap();
+        let mut c = Client { reader: BufReader::new(stream.try_clone().unwrap()), writer: stream };
+        let mut line = String::new();
+        c.reader.read_line(&mut line).unwrap();
+        c.writer.write_all(b"CONNECT {\"verbose\":false,\"pedantic\":false}\r\nPING\r\n").unwrap();
+        c.expect_pong();
+        c
+    }
+
+    fn expect_pong(&mut self) {
+        let mut line = String::new();
+        loop {
+            line.clear();
+            self.reader.read_line(&mut line).unwrap();
+            if line.starts_with("PONG") {
+                return;
+            }
+        }
+    }
+
+    /// The next MSG: (reply subject, payload).
+    fn next_msg(&mut self) -> (Option<String>, Vec<u8>) {
+        let mut line = String::new();
+        loop {
+            line.clear();
+            self.reader.read_line(&mut line).unwrap();
+            let words: Vec<&str> = line.split_whitespace().collect();
+            match words.first() {
+                Some(&"MSG") => {
+                    let len: usize = words.last().unwrap().parse().unwrap();
+                    let reply = (words.len() == 5).then(|| words[3].to_owned());
+                    let mut payload = vec![0; len + 2];
+                    self.reader.read_exact(&mut payload).unwrap();
+                    payload.truncate(len);
+                    return (reply, payload);
+                }
+                Some(&"PING") => self.writer.write_all(b"PONG\r\n").unwrap(),
+                _ => {}
+            }
+        }
+    }
+}
+
+/// A payload the size of a small envelope.
+fn payload() -> String {
+    "x".repeat(300)
+}
+
+/// µs per NATS request/reply between two raw clients.
+fn raw_round_trips(port: u16, n: usize) -> Vec<f64> {
+    let mut responder = Client::connect(port);
+    responder.writer.write_all(b"SUB bench.echo 1\r\nPING\r\n").unwrap();
+    responder.expect_pong();
+    let echo = std::thread::spawn(move || {
+        for _ in 0..n {
+            let (reply, payload) = responder.next_msg();
+            let reply = reply.unwrap();
+            let mut out = format!("PUB {reply} {}\r\n", payload.len()).into_bytes();
+            out.extend_from_slice(&payload);
+            out.extend_from_slice(b"\r\n");
+            responder.writer.write_all(&out).unwrap();
+        }
+    });
+    let mut requester = Client::connect(port);
+    requester.writer.write_all(b"SUB bench.inbox 1\r\nPING\r\n").unwrap();
+    requester.expect_pong();
+    let body = payload();
+    let mut times = Vec::with_capacity(n);
+    for _ in 0..n {
+        let started = Instant::now();
+        requester.writer.write_all(format!("PUB bench.echo bench.inbox {}\r\n{body}\r\n", body.len()).as_bytes()).unwrap();
+        requester.next_msg();
+        times.push(started.elapsed().as_secs_f64() * 1e6);
+    }
+    echo.join().unwrap();
+    times
+}
+
+/// Messages/s from a raw publisher to a raw subscriber.
+fn raw_one_way(port: u16, n: u64) -> f64 {
+    let mut subscriber = Client::connect(port);
+    subscriber.writer.write_all(b"SUB bench.oneway 1\r\nPING\r\n").unwrap();
+    subscriber.expect_pong();
+    let counter = std::thread::spawn(move || {
+        for _ in 0..n {
+            subscriber.next_msg();
+        }
+    });
+    let mut publisher = Client::connect(port);
+    let body = payload();
+    let started = Instant::now();
+    let mut batch = Vec::new();
+    for i in 0..n {
+        batch.extend_from_slice(format!("PUB bench.oneway {}\r\n{body}\r\n", body.len()).as_bytes());
+        if i % 64 == 63 {
+            publisher.writer.write_all(&batch).unwrap();
+            batch.clear();
+        }
+    }
+    publisher.writer.write_all(&batch).unwrap();
+    counter.join().unwrap();
+    n as f64 / started.elapsed().as_secs_f64()
+}
+
+fn percentiles(mut v: Vec<f64>) -> (f64, f64) {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    (v[v.len() / 2], v[v.len() * 99 / 100])
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
