@@ -150,3 +150,45 @@ fn cli_check_reports_problems_and_passes_good_bundles() {
     let bad = TestBundle::new().hyperty("carol.example", "c", &guest("not-a-hyperty"), json!({}));
     assert_eq!(run(&bad.write()), std::process::ExitCode::FAILURE);
 }
+
+#[test]
+fn bad_protostub_entries_are_refused_naming_the_field_and_nothing_running_is_lost() {
+    let (runtime, mut driver, _good, a, b) = running();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bundle.toml");
+    // Endpoints that are not ip:port, an empty list, a zero queue: each with its line.
+    let stub = guest("nats-stub");
+    let text = format!(
+        "[protostubs.\"bob.example\"]\ncomponent = {c:?}\nsha256 = \"{d}\"\nendpoints = [\"localhost:4222\"]\n\n\
+         [protostubs.\"carol.example\"]\ncomponent = {c:?}\nsha256 = \"{d}\"\nendpoints = []\nqueue = 0\n",
+        c = stub.display().to_string(),
+        d = hyperty_host::Digest::of(&std::fs::read(&stub).unwrap())
+    );
+    std::fs::write(&path, text).unwrap();
+    let err = Bundle::load(&path).unwrap_err();
+    let shown = err.to_string();
+    for (line, needle) in [
+        (4, r#"protostubs."bob.example".endpoints: "localhost:4222" is not <ip>:<port>"#),
+        (9, r#"protostubs."carol.example".endpoints: a protostub needs at least one endpoint"#),
+        (10, r#"protostubs."carol.example".queue: must be at least 1"#),
+    ] {
+        assert!(err.problems.iter().any(|p| p.line == Some(line) && p.to_string().contains(needle)), "{needle} at line {line} in:\n{shown}");
+    }
+    // A hyperty given as a protostub does not fit the world.
+    let wrong = TestBundle::new().protostub("carol.example", &["127.0.0.1:4222".into()], json!({}));
+    let wrong_path = wrong.write();
+    let text = std::fs::read_to_string(&wrong_path).unwrap();
+    let puppet = guest("puppet");
+    let text = text
+        .replace(&guest("nats-stub").display().to_string(), &puppet.display().to_string())
+        .replace(&hyperty_host::Digest::of(&std::fs::read(guest("nats-stub")).unwrap()).to_string(), &hyperty_host::Digest::of(&std::fs::read(&puppet).unwrap()).to_string());
+    std::fs::write(&wrong_path, text).unwrap();
+    let err = runtime.deploy(&Bundle::load(&wrong_path).unwrap()).unwrap_err().to_string();
+    assert!(err.contains(r#"protostubs."carol.example".component"#) && err.contains("does not fit the protostub world"), "{err}");
+    // A second stub for a domain that has one.
+    let first = TestBundle::new().protostub("carol.example", &["127.0.0.1:4222".into()], json!({}));
+    runtime.deploy(&first.load()).unwrap();
+    let err = runtime.deploy(&first.load()).unwrap_err().to_string();
+    assert!(err.contains("a protostub for carol.example already runs"), "{err}");
+    driver.still_works(&a, &b);
+}
