@@ -28,6 +28,7 @@ use crate::message::{Message, MessageType, code};
 use crate::identity::Identities;
 use crate::policy::{Decision, Descriptor, EnforcementPoint, Parties, PolicyDecisionPoint};
 use crate::protostub::{QueueError, Stub};
+use crate::syncher::Syncher;
 use crate::sandbox::{Inbox, Refused};
 
 /// Why the bus refused a message at the import; mirrors the WIT `send-error`.
@@ -62,13 +63,15 @@ pub(crate) enum Route {
     /// A protostub's own address (`domain://protostub.<domain>`), where
     /// local hyperties subscribe to its status.
     StubStatus(Arc<Stub>),
+    /// A data object's URL, kept by the syncher.
+    Object(Weak<Syncher>),
 }
 
 impl Route {
     fn descriptor(&self) -> Option<&Descriptor> {
         match self {
             Route::Hyperty { descriptor, .. } => Some(descriptor),
-            Route::Endpoint(_) | Route::Stub(_) | Route::StubStatus(_) => None,
+            Route::Endpoint(_) | Route::Stub(_) | Route::StubStatus(_) | Route::Object(_) => None,
         }
     }
 
@@ -80,6 +83,13 @@ impl Route {
                 flume::TrySendError::Disconnected(m) => Refused::Closed(m),
             }),
             Route::StubStatus(_) => Ok(()),
+            Route::Object(syncher) => match syncher.upgrade() {
+                Some(syncher) => {
+                    syncher.handle(message);
+                    Ok(())
+                }
+                None => Err(Refused::Closed(message)),
+            },
             Route::Stub(stub) => match stub.push(&message) {
                 Ok(()) => Ok(()),
                 Err(QueueError::Full(n)) => Err(Refused::Queue(message, format!("the protostub queue of {} is full ({n} messages)", stub.domain))),
@@ -220,6 +230,14 @@ impl Bus {
                 let why = format!("{} takes subscribe and unsubscribe", message.to);
                 self.answer(&message, code::METHOD_NOT_ALLOWED, why);
             }
+        }
+    }
+
+    /// What the runtime knows of the hyperty at `address`, if one is here.
+    pub fn descriptor_of(&self, address: &Address) -> Option<Arc<Descriptor>> {
+        match self.inner.routes.read().unwrap().get(address) {
+            Some(Route::Hyperty { descriptor, .. }) => Some(descriptor.clone()),
+            _ => None,
         }
     }
 

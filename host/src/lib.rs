@@ -32,6 +32,7 @@ pub mod runtime;
 mod sandbox;
 pub mod signing;
 mod store;
+pub mod syncher;
 
 pub use address::Address;
 pub use bundle::{Bundle, BundleError, Problem};

@@ -30,6 +30,7 @@ use crate::protostub::{self, Stub, StubContext, StubPre, StubSettings};
 use crate::sandbox::limits::{Grant, default_grants};
 use crate::signing;
 use crate::store::Store;
+use crate::syncher::Syncher;
 use crate::events::{Event, Events};
 use crate::sandbox::{self, HypertyPre, InstanceState, NewHyperty, SandboxHandle, Shared};
 
@@ -131,7 +132,8 @@ pub struct Runtime {
     identities: Arc<Identities>,
     events: Events,
     policies: Arc<CedarPolicies>,
-    store: Option<Store>,
+    store: Option<Arc<Store>>,
+    syncher: Arc<Syncher>,
     /// `runtime://<domain>/<id>`, kept across restarts with a data directory.
     address: Address,
     /// Held for the whole of a deployment, so deployments do not interleave.
@@ -171,7 +173,7 @@ impl Runtime {
     pub fn new(config: RuntimeConfig) -> Result<Runtime> {
         let engine = Engine::new(&config.cache_dir)?;
         let linker = sandbox::hyperty_linker(engine.wasmtime())?;
-        let store = config.data_dir.as_deref().map(Store::open).transpose()?;
+        let store = config.data_dir.as_deref().map(Store::open).transpose()?.map(Arc::new);
         let new_runtime_address = || format!("runtime://{}/{}", config.domain, uuid::Uuid::new_v4());
         let address = match &store {
             Some(store) => store.address(&format!("runtime/{}", config.domain), new_runtime_address)?,
@@ -197,6 +199,7 @@ impl Runtime {
             registry.include(served);
         }
         registry.announce(bus.clone(), address.clone(), config.registry_keep_alive);
+        let syncher = Syncher::new(bus.clone(), store.clone())?;
         Ok(Runtime {
             engine,
             linker,
@@ -206,6 +209,7 @@ impl Runtime {
             events: Events::default(),
             policies,
             store,
+            syncher,
             address,
             deployed: Mutex::default(),
         })
@@ -665,6 +669,7 @@ impl Runtime {
             bus: self.bus.clone(),
             registry: self.registry.clone(),
             events: self.events.clone(),
+            syncher: self.syncher.clone(),
         }
     }
 

@@ -1,6 +1,7 @@
 //! What must survive a runtime restart, in an embedded database (redb)
-//! under the runtime's data directory: the runtime's own address and the
-//! addresses of hyperties that asked to keep theirs.
+//! under the runtime's data directory: the runtime's own address, the
+//! addresses of hyperties that asked to keep theirs, and the syncher's data
+//! objects with their subscribers.
 //!
 //! redb commits are atomic and durable, so a crash mid-write leaves either
 //! the old value or the new one.
@@ -8,9 +9,23 @@
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 
 const ADDRESSES: TableDefinition<&str, &str> = TableDefinition::new("addresses");
+/// Data object URL → its record (JSON).
+const OBJECTS: TableDefinition<&str, &str> = TableDefinition::new("objects");
+/// `<url>\u{1f}<observer>` → 1 (subscribed) or 2 (invited).
+const MEMBERS: TableDefinition<&str, u8> = TableDefinition::new("object-members");
+
+/// Separates a URL from an observer in member keys (never in an address).
+const SEP: char = '\u{1f}';
+
+/// What an address is to a data object.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Membership {
+    Subscribed = 1,
+    Invited = 2,
+}
 
 pub(crate) struct Store {
     db: Database,
@@ -55,5 +70,68 @@ impl Store {
         };
         write.commit()?;
         Ok(address)
+    }
+}
+
+impl Store {
+    /// Writes the record of object `url` (durably: a change acknowledged to
+    /// the reporter survives a crash).
+    pub fn save_object(&self, url: &str, record: &str) -> Result<()> {
+        let write = self.db.begin_write()?;
+        write.open_table(OBJECTS)?.insert(url, record)?;
+        write.commit()?;
+        Ok(())
+    }
+
+    /// Forgets object `url` and its members.
+    pub fn delete_object(&self, url: &str) -> Result<()> {
+        let write = self.db.begin_write()?;
+        write.open_table(OBJECTS)?.remove(url)?;
+        let (from, to) = (format!("{url}{SEP}"), format!("{url}\u{20}"));
+        write.open_table(MEMBERS)?.retain_in(from.as_str()..to.as_str(), |_, _| false)?;
+        write.commit()?;
+        Ok(())
+    }
+
+    /// Records (or, with `None`, removes) what `observer` is to `url`.
+    /// Not synced to disk on its own (a crash may lose the last changes, and
+    /// those observers subscribe again); the next object write syncs it.
+    pub fn set_member(&self, url: &str, observer: &str, membership: Option<Membership>) -> Result<()> {
+        let mut write = self.db.begin_write()?;
+        write.set_durability(Durability::None).map_err(|e| anyhow::anyhow!("{e}"))?;
+        {
+            let mut table = write.open_table(MEMBERS)?;
+            let key = format!("{url}{SEP}{observer}");
+            match membership {
+                Some(m) => table.insert(key.as_str(), m as u8)?,
+                None => table.remove(key.as_str())?,
+            };
+        }
+        write.commit()?;
+        Ok(())
+    }
+
+    /// Every object: its URL, record and members.
+    pub fn objects(&self) -> Result<Vec<(String, String, Vec<(String, Membership)>)>> {
+        let read = self.db.begin_read()?;
+        let Ok(objects) = read.open_table(OBJECTS) else { return Ok(Vec::new()) };
+        let members = read.open_table(MEMBERS).ok();
+        let mut all = Vec::new();
+        for entry in objects.iter()? {
+            let (url, record) = entry?;
+            let url = url.value().to_owned();
+            let mut list = Vec::new();
+            if let Some(members) = &members {
+                let (from, to) = (format!("{url}{SEP}"), format!("{url}\u{20}"));
+                for m in members.range(from.as_str()..to.as_str())? {
+                    let (key, kind) = m?;
+                    let observer = key.value().split_once(SEP).map(|(_, o)| o.to_owned()).unwrap_or_default();
+                    let kind = if kind.value() == Membership::Invited as u8 { Membership::Invited } else { Membership::Subscribed };
+                    list.push((observer, kind));
+                }
+            }
+            all.push((url, record.value().to_owned(), list));
+        }
+        Ok(all)
     }
 }

@@ -5,7 +5,14 @@
 //!   hyperty's own imports and answered with `{"ok": true}` or
 //!   `{"error": "..."}`: `{"op": "send" | "request", "message": {...},
 //!   "timeout_ms": n, "pad": bytes}`, `{"op": "lookup", "domain": d, "name": n}`
-//!   or `{"op": "discover", "query": {"user"|"name"|"type"|"domain"|"scheme": ...}}`.
+//!   or `{"op": "discover", "query": {"user"|"name"|"type"|"domain"|"scheme": ...}}`,
+//!   or a syncher call: `{"op": "create", "scheme": s, "data": json}`,
+//!   `{"op": "invite", "url": u, "observers": [...]}`, `{"op": "update", "url": u,
+//!   "patch": json}`, `{"op": "set-child" | "remove-child", "url": u, "name": n,
+//!   "data": json}`, `{"op": "delete", "url": u}` (answered `{"url"}` /
+//!   `{"version"}` / `{"ok"}` or `{"error": "forbidden: ..."}`).
+//! - With `reject_subscribe`, `subscribe` requests (a syncher asking the
+//!   reporter) are answered 403 instead of echoed.
 //! - Every other message is reported to the observer as a `forward` whose
 //!   value is the message as JSON; with `echo`, requests are also answered
 //!   200 with their own value. Without it the puppet never answers, which is
@@ -13,7 +20,7 @@
 
 use std::cell::RefCell;
 
-use hyperty_guest::{Body, Guest, Identity, Message, MessageType, bus, registry, warn};
+use hyperty_guest::{Body, Guest, Identity, Message, MessageType, bus, registry, syncher, warn};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
@@ -22,6 +29,8 @@ struct Config {
     observer: String,
     #[serde(default)]
     echo: bool,
+    #[serde(default)]
+    reject_subscribe: bool,
 }
 
 struct State {
@@ -121,6 +130,18 @@ struct Command {
     /// many bytes (to test size limits without a huge command).
     #[serde(default)]
     pad: usize,
+    /// Syncher calls: the object, its scheme, JSON data / patch, a child's
+    /// name, observers to invite.
+    #[serde(default)]
+    url: String,
+    #[serde(default)]
+    scheme: String,
+    #[serde(default)]
+    data: Option<Value>,
+    #[serde(default)]
+    patch: Option<Value>,
+    #[serde(default)]
+    observers: Vec<String>,
 }
 
 struct Puppet;
@@ -152,7 +173,11 @@ impl Guest for Puppet {
             if let Err(e) = bus::send(&forward) {
                 warn(&format!("cannot report to observer: {}", e.describe()));
             }
-            if state.config.echo && msg.type_ != MessageType::Response {
+            if state.config.reject_subscribe && msg.type_ == MessageType::Subscribe {
+                if let Err(e) = bus::reply(&msg, 403, None) {
+                    warn(&format!("cannot refuse: {}", e.describe()));
+                }
+            } else if state.config.echo && msg.type_ != MessageType::Response {
                 if let Err(e) = bus::reply(&msg, 200, msg.body.value.as_deref()) {
                     warn(&format!("cannot echo: {}", e.describe()));
                 }
@@ -195,6 +220,22 @@ fn run_command(state: &mut State, msg: &Message) -> Result<Value, String> {
                     "types": r.hyperty_types, "schemes": r.schemes, "status": format!("{:?}", r.status) }))
                 .collect();
             Ok(json!({ "found": found }))
+        }
+        "create" | "invite" | "update" | "set-child" | "remove-child" | "delete" => {
+            let json = |v: Option<Value>| v.unwrap_or(Value::Null).to_string();
+            let result = match command.op.as_str() {
+                "create" => syncher::create(&command.scheme, &json(command.data)).map(|url| json!({ "url": url })),
+                "invite" => syncher::invite(&command.url, &command.observers).map(|()| json!({ "ok": true })),
+                "update" => syncher::update(&command.url, &json(command.patch)).map(|v| json!({ "version": v })),
+                "set-child" => syncher::set_child(&command.url, &command.name, &json(command.data)).map(|v| json!({ "version": v })),
+                "remove-child" => syncher::remove_child(&command.url, &command.name).map(|v| json!({ "version": v })),
+                _ => syncher::delete(&command.url).map(|()| json!({ "ok": true })),
+            };
+            result.map_err(|e| match e {
+                syncher::SyncError::Forbidden(s) => format!("forbidden: {s}"),
+                syncher::SyncError::NotFound(s) => format!("not-found: {s}"),
+                syncher::SyncError::Invalid(s) => format!("invalid: {s}"),
+            })
         }
         other => Err(format!("unknown op {other:?}")),
     }

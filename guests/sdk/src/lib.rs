@@ -13,7 +13,7 @@ wit_bindgen::generate!({
 
 pub use exports::rethink::hyperty::handler::Guest;
 pub use rethink::hyperty::types::{Body, Identity, Message, MessageType, SendError};
-pub use rethink::hyperty::{bus, registry};
+pub use rethink::hyperty::{bus, registry, syncher};
 
 /// Logs at info level into the host's log, tagged with this hyperty.
 pub fn info(text: &str) {

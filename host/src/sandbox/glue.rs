@@ -17,6 +17,7 @@ use crate::events::{EventKind, Events};
 use crate::message::{Body, Message, MessageType};
 use crate::policy::Descriptor;
 use crate::registry::{Kind, Query, Registration, Registry, Status};
+use crate::syncher::{SyncError, Syncher};
 
 mod bindings {
     wasmtime::component::bindgen!({
@@ -25,7 +26,7 @@ mod bindings {
     });
 }
 
-use bindings::rethink::hyperty::{bus as wit_bus, log as wit_log, registry as wit_registry, types as wit};
+use bindings::rethink::hyperty::{bus as wit_bus, log as wit_log, registry as wit_registry, syncher as wit_syncher, types as wit};
 pub(crate) use bindings::{Hyperty, HypertyPre};
 
 /// The linker every hyperty is checked against and instantiated with:
@@ -74,6 +75,7 @@ pub(crate) struct InstanceState {
     bus: Bus,
     registry: Arc<Registry>,
     events: Events,
+    syncher: Arc<Syncher>,
     rate: RateLimiter,
     /// When a rate-limited event was last emitted (at most one a second).
     rate_reported: Option<Instant>,
@@ -91,6 +93,7 @@ impl InstanceState {
         bus: Bus,
         registry: Arc<Registry>,
         events: Events,
+        syncher: Arc<Syncher>,
     ) -> InstanceState {
         InstanceState {
             wasi: WasiCtx::builder().build(),
@@ -102,6 +105,7 @@ impl InstanceState {
             bus,
             registry,
             events,
+            syncher,
             rate: RateLimiter::new(limits),
             rate_reported: None,
             misbehaviour_reported: None,
@@ -248,6 +252,42 @@ impl From<Registration> for wit_registry::Registration {
                 Status::Disconnected => wit_registry::Status::Disconnected,
                 Status::Failed => wit_registry::Status::Failed,
             },
+        }
+    }
+}
+
+impl wit_syncher::Host for InstanceState {
+    fn create(&mut self, scheme: String, data: String) -> Result<String, wit_syncher::SyncError> {
+        Ok(self.syncher.create(&self.address, &scheme, &data)?)
+    }
+
+    fn invite(&mut self, url: String, observers: Vec<String>) -> Result<(), wit_syncher::SyncError> {
+        Ok(self.syncher.invite(&self.address, &url, &observers)?)
+    }
+
+    fn update(&mut self, url: String, patch: String) -> Result<u64, wit_syncher::SyncError> {
+        Ok(self.syncher.update(&self.address, &url, &patch)?)
+    }
+
+    fn set_child(&mut self, url: String, name: String, data: String) -> Result<u64, wit_syncher::SyncError> {
+        Ok(self.syncher.set_child(&self.address, &url, &name, &data)?)
+    }
+
+    fn remove_child(&mut self, url: String, name: String) -> Result<u64, wit_syncher::SyncError> {
+        Ok(self.syncher.remove_child(&self.address, &url, &name)?)
+    }
+
+    fn delete(&mut self, url: String) -> Result<(), wit_syncher::SyncError> {
+        Ok(self.syncher.delete(&self.address, &url)?)
+    }
+}
+
+impl From<SyncError> for wit_syncher::SyncError {
+    fn from(e: SyncError) -> wit_syncher::SyncError {
+        match e {
+            SyncError::Forbidden(s) => wit_syncher::SyncError::Forbidden(s),
+            SyncError::NotFound(s) => wit_syncher::SyncError::NotFound(s),
+            SyncError::Invalid(s) => wit_syncher::SyncError::Invalid(s),
         }
     }
 }

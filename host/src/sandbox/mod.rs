@@ -124,6 +124,7 @@ pub(crate) struct Shared {
     pub bus: Bus,
     pub registry: Arc<Registry>,
     pub events: Events,
+    pub syncher: Arc<crate::syncher::Syncher>,
 }
 
 /// The runtime's handle on a running sandbox.
@@ -275,6 +276,7 @@ impl Sandbox {
             self.shared.bus.clone(),
             self.shared.registry.clone(),
             self.shared.events.clone(),
+            self.shared.syncher.clone(),
         );
         let mut store = Store::new(&self.shared.engine, state);
         store.limiter(|s| &mut s.limiter);
