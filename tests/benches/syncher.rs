@@ -1,0 +1,104 @@
+//! `just bench` (third part): the syncher.
+//!
+//! - subscribe latency: an observer's `subscribe` to the object's URL until
+//!   its 200 with the state, when the reporter hyperty is asked (and
+//!   accepts), and when the observer was invited (no question);
+//! - update → all observers: from the command that makes the reporter
+//!   hyperty apply a JSON Patch until every observer (embedder endpoints)
+//!   holds the delta, for 1, 100 and 10,000 observers; every observer must
+//!   see every version (the lost count is printed and must be 0).
+//!
+//! Without a data directory (no disk writes): the fan-out is measured.
+
+use std::time::{Duration, Instant};
+
+use hyperty_host::syncher::{Applied, Replica};
+use hyperty_host::{Address, Endpoint, Message, MessageType};
+use hyperty_tests::*;
+use serde_json::json;
+
+const UPDATES: u64 = 20;
+
+fn main() {
+    let runtime = runtime(Duration::from_secs(60));
+    let mut driver = Driver::new(&runtime);
+    let bundle = TestBundle::new()
+        .hyperty("alice.example", "reporter", &guest("puppet"), puppet_config(true))
+        .domain("alice.example", json!({ "limits": { "rate": 100_000_000, "burst": 1_000_000, "inbox": 65_536 } }));
+    runtime.deploy(&bundle.load()).unwrap();
+    let reporter = runtime.lookup("alice.example", "reporter").unwrap();
+    let answer = driver.command(&reporter, json!({ "op": "create", "scheme": "comm", "data": { "n": 0 } }));
+    let url = answer["url"].as_str().unwrap().to_owned();
+    let object = Address::parse(url.as_str()).unwrap();
+
+    // Subscribe latency, asked and invited.
+    let mut asked = Vec::new();
+    let mut invited = Vec::new();
+    for i in 0..1000 {
+        let e = runtime.endpoint(&format!("hyperty://crowd.example/s{i}"), 8).unwrap();
+        asked.push(subscribe_us(&e, &object));
+        let e = runtime.endpoint(&format!("hyperty://crowd.example/i{i}"), 8).unwrap();
+        driver.command(&reporter, json!({ "op": "invite", "url": url, "observers": [e.address().to_string()] }));
+        invited.push(subscribe_us(&e, &object));
+    }
+    // Drain the reporter's reports of the subscriptions it was asked about.
+    while driver.find(|_| true, Duration::from_millis(200)).is_some() {}
+    println!("syncher, one object, reporter hyperty in alice.example, observers are embedder endpoints:");
+    println!("  subscribe, reporter asked:   p50 {:>8.1} µs  p99 {:>8.1} µs", pct(&mut asked, 50), pct(&mut asked, 99));
+    println!("  subscribe, invited:          p50 {:>8.1} µs  p99 {:>8.1} µs", pct(&mut invited, 50), pct(&mut invited, 99));
+
+    let mut version = 1;
+    for observers in [1usize, 100, 10_000] {
+        // A fresh object per size, so the earlier subscribers do not count.
+        let answer = driver.command(&reporter, json!({ "op": "create", "scheme": "comm", "data": { "n": 0 } }));
+        let url = answer["url"].as_str().unwrap().to_owned();
+        let object = Address::parse(url.as_str()).unwrap();
+        let watchers: Vec<Endpoint> =
+            (0..observers).map(|i| runtime.endpoint(&format!("hyperty://fan{observers}.example/w{i}"), 64).unwrap()).collect();
+        let list: Vec<String> = watchers.iter().map(|w| w.address().to_string()).collect();
+        driver.command(&reporter, json!({ "op": "invite", "url": url, "observers": list }));
+        let mut replicas: Vec<Replica> = watchers.iter().map(|w| subscribe(w, &object)).collect();
+        let mut times = Vec::new();
+        let mut lost = 0u64;
+        for n in 1..=UPDATES {
+            let started = Instant::now();
+            let answer = driver.command(&reporter, json!({ "op": "update", "url": url, "patch": [{ "op": "replace", "path": "/n", "value": n }] }));
+            assert!(answer["version"].is_u64(), "{answer}");
+            for (w, r) in watchers.iter().zip(replicas.iter_mut()) {
+                match w.recv_timeout(Duration::from_secs(30)) {
+                    Some(m) if r.apply(&m) == Ok(Applied::Applied) => {}
+                    _ => lost += 1,
+                }
+            }
+            times.push(started.elapsed().as_secs_f64() * 1e6);
+        }
+        version += UPDATES;
+        let per = pct(&mut times, 50);
+        println!(
+            "  update -> all {observers:>6} observers: p50 {:>10.1} µs ({:>6.2} µs per observer), every version seen: {} of {} lost",
+            per,
+            per / observers as f64,
+            lost,
+            UPDATES * observers as u64
+        );
+    }
+    let _ = version;
+}
+
+fn subscribe(e: &Endpoint, object: &Address) -> Replica {
+    e.request(Message::new(1, MessageType::Subscribe, e.address().clone(), object.clone(), None), None).unwrap();
+    let answer = e.recv_timeout(Duration::from_secs(30)).expect("subscribed");
+    assert_eq!(answer.body.code, Some(200), "{answer:?}");
+    Replica::from_state(object.as_str(), answer.body.value.as_deref().unwrap()).unwrap()
+}
+
+fn subscribe_us(e: &Endpoint, object: &Address) -> f64 {
+    let started = Instant::now();
+    subscribe(e, object);
+    started.elapsed().as_secs_f64() * 1e6
+}
+
+fn pct(v: &mut [f64], p: usize) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[(v.len() * p / 100).min(v.len() - 1)]
+}
