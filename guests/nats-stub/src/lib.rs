@@ -23,8 +23,10 @@
 //! listening for an address subscribes to its subject.
 //!
 //! Delivery: every envelope is published with a reply subject in this
-//! stub's inbox; the receiving stub answers `ok` once its host took the
-//! envelope (`busy: …` under back-pressure, `refused: …` otherwise). Only
+//! stub's inbox (`<inbox>.<seq>`); the receiving stub acknowledges once its
+//! host took the envelope — the oks of one round in bulk, on `<inbox>.ok`
+//! with `ok <seq> <seq> …`; `busy: …` (back-pressure) and `refused: …` on
+//! the message's own reply subject. Only
 //! then does the message leave the host's queue (`delivered`). A node
 //! without a subscriber answers 503 (no responders: the connection asks
 //! for them), and the message is offered again after a pause; so is one
@@ -34,7 +36,7 @@
 //! reconnects with backoff (50 ms doubling to 2 s, servers in turn) and
 //! asks the host to `resume`: listen again, offer again what was in flight.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
 
 use serde::Deserialize;
@@ -100,6 +102,8 @@ fn default_window() -> usize {
 /// One connection to a node. Field order matters: the streams are
 /// children of the socket and must be dropped first.
 struct Conn {
+    /// Ready when the node sent something (made once per connection).
+    readable: poll::Pollable,
     input: InputStream,
     output: OutputStream,
     _socket: tcp::TcpSocket,
@@ -121,6 +125,8 @@ struct Stub {
     subs: HashMap<String, u64>,
     /// Sequence numbers in flight → when they were sent.
     in_flight: HashMap<u64, u64>,
+    /// The same, oldest first (entries no longer in flight are skipped).
+    sent_order: VecDeque<(u64, u64)>,
     /// Messages to offer again, by when.
     deferred: BTreeMap<(u64, u64), ()>,
     next_connect: u64,
@@ -128,6 +134,8 @@ struct Stub {
     status: Option<StubStatus>,
     /// Messages this instance carried (acknowledged by the far end).
     carried: u64,
+    /// Oks not yet sent, by the sender's inbox.
+    acks: BTreeMap<String, Vec<String>>,
 }
 
 thread_local! {
@@ -184,7 +192,7 @@ impl Conn {
                 Err(e) => return Err(format!("connect to {addr}: {e:?}")),
             }
         };
-        Ok(Conn { input, output, _socket: socket, rbuf: Vec::new(), wbuf: Vec::new() })
+        Ok(Conn { readable: input.subscribe(), input, output, _socket: socket, rbuf: Vec::new(), wbuf: Vec::new() })
     }
 
     /// Reads what is available; an error when the connection is gone.
@@ -199,12 +207,28 @@ impl Conn {
         }
     }
 
+    /// Writes everything buffered in as few writes as the stream permits
+    /// (one, usually): WASI gives no TCP_NODELAY, so many small writes in a
+    /// row would wait on Nagle's algorithm and the peer's delayed ACKs.
     fn flush(&mut self) -> Result<(), String> {
-        for chunk in self.wbuf.chunks(4096) {
-            self.output.blocking_write_and_flush(chunk).map_err(|e| match e {
-                StreamError::Closed => "the node closed the connection".to_owned(),
-                StreamError::LastOperationFailed(e) => format!("write: {}", e.to_debug_string()),
-            })?;
+        let failed = |e: StreamError| match e {
+            StreamError::Closed => "the node closed the connection".to_owned(),
+            StreamError::LastOperationFailed(e) => format!("write: {}", e.to_debug_string()),
+        };
+        let mut written = 0;
+        while written < self.wbuf.len() {
+            let permitted = self.output.check_write().map_err(failed)? as usize;
+            if permitted == 0 {
+                self.output.subscribe().block();
+                continue;
+            }
+            let end = self.wbuf.len().min(written + permitted);
+            self.output.write(&self.wbuf[written..end]).map_err(failed)?;
+            written = end;
+        }
+        if written > 0 {
+            // Not waited for: a failure shows at the next write or read.
+            self.output.flush().map_err(failed)?;
         }
         self.wbuf.clear();
         Ok(())
@@ -224,10 +248,7 @@ impl Conn {
                 self.rbuf.drain(..line.len() + 2);
                 return Ok(line);
             }
-            let pollable = self.input.subscribe();
-            let ready = wait_until(&pollable, deadline);
-            drop(pollable);
-            if !ready {
+            if !wait_until(&self.readable, deadline) {
                 return Err("the node did not answer in time".into());
             }
             self.read_available()?;
@@ -307,11 +328,13 @@ impl Stub {
             next_sid: INBOX_SID + 1,
             subs: HashMap::new(),
             in_flight: HashMap::new(),
+            sent_order: VecDeque::new(),
             deferred: BTreeMap::new(),
             next_connect: 0,
             backoff: BACKOFF_MIN,
             status: None,
             carried: 0,
+            acks: BTreeMap::new(),
         })
     }
 
@@ -378,6 +401,7 @@ impl Stub {
         conn.flush()?;
         self.subs.clear();
         self.in_flight.clear();
+        self.sent_order.clear();
         self.deferred.clear();
         Ok(conn)
     }
@@ -386,7 +410,9 @@ impl Stub {
         self.conn = None;
         self.subs.clear();
         self.in_flight.clear();
+        self.sent_order.clear();
         self.deferred.clear();
+        self.acks.clear();
         self.next_connect = now() + self.backoff;
         log(Level::Warn, &format!("{}: connection lost: {why}", self.domain));
         self.report(StubStatus::Disconnected, why);
@@ -399,6 +425,11 @@ impl Stub {
         while let Some(op) = parse(&mut self.conn.as_mut().expect("connected").rbuf)? {
             self.handle(op);
         }
+        let conn = self.conn.as_mut().expect("connected");
+        for (inbox, seqs) in std::mem::take(&mut self.acks) {
+            let payload = format!("ok {}", seqs.join(" "));
+            conn.wbuf.extend_from_slice(format!("PUB {inbox}.ok {}\r\n{payload}\r\n", payload.len()).as_bytes());
+        }
         let now = now();
         let due: Vec<(u64, u64)> = self.deferred.range(..(now, u64::MAX)).map(|(k, _)| *k).collect();
         for key in due {
@@ -406,10 +437,16 @@ impl Stub {
             host::retry(key.1);
         }
         let timeout = self.config.ack_timeout_ms * MS;
-        let late: Vec<u64> = self.in_flight.iter().filter(|(_, sent)| now.saturating_sub(**sent) > timeout).map(|(s, _)| *s).collect();
-        for seq in late {
-            self.in_flight.remove(&seq);
-            host::retry(seq);
+        while let Some(&(sent, seq)) = self.sent_order.front() {
+            if self.in_flight.get(&seq) != Some(&sent) {
+                self.sent_order.pop_front();
+            } else if now.saturating_sub(sent) > timeout {
+                self.sent_order.pop_front();
+                self.in_flight.remove(&seq);
+                host::retry(seq);
+            } else {
+                break;
+            }
         }
         while self.in_flight.len() < self.config.window {
             let Some(work) = host::next_work() else { break };
@@ -423,6 +460,7 @@ impl Stub {
                     conn.wbuf.extend_from_slice(o.envelope.as_bytes());
                     conn.wbuf.extend_from_slice(b"\r\n");
                     self.in_flight.insert(o.seq, now);
+                    self.sent_order.push_back((now, o.seq));
                 }
                 Work::Listen(address) => {
                     if !self.subs.contains_key(&address) {
@@ -448,9 +486,16 @@ impl Stub {
             Op::Err(e) => log(Level::Warn, &format!("{}: the node says {e}", self.domain)),
             Op::Other => {}
             Op::Msg { subject, reply, headers, payload } => {
-                if let Some(seq) = subject.strip_prefix(&self.inbox).and_then(|s| s.strip_prefix('.')) {
-                    let Ok(seq) = seq.parse::<u64>() else { return };
-                    self.answered(seq, headers.as_deref(), &payload);
+                if let Some(token) = subject.strip_prefix(&self.inbox).and_then(|s| s.strip_prefix('.')) {
+                    if token == "ok" {
+                        // Acknowledgements in bulk: "ok <seq> <seq> ...".
+                        let text = String::from_utf8_lossy(&payload).into_owned();
+                        for seq in text.split_ascii_whitespace().skip(1).filter_map(|s| s.parse::<u64>().ok()) {
+                            self.answered(seq, None, b"ok");
+                        }
+                    } else if let Ok(seq) = token.parse::<u64>() {
+                        self.answered(seq, headers.as_deref(), &payload);
+                    }
                     return;
                 }
                 let answer = match host::post(&String::from_utf8_lossy(&payload)) {
@@ -458,7 +503,14 @@ impl Stub {
                     Err(e) if e.starts_with("busy") => e,
                     Err(e) => format!("refused: {e}"),
                 };
-                if let Some(reply) = reply {
+                let Some(reply) = reply else { return };
+                // Oks to one sender are gathered and sent once per round
+                // (`<its inbox>.ok`); anything else is answered at once.
+                if let (true, Some((inbox, seq))) = (answer == "ok", reply.rsplit_once('.'))
+                    && seq.parse::<u64>().is_ok()
+                {
+                    self.acks.entry(inbox.to_owned()).or_default().push(seq.to_owned());
+                } else {
                     let conn = self.conn.as_mut().expect("connected");
                     conn.wbuf.extend_from_slice(format!("PUB {reply} {}\r\n{answer}\r\n", answer.len()).as_bytes());
                 }
@@ -491,6 +543,9 @@ impl Stub {
 
     fn poll(&mut self, wait_ms: u32) {
         let deadline = now() + u64::from(wait_ms) * MS;
+        // Made once per call and reused: pollables cost a host round trip.
+        let deadline_timer = monotonic_clock::subscribe_instant(deadline);
+        let work = host::work_ready();
         loop {
             if self.conn.is_none() && now() >= self.next_connect {
                 self.connect();
@@ -512,22 +567,20 @@ impl Stub {
             if let Some(((due, _), _)) = self.deferred.first_key_value() {
                 wake = wake.min(*due);
             }
-            if let Some(sent) = self.in_flight.values().min() {
+            if let Some((sent, _)) = self.sent_order.front() {
                 wake = wake.min(sent + self.config.ack_timeout_ms * MS);
             }
-            let timer = monotonic_clock::subscribe_instant(wake.max(now));
+            let early = (wake < deadline).then(|| monotonic_clock::subscribe_instant(wake.max(now)));
+            let timer = early.as_ref().unwrap_or(&deadline_timer);
             match &self.conn {
+                Some(conn) if self.in_flight.len() < self.config.window => {
+                    poll::poll(&[timer, &conn.readable, &work]);
+                }
                 Some(conn) => {
-                    let input = conn.input.subscribe();
-                    if self.in_flight.len() < self.config.window {
-                        let work = host::work_ready();
-                        poll::poll(&[&timer, &input, &work]);
-                    } else {
-                        poll::poll(&[&timer, &input]);
-                    }
+                    poll::poll(&[timer, &conn.readable]);
                 }
                 None => {
-                    poll::poll(&[&timer]);
+                    poll::poll(&[timer]);
                 }
             }
         }
