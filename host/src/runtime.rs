@@ -233,15 +233,7 @@ impl Runtime {
                 problems.push(bundle.problem(&idp.at, "component", format!("the IdP proxy of {} already runs", idp.name)));
                 continue;
             }
-            let pre = pinned(&mut files, bundle, &idp.at, &idp.component, idp.sha256).and_then(|(bytes, digest)| {
-                self.engine
-                    .component(bytes, digest)
-                    .and_then(|component| {
-                        sandbox::check_grants(self.engine.wasmtime(), &component, &default_grants())?;
-                        identity::prepare(self.engine.wasmtime(), &component)
-                    })
-                    .map_err(|e| bundle.problem(&idp.at, "component", format!("{} is refused: {e:#}", idp.component.display())))
-            });
+            let pre = self.load(&mut files, bundle, &idp.at, &idp.component, idp.sha256, &default_grants(), identity::prepare);
             match pre {
                 Ok(pre) => idps.push((i, pre)),
                 Err(problem) => problems.push(problem),
@@ -253,19 +245,10 @@ impl Runtime {
                 problems.push(bundle.problem(&spec.at, "component", format!("a protostub for {} already runs", spec.domain)));
                 continue;
             }
-            let pre = pinned(&mut files, bundle, &spec.at, &spec.component, spec.sha256).and_then(|(bytes, digest)| {
-                self.engine
-                    .component(bytes, digest)
-                    .and_then(|component| {
-                        // The network comes with the world, limited to the
-                        // entry's endpoints; nothing else beyond clocks and
-                        // randomness.
-                        let grants = [Grant::Clocks, Grant::Random, Grant::Sockets];
-                        sandbox::check_grants(self.engine.wasmtime(), &component, &grants)?;
-                        protostub::prepare(self.engine.wasmtime(), &component)
-                    })
-                    .map_err(|e| bundle.problem(&spec.at, "component", format!("{} is refused: {e:#}", spec.component.display())))
-            });
+            // The network comes with the world, limited to the entry's
+            // endpoints; nothing else beyond clocks and randomness.
+            let grants = [Grant::Clocks, Grant::Random, Grant::Sockets];
+            let pre = self.load(&mut files, bundle, &spec.at, &spec.component, spec.sha256, &grants, protostub::prepare);
             match pre {
                 Ok(pre) => stubs.push((i, pre)),
                 Err(problem) => problems.push(problem),
@@ -361,6 +344,30 @@ impl Runtime {
             }
         }
         if problems.is_empty() { Ok(Plan { hyperties: prepared, idps, stubs }) } else { Err(BundleError { problems }) }
+    }
+
+    /// Reads the component of the entry at `at`, checks its pin and its
+    /// WASI imports against `grants`, compiles it and fits it to its world
+    /// with `fit`; a problem names the entry.
+    #[allow(clippy::too_many_arguments)]
+    fn load<T>(
+        &self,
+        files: &mut HashMap<PathBuf, (Vec<u8>, Digest)>,
+        bundle: &Bundle,
+        at: &Location,
+        path: &std::path::Path,
+        sha256: Digest,
+        grants: &[Grant],
+        fit: fn(&wasmtime::Engine, &wasmtime::component::Component) -> Result<T>,
+    ) -> Result<T, Problem> {
+        let (bytes, digest) = pinned(files, bundle, at, path, sha256)?;
+        self.engine
+            .component(bytes, digest)
+            .and_then(|component| {
+                sandbox::check_grants(self.engine.wasmtime(), &component, grants)?;
+                fit(self.engine.wasmtime(), &component)
+            })
+            .map_err(|e| bundle.problem(at, "component", format!("{} is refused: {e:#}", path.display())))
     }
 
     /// Starts (and initialises) the bundle's IdP proxies and binds its

@@ -128,21 +128,22 @@ fn refusals_whatever_the_policies() {
     assert_eq!(state, json!({ "version": 2 }));
 }
 
-/// An endpoint observer: subscribes (invited) and collects deltas.
-fn subscribe(endpoint: &Endpoint, url: &str, id: u64) -> Replica {
-    let url_address = Address::parse(url).unwrap();
-    endpoint.request(Message::new(id, MessageType::Subscribe, endpoint.address().clone(), url_address, None), None).unwrap();
-    let answer = endpoint.recv_timeout(Duration::from_secs(10)).expect("subscribed");
+/// `endpoint` sends a `kind` request (subscribe, read) to `url`; the state
+/// its 200 carries.
+fn state(endpoint: &Endpoint, kind: MessageType, url: &str, id: u64) -> Replica {
+    let to = Address::parse(url).unwrap();
+    endpoint.request(Message::new(id, kind, endpoint.address().clone(), to, None), None).unwrap();
+    let answer = endpoint.recv_timeout(Duration::from_secs(10)).expect("an answer");
     assert_eq!((answer.id, answer.body.code), (id, Some(200)), "{answer:?}");
     Replica::from_state(url, answer.body.value.as_deref().unwrap()).unwrap()
 }
 
+fn subscribe(endpoint: &Endpoint, url: &str, id: u64) -> Replica {
+    state(endpoint, MessageType::Subscribe, url, id)
+}
+
 fn read(endpoint: &Endpoint, url: &str, id: u64) -> Replica {
-    let to = Address::parse(url).unwrap();
-    endpoint.request(Message::new(id, MessageType::Read, endpoint.address().clone(), to, None), None).unwrap();
-    let answer = endpoint.recv_timeout(Duration::from_secs(10)).expect("read");
-    assert_eq!((answer.id, answer.body.code), (id, Some(200)), "{answer:?}");
-    Replica::from_state(url, answer.body.value.as_deref().unwrap()).unwrap()
+    state(endpoint, MessageType::Read, url, id)
 }
 
 #[test]
