@@ -75,6 +75,8 @@ impl Route {
         }
     }
 
+    /// The refusal hands the message back (no copy was made to keep it).
+    #[allow(clippy::result_large_err)]
     fn deliver(&self, message: Message) -> Result<(), Refused> {
         match self {
             Route::Hyperty { inbox, instance, .. } => inbox.deliver(*instance, message),

@@ -20,6 +20,9 @@ const MEMBERS: TableDefinition<&str, u8> = TableDefinition::new("object-members"
 /// Separates a URL from an observer in member keys (never in an address).
 const SEP: char = '\u{1f}';
 
+/// A data object as kept: its URL, its record and its members.
+pub(crate) type KeptObject = (String, String, Vec<(String, Membership)>);
+
 /// What an address is to a data object.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Membership {
@@ -111,8 +114,8 @@ impl Store {
         Ok(())
     }
 
-    /// Every object: its URL, record and members.
-    pub fn objects(&self) -> Result<Vec<(String, String, Vec<(String, Membership)>)>> {
+    /// Every object kept.
+    pub fn objects(&self) -> Result<Vec<KeptObject>> {
         let read = self.db.begin_read()?;
         let Ok(objects) = read.open_table(OBJECTS) else { return Ok(Vec::new()) };
         let members = read.open_table(MEMBERS).ok();

@@ -45,6 +45,14 @@ const CACHE_LIMIT: usize = 4096;
 /// Why a message cannot go on: the code and the reason its sender is told.
 pub(crate) type Refusal = (u16, String);
 
+/// An assertion this runtime had made, with when (Unix seconds) it was
+/// made and when it expires.
+struct Issued {
+    assertion: Assertion,
+    made: u64,
+    expires: u64,
+}
+
 /// How a provider domain deals with identity.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DomainIdentity {
@@ -59,8 +67,8 @@ pub struct DomainIdentity {
 pub(crate) struct Identities {
     proxies: RwLock<HashMap<String, Arc<Proxy>>>,
     domains: RwLock<HashMap<String, DomainIdentity>>,
-    /// (IdP, user) → an assertion and when it was made.
-    issued: Mutex<HashMap<(String, String), (Assertion, u64, u64)>>,
+    /// (IdP, user) → an assertion.
+    issued: Mutex<HashMap<(String, String), Issued>>,
     /// An assertion → who it says, until when.
     validated: RwLock<HashMap<Assertion, (Identity, u64)>>,
 }
@@ -162,10 +170,10 @@ impl Identities {
     fn assertion_for(&self, idp: &str, user: &str) -> Result<Assertion, Refusal> {
         let now = now();
         let key = (idp.to_owned(), user.to_owned());
-        if let Some((assertion, made, expires)) = self.issued.lock().unwrap().get(&key)
-            && now < made + (expires - made) / 2
+        if let Some(issued) = self.issued.lock().unwrap().get(&key)
+            && now < issued.made + (issued.expires - issued.made) / 2
         {
-            return Ok(assertion.clone());
+            return Ok(issued.assertion.clone());
         }
         let unavailable = |why: String| (code::INTERNAL_ERROR, format!("cannot assert {user} with IdP {idp}: {why}"));
         let proxy = self.proxy(idp).ok_or_else(|| unavailable("no proxy runs for it".into()))?;
@@ -173,12 +181,12 @@ impl Identities {
         let assertion = Assertion { idp: idp.to_owned(), token: issued.token };
         let mut cache = self.issued.lock().unwrap();
         if cache.len() >= CACHE_LIMIT {
-            cache.retain(|_, (_, _, expires)| *expires > now);
+            cache.retain(|_, issued| issued.expires > now);
             if cache.len() >= CACHE_LIMIT {
                 cache.clear();
             }
         }
-        cache.insert(key, (assertion.clone(), now, issued.expires.max(now)));
+        cache.insert(key, Issued { assertion: assertion.clone(), made: now, expires: issued.expires.max(now) });
         Ok(assertion)
     }
 

@@ -53,13 +53,16 @@ pub(crate) struct Stub {
     pub address: Address,
     queue: Arc<StubQueue>,
     dedup: Mutex<Dedup>,
-    start: Mutex<Option<Box<dyn FnOnce(Arc<Stub>) + Send>>>,
+    start: Mutex<Option<Starter>>,
     stopped: AtomicBool,
     /// The last status reported, as JSON `{"status", "detail"}`.
     status: Mutex<Value>,
     /// Local addresses subscribed to status changes.
     watchers: Mutex<BTreeSet<Address>>,
 }
+
+/// Starts a stub's thread (once, when the stub is first needed).
+pub(crate) type Starter = Box<dyn FnOnce(Arc<Stub>) + Send>;
 
 /// Why the queue refused a message.
 pub(crate) enum QueueError {
@@ -69,7 +72,7 @@ pub(crate) enum QueueError {
 impl Stub {
     /// A stub for `domain` with a queue of `capacity`; `start` spawns its
     /// thread, once, when it is first needed.
-    pub fn new(domain: &str, capacity: usize, start: Box<dyn FnOnce(Arc<Stub>) + Send>) -> Arc<Stub> {
+    pub fn new(domain: &str, capacity: usize, start: Starter) -> Arc<Stub> {
         Arc::new(Stub {
             domain: domain.to_owned(),
             address: stub_address(domain),

@@ -87,6 +87,8 @@ pub(crate) struct Inbox {
 }
 
 impl Inbox {
+    /// A refusal hands the message back, for the bus to answer it.
+    #[allow(clippy::result_large_err)]
     pub fn deliver(&self, instance: u32, message: Message) -> Result<(), Refused> {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         self.tx.try_send(Envelope::Deliver { instance, message }).map_err(|e| {
@@ -273,10 +275,7 @@ impl Sandbox {
             hyperty.descriptor.clone(),
             &self.settings.limits,
             limiter,
-            self.shared.bus.clone(),
-            self.shared.registry.clone(),
-            self.shared.events.clone(),
-            self.shared.syncher.clone(),
+            &self.shared,
         );
         let mut store = Store::new(&self.shared.engine, state);
         store.limiter(|s| &mut s.limiter);
