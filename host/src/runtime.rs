@@ -199,7 +199,7 @@ impl Runtime {
             registry.include(served);
         }
         registry.announce(bus.clone(), address.clone(), config.registry_keep_alive);
-        let syncher = Syncher::new(bus.clone(), store.clone())?;
+        let syncher = Syncher::new(bus.clone(), registry.clone(), store.clone())?;
         Ok(Runtime {
             engine,
             linker,

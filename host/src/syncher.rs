@@ -18,6 +18,11 @@
 //! receiver's policies, identity and back-pressure apply); a subscriber that
 //! is away misses versions and resyncs with `read`.
 //!
+//! Objects are registered (kind `data-object`, their scheme, the reporter's
+//! user) while they exist, so they are discovered by scheme like anything
+//! else. `invite` also sends each new invitee reTHINK's invitation: a
+//! `create` from the object's URL with `{"url", "scheme", "reporter"}`.
+//!
 //! With a data directory, objects (durably, on every change) and their
 //! members (subscribed / invited; synced with the next object write) are
 //! kept in the runtime's store and restored at start: routes come back,
@@ -33,6 +38,7 @@ use serde_json::{Value, json};
 use crate::address::Address;
 use crate::bus::{Bus, Route};
 use crate::message::{Message, MessageType, code};
+use crate::registry::{Kind, Registration, Registry, Status};
 use crate::store::{Membership, Store};
 
 /// Why the syncher refused a reporter's call; mirrors the WIT `sync-error`.
@@ -52,6 +58,8 @@ const ACCEPT_TIMEOUT: Duration = Duration::from_secs(10);
 struct Object {
     url: Address,
     reporter: Address,
+    /// The user the reporter acts for, if any (for discovery).
+    user: Option<String>,
     scheme: String,
     version: u64,
     data: Value,
@@ -67,8 +75,22 @@ impl Object {
             "data": self.data,
             "children": self.children,
             "reporter": self.reporter.as_str(),
+            "user": self.user,
             "scheme": self.scheme,
         })
+    }
+
+    fn registration(&self) -> Registration {
+        Registration {
+            address: self.url.clone(),
+            kind: Kind::DataObject,
+            name: registry_name(&self.url),
+            domain: self.url.domain().to_owned(),
+            user: self.user.clone(),
+            hyperty_types: Vec::new(),
+            schemes: vec![self.scheme.clone()],
+            status: Status::Live,
+        }
     }
 
     fn record(&self) -> String {
@@ -90,6 +112,7 @@ struct Asking {
 /// The data objects of a runtime.
 pub(crate) struct Syncher {
     bus: Bus,
+    registry: Arc<Registry>,
     store: Option<Arc<Store>>,
     objects: RwLock<HashMap<Address, Arc<Mutex<Object>>>>,
     /// Subscriptions forwarded to reporters, by the forwarded request's id.
@@ -101,9 +124,10 @@ pub(crate) struct Syncher {
 impl Syncher {
     /// The syncher of `bus`; with a store, the objects kept there come back
     /// (routes included).
-    pub fn new(bus: Bus, store: Option<Arc<Store>>) -> anyhow::Result<Arc<Syncher>> {
+    pub fn new(bus: Bus, registry: Arc<Registry>, store: Option<Arc<Store>>) -> anyhow::Result<Arc<Syncher>> {
         let syncher = Arc::new_cyclic(|this| Syncher {
             bus,
+            registry,
             store,
             objects: RwLock::default(),
             asking: Mutex::default(),
@@ -123,6 +147,7 @@ impl Syncher {
 
     fn add(&self, object: Object) {
         let url = object.url.clone();
+        self.registry.register(object.registration());
         self.objects.write().unwrap().insert(url.clone(), Arc::new(Mutex::new(object)));
         self.bus.add_route(url, Route::Object(self.this.clone()));
     }
@@ -170,6 +195,7 @@ impl Syncher {
         let object = Object {
             url: url.clone(),
             reporter: reporter.clone(),
+            user: self.bus.descriptor_of(reporter).and_then(|d| d.user.clone()),
             scheme: scheme.to_owned(),
             version: 1,
             data,
@@ -190,9 +216,19 @@ impl Syncher {
             .map(|o| Address::parse(o.as_str()).map_err(|e| SyncError::Invalid(format!("observer {o:?}: {e}"))))
             .collect::<Result<Vec<_>, _>>()?;
         let mut o = object.lock().unwrap();
+        let reporter = self.bus.descriptor_of(&o.reporter);
+        let invitation = json!({ "url": o.url.as_str(), "scheme": o.scheme, "reporter": o.reporter.as_str() }).to_string();
         for observer in observers {
             if o.invited.insert(observer.clone()) {
                 self.persist_member(&o.url, &observer, Some(Membership::Invited));
+                // reTHINK's invitation: a `create` from the object, so the
+                // observer knows to subscribe.
+                let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+                let mut m = Message::new(id, MessageType::Create, o.url.clone(), observer, Some(invitation.clone()));
+                m.body.resource = Some(o.url.to_string());
+                if let Err(e) = self.bus.send(m, None, reporter.as_deref()) {
+                    tracing::debug!(object = %o.url, "invitation not delivered: {e}");
+                }
             }
         }
         Ok(())
@@ -250,6 +286,7 @@ impl Syncher {
         self.fan_out(&o, MessageType::Delete, o.url.to_string(), delta);
         self.objects.write().unwrap().remove(&o.url);
         self.bus.remove_route(&o.url);
+        self.registry.unregister(o.url.domain(), &registry_name(&o.url));
         if let Some(store) = &self.store
             && let Err(e) = store.delete_object(o.url.as_str())
         {
@@ -385,6 +422,11 @@ impl Syncher {
     }
 }
 
+/// A data object's registry name: its URL's path (unique in its domain).
+fn registry_name(url: &Address) -> String {
+    url.as_str().split_once("://").and_then(|(_, rest)| rest.split_once('/')).map_or_else(|| url.to_string(), |(_, path)| path.to_owned())
+}
+
 fn check_child_name(name: &str) -> Result<(), SyncError> {
     if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) {
         return Err(SyncError::Invalid(format!("{name:?} is not a child name (letters, digits, -, _, .)")));
@@ -398,6 +440,7 @@ fn restore(url: &str, record: &str, members: Vec<(String, Membership)>) -> Resul
     let mut object = Object {
         url: Address::parse(url)?,
         reporter: address(v["reporter"].as_str())?,
+        user: v["user"].as_str().map(str::to_owned),
         scheme: v["scheme"].as_str().unwrap_or_default().to_owned(),
         version: v["version"].as_u64().ok_or("no version")?,
         data: v["data"].clone(),

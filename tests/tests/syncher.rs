@@ -97,6 +97,7 @@ fn the_whole_lifecycle_across_two_domains() {
     let d = next_delta(&driver, &observer, &url);
     assert_eq!((d.kind, d.body.resource.as_deref()), (MessageType::Delete, Some(url.as_str())));
     assert_eq!(ask(&mut driver, &observer, "read", &url, None)["code"], 404);
+    assert!(_runtime.discover(&hyperty_host::Query { scheme: Some("comm".into()), ..Default::default() }).is_empty(), "unregistered");
 }
 
 #[test]
@@ -133,7 +134,14 @@ fn refusals_whatever_the_policies() {
 fn state(endpoint: &Endpoint, kind: MessageType, url: &str, id: u64) -> Replica {
     let to = Address::parse(url).unwrap();
     endpoint.request(Message::new(id, kind, endpoint.address().clone(), to, None), None).unwrap();
-    let answer = endpoint.recv_timeout(Duration::from_secs(10)).expect("an answer");
+    let answer = loop {
+        let m = endpoint.recv_timeout(Duration::from_secs(10)).expect("an answer");
+        if m.kind == MessageType::Response {
+            break m;
+        }
+        // Only an invitation may come first.
+        assert_eq!((m.kind, m.from.as_str()), (MessageType::Create, url), "{m:?}");
+    };
     assert_eq!((answer.id, answer.body.code), (id, Some(200)), "{answer:?}");
     Replica::from_state(url, answer.body.value.as_deref().unwrap()).unwrap()
 }
@@ -152,6 +160,12 @@ fn stale_and_out_of_order_deltas_and_a_resync_after_a_gap() {
     let url = create(&mut driver, &reporter, json!({ "n": 0 }));
     let watcher = runtime.endpoint("hyperty://carol.example/watcher", 64).unwrap();
     driver.command(&reporter, json!({ "op": "invite", "url": url, "observers": [watcher.address().to_string()] }));
+    let invitation = watcher.recv_timeout(Duration::from_secs(10)).expect("an invitation");
+    assert_eq!((invitation.kind, invitation.from.as_str()), (MessageType::Create, url.as_str()));
+    assert_eq!(serde_json::from_str::<Value>(invitation.body.value.as_deref().unwrap()).unwrap()["reporter"], reporter.to_string());
+    // The object is registered: discovered by its scheme.
+    let found = runtime.discover(&hyperty_host::Query { scheme: Some("comm".into()), ..Default::default() });
+    assert!(found.iter().any(|r| r.address.as_str() == url && r.kind == hyperty_host::registry::Kind::DataObject), "{found:?}");
     let mut replica = subscribe(&watcher, &url, 1);
     let mut deltas = Vec::new();
     for n in 1..=5 {
