@@ -117,6 +117,26 @@ impl TestBundle {
         self
     }
 
+    /// Adds a validate-only proxy of `idp` (the `idp-jwt` guest with only
+    /// the public key of `seed`), as a runtime that does not issue for it
+    /// would have, and makes it the IdP of `domains`.
+    pub fn idp_verifier(mut self, idp: &str, seed: [u8; 32], domains: &[&str]) -> TestBundle {
+        let public = ed25519_dalek::SigningKey::from_bytes(&seed).verifying_key();
+        let component = guest("idp-jwt");
+        let bytes = std::fs::read(&component).unwrap();
+        let entry = json!({
+            "component": component.display().to_string(),
+            "sha256": Digest::of(&bytes).to_string(),
+            "config": { "issuer": idp, "verifying-keys": [format!("ed25519:{}", hex(public.as_bytes()))] },
+        });
+        let idps = self.table.entry("idps").or_insert_with(|| toml::Table::new().into());
+        idps.as_table_mut().unwrap().insert(idp.into(), toml::Value::try_from(entry).unwrap());
+        for domain in domains {
+            self = self.domain(domain, json!({ "idp": idp }));
+        }
+        self
+    }
+
     /// The directory the manifest is written to (for extra files).
     pub fn dir(&self) -> &Path {
         self.dir.path()

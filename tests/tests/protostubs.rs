@@ -386,3 +386,44 @@ fn two_runtime_processes_find_each_other_and_talk_through_nats() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+#[test]
+fn identity_travels_through_nats_and_is_validated_by_the_receiving_runtime() {
+    let nats = Nats::start();
+    let servers = [nats.endpoint()];
+    let key = [7; 32];
+    let r1 = runtime(Duration::from_secs(10));
+    let r2 = runtime(Duration::from_secs(10));
+    let mut driver = Driver::new(&r1);
+    // Runtime 1 issues alice's assertions; runtime 2 only holds the IdP's
+    // public key, and bob.example there requires identity.
+    let b1 = with_stubs(
+        TestBundle::new()
+            .hyperty("alice.example", "a", &guest("puppet"), puppet_config(false))
+            .user("alice.example", "a", "alice@idp.example")
+            .idp("idp.example", key, &["alice.example"])
+            .domain("alice.example", json!({ "require-identity": false })),
+        &servers,
+    );
+    let b2 = with_stubs(
+        TestBundle::new()
+            .hyperty("bob.example", "b", &guest("puppet"), puppet_config(true))
+            .idp_verifier("idp.example", key, &["bob.example"])
+            .domain("bob.example", json!({ "require-identity": true })),
+        &servers,
+    );
+    r1.deploy(&b1.load()).unwrap();
+    r2.deploy(&b2.load()).unwrap();
+    let a = r1.lookup("alice.example", "a").unwrap();
+    let b = r2.lookup("bob.example", "b").unwrap();
+    request_until_answered(&mut driver, &a, &b);
+    let seen = driver.report(&b, |m| m["type"] == "read");
+    assert_eq!(seen["identity"], json!(["alice@idp.example", "idp.example"]), "{seen}");
+    // An anonymous sender (the observer, app.example) is refused there: 401.
+    let observer = &driver.endpoint;
+    let m = hyperty_host::Message::new(99, hyperty_host::MessageType::Read, observer.address().clone(), b.clone(), None);
+    observer.request(m, None).unwrap();
+    let answer = driver.expect(|m| m.kind == hyperty_host::MessageType::Response && m.id == 99);
+    assert_eq!(answer.body.code, Some(401), "{answer:?}");
+    assert!(answer.body.description.unwrap_or_default().contains("bob.example requires an identity assertion"));
+}
