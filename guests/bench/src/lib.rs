@@ -1,5 +1,5 @@
-//! Benchmark hyperty. With config `{"role": "sink"}` it answers requests with
-//! 200 and silently counts everything else. With `{"role": "driver"}` an
+//! Benchmark hyperty. With config `{"role": "sink"}` it answers `read`
+//! requests with 200 and silently counts everything else. With `{"role": "driver"}` an
 //! `execute` request `{"to": sink, "count": n, "mode": "oneway" | "rr",
 //! "batch": b}` makes it send `n` messages to the sink and answer the execute
 //! request when they are all through:
@@ -71,7 +71,9 @@ impl Guest for Bench {
             let Some(state) = state.as_mut() else { return };
             if state.sink {
                 state.received += 1;
-                if msg.type_ != MessageType::Response && msg.type_ != MessageType::Forward {
+                // Only `read`s are requests here (the driver's); the
+                // `update`s of a one-way run are notifications: no answer.
+                if msg.type_ == MessageType::Read {
                     let _ = bus::reply(&msg, 200, None);
                 }
                 return;

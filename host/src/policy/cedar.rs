@@ -524,8 +524,52 @@ struct Cached {
 struct ThreadCache {
     owner: u64,
     generation: u64,
-    entries: HashMap<u64, Vec<Cached>>,
+    /// Keyed by the request's hash, which is already a hash: no rehashing.
+    entries: HashMap<u64, Vec<Cached>, std::hash::BuildHasherDefault<KeyHasher>>,
+    /// Whole-path results (`decide_path`), so a message's usual case is one
+    /// lookup rather than one per point.
+    paths: HashMap<u64, Vec<CachedPath>, std::hash::BuildHasherDefault<KeyHasher>>,
     len: usize,
+}
+
+/// A cached result of a whole path and exactly what it was decided for.
+struct CachedPath {
+    points: Box<[(EnforcementPoint, Box<str>)]>,
+    from: Box<str>,
+    to: Box<str>,
+    kind: crate::message::MessageType,
+    resource: Option<Box<str>>,
+    user: Option<(Box<str>, Box<str>)>,
+    minute: i64,
+    result: Result<(), (usize, Decision)>,
+}
+
+/// The identity "hasher" for keys that are hashes already.
+#[derive(Default)]
+struct KeyHasher(u64);
+
+impl Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+/// The hash of what a message's decisions share at every point (from, to,
+/// type, resource, identity): computed once per message, not per point.
+fn message_hash(message: &Message) -> u64 {
+    let resource = message.body.resource.as_deref();
+    let user = message.identity.as_ref().map(|i| (i.user.as_str(), i.idp.as_str()));
+    let mut h = DefaultHasher::new();
+    (message.from.as_str(), message.to.as_str(), message.kind, resource, user).hash(&mut h);
+    h.finish()
 }
 
 /// Entries a thread keeps before starting afresh.
@@ -537,20 +581,82 @@ thread_local! {
 
 impl PolicyDecisionPoint for CedarPolicies {
     fn decide(&self, point: EnforcementPoint, domain: &str, message: &Message, parties: Parties<'_>) -> Decision {
-        self.decide_with(&self.snapshot(), point, domain, message, parties, self.clock.now())
+        self.decide_with(&self.snapshot(), point, domain, message, parties, self.clock.now(), message_hash(message))
     }
 
     fn decide_path(&self, points: &[(EnforcementPoint, &str)], message: &Message, parties: Parties<'_>) -> Result<(), (usize, Decision)> {
         // One version of the policies and one instant for the whole path.
         let state = self.snapshot();
-        let now = self.clock.now();
-        for (i, (point, domain)) in points.iter().enumerate() {
-            let decision = self.decide_with(&state, *point, domain, message, parties, now);
-            if decision != Decision::Permit {
-                return Err((i, decision));
+        let set = |point: EnforcementPoint, domain: &str| match point {
+            EnforcementPoint::BusAccess => state.runtime.as_ref(),
+            _ => state.domains.get(domain),
+        };
+        let mut any = false;
+        let mut uses_time = false;
+        for (point, domain) in points {
+            if let Some(compiled) = set(*point, domain) {
+                any = true;
+                uses_time |= compiled.uses_time;
             }
         }
-        Ok(())
+        if !any {
+            return Ok(());
+        }
+        let now = self.clock.now();
+        let minute = if uses_time { now.div_euclid(60) } else { i64::MIN };
+        let common = message_hash(message);
+        let mut h = DefaultHasher::new();
+        (common, points, minute).hash(&mut h);
+        let key = h.finish();
+        let resource = message.body.resource.as_deref();
+        let user = message.identity.as_ref().map(|i| (i.user.as_str(), i.idp.as_str()));
+        let generation = state.generation;
+        let same = |c: &CachedPath| {
+            c.minute == minute
+                && c.kind == message.kind
+                && &*c.from == message.from.as_str()
+                && &*c.to == message.to.as_str()
+                && c.resource.as_deref() == resource
+                && c.user.as_ref().map(|(u, i)| (&**u, &**i)) == user
+                && c.points.len() == points.len()
+                && c.points.iter().zip(points).all(|((p, d), (q, e))| p == q && &**d == *e)
+        };
+        let hit = CACHE.with(|cache| {
+            let cache = cache.borrow();
+            if cache.owner != self.id || cache.generation != generation {
+                return None;
+            }
+            cache.paths.get(&key)?.iter().find(|c| same(c)).map(|c| c.result.clone())
+        });
+        if let Some(result) = hit {
+            return result;
+        }
+        let mut result = Ok(());
+        for (i, (point, domain)) in points.iter().enumerate() {
+            let decision = self.decide_with(&state, *point, domain, message, parties, now, common);
+            if decision != Decision::Permit {
+                result = Err((i, decision));
+                break;
+            }
+        }
+        CACHE.with(|cache| {
+            let mut cache = cache.borrow_mut();
+            if cache.owner != self.id || cache.generation != generation || cache.len >= CACHE_CAPACITY {
+                *cache = ThreadCache { owner: self.id, generation, ..ThreadCache::default() };
+            }
+            cache.len += 1;
+            cache.paths.entry(key).or_default().push(CachedPath {
+                points: points.iter().map(|(p, d)| (*p, Box::<str>::from(*d))).collect(),
+                from: message.from.as_str().into(),
+                to: message.to.as_str().into(),
+                kind: message.kind,
+                resource: resource.map(Into::into),
+                user: user.map(|(u, i)| (u.into(), i.into())),
+                minute,
+                result: result.clone(),
+            });
+        });
+        result
     }
 }
 
@@ -564,6 +670,7 @@ impl CedarPolicies {
         message: &Message,
         parties: Parties<'_>,
         now: i64,
+        common: u64,
     ) -> Decision {
         let compiled = match point {
             EnforcementPoint::BusAccess => state.runtime.as_ref(),
@@ -577,7 +684,7 @@ impl CedarPolicies {
         // different users (an endpoint, a gateway), and the IdP with it.
         let user = message.identity.as_ref().map(|i| (i.user.as_str(), i.idp.as_str()));
         let mut h = DefaultHasher::new();
-        (point, domain, message.from.as_str(), message.to.as_str(), message.kind, resource, user, minute).hash(&mut h);
+        (common, point, domain, minute).hash(&mut h);
         let hash = h.finish();
         let hit = CACHE.with(|cache| {
             let mut cache = cache.borrow_mut();
