@@ -17,7 +17,7 @@ use anyhow::Result;
 use wasmtime::component::Linker;
 
 use crate::address::Address;
-use crate::bundle::{Bundle, BundleError, DomainSpec, HypertySpec, Location, Problem};
+use crate::bundle::{Bundle, BundleError, DomainSpec, HypertySpec, Location, Problem, ProtostubSpec};
 use crate::bus::{Bus, BusConfig, Route, SendError};
 use crate::domain_registry::DomainRegistry;
 use crate::engine::{Digest, Engine};
@@ -249,7 +249,14 @@ impl Runtime {
             // endpoints; nothing else beyond clocks and randomness.
             let grants = [Grant::Clocks, Grant::Random, Grant::Sockets];
             let pre = self.load(&mut files, bundle, &spec.at, &spec.component, spec.sha256, &grants, protostub::prepare);
-            match pre {
+            // Its configuration too (init, no network), so a bad one is
+            // found here rather than in a restart loop later.
+            let checked = pre.and_then(|pre| {
+                protostub::check_config(&spec.domain, &self.stub_context(spec, pre.clone()))
+                    .map(|()| pre)
+                    .map_err(|e| bundle.problem(&spec.at, "config", format!("protostub {}: {e}", spec.domain)))
+            });
+            match checked {
                 Ok(pre) => stubs.push((i, pre)),
                 Err(problem) => problems.push(problem),
             }
@@ -404,14 +411,7 @@ impl Runtime {
     fn start_stubs(&self, bundle: &Bundle, stubs: Vec<(usize, StubPre)>, started: &mut Vec<String>) {
         for (i, pre) in stubs {
             let spec = &bundle.protostubs[i];
-            let context = StubContext {
-                engine: self.engine.wasmtime().clone(),
-                pre,
-                settings: StubSettings { config: spec.config.clone(), endpoints: spec.endpoints.clone() },
-                bus: self.bus.clone(),
-                registry: self.registry.clone(),
-                events: self.events.clone(),
-            };
+            let context = self.stub_context(spec, pre);
             let stub = Stub::new(&spec.domain, spec.queue, Box::new(move |stub| protostub::spawn(stub, context)));
             self.registry.register(Registration {
                 address: stub.address.clone(),
@@ -429,6 +429,17 @@ impl Runtime {
             if spec.preload || bundle.domains.iter().any(|d| d.name == spec.domain) {
                 stub.ensure_started();
             }
+        }
+    }
+
+    fn stub_context(&self, spec: &ProtostubSpec, pre: StubPre) -> StubContext {
+        StubContext {
+            engine: self.engine.wasmtime().clone(),
+            pre,
+            settings: StubSettings { config: spec.config.clone(), endpoints: spec.endpoints.clone() },
+            bus: self.bus.clone(),
+            registry: self.registry.clone(),
+            events: self.events.clone(),
         }
     }
 
@@ -450,10 +461,12 @@ impl Runtime {
         let mut started: Vec<Running> = Vec::new();
         let mut started_idps = Vec::new();
         let mut started_stubs = Vec::new();
-        let result = self.start_idps(bundle, plan.idps, &mut started_idps).and_then(|()| {
-            self.start_stubs(bundle, plan.stubs, &mut started_stubs);
-            self.start_all(bundle, plan.hyperties, &mut deployed, &mut new_domains, &mut started)
-        });
+        let result = self
+            .start_idps(bundle, plan.idps, &mut started_idps)
+            .and_then(|()| {
+                self.start_stubs(bundle, plan.stubs, &mut started_stubs);
+                self.start_all(bundle, plan.hyperties, &mut deployed, &mut new_domains, &mut started)
+            });
         match result {
             Ok(()) => {
                 let hyperties = started.iter().map(|r| r.hyperty.clone()).collect();

@@ -185,6 +185,10 @@ fn bad_protostub_entries_are_refused_naming_the_field_and_nothing_running_is_los
     std::fs::write(&wrong_path, text).unwrap();
     let err = runtime.deploy(&Bundle::load(&wrong_path).unwrap()).unwrap_err().to_string();
     assert!(err.contains(r#"protostubs."carol.example".component"#) && err.contains("does not fit the protostub world"), "{err}");
+    // A configuration the stub refuses: found at deployment, naming it.
+    let bad = TestBundle::new().protostub("carol.example", &["127.0.0.1:4222".into()], json!({ "config": { "servers": ["nowhere"] } }));
+    let err = runtime.deploy(&bad.load()).unwrap_err().to_string();
+    assert!(err.contains(r#"protostubs."carol.example".config"#) && err.contains(r#"server "nowhere" is not <ip>:<port>"#), "{err}");
     // A second stub for a domain that has one.
     let first = TestBundle::new().protostub("carol.example", &["127.0.0.1:4222".into()], json!({}));
     runtime.deploy(&first.load()).unwrap();

@@ -404,6 +404,7 @@ pub(crate) struct StubSettings {
 }
 
 /// What a stub's thread works with.
+#[derive(Clone)]
 pub(crate) struct StubContext {
     pub engine: wasmtime::Engine,
     pub pre: StubPre,
@@ -411,6 +412,14 @@ pub(crate) struct StubContext {
     pub bus: Bus,
     pub registry: Arc<Registry>,
     pub events: Events,
+}
+
+/// Instantiates the stub's component for `domain` and calls its `init`
+/// with the bundle's configuration, without connecting anywhere: a bad
+/// configuration is found at deployment, not in a restart loop later.
+pub(crate) fn check_config(domain: &str, context: &StubContext) -> Result<(), String> {
+    let probe = Stub::new(domain, 1, Box::new(|_| {}));
+    glue::Instance::start(&probe, context).map(drop)
 }
 
 /// How long one `poll` call may wait for work before it returns.
