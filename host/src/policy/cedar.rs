@@ -562,6 +562,14 @@ impl Hasher for KeyHasher {
     }
 }
 
+/// A message being decided, with the parties and [`message_hash`].
+#[derive(Clone, Copy)]
+struct Asked<'a> {
+    message: &'a Message,
+    parties: Parties<'a>,
+    hash: u64,
+}
+
 /// The hash of what a message's decisions share at every point (from, to,
 /// type, resource, identity): computed once per message, not per point.
 fn message_hash(message: &Message) -> u64 {
@@ -581,7 +589,8 @@ thread_local! {
 
 impl PolicyDecisionPoint for CedarPolicies {
     fn decide(&self, point: EnforcementPoint, domain: &str, message: &Message, parties: Parties<'_>) -> Decision {
-        self.decide_with(&self.snapshot(), point, domain, message, parties, self.clock.now(), message_hash(message))
+        let asked = Asked { message, parties, hash: message_hash(message) };
+        self.decide_with(&self.snapshot(), point, domain, &asked, self.clock.now())
     }
 
     fn decide_path(&self, points: &[(EnforcementPoint, &str)], message: &Message, parties: Parties<'_>) -> Result<(), (usize, Decision)> {
@@ -632,8 +641,9 @@ impl PolicyDecisionPoint for CedarPolicies {
             return result;
         }
         let mut result = Ok(());
+        let asked = Asked { message, parties, hash: common };
         for (i, (point, domain)) in points.iter().enumerate() {
-            let decision = self.decide_with(&state, *point, domain, message, parties, now, common);
+            let decision = self.decide_with(&state, *point, domain, &asked, now);
             if decision != Decision::Permit {
                 result = Err((i, decision));
                 break;
@@ -667,11 +677,10 @@ impl CedarPolicies {
         state: &State,
         point: EnforcementPoint,
         domain: &str,
-        message: &Message,
-        parties: Parties<'_>,
+        asked: &Asked<'_>,
         now: i64,
-        common: u64,
     ) -> Decision {
+        let Asked { message, parties, hash: common } = *asked;
         let compiled = match point {
             EnforcementPoint::BusAccess => state.runtime.as_ref(),
             _ => state.domains.get(domain),
