@@ -7,9 +7,10 @@
 //! thread, which keeps every registration announced by a runtime (`create`
 //! with the registration as JSON; `update` with a new status and/or a
 //! keep-alive; `delete`) and expires those whose runtime stopped refreshing
-//! them — reTHINK's keep-alive and expiry. Once protostubs carry other
-//! runtimes' announcements here, discovery ([`Registry::discover`]) finds
-//! hyperties running anywhere in the domain.
+//! them — reTHINK's keep-alive and expiry. Protostubs carry other
+//! runtimes' announcements here (the registry address is listened for like
+//! any local address of the domain), so discovery ([`Registry::discover`])
+//! finds hyperties running anywhere in the domain.
 //!
 //! Only a `runtime://` address may announce, and only registrations of the
 //! registry's own domain; a malformed announcement is logged and dropped

@@ -6,8 +6,10 @@
 //! IdP proxies are this runtime's own): `create` (the registration as JSON),
 //! `update` (status changes, and a keep-alive for each registration every
 //! `keep-alive` interval, which the remote registry uses to expire runtimes
-//! that went away), `delete`. Once a protostub serves the domain, these
-//! reach its registry; until then the bus answers them 404, logged at debug.
+//! that went away), `delete`. They reach the domain's registry here when
+//! this runtime serves it ([`crate::domain_registry`]), else through the
+//! domain's protostub; with neither, the bus answers them 404, logged at
+//! debug.
 //!
 //! Hyperties are registered at deployment with what their bundle says of
 //! them (name, domain, user, hyperty types, data-object schemes), move
