@@ -9,7 +9,7 @@
 //! keep-alive; `delete`) and expires those whose runtime stopped refreshing
 //! them — reTHINK's keep-alive and expiry. Protostubs carry other
 //! runtimes' announcements here (the registry address is listened for like
-//! any local address of the domain), so discovery ([`Registry::discover`])
+//! any local address of the domain), so discovery ([`crate::registry::Registry::discover`])
 //! finds hyperties running anywhere in the domain.
 //!
 //! Only a `runtime://` address may announce, and only registrations of the
