@@ -458,74 +458,10 @@ fn restore(url: &str, record: &str, members: Vec<(String, Membership)>) -> Resul
     Ok(object)
 }
 
-/// What an observer holds of an object: apply the deltas it receives in
-/// order; [`Applied::Gap`] says it missed some and must `read` again
-/// ([`Replica::from_state`]).
-#[derive(Clone, Debug, PartialEq)]
-pub struct Replica {
-    pub url: String,
-    pub version: u64,
-    pub data: Value,
-    pub children: BTreeMap<String, Value>,
-    pub deleted: bool,
-}
+pub use hyperty_replica::{Applied, Delta, Replica};
 
-/// What [`Replica::apply`] did with a delta.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Applied {
-    /// The replica is at the delta's version now.
-    Applied,
-    /// Already had it (a duplicate or a late one): ignored.
-    Stale,
-    /// Versions between are missing: read the state again.
-    Gap { have: u64, got: u64 },
-    /// Not a delta of this object.
-    NotThisObject,
-}
-
-impl Replica {
-    /// A replica from the state a `subscribe` or `read` answer carries.
-    pub fn from_state(url: &str, state: &str) -> Result<Replica, String> {
-        let v: Value = serde_json::from_str(state).map_err(|e| format!("the state is not JSON: {e}"))?;
-        Ok(Replica {
-            url: url.to_owned(),
-            version: v["version"].as_u64().ok_or("the state has no version")?,
-            data: v["data"].clone(),
-            children: serde_json::from_value(v["children"].clone()).map_err(|e| format!("children: {e}"))?,
-            deleted: false,
-        })
-    }
-
-    /// Applies a delta message from the object's URL.
-    pub fn apply(&mut self, m: &Message) -> Result<Applied, String> {
-        if m.from.as_str() != self.url {
-            return Ok(Applied::NotThisObject);
-        }
-        let v: Value = serde_json::from_str(m.body.value.as_deref().unwrap_or("null")).map_err(|e| format!("not JSON: {e}"))?;
-        let version = v["version"].as_u64().ok_or("a delta without a version")?;
-        if version <= self.version {
-            return Ok(Applied::Stale);
-        }
-        if version != self.version + 1 {
-            return Ok(Applied::Gap { have: self.version, got: version });
-        }
-        let resource = m.body.resource.as_deref().unwrap_or_default();
-        let child = resource.strip_prefix(&format!("{}/children/", self.url));
-        match (m.kind, child) {
-            (MessageType::Update, None) => {
-                let patch: json_patch::Patch = serde_json::from_value(v["patch"].clone()).map_err(|e| format!("patch: {e}"))?;
-                json_patch::patch(&mut self.data, &patch).map_err(|e| format!("the patch does not apply: {e}"))?;
-            }
-            (MessageType::Delete, None) => self.deleted = true,
-            (MessageType::Create | MessageType::Update, Some(name)) => {
-                self.children.insert(name.to_owned(), v["data"].clone());
-            }
-            (MessageType::Delete, Some(name)) => {
-                self.children.remove(name);
-            }
-            (kind, _) => return Err(format!("a delta of type {} about {resource}", kind.as_str())),
-        }
-        self.version = version;
-        Ok(Applied::Applied)
+impl<'a> From<&'a Message> for Delta<'a> {
+    fn from(m: &'a Message) -> Delta<'a> {
+        Delta { from: m.from.as_str(), kind: m.kind.as_str(), resource: m.body.resource.as_deref(), value: m.body.value.as_deref() }
     }
 }

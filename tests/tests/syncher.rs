@@ -83,10 +83,13 @@ fn the_whole_lifecycle_across_two_domains() {
         }
     }
     assert!(replica.children.is_empty());
-    // A read agrees with the replica.
+    // A read agrees with the replica; so does the one the observer hyperty
+    // kept itself (the SDK's Replica, applying the same deltas).
     let read = ask(&mut driver, &observer, "read", &url, None);
     let state = Replica::from_state(&url, read["value"].as_str().unwrap()).unwrap();
     assert_eq!((state.version, &state.data), (replica.version, &replica.data));
+    let kept = driver.command(&observer, json!({ "op": "replica", "url": url }));
+    assert_eq!(kept, json!({ "version": replica.version, "data": replica.data, "children": {}, "deleted": false }));
     // Unsubscribed, it hears nothing more.
     assert_eq!(ask(&mut driver, &observer, "unsubscribe", &url, None)["code"], 200);
     driver.command(&reporter, json!({ "op": "update", "url": url, "patch": [{ "op": "add", "path": "/x", "value": 1 }] }));
@@ -96,6 +99,7 @@ fn the_whole_lifecycle_across_two_domains() {
     assert_eq!(driver.command(&reporter, json!({ "op": "delete", "url": url })), json!({ "ok": true }));
     let d = next_delta(&driver, &observer, &url);
     assert_eq!((d.kind, d.body.resource.as_deref()), (MessageType::Delete, Some(url.as_str())));
+    assert_eq!(driver.command(&observer, json!({ "op": "replica", "url": url }))["deleted"], true, "the observer dropped it");
     assert_eq!(ask(&mut driver, &observer, "read", &url, None)["code"], 404);
     assert!(_runtime.discover(&hyperty_host::Query { scheme: Some("comm".into()), ..Default::default() }).is_empty(), "unregistered");
 }

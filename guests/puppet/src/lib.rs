@@ -13,6 +13,9 @@
 //!   `{"version"}` / `{"ok"}` or `{"error": "forbidden: ..."}`).
 //! - With `reject_subscribe`, `subscribe` requests (a syncher asking the
 //!   reporter) are answered 403 instead of echoed.
+//! - As an observer it keeps a `Replica` of every data object whose state a
+//!   200 answer brought (subscribe, read), applies the deltas it gets, reads
+//!   again after a gap, and shows it on `{"op": "replica", "url": u}`.
 //! - Every other message is reported to the observer as a `forward` whose
 //!   value is the message as JSON; with `echo`, requests are also answered
 //!   200 with their own value. Without it the puppet never answers, which is
@@ -20,7 +23,9 @@
 
 use std::cell::RefCell;
 
-use hyperty_guest::{Body, Guest, Identity, Message, MessageType, bus, registry, syncher, warn};
+use std::collections::BTreeMap;
+
+use hyperty_guest::{Applied, Body, Guest, Identity, Message, MessageType, Replica, bus, registry, syncher, warn};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
@@ -37,6 +42,8 @@ struct State {
     me: String,
     config: Config,
     next_id: u64,
+    /// Data objects observed, by URL.
+    replicas: BTreeMap<String, Replica>,
 }
 
 thread_local! {
@@ -149,7 +156,7 @@ struct Puppet;
 impl Guest for Puppet {
     fn init(address: String, config: String) -> Result<(), String> {
         let config: Config = serde_json::from_str(&config).map_err(|e| format!("bad config: {e}"))?;
-        STATE.with(|s| *s.borrow_mut() = Some(State { me: address, config, next_id: 1 << 32 }));
+        STATE.with(|s| *s.borrow_mut() = Some(State { me: address, config, next_id: 1 << 32, replicas: BTreeMap::new() }));
         Ok(())
     }
 
@@ -167,6 +174,7 @@ impl Guest for Puppet {
                 }
                 return;
             }
+            observe(state, &msg);
             let report = serde_json::to_string(&MessageJson::from_message(&msg)).unwrap_or_default();
             state.next_id += 1;
             let forward = Message::new(state.next_id, MessageType::Forward, &state.me, &state.config.observer, report);
@@ -183,6 +191,31 @@ impl Guest for Puppet {
                 }
             }
         });
+    }
+}
+
+/// Keeps the replicas current: a 200 carrying an object's state (re)starts
+/// one; a delta from an object's URL is applied; a gap asks for the state.
+fn observe(state: &mut State, msg: &Message) {
+    if msg.type_ == MessageType::Response {
+        if let (Some(200), Some(url), Some(value)) = (msg.body.code, &msg.body.resource, &msg.body.value)
+            && let Ok(replica) = Replica::from_state(url, value)
+        {
+            state.replicas.insert(url.clone(), replica);
+        }
+        return;
+    }
+    let Some(replica) = state.replicas.get_mut(&msg.from) else { return };
+    match replica.apply(msg) {
+        Ok(Applied::Gap { .. }) => {
+            state.next_id += 1;
+            let read = Message::new(state.next_id, MessageType::Read, &state.me, &msg.from, "null");
+            if let Err(e) = bus::request(&read, None) {
+                warn(&format!("cannot read {} again: {}", msg.from, e.describe()));
+            }
+        }
+        Ok(_) => {}
+        Err(e) => warn(&format!("bad delta from {}: {e}", msg.from)),
     }
 }
 
@@ -204,6 +237,10 @@ fn run_command(state: &mut State, msg: &Message) -> Result<Value, String> {
             Ok(json!({ "ok": true }))
         }
         "lookup" => Ok(json!({ "address": registry::lookup(&command.domain, &command.name) })),
+        "replica" => {
+            let r = state.replicas.get(&command.url).ok_or_else(|| format!("no replica of {}", command.url))?;
+            Ok(json!({ "version": r.version, "data": r.data, "children": r.children, "deleted": r.deleted }))
+        }
         "discover" => {
             let q = command.query.unwrap_or_default();
             let str_field = |k: &str| q.get(k).and_then(Value::as_str).map(str::to_owned);

@@ -14,6 +14,26 @@ wit_bindgen::generate!({
 pub use exports::rethink::hyperty::handler::Guest;
 pub use rethink::hyperty::types::{Body, Identity, Message, MessageType, SendError};
 pub use rethink::hyperty::{bus, registry, syncher};
+/// Observing data objects: a [`Replica`] kept current with the deltas a
+/// hyperty receives (`replica.apply(&msg)`).
+pub use hyperty_replica::{Applied, Delta, Replica};
+
+impl<'a> From<&'a Message> for Delta<'a> {
+    fn from(m: &'a Message) -> Delta<'a> {
+        let kind = match m.type_ {
+            MessageType::Create => "create",
+            MessageType::Read => "read",
+            MessageType::Update => "update",
+            MessageType::Delete => "delete",
+            MessageType::Subscribe => "subscribe",
+            MessageType::Unsubscribe => "unsubscribe",
+            MessageType::Response => "response",
+            MessageType::Forward => "forward",
+            MessageType::Execute => "execute",
+        };
+        Delta { from: &m.from, kind, resource: m.body.resource.as_deref(), value: m.body.value.as_deref() }
+    }
+}
 
 /// Logs at info level into the host's log, tagged with this hyperty.
 pub fn info(text: &str) {
