@@ -505,43 +505,59 @@ fn first_line(diagnostic: &dyn Diagnostic, text: &str) -> Option<usize> {
     diagnostic.labels()?.next().map(|label| line_of(text, label.offset()))
 }
 
-/// A cached decision and exactly what it was decided for.
+/// A path's result: the first point that denied, and its decision.
+type PathResult = Result<(), (usize, Decision)>;
+
+/// Exactly what a cached result was decided for: the points (each with the
+/// domain whose policies apply) and every message input a request is built
+/// from, plus the minute when a set involved reads the time.
 struct Cached {
-    point: EnforcementPoint,
-    domain: Box<str>,
+    points: Box<[(EnforcementPoint, Box<str>)]>,
     from: Box<str>,
     to: Box<str>,
     kind: crate::message::MessageType,
     resource: Option<Box<str>>,
-    /// The sender's identity: user and IdP.
+    /// The sender's identity: user and IdP (an address's sender may act for
+    /// different users: an endpoint, a gateway).
     user: Option<(Box<str>, Box<str>)>,
     minute: i64,
-    decision: Decision,
+    result: PathResult,
 }
 
-/// A thread's decisions for one decision point and generation.
+impl Cached {
+    fn new(points: &[(EnforcementPoint, &str)], m: &Message, minute: i64, result: PathResult) -> Cached {
+        Cached {
+            points: points.iter().map(|(p, d)| (*p, Box::<str>::from(*d))).collect(),
+            from: m.from.as_str().into(),
+            to: m.to.as_str().into(),
+            kind: m.kind,
+            resource: m.body.resource.as_deref().map(Into::into),
+            user: m.identity.as_ref().map(|i| (i.user.as_str().into(), i.idp.as_str().into())),
+            minute,
+            result,
+        }
+    }
+
+    fn is_for(&self, points: &[(EnforcementPoint, &str)], m: &Message, minute: i64) -> bool {
+        self.minute == minute
+            && self.kind == m.kind
+            && &*self.from == m.from.as_str()
+            && &*self.to == m.to.as_str()
+            && self.resource.as_deref() == m.body.resource.as_deref()
+            && self.user.as_ref().map(|(u, i)| (&**u, &**i)) == m.identity.as_ref().map(|i| (i.user.as_str(), i.idp.as_str()))
+            && self.points.len() == points.len()
+            && self.points.iter().zip(points).all(|((p, d), (q, e))| p == q && &**d == *e)
+    }
+}
+
+/// A thread's results for one decision point and generation.
 #[derive(Default)]
 struct ThreadCache {
     owner: u64,
     generation: u64,
     /// Keyed by the request's hash, which is already a hash: no rehashing.
     entries: HashMap<u64, Vec<Cached>, std::hash::BuildHasherDefault<KeyHasher>>,
-    /// Whole-path results (`decide_path`), so a message's usual case is one
-    /// lookup rather than one per point.
-    paths: HashMap<u64, Vec<CachedPath>, std::hash::BuildHasherDefault<KeyHasher>>,
     len: usize,
-}
-
-/// A cached result of a whole path and exactly what it was decided for.
-struct CachedPath {
-    points: Box<[(EnforcementPoint, Box<str>)]>,
-    from: Box<str>,
-    to: Box<str>,
-    kind: crate::message::MessageType,
-    resource: Option<Box<str>>,
-    user: Option<(Box<str>, Box<str>)>,
-    minute: i64,
-    result: Result<(), (usize, Decision)>,
 }
 
 /// The identity "hasher" for keys that are hashes already.
@@ -562,24 +578,6 @@ impl Hasher for KeyHasher {
     }
 }
 
-/// A message being decided, with the parties and [`message_hash`].
-#[derive(Clone, Copy)]
-struct Asked<'a> {
-    message: &'a Message,
-    parties: Parties<'a>,
-    hash: u64,
-}
-
-/// The hash of what a message's decisions share at every point (from, to,
-/// type, resource, identity): computed once per message, not per point.
-fn message_hash(message: &Message) -> u64 {
-    let resource = message.body.resource.as_deref();
-    let user = message.identity.as_ref().map(|i| (i.user.as_str(), i.idp.as_str()));
-    let mut h = DefaultHasher::new();
-    (message.from.as_str(), message.to.as_str(), message.kind, resource, user).hash(&mut h);
-    h.finish()
-}
-
 /// Entries a thread keeps before starting afresh.
 const CACHE_CAPACITY: usize = 16_384;
 
@@ -589,21 +587,50 @@ thread_local! {
 
 impl PolicyDecisionPoint for CedarPolicies {
     fn decide(&self, point: EnforcementPoint, domain: &str, message: &Message, parties: Parties<'_>) -> Decision {
-        let asked = Asked { message, parties, hash: message_hash(message) };
-        self.decide_with(&self.snapshot(), point, domain, &asked, self.clock.now())
+        let state = self.snapshot();
+        let result = self.cached(&state, &[(point, domain)], message, |now| {
+            match self.evaluate(&state, point, domain, message, parties, now) {
+                Decision::Permit => Ok(()),
+                denied => Err((0, denied)),
+            }
+        });
+        result.err().map_or(Decision::Permit, |(_, decision)| decision)
     }
 
-    fn decide_path(&self, points: &[(EnforcementPoint, &str)], message: &Message, parties: Parties<'_>) -> Result<(), (usize, Decision)> {
-        // One version of the policies and one instant for the whole path.
+    fn decide_path(&self, points: &[(EnforcementPoint, &str)], message: &Message, parties: Parties<'_>) -> PathResult {
+        // One version of the policies and one instant for the whole path,
+        // and one cache lookup for it in the usual case.
         let state = self.snapshot();
-        let set = |point: EnforcementPoint, domain: &str| match point {
-            EnforcementPoint::BusAccess => state.runtime.as_ref(),
-            _ => state.domains.get(domain),
-        };
+        self.cached(&state, points, message, |now| {
+            for (i, (point, domain)) in points.iter().enumerate() {
+                match self.evaluate(&state, *point, domain, message, parties, now) {
+                    Decision::Permit => {}
+                    denied => return Err((i, denied)),
+                }
+            }
+            Ok(())
+        })
+    }
+}
+
+impl CedarPolicies {
+    /// The result for `message` at `points` from this thread's cache, or
+    /// from `decide` (given the instant) when it has none.
+    fn cached(
+        &self,
+        state: &State,
+        points: &[(EnforcementPoint, &str)],
+        message: &Message,
+        decide: impl FnOnce(i64) -> PathResult,
+    ) -> PathResult {
         let mut any = false;
         let mut uses_time = false;
         for (point, domain) in points {
-            if let Some(compiled) = set(*point, domain) {
+            let compiled = match point {
+                EnforcementPoint::BusAccess => state.runtime.as_ref(),
+                _ => state.domains.get(*domain),
+            };
+            if let Some(compiled) = compiled {
                 any = true;
                 uses_time |= compiled.uses_time;
             }
@@ -613,128 +640,31 @@ impl PolicyDecisionPoint for CedarPolicies {
         }
         let now = self.clock.now();
         let minute = if uses_time { now.div_euclid(60) } else { i64::MIN };
-        let common = message_hash(message);
-        let mut h = DefaultHasher::new();
-        (common, points, minute).hash(&mut h);
-        let key = h.finish();
         let resource = message.body.resource.as_deref();
         let user = message.identity.as_ref().map(|i| (i.user.as_str(), i.idp.as_str()));
+        let mut h = DefaultHasher::new();
+        (message.from.as_str(), message.to.as_str(), message.kind, resource, user, points, minute).hash(&mut h);
+        let key = h.finish();
         let generation = state.generation;
-        let same = |c: &CachedPath| {
-            c.minute == minute
-                && c.kind == message.kind
-                && &*c.from == message.from.as_str()
-                && &*c.to == message.to.as_str()
-                && c.resource.as_deref() == resource
-                && c.user.as_ref().map(|(u, i)| (&**u, &**i)) == user
-                && c.points.len() == points.len()
-                && c.points.iter().zip(points).all(|((p, d), (q, e))| p == q && &**d == *e)
-        };
         let hit = CACHE.with(|cache| {
             let cache = cache.borrow();
             if cache.owner != self.id || cache.generation != generation {
                 return None;
             }
-            cache.paths.get(&key)?.iter().find(|c| same(c)).map(|c| c.result.clone())
+            cache.entries.get(&key)?.iter().find(|c| c.is_for(points, message, minute)).map(|c| c.result.clone())
         });
         if let Some(result) = hit {
             return result;
         }
-        let mut result = Ok(());
-        let asked = Asked { message, parties, hash: common };
-        for (i, (point, domain)) in points.iter().enumerate() {
-            let decision = self.decide_with(&state, *point, domain, &asked, now);
-            if decision != Decision::Permit {
-                result = Err((i, decision));
-                break;
-            }
-        }
+        let result = decide(now);
         CACHE.with(|cache| {
             let mut cache = cache.borrow_mut();
             if cache.owner != self.id || cache.generation != generation || cache.len >= CACHE_CAPACITY {
                 *cache = ThreadCache { owner: self.id, generation, ..ThreadCache::default() };
             }
             cache.len += 1;
-            cache.paths.entry(key).or_default().push(CachedPath {
-                points: points.iter().map(|(p, d)| (*p, Box::<str>::from(*d))).collect(),
-                from: message.from.as_str().into(),
-                to: message.to.as_str().into(),
-                kind: message.kind,
-                resource: resource.map(Into::into),
-                user: user.map(|(u, i)| (u.into(), i.into())),
-                minute,
-                result: result.clone(),
-            });
+            cache.entries.entry(key).or_default().push(Cached::new(points, message, minute, result.clone()));
         });
         result
-    }
-}
-
-impl CedarPolicies {
-    /// A decision from `state`, through this thread's cache.
-    fn decide_with(
-        &self,
-        state: &State,
-        point: EnforcementPoint,
-        domain: &str,
-        asked: &Asked<'_>,
-        now: i64,
-    ) -> Decision {
-        let Asked { message, parties, hash: common } = *asked;
-        let compiled = match point {
-            EnforcementPoint::BusAccess => state.runtime.as_ref(),
-            _ => state.domains.get(domain),
-        };
-        let Some(compiled) = compiled else { return Decision::Permit };
-        let generation = state.generation;
-        let minute = if compiled.uses_time { now.div_euclid(60) } else { i64::MIN };
-        let resource = message.body.resource.as_deref();
-        // The identity is part of the key: an address's sender may act for
-        // different users (an endpoint, a gateway), and the IdP with it.
-        let user = message.identity.as_ref().map(|i| (i.user.as_str(), i.idp.as_str()));
-        let mut h = DefaultHasher::new();
-        (common, point, domain, minute).hash(&mut h);
-        let hash = h.finish();
-        let hit = CACHE.with(|cache| {
-            let mut cache = cache.borrow_mut();
-            if cache.owner != self.id || cache.generation != generation {
-                *cache = ThreadCache { owner: self.id, generation, ..ThreadCache::default() };
-                return None;
-            }
-            cache.entries.get(&hash)?.iter().find_map(|c| {
-                let same = c.point == point
-                    && &*c.domain == domain
-                    && &*c.from == message.from.as_str()
-                    && &*c.to == message.to.as_str()
-                    && c.kind == message.kind
-                    && c.resource.as_deref() == resource
-                    && c.user.as_ref().map(|(u, i)| (&**u, &**i)) == user
-                    && c.minute == minute;
-                same.then(|| c.decision.clone())
-            })
-        });
-        if let Some(decision) = hit {
-            return decision;
-        }
-        let decision = self.evaluate(state, point, domain, message, parties, now);
-        CACHE.with(|cache| {
-            let mut cache = cache.borrow_mut();
-            if cache.owner != self.id || cache.generation != generation || cache.len >= CACHE_CAPACITY {
-                *cache = ThreadCache { owner: self.id, generation, ..ThreadCache::default() };
-            }
-            cache.len += 1;
-            cache.entries.entry(hash).or_default().push(Cached {
-                point,
-                domain: domain.into(),
-                from: message.from.as_str().into(),
-                to: message.to.as_str().into(),
-                kind: message.kind,
-                resource: resource.map(Into::into),
-                user: user.map(|(u, i)| (u.into(), i.into())),
-                minute,
-                decision: decision.clone(),
-            });
-        });
-        decision
     }
 }
