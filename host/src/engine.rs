@@ -23,6 +23,19 @@ use wasmtime::component::Component;
 /// How often the epoch advances: the granularity of call deadlines.
 pub const EPOCH_TICK: Duration = Duration::from_millis(10);
 
+/// Epoch ticks in `deadline` (at least one).
+pub(crate) fn ticks(deadline: Duration) -> u64 {
+    (deadline.as_millis().div_ceil(EPOCH_TICK.as_millis()) as u64).max(1)
+}
+
+/// Sets the deadline (in epoch ticks) and the fuel budget (`None`: no
+/// budget) of the next call into `store`; every kind of component store is
+/// armed this way before each call.
+pub(crate) fn arm<T>(store: &mut wasmtime::Store<T>, deadline_ticks: u64, fuel: Option<u64>) {
+    store.set_epoch_deadline(deadline_ticks);
+    store.set_fuel(fuel.unwrap_or(u64::MAX)).expect("the engine consumes fuel");
+}
+
 /// Largest linear memory any instance may have; domains set lower limits.
 pub const MAX_MEMORY_BYTES: usize = 1 << 30;
 

@@ -15,18 +15,18 @@ use wasmtime::Store;
 use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
-use crate::engine::EPOCH_TICK;
 use crate::sandbox::limits::{DomainMemory, InstanceLimiter, Limits};
 
 mod bindings {
     wasmtime::component::bindgen!({
         path: "../wit",
         world: "idp-proxy",
+        with: { "rethink:hyperty/log": crate::sandbox::glue::bindings::rethink::hyperty::log },
     });
 }
 
 use bindings::exports::rethink::hyperty::identity_provider as wit;
-use bindings::rethink::hyperty::log as wit_log;
+use crate::sandbox::glue::bindings::rethink::hyperty::log as wit_log;
 use bindings::{IdpProxy as Bindings, IdpProxyPre};
 
 /// What a valid assertion says, as the proxy answered.
@@ -60,12 +60,7 @@ impl WasiView for ProxyState {
 
 impl wit_log::Host for ProxyState {
     fn log(&mut self, level: wit_log::Level, message: String) {
-        let who = &self.name;
-        match level {
-            wit_log::Level::Trace | wit_log::Level::Debug => tracing::debug!(target: "hyperty::idp", "{who}: {message}"),
-            wit_log::Level::Info => tracing::info!(target: "hyperty::idp", "{who}: {message}"),
-            wit_log::Level::Warn | wit_log::Level::Error => tracing::warn!(target: "hyperty::idp", "{who}: {message}"),
-        }
+        crate::sandbox::guest_log(&format!("IdP proxy {}", self.name), level, message);
     }
 }
 
@@ -163,7 +158,7 @@ impl Proxy {
     }
 
     fn arm(&self, store: &mut Store<ProxyState>) {
-        store.set_epoch_deadline(self.limits.call_timeout_ms.div_ceil(EPOCH_TICK.as_millis() as u64));
-        store.set_fuel(self.limits.fuel_per_call.unwrap_or(u64::MAX)).expect("the engine consumes fuel");
+        let deadline = crate::engine::ticks(std::time::Duration::from_millis(self.limits.call_timeout_ms));
+        crate::engine::arm(store, deadline, self.limits.fuel_per_call);
     }
 }

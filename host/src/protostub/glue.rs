@@ -13,19 +13,22 @@ use wasmtime_wasi::sockets::SocketAddrUse;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use super::{Stub, StubContext, StubQueue, Work};
-use crate::engine::EPOCH_TICK;
 use crate::sandbox::limits::{DomainMemory, InstanceLimiter, Limits};
 
 mod bindings {
     wasmtime::component::bindgen!({
         path: "../wit",
         world: "protostub",
-        with: { "wasi": wasmtime_wasi::p2::bindings::sync },
+        with: {
+            "wasi": wasmtime_wasi::p2::bindings::sync,
+            "rethink:hyperty/log": crate::sandbox::glue::bindings::rethink::hyperty::log,
+        },
         require_store_data_send: true,
     });
 }
 
-use bindings::rethink::hyperty::{log as wit_log, stub_host as wit};
+use bindings::rethink::hyperty::stub_host as wit;
+use crate::sandbox::glue::bindings::rethink::hyperty::log as wit_log;
 use bindings::{Protostub as Bindings, ProtostubPre};
 pub(crate) use wit::StubStatus;
 
@@ -126,8 +129,7 @@ impl Instance {
 }
 
 fn arm(store: &mut Store<StubState>, deadline: Duration) {
-    store.set_epoch_deadline((deadline.as_millis() / EPOCH_TICK.as_millis()) as u64);
-    store.set_fuel(u64::MAX).expect("the engine consumes fuel");
+    crate::engine::arm(store, crate::engine::ticks(deadline), None);
 }
 
 /// Ready while the stub's queue has work it has not taken.
@@ -178,11 +180,6 @@ impl wit::Host for StubState {
 
 impl wit_log::Host for StubState {
     fn log(&mut self, level: wit_log::Level, message: String) {
-        let who = &self.stub.domain;
-        match level {
-            wit_log::Level::Trace | wit_log::Level::Debug => tracing::debug!(target: "hyperty::protostub", "{who}: {message}"),
-            wit_log::Level::Info => tracing::info!(target: "hyperty::protostub", "{who}: {message}"),
-            wit_log::Level::Warn | wit_log::Level::Error => tracing::warn!(target: "hyperty::protostub", "{who}: {message}"),
-        }
+        crate::sandbox::guest_log(&format!("protostub {}", self.stub.domain), level, message);
     }
 }

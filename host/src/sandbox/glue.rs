@@ -19,7 +19,7 @@ use crate::policy::Descriptor;
 use crate::registry::{Kind, Query, Registration, Registry, Status};
 use crate::syncher::{SyncError, Syncher};
 
-mod bindings {
+pub(crate) mod bindings {
     wasmtime::component::bindgen!({
         path: "../wit",
         world: "hyperty",
@@ -292,24 +292,29 @@ impl From<SyncError> for wit_syncher::SyncError {
 /// Longest guest log line kept, in bytes.
 const MAX_LOG_LINE: usize = 4096;
 
+/// A component's line into the host's log (every world imports the same
+/// `log` interface): tagged with `who`, cut at [`MAX_LOG_LINE`].
+pub(crate) fn guest_log(who: &str, level: wit_log::Level, mut message: String) {
+    if message.len() > MAX_LOG_LINE {
+        let mut end = MAX_LOG_LINE;
+        while !message.is_char_boundary(end) {
+            end -= 1;
+        }
+        message.truncate(end);
+        message.push('…');
+    }
+    match level {
+        wit_log::Level::Trace => tracing::trace!(target: "hyperty::guest", "{who}: {message}"),
+        wit_log::Level::Debug => tracing::debug!(target: "hyperty::guest", "{who}: {message}"),
+        wit_log::Level::Info => tracing::info!(target: "hyperty::guest", "{who}: {message}"),
+        wit_log::Level::Warn => tracing::warn!(target: "hyperty::guest", "{who}: {message}"),
+        wit_log::Level::Error => tracing::error!(target: "hyperty::guest", "{who}: {message}"),
+    }
+}
+
 impl wit_log::Host for InstanceState {
-    fn log(&mut self, level: wit_log::Level, mut message: String) {
-        if message.len() > MAX_LOG_LINE {
-            let mut end = MAX_LOG_LINE;
-            while !message.is_char_boundary(end) {
-                end -= 1;
-            }
-            message.truncate(end);
-            message.push('…');
-        }
-        let who = &self.label;
-        match level {
-            wit_log::Level::Trace => tracing::trace!(target: "hyperty::guest", "{who}: {message}"),
-            wit_log::Level::Debug => tracing::debug!(target: "hyperty::guest", "{who}: {message}"),
-            wit_log::Level::Info => tracing::info!(target: "hyperty::guest", "{who}: {message}"),
-            wit_log::Level::Warn => tracing::warn!(target: "hyperty::guest", "{who}: {message}"),
-            wit_log::Level::Error => tracing::error!(target: "hyperty::guest", "{who}: {message}"),
-        }
+    fn log(&mut self, level: wit_log::Level, message: String) {
+        guest_log(&self.label, level, message);
     }
 }
 

@@ -21,7 +21,7 @@
 //! meanwhile are answered 503. Each trap, restart and stop is logged and
 //! emitted as an [`Event`](crate::events::Event).
 
-mod glue;
+pub(crate) mod glue;
 pub mod limits;
 
 use std::sync::Arc;
@@ -34,13 +34,12 @@ use wasmtime::Store;
 
 use crate::address::Address;
 use crate::bus::Bus;
-use crate::engine::EPOCH_TICK;
 use crate::events::{EventKind, Events};
 use crate::message::{Message, MessageType, code};
 use crate::policy::Descriptor;
 use crate::registry::{Registry, Status as RegistryStatus};
 
-pub(crate) use glue::{HypertyPre, InstanceState, check_grants, hyperty_linker, prepare};
+pub(crate) use glue::{HypertyPre, InstanceState, check_grants, guest_log, hyperty_linker, prepare};
 use glue::Hyperty;
 use limits::{DomainMemory, Grant, InstanceLimiter, Limits, RestartPolicy};
 
@@ -149,7 +148,7 @@ impl SandboxHandle {
             memory: memory.clone(),
             slots: Vec::new(),
             restarts: Vec::new(),
-            call_ticks: settings.limits.call_timeout_ms.div_ceil(EPOCH_TICK.as_millis() as u64),
+            call_ticks: crate::engine::ticks(std::time::Duration::from_millis(settings.limits.call_timeout_ms)),
             in_flight: inbox.in_flight.clone(),
         };
         let thread = std::thread::Builder::new()
@@ -485,8 +484,7 @@ pub(crate) fn trap_reason(error: &wasmtime::Error, limits: &Limits) -> String {
 
 /// Sets the deadline and the fuel budget for the next call into `store`.
 fn arm(store: &mut Store<InstanceState>, call_ticks: u64, limits: &Limits) {
-    store.set_epoch_deadline(call_ticks);
-    store.set_fuel(limits.fuel_per_call.unwrap_or(u64::MAX)).expect("the engine consumes fuel");
+    crate::engine::arm(store, call_ticks, limits.fuel_per_call);
 }
 
 /// Why a call trapped, in words: the deadline, fuel, a refused memory or
