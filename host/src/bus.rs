@@ -76,15 +76,20 @@ impl Route {
     }
 
     /// The refusal hands the message back (no copy was made to keep it).
+    /// `bus` is for the routes that answer by themselves (a stub's status
+    /// address, a data object).
     #[allow(clippy::result_large_err)]
-    fn deliver(&self, message: Message) -> Result<(), Refused> {
+    fn deliver(&self, message: Message, bus: &Bus) -> Result<(), Refused> {
         match self {
             Route::Hyperty { inbox, instance, .. } => inbox.deliver(*instance, message),
             Route::Endpoint(tx) => tx.try_send(message).map_err(|e| match e {
                 flume::TrySendError::Full(m) => Refused::Full(m),
                 flume::TrySendError::Disconnected(m) => Refused::Closed(m),
             }),
-            Route::StubStatus(_) => Ok(()),
+            Route::StubStatus(stub) => {
+                stub.status_request(bus, message);
+                Ok(())
+            }
             Route::Object(syncher) => match syncher.upgrade() {
                 Some(syncher) => {
                     syncher.handle(message);
@@ -216,25 +221,6 @@ impl Bus {
         }
     }
 
-    /// A message to a stub's status address: `subscribe` adds its sender to
-    /// the stub's watchers (answered 200 with the current status),
-    /// `unsubscribe` removes it; any other request is answered 405.
-    fn stub_status(&self, stub: &Stub, message: Message) {
-        match message.kind {
-            MessageType::Subscribe | MessageType::Unsubscribe => {
-                let status = if message.kind == MessageType::Subscribe { stub.watch(&message.from) } else { stub.unwatch(&message.from) };
-                let mut answer = Message::response(message.id, message.to, message.from, code::OK);
-                answer.body.value = Some(status.to_string());
-                let _ = self.send(answer, None, None);
-            }
-            MessageType::Response => {}
-            _ => {
-                let why = format!("{} takes subscribe and unsubscribe", message.to);
-                self.answer(&message, code::METHOD_NOT_ALLOWED, why);
-            }
-        }
-    }
-
     /// What the runtime knows of the hyperty at `address`, if one is here.
     pub fn descriptor_of(&self, address: &Address) -> Option<Arc<Descriptor>> {
         match self.inner.routes.read().unwrap().get(address) {
@@ -359,11 +345,7 @@ impl Bus {
             }
             None
         };
-        if let Route::StubStatus(stub) = &route {
-            self.stub_status(stub, message);
-            return Ok(());
-        }
-        match route.deliver(message) {
+        match route.deliver(message, self) {
             Ok(()) => Ok(()),
             Err(Refused::Full(message)) => {
                 let to = message.to.to_string();
@@ -407,7 +389,7 @@ impl Bus {
     /// Delivers a response the host made itself straight to its `to`.
     pub fn deliver_answer(&self, answer: Message) {
         let result = match self.resolve(&answer.to) {
-            Some(route) => route.deliver(answer),
+            Some(route) => route.deliver(answer, self),
             None => Err(Refused::Closed(answer)),
         };
         if let Err(Refused::Full(m) | Refused::Closed(m) | Refused::Queue(m, _)) = result {

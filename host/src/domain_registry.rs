@@ -83,8 +83,10 @@ impl DomainRegistry {
         let registry: Weak<DomainRegistry> = Arc::downgrade(self);
         let sweep = (expiry / 4).max(Duration::from_millis(10));
         std::thread::Builder::new().name("hyperty-domain-registry".into()).spawn(move || {
+            // Expiry runs once per sweep, not after every announcement.
+            let mut next_sweep = Instant::now() + sweep;
             loop {
-                let received = rx.recv_timeout(sweep);
+                let received = rx.recv_deadline(next_sweep);
                 let Some(registry) = registry.upgrade() else { return };
                 match received {
                     Ok(m) => {
@@ -95,7 +97,10 @@ impl DomainRegistry {
                     Err(flume::RecvTimeoutError::Timeout) => {}
                     Err(flume::RecvTimeoutError::Disconnected) => return,
                 }
-                registry.expire(expiry);
+                if Instant::now() >= next_sweep {
+                    registry.expire(expiry);
+                    next_sweep = Instant::now() + sweep;
+                }
             }
         })?;
         Ok(())

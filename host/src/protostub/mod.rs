@@ -43,7 +43,7 @@ pub(crate) use glue::{StubPre, prepare};
 use crate::address::Address;
 use crate::bus::Bus;
 use crate::events::{EventKind, Events};
-use crate::message::{Assertion, Body, Message, MessageType};
+use crate::message::{Assertion, Body, Message, MessageType, code};
 use crate::registry::{Registry, Status};
 
 /// What the bus needs of a stub: queue messages for its domain.
@@ -119,6 +119,25 @@ impl Stub {
     pub fn unwatch(&self, address: &Address) -> Value {
         self.watchers.lock().unwrap().remove(address);
         self.status.lock().unwrap().clone()
+    }
+
+    /// A message to the stub's status address: `subscribe` adds its sender
+    /// to the watchers (answered 200 with the current status),
+    /// `unsubscribe` removes it; any other request is answered 405.
+    pub(crate) fn status_request(&self, bus: &Bus, message: Message) {
+        match message.kind {
+            MessageType::Subscribe | MessageType::Unsubscribe => {
+                let status = if message.kind == MessageType::Subscribe { self.watch(&message.from) } else { self.unwatch(&message.from) };
+                let mut answer = Message::response(message.id, message.to, message.from, code::OK);
+                answer.body.value = Some(status.to_string());
+                let _ = bus.send(answer, None, None);
+            }
+            MessageType::Response => {}
+            _ => {
+                let why = format!("{} takes subscribe and unsubscribe", message.to);
+                bus.answer(&message, code::METHOD_NOT_ALLOWED, why);
+            }
+        }
     }
 
     pub fn stop(&self) {
