@@ -74,21 +74,9 @@ struct MessageJson {
     identity: Option<(String, String)>,
 }
 
-const TYPES: [(MessageType, &str); 9] = [
-    (MessageType::Create, "create"),
-    (MessageType::Read, "read"),
-    (MessageType::Update, "update"),
-    (MessageType::Delete, "delete"),
-    (MessageType::Subscribe, "subscribe"),
-    (MessageType::Unsubscribe, "unsubscribe"),
-    (MessageType::Response, "response"),
-    (MessageType::Forward, "forward"),
-    (MessageType::Execute, "execute"),
-];
-
 impl MessageJson {
     fn from_message(m: &Message) -> Self {
-        let kind = TYPES.iter().find(|(t, _)| *t == m.type_).map(|(_, n)| *n).unwrap_or("?");
+        let kind = m.type_.name();
         MessageJson {
             id: m.id,
             kind: kind.to_string(),
@@ -103,11 +91,7 @@ impl MessageJson {
     }
 
     fn into_message(self) -> Result<Message, String> {
-        let type_ = TYPES
-            .iter()
-            .find(|(_, n)| *n == self.kind)
-            .map(|(t, _)| *t)
-            .ok_or_else(|| format!("unknown message type {:?}", self.kind))?;
+        let type_ = MessageType::parse(&self.kind).ok_or_else(|| format!("unknown message type {:?}", self.kind))?;
         Ok(Message {
             id: self.id,
             type_,

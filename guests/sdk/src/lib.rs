@@ -18,20 +18,34 @@ pub use rethink::hyperty::{bus, registry, syncher};
 /// hyperty receives (`replica.apply(&msg)`).
 pub use hyperty_replica::{Applied, Delta, Replica};
 
+/// Every message type with its name in the WIT (`create`, `read`, ...).
+pub const MESSAGE_TYPES: [(MessageType, &str); 9] = [
+    (MessageType::Create, "create"),
+    (MessageType::Read, "read"),
+    (MessageType::Update, "update"),
+    (MessageType::Delete, "delete"),
+    (MessageType::Subscribe, "subscribe"),
+    (MessageType::Unsubscribe, "unsubscribe"),
+    (MessageType::Response, "response"),
+    (MessageType::Forward, "forward"),
+    (MessageType::Execute, "execute"),
+];
+
+impl MessageType {
+    /// Its name in the WIT.
+    pub fn name(self) -> &'static str {
+        MESSAGE_TYPES.iter().find(|(t, _)| *t == self).map_or("?", |(_, n)| n)
+    }
+
+    /// The type named `name`.
+    pub fn parse(name: &str) -> Option<MessageType> {
+        MESSAGE_TYPES.iter().find(|(_, n)| *n == name).map(|(t, _)| *t)
+    }
+}
+
 impl<'a> From<&'a Message> for Delta<'a> {
     fn from(m: &'a Message) -> Delta<'a> {
-        let kind = match m.type_ {
-            MessageType::Create => "create",
-            MessageType::Read => "read",
-            MessageType::Update => "update",
-            MessageType::Delete => "delete",
-            MessageType::Subscribe => "subscribe",
-            MessageType::Unsubscribe => "unsubscribe",
-            MessageType::Response => "response",
-            MessageType::Forward => "forward",
-            MessageType::Execute => "execute",
-        };
-        Delta { from: &m.from, kind, resource: m.body.resource.as_deref(), value: m.body.value.as_deref() }
+        Delta { from: &m.from, kind: m.type_.name(), resource: m.body.resource.as_deref(), value: m.body.value.as_deref() }
     }
 }
 
