@@ -334,28 +334,20 @@ impl Runtime {
                         continue;
                     }
                 }
-                let pre = self
-                    .engine
-                    .component(bytes, digest)
-                    .and_then(|component| {
-                        sandbox::check_grants(self.engine.wasmtime(), &component, &domain.settings.grants)?;
-                        sandbox::prepare(&self.linker, &component)
-                    });
+                let pre = self.compile(bundle, &hyperty.at, &hyperty.component, (bytes, digest), &domain.settings.grants, |_, c| {
+                    sandbox::prepare(&self.linker, c)
+                });
                 match pre {
                     Ok(pre) => prepared.push(Prepared { domain: d, hyperty: h, pre }),
-                    Err(e) => {
-                        let message = format!("{} is refused: {e:#}", hyperty.component.display());
-                        problems.push(bundle.problem(&hyperty.at, "component", message));
-                    }
+                    Err(problem) => problems.push(problem),
                 }
             }
         }
         if problems.is_empty() { Ok(Plan { hyperties: prepared, idps, stubs }) } else { Err(BundleError { problems }) }
     }
 
-    /// Reads the component of the entry at `at`, checks its pin and its
-    /// WASI imports against `grants`, compiles it and fits it to its world
-    /// with `fit`; a problem names the entry.
+    /// Reads the component of the entry at `at` and checks its pin, then
+    /// [`Self::compile`]s it.
     #[allow(clippy::too_many_arguments)]
     fn load<T>(
         &self,
@@ -367,7 +359,22 @@ impl Runtime {
         grants: &[Grant],
         fit: fn(&wasmtime::Engine, &wasmtime::component::Component) -> Result<T>,
     ) -> Result<T, Problem> {
-        let (bytes, digest) = pinned(files, bundle, at, path, sha256)?;
+        let file = pinned(files, bundle, at, path, sha256)?;
+        self.compile(bundle, at, path, file, grants, fit)
+    }
+
+    /// Compiles a pinned component (or takes it from the cache), checks its
+    /// WASI imports against `grants` and fits it to its world with `fit`; a
+    /// problem names the entry at `at`.
+    fn compile<T>(
+        &self,
+        bundle: &Bundle,
+        at: &Location,
+        path: &std::path::Path,
+        (bytes, digest): (&[u8], Digest),
+        grants: &[Grant],
+        fit: impl FnOnce(&wasmtime::Engine, &wasmtime::component::Component) -> Result<T>,
+    ) -> Result<T, Problem> {
         self.engine
             .component(bytes, digest)
             .and_then(|component| {
