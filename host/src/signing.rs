@@ -143,7 +143,12 @@ mod tests {
         assert_eq!(verify(&sig, digest, &[p1]), Ok(()));
         assert!(verify(&sig, digest, &[p2]).unwrap_err().contains("does not trust"));
         assert!(verify(&sig, Digest::of(b"other"), &[p1]).unwrap_err().contains("tampered"));
-        let flipped = sig.replacen(&sig.lines().nth(1).unwrap()[..2], "00", 1);
+        // Change the signature's first hex digit (to another one: a fixed
+        // replacement would be no change when the signature starts with it).
+        let line = sig.lines().nth(1).unwrap();
+        let other = if line.starts_with('0') { "1" } else { "0" };
+        let flipped = sig.replacen(line, &format!("{other}{}", &line[1..]), 1);
+        assert_ne!(flipped, sig);
         assert!(verify(&flipped, digest, &[p1, p2]).is_err());
         assert!(verify("garbage", digest, &[p1]).unwrap_err().contains("malformed"));
         assert_eq!(PublicKey::parse(&p1.to_string()), Ok(p1));
