@@ -146,7 +146,82 @@ impl Message {
     }
 }
 
-/// Checks that a body value is JSON text.
+/// The deepest nesting of arrays and objects a JSON value may have anywhere
+/// in the host (bus, syncher, gateway): deeper input is refused before any
+/// recursive code sees it. 128 is serde_json's own recursion limit.
+pub const MAX_JSON_DEPTH: usize = 128;
+
+/// The longest JSON number accepted, in characters. Longer numbers (half a
+/// million digits) cost every parser that reads them and mean nothing to
+/// an IEEE double.
+pub const MAX_JSON_NUMBER_CHARS: usize = 100;
+
+/// Checks that a body value is JSON text (RFC 8259) the host will carry:
+/// nested at most [`MAX_JSON_DEPTH`] deep, every number at most
+/// [`MAX_JSON_NUMBER_CHARS`] long and finite as a double (`1e999999` is
+/// refused). The error says what is wrong and at which byte.
+///
+/// Nothing here recurses: syntax is checked by serde_json's iterative
+/// skipping (`IgnoredAny`), depth and numbers by one scan of the bytes.
 pub fn validate_value(value: &str) -> Result<(), String> {
-    serde_json::from_str::<serde::de::IgnoredAny>(value).map(|_| ()).map_err(|e| format!("body.value is not JSON: {e}"))
+    serde_json::from_str::<serde::de::IgnoredAny>(value).map_err(|e| format!("body.value is not JSON: {e}"))?;
+    check_json_shape(value).map_err(|e| format!("body.value {e}"))
+}
+
+/// Depth and numbers of text already known to be JSON (see [`validate_value`]).
+fn check_json_shape(text: &str) -> Result<(), String> {
+    let bytes = text.as_bytes();
+    let (mut depth, mut i) = (0usize, 0usize);
+    while i < bytes.len() {
+        match bytes[i] {
+            b'"' => {
+                i += 1;
+                while bytes[i] != b'"' {
+                    i += if bytes[i] == b'\\' { 2 } else { 1 };
+                }
+            }
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > MAX_JSON_DEPTH {
+                    return Err(format!("is nested deeper than {MAX_JSON_DEPTH} levels (at byte {i})"));
+                }
+            }
+            b']' | b'}' => depth -= 1,
+            b'-' | b'0'..=b'9' => {
+                let start = i;
+                while i + 1 < bytes.len() && matches!(bytes[i + 1], b'-' | b'+' | b'.' | b'e' | b'E' | b'0'..=b'9') {
+                    i += 1;
+                }
+                let number = &text[start..=i];
+                if number.len() > MAX_JSON_NUMBER_CHARS {
+                    return Err(format!("has a number of {} characters at byte {start}; the limit is {MAX_JSON_NUMBER_CHARS}", number.len()));
+                }
+                if !number.parse::<f64>().is_ok_and(f64::is_finite) {
+                    return Err(format!("has a number out of a double's range at byte {start}: {number}"));
+                }
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_values_are_bounded() {
+        for ok in ["null", "[1, -2.5e10, {\"a\": \"[[[{\\\"\"}]", "\"\\\\\"", &"[".repeat(128).chars().chain("]".repeat(128).chars()).collect::<String>()] {
+            assert_eq!(validate_value(ok), Ok(()), "{ok}");
+        }
+        let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+        assert!(validate_value(&deep).unwrap_err().contains("deeper than 128 levels (at byte 128)"));
+        let just_over = format!("{}{}", "{\"a\":".repeat(129), format!("1{}", "}".repeat(129)));
+        assert!(validate_value(&just_over).unwrap_err().contains("deeper than 128"));
+        assert!(validate_value("[1e999999]").unwrap_err().contains("out of a double's range at byte 1: 1e999999"));
+        assert!(validate_value(&"9".repeat(500_000)).unwrap_err().contains("number of 500000 characters at byte 0"));
+        assert!(validate_value("[1,").unwrap_err().contains("not JSON"));
+    }
 }
