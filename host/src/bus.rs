@@ -27,7 +27,8 @@ use crate::address::Address;
 use crate::message::{Message, MessageType, code};
 use crate::identity::Identities;
 use crate::policy::{Decision, Descriptor, EnforcementPoint, Parties, PolicyDecisionPoint};
-use crate::protostub::{QueueError, Stub};
+use crate::identity::Crossing;
+use crate::protostub::{InboundRequests, QueueError, Stub};
 use crate::syncher::Syncher;
 use crate::sandbox::{Inbox, Refused};
 
@@ -77,9 +78,10 @@ impl Route {
 
     /// The refusal hands the message back (no copy was made to keep it).
     /// `bus` is for the routes that answer by themselves (a stub's status
-    /// address, a data object).
+    /// address, a data object); `wait`, for a request leaving through a
+    /// stub, how long its sender waits for the response.
     #[allow(clippy::result_large_err)]
-    fn deliver(&self, message: Message, bus: &Bus) -> Result<(), Refused> {
+    fn deliver(&self, message: Message, bus: &Bus, wait: Option<Duration>) -> Result<(), Refused> {
         match self {
             Route::Hyperty { inbox, instance, .. } => inbox.deliver(*instance, message),
             Route::Endpoint(tx) => tx.try_send(message).map_err(|e| match e {
@@ -97,7 +99,7 @@ impl Route {
                 }
                 None => Err(Refused::Closed(message)),
             },
-            Route::Stub(stub) => match stub.push(&message) {
+            Route::Stub(stub) => match stub.push(&message, wait) {
                 Ok(()) => Ok(()),
                 Err(QueueError::Full(n)) => Err(Refused::Queue(message, format!("the protostub queue of {} is full ({n} messages)", stub.domain))),
             },
@@ -130,6 +132,9 @@ struct BusInner {
     identities: Arc<Identities>,
     config: BusConfig,
     timer: Arc<Timer>,
+    /// Requests that came in through stubs, which responses leaving through
+    /// a stub must answer.
+    inbound: InboundRequests,
 }
 
 impl Bus {
@@ -142,6 +147,7 @@ impl Bus {
             identities,
             config,
             timer: timer.clone(),
+            inbound: InboundRequests::default(),
         });
         let weak = Arc::downgrade(&inner);
         std::thread::Builder::new()
@@ -221,6 +227,18 @@ impl Bus {
         }
     }
 
+    /// Whether `address` is routed in this runtime (a hyperty, an endpoint,
+    /// a data object, a stub's status address, a served registry).
+    pub fn is_routed(&self, address: &Address) -> bool {
+        self.inner.routes.read().unwrap().contains_key(address)
+    }
+
+    /// A handle that does not keep the bus alive (for threads the bus's
+    /// routes lead to).
+    pub fn downgrade(&self) -> WeakBus {
+        WeakBus(Arc::downgrade(&self.inner))
+    }
+
     /// What the runtime knows of the hyperty at `address`, if one is here.
     pub fn descriptor_of(&self, address: &Address) -> Option<Arc<Descriptor>> {
         match self.inner.routes.read().unwrap().get(address) {
@@ -256,10 +274,26 @@ impl Bus {
         self.send_from(message, timeout, sender, None)
     }
 
-    /// A message the protostub of `stub_domain` received from its node: it
-    /// is delivered here, never back out through that stub (loop guard).
-    pub fn send_inbound(&self, message: Message, stub_domain: &str) -> Result<(), SendError> {
-        self.send_from(message, None, None, Some(stub_domain))
+    /// A message the protostub of `stub_domain` received from its node; a
+    /// request when its sender waits `wait` for the response.
+    ///
+    /// The trust boundary: what arrives through a stub is remote, whatever
+    /// it claims. Its `from` must not be an address routed here (a local
+    /// hyperty, endpoint or data object, the runtime's own address): that
+    /// is refused as [`SendError::SpoofedFrom`]. Its identity assertion is
+    /// validated, and required where the receiving domain requires identity,
+    /// even when it claims the receiver's own domain. It is delivered only
+    /// to what is routed here: never out through a stub (no relaying), nor
+    /// to a stub's status address (local subscribers only). A request is
+    /// recorded, so that a response may leave through a stub to answer it.
+    pub fn send_inbound(&self, message: Message, stub_domain: &str, wait: Option<Duration>) -> Result<(), SendError> {
+        if self.is_routed(&message.from) {
+            return Err(SendError::SpoofedFrom(format!(
+                "{} is an address of this runtime; nothing arriving through the protostub of {stub_domain} may claim it",
+                message.from
+            )));
+        }
+        self.send_from(message, None, None, Some(Inbound { stub: stub_domain, wait }))
     }
 
     fn send_from(
@@ -267,7 +301,7 @@ impl Bus {
         mut message: Message,
         timeout: Option<Duration>,
         sender: Option<&Descriptor>,
-        came_through: Option<&str>,
+        came_through: Option<Inbound<'_>>,
     ) -> Result<(), SendError> {
         let inner = &*self.inner;
         tracing::debug!(
@@ -291,14 +325,26 @@ impl Bus {
             return Ok(());
         };
         let remote = matches!(route, Route::Stub(_));
-        if let (Route::Stub(stub), Some(origin)) = (&route, came_through)
-            && stub.domain == origin
-        {
-            let why = format!("no hyperty or endpoint at {} here, and it came through the protostub of {origin}", message.to);
-            self.answer(&message, code::NOT_FOUND, why);
-            return Ok(());
+        if let Some(Inbound { stub: origin, .. }) = came_through {
+            let refusal = match &route {
+                Route::Stub(_) => Some((
+                    code::NOT_FOUND,
+                    format!("no hyperty or endpoint at {} here, and it came through the protostub of {origin}", message.to),
+                )),
+                Route::StubStatus(_) => Some((code::FORBIDDEN, format!("{} takes subscriptions from this runtime only", message.to))),
+                _ => None,
+            };
+            if let Some((code, why)) = refusal {
+                self.answer(&message, code, why);
+                return Ok(());
+            }
         }
-        if let Err((code, why)) = inner.identities.establish(&mut message, sender, !remote) {
+        let crossing = match (came_through, remote) {
+            (Some(_), _) => Crossing::Arriving,
+            (None, true) => Crossing::Leaving,
+            (None, false) => Crossing::Here,
+        };
+        if let Err((code, why)) = inner.identities.establish(&mut message, sender, crossing) {
             tracing::info!(id = message.id, from = %message.from, to = %message.to, code, "{why}");
             if message.kind == MessageType::Response {
                 // The requester is waiting for this: it gets the refusal in
@@ -329,7 +375,12 @@ impl Bus {
             return Ok(());
         }
         let correlation = if message.kind == MessageType::Response && remote {
-            // The requester is in another runtime, which correlates it.
+            // The requester is in another runtime, which correlates it; it
+            // leaves only if it answers a request that came in here.
+            if !inner.inbound.take(&message) {
+                tracing::debug!(id = message.id, from = %message.from, to = %message.to, "response to no request received through a protostub dropped");
+                return Ok(());
+            }
             None
         } else if message.kind == MessageType::Response {
             match inner.timer.take(&message) {
@@ -343,23 +394,37 @@ impl Bus {
             if let Some(timeout) = timeout {
                 inner.timer.insert(&message, timeout)?;
             }
+            if let Some(Inbound { stub, wait: Some(wait) }) = came_through
+                && let Err(limit) = inner.inbound.record(&message, stub, wait)
+            {
+                let why = format!("{limit} requests that came through the protostub of {stub} already wait for an answer here");
+                self.answer(&message, code::UNAVAILABLE, why);
+                return Ok(());
+            }
             None
         };
-        match route.deliver(message, self) {
+        let inbound_request = came_through.is_some_and(|i| i.wait.is_some()) && message.kind != MessageType::Response;
+        let undo = |bus: &Bus, message: Message, correlation| {
+            if inbound_request {
+                bus.inner.inbound.forget(&message);
+            }
+            bus.undo_correlation(message, timeout, correlation);
+        };
+        match route.deliver(message, self, timeout) {
             Ok(()) => Ok(()),
             Err(Refused::Full(message)) => {
                 let to = message.to.to_string();
-                self.undo_correlation(message, timeout, correlation);
+                undo(self, message, correlation);
                 Err(SendError::InboxFull(to))
             }
             Err(Refused::Closed(message)) => {
                 self.answer(&message, code::UNAVAILABLE, format!("{} has stopped", message.to));
-                self.undo_correlation(message, timeout, correlation);
+                undo(self, message, correlation);
                 Ok(())
             }
             Err(Refused::Queue(message, why)) => {
                 self.answer(&message, code::UNAVAILABLE, why);
-                self.undo_correlation(message, timeout, correlation);
+                undo(self, message, correlation);
                 Ok(())
             }
         }
@@ -389,13 +454,33 @@ impl Bus {
     /// Delivers a response the host made itself straight to its `to`.
     pub fn deliver_answer(&self, answer: Message) {
         let result = match self.resolve(&answer.to) {
-            Some(route) => route.deliver(answer, self),
+            Some(route) => route.deliver(answer, self, None),
             None => Err(Refused::Closed(answer)),
         };
         if let Err(Refused::Full(m) | Refused::Closed(m) | Refused::Queue(m, _)) = result {
             tracing::warn!(id = m.id, to = %m.to, code = m.body.code, "cannot deliver the host's answer: {}",
                 m.body.description.as_deref().unwrap_or(""));
         }
+    }
+}
+
+/// Where a message that came in through a protostub came from.
+#[derive(Clone, Copy)]
+struct Inbound<'a> {
+    /// The domain of the stub it came through.
+    stub: &'a str,
+    /// For a request: how long its sender waits for the response.
+    wait: Option<Duration>,
+}
+
+/// A [`Bus`] handle that does not keep it alive.
+#[derive(Clone)]
+pub(crate) struct WeakBus(Weak<BusInner>);
+
+impl WeakBus {
+    /// The bus, while the runtime holds it.
+    pub fn upgrade(&self) -> Option<Bus> {
+        self.0.upgrade().map(|inner| Bus { inner })
     }
 }
 

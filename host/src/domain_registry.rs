@@ -12,8 +12,23 @@
 //! any local address of the domain), so discovery ([`crate::registry::Registry::discover`])
 //! finds hyperties running anywhere in the domain.
 //!
-//! Only a `runtime://` address may announce, and only registrations of the
-//! registry's own domain; a malformed announcement is logged and dropped
+//! Who may announce what (the registry is a trust boundary: protostubs
+//! bring announcements from anyone who can publish on the node):
+//!
+//! - only a `runtime://` address, and only registrations of the registry's
+//!   own domain;
+//! - this runtime (its sender is routed here: nothing arriving through a
+//!   stub may claim a routed address) announces what it hosts;
+//! - another runtime (its announcement came through a stub) never an
+//!   address routed here, and, when the announcement carries a validated
+//!   identity (where the domain requires identity the bus refuses it
+//!   without one, 401), only registrations of that very user: a runtime
+//!   speaks for the users of the hyperties it hosts, whose assertions it
+//!   attaches;
+//! - a runtime updates and deletes only its own registrations, as the user
+//!   that announced them.
+//!
+//! A refused or malformed announcement is logged and dropped
 //! (announcements are notifications: nobody waits for an answer).
 
 use std::collections::HashMap;
@@ -31,6 +46,8 @@ use crate::registry::{Kind, Query, Registration, Status};
 struct Remote {
     registration: Registration,
     runtime: Address,
+    /// The validated user that announced it, if the announcement carried one.
+    announcer: Option<String>,
     last_seen: Instant,
 }
 
@@ -81,6 +98,7 @@ impl DomainRegistry {
         }
         drop(tx);
         let registry: Weak<DomainRegistry> = Arc::downgrade(self);
+        let bus = bus.downgrade();
         let sweep = (expiry / 4).max(Duration::from_millis(10));
         std::thread::Builder::new().name("hyperty-domain-registry".into()).spawn(move || {
             // Expiry runs once per sweep, not after every announcement.
@@ -90,7 +108,8 @@ impl DomainRegistry {
                 let Some(registry) = registry.upgrade() else { return };
                 match received {
                     Ok(m) => {
-                        if let Err(e) = registry.apply(&m) {
+                        let Some(bus) = bus.upgrade() else { return };
+                        if let Err(e) = registry.apply(&m, &bus) {
                             tracing::warn!(from = %m.from, to = %m.to, "registry announcement dropped: {e}");
                         }
                     }
@@ -106,11 +125,14 @@ impl DomainRegistry {
         Ok(())
     }
 
-    /// Applies one announcement.
-    fn apply(&self, m: &Message) -> Result<(), String> {
+    /// Applies one announcement (see the module's doc for who may
+    /// announce what).
+    fn apply(&self, m: &Message, bus: &Bus) -> Result<(), String> {
         if m.from.scheme() != "runtime" {
             return Err(format!("{} is not a runtime", m.from));
         }
+        let remote = !bus.is_routed(&m.from);
+        let announcer = m.identity.as_ref().map(|i| i.user.clone());
         let served = m.to.domain();
         let value: serde_json::Value = serde_json::from_str(m.body.value.as_deref().unwrap_or("{}")).map_err(|e| e.to_string())?;
         let resource = m.body.resource.as_deref().ok_or("no body.resource (the registration's address)")?;
@@ -121,6 +143,17 @@ impl DomainRegistry {
                 let a: Announced = serde_json::from_value(value).map_err(|e| format!("registration: {e}"))?;
                 if a.address != address.as_str() || a.domain != served || address.domain() != served {
                     return Err(format!("{} of {} does not belong in the registry of {served}", a.address, a.domain));
+                }
+                if remote && bus.is_routed(&address) {
+                    return Err(format!("{address} is routed in this runtime: {} cannot announce it", m.from));
+                }
+                if announcer.is_some() && a.user != announcer {
+                    return Err(format!(
+                        "{} announces {address} of user {} with the identity of {}",
+                        m.from,
+                        a.user.as_deref().unwrap_or("(none)"),
+                        announcer.as_deref().unwrap_or("(none)")
+                    ));
                 }
                 let kind = match a.kind.as_str() {
                     "hyperty" => Kind::Hyperty,
@@ -140,17 +173,20 @@ impl DomainRegistry {
                     status: status(&a.status)?,
                 };
                 tracing::debug!(%address, runtime = %m.from, "registered in the registry of {served}");
-                entries.insert(address, Remote { registration, runtime: m.from.clone(), last_seen: Instant::now() });
+                entries.insert(address, Remote { registration, runtime: m.from.clone(), announcer, last_seen: Instant::now() });
             }
             MessageType::Update => {
-                let entry = entries.get_mut(&address).filter(|e| e.runtime == m.from).ok_or_else(|| format!("{address} is not registered by {}", m.from))?;
+                let entry = entries
+                    .get_mut(&address)
+                    .filter(|e| e.runtime == m.from && e.announcer == announcer)
+                    .ok_or_else(|| format!("{address} is not registered by {} as this user", m.from))?;
                 if let Some(s) = value.get("status").and_then(|s| s.as_str()) {
                     entry.registration.status = status(s)?;
                 }
                 entry.last_seen = Instant::now();
             }
             MessageType::Delete => {
-                if entries.get(&address).is_some_and(|e| e.runtime == m.from) {
+                if entries.get(&address).is_some_and(|e| e.runtime == m.from && e.announcer == announcer) {
                     entries.remove(&address);
                 }
             }

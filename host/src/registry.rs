@@ -29,6 +29,7 @@ use crate::address::Address;
 use crate::bus::{Bus, Route};
 use crate::domain_registry::DomainRegistry;
 use crate::message::{Message, MessageType};
+use crate::policy::Descriptor;
 
 /// What kind of component a registration is for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -109,7 +110,10 @@ impl Announcer {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut message = Message::new(id, kind, self.runtime.clone(), to, Some(value.to_string()));
         message.body.resource = Some(r.address.to_string());
-        if let Err(e) = self.bus.send(message, None, None) {
+        // On behalf of the registration's user: its assertion goes along,
+        // for registries that want to know who announces.
+        let on_behalf = Descriptor { domain: r.domain.clone(), name: r.name.clone(), user: r.user.clone() };
+        if let Err(e) = self.bus.send(message, None, Some(&on_behalf)) {
             tracing::debug!("registry announcement for {} not sent: {e}", r.address);
         }
     }

@@ -464,9 +464,113 @@ pub fn nats_publish(port: u16, subject: &str, payload: &str) {
     }
 }
 
-/// The NATS subject the `nats-stub` guest uses for `address` of `domain`.
-pub fn nats_subject(domain: &str, address: &str) -> String {
+/// The NATS subject the `nats-stub` guest publishes a message from a sender
+/// of `sender_domain` to `address` of `domain` on (`*` for `sender_domain`:
+/// what the listening runtime subscribes to).
+pub fn nats_subject(domain: &str, address: &str, sender_domain: &str) -> String {
     use sha2::Digest as _;
     let digest = sha2::Sha256::digest(address.as_bytes());
-    format!("rethink.{}.{}", domain.replace('.', "_"), hex(&digest[..16]))
+    format!("rethink.{}.{}.{}", domain.replace('.', "_"), hex(&digest[..16]), sender_domain.replace('.', "_"))
+}
+
+/// A plain NATS client for tests: publishes raw envelopes, subscribes to
+/// see what runtimes publish, and reports what the server refuses.
+pub struct NatsClient {
+    reader: std::io::BufReader<std::net::TcpStream>,
+    writer: std::net::TcpStream,
+    next_sid: u64,
+}
+
+/// A message a [`NatsClient`] received.
+#[derive(Debug)]
+pub struct NatsMsg {
+    pub subject: String,
+    pub reply: Option<String>,
+    pub payload: String,
+}
+
+impl NatsClient {
+    /// Connects to the server at `port`, as `user`/`pass` if given.
+    pub fn connect(port: u16, credentials: Option<(&str, &str)>) -> NatsClient {
+        use std::io::{BufRead, Write};
+        let stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut reader = std::io::BufReader::new(stream.try_clone().unwrap());
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        assert!(line.starts_with("INFO"), "{line}");
+        let mut connect = json!({ "verbose": false, "pedantic": false, "headers": true });
+        if let Some((user, pass)) = credentials {
+            connect["user"] = user.into();
+            connect["pass"] = pass.into();
+        }
+        let mut writer = stream;
+        write!(writer, "CONNECT {connect}\r\n").unwrap();
+        let mut client = NatsClient { reader, writer, next_sid: 1 };
+        client.flush().expect("the server accepts the connection");
+        client
+    }
+
+    /// Sends PING and reads until PONG: everything sent before was
+    /// processed. The first `-ERR` line the server sent meanwhile, if any.
+    pub fn flush(&mut self) -> Result<(), String> {
+        use std::io::{BufRead, Write};
+        write!(self.writer, "PING\r\n").unwrap();
+        let mut error = None;
+        loop {
+            let mut line = String::new();
+            self.reader.read_line(&mut line).unwrap();
+            if line.starts_with("PONG") {
+                return error.map_or(Ok(()), Err);
+            }
+            if line.starts_with("-ERR") && error.is_none() {
+                error = Some(line.trim_end().to_owned());
+            }
+        }
+    }
+
+    /// Publishes `payload` on `subject` (with a `reply` subject); the
+    /// server's `-ERR`, if it refuses.
+    pub fn publish(&mut self, subject: &str, reply: Option<&str>, payload: &str) -> Result<(), String> {
+        use std::io::Write;
+        let reply = reply.map(|r| format!(" {r}")).unwrap_or_default();
+        write!(self.writer, "PUB {subject}{reply} {}\r\n{payload}\r\n", payload.len()).unwrap();
+        self.flush()
+    }
+
+    /// Subscribes to `subject` (the server has it when this returns).
+    pub fn subscribe(&mut self, subject: &str) -> Result<(), String> {
+        use std::io::Write;
+        write!(self.writer, "SUB {subject} {}\r\n", self.next_sid).unwrap();
+        self.next_sid += 1;
+        self.flush()
+    }
+
+    /// The next message (within the 10 s read timeout), answering the
+    /// server's PINGs; `None` when none came.
+    pub fn next_msg(&mut self) -> Option<NatsMsg> {
+        use std::io::{BufRead, Read, Write};
+        loop {
+            let mut line = String::new();
+            if self.reader.read_line(&mut line).is_err() || line.is_empty() {
+                return None;
+            }
+            let words: Vec<&str> = line.split_ascii_whitespace().collect();
+            let (reply, header, total) = match words.as_slice() {
+                ["PING"] => {
+                    write!(self.writer, "PONG\r\n").unwrap();
+                    continue;
+                }
+                ["MSG", _, _, n] => (None, 0, n.parse::<usize>().unwrap()),
+                ["MSG", _, r, _, n] => (Some(r.to_string()), 0, n.parse().unwrap()),
+                ["HMSG", _, _, h, n] => (None, h.parse::<usize>().unwrap(), n.parse().unwrap()),
+                ["HMSG", _, r, _, h, n] => (Some(r.to_string()), h.parse().unwrap(), n.parse().unwrap()),
+                _ => continue,
+            };
+            let mut body = vec![0; total + 2];
+            self.reader.read_exact(&mut body).unwrap();
+            let payload = String::from_utf8_lossy(&body[header..total]).into_owned();
+            return Some(NatsMsg { subject: words[1].to_owned(), reply, payload });
+        }
+    }
 }

@@ -152,23 +152,29 @@ fn a_message_that_came_through_a_stub_never_goes_back_out_through_it() {
     let observer = r1.endpoint(OBSERVER, 16).unwrap();
     let bundle = TestBundle::new()
         .hyperty("alice.example", "a", &guest("puppet"), puppet_config(false))
-        .protostub("alice.example", &servers, json!({}));
+        .protostub("alice.example", &servers, json!({}))
+        .protostub("app.example", &servers, json!({}));
     r1.deploy(&bundle.load()).unwrap();
     let a = r1.lookup("alice.example", "a").unwrap();
     statuses_until(&mut events, "alice.example", "live");
     std::thread::sleep(Duration::from_millis(200)); // its subscriptions reach the node
+    // A remote sender (of app.example, in no runtime: this test on the node).
+    let remote = "hyperty://app.example/remote";
+    let mut node = NatsClient::connect(nats.port, None);
+    node.subscribe(&nats_subject("app.example", remote, "*")).unwrap();
     // An envelope for an address of alice.example that does not live here,
     // arriving (on a's subject) through alice.example's own stub.
-    let envelope = json!({ "v": 1, "origin": "test", "seq": 1, "id": 7, "type": "read", "from": OBSERVER,
+    let envelope = json!({ "v": 1, "origin": "test", "seq": 1, "id": 7, "type": "read", "from": remote,
         "to": "hyperty://alice.example/nobody", "body": {} });
-    nats_publish(nats.port, &nats_subject("alice.example", a.as_str()), &envelope.to_string());
-    let answer = observer.recv_timeout(Duration::from_secs(10)).expect("an answer");
-    assert_eq!((answer.id, answer.body.code), (7, Some(404)), "{answer:?}");
-    assert!(answer.body.description.unwrap_or_default().contains("came through the protostub of alice.example"));
+    nats_publish(nats.port, &nats_subject("alice.example", a.as_str(), "app.example"), &envelope.to_string());
+    let answer = node.next_msg().expect("an answer on the node");
+    let answer: serde_json::Value = serde_json::from_str(&answer.payload).unwrap();
+    assert_eq!((answer["id"].as_u64(), answer["body"]["code"].as_u64()), (Some(7), Some(404)), "{answer}");
+    assert!(answer["body"]["description"].as_str().unwrap_or_default().contains("came through the protostub of alice.example"));
     // A malformed envelope is refused, and the stub goes on.
-    nats_publish(nats.port, &nats_subject("alice.example", a.as_str()), "{\"v\":1,\"nonsense\":true}");
-    let envelope = json!({ "v": 1, "origin": "test", "seq": 2, "id": 8, "type": "read", "from": OBSERVER, "to": a.as_str(), "body": {} });
-    nats_publish(nats.port, &nats_subject("alice.example", a.as_str()), &envelope.to_string());
+    nats_publish(nats.port, &nats_subject("alice.example", a.as_str(), "app.example"), "{\"v\":1,\"nonsense\":true}");
+    let envelope = json!({ "v": 1, "origin": "test", "seq": 2, "id": 8, "type": "read", "from": remote, "to": a.as_str(), "body": {} });
+    nats_publish(nats.port, &nats_subject("alice.example", a.as_str(), "app.example"), &envelope.to_string());
     let report = observer.recv_timeout(Duration::from_secs(10)).expect("a's report");
     assert_eq!(reported(&report)["id"], 8, "{report:?}");
 }

@@ -17,10 +17,19 @@
 //! acknowledged, with whatever else it carries in flight, as a crashing
 //! stub would; the host restarts it and nothing queued is lost.
 //!
-//! Addressing: each address maps to the subject
-//! `rethink.<domain with . as _>.<first 32 hex digits of sha256(address)>`
-//! (subjects cannot hold every character an address may). The runtime
-//! listening for an address subscribes to its subject.
+//! Addressing: a message to an address is published on the subject
+//! `rethink.<domain>.<first 32 hex digits of sha256(address)>.<sender's domain>`
+//! (domains with `.` as `_`: subjects cannot hold every character an
+//! address may). The runtime listening for an address subscribes to
+//! `rethink.<domain>.<hash>.*` and hands the host the sender's domain from
+//! the subject with each envelope (`post-from`), which refuses an envelope
+//! whose `from` is of another domain. So the node's own security decides
+//! who may speak for a domain: with nats-server users whose publish
+//! permissions allow `rethink.*.*.<their domains>` (and `_INBOX.>` for
+//! acknowledgements), and subscribe permissions `rethink.<their
+//! domains>.>` and `_INBOX.>`, only a domain's runtimes publish as it or
+//! read its traffic. The credentials come from the bundle entry's config
+//! (`user`/`pass` or `token`, sent in CONNECT).
 //!
 //! Delivery: every envelope is published with a reply subject in this
 //! stub's inbox (`<inbox>.<seq>`); the receiving stub acknowledges once its
@@ -146,10 +155,31 @@ fn now() -> u64 {
     monotonic_clock::now()
 }
 
+/// The subject prefix of `address` of `domain`: `rethink.<domain>.<hash>`;
+/// messages to it go to `<prefix>.<sender's domain>`.
 fn subject(domain: &str, address: &str) -> String {
     let digest = Sha256::digest(address.as_bytes());
     let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
     format!("rethink.{}.{hex}", domain.replace('.', "_"))
+}
+
+/// The provider domain of an address as the host reads it: the authority,
+/// without the service label for `domain://<service>.<domain>`.
+fn domain_of(address: &str) -> Option<&str> {
+    let (scheme, rest) = address.split_once("://")?;
+    let authority = rest.split_once('/').map_or(rest, |(a, _)| a);
+    Some(if scheme == "domain" { authority.split_once('.').map_or(authority, |(_, d)| d) } else { authority })
+}
+
+/// The sender's domain of an envelope (its `from`), as a subject token.
+fn sender_token(envelope: &str) -> Option<String> {
+    #[derive(Deserialize)]
+    struct From<'a> {
+        #[serde(borrow)]
+        from: std::borrow::Cow<'a, str>,
+    }
+    let from: From<'_> = serde_json::from_str(envelope).ok()?;
+    domain_of(&from.from).filter(|d| !d.is_empty() && !d.contains(['*', '>', ' '])).map(|d| d.replace('.', "_"))
 }
 
 fn ip_socket_address(addr: SocketAddr) -> (IpAddressFamily, IpSocketAddress) {
@@ -453,7 +483,13 @@ impl Stub {
             let conn = self.conn.as_mut().expect("connected");
             match work {
                 Work::Send(o) => {
-                    let subject = subject(&self.domain, &o.to);
+                    let Some(sender) = sender_token(&o.envelope) else {
+                        // The host makes envelopes; one without a sender is a bug.
+                        log(Level::Error, &format!("{}: message {} has no sender's domain; dropped", self.domain, o.seq));
+                        host::delivered(o.seq);
+                        continue;
+                    };
+                    let subject = format!("{}.{sender}", subject(&self.domain, &o.to));
                     conn.wbuf.extend_from_slice(
                         format!("PUB {subject} {}.{} {}\r\n", self.inbox, o.seq, o.envelope.len()).as_bytes(),
                     );
@@ -466,7 +502,7 @@ impl Stub {
                     if !self.subs.contains_key(&address) {
                         let sid = self.next_sid;
                         self.next_sid += 1;
-                        conn.wbuf.extend_from_slice(format!("SUB {} {sid}\r\n", subject(&self.domain, &address)).as_bytes());
+                        conn.wbuf.extend_from_slice(format!("SUB {}.* {sid}\r\n", subject(&self.domain, &address)).as_bytes());
                         self.subs.insert(address, sid);
                     }
                 }
@@ -498,7 +534,9 @@ impl Stub {
                     }
                     return;
                 }
-                let answer = match host::post(&String::from_utf8_lossy(&payload)) {
+                // The sender's domain, as the node's permissions vouch for it.
+                let sender = subject.rsplit_once('.').map_or("", |(_, token)| token).replace('_', ".");
+                let answer = match host::post_from(&sender, &String::from_utf8_lossy(&payload)) {
                     Ok(()) => "ok".to_owned(),
                     Err(e) if e.starts_with("busy") => e,
                     Err(e) => format!("refused: {e}"),

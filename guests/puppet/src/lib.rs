@@ -4,7 +4,8 @@
 //! - An `execute` request from the observer is a command, performed with the
 //!   hyperty's own imports and answered with `{"ok": true}` or
 //!   `{"error": "..."}`: `{"op": "send" | "request", "message": {...},
-//!   "timeout_ms": n, "pad": bytes}`, `{"op": "lookup", "domain": d, "name": n}`
+//!   "timeout_ms": n, "pad": bytes}`, `{"op": "reply", "message": <a request>}`
+//!   (answered 200 with the request's value, whatever request it names), `{"op": "lookup", "domain": d, "name": n}`
 //!   or `{"op": "discover", "query": {"user"|"name"|"type"|"domain"|"scheme": ...}}`,
 //!   or a syncher call: `{"op": "create", "scheme": s, "data": json}`,
 //!   `{"op": "invite", "url": u, "observers": [...]}`, `{"op": "update", "url": u,
@@ -218,6 +219,13 @@ fn run_command(state: &mut State, msg: &Message) -> Result<Value, String> {
             let m = m.into_message()?;
             let sent = if command.op == "send" { bus::send(&m) } else { bus::request(&m, command.timeout_ms) };
             sent.map_err(|e| e.describe())?;
+            Ok(json!({ "ok": true }))
+        }
+        "reply" => {
+            // Answers `message` (the request, as the puppet chooses to
+            // describe it) with 200 and its value.
+            let request = command.message.ok_or("command without message")?.into_message()?;
+            bus::reply(&request, 200, request.body.value.as_deref()).map_err(|e| e.describe())?;
             Ok(json!({ "ok": true }))
         }
         "lookup" => Ok(json!({ "address": registry::lookup(&command.domain, &command.name) })),

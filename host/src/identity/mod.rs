@@ -9,19 +9,23 @@
 //!
 //! - The sender's claim is erased first: only this module sets
 //!   [`Message::identity`] (guests cannot even send one: `spoofed-identity`).
-//! - Inside one domain, no assertion travels; the identity is the user the
-//!   sender is bound to.
-//! - A message leaving its domain from a hyperty of this runtime carries that
-//!   user's assertion, made by the domain's IdP proxy (whatever the message
-//!   carried before is replaced). A hyperty without a user, or of a domain
-//!   without an IdP, sends none.
-//! - A message arriving from another domain is validated by the proxy of
-//!   the IdP its assertion names; the validated user becomes its identity.
-//!   A tampered, expired, foreign-key or unknown-IdP assertion is answered
-//!   401 and not delivered, and so is a message without one into a domain
-//!   that requires identity (`require-identity`, by default on for a domain
-//!   with an IdP: a domain whose users are asserted wants to know who others
-//!   are too).
+//! - Inside one domain and one runtime, no assertion travels; the identity
+//!   is the user the sender is bound to.
+//! - A message leaving its domain, or this runtime through a protostub,
+//!   from a hyperty of this runtime carries that user's assertion, made by
+//!   the IdP proxy of the hyperty's domain (whatever the message carried
+//!   before is replaced). A hyperty without a user, or of a domain without
+//!   an IdP, sends none.
+//! - A message arriving from another domain, or through a protostub
+//!   whatever domain it claims (nothing that comes through a stub is
+//!   local), is validated by the proxy of the IdP its assertion names; the
+//!   validated user becomes its identity. A tampered, expired, foreign-key
+//!   or unknown-IdP assertion is answered 401 and not delivered, and so is a
+//!   message without one into a domain that requires identity
+//!   (`require-identity`, by default on for a domain with an IdP: a domain
+//!   whose users are asserted wants to know who others are too). Only the
+//!   domain's services (`domain://…`) reached from this runtime decide for
+//!   themselves; through a stub they are held to the rule too.
 //!
 //! Proxies are WebAssembly components and slow to call next to the bus, so
 //! assertions are cached: issued ones per (IdP, user) until half their
@@ -51,6 +55,18 @@ struct Issued {
     assertion: Assertion,
     made: u64,
     expires: u64,
+}
+
+/// Where a message goes, as far as identity is concerned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Crossing {
+    /// From here (a hyperty or an endpoint) to a route here.
+    Here,
+    /// From here out through a protostub, validated by the runtime that
+    /// receives it.
+    Leaving,
+    /// In through a protostub, to a route here.
+    Arriving,
 }
 
 /// How a provider domain deals with identity.
@@ -124,15 +140,15 @@ impl Identities {
     }
 
     /// Sets `message`'s identity (and its assertion, when it leaves its
-    /// domain), or says why it must not be delivered. `sender` describes the
-    /// sending hyperty when it runs here (`None` for an embedder's endpoint,
-    /// whose assertion is taken as it comes, like one from the network).
-    /// `receiver_here`: false when the message leaves through a protostub,
-    /// to be validated by the runtime that receives it.
-    pub fn establish(&self, message: &mut Message, sender: Option<&Descriptor>, receiver_here: bool) -> Result<(), Refusal> {
+    /// domain or the runtime), or says why it must not be delivered.
+    /// `sender` describes who the sender acts for when it runs here (a
+    /// hyperty; `None` for an embedder's endpoint, whose assertion is taken
+    /// as it comes, like one from the network, and for what arrives through
+    /// a stub): its user is asserted by its domain's IdP.
+    pub fn establish(&self, message: &mut Message, sender: Option<&Descriptor>, crossing: Crossing) -> Result<(), Refusal> {
         message.identity = None;
         let from_domain = message.from.domain();
-        if from_domain == message.to.domain() {
+        if crossing == Crossing::Here && from_domain == message.to.domain() {
             message.assertion = None;
             if let Some(user) = sender.and_then(|s| s.user.as_ref()) {
                 let idp = self.domain_idp(from_domain).unwrap_or_else(|| from_domain.to_owned());
@@ -141,24 +157,24 @@ impl Identities {
             return Ok(());
         }
         if let Some(sender) = sender {
-            message.assertion = match (&sender.user, self.domain_idp(from_domain)) {
+            message.assertion = match (&sender.user, self.domain_idp(&sender.domain)) {
                 (Some(user), Some(idp)) => Some(self.assertion_for(&idp, user)?),
                 _ => None,
             };
         }
-        if !receiver_here {
+        if crossing == Crossing::Leaving {
             return Ok(());
         }
         match &message.assertion {
             Some(assertion) => message.identity = Some(self.validate(assertion)?),
             None => {
                 let to_domain = message.to.domain();
-                // A domain's services (domain://...) decide for themselves.
-                if message.to.scheme() != "domain" && self.domains.read().unwrap().get(to_domain).is_some_and(|d| d.require) {
-                    let why = format!(
-                        "{to_domain} requires an identity assertion on messages from other domains; {} sent none",
-                        message.from
-                    );
+                // A domain's services (domain://...) decide for themselves
+                // what this runtime tells them, not what a stub brings.
+                let exempt = message.to.scheme() == "domain" && crossing == Crossing::Here;
+                if !exempt && self.domains.read().unwrap().get(to_domain).is_some_and(|d| d.require) {
+                    let whence = if crossing == Crossing::Arriving { "other runtimes" } else { "other domains" };
+                    let why = format!("{to_domain} requires an identity assertion on messages from {whence}; {} sent none", message.from);
                     return Err((code::UNAUTHORIZED, why));
                 }
             }

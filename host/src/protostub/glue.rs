@@ -169,7 +169,11 @@ impl wit::Host for StubState {
     }
 
     fn post(&mut self, envelope: String) -> Result<(), String> {
-        self.stub.post(&self.bus, &envelope)
+        self.stub.post(&self.bus, &envelope, None)
+    }
+
+    fn post_from(&mut self, domain: String, envelope: String) -> Result<(), String> {
+        self.stub.post(&self.bus, &envelope, Some(&domain))
     }
 
     fn report_status(&mut self, status: StubStatus, detail: String) {

@@ -59,6 +59,8 @@ pub(crate) struct Stub {
     status: Mutex<Value>,
     /// Local addresses subscribed to status changes.
     watchers: Mutex<BTreeSet<Address>>,
+    /// When a refused envelope was last logged, and how many were not since.
+    refusals: Mutex<(Option<std::time::Instant>, u64)>,
 }
 
 /// Starts a stub's thread (once, when the stub is first needed).
@@ -82,6 +84,7 @@ impl Stub {
             stopped: AtomicBool::new(false),
             status: Mutex::new(json!({ "status": "created", "detail": "not loaded yet" })),
             watchers: Mutex::default(),
+            refusals: Mutex::default(),
         })
     }
 
@@ -93,9 +96,11 @@ impl Stub {
         }
     }
 
-    /// Queues `message` for the domain's node (starting the stub if needed).
-    pub fn push(self: &Arc<Self>, message: &Message) -> Result<(), QueueError> {
-        self.queue.push(message)?;
+    /// Queues `message` for the domain's node (starting the stub if needed);
+    /// `wait`: how long its sender waits for a response, when it is a
+    /// request (the receiving runtime accepts a response only that long).
+    pub fn push(self: &Arc<Self>, message: &Message, wait: Option<Duration>) -> Result<(), QueueError> {
+        self.queue.push(message, wait)?;
         self.ensure_started();
         Ok(())
     }
@@ -200,14 +205,14 @@ impl StubQueue {
         }
     }
 
-    fn push(&self, message: &Message) -> Result<(), QueueError> {
+    fn push(&self, message: &Message, wait: Option<Duration>) -> Result<(), QueueError> {
         let mut s = self.state.lock().unwrap();
         if s.items.len() >= self.capacity {
             return Err(QueueError::Full(self.capacity));
         }
         s.next_seq += 1;
         let seq = s.next_seq;
-        let envelope = envelope(message, &self.origin, seq);
+        let envelope = envelope(message, &self.origin, seq, wait);
         s.items.insert(seq, Item { to: message.to.clone(), envelope, in_flight: false });
         s.ready.insert(seq);
         drop(s);
@@ -287,9 +292,10 @@ impl StubQueue {
     }
 }
 
-/// The wire format: the message as JSON, with the queue's origin and the
-/// message's sequence number in it.
-fn envelope(m: &Message, origin: &str, seq: u64) -> String {
+/// The wire format: the message as JSON, with the queue's origin, the
+/// message's sequence number and, for a request, how long its sender waits
+/// for the response (`timeout-ms`) in it.
+fn envelope(m: &Message, origin: &str, seq: u64, wait: Option<Duration>) -> String {
     json!({
         "v": 1,
         "origin": origin,
@@ -305,6 +311,7 @@ fn envelope(m: &Message, origin: &str, seq: u64) -> String {
             "description": m.body.description,
         },
         "assertion": m.assertion.as_ref().map(|a| json!({ "idp": a.idp, "token": a.token })),
+        "timeout-ms": wait.map(|w| u64::try_from(w.as_millis()).unwrap_or(u64::MAX)),
     })
     .to_string()
 }
@@ -314,6 +321,8 @@ pub(crate) struct Received {
     pub origin: String,
     pub seq: u64,
     pub message: Message,
+    /// For a request: how long its sender waits for the response.
+    pub wait: Option<Duration>,
 }
 
 /// Reads an envelope from the network; every field is checked (it is
@@ -361,7 +370,11 @@ pub(crate) fn open_envelope(text: &str) -> Result<Received, String> {
         identity: None,
         assertion,
     };
-    Ok(Received { origin: str_field("origin")?.to_owned(), seq: u64_field("seq")?, message })
+    let wait = match v.get("timeout-ms") {
+        None | Some(Value::Null) => None,
+        Some(ms) => Some(Duration::from_millis(ms.as_u64().ok_or("timeout-ms is not a number of milliseconds")?)),
+    };
+    Ok(Received { origin: str_field("origin")?.to_owned(), seq: u64_field("seq")?, message, wait })
 }
 
 /// Sequence numbers seen per origin, to drop what arrives twice (a resend
@@ -396,20 +409,140 @@ impl Dedup {
 
 impl Stub {
     /// An envelope the stub received, into the bus; `busy: ...` under
-    /// back-pressure (the sender will offer it again).
-    pub(crate) fn post(&self, bus: &Bus, text: &str) -> Result<(), String> {
+    /// back-pressure (the sender will offer it again). `vouched`: the
+    /// sending domain as the node vouches for it (`post-from`), which the
+    /// envelope's `from` must be an address of. What the bus refuses at the
+    /// boundary (a sender routed in this runtime, see
+    /// [`Bus::send_inbound`]) is an error naming why, logged at most once a
+    /// second per stub.
+    pub(crate) fn post(&self, bus: &Bus, text: &str, vouched: Option<&str>) -> Result<(), String> {
         let received = open_envelope(text).map_err(|e| format!("malformed envelope: {e}"))?;
+        if let Some(domain) = vouched
+            && received.message.from.domain() != domain
+        {
+            let why = format!(
+                "spoofed from: the node vouches for a sender of {domain}, the envelope claims {}",
+                received.message.from
+            );
+            return Err(self.refused(why));
+        }
         if !self.dedup.lock().unwrap().is_new(&received.origin, received.seq) {
             tracing::debug!(stub = %self.domain, seq = received.seq, "duplicate dropped");
             return Ok(());
         }
-        match bus.send_inbound(received.message, &self.domain) {
+        match bus.send_inbound(received.message, &self.domain, received.wait) {
             Ok(()) => {
                 self.dedup.lock().unwrap().record(&received.origin, received.seq);
                 Ok(())
             }
             Err(crate::bus::SendError::InboxFull(to)) => Err(format!("busy: inbox of {to} is full")),
-            Err(e) => Err(e.to_string()),
+            Err(e) => Err(self.refused(e.to_string())),
+        }
+    }
+
+    /// Logs a refused envelope (at most once a second per stub, with the
+    /// count of those not logged) and gives the reason back.
+    fn refused(&self, why: String) -> String {
+        let mut log = self.refusals.lock().unwrap();
+        let now = std::time::Instant::now();
+        if log.0.is_none_or(|last| now.duration_since(last) >= Duration::from_secs(1)) {
+            let unlogged = std::mem::take(&mut log.1);
+            log.0 = Some(now);
+            tracing::warn!(stub = %self.domain, unlogged, "envelope refused: {why}");
+        } else {
+            log.1 += 1;
+        }
+        why
+    }
+}
+
+/// Requests that came in through protostubs and wait for a response from
+/// here: a response leaves through a protostub only when it answers one of
+/// them (from the address the request went to, before its sender stops
+/// waiting). So a hyperty cannot push responses nobody asked for into a
+/// queue that other domains share. Bounded per stub the requests came
+/// through ([`InboundRequests::PER_STUB`]); each is kept as long as its
+/// sender waits (the envelope's `timeout-ms`, at most
+/// [`InboundRequests::MAX_WAIT`]).
+#[derive(Default)]
+pub(crate) struct InboundRequests {
+    state: Mutex<InboundState>,
+}
+
+#[derive(Default)]
+struct InboundState {
+    /// (requester, id) → who may answer, until when, through which stub it came.
+    by_key: HashMap<(Address, u64), Awaited>,
+    per_stub: HashMap<String, usize>,
+}
+
+struct Awaited {
+    responder: Address,
+    until: std::time::Instant,
+    stub: String,
+}
+
+impl InboundState {
+    fn remove(&mut self, key: &(Address, u64)) -> Option<Awaited> {
+        let awaited = self.by_key.remove(key)?;
+        if let Some(n) = self.per_stub.get_mut(&awaited.stub) {
+            *n -= 1;
+        }
+        Some(awaited)
+    }
+}
+
+impl InboundRequests {
+    /// Requests awaiting a response, per stub they came through.
+    pub const PER_STUB: usize = 4096;
+    /// The longest a request is kept (a longer `timeout-ms` is clamped).
+    pub const MAX_WAIT: Duration = Duration::from_secs(300);
+
+    /// Records `request`, which came through the stub of `stub` and whose
+    /// sender waits `wait`; an error (the limit) when that stub has
+    /// [`Self::PER_STUB`] requests waiting already.
+    pub fn record(&self, request: &Message, stub: &str, wait: Duration) -> Result<(), usize> {
+        let now = std::time::Instant::now();
+        let mut s = self.state.lock().unwrap();
+        if s.per_stub.get(stub).is_some_and(|n| *n >= Self::PER_STUB) {
+            let InboundState { by_key, per_stub } = &mut *s;
+            by_key.retain(|_, a| {
+                let keep = a.until > now;
+                if !keep && let Some(n) = per_stub.get_mut(&a.stub) {
+                    *n -= 1;
+                }
+                keep
+            });
+            if s.per_stub.get(stub).is_some_and(|n| *n >= Self::PER_STUB) {
+                return Err(Self::PER_STUB);
+            }
+        }
+        let key = (request.from.clone(), request.id);
+        s.remove(&key);
+        let awaited = Awaited { responder: request.to.clone(), until: now + wait.min(Self::MAX_WAIT), stub: stub.to_owned() };
+        s.by_key.insert(key, awaited);
+        *s.per_stub.entry(stub.to_owned()).or_default() += 1;
+        Ok(())
+    }
+
+    /// Takes the request `response` answers; false if there is none
+    /// waiting (never asked, answered already, expired, or another address
+    /// answering).
+    pub fn take(&self, response: &Message) -> bool {
+        let key = (response.to.clone(), response.id);
+        let mut s = self.state.lock().unwrap();
+        match s.by_key.get(&key) {
+            Some(a) if a.responder == response.from => s.remove(&key).is_some_and(|a| a.until > std::time::Instant::now()),
+            _ => false,
+        }
+    }
+
+    /// Forgets `request` (it could not be delivered).
+    pub fn forget(&self, request: &Message) {
+        let key = (request.from.clone(), request.id);
+        let mut s = self.state.lock().unwrap();
+        if s.by_key.get(&key).is_some_and(|a| a.responder == request.to) {
+            s.remove(&key);
         }
     }
 }

@@ -1,0 +1,373 @@
+//! Protostubs are a trust boundary: what arrives through one is remote,
+//! whatever it claims. Driven through `forging-stub`, a protostub that
+//! posts whatever envelopes the test orders (as anyone who can publish on a
+//! domain's node could), and through a real nats-server whose per-subject
+//! permissions decide who may publish as a domain.
+
+use std::time::Duration;
+
+use hyperty_host::{Address, Digest, Message, MessageType, Query, Runtime, RuntimeConfig};
+use hyperty_tests::*;
+use serde_json::{Value, json};
+
+const IDP: &str = "idp.example";
+const IDP_KEY: [u8; 32] = [42; 32];
+
+/// Adds `forging-stub` as the protostub of `domain`, reporting to the
+/// test's observer.
+fn with_forger(bundle: TestBundle, domain: &str) -> TestBundle {
+    let component = guest("forging-stub");
+    let bytes = std::fs::read(&component).unwrap();
+    let entry = json!({
+        "component": component.display().to_string(),
+        "sha256": Digest::of(&bytes).to_string(),
+        // Granted, never used: the forger has no network.
+        "endpoints": ["127.0.0.1:9"],
+        "config": { "report-to": OBSERVER },
+    });
+    bundle.protostub(domain, &[], entry)
+}
+
+/// Orders the forging stub of a domain through the bus, and reads what it
+/// reports.
+struct Forger {
+    address: Address,
+    orders: u64,
+}
+
+impl Forger {
+    fn new(domain: &str) -> Forger {
+        Forger { address: Address::parse(format!("hyperty://{domain}/forger")).unwrap(), orders: 0 }
+    }
+
+    /// The stub posts `envelope` (with `post-from(vouched, …)` if given);
+    /// what the host's `post` returned.
+    fn post(&mut self, driver: &mut Driver, envelope: Value, vouched: Option<&str>) -> String {
+        self.orders += 1;
+        let order = json!({ "id": self.orders, "envelope": envelope, "vouched": vouched });
+        let m = Message::new(driver.fresh_id(), MessageType::Update, driver.address().clone(), self.address.clone(), Some(order.to_string()));
+        driver.endpoint.send(m).unwrap();
+        let id = self.orders;
+        let report = driver.expect(|m| self.reports(m) && reported(m)["posted"] == id);
+        reported(&report)["result"].as_str().unwrap().to_owned()
+    }
+
+    /// The next message the host gave the stub to carry out (its
+    /// envelope), registry announcements aside.
+    fn outbound(&self, driver: &Driver) -> Value {
+        let report = driver.expect(|m| self.carried(m));
+        reported(&report)["outbound"].clone()
+    }
+
+    /// Whether `m` reports a message the stub carried (not an announcement).
+    fn carried(&self, m: &Message) -> bool {
+        let to = reported(m)["outbound"]["to"].as_str().map(str::to_owned);
+        self.reports(m) && to.is_some_and(|to| !to.starts_with("domain://registry."))
+    }
+
+    fn reports(&self, m: &Message) -> bool {
+        m.kind == MessageType::Forward && m.from == self.address
+    }
+}
+
+/// An envelope as a remote runtime would send it.
+fn envelope(seq: u64, kind: &str, from: &str, to: &str, value: Option<&str>) -> Value {
+    json!({ "v": 1, "origin": "forged", "seq": seq, "id": seq, "type": kind, "from": from, "to": to,
+        "body": { "value": value } })
+}
+
+fn assertion(user: &str) -> Value {
+    json!({ "idp": IDP, "token": jwt(IDP_KEY, IDP, user, unix_now() + 300) })
+}
+
+/// Whether a puppet reported a message with `id` (already, without waiting).
+fn was_reported(driver: &Driver, puppet: &Address, id: u64) -> bool {
+    driver.find(|m| m.kind == MessageType::Forward && &m.from == puppet && reported(m)["id"] == id, Duration::ZERO).is_some()
+}
+
+#[test]
+fn nothing_arriving_through_a_stub_is_local_traffic() {
+    let r = runtime(Duration::from_secs(10));
+    let mut driver = Driver::new(&r);
+    // bob.example requires identity; its stub is the forger.
+    let bundle = TestBundle::new()
+        .hyperty("bob.example", "b", &guest("puppet"), puppet_config(true))
+        .idp_verifier(IDP, IDP_KEY, &["bob.example"])
+        .domain("bob.example", json!({ "require-identity": true }));
+    r.deploy(&with_forger(bundle, "bob.example").load()).unwrap();
+    let b = r.lookup("bob.example", "b").unwrap();
+    let mut forger = Forger::new("bob.example");
+    // A sender of bob.example itself, through the stub, with no assertion:
+    // 401, not delivered (the answer goes back out through the stub).
+    let insider = "hyperty://bob.example/forged-insider";
+    let mut forged = envelope(5, "read", insider, b.as_str(), Some("{}"));
+    forged["timeout-ms"] = json!(5000);
+    assert_eq!(forger.post(&mut driver, forged, None), "ok");
+    let answer = forger.outbound(&driver);
+    assert_eq!((answer["type"].as_str(), answer["id"].as_u64(), answer["to"].as_str()), (Some("response"), Some(5), Some(insider)));
+    assert_eq!(answer["body"]["code"], 401, "{answer}");
+    assert!(answer["body"]["description"].as_str().unwrap().contains("bob.example requires an identity assertion"), "{answer}");
+    // With a valid assertion it is delivered, as the validated user.
+    let mut asserted = envelope(6, "read", insider, b.as_str(), Some("{}"));
+    asserted["assertion"] = assertion("mallory@idp.example");
+    assert_eq!(forger.post(&mut driver, asserted, None), "ok");
+    let seen = driver.report(&b, |m| m["id"] == 6);
+    assert_eq!(seen["identity"], json!(["mallory@idp.example", IDP]), "{seen}");
+    // b handles messages in order: the first one never reached it.
+    assert!(!was_reported(&driver, &b, 5), "the unasserted insider was delivered");
+}
+
+#[test]
+fn a_stub_cannot_speak_for_an_address_routed_here() {
+    let r = runtime(Duration::from_secs(10));
+    let mut driver = Driver::new(&r);
+    let bundle = TestBundle::new()
+        .hyperty("alice.example", "a", &guest("puppet"), puppet_config(false))
+        .hyperty("bob.example", "b", &guest("puppet"), puppet_config(false));
+    r.deploy(&with_forger(bundle, "alice.example").load()).unwrap();
+    let a = r.lookup("alice.example", "a").unwrap();
+    let b = r.lookup("bob.example", "b").unwrap();
+    let created = driver.command(&a, json!({ "op": "create", "scheme": "room", "data": { "n": 1 } }));
+    let url = created["url"].as_str().expect("a object").to_owned();
+    let mut forger = Forger::new("alice.example");
+    // The reporter's forged JSON Patch to its own object.
+    let patch = r#"[{"op":"add","path":"/pwned","value":true}]"#;
+    let refused = forger.post(&mut driver, envelope(1, "update", a.as_str(), &url, Some(patch)), None);
+    assert!(refused.contains("spoofed from") && refused.contains(&format!("{a} is an address of this runtime")), "{refused}");
+    // A local hyperty of another domain, the runtime itself, the test's
+    // endpoint, the data object: none may be claimed.
+    let runtime_address = r.address().to_string();
+    for (seq, from) in [(2, b.as_str()), (3, runtime_address.as_str()), (4, OBSERVER), (5, url.as_str())] {
+        let refused = forger.post(&mut driver, envelope(seq, "read", from, a.as_str(), Some("{}")), None);
+        assert!(refused.contains(&format!("{from} is an address of this runtime")), "{from}: {refused}");
+    }
+    // A node that vouches for the sender's domain: the envelope must agree.
+    let remote = "hyperty://alice.example/remote-peer";
+    let refused = forger.post(&mut driver, envelope(6, "read", remote, a.as_str(), Some("{}")), Some("bob.example"));
+    assert!(refused.contains("the node vouches for a sender of bob.example"), "{refused}");
+    // A remote sender of the same domain (not routed here) is delivered.
+    assert_eq!(forger.post(&mut driver, envelope(7, "read", remote, a.as_str(), Some("{}")), Some("alice.example")), "ok");
+    let seen = driver.report(&a, |m| m["id"] == 7);
+    assert_eq!(seen["from"], remote);
+    for id in 1..=6 {
+        assert!(!was_reported(&driver, &a, id), "forged message {id} reached a");
+    }
+    // The object did not move: the reporter's next write makes version 2.
+    let written = driver.command(&a, json!({ "op": "update", "url": url, "patch": [{ "op": "add", "path": "/ok", "value": 1 }] }));
+    assert_eq!(written, json!({ "version": 2 }));
+}
+
+#[test]
+fn a_served_registry_takes_announcements_only_from_who_may_make_them() {
+    let r = Runtime::new(RuntimeConfig {
+        cache_dir: cache_dir(),
+        request_timeout: Duration::from_secs(10),
+        serve_registries: vec!["bob.example".into()],
+        ..RuntimeConfig::default()
+    })
+    .unwrap();
+    let mut driver = Driver::new(&r);
+    let bundle = TestBundle::new()
+        .hyperty("bob.example", "b", &guest("puppet"), puppet_config(false))
+        .idp_verifier(IDP, IDP_KEY, &["bob.example"])
+        .domain("bob.example", json!({ "require-identity": true }));
+    r.deploy(&with_forger(bundle, "bob.example").load()).unwrap();
+    let b = r.lookup("bob.example", "b").unwrap();
+    let mut forger = Forger::new("bob.example");
+    let registry = "domain://registry.bob.example";
+    let announce = |seq: u64, from: &str, address: &str, name: &str, user: Option<&str>, asserted: Option<&str>| {
+        let registration = json!({ "address": address, "kind": "hyperty", "name": name, "domain": "bob.example",
+            "user": user, "hyperty-types": [], "schemes": [], "status": "live" });
+        let mut e = envelope(seq, "create", from, registry, Some(&registration.to_string()));
+        e["body"]["resource"] = json!(address);
+        if let Some(user) = asserted {
+            e["assertion"] = assertion(user);
+        }
+        e
+    };
+    let other = "runtime://localhost/another-runtime";
+    let mallory = "mallory@idp.example";
+    // No assertion where bob.example requires one: 401 on the path.
+    assert_eq!(forger.post(&mut driver, announce(1, other, "hyperty://bob.example/fake-1", "fake-1", None, None), None), "ok");
+    // Asserted as mallory, announcing carol's hyperty.
+    let carols = announce(2, other, "hyperty://bob.example/fake-2", "fake-2", Some("carol@idp.example"), Some(mallory));
+    assert_eq!(forger.post(&mut driver, carols, None), "ok");
+    // Asserted, but announcing an address that lives here.
+    assert_eq!(forger.post(&mut driver, announce(3, other, b.as_str(), "fake-3", Some(mallory), Some(mallory)), None), "ok");
+    // As this runtime itself.
+    let own = r.address().to_string();
+    let refused = forger.post(&mut driver, announce(4, &own, "hyperty://bob.example/fake-4", "fake-4", Some(mallory), Some(mallory)), None);
+    assert!(refused.contains("is an address of this runtime"), "{refused}");
+    // As itself, with its user's assertion: taken.
+    let real = announce(5, other, "hyperty://bob.example/mallorys", "mallorys", Some(mallory), Some(mallory));
+    assert_eq!(forger.post(&mut driver, real, None), "ok");
+    let by_domain = Query { domain: Some("bob.example".into()), ..Default::default() };
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    while !r.discover(&by_domain).iter().any(|r| r.name == "mallorys") {
+        assert!(std::time::Instant::now() < until, "the legitimate announcement was not taken");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // The registry handles announcements in order: the forged ones were refused.
+    let listed: Vec<(String, String)> = r.discover(&by_domain).into_iter().map(|r| (r.name, r.address.to_string())).collect();
+    assert!(listed.iter().all(|(name, _)| !name.starts_with("fake")), "{listed:?}");
+    assert_eq!(listed.iter().filter(|(_, address)| address == b.as_str()).count(), 1, "{listed:?}");
+}
+
+#[test]
+fn responses_leave_through_a_stub_only_to_answer_a_request_that_came_through_one() {
+    let r = runtime(Duration::from_secs(10));
+    let mut driver = Driver::new(&r);
+    let bundle = TestBundle::new().hyperty("alice.example", "a", &guest("puppet"), puppet_config(true));
+    r.deploy(&with_forger(bundle, "bob.example").load()).unwrap();
+    let a = r.lookup("alice.example", "a").unwrap();
+    let mut forger = Forger::new("bob.example");
+    let asker = "hyperty://bob.example/asker";
+    // a answers requests nobody made, through `reply` and as plain sends.
+    for id in 1000..1020 {
+        let request = json!({ "id": id, "type": "read", "from": asker, "to": a.as_str(), "value": "{}" });
+        assert_eq!(driver.command(&a, json!({ "op": "reply", "message": request })), json!({ "ok": true }));
+        // (Refused at the import or dropped on the path: either way nothing leaves.)
+        let response = json!({ "id": id + 1000, "type": "response", "to": asker, "code": 200 });
+        driver.command(&a, json!({ "op": "send", "message": response }));
+    }
+    // A real request through the stub is answered, once.
+    for id in [77, 78] {
+        let mut request = envelope(id, "read", asker, a.as_str(), Some(&json!({ "n": id }).to_string()));
+        request["timeout-ms"] = json!(5000);
+        assert_eq!(forger.post(&mut driver, request.clone(), None), "ok");
+        let seen = driver.report(&a, |m| m["id"] == id);
+        assert_eq!(driver.command(&a, json!({ "op": "reply", "message": seen })), json!({ "ok": true }), "a second answer");
+        let answer = forger.outbound(&driver);
+        assert_eq!((answer["type"].as_str(), answer["id"].as_u64()), (Some("response"), Some(id)), "{answer}");
+        assert_eq!(answer["body"]["value"], json!({ "n": id }).to_string());
+    }
+    // Nothing else went out: the queue carried the two answers in order,
+    // none of the fabricated ones nor the repeated replies before them.
+    let more = driver.find(|m| forger.carried(m), Duration::ZERO);
+    assert!(more.is_none(), "{more:?}");
+}
+
+/// A nats-server run with a configuration file (users and permissions).
+struct ConfiguredNats {
+    child: std::process::Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl ConfiguredNats {
+    /// Starts nats-server with `authorization`, the `authorization { … }`
+    /// block of its configuration.
+    fn start(authorization: &str) -> ConfiguredNats {
+        ensure_nats_server();
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let config = dir.path().join("nats.conf");
+        std::fs::write(&config, format!("listen: \"127.0.0.1:{port}\"\nauthorization {{\n{authorization}\n}}\n")).unwrap();
+        let child = std::process::Command::new("nats-server")
+            .arg("-c")
+            .arg(&config)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("nats-server starts");
+        let mut nats = ConfiguredNats { child, port, _dir: dir };
+        let until = std::time::Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(nats.child.try_wait().unwrap().is_none(), "nats-server exited: is its configuration valid?");
+            assert!(std::time::Instant::now() < until, "nats-server did not listen on {port} within 10 s");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        nats
+    }
+
+    fn endpoint(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for ConfiguredNats {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// nats-server users: each runtime publishes only as its own domain and
+/// reads only its own domain's subjects; mallory may publish as
+/// mallory.example only.
+const PERMISSIONS: &str = r#"
+  users = [
+    { user: "alice-rt", password: "alice-pw", permissions: {
+        publish: { allow: ["rethink.*.*.alice_example", "_INBOX.>"] },
+        subscribe: { allow: ["rethink.alice_example.>", "_INBOX.>"] } } },
+    { user: "bob-rt", password: "bob-pw", permissions: {
+        publish: { allow: ["rethink.*.*.bob_example", "_INBOX.>"] },
+        subscribe: { allow: ["rethink.bob_example.>", "_INBOX.>"] } } },
+    { user: "mallory", password: "mallory-pw", permissions: {
+        publish: { allow: ["rethink.*.*.mallory_example"] },
+        subscribe: { allow: ["_INBOX.>"] } } }
+  ]
+"#;
+
+/// A runtime of `domain` hosting `bundle` with NATS stubs for alice.example
+/// and bob.example, logged in as `user`.
+fn runtime_of(domain: &str, bundle: TestBundle, nats: &ConfiguredNats, user: &str, pass: &str) -> (Runtime, TestBundle) {
+    let r = Runtime::new(RuntimeConfig {
+        cache_dir: cache_dir(),
+        domain: domain.into(),
+        request_timeout: Duration::from_secs(10),
+        ..RuntimeConfig::default()
+    })
+    .unwrap();
+    let credentials = json!({ "config": { "user": user, "pass": pass } });
+    let bundle = bundle
+        .protostub("alice.example", &[nats.endpoint()], credentials.clone())
+        .protostub("bob.example", &[nats.endpoint()], credentials);
+    r.deploy(&bundle.load()).unwrap();
+    (r, bundle)
+}
+
+/// a requests b until the answer is 200 (stubs connect asynchronously).
+fn answered(driver: &mut Driver, a: &Address, b: &Address) {
+    let until = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let id = driver.fresh_id();
+        let cmd = json!({ "op": "request", "message": { "id": id, "type": "read", "to": b.to_string(), "value": "{}" }, "timeout_ms": 3000 });
+        assert_eq!(driver.command(a, cmd), json!({ "ok": true }));
+        let answer = driver.report(a, |m| m["type"] == "response" && m["id"] == id);
+        if answer["code"] == 200 {
+            return;
+        }
+        assert!(std::time::Instant::now() < until, "no answer through NATS: {answer}");
+    }
+}
+
+#[test]
+fn the_nodes_permissions_decide_who_publishes_as_a_domain() {
+    let nats = ConfiguredNats::start(PERMISSIONS);
+    let b1 = TestBundle::new().hyperty("alice.example", "a", &guest("puppet"), puppet_config(false));
+    let b2 = TestBundle::new().hyperty("bob.example", "b", &guest("puppet"), puppet_config(true));
+    let (r1, _b1) = runtime_of("alice.example", b1, &nats, "alice-rt", "alice-pw");
+    let (r2, _b2) = runtime_of("bob.example", b2, &nats, "bob-rt", "bob-pw");
+    let mut driver = Driver::new(&r1);
+    let a = r1.lookup("alice.example", "a").unwrap();
+    let b = r2.lookup("bob.example", "b").unwrap();
+    // The legitimate path: alice's runtime publishes as alice.example.
+    answered(&mut driver, &a, &b);
+    // mallory publishing as alice.example is refused by the node itself.
+    let mut mallory = NatsClient::connect(nats.port, Some(("mallory", "mallory-pw")));
+    let forged = json!({ "v": 1, "origin": "mallory", "seq": 1, "id": 1, "type": "read", "from": a.as_str(),
+        "to": b.as_str(), "body": {} });
+    let refused = mallory.publish(&nats_subject("bob.example", b.as_str(), "alice.example"), None, &forged.to_string());
+    let refused = refused.expect_err("the node let mallory publish as alice.example");
+    assert!(refused.contains("Permissions Violation for Publish"), "{refused}");
+    // As its own domain the node lets it publish, and bob's runtime refuses
+    // an envelope claiming a sender of another domain.
+    mallory.subscribe("_INBOX.mallory.*").unwrap();
+    let subject = nats_subject("bob.example", b.as_str(), "mallory.example");
+    mallory.publish(&subject, Some("_INBOX.mallory.1"), &forged.to_string()).expect("mallory publishes as itself");
+    let answer = mallory.next_msg().expect("the receiving stub answers");
+    assert!(answer.payload.contains("the node vouches for a sender of mallory.example"), "{answer:?}");
+    // And the legitimate path still works.
+    answered(&mut driver, &a, &b);
+}
