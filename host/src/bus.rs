@@ -451,6 +451,20 @@ impl Bus {
         self.deliver_answer(answer);
     }
 
+    /// Like [`Bus::answer`], for a message the bus passed on that its
+    /// destination then cannot take after all (a protostub refusing it): if
+    /// it is a pending request, it is no longer pending, so its requester
+    /// gets this answer and no 408 later.
+    pub fn answer_taken(&self, message: &Message, code: u16, description: String) {
+        if message.kind == MessageType::Response {
+            tracing::debug!(id = message.id, to = %message.to, code, "undeliverable response: {description}");
+            return;
+        }
+        let answer = message.answer(code, description);
+        self.inner.timer.take(&answer);
+        self.deliver_answer(answer);
+    }
+
     /// Delivers a response the host made itself straight to its `to`.
     pub fn deliver_answer(&self, answer: Message) {
         let result = match self.resolve(&answer.to) {

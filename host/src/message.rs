@@ -104,6 +104,7 @@ pub mod code {
     pub const NOT_FOUND: u16 = 404;
     pub const METHOD_NOT_ALLOWED: u16 = 405;
     pub const TIMEOUT: u16 = 408;
+    pub const PAYLOAD_TOO_LARGE: u16 = 413;
     pub const INTERNAL_ERROR: u16 = 500;
     pub const UNAVAILABLE: u16 = 503;
 }

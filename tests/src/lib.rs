@@ -299,15 +299,21 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 /// A compact EdDSA JWT made here, independently of the IdP proxy guest:
-/// `{"alg":"EdDSA"}` header, claims `iss`, `sub`, `exp` (Unix seconds),
-/// signed with the ed25519 secret key `seed`.
+/// `{"alg":"EdDSA","typ":"JWT"}` header, claims `iss`, `sub`, `exp` (Unix
+/// seconds), signed with the ed25519 secret key `seed`.
 pub fn jwt(seed: [u8; 32], iss: &str, sub: &str, exp: i64) -> String {
+    jws(seed, r#"{"alg":"EdDSA","typ":"JWT"}"#, &json!({ "iss": iss, "sub": sub, "exp": exp }).to_string())
+}
+
+/// A JWS in compact serialisation (RFC 7515 §7.1) of the JSON texts
+/// `header` and `payload` as given (so a test can write what a JSON value
+/// cannot hold, such as a duplicate member), signed with Ed25519 by the
+/// secret key `seed`.
+pub fn jws(seed: [u8; 32], header: &str, payload: &str) -> String {
     use base64::Engine as _;
     use ed25519_dalek::Signer as _;
     let b64 = |bytes: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
-    let header = b64(br#"{"alg":"EdDSA","typ":"JWT"}"#);
-    let claims = b64(json!({ "iss": iss, "sub": sub, "exp": exp }).to_string().as_bytes());
-    let signed = format!("{header}.{claims}");
+    let signed = format!("{}.{}", b64(header.as_bytes()), b64(payload.as_bytes()));
     let signature = ed25519_dalek::SigningKey::from_bytes(&seed).sign(signed.as_bytes());
     format!("{signed}.{}", b64(&signature.to_bytes()))
 }
@@ -325,18 +331,80 @@ pub fn resident_bytes() -> usize {
 }
 
 /// A NATS server (Debian's `nats-server`, installed if missing) on
-/// loopback with a free port, stopped on drop. Optionally one node of a
-/// cluster.
+/// loopback, stopped on drop; optionally one node of a cluster, or
+/// configured by a file the test writes.
+///
+/// Ports: the server binds ports it picks itself (`-p -1`) and says which
+/// in its log, so no port is ever freed for it to take (and lost to
+/// another process in between); a restart binds the same ports again,
+/// retrying while another process holds one.
 pub struct Nats {
     child: Option<std::process::Child>,
+    /// The running child's log (its stderr), as read so far.
+    log: std::sync::Arc<NatsLog>,
     pub port: u16,
+    /// The route listener's port: `Some(0)` until a cluster node first
+    /// started.
     cluster_port: Option<u16>,
     routes: Vec<u16>,
+    /// The configuration file (`-c`), in its own directory.
+    config: Option<(tempfile::TempDir, PathBuf)>,
 }
 
-/// A free TCP port on loopback (as far as anyone can tell).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+/// A child's stderr, read by a thread as it comes.
+#[derive(Default)]
+struct NatsLog {
+    /// The text, and whether the stream ended.
+    text: std::sync::Mutex<(String, bool)>,
+    grew: std::sync::Condvar,
+}
+
+impl NatsLog {
+    /// Longest log kept, in bytes.
+    const MAX: usize = 256 * 1024;
+
+    /// Reads `stderr` into a new log until it ends.
+    fn read(stderr: std::process::ChildStderr) -> std::sync::Arc<NatsLog> {
+        use std::io::BufRead;
+        let log = std::sync::Arc::new(NatsLog::default());
+        let writer = log.clone();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                let mut text = writer.text.lock().unwrap();
+                if text.0.len() < NatsLog::MAX {
+                    text.0.push_str(&line);
+                    text.0.push('\n');
+                }
+                writer.grew.notify_all();
+            }
+            writer.text.lock().unwrap().1 = true;
+            writer.grew.notify_all();
+        });
+        log
+    }
+
+    /// The port of the first line `Listening for <what> connections on <ip>:<port>`.
+    fn listening(text: &str, what: &str) -> Option<u16> {
+        let marker = format!("Listening for {what} connections on ");
+        let line = text.lines().find_map(|l| l.split_once(marker.as_str()).map(|(_, rest)| rest))?;
+        line.trim().rsplit(':').next()?.parse().ok()
+    }
+}
+
+/// A loopback port nothing listens on, nor can while this lives: the local
+/// port of a connection it holds (a listener cannot bind a port that a
+/// connection without `SO_REUSEADDR` uses). For an endpoint that refuses.
+pub struct ClosedPort {
+    pub port: u16,
+    _connection: (std::net::TcpStream, std::net::TcpStream),
+}
+
+pub fn closed_port() -> ClosedPort {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+    let (server, _) = listener.accept().unwrap();
+    ClosedPort { port: client.local_addr().unwrap().port(), _connection: (client, server) }
 }
 
 /// Installs `nats-server` from Debian if it is not on the machine.
@@ -363,14 +431,28 @@ pub fn ensure_nats_server() {
 impl Nats {
     /// A single server.
     pub fn start() -> Nats {
-        Nats::node(None, &[])
+        Nats::launch(None, &[], None)
     }
 
-    /// A cluster node listening for routes on `cluster_port`, routed to the
-    /// nodes listening on `routes`.
-    pub fn node(cluster_port: Option<u16>, routes: &[u16]) -> Nats {
+    /// A single server configured by the file `config` (nats-server's
+    /// format, e.g. `max_payload: 65536`); its listen address and port are
+    /// set on the command line.
+    pub fn with_config(config: &str) -> Nats {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("nats.conf");
+        std::fs::write(&path, config).unwrap();
+        Nats::launch(None, &[], Some((dir, path)))
+    }
+
+    /// A cluster node, routed to the nodes whose route ports are `routes`
+    /// (routes work both ways: the first node needs none).
+    pub fn cluster_node(routes: &[u16]) -> Nats {
+        Nats::launch(Some(0), routes, None)
+    }
+
+    fn launch(cluster_port: Option<u16>, routes: &[u16], config: Option<(tempfile::TempDir, PathBuf)>) -> Nats {
         ensure_nats_server();
-        let mut nats = Nats { child: None, port: free_port(), cluster_port, routes: routes.to_vec() };
+        let mut nats = Nats { child: None, log: Default::default(), port: 0, cluster_port, routes: routes.to_vec(), config };
         nats.restart();
         nats
     }
@@ -378,6 +460,23 @@ impl Nats {
     /// `ip:port` of the client listener.
     pub fn endpoint(&self) -> String {
         format!("127.0.0.1:{}", self.port)
+    }
+
+    /// The route listener's port (a cluster node's).
+    pub fn cluster_port(&self) -> u16 {
+        self.cluster_port.expect("a cluster node")
+    }
+
+    /// Rewrites the configuration file (it takes effect at the next
+    /// `restart`).
+    pub fn set_config(&self, config: &str) {
+        let (_, path) = self.config.as_ref().expect("a server started with_config");
+        std::fs::write(path, config).unwrap();
+    }
+
+    /// The server's log so far.
+    pub fn log(&self) -> String {
+        self.log.text.lock().unwrap().0.clone()
     }
 
     /// Kills the server (as a crash would).
@@ -388,25 +487,73 @@ impl Nats {
         }
     }
 
-    /// Starts the server (again) on the same ports and waits until it
-    /// accepts connections.
+    /// Starts the server (again: on the same ports) and waits until this
+    /// child says it listens on them. Fails with the child's log if it
+    /// exits (after retrying for a while when a port is in use elsewhere) or
+    /// does not listen within 20 s.
     pub fn restart(&mut self) {
         self.kill();
-        let mut cmd = std::process::Command::new("nats-server");
-        cmd.args(["-a", "127.0.0.1", "-p", &self.port.to_string()]);
-        if let Some(cluster) = self.cluster_port {
-            cmd.args(["--cluster_name", "hyperty-test", "--cluster", &format!("nats://127.0.0.1:{cluster}")]);
-            if !self.routes.is_empty() {
-                let routes: Vec<String> = self.routes.iter().map(|p| format!("nats://127.0.0.1:{p}")).collect();
-                cmd.args(["--routes", &routes.join(",")]);
+        let port = |p: u16| if p == 0 { "-1".to_owned() } else { p.to_string() };
+        let until = Instant::now() + Duration::from_secs(20);
+        loop {
+            let mut cmd = std::process::Command::new("nats-server");
+            if let Some((_, path)) = &self.config {
+                cmd.arg("-c").arg(path);
+            }
+            cmd.args(["-a", "127.0.0.1", "-p", &port(self.port)]);
+            if let Some(cluster) = self.cluster_port {
+                cmd.args(["--cluster_name", "hyperty-test", "--cluster", &format!("nats://127.0.0.1:{}", port(cluster))]);
+                if !self.routes.is_empty() {
+                    let routes: Vec<String> = self.routes.iter().map(|p| format!("nats://127.0.0.1:{p}")).collect();
+                    cmd.args(["--routes", &routes.join(",")]);
+                }
+            }
+            cmd.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped());
+            let mut child = cmd.spawn().expect("nats-server starts");
+            let log = NatsLog::read(child.stderr.take().unwrap());
+            match self.wait_listening(&mut child, &log, until) {
+                Ok((client, cluster)) => {
+                    self.port = client;
+                    self.cluster_port = cluster;
+                    self.child = Some(child);
+                    self.log = log;
+                    return;
+                }
+                Err(why) if why.contains("address already in use") && Instant::now() < until => {
+                    // Another process holds one of our ports for now: a
+                    // pause, and again.
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(why) => panic!("nats-server (ports {}, cluster {:?}) did not start: {why}", self.port, self.cluster_port),
             }
         }
-        cmd.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
-        self.child = Some(cmd.spawn().expect("nats-server starts"));
-        let until = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(Instant::now() < until, "nats-server did not listen on {} within 10 s", self.port);
-            std::thread::sleep(Duration::from_millis(20));
+    }
+
+    /// Waits until `child` logs that it listens for clients (and routes,
+    /// for a cluster node): those ports; or why not, with its log.
+    fn wait_listening(&self, child: &mut std::process::Child, log: &NatsLog, until: Instant) -> Result<(u16, Option<u16>), String> {
+        let mut text = log.text.lock().unwrap();
+        loop {
+            let client = NatsLog::listening(&text.0, "client");
+            let cluster = NatsLog::listening(&text.0, "route");
+            if let Some(client) = client
+                && (self.cluster_port.is_none() || cluster.is_some())
+            {
+                return Ok((client, cluster));
+            }
+            if let Some(status) = child.try_wait().unwrap() {
+                // Its whole log: the stream ends soon after the process.
+                while !text.1 && Instant::now() < until {
+                    text = log.grew.wait_timeout(text, Duration::from_millis(100)).unwrap().0;
+                }
+                return Err(format!("it exited ({status}):\n{}", text.0));
+            }
+            if Instant::now() >= until {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!("it did not listen within 20 s:\n{}", text.0));
+            }
+            text = log.grew.wait_timeout(text, Duration::from_millis(100)).unwrap().0;
         }
     }
 }

@@ -267,3 +267,60 @@ fn an_anonymous_response_into_a_domain_requiring_identity_is_refused_to_the_requ
     assert!(why.contains("the response was refused") && why.contains("bob.example requires an identity assertion"), "{answer}");
     assert_eq!(w.runtime.pending_requests(), 0);
 }
+
+/// A token of `IDP` signed by its key, with the JSON texts `header` and
+/// `claims` as given.
+fn signed(header: &str, claims: &str) -> Option<Assertion> {
+    assertion(jws(IDP_KEY, header, claims))
+}
+
+const HEADER: &str = r#"{"alg":"EdDSA","typ":"JWT"}"#;
+
+#[test]
+fn every_registered_claim_and_header_parameter_that_limits_validity_is_enforced() {
+    let w = world(None);
+    let mallory = w.runtime.endpoint("hyperty://mallory.example/m", 16).unwrap();
+    let now = unix_now();
+    let exp = now + 300;
+    let claims = |extra: serde_json::Value| {
+        let mut c = json!({ "iss": IDP, "sub": "carol@idp.example", "exp": exp });
+        c.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        c.to_string()
+    };
+    // Each correctly signed by the IdP's own key.
+    let cases: Vec<(&str, Option<Assertion>, &str)> = vec![
+        ("nbf in 50 minutes", signed(HEADER, &claims(json!({ "nbf": now + 3000 }))), "not valid before (nbf)"),
+        ("issued in the future", signed(HEADER, &claims(json!({ "iat": now + 3000 }))), "issued (iat) 3000 s in the future"),
+        ("an audience this IdP has not", signed(HEADER, &claims(json!({ "aud": "elsewhere.example" }))), "audience (aud)"),
+        ("a critical extension", signed(r#"{"alg":"EdDSA","crit":["exp-ext"],"exp-ext":1}"#, &claims(json!({}))), "critical header parameters (crit) not understood: exp-ext"),
+        ("another type", signed(r#"{"alg":"EdDSA","typ":"at+jwt"}"#, &claims(json!({}))), r#"type (typ) "at+jwt" refused"#),
+        ("a nested token", signed(r#"{"alg":"EdDSA","cty":"JWT"}"#, &claims(json!({}))), "content type (cty)"),
+        ("another algorithm", signed(r#"{"alg":"none"}"#, &claims(json!({}))), r#"algorithm (alg) "none" refused"#),
+        // Malformed, under a valid signature: the reason names what.
+        ("claims that are not an object", signed(HEADER, "[1,2,3]"), "the claims is not a JSON object"),
+        ("claims that are not JSON", signed(HEADER, "carol"), "the claims is not a JSON object"),
+        ("exp as a string", signed(HEADER, &json!({ "iss": IDP, "sub": "carol@idp.example", "exp": exp.to_string() }).to_string()), "exp is"),
+        ("nbf as a string", signed(HEADER, &claims(json!({ "nbf": "0" }))), "nbf is \"0\", not a NumericDate"),
+        ("sub twice", signed(HEADER, &format!(r#"{{"iss":"{IDP}","sub":"carol@idp.example","sub":"admin@idp.example","exp":{exp}}}"#)), "duplicate member \"sub\""),
+        ("alg twice", signed(r#"{"alg":"EdDSA","alg":"none"}"#, &claims(json!({}))), "duplicate member \"alg\""),
+        ("aud a number", signed(HEADER, &claims(json!({ "aud": 7 }))), "aud is 7, not a string or a list of strings"),
+        ("a header that is not an object", signed("\"EdDSA\"", &claims(json!({}))), "the header is not a JSON object"),
+    ];
+    for (i, (case, assertion, why)) in cases.into_iter().enumerate() {
+        let answer = request_with(&mallory, 300 + i as u64, &w.b, assertion);
+        let description = answer.body.description.clone().unwrap_or_default();
+        assert_eq!(answer.body.code, Some(401), "{case}: {answer:?}");
+        assert!(description.contains(why), "{case}: {description}");
+        assert!(!description.contains("signature not made by"), "{case}: {description}");
+    }
+    // The limits are limits, not refusals: a token past its nbf, issued a
+    // second ago, with a fractional exp, is good.
+    let good = signed(HEADER, &claims(json!({ "nbf": now - 60, "iat": now - 1, "exp": exp as f64 + 0.5, "jti": "x" })));
+    let answer = request_with(&mallory, 400, &w.b, good);
+    assert_eq!(answer.body.code, Some(200), "{answer:?}");
+    // A signature check still comes after the form: a well-formed token
+    // signed by another key is refused for its signature.
+    let foreign = assertion(jws(FOREIGN_KEY, HEADER, &claims(json!({ "nbf": now - 60 }))));
+    let answer = request_with(&mallory, 401, &w.b, foreign);
+    assert!(answer.body.description.unwrap_or_default().contains("signature not made by a key of idp.example"));
+}

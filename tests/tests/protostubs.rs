@@ -36,10 +36,15 @@ fn two_runtimes(servers1: &[String], servers2: &[String]) -> (Runtime, Runtime, 
 /// a requests b until one answer comes back 200 (the stubs connect and
 /// subscribe asynchronously); returns the answer's JSON.
 fn request_until_answered(driver: &mut Driver, a: &Address, b: &Address) -> serde_json::Value {
+    request_value_until_answered(driver, a, b, "{\"n\":1}")
+}
+
+/// The same, each request carrying the JSON text `value`.
+fn request_value_until_answered(driver: &mut Driver, a: &Address, b: &Address, value: &str) -> serde_json::Value {
     let until = std::time::Instant::now() + Duration::from_secs(20);
     loop {
         let id = driver.fresh_id();
-        let cmd = json!({ "op": "request", "message": { "id": id, "type": "read", "to": b.to_string(), "value": "{\"n\":1}" }, "timeout_ms": 3000 });
+        let cmd = json!({ "op": "request", "message": { "id": id, "type": "read", "to": b.to_string(), "value": value }, "timeout_ms": 3000 });
         assert_eq!(driver.command(a, cmd), json!({ "ok": true }));
         let answer = driver.report(a, |m| m["type"] == "response" && m["id"] == id);
         if answer["code"] == 200 {
@@ -269,7 +274,8 @@ fn a_stub_that_traps_is_restarted_and_its_queue_survives() {
 #[test]
 fn a_full_stub_queue_answers_senders_503() {
     // The node is down (nothing listens on the granted port).
-    let dead = format!("127.0.0.1:{}", free_port());
+    let closed = closed_port();
+    let dead = format!("127.0.0.1:{}", closed.port);
     let r1 = runtime(Duration::from_secs(10));
     let mut driver = Driver::new(&r1);
     let bundle = TestBundle::new()
@@ -290,9 +296,8 @@ fn a_full_stub_queue_answers_senders_503() {
 
 #[test]
 fn runtimes_on_two_nodes_of_a_nats_cluster_talk() {
-    let (c1, c2) = (free_port(), free_port());
-    let node1 = Nats::node(Some(c1), &[c2]);
-    let node2 = Nats::node(Some(c2), &[c1]);
+    let node1 = Nats::cluster_node(&[]);
+    let node2 = Nats::cluster_node(&[node1.cluster_port()]);
     let (_r1, _r2, mut driver, a, b, _b1, _b2) = two_runtimes(&[node1.endpoint()], &[node2.endpoint()]);
     let answer = request_until_answered(&mut driver, &a, &b);
     assert_eq!(answer["from"], b.to_string());
@@ -432,4 +437,163 @@ fn identity_travels_through_nats_and_is_validated_by_the_receiving_runtime() {
     let answer = driver.expect(|m| m.kind == hyperty_host::MessageType::Response && m.id == 99);
     assert_eq!(answer.body.code, Some(401), "{answer:?}");
     assert!(answer.body.description.unwrap_or_default().contains("bob.example requires an identity assertion"));
+}
+
+/// The statuses of protostub `domain` reported so far (events already
+/// emitted), with their details.
+fn statuses_so_far(events: &mut tokio::sync::broadcast::Receiver<hyperty_host::Event>, domain: &str) -> Vec<(String, String)> {
+    let label = format!("protostub {domain}");
+    let mut seen = Vec::new();
+    while let Ok(e) = events.try_recv() {
+        if let (true, hyperty_host::EventKind::StubStatus { status, detail }) = (e.hyperty == label, e.kind) {
+            seen.push((status, detail));
+        }
+    }
+    seen
+}
+
+#[test]
+fn an_envelope_larger_than_the_nodes_max_payload_is_refused_at_once_and_the_queue_moves_on() {
+    let mut nats = Nats::with_config("max_payload: 65536\n");
+    let servers = [nats.endpoint()];
+    let (r1, _r2, mut driver, a, b, _b1, _b2) = two_runtimes(&servers, &servers);
+    let mut events = r1.events();
+    request_until_answered(&mut driver, &a, &b);
+    // 40,000 bytes of value, under the limit by itself; on the wire each
+    // `\"` of it is escaped again in the envelope: about 80 KB.
+    let quotes = json!({ "q": "\"".repeat(20_000) }).to_string();
+    assert!(quotes.len() < 65_536, "{}", quotes.len());
+    let big = driver.fresh_id();
+    let cmd = json!({ "op": "request", "message": { "id": big, "type": "read", "to": b.to_string(), "value": quotes }, "timeout_ms": 20_000 });
+    assert_eq!(driver.command(&a, cmd), json!({ "ok": true }));
+    let small = driver.fresh_id();
+    let cmd = json!({ "op": "request", "message": { "id": small, "type": "read", "to": b.to_string(), "value": "{}" }, "timeout_ms": 20_000 });
+    assert_eq!(driver.command(&a, cmd), json!({ "ok": true }));
+    // The big one: refused at once, naming the limit; no 408 will follow.
+    let refused = driver.report(&a, |m| m["type"] == "response" && m["id"] == big);
+    assert_eq!(refused["code"], 413, "{refused}");
+    let why = refused["description"].as_str().unwrap_or_default();
+    assert!(why.contains("the protostub of bob.example cannot carry it") && why.contains("65536") && why.contains("max_payload"), "{why}");
+    // The small one behind it: answered.
+    let answer = driver.report(&a, |m| m["type"] == "response" && m["id"] == small);
+    assert_eq!(answer["code"], 200, "{answer}");
+    assert_eq!(r1.pending_requests(), 0, "the refused request is no longer pending");
+    // Nothing was disconnected, and the node never saw the big envelope.
+    let statuses = statuses_so_far(&mut events, "bob.example");
+    assert!(statuses.iter().all(|(s, _)| s != "disconnected"), "{statuses:?}");
+    assert!(!nats.log().contains("Maximum Payload"), "{}", nats.log());
+    // The node comes back taking 128 KiB: the stub learns it from the new
+    // INFO, and the same request goes through.
+    nats.set_config("max_payload: 131072\n");
+    nats.restart();
+    let answer = request_value_until_answered(&mut driver, &a, &b, &quotes);
+    assert_eq!(answer["value"].as_str(), Some(quotes.as_str()));
+}
+
+/// A node that greets (INFO, and PONG to the handshake's PING), then
+/// reads and ignores everything: a stale connection, as a hung server or
+/// a black-holed route makes. Counts the PINGs it ignored.
+struct SilentNode {
+    port: u16,
+    pings: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl SilentNode {
+    fn start() -> SilentNode {
+        use std::io::{Read, Write};
+        use std::sync::atomic::Ordering;
+        // Bound here and passed on: no other process can take the port.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let pings = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (counted, stopping) = (pings.clone(), stop.clone());
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                if stopping.load(Ordering::Acquire) {
+                    return;
+                }
+                let Ok(mut stream) = stream else { continue };
+                let counted = counted.clone();
+                std::thread::spawn(move || {
+                    let info = json!({ "server_id": "silent", "version": "2.9.10", "proto": 1, "host": "127.0.0.1", "port": port,
+                        "headers": true, "max_payload": 1_048_576 });
+                    if write!(stream, "INFO {info}\r\n").is_err() {
+                        return;
+                    }
+                    let (mut seen, mut greeted, mut buf) = (Vec::new(), false, [0u8; 4096]);
+                    while let Ok(n @ 1..) = stream.read(&mut buf) {
+                        seen.extend_from_slice(&buf[..n]);
+                        while let Some(end) = seen.windows(2).position(|w| w == b"\r\n") {
+                            if &seen[..end] == b"PING" {
+                                if greeted {
+                                    counted.fetch_add(1, Ordering::Relaxed);
+                                } else {
+                                    greeted = true;
+                                    let _ = stream.write_all(b"PONG\r\n");
+                                }
+                            }
+                            seen.drain(..end + 2);
+                        }
+                    }
+                });
+            }
+        });
+        SilentNode { port, pings, stop }
+    }
+
+    fn endpoint(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for SilentNode {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Release);
+        let _ = std::net::TcpStream::connect(("127.0.0.1", self.port));
+    }
+}
+
+#[test]
+fn a_silent_node_is_found_stale_by_pings_and_the_stub_fails_over_to_the_next_server() {
+    let nats = Nats::start();
+    let silent = SilentNode::start();
+    let servers1 = [silent.endpoint(), nats.endpoint()];
+    let r1 = runtime(Duration::from_secs(30));
+    let r2 = runtime(Duration::from_secs(30));
+    let mut events = r1.events();
+    let mut driver = Driver::new(&r1);
+    // Runtime 1's stubs try the silent node first, with short PINGs.
+    let pings = json!({ "config": { "ping-interval-ms": 200, "max-pings-outstanding": 2 } });
+    let mut b1 = TestBundle::new().hyperty("alice.example", "a", &guest("puppet"), puppet_config(false));
+    for domain in DOMAINS {
+        b1 = b1.protostub(domain, &servers1, pings.clone());
+    }
+    let b2 = with_stubs(TestBundle::new().hyperty("bob.example", "b", &guest("puppet"), puppet_config(true)), &[nats.endpoint()]);
+    r2.deploy(&b2.load()).unwrap();
+    r1.deploy(&b1.load()).unwrap();
+    let a = r1.lookup("alice.example", "a").unwrap();
+    let b = r2.lookup("bob.example", "b").unwrap();
+    // One request with a 25 s timeout; it loads bob.example's stub.
+    let id = driver.fresh_id();
+    let cmd = json!({ "op": "request", "message": { "id": id, "type": "read", "to": b.to_string(), "value": "{}" }, "timeout_ms": 25_000 });
+    assert_eq!(driver.command(&a, cmd), json!({ "ok": true }));
+    // Live on the silent node, stale after unanswered PINGs, then live on
+    // the real one.
+    let label = "protostub bob.example";
+    let status = |events: &mut tokio::sync::broadcast::Receiver<hyperty_host::Event>, want: &str| {
+        let e = wait_event(events, |e| e.hyperty == label && matches!(&e.kind, hyperty_host::EventKind::StubStatus { status, .. } if status == want));
+        let hyperty_host::EventKind::StubStatus { detail, .. } = e.kind else { unreachable!() };
+        detail
+    };
+    assert_eq!(status(&mut events, "live"), format!("connected to {}", silent.endpoint()));
+    let stale = status(&mut events, "disconnected");
+    assert!(stale.contains(&silent.endpoint()) && stale.contains("answered none of the last 2 PINGs") && stale.contains("stale"), "{stale}");
+    assert_eq!(status(&mut events, "live"), format!("connected to {}", nats.endpoint()));
+    assert!(silent.pings.load(std::sync::atomic::Ordering::Relaxed) >= 2, "the client sent PINGs after the handshake");
+    // The request, offered again on the new connection: answered.
+    let answer = driver.report(&a, |m| m["type"] == "response" && m["id"] == id);
+    assert_eq!(answer["code"], 200, "{answer}");
+    assert_eq!(r1.pending_requests(), 0);
 }

@@ -247,51 +247,6 @@ fn responses_leave_through_a_stub_only_to_answer_a_request_that_came_through_one
     assert!(more.is_none(), "{more:?}");
 }
 
-/// A nats-server run with a configuration file (users and permissions).
-struct ConfiguredNats {
-    child: std::process::Child,
-    port: u16,
-    _dir: tempfile::TempDir,
-}
-
-impl ConfiguredNats {
-    /// Starts nats-server with `authorization`, the `authorization { … }`
-    /// block of its configuration.
-    fn start(authorization: &str) -> ConfiguredNats {
-        ensure_nats_server();
-        let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
-        let config = dir.path().join("nats.conf");
-        std::fs::write(&config, format!("listen: \"127.0.0.1:{port}\"\nauthorization {{\n{authorization}\n}}\n")).unwrap();
-        let child = std::process::Command::new("nats-server")
-            .arg("-c")
-            .arg(&config)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("nats-server starts");
-        let mut nats = ConfiguredNats { child, port, _dir: dir };
-        let until = std::time::Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(nats.child.try_wait().unwrap().is_none(), "nats-server exited: is its configuration valid?");
-            assert!(std::time::Instant::now() < until, "nats-server did not listen on {port} within 10 s");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        nats
-    }
-
-    fn endpoint(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-}
-
-impl Drop for ConfiguredNats {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// nats-server users: each runtime publishes only as its own domain and
 /// reads only its own domain's subjects; mallory may publish as
 /// mallory.example only.
@@ -311,7 +266,7 @@ const PERMISSIONS: &str = r#"
 
 /// A runtime of `domain` hosting `bundle` with NATS stubs for alice.example
 /// and bob.example, logged in as `user`.
-fn runtime_of(domain: &str, bundle: TestBundle, nats: &ConfiguredNats, user: &str, pass: &str) -> (Runtime, TestBundle) {
+fn runtime_of(domain: &str, bundle: TestBundle, nats: &Nats, user: &str, pass: &str) -> (Runtime, TestBundle) {
     let r = Runtime::new(RuntimeConfig {
         cache_dir: cache_dir(),
         domain: domain.into(),
@@ -344,7 +299,7 @@ fn answered(driver: &mut Driver, a: &Address, b: &Address) {
 
 #[test]
 fn the_nodes_permissions_decide_who_publishes_as_a_domain() {
-    let nats = ConfiguredNats::start(PERMISSIONS);
+    let nats = Nats::with_config(&format!("authorization {{\n{PERMISSIONS}\n}}\n"));
     let b1 = TestBundle::new().hyperty("alice.example", "a", &guest("puppet"), puppet_config(false));
     let b2 = TestBundle::new().hyperty("bob.example", "b", &guest("puppet"), puppet_config(true));
     let (r1, _b1) = runtime_of("alice.example", b1, &nats, "alice-rt", "alice-pw");

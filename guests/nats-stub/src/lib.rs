@@ -9,6 +9,8 @@
 //!            user = "…", pass = "…",        # or token = "…" (optional)
 //!            ack-timeout-ms = 2000,          # resend when the far end is silent
 //!            window = 1024,                  # messages in flight at most
+//!            ping-interval-ms = 120000,      # client PINGs on a live connection
+//!            max-pings-outstanding = 2,      # unanswered PINGs before it is stale
 //!            fault-injection = { trap-after-messages = 50 } }  # chaos testing only
 //! ```
 //!
@@ -44,6 +46,21 @@
 //! numbers). On a lost connection the stub reports `disconnected`,
 //! reconnects with backoff (50 ms doubling to 2 s, servers in turn) and
 //! asks the host to `resume`: listen again, offer again what was in flight.
+//!
+//! Limits the node sets and the stub keeps (as the NATS clients do):
+//! - `max_payload` from the server's `INFO` (at every connection, and again
+//!   when the server sends a new `INFO`): an envelope larger than it (in
+//!   bytes on the wire, as published) is never sent, since the server
+//!   would close the connection for it; the stub `refuse`s it
+//!   (`too-large`, naming the limit) and the host answers its sender. A
+//!   `MSG` from the node larger than that limit, or a protocol line longer
+//!   than [`MAX_LINE`], is a protocol error: the connection is dropped.
+//! - Liveness: a PING every `ping-interval-ms` (default 2 minutes, as the
+//!   Go and Rust clients); when `max-pings-outstanding` (default 2) went
+//!   unanswered and another is due, the connection is stale: reported
+//!   `disconnected`, and the stub reconnects to the next server. A node that
+//!   stops reading is found the same way: a write that cannot complete
+//!   within [`WRITE_TIMEOUT`] drops the connection.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -59,7 +76,7 @@ wit_bindgen::generate!({
 
 use exports::rethink::hyperty::stub::Guest;
 use rethink::hyperty::log::{Level, log};
-use rethink::hyperty::stub_host::{self as host, StubStatus, Work};
+use rethink::hyperty::stub_host::{self as host, Refusal, StubStatus, Work};
 use wasi::clocks::monotonic_clock;
 use wasi::io::poll;
 use wasi::io::streams::{InputStream, OutputStream, StreamError};
@@ -75,6 +92,14 @@ const BACKOFF_MAX: u64 = 2_000 * MS;
 const CONNECT_TIMEOUT: u64 = 2_000 * MS;
 /// The subscription id of this stub's inbox (acks, no-responder notices).
 const INBOX_SID: u64 = 1;
+/// The longest protocol line taken from a node (an `INFO` with a cluster's
+/// `connect_urls` is the longest there is; the server's own limit for
+/// client lines, `max_control_line`, is 4 KiB).
+const MAX_LINE: usize = 64 * 1024;
+/// `max_payload` when the server's `INFO` does not say (NATS's default).
+const DEFAULT_MAX_PAYLOAD: usize = 1024 * 1024;
+/// How long a write may wait for the node to take bytes.
+const WRITE_TIMEOUT: u64 = 5_000 * MS;
 
 #[derive(Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
@@ -90,6 +115,10 @@ struct Config {
     ack_timeout_ms: u64,
     #[serde(default = "default_window")]
     window: usize,
+    #[serde(default = "default_ping_interval")]
+    ping_interval_ms: u64,
+    #[serde(default = "default_max_pings_outstanding")]
+    max_pings_outstanding: u32,
     #[serde(default)]
     fault_injection: Option<FaultInjection>,
 }
@@ -108,6 +137,14 @@ fn default_window() -> usize {
     1024
 }
 
+fn default_ping_interval() -> u64 {
+    120_000
+}
+
+fn default_max_pings_outstanding() -> u32 {
+    2
+}
+
 /// One connection to a node. Field order matters: the streams are
 /// children of the socket and must be dropped first.
 struct Conn {
@@ -118,6 +155,14 @@ struct Conn {
     _socket: tcp::TcpSocket,
     rbuf: Vec<u8>,
     wbuf: Vec<u8>,
+    /// The node's `ip:port`.
+    addr: SocketAddr,
+    /// The largest payload the node takes (its `INFO`'s `max_payload`).
+    max_payload: usize,
+    /// When the next client PING is due (monotonic ns).
+    next_ping: u64,
+    /// PINGs sent and not answered yet.
+    pings_outstanding: u32,
 }
 
 struct Stub {
@@ -222,7 +267,18 @@ impl Conn {
                 Err(e) => return Err(format!("connect to {addr}: {e:?}")),
             }
         };
-        Ok(Conn { readable: input.subscribe(), input, output, _socket: socket, rbuf: Vec::new(), wbuf: Vec::new() })
+        Ok(Conn {
+            readable: input.subscribe(),
+            input,
+            output,
+            _socket: socket,
+            rbuf: Vec::new(),
+            wbuf: Vec::new(),
+            addr,
+            max_payload: DEFAULT_MAX_PAYLOAD,
+            next_ping: u64::MAX,
+            pings_outstanding: 0,
+        })
     }
 
     /// Reads what is available; an error when the connection is gone.
@@ -239,19 +295,24 @@ impl Conn {
 
     /// Writes everything buffered in as few writes as the stream permits
     /// (one, usually): WASI gives no TCP_NODELAY, so many small writes in a
-    /// row would wait on Nagle's algorithm and the peer's delayed ACKs.
+    /// row would wait on Nagle's algorithm and the peer's delayed ACKs. A
+    /// node that takes nothing for [`WRITE_TIMEOUT`] is an error.
     fn flush(&mut self) -> Result<(), String> {
         let failed = |e: StreamError| match e {
             StreamError::Closed => "the node closed the connection".to_owned(),
             StreamError::LastOperationFailed(e) => format!("write: {}", e.to_debug_string()),
         };
         let mut written = 0;
+        let mut deadline = now() + WRITE_TIMEOUT;
         while written < self.wbuf.len() {
             let permitted = self.output.check_write().map_err(failed)? as usize;
             if permitted == 0 {
-                self.output.subscribe().block();
+                if !wait_until(&self.output.subscribe(), deadline) {
+                    return Err(format!("{} took nothing of what was sent for {} s", self.addr, WRITE_TIMEOUT / 1_000_000_000));
+                }
                 continue;
             }
+            deadline = now() + WRITE_TIMEOUT;
             let end = self.wbuf.len().min(written + permitted);
             self.output.write(&self.wbuf[written..end]).map_err(failed)?;
             written = end;
@@ -264,18 +325,12 @@ impl Conn {
         Ok(())
     }
 
-    /// The next protocol line (without CRLF), if a whole one is buffered.
-    fn line(&mut self) -> Option<String> {
-        let end = self.rbuf.windows(2).position(|w| w == b"\r\n")?;
-        let line = String::from_utf8_lossy(&self.rbuf[..end]).into_owned();
-        Some(line)
-    }
-
     /// Waits (until `deadline`) for a whole line and takes it.
     fn read_line(&mut self, deadline: u64) -> Result<String, String> {
         loop {
-            if let Some(line) = self.line() {
-                self.rbuf.drain(..line.len() + 2);
+            if let Some(end) = line_end(&self.rbuf)? {
+                let line = String::from_utf8_lossy(&self.rbuf[..end]).into_owned();
+                self.rbuf.drain(..end + 2);
                 return Ok(line);
             }
             if !wait_until(&self.readable, deadline) {
@@ -286,17 +341,45 @@ impl Conn {
     }
 }
 
+/// Where the first protocol line in `buf` ends (its CRLF), if it is whole;
+/// an error when it is longer than [`MAX_LINE`].
+fn line_end(buf: &[u8]) -> Result<Option<usize>, String> {
+    match buf.windows(2).position(|w| w == b"\r\n") {
+        Some(end) if end <= MAX_LINE => Ok(Some(end)),
+        None if buf.len() <= MAX_LINE + 1 => Ok(None),
+        _ => Err(format!("the node sent a protocol line longer than {MAX_LINE} bytes")),
+    }
+}
+
+/// The `max_payload` an `INFO` line (or its JSON) announces.
+fn max_payload(info: &str) -> Result<usize, String> {
+    let json = info.strip_prefix("INFO").unwrap_or(info).trim();
+    let info: serde_json::Value = serde_json::from_str(json).map_err(|e| format!("malformed INFO: {e}"))?;
+    match info.get("max_payload") {
+        None => Ok(DEFAULT_MAX_PAYLOAD),
+        Some(n) => n
+            .as_u64()
+            .filter(|n| *n > 0)
+            .map(|n| usize::try_from(n).unwrap_or(usize::MAX))
+            .ok_or_else(|| format!("malformed INFO: max_payload is {n}, not a positive number")),
+    }
+}
+
 /// One protocol operation from the node.
 enum Op {
     Msg { subject: String, reply: Option<String>, headers: Option<String>, payload: Vec<u8> },
     Ping,
+    Pong,
+    /// A new `INFO` (its JSON), as a server sends when its cluster changes.
+    Info(String),
     Err(String),
     Other,
 }
 
-/// Takes one whole operation from the front of `buf`, if there is one.
-fn parse(buf: &mut Vec<u8>) -> Result<Option<Op>, String> {
-    let Some(end) = buf.windows(2).position(|w| w == b"\r\n") else { return Ok(None) };
+/// Takes one whole operation from the front of `buf`, if there is one; a
+/// message larger than `max_payload` is a protocol error.
+fn parse(buf: &mut Vec<u8>, max_payload: usize) -> Result<Option<Op>, String> {
+    let Some(end) = line_end(buf)? else { return Ok(None) };
     let line = String::from_utf8_lossy(&buf[..end]).into_owned();
     let words: Vec<&str> = line.split_ascii_whitespace().collect();
     let verb = words.first().map(|w| w.to_ascii_uppercase()).unwrap_or_default();
@@ -308,6 +391,14 @@ fn parse(buf: &mut Vec<u8>) -> Result<Option<Op>, String> {
         ("PING", _) => {
             buf.drain(..end + 2);
             return Ok(Some(Op::Ping));
+        }
+        ("PONG", _) => {
+            buf.drain(..end + 2);
+            return Ok(Some(Op::Pong));
+        }
+        ("INFO", _) => {
+            buf.drain(..end + 2);
+            return Ok(Some(Op::Info(line)));
         }
         ("-ERR", _) => {
             buf.drain(..end + 2);
@@ -321,6 +412,12 @@ fn parse(buf: &mut Vec<u8>) -> Result<Option<Op>, String> {
     };
     let total: usize = total_len.parse().map_err(|_| format!("bad size in {line:?}"))?;
     let header: usize = header_len.map(str::parse).transpose().map_err(|_| format!("bad header size in {line:?}"))?.unwrap_or(0);
+    if header > total {
+        return Err(format!("header size above the total size in {line:?}"));
+    }
+    if total > max_payload {
+        return Err(format!("the node sent a message of {total} bytes, above its own max_payload ({max_payload})"));
+    }
     let start = end + 2;
     if buf.len() < start + total + 2 {
         return Ok(None);
@@ -346,6 +443,9 @@ impl Stub {
         }
         if config.window == 0 {
             return Err("window must be at least 1".into());
+        }
+        if config.ping_interval_ms == 0 {
+            return Err("ping-interval-ms must be at least 1".into());
         }
         Ok(Stub {
             domain,
@@ -404,6 +504,7 @@ impl Stub {
         if !info.starts_with("INFO ") {
             return Err(format!("{addr} is not a NATS server (it said {info:?})"));
         }
+        conn.max_payload = max_payload(&info).map_err(|e| format!("{addr}: {e}"))?;
         let mut connect = serde_json::json!({
             "verbose": false, "pedantic": false, "headers": true, "no_responders": true,
             "name": format!("hyperty-protostub {}", self.domain), "lang": "rust-wasm", "version": "0.1.0", "protocol": 1,
@@ -422,9 +523,11 @@ impl Stub {
             match line.as_str() {
                 "PONG" => break,
                 l if l.starts_with("-ERR") => return Err(format!("{addr} refused the connection: {l}")),
+                l if l.starts_with("INFO ") => conn.max_payload = max_payload(l).map_err(|e| format!("{addr}: {e}"))?,
                 _ => {}
             }
         }
+        conn.next_ping = now() + self.config.ping_interval_ms * MS;
         self.incarnation += 1;
         self.inbox = format!("_INBOX.{:x}{:x}", self.incarnation, now());
         conn.wbuf.extend_from_slice(format!("SUB {}.* {INBOX_SID}\r\n", self.inbox).as_bytes());
@@ -452,15 +555,28 @@ impl Stub {
     fn pump(&mut self) -> Result<(), String> {
         let conn = self.conn.as_mut().expect("connected");
         conn.read_available()?;
-        while let Some(op) = parse(&mut self.conn.as_mut().expect("connected").rbuf)? {
-            self.handle(op);
+        loop {
+            let conn = self.conn.as_mut().expect("connected");
+            let Some(op) = parse(&mut conn.rbuf, conn.max_payload)? else { break };
+            self.handle(op)?;
         }
+        let now = now();
         let conn = self.conn.as_mut().expect("connected");
+        if now >= conn.next_ping {
+            if conn.pings_outstanding >= self.config.max_pings_outstanding {
+                return Err(format!(
+                    "{} answered none of the last {} PINGs ({} ms apart): the connection is stale",
+                    conn.addr, conn.pings_outstanding, self.config.ping_interval_ms
+                ));
+            }
+            conn.wbuf.extend_from_slice(b"PING\r\n");
+            conn.pings_outstanding += 1;
+            conn.next_ping = now + self.config.ping_interval_ms * MS;
+        }
         for (inbox, seqs) in std::mem::take(&mut self.acks) {
             let payload = format!("ok {}", seqs.join(" "));
             conn.wbuf.extend_from_slice(format!("PUB {inbox}.ok {}\r\n{payload}\r\n", payload.len()).as_bytes());
         }
-        let now = now();
         let due: Vec<(u64, u64)> = self.deferred.range(..(now, u64::MAX)).map(|(k, _)| *k).collect();
         for key in due {
             self.deferred.remove(&key);
@@ -482,6 +598,18 @@ impl Stub {
             let Some(work) = host::next_work() else { break };
             let conn = self.conn.as_mut().expect("connected");
             match work {
+                Work::Send(o) if o.envelope.len() > conn.max_payload => {
+                    // The server would close the connection for it.
+                    host::refuse(
+                        o.seq,
+                        &Refusal::TooLarge(format!(
+                            "the envelope is {} bytes, more than the {} bytes the NATS node {} takes (its max_payload)",
+                            o.envelope.len(),
+                            conn.max_payload,
+                            conn.addr
+                        )),
+                    );
+                }
                 Work::Send(o) => {
                     let Some(sender) = sender_token(&o.envelope) else {
                         // The host makes envelopes; one without a sender is a bug.
@@ -516,9 +644,14 @@ impl Stub {
         self.conn.as_mut().expect("connected").flush()
     }
 
-    fn handle(&mut self, op: Op) {
+    fn handle(&mut self, op: Op) -> Result<(), String> {
         match op {
             Op::Ping => self.conn.as_mut().expect("connected").wbuf.extend_from_slice(b"PONG\r\n"),
+            Op::Pong => self.conn.as_mut().expect("connected").pings_outstanding = 0,
+            Op::Info(info) => {
+                let conn = self.conn.as_mut().expect("connected");
+                conn.max_payload = max_payload(&info).map_err(|e| format!("{}: {e}", conn.addr))?;
+            }
             Op::Err(e) => log(Level::Warn, &format!("{}: the node says {e}", self.domain)),
             Op::Other => {}
             Op::Msg { subject, reply, headers, payload } => {
@@ -532,7 +665,7 @@ impl Stub {
                     } else if let Ok(seq) = token.parse::<u64>() {
                         self.answered(seq, headers.as_deref(), &payload);
                     }
-                    return;
+                    return Ok(());
                 }
                 // The sender's domain, as the node's permissions vouch for it.
                 let sender = subject.rsplit_once('.').map_or("", |(_, token)| token).replace('_', ".");
@@ -541,7 +674,7 @@ impl Stub {
                     Err(e) if e.starts_with("busy") => e,
                     Err(e) => format!("refused: {e}"),
                 };
-                let Some(reply) = reply else { return };
+                let Some(reply) = reply else { return Ok(()) };
                 // Oks to one sender are gathered and sent once per round
                 // (`<its inbox>.ok`); anything else is answered at once.
                 if let (true, Some((inbox, seq))) = (answer == "ok", reply.rsplit_once('.'))
@@ -554,6 +687,7 @@ impl Stub {
                 }
             }
         }
+        Ok(())
     }
 
     /// The far end's answer to message `seq` (or the node's, for nobody).
@@ -599,8 +733,9 @@ impl Stub {
                 return;
             }
             let mut wake = deadline;
-            if self.conn.is_none() {
-                wake = wake.min(self.next_connect);
+            match &self.conn {
+                None => wake = wake.min(self.next_connect),
+                Some(conn) => wake = wake.min(conn.next_ping),
             }
             if let Some(((due, _), _)) = self.deferred.first_key_value() {
                 wake = wake.min(*due);

@@ -13,6 +13,7 @@ use wasmtime_wasi::sockets::SocketAddrUse;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use super::{Stub, StubContext, StubQueue, Work};
+use crate::message::code;
 use crate::sandbox::limits::{DomainMemory, InstanceLimiter, Limits};
 
 mod bindings {
@@ -132,6 +133,20 @@ fn arm(store: &mut Store<StubState>, deadline: Duration) {
     crate::engine::arm(store, crate::engine::ticks(deadline), None);
 }
 
+/// Longest text a stub's report or refusal puts into statuses and answers,
+/// in bytes (the rest is cut).
+const MAX_STUB_TEXT: usize = 1024;
+
+/// `text` cut to [`MAX_STUB_TEXT`] bytes (at a character boundary).
+fn cut(mut text: String) -> String {
+    if text.len() > MAX_STUB_TEXT {
+        let end = (0..=MAX_STUB_TEXT).rev().find(|i| text.is_char_boundary(*i)).unwrap_or(0);
+        text.truncate(end);
+        text.push('…');
+    }
+    text
+}
+
 /// Ready while the stub's queue has work it has not taken.
 struct WorkReady(Arc<StubQueue>);
 
@@ -164,6 +179,13 @@ impl wit::Host for StubState {
         self.stub.queue.retry(seq);
     }
 
+    fn refuse(&mut self, seq: u64, why: wit::Refusal) {
+        let (code, why) = match why {
+            wit::Refusal::TooLarge(why) => (code::PAYLOAD_TOO_LARGE, why),
+        };
+        self.stub.refuse(&self.bus, seq, code, &cut(why));
+    }
+
     fn resume(&mut self) {
         self.stub.queue.resume();
     }
@@ -178,7 +200,7 @@ impl wit::Host for StubState {
 
     fn report_status(&mut self, status: StubStatus, detail: String) {
         let context = super::StatusSink { registry: &self.registry, events: &self.events, bus: &self.bus };
-        super::report(&self.stub, context, status, &detail);
+        super::report(&self.stub, context, status, &cut(detail));
     }
 }
 

@@ -10,7 +10,9 @@
 //!   messages in, bounded (a full queue is answered 503 to the sender), in
 //!   the host so it survives the stub's restarts. A message leaves it only
 //!   when the stub says the far end took it; on a reconnection or a
-//!   restart, what was in flight is offered again;
+//!   restart, what was in flight is offered again. A message the stub
+//!   refuses for good (larger than its node takes) leaves it, and its sender
+//!   is answered at once ([`Stub::refuse`]);
 //! - the **wire format**: an envelope (JSON) carrying the message, its
 //!   identity assertion, the queue's origin id and a sequence number, which
 //!   the receiving host uses to drop duplicates ([`Dedup`]);
@@ -145,6 +147,16 @@ impl Stub {
         }
     }
 
+    /// The stub will never carry its queue's message `seq`: it leaves the
+    /// queue and its sender is answered `code` with `why` (a request is no
+    /// longer pending). An unknown `seq` is ignored.
+    pub(crate) fn refuse(&self, bus: &Bus, seq: u64, code: u16, why: &str) {
+        let Some(message) = self.queue.refuse(seq) else { return };
+        let why = format!("the protostub of {} cannot carry it: {why}", self.domain);
+        tracing::warn!(id = message.id, from = %message.from, to = %message.to, "{why}");
+        bus.answer_taken(&message, code, why);
+    }
+
     pub fn stop(&self) {
         self.stopped.store(true, Ordering::Release);
         self.queue.notify.notify_one();
@@ -162,6 +174,10 @@ pub(crate) fn stub_address(domain: &str) -> Address {
 
 /// One outbound message in the queue.
 struct Item {
+    /// The message's id, type and sender: enough to answer it.
+    id: u64,
+    kind: MessageType,
+    from: Address,
     to: Address,
     envelope: String,
     in_flight: bool,
@@ -213,7 +229,8 @@ impl StubQueue {
         s.next_seq += 1;
         let seq = s.next_seq;
         let envelope = envelope(message, &self.origin, seq, wait);
-        s.items.insert(seq, Item { to: message.to.clone(), envelope, in_flight: false });
+        let item = Item { id: message.id, kind: message.kind, from: message.from.clone(), to: message.to.clone(), envelope, in_flight: false };
+        s.items.insert(seq, item);
         s.ready.insert(seq);
         drop(s);
         self.notify.notify_one();
@@ -263,6 +280,15 @@ impl StubQueue {
         }
         drop(s);
         self.notify.notify_one();
+    }
+
+    /// Takes `seq` out of the queue for good: the message it carried
+    /// (without its body), to answer its sender; `None` if it is not queued.
+    pub fn refuse(&self, seq: u64) -> Option<Message> {
+        let mut s = self.state.lock().unwrap();
+        s.ready.remove(&seq);
+        let item = s.items.remove(&seq)?;
+        Some(Message::new(item.id, item.kind, item.from, item.to, None))
     }
 
     /// Everything in flight is offered again; every address is listened for
