@@ -66,7 +66,7 @@ fn a_refused_oversized_message_leaves_no_copy_in_the_host() {
     let oversize = |name: &str| {
         TestBundle::new()
             .hyperty(EVIL, name, &guest("hostile"), json!({ "mode": "oversize" }))
-            .domain(EVIL, json!({ "limits": { "memory-mb": 256 } }))
+            .domain(EVIL, json!({ "limits": { "memory-mb": 256, "call-timeout-ms": 30_000 } }))
     };
     // Once first, so that what the first time allocates for good (code,
     // caches, the pool's bookkeeping) is not counted.
@@ -75,7 +75,7 @@ fn a_refused_oversized_message_leaves_no_copy_in_the_host() {
         runtime.deploy(&bundle.load()).unwrap();
         let evil = runtime.lookup(EVIL, name).unwrap();
         let answer = driver.ask(&evil, json!({ "to": b.to_string(), "bytes": 40 << 20 }));
-        let result: Value = serde_json::from_str(answer.body.value.as_deref().unwrap()).unwrap();
+        let result: Value = serde_json::from_str(answer.body.value.as_deref().unwrap_or_else(|| panic!("{answer:?}"))).unwrap();
         assert!(result["error"].as_str().unwrap().starts_with("too-large:"), "{result}");
         // The guest's own memory (80 MiB and more: the string, and the
         // message holding it) is its domain's; undeployed, it is returned.
@@ -85,15 +85,15 @@ fn a_refused_oversized_message_leaves_no_copy_in_the_host() {
         wait_until("the guest's memory is returned", || runtime.memory_used(EVIL).unwrap_or(0) == 0);
     };
     try_oversize("warm-up");
-    // Several times: allocator noise (some MiB either way) averages out,
-    // a kept copy (40 MiB each time) adds up.
+    // Several times: the allocator's noise (some MiB either way) averages
+    // out, a kept copy (40 MiB each time) adds up.
     const TIMES: i64 = 5;
     let before = resident_bytes();
     for i in 0..TIMES {
         try_oversize(&format!("x{i}"));
     }
     let grown = (resident_bytes() as i64 - before as i64) / TIMES;
-    eprintln!("a refused 40 MiB message: resident {:+} KiB a time, once its guest is gone ({TIMES} times)", grown >> 10);
-    assert!(grown < 4 << 20, "the host kept {} KiB a time", grown >> 10);
+    eprintln!("a refused 40 MiB message: resident {:+} KiB a time ({TIMES} times), once its guest is gone", grown >> 10);
+    assert!(grown < 16 << 20, "the host kept {} KiB a time (a copy is 40 MiB)", grown >> 10);
     driver.still_works(&a, &b);
 }

@@ -236,9 +236,9 @@ fn flood_is_rate_limited_and_other_domains_still_get_through() {
 
 #[test]
 fn oversized_message_is_refused_with_a_clear_error() {
-    let mut c = case("oversize", json!({ "limits": { "memory-mb": 256 } }));
+    let mut c = case("oversize", json!({ "limits": { "memory-mb": 256, "call-timeout-ms": 30_000 } }));
     let answer = c.driver.ask(&c.evil.clone(), json!({ "to": c.b.to_string(), "bytes": 40 << 20 }));
-    let result: Value = serde_json::from_str(answer.body.value.as_deref().unwrap()).unwrap();
+    let result: Value = serde_json::from_str(answer.body.value.as_deref().unwrap_or_else(|| panic!("{answer:?}"))).unwrap();
     let error = result["error"].as_str().unwrap();
     assert!(error.starts_with("too-large:") && error.contains("the limit is 1048576"), "{error}");
     let evil = c.evil.clone();
@@ -254,7 +254,7 @@ fn oversized_message_is_refused_with_a_clear_error() {
 fn garbage_addresses_and_bodies_are_refused_one_by_one() {
     let mut c = case("garbage", json!({}));
     let answer = c.driver.ask(&c.evil.clone(), json!({}));
-    let result: Value = serde_json::from_str(answer.body.value.as_deref().unwrap()).unwrap();
+    let result: Value = serde_json::from_str(answer.body.value.as_deref().unwrap_or_else(|| panic!("{answer:?}"))).unwrap();
     let errors: Vec<&str> = result["errors"].as_array().unwrap().iter().map(|e| e.as_str().unwrap()).collect();
     let malformed = errors.iter().filter(|e| e.starts_with("malformed")).count();
     assert!(malformed >= 8, "{errors:?}");
