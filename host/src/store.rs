@@ -35,7 +35,9 @@ pub(crate) struct Store {
 }
 
 impl Store {
-    /// Opens (creating) `<dir>/runtime.redb`.
+    /// Opens (creating) `<dir>/runtime.redb`. Fails at once, naming the
+    /// file, if another runtime (this process or another) has it open: redb
+    /// locks the file for its one writer.
     pub fn open(dir: &Path) -> Result<Store> {
         let mut builder = std::fs::DirBuilder::new();
         builder.recursive(true);
@@ -43,7 +45,13 @@ impl Store {
         std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
         builder.create(dir).with_context(|| format!("cannot create the data directory {}", dir.display()))?;
         let path = dir.join("runtime.redb");
-        let db = Database::create(&path).with_context(|| format!("cannot open {}", path.display()))?;
+        let db = Database::create(&path).map_err(|e| match e {
+            redb::DatabaseError::DatabaseAlreadyOpen => anyhow::anyhow!(
+                "{} is in use by another runtime (the file is locked); stop that one, or give this one its own data directory (--data-dir)",
+                path.display()
+            ),
+            e => anyhow::Error::new(e).context(format!("cannot open {}", path.display())),
+        })?;
         Ok(Store { db })
     }
 

@@ -221,6 +221,26 @@ impl Driver {
         }
     }
 
+    /// The messages from `puppet` that reached the observer before a marker
+    /// sent to `puppet` now came back in its report, oldest first. A puppet
+    /// handles and reports what it gets in the order its inbox got it, so
+    /// anything delivered to `puppet` before this call is among them: a
+    /// negative check that always looks, and waits for no fixed time.
+    pub fn before_marker(&mut self, puppet: &Address) -> Vec<Message> {
+        let id = self.fresh_id();
+        let mut marker = Message::new(id, MessageType::Update, self.address().clone(), puppet.clone(), None);
+        marker.body.resource = Some("marker".into());
+        self.endpoint.send(marker).unwrap();
+        self.expect(|m| {
+            let r = reported(m);
+            m.kind == MessageType::Forward && &m.from == puppet && r["id"] == id && r["resource"] == "marker"
+        });
+        let mut unmatched = self.unmatched.borrow_mut();
+        let (from_puppet, others) = std::mem::take(&mut *unmatched).into_iter().partition(|m| &m.from == puppet);
+        *unmatched = others;
+        from_puppet.into()
+    }
+
     /// The first report (a puppet's `forward`) whose reported message
     /// matches `pred`, as JSON.
     pub fn report(&self, from_puppet: &Address, pred: impl Fn(&Value) -> bool) -> Value {
@@ -323,11 +343,74 @@ pub fn unix_now() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
 }
 
-/// Resident memory of this process, in bytes (Linux).
+/// Resident memory of this process, in bytes: `VmRSS` of
+/// `/proc/self/status` (Linux, proc(5)). Panics if it cannot be read: a
+/// memory bound checked against nothing would pass whatever happened.
 pub fn resident_bytes() -> usize {
-    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
-    let pages: usize = statm.split_whitespace().nth(1).and_then(|p| p.parse().ok()).unwrap_or(0);
-    pages * 4096
+    let status = std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_else(|e| panic!("cannot measure resident memory: /proc/self/status: {e}"));
+    let kib: usize = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().strip_suffix("kB"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("cannot measure resident memory: no `VmRSS: <n> kB` line in /proc/self/status"));
+    kib << 10
+}
+
+/// Waits until `condition` holds, checking it every few milliseconds for
+/// up to 10 s; panics naming `what` if it never does.
+pub fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
+    let until = Instant::now() + Duration::from_secs(10);
+    while !condition() {
+        assert!(Instant::now() < until, "{what}: not within 10 s");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Private data and cache directories for running the `hyperty` command
+/// line in a test, so that no test opens the user's own
+/// (`~/.local/share/hyperty`, `~/.cache/hyperty`) or trips over another
+/// run's lock. Removed on drop.
+pub struct CliDirs {
+    data: tempfile::TempDir,
+    cache: tempfile::TempDir,
+}
+
+impl Default for CliDirs {
+    fn default() -> Self {
+        CliDirs::new()
+    }
+}
+
+impl CliDirs {
+    pub fn new() -> CliDirs {
+        CliDirs { data: tempfile::tempdir().unwrap(), cache: tempfile::tempdir().unwrap() }
+    }
+
+    /// The `--data-dir` given to the command line.
+    pub fn data(&self) -> &Path {
+        self.data.path()
+    }
+
+    /// The `--cache-dir` given to the command line.
+    pub fn cache(&self) -> &Path {
+        self.cache.path()
+    }
+
+    /// Runs `hyperty --data-dir <data> --cache-dir <cache> <args...>` in this
+    /// process and returns its exit code.
+    pub fn cli<S: AsRef<std::ffi::OsStr>>(&self, args: &[S]) -> std::process::ExitCode {
+        let dirs = [
+            "hyperty".as_ref(),
+            "--data-dir".as_ref(),
+            self.data.path().as_os_str(),
+            "--cache-dir".as_ref(),
+            self.cache.path().as_os_str(),
+        ];
+        let args = dirs.into_iter().chain(args.iter().map(AsRef::as_ref)).map(std::ffi::OsStr::to_owned);
+        hyperty_host::cli::main_with_args(args)
+    }
 }
 
 /// A NATS server (Debian's `nats-server`, installed if missing) on

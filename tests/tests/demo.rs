@@ -1,13 +1,17 @@
-//! The demo bundle runs to completion, as `just demo` runs it.
+//! The demo bundle runs to completion, as `just demo` runs it, in data and
+//! cache directories of its own; a data directory another runtime holds is
+//! refused at once, naming the file.
 //!
 //! Its own test binary: it captures the process's log to check what the
 //! demo said, which needs the one global tracing subscriber.
 
 use std::io::Write;
 use std::process::ExitCode;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
 
-use hyperty_tests::{cache_dir, repo};
+use hyperty_host::{Runtime, RuntimeConfig};
+use hyperty_tests::{CliDirs, repo};
 
 #[derive(Clone, Default)]
 struct Captured(Arc<Mutex<Vec<u8>>>);
@@ -22,22 +26,25 @@ impl Write for Captured {
     }
 }
 
+/// The process's log so far (the subscriber is installed on first use).
+fn log() -> String {
+    static LOG: OnceLock<Captured> = OnceLock::new();
+    let captured = LOG.get_or_init(|| {
+        let log = Captured::default();
+        let writer = log.clone();
+        tracing_subscriber::fmt().with_ansi(false).with_writer(move || writer.clone()).init();
+        log
+    });
+    String::from_utf8(captured.0.lock().unwrap().clone()).unwrap()
+}
+
 #[test]
 fn demo_bundle_plays_every_round_and_exits_by_itself() {
-    let log = Captured::default();
-    let writer = log.clone();
-    tracing_subscriber::fmt().with_ansi(false).with_writer(move || writer.clone()).init();
-
+    log();
+    let dirs = CliDirs::new();
     let bundle = repo().join("guests/demo/bundle.toml");
-    let code = hyperty_host::cli::main_with_args([
-        "hyperty".as_ref(),
-        "--cache-dir".as_ref(),
-        cache_dir().as_os_str(),
-        "run".as_ref(),
-        bundle.as_os_str(),
-        "--exit-when-idle".as_ref(),
-    ]);
-    let log = String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
+    let code = dirs.cli(&["run".as_ref(), bundle.as_os_str(), "--exit-when-idle".as_ref()]);
+    let log = log();
     assert!(code == ExitCode::SUCCESS, "the demo failed:\n{log}\n(if a guest changed, re-pin: just pin)");
     for round in 1..=3 {
         let from = format!("got \"ping {round}\" from alice@idp.example (asserted by idp.example) at hyperty://alice.example/");
@@ -46,4 +53,28 @@ fn demo_bundle_plays_every_round_and_exits_by_itself() {
     }
     assert!(log.contains("game over: every ping got its pong"), "{log}");
     assert!(log.contains("every hyperty is idle; stopping"), "{log}");
+    assert!(dirs.data().join("runtime.redb").exists(), "the runtime kept its state in the data directory given");
+}
+
+#[test]
+fn a_data_directory_another_runtime_holds_is_refused_naming_the_file() {
+    log();
+    let dirs = Arc::new(CliDirs::new());
+    let config = || RuntimeConfig { cache_dir: dirs.cache().to_owned(), data_dir: Some(dirs.data().to_owned()), ..RuntimeConfig::default() };
+    let holder = Runtime::new(config()).expect("the first runtime opens the data directory");
+    let file = dirs.data().join("runtime.redb");
+
+    let err = format!("{:#}", Runtime::new(config()).err().expect("a second runtime on the same data directory is refused"));
+    assert!(err.contains(&file.display().to_string()) && err.contains("in use by another runtime"), "{err}");
+
+    // The command line fails at once too (it does not wait for the holder
+    // to go away), even with --exit-when-idle; the holder keeps running.
+    let (done, finished) = std::sync::mpsc::channel();
+    let bundle = repo().join("guests/demo/bundle.toml");
+    let args = [std::ffi::OsString::from("run"), bundle.into_os_string(), "--exit-when-idle".into()];
+    let cli_dirs = dirs.clone();
+    std::thread::spawn(move || done.send(cli_dirs.cli(&args)));
+    let code = finished.recv_timeout(Duration::from_secs(60)).expect("the command line returned");
+    assert!(code == ExitCode::FAILURE);
+    assert!(holder.wait_idle(Duration::from_secs(5)), "the first runtime still works");
 }

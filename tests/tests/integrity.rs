@@ -1,6 +1,7 @@
 //! Code integrity (G2): signed components, and a compiled-component cache
 //! that never runs what it did not write itself.
 
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -9,8 +10,9 @@ use hyperty_host::{Runtime, RuntimeConfig};
 use hyperty_tests::*;
 use serde_json::json;
 
+/// `hyperty <args>` with private data and cache directories.
 fn cli(args: &[&str]) -> ExitCode {
-    hyperty_host::cli::main_with_args(std::iter::once("hyperty").chain(args.iter().copied()))
+    CliDirs::new().cli(args)
 }
 
 /// A provider key made with `hyperty keygen`, and its public key.
@@ -73,8 +75,7 @@ fn signed_components_deploy_and_bad_signatures_are_refused_saying_why() {
     runtime.deploy(&signed_bundle(&component, &[&alice_pub]).load()).expect("a good signature deploys");
     // `hyperty check` agrees.
     let good = signed_bundle(&component, &[&alice_pub]);
-    let cache = cache_dir();
-    assert_eq!(cli(&["--cache-dir", cache.to_str().unwrap(), "check", good.write().to_str().unwrap()]), ExitCode::SUCCESS);
+    assert_eq!(cli(&["check", good.write().to_str().unwrap()]), ExitCode::SUCCESS);
 }
 
 fn runtime_with_cache(dir: &Path) -> Runtime {
@@ -125,6 +126,9 @@ fn swapped_or_foreign_artifacts_are_not_executed() {
     drop(runtime);
     let artifacts = cached_artifacts(cache.path());
     assert_eq!(artifacts.len(), 2);
+    let digest = hyperty_host::Digest::of(&std::fs::read(guest("puppet")).unwrap()).to_string();
+    let puppet = artifacts.iter().find(|a| a.file_name().unwrap().to_str().unwrap().starts_with(&digest)).unwrap().clone();
+    let original = std::fs::read(&puppet).unwrap();
     // Swap them, sidecars included: each file now claims to be the other.
     let tmp = cache.path().join("swap");
     std::fs::rename(&artifacts[0], &tmp).unwrap();
@@ -134,12 +138,25 @@ fn swapped_or_foreign_artifacts_are_not_executed() {
     std::fs::rename(&macs[0], &tmp).unwrap();
     std::fs::rename(&macs[1], &macs[0]).unwrap();
     std::fs::rename(&tmp, &macs[1]).unwrap();
-    // The puppet still behaves as the puppet (not pong's code under its name).
+    // The puppet still behaves as the puppet (not pong's code under its
+    // name), compiled afresh: its artifact is the puppet's again.
+    assert_ne!(std::fs::read(&puppet).unwrap(), original, "swapped");
     works_with_cache(cache.path());
+    assert_eq!(std::fs::read(&puppet).unwrap(), original, "the swapped-in artifact was replaced by the puppet's own");
 
-    // A cache written with another runtime's key (foreign) is recompiled too.
-    std::fs::remove_file(cache.path().join("mac.key")).unwrap();
+    // A cache written with another runtime's key (foreign) is recompiled
+    // too: the artifact is written again and sealed with this key.
+    std::fs::write(cache.path().join("mac.key"), hex_key(0x5a)).unwrap();
+    let foreign_mac = std::fs::read(puppet.with_extension("mac")).unwrap();
+    let foreign_file = std::fs::metadata(&puppet).unwrap().ino();
     works_with_cache(cache.path());
+    assert_ne!(std::fs::metadata(&puppet).unwrap().ino(), foreign_file, "the foreign artifact was rewritten, not used");
+    assert_ne!(std::fs::read(puppet.with_extension("mac")).unwrap(), foreign_mac, "and sealed with this runtime's key");
+}
+
+/// A cache key of 32 bytes `byte`, as `mac.key` holds it (hex).
+fn hex_key(byte: u8) -> String {
+    format!("{byte:02x}").repeat(32)
 }
 
 #[test]

@@ -163,11 +163,16 @@ fn registrations_are_announced_to_the_domain_registry_with_keep_alives() {
 
 #[test]
 fn a_served_domain_registry_keeps_refreshed_registrations_and_expires_silent_ones() {
+    use hyperty_host::registry::Status;
     use hyperty_host::{Message, MessageType, Query};
+    use std::time::Instant;
+    /// Long enough that a keep-alive sent right after the last was applied
+    /// is never late, short enough to wait for a few of them.
+    const EXPIRY: Duration = Duration::from_millis(1000);
     let runtime = hyperty_host::Runtime::new(hyperty_host::RuntimeConfig {
         cache_dir: cache_dir(),
         registry_keep_alive: Duration::from_millis(50),
-        registry_expiry: Some(Duration::from_millis(500)),
+        registry_expiry: Some(EXPIRY),
         serve_registries: vec!["alice.example".into()],
         ..hyperty_host::RuntimeConfig::default()
     })
@@ -194,40 +199,42 @@ fn a_served_domain_registry_keeps_refreshed_registrations_and_expires_silent_one
     announce(4, MessageType::Create, json!({ "nonsense": true }));
     let by_type = || runtime.discover(&Query { hyperty_type: Some("chat".into()), ..Default::default() });
     let names = |q: Query| runtime.discover(&q).into_iter().map(|r| r.name).collect::<Vec<_>>();
-    let until = std::time::Instant::now() + Duration::from_secs(10);
-    while by_type().first().map(|r| r.status) != Some(hyperty_host::registry::Status::Live) {
-        assert!(std::time::Instant::now() < until, "the remote registration never became live: {:?}", by_type());
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    let status = || by_type().first().map(|r| r.status);
+    wait_until("the remote registration becomes live", || status() == Some(Status::Live));
     let found = by_type();
     assert_eq!((found.len(), found[0].address.as_str(), found[0].user.as_deref()), (1, far, Some("carol@idp.example")));
     assert_eq!(names(Query { domain: Some("alice.example".into()), ..Default::default() }), ["chat", "local"], "own hyperty once, remote one too");
     assert!(names(Query { domain: Some("bob.example".into()), ..Default::default() }).is_empty(), "a foreign registration was refused");
-    // Refreshed by keep-alives it stays, well past the expiry.
-    for id in 10..40 {
-        announce(id, MessageType::Update, json!({ "keep-alive": true, "status": "live" }));
-        std::thread::sleep(Duration::from_millis(40));
+    // Refreshed by keep-alives it stays, well past the expiry: each
+    // keep-alive flips the status, and the next goes once the registry has
+    // applied it (seen through discovery), so they follow each other as
+    // fast as the registry takes them, never paced against the expiry.
+    let refreshing = Instant::now();
+    let mut id = 10;
+    while refreshing.elapsed() < 3 * EXPIRY {
+        let next = if status() == Some(Status::Live) { Status::Disconnected } else { Status::Live };
+        let name = if next == Status::Live { "live" } else { "disconnected" };
+        announce(id, MessageType::Update, json!({ "keep-alive": true, "status": name }));
+        id += 1;
+        wait_until("a keep-alive is applied", || status() == Some(next));
     }
     assert_eq!(by_type().len(), 1, "kept while refreshed");
-    // Silent, it expires; the local hyperty, kept alive by this runtime, stays.
-    let until = std::time::Instant::now() + Duration::from_secs(10);
-    while !by_type().is_empty() {
-        assert!(std::time::Instant::now() < until, "never expired");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    std::thread::sleep(Duration::from_millis(600));
-    assert_eq!(names(Query { domain: Some("alice.example".into()), ..Default::default() }), ["local"]);
+    // Silent, it expires; the local hyperty, kept alive by this runtime,
+    // stays: still there once a registration announced after the first
+    // one's expiry has expired too (a full expiry later).
+    wait_until("the silent registration expires", || by_type().is_empty());
+    let later = "hyperty://alice.example/later";
+    let mut m = Message::new(40, MessageType::Create, remote.address().clone(), registry.clone(), Some(json!({ "address": later,
+        "kind": "hyperty", "name": "later", "domain": "alice.example", "status": "live" }).to_string()));
+    m.body.resource = Some(later.into());
+    remote.send(m).unwrap();
+    let alice = || names(Query { domain: Some("alice.example".into()), ..Default::default() });
+    wait_until("the later registration is kept", || alice().contains(&"later".to_owned()));
+    wait_until("the later registration expires", || !alice().contains(&"later".to_owned()));
+    assert_eq!(alice(), ["local"]);
     // Created again, then deleted: gone at once.
     announce(50, MessageType::Create, json!({ "address": far, "kind": "hyperty", "name": "chat", "domain": "alice.example", "hyperty-types": ["chat"], "status": "live" }));
-    let until = std::time::Instant::now() + Duration::from_secs(10);
-    while by_type().is_empty() {
-        assert!(std::time::Instant::now() < until);
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_until("created again", || !by_type().is_empty());
     announce(51, MessageType::Delete, json!({}));
-    let until = std::time::Instant::now() + Duration::from_secs(10);
-    while !by_type().is_empty() {
-        assert!(std::time::Instant::now() < until, "delete ignored");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_until("deleted", || by_type().is_empty());
 }

@@ -3,6 +3,8 @@
 //!
 //! - `loop`: never returns (interrupted at the call deadline);
 //! - `memory`: allocates until memory runs out;
+//! - `hoard`: allocates `mb` MiB (from the request value), touches and keeps
+//!   it, and answers with how many MiB it holds in all;
 //! - `recursion`: recurses until the stack overflows;
 //! - `trap`: panics;
 //! - `flood`: sends `count` messages to `to` (from the request value) as
@@ -13,8 +15,9 @@
 //!   errors;
 //! - `vault`: keeps `secret` (from the config) and a counter; answers `read`
 //!   with the counter only and counts `update`s from its `owner`;
-//! - `snoop`: tries every import against the hyperty `victim` names and
-//!   answers with everything it saw.
+//! - `snoop`: tries every import against the hyperty `victim` names (whose
+//!   owner is `owner`: it forges that address too) and answers with
+//!   everything it saw.
 //!
 //! In every mode, a request whose value has `"panic": true` makes it panic.
 
@@ -40,6 +43,8 @@ struct State {
     me: String,
     config: Config,
     counter: u64,
+    /// What `hoard` keeps.
+    hoard: Vec<Vec<u8>>,
 }
 
 thread_local! {
@@ -51,7 +56,7 @@ struct Hostile;
 impl Guest for Hostile {
     fn init(address: String, config: String) -> Result<(), String> {
         let config: Config = serde_json::from_str(&config).map_err(|e| format!("bad config: {e}"))?;
-        STATE.with(|s| *s.borrow_mut() = Some(State { me: address, config, counter: 0 }));
+        STATE.with(|s| *s.borrow_mut() = Some(State { me: address, config, counter: 0, hoard: Vec::new() }));
         Ok(())
     }
 
@@ -74,6 +79,7 @@ impl Guest for Hostile {
                     hoard.push(black_box(vec![1u8; 1 << 20]));
                 }
             }
+            "hoard" => hoard(value["mb"].as_u64().unwrap_or(0) as usize),
             "recursion" => json!(deep(black_box(u64::MAX))),
             "trap" => panic!("hostile hyperty panics on every message"),
             "flood" => flood(&value),
@@ -95,6 +101,15 @@ fn me() -> String {
 
 fn deep(n: u64) -> u64 {
     if n == 0 { 0 } else { black_box(deep(black_box(n - 1))) + 1 }
+}
+
+fn hoard(mb: usize) -> Value {
+    STATE.with(|s| {
+        let mut s = s.borrow_mut();
+        let s = s.as_mut().unwrap();
+        s.hoard.push(black_box(vec![1u8; mb << 20]));
+        json!({ "held_mb": s.hoard.iter().map(Vec::len).sum::<usize>() >> 20 })
+    })
 }
 
 fn flood(value: &Value) -> Value {
@@ -171,18 +186,19 @@ fn vault(msg: &Message) -> Value {
 
 /// Tries every import against the victim; returns what came back.
 fn snoop() -> Value {
-    let (me, victim) = STATE.with(|s| {
+    let (me, victim, owner) = STATE.with(|s| {
         let s = s.borrow();
         let s = s.as_ref().unwrap();
-        (s.me.clone(), s.config.victim.clone())
+        (s.me.clone(), s.config.victim.clone(), s.config.owner.clone())
     });
     let (domain, name) = victim.split_once('/').unwrap_or(("", ""));
     let victim_address = registry::lookup(domain, name).unwrap_or_default();
     let mut seen = vec![json!({ "lookup": victim_address })];
     let attempts = [
-        // Write to the vault as the vault itself, and as its owner.
+        // Write to the vault as the vault itself, and as its real owner
+        // (whose updates it counts).
         Message::new(1, MessageType::Update, &victim_address, &victim_address, "{}"),
-        Message::new(2, MessageType::Update, "hyperty://alice.example/owner", &victim_address, "{}"),
+        Message::new(2, MessageType::Update, &owner, &victim_address, "{}"),
         // Update it honestly (the vault refuses: not the owner).
         Message::new(3, MessageType::Update, &me, &victim_address, "{}"),
     ];

@@ -27,7 +27,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use cedar_policy::{
     Authorizer, Context, Entities, Entity, EntityId, EntityTypeName, EntityUid, PolicyId, PolicySet, Request,
@@ -202,11 +202,23 @@ impl CedarPolicies {
 
     /// Reloads whenever one of [`files`](Self::files) changes, checking
     /// every `interval`, until `self` is dropped; a refused reload is logged
-    /// and the policies in force stay.
+    /// and the policies in force stay. A change is a change of length or of
+    /// content (SHA-256 of the first 16 MiB), not only of modification time:
+    /// two writes within the file system's timestamp granularity are both
+    /// seen.
     pub fn watch(self: &Arc<Self>, interval: Duration) {
         let weak = Arc::downgrade(self);
-        let stamp = |files: &[PathBuf]| -> Vec<Option<SystemTime>> {
-            files.iter().map(|f| std::fs::metadata(f).and_then(|m| m.modified()).ok()).collect()
+        let stamp = |files: &[PathBuf]| -> Vec<Option<(u64, [u8; 32])>> {
+            use sha2::Digest as _;
+            use std::io::Read as _;
+            let one = |f: &PathBuf| -> std::io::Result<(u64, [u8; 32])> {
+                let file = std::fs::File::open(f)?;
+                let len = file.metadata()?.len();
+                let mut hasher = sha2::Sha256::new();
+                std::io::copy(&mut file.take(16 << 20), &mut hasher)?;
+                Ok((len, hasher.finalize().into()))
+            };
+            files.iter().map(|f| one(f).ok()).collect()
         };
         let mut seen = stamp(&self.files());
         let _ = std::thread::Builder::new().name("hyperty-policy-watch".into()).spawn(move || {

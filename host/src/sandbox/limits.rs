@@ -288,6 +288,47 @@ impl RateLimiter {
 mod tests {
     use super::*;
 
+    fn backoff_ms(policy: &RestartPolicy, failures: u32) -> Option<u128> {
+        policy.backoff(failures).map(|d| d.as_millis())
+    }
+
+    #[test]
+    fn default_backoff_doubles_from_100_ms_up_to_30_s() {
+        let policy = RestartPolicy::default();
+        let schedule: Vec<u128> = (1..=11).map(|n| backoff_ms(&policy, n).unwrap()).collect();
+        assert_eq!(schedule, [100, 200, 400, 800, 1600, 3200, 6400, 12800, 25600, 30_000, 30_000]);
+        // However many failures: the cap, no overflow.
+        for failures in [21, 64, 1000, u32::MAX] {
+            assert_eq!(backoff_ms(&policy, failures), Some(30_000), "failure {failures}");
+        }
+    }
+
+    #[test]
+    fn backoff_follows_the_configured_initial_and_cap() {
+        let policy = RestartPolicy { initial_backoff_ms: 40, max_backoff_ms: 100, ..RestartPolicy::default() };
+        let schedule: Vec<u128> = (1..=5).map(|n| backoff_ms(&policy, n).unwrap()).collect();
+        assert_eq!(schedule, [40, 80, 100, 100, 100]);
+        // A huge initial value saturates at the cap instead of overflowing.
+        let policy = RestartPolicy { initial_backoff_ms: u64::MAX / 2, max_backoff_ms: u64::MAX, ..RestartPolicy::default() };
+        assert_eq!(policy.backoff(30), Some(Duration::from_millis(u64::MAX)));
+    }
+
+    #[test]
+    fn stop_policy_never_restarts() {
+        let policy = RestartPolicy { policy: RestartKind::Stop, ..RestartPolicy::default() };
+        assert_eq!((1..=3).map(|n| policy.backoff(n)).collect::<Vec<_>>(), [None, None, None]);
+    }
+
+    #[test]
+    fn restart_policy_needs_a_positive_initial_backoff_under_its_cap() {
+        assert!(RestartPolicy::default().validate().is_ok());
+        let zero = RestartPolicy { initial_backoff_ms: 0, ..RestartPolicy::default() };
+        let inverted = RestartPolicy { initial_backoff_ms: 200, max_backoff_ms: 100, ..RestartPolicy::default() };
+        for bad in [zero, inverted] {
+            assert!(bad.validate().unwrap_err().contains("initial-backoff-ms"), "{bad:?}");
+        }
+    }
+
     #[test]
     fn rate_limiter_never_grants_more_than_burst_plus_rate() {
         let limits = Limits { rate: 1000, burst: 100, ..Limits::default() };
