@@ -371,3 +371,49 @@ fn the_nodes_permissions_decide_who_publishes_as_a_domain() {
     // And the legitimate path still works.
     answered(&mut driver, &a, &b);
 }
+
+#[test]
+fn a_runtime_announces_its_users_hyperties_with_their_assertions() {
+    let nats = Nats::start();
+    let servers = [nats.endpoint()];
+    // Runtime 1 serves bob.example's registry; bob.example requires identity
+    // there (it holds only the IdP's public key).
+    let r1 = Runtime::new(RuntimeConfig {
+        cache_dir: cache_dir(),
+        request_timeout: Duration::from_secs(10),
+        serve_registries: vec!["bob.example".into()],
+        ..RuntimeConfig::default()
+    })
+    .unwrap();
+    let b1 = TestBundle::new()
+        .hyperty("bob.example", "keeper", &guest("puppet"), puppet_config(false))
+        .idp_verifier(IDP, IDP_KEY, &["bob.example"])
+        .domain("bob.example", json!({ "require-identity": true }))
+        .protostub("bob.example", &servers, json!({}));
+    r1.deploy(&b1.load()).unwrap();
+    // Runtime 2 hosts bob's hyperty and one bound to nobody.
+    let r2 = runtime(Duration::from_secs(10));
+    let b2 = TestBundle::new()
+        .hyperty("bob.example", "anonymous", &guest("puppet"), puppet_config(false))
+        .hyperty("bob.example", "b", &guest("puppet"), puppet_config(false))
+        .user("bob.example", "b", "bob@idp.example")
+        .idp(IDP, IDP_KEY, &["bob.example"])
+        .protostub("bob.example", &servers, json!({}));
+    r2.deploy(&b2.load()).unwrap();
+    let b = r2.lookup("bob.example", "b").unwrap();
+    // b's registration arrives with bob's assertion and is taken.
+    let by_domain = Query { domain: Some("bob.example".into()), ..Default::default() };
+    let until = std::time::Instant::now() + Duration::from_secs(30);
+    let found = loop {
+        let found = r1.discover(&by_domain);
+        if found.iter().any(|r| r.address == b && r.status == hyperty_host::registry::Status::Live) {
+            break found;
+        }
+        assert!(std::time::Instant::now() < until, "b was never announced to runtime 1: {found:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let b_entry = found.iter().find(|r| r.address == b).unwrap();
+    assert_eq!(b_entry.user.as_deref(), Some("bob@idp.example"));
+    // The hyperty nobody vouches for was announced first, and refused.
+    assert!(found.iter().all(|r| r.name != "anonymous"), "{found:?}");
+}
