@@ -158,6 +158,26 @@ fn a_stub_cannot_speak_for_an_address_routed_here() {
 }
 
 #[test]
+fn no_write_reaches_a_data_object_through_a_stub_even_once_its_reporter_is_gone() {
+    let r = runtime(Duration::from_secs(10));
+    let mut driver = Driver::new(&r);
+    let bundle = TestBundle::new().hyperty("alice.example", "a", &guest("puppet"), puppet_config(false));
+    r.deploy(&with_forger(bundle, "alice.example").load()).unwrap();
+    let a = r.lookup("alice.example", "a").unwrap();
+    let created = driver.command(&a, json!({ "op": "create", "scheme": "room", "data": { "n": 1 } }));
+    let url = created["url"].as_str().expect("a object").to_owned();
+    // The object outlives its reporter's route; its address is free to claim.
+    assert!(r.undeploy("alice.example", "a"));
+    let mut forger = Forger::new("alice.example");
+    let mut forged = envelope(1, "update", a.as_str(), &url, Some(r#"[{"op":"add","path":"/pwned","value":true}]"#));
+    forged["timeout-ms"] = json!(5000);
+    assert_eq!(forger.post(&mut driver, forged, None), "ok");
+    let answer = forger.outbound(&driver);
+    assert_eq!((answer["id"].as_u64(), answer["body"]["code"].as_u64()), (Some(1), Some(403)), "{answer}");
+    assert!(answer["body"]["description"].as_str().unwrap().contains("only its reporter, a hyperty of this runtime"), "{answer}");
+}
+
+#[test]
 fn a_served_registry_takes_announcements_only_from_who_may_make_them() {
     let r = Runtime::new(RuntimeConfig {
         cache_dir: cache_dir(),
