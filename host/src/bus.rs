@@ -25,9 +25,8 @@ use std::time::{Duration, Instant};
 
 use crate::address::Address;
 use crate::message::{Message, MessageType, code};
-use crate::identity::Identities;
+use crate::identity::{Crossing, Identities};
 use crate::policy::{Decision, Descriptor, EnforcementPoint, Parties, PolicyDecisionPoint};
-use crate::identity::Crossing;
 use crate::protostub::{InboundRequests, QueueError, Stub};
 use crate::syncher::Syncher;
 use crate::sandbox::{Inbox, Refused};

@@ -70,6 +70,17 @@ impl Forger {
     }
 }
 
+/// A runtime with the puppet alice.example/a (answering requests if
+/// `echo`) and the forger as the protostub of `stub`.
+fn alice_and_forger(echo: bool, stub: &str) -> (Runtime, Driver, Address, Forger) {
+    let r = runtime(Duration::from_secs(10));
+    let driver = Driver::new(&r);
+    let bundle = TestBundle::new().hyperty("alice.example", "a", &guest("puppet"), puppet_config(echo));
+    r.deploy(&with_forger(bundle, stub).load()).unwrap();
+    let a = r.lookup("alice.example", "a").unwrap();
+    (r, driver, a, Forger::new(stub))
+}
+
 /// An envelope as a remote runtime would send it.
 fn envelope(seq: u64, kind: &str, from: &str, to: &str, value: Option<&str>) -> Value {
     json!({ "v": 1, "origin": "forged", "seq": seq, "id": seq, "type": kind, "from": from, "to": to,
@@ -159,16 +170,11 @@ fn a_stub_cannot_speak_for_an_address_routed_here() {
 
 #[test]
 fn no_write_reaches_a_data_object_through_a_stub_even_once_its_reporter_is_gone() {
-    let r = runtime(Duration::from_secs(10));
-    let mut driver = Driver::new(&r);
-    let bundle = TestBundle::new().hyperty("alice.example", "a", &guest("puppet"), puppet_config(false));
-    r.deploy(&with_forger(bundle, "alice.example").load()).unwrap();
-    let a = r.lookup("alice.example", "a").unwrap();
+    let (r, mut driver, a, mut forger) = alice_and_forger(false, "alice.example");
     let created = driver.command(&a, json!({ "op": "create", "scheme": "room", "data": { "n": 1 } }));
     let url = created["url"].as_str().expect("a object").to_owned();
     // The object outlives its reporter's route; its address is free to claim.
     assert!(r.undeploy("alice.example", "a"));
-    let mut forger = Forger::new("alice.example");
     let mut forged = envelope(1, "update", a.as_str(), &url, Some(r#"[{"op":"add","path":"/pwned","value":true}]"#));
     forged["timeout-ms"] = json!(5000);
     assert_eq!(forger.post(&mut driver, forged, None), "ok");
@@ -235,12 +241,7 @@ fn a_served_registry_takes_announcements_only_from_who_may_make_them() {
 
 #[test]
 fn responses_leave_through_a_stub_only_to_answer_a_request_that_came_through_one() {
-    let r = runtime(Duration::from_secs(10));
-    let mut driver = Driver::new(&r);
-    let bundle = TestBundle::new().hyperty("alice.example", "a", &guest("puppet"), puppet_config(true));
-    r.deploy(&with_forger(bundle, "bob.example").load()).unwrap();
-    let a = r.lookup("alice.example", "a").unwrap();
-    let mut forger = Forger::new("bob.example");
+    let (_r, mut driver, a, mut forger) = alice_and_forger(true, "bob.example");
     let asker = "hyperty://bob.example/asker";
     // a answers requests nobody made, through `reply` and as plain sends.
     for id in 1000..1020 {
