@@ -25,9 +25,8 @@ use std::time::{Duration, Instant};
 
 use crate::address::Address;
 use crate::message::{Message, MessageType, code};
-use crate::identity::Identities;
+use crate::identity::{Crossing, Identities};
 use crate::policy::{Decision, Descriptor, EnforcementPoint, Parties, PolicyDecisionPoint};
-use crate::identity::Crossing;
 use crate::protostub::{InboundRequests, QueueError, Stub};
 use crate::syncher::Syncher;
 use crate::sandbox::{Inbox, Refused};
@@ -284,7 +283,8 @@ impl Bus {
     /// validated, and required where the receiving domain requires identity,
     /// even when it claims the receiver's own domain. It is delivered only
     /// to what is routed here: never out through a stub (no relaying), nor
-    /// to a stub's status address (local subscribers only). A request is
+    /// to a stub's status address (local subscribers only), nor as a write
+    /// to a data object (403: its reporter is here). A request is
     /// recorded, so that a response may leave through a stub to answer it.
     pub fn send_inbound(&self, message: Message, stub_domain: &str, wait: Option<Duration>) -> Result<(), SendError> {
         if self.is_routed(&message.from) {
@@ -332,6 +332,11 @@ impl Bus {
                     format!("no hyperty or endpoint at {} here, and it came through the protostub of {origin}", message.to),
                 )),
                 Route::StubStatus(_) => Some((code::FORBIDDEN, format!("{} takes subscriptions from this runtime only", message.to))),
+                // A data object's reporter is always a hyperty here, even
+                // once its route is gone: no write comes through a stub.
+                Route::Object(_) if matches!(message.kind, MessageType::Create | MessageType::Update | MessageType::Delete) => {
+                    Some((code::FORBIDDEN, format!("only its reporter, a hyperty of this runtime, changes {}", message.to)))
+                }
                 _ => None,
             };
             if let Some((code, why)) = refusal {

@@ -70,6 +70,17 @@ impl Forger {
     }
 }
 
+/// A runtime with the puppet alice.example/a (answering requests if
+/// `echo`) and the forger as the protostub of `stub`.
+fn alice_and_forger(echo: bool, stub: &str) -> (Runtime, Driver, Address, Forger) {
+    let r = runtime(Duration::from_secs(10));
+    let driver = Driver::new(&r);
+    let bundle = TestBundle::new().hyperty("alice.example", "a", &guest("puppet"), puppet_config(echo));
+    r.deploy(&with_forger(bundle, stub).load()).unwrap();
+    let a = r.lookup("alice.example", "a").unwrap();
+    (r, driver, a, Forger::new(stub))
+}
+
 /// An envelope as a remote runtime would send it.
 fn envelope(seq: u64, kind: &str, from: &str, to: &str, value: Option<&str>) -> Value {
     json!({ "v": 1, "origin": "forged", "seq": seq, "id": seq, "type": kind, "from": from, "to": to,
@@ -158,6 +169,21 @@ fn a_stub_cannot_speak_for_an_address_routed_here() {
 }
 
 #[test]
+fn no_write_reaches_a_data_object_through_a_stub_even_once_its_reporter_is_gone() {
+    let (r, mut driver, a, mut forger) = alice_and_forger(false, "alice.example");
+    let created = driver.command(&a, json!({ "op": "create", "scheme": "room", "data": { "n": 1 } }));
+    let url = created["url"].as_str().expect("a object").to_owned();
+    // The object outlives its reporter's route; its address is free to claim.
+    assert!(r.undeploy("alice.example", "a"));
+    let mut forged = envelope(1, "update", a.as_str(), &url, Some(r#"[{"op":"add","path":"/pwned","value":true}]"#));
+    forged["timeout-ms"] = json!(5000);
+    assert_eq!(forger.post(&mut driver, forged, None), "ok");
+    let answer = forger.outbound(&driver);
+    assert_eq!((answer["id"].as_u64(), answer["body"]["code"].as_u64()), (Some(1), Some(403)), "{answer}");
+    assert!(answer["body"]["description"].as_str().unwrap().contains("only its reporter, a hyperty of this runtime"), "{answer}");
+}
+
+#[test]
 fn a_served_registry_takes_announcements_only_from_who_may_make_them() {
     let r = Runtime::new(RuntimeConfig {
         cache_dir: cache_dir(),
@@ -215,12 +241,7 @@ fn a_served_registry_takes_announcements_only_from_who_may_make_them() {
 
 #[test]
 fn responses_leave_through_a_stub_only_to_answer_a_request_that_came_through_one() {
-    let r = runtime(Duration::from_secs(10));
-    let mut driver = Driver::new(&r);
-    let bundle = TestBundle::new().hyperty("alice.example", "a", &guest("puppet"), puppet_config(true));
-    r.deploy(&with_forger(bundle, "bob.example").load()).unwrap();
-    let a = r.lookup("alice.example", "a").unwrap();
-    let mut forger = Forger::new("bob.example");
+    let (_r, mut driver, a, mut forger) = alice_and_forger(true, "bob.example");
     let asker = "hyperty://bob.example/asker";
     // a answers requests nobody made, through `reply` and as plain sends.
     for id in 1000..1020 {
@@ -325,4 +346,50 @@ fn the_nodes_permissions_decide_who_publishes_as_a_domain() {
     assert!(answer.payload.contains("the node vouches for a sender of mallory.example"), "{answer:?}");
     // And the legitimate path still works.
     answered(&mut driver, &a, &b);
+}
+
+#[test]
+fn a_runtime_announces_its_users_hyperties_with_their_assertions() {
+    let nats = Nats::start();
+    let servers = [nats.endpoint()];
+    // Runtime 1 serves bob.example's registry; bob.example requires identity
+    // there (it holds only the IdP's public key).
+    let r1 = Runtime::new(RuntimeConfig {
+        cache_dir: cache_dir(),
+        request_timeout: Duration::from_secs(10),
+        serve_registries: vec!["bob.example".into()],
+        ..RuntimeConfig::default()
+    })
+    .unwrap();
+    let b1 = TestBundle::new()
+        .hyperty("bob.example", "keeper", &guest("puppet"), puppet_config(false))
+        .idp_verifier(IDP, IDP_KEY, &["bob.example"])
+        .domain("bob.example", json!({ "require-identity": true }))
+        .protostub("bob.example", &servers, json!({}));
+    r1.deploy(&b1.load()).unwrap();
+    // Runtime 2 hosts bob's hyperty and one bound to nobody.
+    let r2 = runtime(Duration::from_secs(10));
+    let b2 = TestBundle::new()
+        .hyperty("bob.example", "anonymous", &guest("puppet"), puppet_config(false))
+        .hyperty("bob.example", "b", &guest("puppet"), puppet_config(false))
+        .user("bob.example", "b", "bob@idp.example")
+        .idp(IDP, IDP_KEY, &["bob.example"])
+        .protostub("bob.example", &servers, json!({}));
+    r2.deploy(&b2.load()).unwrap();
+    let b = r2.lookup("bob.example", "b").unwrap();
+    // b's registration arrives with bob's assertion and is taken.
+    let by_domain = Query { domain: Some("bob.example".into()), ..Default::default() };
+    let until = std::time::Instant::now() + Duration::from_secs(30);
+    let found = loop {
+        let found = r1.discover(&by_domain);
+        if found.iter().any(|r| r.address == b && r.status == hyperty_host::registry::Status::Live) {
+            break found;
+        }
+        assert!(std::time::Instant::now() < until, "b was never announced to runtime 1: {found:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let b_entry = found.iter().find(|r| r.address == b).unwrap();
+    assert_eq!(b_entry.user.as_deref(), Some("bob@idp.example"));
+    // The hyperty nobody vouches for was announced first, and refused.
+    assert!(found.iter().all(|r| r.name != "anonymous"), "{found:?}");
 }

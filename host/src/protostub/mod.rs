@@ -690,3 +690,38 @@ pub(crate) fn report(stub: &Stub, sink: StatusSink<'_>, status: glue::StubStatus
 
 /// Ids of status updates (notifications: nobody answers them).
 static STATUS_IDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(from: &str, id: u64, to: &str) -> Message {
+        Message::new(id, MessageType::Read, Address::parse(from).unwrap(), Address::parse(to).unwrap(), None)
+    }
+
+    #[test]
+    fn inbound_requests_are_answered_once_by_their_receiver_and_bounded_per_stub() {
+        let inbound = InboundRequests::default();
+        let wait = Duration::from_secs(60);
+        let (asker, local) = ("hyperty://bob.example/asker", "hyperty://alice.example/a");
+        inbound.record(&request(asker, 1, local), "bob.example", wait).unwrap();
+        let answer = |from: &str, id: u64| Message::response(id, Address::parse(from).unwrap(), Address::parse(asker).unwrap(), code::OK);
+        assert!(!inbound.take(&answer("hyperty://alice.example/other", 1)), "another address answered");
+        assert!(!inbound.take(&answer(local, 2)), "a request never made");
+        assert!(inbound.take(&answer(local, 1)));
+        assert!(!inbound.take(&answer(local, 1)), "answered twice");
+        // The bound is per stub; a full stub refuses, others do not care.
+        for id in 0..InboundRequests::PER_STUB as u64 {
+            inbound.record(&request(asker, id, local), "bob.example", wait).unwrap();
+        }
+        assert_eq!(inbound.record(&request(asker, 99_999, local), "bob.example", wait), Err(InboundRequests::PER_STUB));
+        inbound.record(&request("hyperty://carol.example/c", 1, local), "carol.example", wait).unwrap();
+        // Taking one makes room; expired ones make room too.
+        assert!(inbound.take(&answer(local, 7)));
+        inbound.record(&request(asker, 99_999, local), "bob.example", Duration::ZERO).unwrap();
+        assert!(!inbound.take(&answer(local, 99_999)), "expired");
+        inbound.record(&request(asker, 100_000, local), "bob.example", Duration::ZERO).unwrap();
+        inbound.record(&request(asker, 100_001, local), "bob.example", wait).unwrap();
+        assert!(inbound.take(&answer(local, 100_001)));
+    }
+}
