@@ -488,13 +488,21 @@ impl Nats {
     }
 
     /// Starts the server (again: on the same ports) and waits until this
-    /// child says it listens on them. Fails with the child's log if it
-    /// exits (after retrying for a while when a port is in use elsewhere) or
+    /// child says it listens on them. Panics with the child's log if it
+    /// exits (after retrying for 20 s when a port is in use elsewhere) or
     /// does not listen within 20 s.
     pub fn restart(&mut self) {
+        if let Err(why) = self.try_restart(Duration::from_secs(20)) {
+            panic!("nats-server (port {}, cluster {:?}) did not start: {why}", self.port, self.cluster_port);
+        }
+    }
+
+    /// [`Nats::restart`], trying for `within`; why not, with the log of the
+    /// child that tried last.
+    pub fn try_restart(&mut self, within: Duration) -> Result<(), String> {
         self.kill();
         let port = |p: u16| if p == 0 { "-1".to_owned() } else { p.to_string() };
-        let until = Instant::now() + Duration::from_secs(20);
+        let until = Instant::now() + within;
         loop {
             let mut cmd = std::process::Command::new("nats-server");
             if let Some((_, path)) = &self.config {
@@ -517,14 +525,14 @@ impl Nats {
                     self.cluster_port = cluster;
                     self.child = Some(child);
                     self.log = log;
-                    return;
+                    return Ok(());
                 }
                 Err(why) if why.contains("address already in use") && Instant::now() < until => {
                     // Another process holds one of our ports for now: a
                     // pause, and again.
                     std::thread::sleep(Duration::from_millis(50));
                 }
-                Err(why) => panic!("nats-server (ports {}, cluster {:?}) did not start: {why}", self.port, self.cluster_port),
+                Err(why) => return Err(why),
             }
         }
     }
@@ -551,7 +559,7 @@ impl Nats {
             if Instant::now() >= until {
                 let _ = child.kill();
                 let _ = child.wait();
-                return Err(format!("it did not listen within 20 s:\n{}", text.0));
+                return Err(format!("it did not listen in time:\n{}", text.0));
             }
             text = log.grew.wait_timeout(text, Duration::from_millis(100)).unwrap().0;
         }
@@ -590,9 +598,13 @@ impl TestBundle {
 }
 
 /// Publishes `payload` on `subject` of the NATS server at `port`, as a
-/// plain client (to put raw envelopes on the wire).
-pub fn nats_publish(port: u16, subject: &str, payload: &str) {
-    use std::io::{BufRead, BufReader, Write};
+/// plain client (to put raw envelopes on the wire), until a subscriber
+/// takes it: each try asks for a reply and for the node's "no responders"
+/// notice, so none is lost while the subscription is on its way. The
+/// subscriber's answer: a `nats-stub` answers `ok <n>` (its acknowledgement)
+/// or why its host refused the envelope.
+pub fn nats_publish(port: u16, subject: &str, payload: &str) -> String {
+    use std::io::{BufRead, BufReader, Read, Write};
     let stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let mut reader = BufReader::new(stream.try_clone().unwrap());
@@ -600,15 +612,36 @@ pub fn nats_publish(port: u16, subject: &str, payload: &str) {
     reader.read_line(&mut line).unwrap();
     assert!(line.starts_with("INFO"), "{line}");
     let mut w = stream;
-    write!(w, "CONNECT {{\"verbose\":false}}\r\nPUB {subject} {}\r\n{payload}\r\nPING\r\n", payload.len()).unwrap();
-    loop {
-        line.clear();
-        reader.read_line(&mut line).unwrap();
-        if line.starts_with("PONG") {
-            return;
+    write!(w, "CONNECT {{\"verbose\":false,\"headers\":true,\"no_responders\":true}}\r\nSUB _TEST_INBOX.* 1\r\n").unwrap();
+    let until = Instant::now() + Duration::from_secs(10);
+    for attempt in 1.. {
+        write!(w, "PUB {subject} _TEST_INBOX.{attempt} {}\r\n{payload}\r\n", payload.len()).unwrap();
+        // The answer: MSG/HMSG <subject> <sid> [<header size>] <size>.
+        let (headers, body) = loop {
+            line.clear();
+            reader.read_line(&mut line).unwrap();
+            assert!(!line.starts_with("-ERR"), "{line}");
+            if line.starts_with("PING") {
+                w.write_all(b"PONG\r\n").unwrap();
+            }
+            let words: Vec<&str> = line.split_ascii_whitespace().collect();
+            let sizes: Vec<usize> = match words.first() {
+                Some(&"MSG") | Some(&"HMSG") => words[3..].iter().map(|w| w.parse().unwrap()).collect(),
+                _ => continue,
+            };
+            let total = *sizes.last().unwrap();
+            let mut bytes = vec![0; total + 2];
+            reader.read_exact(&mut bytes).unwrap();
+            let split = if sizes.len() == 2 { sizes[0] } else { 0 };
+            let text = String::from_utf8_lossy(&bytes[..total]).into_owned();
+            break (text[..split].to_owned(), text[split..].to_owned());
+        };
+        if !headers.starts_with("NATS/1.0 503") {
+            return body;
         }
-        assert!(!line.starts_with("-ERR"), "{line}");
+        assert!(Instant::now() < until, "nobody subscribed to {subject} within 10 s");
     }
+    unreachable!()
 }
 
 /// The NATS subject the `nats-stub` guest uses for `address` of `domain`.
