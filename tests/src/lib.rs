@@ -604,44 +604,76 @@ impl TestBundle {
 /// subscriber's answer: a `nats-stub` answers `ok <n>` (its acknowledgement)
 /// or why its host refused the envelope.
 pub fn nats_publish(port: u16, subject: &str, payload: &str) -> String {
+    nats_publish_all(port, subject, &[payload]).remove(0)
+}
+
+/// [`nats_publish`] for the first payload, then the others in one write,
+/// each asking for a reply; every answer message, until each payload was
+/// answered (a `nats-stub` answers oks in bulk: `ok <n> <n> …`).
+pub fn nats_publish_all(port: u16, subject: &str, payloads: &[&str]) -> Vec<String> {
     use std::io::{BufRead, BufReader, Read, Write};
     let stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let mut reader = BufReader::new(stream.try_clone().unwrap());
-    let mut line = String::new();
-    reader.read_line(&mut line).unwrap();
-    assert!(line.starts_with("INFO"), "{line}");
     let mut w = stream;
-    write!(w, "CONNECT {{\"verbose\":false,\"headers\":true,\"no_responders\":true}}\r\nSUB _TEST_INBOX.* 1\r\n").unwrap();
-    let until = Instant::now() + Duration::from_secs(10);
-    for attempt in 1.. {
-        write!(w, "PUB {subject} _TEST_INBOX.{attempt} {}\r\n{payload}\r\n", payload.len()).unwrap();
-        // The answer: MSG/HMSG <subject> <sid> [<header size>] <size>.
-        let (headers, body) = loop {
+    // The next message: (reply token, headers, payload).
+    let mut next = |w: &mut std::net::TcpStream| -> (String, String, String) {
+        let mut line = String::new();
+        loop {
             line.clear();
-            reader.read_line(&mut line).unwrap();
+            if let Err(e) = reader.read_line(&mut line) {
+                panic!("no answer on {subject} within 10 s: {e}");
+            }
             assert!(!line.starts_with("-ERR"), "{line}");
             if line.starts_with("PING") {
                 w.write_all(b"PONG\r\n").unwrap();
             }
+            // MSG/HMSG <subject> <sid> [<header size>] <size>.
             let words: Vec<&str> = line.split_ascii_whitespace().collect();
-            let sizes: Vec<usize> = match words.first() {
-                Some(&"MSG") | Some(&"HMSG") => words[3..].iter().map(|w| w.parse().unwrap()).collect(),
-                _ => continue,
-            };
+            if !matches!(words.first(), Some(&"MSG") | Some(&"HMSG")) {
+                continue;
+            }
+            let sizes: Vec<usize> = words[3..].iter().map(|w| w.parse().unwrap()).collect();
             let total = *sizes.last().unwrap();
             let mut bytes = vec![0; total + 2];
             reader.read_exact(&mut bytes).unwrap();
             let split = if sizes.len() == 2 { sizes[0] } else { 0 };
             let text = String::from_utf8_lossy(&bytes[..total]).into_owned();
-            break (text[..split].to_owned(), text[split..].to_owned());
-        };
+            let token = words[1].rsplit('.').next().unwrap().to_owned();
+            return (token, text[..split].to_owned(), text[split..].to_owned());
+        }
+    };
+    write!(w, "CONNECT {{\"verbose\":false,\"headers\":true,\"no_responders\":true}}\r\nSUB _TEST_INBOX.* 1\r\n").unwrap();
+    let until = Instant::now() + Duration::from_secs(10);
+    let mut answers = Vec::new();
+    for attempt in 1.. {
+        // Numbered apart from the batch's 1..len.
+        write!(w, "PUB {subject} _TEST_INBOX.{} {}\r\n{}\r\n", 1_000_000 + attempt, payloads[0].len(), payloads[0]).unwrap();
+        let (_, headers, body) = next(&mut w);
         if !headers.starts_with("NATS/1.0 503") {
-            return body;
+            answers.push(body);
+            break;
         }
         assert!(Instant::now() < until, "nobody subscribed to {subject} within 10 s");
     }
-    unreachable!()
+    let mut batch = Vec::new();
+    for (i, payload) in payloads.iter().enumerate().skip(1) {
+        write!(batch, "PUB {subject} _TEST_INBOX.{i} {}\r\n{payload}\r\n", payload.len()).unwrap();
+    }
+    w.write_all(&batch).unwrap();
+    let mut unanswered: std::collections::BTreeSet<String> = (1..payloads.len()).map(|i| i.to_string()).collect();
+    while !unanswered.is_empty() {
+        let (token, _, body) = next(&mut w);
+        if token == "ok" {
+            for n in body.split_ascii_whitespace().skip(1) {
+                unanswered.remove(n);
+            }
+        } else {
+            unanswered.remove(&token);
+        }
+        answers.push(body);
+    }
+    answers
 }
 
 /// The NATS subject the `nats-stub` guest uses for `address` of `domain`.

@@ -611,3 +611,35 @@ fn the_nats_harness_waits_for_its_own_server_and_says_why_it_did_not_start() {
     std::io::BufReader::new(std::net::TcpStream::connect(("127.0.0.1", nats.port)).unwrap()).read_line(&mut info).unwrap();
     assert!(info.starts_with("INFO ") && info.contains("\"server_id\""), "{info}");
 }
+
+#[test]
+fn acknowledgements_in_bulk_fit_the_nodes_max_payload() {
+    let nats = Nats::with_config("max_payload: 1024\n");
+    let r2 = runtime(Duration::from_secs(10));
+    let mut events = r2.events();
+    let bundle = TestBundle::new()
+        .hyperty("bob.example", "b", &guest("puppet"), puppet_config(true))
+        .protostub("bob.example", &[nats.endpoint()], json!({}));
+    r2.deploy(&bundle.load()).unwrap();
+    let b = r2.lookup("bob.example", "b").unwrap();
+    statuses_until(&mut events, "bob.example", "live");
+    // 300 envelopes at once, each for an address of bob.example that is not
+    // here (answered 404 to a sender nobody routes, and acknowledged): the
+    // stub takes many in one round and acknowledges them in bulk.
+    let envelopes: Vec<String> = (0..300)
+        .map(|n| {
+            json!({ "v": 1, "origin": "test", "seq": n, "id": n, "type": "update", "from": "hyperty://carol.example/c",
+                "to": "hyperty://bob.example/nobody", "body": {} })
+            .to_string()
+        })
+        .collect();
+    let payloads: Vec<&str> = envelopes.iter().map(String::as_str).collect();
+    let answers = nats_publish_all(nats.port, &nats_subject("bob.example", b.as_str()), &payloads);
+    let acked: usize = answers.iter().map(|a| a.split_ascii_whitespace().skip(1).count()).sum();
+    assert_eq!(acked, 300, "every envelope acknowledged: {answers:?}");
+    assert!(answers.len() > 1 && answers.iter().all(|a| a.starts_with("ok ") && a.len() <= 1024), "{answers:?}");
+    // No message was too large for the node: the stub never lost its connection.
+    let statuses = statuses_so_far(&mut events, "bob.example");
+    assert!(statuses.iter().all(|(s, _)| s != "disconnected"), "{statuses:?}");
+    assert!(!nats.log().contains("Maximum Payload"), "{}", nats.log());
+}
