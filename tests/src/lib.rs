@@ -497,8 +497,8 @@ impl Nats {
         }
     }
 
-    /// [`Nats::restart`], trying for `within`; why not, with the log of the
-    /// child that tried last.
+    /// [`Nats::restart`], trying again for `within` while a port is in use
+    /// elsewhere; why not, with the log of the child that tried last.
     pub fn try_restart(&mut self, within: Duration) -> Result<(), String> {
         self.kill();
         let port = |p: u16| if p == 0 { "-1".to_owned() } else { p.to_string() };
@@ -519,7 +519,8 @@ impl Nats {
             cmd.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped());
             let mut child = cmd.spawn().expect("nats-server starts");
             let log = NatsLog::read(child.stderr.take().unwrap());
-            match self.wait_listening(&mut child, &log, until) {
+            // Each child gets 20 s to listen or exit, whatever `within` is.
+            match self.wait_listening(&mut child, &log, Instant::now() + Duration::from_secs(20)) {
                 Ok((client, cluster)) => {
                     self.port = client;
                     self.cluster_port = cluster;
