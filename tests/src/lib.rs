@@ -571,13 +571,21 @@ impl Nats {
     }
 
     /// Starts the server (again: on the same ports) and waits until this
-    /// child says it listens on them. Fails with the child's log if it
-    /// exits (after retrying for a while when a port is in use elsewhere) or
+    /// child says it listens on them. Panics with the child's log if it
+    /// exits (after retrying for 20 s when a port is in use elsewhere) or
     /// does not listen within 20 s.
     pub fn restart(&mut self) {
+        if let Err(why) = self.try_restart(Duration::from_secs(20)) {
+            panic!("nats-server (port {}, cluster {:?}) did not start: {why}", self.port, self.cluster_port);
+        }
+    }
+
+    /// [`Nats::restart`], trying again for `within` while a port is in use
+    /// elsewhere; why not, with the log of the child that tried last.
+    pub fn try_restart(&mut self, within: Duration) -> Result<(), String> {
         self.kill();
         let port = |p: u16| if p == 0 { "-1".to_owned() } else { p.to_string() };
-        let until = Instant::now() + Duration::from_secs(20);
+        let until = Instant::now() + within;
         loop {
             let mut cmd = std::process::Command::new("nats-server");
             if let Some((_, path)) = &self.config {
@@ -594,20 +602,21 @@ impl Nats {
             cmd.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped());
             let mut child = cmd.spawn().expect("nats-server starts");
             let log = NatsLog::read(child.stderr.take().unwrap());
-            match self.wait_listening(&mut child, &log, until) {
+            // Each child gets 20 s to listen or exit, whatever `within` is.
+            match self.wait_listening(&mut child, &log, Instant::now() + Duration::from_secs(20)) {
                 Ok((client, cluster)) => {
                     self.port = client;
                     self.cluster_port = cluster;
                     self.child = Some(child);
                     self.log = log;
-                    return;
+                    return Ok(());
                 }
                 Err(why) if why.contains("address already in use") && Instant::now() < until => {
                     // Another process holds one of our ports for now: a
                     // pause, and again.
                     std::thread::sleep(Duration::from_millis(50));
                 }
-                Err(why) => panic!("nats-server (ports {}, cluster {:?}) did not start: {why}", self.port, self.cluster_port),
+                Err(why) => return Err(why),
             }
         }
     }
@@ -634,7 +643,7 @@ impl Nats {
             if Instant::now() >= until {
                 let _ = child.kill();
                 let _ = child.wait();
-                return Err(format!("it did not listen within 20 s:\n{}", text.0));
+                return Err(format!("it did not listen in time:\n{}", text.0));
             }
             text = log.grew.wait_timeout(text, Duration::from_millis(100)).unwrap().0;
         }
@@ -673,25 +682,82 @@ impl TestBundle {
 }
 
 /// Publishes `payload` on `subject` of the NATS server at `port`, as a
-/// plain client (to put raw envelopes on the wire).
-pub fn nats_publish(port: u16, subject: &str, payload: &str) {
-    use std::io::{BufRead, BufReader, Write};
+/// plain client (to put raw envelopes on the wire), until a subscriber
+/// takes it: each try asks for a reply and for the node's "no responders"
+/// notice, so none is lost while the subscription is on its way. The
+/// subscriber's answer: a `nats-stub` answers `ok <n>` (its acknowledgement)
+/// or why its host refused the envelope.
+pub fn nats_publish(port: u16, subject: &str, payload: &str) -> String {
+    nats_publish_all(port, subject, &[payload]).remove(0)
+}
+
+/// [`nats_publish`] for the first payload, then the others in one write,
+/// each asking for a reply; every answer message, until each payload was
+/// answered (a `nats-stub` answers oks in bulk: `ok <n> <n> …`).
+pub fn nats_publish_all(port: u16, subject: &str, payloads: &[&str]) -> Vec<String> {
+    use std::io::{BufRead, BufReader, Read, Write};
     let stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let mut reader = BufReader::new(stream.try_clone().unwrap());
-    let mut line = String::new();
-    reader.read_line(&mut line).unwrap();
-    assert!(line.starts_with("INFO"), "{line}");
     let mut w = stream;
-    write!(w, "CONNECT {{\"verbose\":false}}\r\nPUB {subject} {}\r\n{payload}\r\nPING\r\n", payload.len()).unwrap();
-    loop {
-        line.clear();
-        reader.read_line(&mut line).unwrap();
-        if line.starts_with("PONG") {
-            return;
+    // The next message: (reply token, headers, payload).
+    let mut next = |w: &mut std::net::TcpStream| -> (String, String, String) {
+        let mut line = String::new();
+        loop {
+            line.clear();
+            if let Err(e) = reader.read_line(&mut line) {
+                panic!("no answer on {subject} within 10 s: {e}");
+            }
+            assert!(!line.starts_with("-ERR"), "{line}");
+            if line.starts_with("PING") {
+                w.write_all(b"PONG\r\n").unwrap();
+            }
+            // MSG/HMSG <subject> <sid> [<header size>] <size>.
+            let words: Vec<&str> = line.split_ascii_whitespace().collect();
+            if !matches!(words.first(), Some(&"MSG") | Some(&"HMSG")) {
+                continue;
+            }
+            let sizes: Vec<usize> = words[3..].iter().map(|w| w.parse().unwrap()).collect();
+            let total = *sizes.last().unwrap();
+            let mut bytes = vec![0; total + 2];
+            reader.read_exact(&mut bytes).unwrap();
+            let split = if sizes.len() == 2 { sizes[0] } else { 0 };
+            let text = String::from_utf8_lossy(&bytes[..total]).into_owned();
+            let token = words[1].rsplit('.').next().unwrap().to_owned();
+            return (token, text[..split].to_owned(), text[split..].to_owned());
         }
-        assert!(!line.starts_with("-ERR"), "{line}");
+    };
+    write!(w, "CONNECT {{\"verbose\":false,\"headers\":true,\"no_responders\":true}}\r\nSUB _TEST_INBOX.* 1\r\n").unwrap();
+    let until = Instant::now() + Duration::from_secs(10);
+    let mut answers = Vec::new();
+    for attempt in 1.. {
+        // Numbered apart from the batch's 1..len.
+        write!(w, "PUB {subject} _TEST_INBOX.{} {}\r\n{}\r\n", 1_000_000 + attempt, payloads[0].len(), payloads[0]).unwrap();
+        let (_, headers, body) = next(&mut w);
+        if !headers.starts_with("NATS/1.0 503") {
+            answers.push(body);
+            break;
+        }
+        assert!(Instant::now() < until, "nobody subscribed to {subject} within 10 s");
     }
+    let mut batch = Vec::new();
+    for (i, payload) in payloads.iter().enumerate().skip(1) {
+        write!(batch, "PUB {subject} _TEST_INBOX.{i} {}\r\n{payload}\r\n", payload.len()).unwrap();
+    }
+    w.write_all(&batch).unwrap();
+    let mut unanswered: std::collections::BTreeSet<String> = (1..payloads.len()).map(|i| i.to_string()).collect();
+    while !unanswered.is_empty() {
+        let (token, _, body) = next(&mut w);
+        if token == "ok" {
+            for n in body.split_ascii_whitespace().skip(1) {
+                unanswered.remove(n);
+            }
+        } else {
+            unanswered.remove(&token);
+        }
+        answers.push(body);
+    }
+    answers
 }
 
 /// The NATS subject the `nats-stub` guest publishes a message from a sender

@@ -324,3 +324,51 @@ fn every_registered_claim_and_header_parameter_that_limits_validity_is_enforced(
     let answer = request_with(&mallory, 401, &w.b, foreign);
     assert!(answer.body.description.unwrap_or_default().contains("signature not made by a key of idp.example"));
 }
+
+#[test]
+fn an_idp_configured_with_leeway_and_audience_applies_both_to_what_it_validates_and_issues() {
+    let runtime = runtime(Duration::from_secs(30));
+    let bundle = TestBundle::new()
+        .hyperty("bob.example", "b", &guest("puppet"), puppet_config(true))
+        .user("bob.example", "b", "bob@idp.example")
+        .idp(IDP, IDP_KEY, &["bob.example"]);
+    let path = bundle.write();
+    let mut manifest: toml::Table = std::fs::read_to_string(&path).unwrap().parse().unwrap();
+    let config = manifest["idps"][IDP]["config"].as_table_mut().unwrap();
+    config.insert("leeway-seconds".into(), 60.into());
+    config.insert("audience".into(), "bob.example".into());
+    std::fs::write(&path, toml::to_string(&manifest).unwrap()).unwrap();
+    runtime.deploy(&hyperty_host::Bundle::load(&path).unwrap()).unwrap();
+    let b = runtime.lookup("bob.example", "b").unwrap();
+    let mallory = runtime.endpoint("hyperty://mallory.example/m", 16).unwrap();
+    let now = unix_now();
+    let token = |extra: Value| {
+        let mut c = json!({ "iss": IDP, "sub": "carol@idp.example", "exp": now + 300, "aud": "bob.example" });
+        c.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        signed(HEADER, &c.to_string())
+    };
+    let cases: [(&str, Option<Assertion>, Result<(), &str>); 7] = [
+        ("nbf within the leeway", token(json!({ "nbf": now + 30 })), Ok(())),
+        ("nbf beyond it", token(json!({ "nbf": now + 3000 })), Err("not valid before (nbf)")),
+        ("expired within the leeway", token(json!({ "exp": now - 30 })), Ok(())),
+        ("expired beyond it", token(json!({ "exp": now - 90 })), Err("expired")),
+        ("the audience among others", token(json!({ "aud": ["x.example", "bob.example"] })), Ok(())),
+        ("another audience", token(json!({ "aud": "x.example" })), Err("not bob.example")),
+        ("no audience", signed(HEADER, &json!({ "iss": IDP, "sub": "carol@idp.example", "exp": now + 300 }).to_string()), Err("no audience (aud)")),
+    ];
+    for (i, (case, assertion, expected)) in cases.into_iter().enumerate() {
+        let answer = request_with(&mallory, 10 + i as u64, &b, assertion);
+        let description = answer.body.description.clone().unwrap_or_default();
+        match expected {
+            Ok(()) => assert_eq!(answer.body.code, Some(200), "{case}: {answer:?}"),
+            Err(why) => assert!(answer.body.code == Some(401) && description.contains(why), "{case}: {answer:?}"),
+        }
+    }
+    // What it issues names the audience: b's answers carry bob's assertion.
+    let answer = request_with(&mallory, 99, &b, token(json!({})));
+    let issued = answer.assertion.expect("b's answer leaves bob.example with an assertion").token;
+    use base64::Engine as _;
+    let claims = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(issued.split('.').nth(1).unwrap()).unwrap();
+    let claims: Value = serde_json::from_slice(&claims).unwrap();
+    assert_eq!((&claims["sub"], &claims["aud"]), (&json!("bob@idp.example"), &json!("bob.example")), "{claims}");
+}

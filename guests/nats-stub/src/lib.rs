@@ -52,7 +52,8 @@
 //!   when the server sends a new `INFO`): an envelope larger than it (in
 //!   bytes on the wire, as published) is never sent, since the server
 //!   would close the connection for it; the stub `refuse`s it
-//!   (`too-large`, naming the limit) and the host answers its sender. A
+//!   (`too-large`, naming the limit) and the host answers its sender. Oks
+//!   in bulk are split, and answers cut, to fit it too. A
 //!   `MSG` from the node larger than that limit, or a protocol line longer
 //!   than [`MAX_LINE`], is a protocol error: the connection is dropped.
 //! - Liveness: a PING every `ping-interval-ms` (default 2 minutes, as the
@@ -325,6 +326,17 @@ impl Conn {
         Ok(())
     }
 
+    /// Buffers a `PUB` of `payload` on `subject` (with a reply subject).
+    fn publish(&mut self, subject: &str, reply: Option<&str>, payload: &[u8]) {
+        let line = match reply {
+            Some(reply) => format!("PUB {subject} {reply} {}\r\n", payload.len()),
+            None => format!("PUB {subject} {}\r\n", payload.len()),
+        };
+        self.wbuf.extend_from_slice(line.as_bytes());
+        self.wbuf.extend_from_slice(payload);
+        self.wbuf.extend_from_slice(b"\r\n");
+    }
+
     /// Waits (until `deadline`) for a whole line and takes it.
     fn read_line(&mut self, deadline: u64) -> Result<String, String> {
         loop {
@@ -573,9 +585,19 @@ impl Stub {
             conn.pings_outstanding += 1;
             conn.next_ping = now + self.config.ping_interval_ms * MS;
         }
+        // Oks in bulk, in as few messages as the node's max_payload allows.
         for (inbox, seqs) in std::mem::take(&mut self.acks) {
-            let payload = format!("ok {}", seqs.join(" "));
-            conn.wbuf.extend_from_slice(format!("PUB {inbox}.ok {}\r\n{payload}\r\n", payload.len()).as_bytes());
+            let subject = format!("{inbox}.ok");
+            let mut payload = String::from("ok");
+            for seq in seqs {
+                if payload.len() > 2 && payload.len() + 1 + seq.len() > conn.max_payload {
+                    conn.publish(&subject, None, payload.as_bytes());
+                    payload.truncate(2);
+                }
+                payload.push(' ');
+                payload.push_str(&seq);
+            }
+            conn.publish(&subject, None, payload.as_bytes());
         }
         let due: Vec<(u64, u64)> = self.deferred.range(..(now, u64::MAX)).map(|(k, _)| *k).collect();
         for key in due {
@@ -618,11 +640,7 @@ impl Stub {
                         continue;
                     };
                     let subject = format!("{}.{sender}", subject(&self.domain, &o.to));
-                    conn.wbuf.extend_from_slice(
-                        format!("PUB {subject} {}.{} {}\r\n", self.inbox, o.seq, o.envelope.len()).as_bytes(),
-                    );
-                    conn.wbuf.extend_from_slice(o.envelope.as_bytes());
-                    conn.wbuf.extend_from_slice(b"\r\n");
+                    conn.publish(&subject, Some(&format!("{}.{}", self.inbox, o.seq)), o.envelope.as_bytes());
                     self.in_flight.insert(o.seq, now);
                     self.sent_order.push_back((now, o.seq));
                 }
@@ -683,7 +701,9 @@ impl Stub {
                     self.acks.entry(inbox.to_owned()).or_default().push(seq.to_owned());
                 } else {
                     let conn = self.conn.as_mut().expect("connected");
-                    conn.wbuf.extend_from_slice(format!("PUB {reply} {}\r\n{answer}\r\n", answer.len()).as_bytes());
+                    // Within the node's max_payload, as everything sent.
+                    let end = (0..=answer.len().min(conn.max_payload)).rev().find(|i| answer.is_char_boundary(*i)).unwrap_or(0);
+                    conn.publish(&reply, None, &answer.as_bytes()[..end]);
                 }
             }
         }

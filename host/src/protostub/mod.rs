@@ -149,7 +149,7 @@ impl Stub {
 
     /// The stub will never carry its queue's message `seq`: it leaves the
     /// queue and its sender is answered `code` with `why` (a request is no
-    /// longer pending). An unknown `seq` is ignored.
+    /// longer pending). A `seq` not in flight is ignored.
     pub(crate) fn refuse(&self, bus: &Bus, seq: u64, code: u16, why: &str) {
         let Some(message) = self.queue.refuse(seq) else { return };
         let why = format!("the protostub of {} cannot carry it: {why}", self.domain);
@@ -282,11 +282,14 @@ impl StubQueue {
         self.notify.notify_one();
     }
 
-    /// Takes `seq` out of the queue for good: the message it carried
-    /// (without its body), to answer its sender; `None` if it is not queued.
+    /// Takes `seq`, which the stub took and has in flight, out of the queue
+    /// for good: the message it carried (without its body), to answer its
+    /// sender; `None` if it is not in flight.
     pub fn refuse(&self, seq: u64) -> Option<Message> {
         let mut s = self.state.lock().unwrap();
-        s.ready.remove(&seq);
+        if !s.items.get(&seq).is_some_and(|i| i.in_flight) {
+            return None;
+        }
         let item = s.items.remove(&seq)?;
         Some(Message::new(item.id, item.kind, item.from, item.to, None))
     }
