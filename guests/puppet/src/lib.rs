@@ -180,10 +180,11 @@ impl Guest for Puppet {
                 if let Err(e) = bus::reply(&msg, 403, None) {
                     warn(&format!("cannot refuse: {}", e.describe()));
                 }
-            } else if state.config.echo && msg.type_ != MessageType::Response {
-                if let Err(e) = bus::reply(&msg, 200, msg.body.value.as_deref()) {
-                    warn(&format!("cannot echo: {}", e.describe()));
-                }
+            } else if state.config.echo
+                && msg.type_ != MessageType::Response
+                && let Err(e) = bus::reply(&msg, 200, msg.body.value.as_deref())
+            {
+                warn(&format!("cannot echo: {}", e.describe()));
             }
         });
     }
