@@ -40,7 +40,8 @@
 //! route), the registry (which may send), a guest. Messages a change causes
 //! are collected under the object's lock and sent after it is released.
 //! Under an object's lock only the store (writes of one object reach it in
-//! version order) and lock-free counters are touched.
+//! version order), lock-free counters and the status events channel (which
+//! calls nothing back) are touched.
 //!
 //! Objects are registered (kind `data-object`, their scheme, the reporter's
 //! user) while they exist, so they are discovered by scheme like anything
@@ -570,8 +571,14 @@ impl Syncher {
             Ok(o) => o,
             Err(e) => return self.reply(&m, code::NOT_FOUND, None, e.to_string(), None),
         };
-        let reporter = object.lock().unwrap().reporter.clone();
+        let (reporter, deleted) = {
+            let o = object.lock().unwrap();
+            (o.reporter.clone(), o.deleted)
+        };
         let reply = |status, value, description: String| self.reply(&m, status, value, description, Some(&reporter));
+        if deleted {
+            return reply(code::NOT_FOUND, None, format!("no data object {}", m.to));
+        }
         match m.kind {
             MessageType::Subscribe => self.subscribe(&object, &m, &reporter),
             MessageType::Unsubscribe => {

@@ -495,6 +495,7 @@ fn interleaved_writes_reads_and_subscriptions_all_return() {
     for t in threads {
         t.join().expect("a worker failed");
     }
+    eprintln!("calls made in 3 s: {totals:?}");
     for op in ["create", "update", "set-child", "delete", "subscribe", "read", "unsubscribe"] {
         assert!(totals.get(op).is_some_and(|n| *n > 0), "no {op} done: {totals:?}");
     }
@@ -569,6 +570,7 @@ fn creating_big_objects_stops_at_the_domain_memory_which_delete_gives_back() {
     assert!(used <= 64 << 20 && used >= guests + urls.len() * 900_000, "{used} bytes for {} objects", urls.len());
     assert!(urls.len() > 40, "{} objects of 900 kB in 64 MiB", urls.len());
     let grown = resident_bytes().saturating_sub(resident);
+    eprintln!("{} objects of 900 kB before the refusal; domain memory {} KiB (guests {} KiB); host grew {} MiB", urls.len(), used >> 10, guests >> 10, grown >> 20);
     assert!(grown < 384 << 20, "the host grew by {} MiB", grown >> 20);
     let event = wait_event(&mut events, |e| matches!(&e.kind, EventKind::ObjectRefused { .. }));
     assert_eq!((event.hyperty.as_str(), &event.address), ("spam.example/spammer", &spammer));
