@@ -34,6 +34,11 @@ pub enum EventKind {
     /// The bus refused a message of the hyperty as spoofed, malformed or too
     /// large (reported at most once a second per hyperty).
     Refused { reason: String },
+    /// A data object write of the hyperty was refused at a limit of its
+    /// domain (`objects`, `objects-per-hyperty`, `object-bytes`,
+    /// `object-children`, `object-subscribers`, `total-memory-mb`), named
+    /// in `reason` (reported at most once a second per hyperty).
+    ObjectRefused { reason: String },
     /// A protostub reported a status: created, in-progress, live,
     /// disconnected or failed, and why.
     StubStatus { status: String, detail: String },

@@ -1,11 +1,15 @@
 //! The syncher: data objects created by a reporter, observed by
 //! subscribers through versioned JSON Patch deltas, reporter-only writes,
-//! persistence across a restart, and 10,000 observers.
+//! persistence across a restart, and 10,000 observers; no deadlock whatever
+//! the interleaving; bounds on objects (number, size, children,
+//! subscribers, the domain's memory) and on their depth.
 
-use std::time::Duration;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::{Duration, Instant};
 
 use hyperty_host::syncher::{Applied, Replica};
-use hyperty_host::{Address, Endpoint, Message, MessageType, Runtime, RuntimeConfig};
+use hyperty_host::{Address, Endpoint, EventKind, Message, MessageType, Runtime, RuntimeConfig};
 use hyperty_tests::*;
 use serde_json::{Value, json};
 
@@ -199,25 +203,30 @@ fn stale_and_out_of_order_deltas_and_a_resync_after_a_gap() {
     assert_eq!((replica.version, &replica.data), (8, &json!({ "n": 7 })));
 }
 
-#[test]
-fn objects_and_subscriptions_survive_a_restart() {
-    let data = tempfile::tempdir().unwrap();
-    let start = || {
-        Runtime::new(RuntimeConfig {
-            cache_dir: cache_dir(),
-            data_dir: Some(data.path().to_owned()),
-            request_timeout: Duration::from_secs(10),
-            ..RuntimeConfig::default()
-        })
-        .unwrap()
+/// A runtime keeping its state in `data`, with alice.example/reporter
+/// (echoing, keeping its address across restarts) deployed: the runtime, its
+/// driver, the reporter's address and the bundle.
+fn start_kept(data: &std::path::Path) -> (Runtime, Driver, Address, TestBundle) {
+    let config = RuntimeConfig {
+        cache_dir: cache_dir(),
+        data_dir: Some(data.to_owned()),
+        request_timeout: Duration::from_secs(10),
+        ..RuntimeConfig::default()
     };
+    let runtime = Runtime::new(config).unwrap();
+    let driver = Driver::new(&runtime);
     let bundle = TestBundle::new()
         .hyperty("alice.example", "reporter", &guest("puppet"), puppet_config(true))
         .set("alice.example", "reporter", "keep-address", json!(true));
-    let first = start();
-    let mut driver = Driver::new(&first);
-    first.deploy(&bundle.load()).unwrap();
-    let reporter = first.lookup("alice.example", "reporter").unwrap();
+    runtime.deploy(&bundle.load()).unwrap();
+    let reporter = runtime.lookup("alice.example", "reporter").unwrap();
+    (runtime, driver, reporter, bundle)
+}
+
+#[test]
+fn objects_and_subscriptions_survive_a_restart() {
+    let data = tempfile::tempdir().unwrap();
+    let (first, mut driver, reporter, _bundle) = start_kept(data.path());
     let url = create(&mut driver, &reporter, json!({ "log": [] }));
     driver.command(&reporter, json!({ "op": "set-child", "url": url, "name": "a", "data": { "x": 1 } }));
     let watcher = first.endpoint("hyperty://carol.example/watcher", 64).unwrap();
@@ -230,10 +239,8 @@ fn objects_and_subscriptions_survive_a_restart() {
     drop(first);
 
     // The same data directory: the object, its child and the subscription are back.
-    let second = start();
-    let mut driver = Driver::new(&second);
-    second.deploy(&bundle.load()).unwrap();
-    assert_eq!(second.lookup("alice.example", "reporter"), Some(reporter.clone()), "the reporter kept its address");
+    let (second, mut driver, kept, _bundle) = start_kept(data.path());
+    assert_eq!(kept, reporter, "the reporter kept its address");
     let watcher = second.endpoint("hyperty://carol.example/watcher", 64).unwrap();
     let state = read(&watcher, &url, 2);
     assert_eq!((state.version, &state.data, &state.children), (replica.version, &replica.data, &replica.children));
@@ -270,4 +277,362 @@ fn ten_thousand_observers_receive_every_update() {
         assert_eq!(r.data, json!({ "n": UPDATES }));
     }
     assert_eq!(lost, 0);
+}
+
+/// Runs `f` on a thread of its own and returns its result; fails naming
+/// `what` if it has not returned within 60 s (a deadlock). The thread keeps
+/// a handle on `runtime`, so a failing test never joins a hung domain
+/// thread (the runtime is then never dropped).
+fn returns<T: Send + 'static>(what: &str, runtime: &Arc<Runtime>, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = mpsc::channel();
+    let keep = runtime.clone();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+        drop(keep);
+    });
+    match rx.recv_timeout(Duration::from_secs(60)) {
+        Ok(v) => v,
+        Err(mpsc::RecvTimeoutError::Timeout) => panic!("{what} did not return within 60 s"),
+        Err(mpsc::RecvTimeoutError::Disconnected) => panic!("{what} panicked"),
+    }
+}
+
+#[test]
+fn a_reporter_inviting_its_own_object_is_refused_and_nothing_hangs() {
+    let (runtime, driver, reporter, observer, _bundle) = world(false);
+    let runtime = Arc::new(runtime);
+    let (answer, url, mut driver) = returns("a reporter inviting its own object", &runtime, move || {
+        let mut driver = driver;
+        let url = create(&mut driver, &reporter, json!({ "n": 0 }));
+        let answer = driver.command(&reporter, json!({ "op": "invite", "url": url, "observers": [url] }));
+        (answer, url, driver)
+    });
+    let error = answer["error"].as_str().unwrap_or_else(|| panic!("accepted: {answer}"));
+    assert!(error.starts_with(&format!("invalid: {url} cannot observe a data object")), "{answer}");
+    // Every domain still creates objects; the object took no invitation.
+    let other = returns("a create in another domain after it", &runtime, move || create(&mut driver, &observer, json!({})));
+    assert!(other.starts_with("comm://bob.example/"), "{other}");
+}
+
+#[test]
+fn only_hyperties_observe() {
+    let (runtime, mut driver, reporter, _observer, _bundle) = world(false);
+    let url = create(&mut driver, &reporter, json!({ "n": 0 }));
+    let other = create(&mut driver, &reporter, json!({}));
+    for bad in [other.as_str(), "runtime://alice.example/x", "domain://registry.alice.example"] {
+        let answer = driver.command(&reporter, json!({ "op": "invite", "url": url, "observers": ["hyperty://bob.example/fine", bad] }));
+        assert_eq!(answer["error"], format!("invalid: {bad} cannot observe a data object: observers are hyperties (hyperty:// addresses)"), "{answer}");
+    }
+    // A non-hyperty endpoint subscribing: 403, and nothing was invited by the refused calls.
+    let stranger = runtime.endpoint("runtime://carol.example/stranger", 16).unwrap();
+    stranger.request(Message::new(7, MessageType::Subscribe, stranger.address().clone(), Address::parse(&url).unwrap(), None), None).unwrap();
+    let answer = stranger.recv_timeout(Duration::from_secs(10)).expect("an answer");
+    assert_eq!((answer.kind, answer.body.code), (MessageType::Response, Some(403)), "{answer:?}");
+    assert!(answer.body.description.unwrap().contains("observers are hyperties"));
+    let fine = runtime.endpoint("hyperty://bob.example/fine", 16).unwrap();
+    assert!(fine.recv_timeout(Duration::from_millis(200)).is_none(), "no invitation from a refused invite");
+}
+
+/// An endpoint that commands one puppet (the puppet's `observer`) and
+/// ignores what else it gets.
+struct Commander {
+    endpoint: Endpoint,
+    puppet: Address,
+    next_id: u64,
+}
+
+impl Commander {
+    /// Sends `kind` to `to` (a command to the puppet, or a request of the
+    /// endpoint's own) and waits for the answer: the response (its value as
+    /// JSON for a command, its code otherwise).
+    fn request(&mut self, kind: MessageType, to: &Address, value: Option<Value>) -> Message {
+        self.next_id += 1;
+        let id = self.next_id;
+        let m = Message::new(id, kind, self.endpoint.address().clone(), to.clone(), value.map(|v| v.to_string()));
+        self.endpoint.request(m, None).unwrap();
+        loop {
+            let m = self.endpoint.recv_timeout(Duration::from_secs(120)).expect("an answer within 120 s");
+            if m.kind == MessageType::Response && m.id == id {
+                return m;
+            }
+        }
+    }
+
+    fn command(&mut self, command: Value) -> Value {
+        let puppet = self.puppet.clone();
+        let answer = self.request(MessageType::Execute, &puppet, Some(command));
+        serde_json::from_str(answer.body.value.as_deref().unwrap_or("null")).unwrap()
+    }
+}
+
+/// Which operation each worker is in, and since when.
+#[derive(Default)]
+struct Watchdog(Mutex<BTreeMap<usize, (String, Instant)>>);
+
+impl Watchdog {
+    fn run<T>(&self, worker: usize, what: String, f: impl FnOnce() -> T) -> T {
+        self.0.lock().unwrap().insert(worker, (what, Instant::now()));
+        let result = f();
+        self.0.lock().unwrap().remove(&worker);
+        result
+    }
+
+    /// An operation running for longer than `limit`, if any.
+    fn stuck(&self, limit: Duration) -> Option<String> {
+        self.0.lock().unwrap().values().find(|(_, since)| since.elapsed() > limit).map(|(what, _)| what.clone())
+    }
+}
+
+#[test]
+fn interleaved_writes_reads_and_subscriptions_all_return() {
+    const REPORTERS: usize = 3;
+    const WATCHERS: usize = 3;
+    let runtime = Arc::new(runtime(Duration::from_secs(10)));
+    let mut bundle = TestBundle::new();
+    for i in 0..REPORTERS {
+        let config = json!({ "observer": format!("hyperty://stress.example/cmd{i}"), "echo": true });
+        bundle = bundle.hyperty(&format!("r{i}.example"), "reporter", &guest("puppet"), config);
+    }
+    runtime.deploy(&bundle.load()).unwrap();
+    let reporters: Vec<Address> = (0..REPORTERS).map(|i| runtime.lookup(&format!("r{i}.example"), "reporter").unwrap()).collect();
+    let watchers: Vec<Endpoint> = (0..WATCHERS).map(|i| runtime.endpoint(&format!("hyperty://watch.example/w{i}"), 10_000).unwrap()).collect();
+    let watcher_addresses: Vec<String> = watchers.iter().map(|w| w.address().to_string()).collect();
+    let live: Arc<Mutex<Vec<String>>> = Arc::default();
+    let watchdog: Arc<Watchdog> = Arc::default();
+    let until = Instant::now() + Duration::from_secs(3);
+    let (done, finished) = mpsc::channel::<(usize, BTreeMap<&'static str, u64>)>();
+    let mut threads = Vec::new();
+    for (i, reporter) in reporters.iter().enumerate() {
+        let endpoint = runtime.endpoint(&format!("hyperty://stress.example/cmd{i}"), 10_000).unwrap();
+        let mut commander = Commander { endpoint, puppet: reporter.clone(), next_id: 0 };
+        let others: Vec<String> = reporters.iter().filter(|r| *r != reporter).map(Address::to_string).chain(watcher_addresses.clone()).collect();
+        let (live, watchdog, done) = (live.clone(), watchdog.clone(), done.clone());
+        threads.push(std::thread::spawn(move || {
+            let mut counts = BTreeMap::new();
+            let mut mine: Vec<String> = Vec::new();
+            let mut n = 0u64;
+            while Instant::now() < until {
+                n += 1;
+                let mut run = |op: &'static str, command: Value| {
+                    *counts.entry(op).or_default() += 1;
+                    watchdog.run(i, format!("reporter {i}: {command}"), || commander.command(command))
+                };
+                let url = run("create", json!({ "op": "create", "scheme": "stress", "data": { "n": 0, "log": [] } }))["url"].as_str().unwrap().to_owned();
+                live.lock().unwrap().push(url.clone());
+                // A self-invite among the others is refused, the rest are invited.
+                let refused = run("invite", json!({ "op": "invite", "url": url, "observers": [url.clone()] }));
+                assert!(refused["error"].as_str().unwrap().starts_with("invalid:"), "{refused}");
+                assert_eq!(run("invite", json!({ "op": "invite", "url": url, "observers": others })), json!({ "ok": true }));
+                let patch = json!([{ "op": "replace", "path": "/n", "value": n }, { "op": "add", "path": "/log/-", "value": n }]);
+                assert!(run("update", json!({ "op": "update", "url": url, "patch": patch }))["version"].is_u64());
+                assert!(run("set-child", json!({ "op": "set-child", "url": url, "name": format!("c{n}"), "data": { "n": n } }))["version"].is_u64());
+                // Subscribe to and read someone else's object, as a hyperty.
+                let theirs = live.lock().unwrap().iter().rev().find(|u| !mine.contains(u) && **u != url).cloned();
+                if let Some(theirs) = theirs {
+                    for kind in ["subscribe", "read"] {
+                        let message = json!({ "id": n, "type": kind, "to": theirs });
+                        run(kind, json!({ "op": "request", "message": message }));
+                    }
+                }
+                mine.push(url);
+                if mine.len() > 3 {
+                    let old = mine.remove(0);
+                    live.lock().unwrap().retain(|u| *u != old);
+                    assert_eq!(run("delete", json!({ "op": "delete", "url": old })), json!({ "ok": true }));
+                }
+            }
+            done.send((i, counts)).unwrap();
+        }));
+    }
+    for (j, watcher) in watchers.into_iter().enumerate() {
+        let worker = REPORTERS + j;
+        let mut commander = Commander { puppet: watcher.address().clone(), endpoint: watcher, next_id: 0 };
+        let (live, watchdog, done) = (live.clone(), watchdog.clone(), done.clone());
+        threads.push(std::thread::spawn(move || {
+            let mut counts = BTreeMap::new();
+            let mut k = 0;
+            while Instant::now() < until {
+                k += 1;
+                let url = {
+                    let live = live.lock().unwrap();
+                    if live.is_empty() { None } else { Some(live[k % live.len()].clone()) }
+                };
+                let Some(url) = url else { std::thread::yield_now(); continue };
+                let to = Address::parse(&url).unwrap();
+                for kind in [MessageType::Subscribe, MessageType::Read, MessageType::Unsubscribe, MessageType::Delete] {
+                    let answer = watchdog.run(worker, format!("watcher {j}: {} {url}", kind.as_str()), || commander.request(kind, &to, None));
+                    let code = answer.body.code.unwrap_or(0);
+                    // Deleted meanwhile: 404; never writable by an observer.
+                    assert!(code == 200 || code == 401 || code == 403 || code == 404, "{answer:?}");
+                    assert!(kind != MessageType::Delete || code != 200, "an observer deleted {url}");
+                    *counts.entry(if code == 200 { kind.as_str() } else { "refused" }).or_default() += 1;
+                }
+            }
+            done.send((worker, counts)).unwrap();
+        }));
+    }
+    drop(done);
+    let mut totals: BTreeMap<&str, u64> = BTreeMap::new();
+    let mut reported = 0;
+    while reported < threads.len() {
+        match finished.recv_timeout(Duration::from_millis(100)) {
+            Ok((_, counts)) => {
+                reported += 1;
+                for (op, n) in counts {
+                    *totals.entry(op).or_default() += n;
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                if let Some(what) = watchdog.stuck(Duration::from_secs(30)) {
+                    // Dropping the runtime would join the hung domain thread.
+                    std::mem::forget(runtime.clone());
+                    panic!("stuck for 30 s: {what}");
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+    }
+    for t in threads {
+        t.join().expect("a worker failed");
+    }
+    eprintln!("calls made in 3 s: {totals:?}");
+    for op in ["create", "update", "set-child", "delete", "subscribe", "read", "unsubscribe"] {
+        assert!(totals.get(op).is_some_and(|n| *n > 0), "no {op} done: {totals:?}");
+    }
+}
+
+/// `n` arrays nested in each other, the innermost empty: depth `n`.
+fn nested(n: usize) -> Value {
+    (1..n).fold(json!([]), |inner, _| json!([inner]))
+}
+
+#[test]
+fn deep_json_built_by_patches_is_refused_and_every_accepted_object_is_restored() {
+    let data = tempfile::tempdir().unwrap();
+    let (first, mut driver, reporter, _bundle) = start_kept(data.path());
+    let url = create(&mut driver, &reporter, nested(100));
+    // The copy of the root into its own depth: 200 deep. Refused, with six
+    // such operations too (nothing aborts), and the object is unchanged.
+    let copy = json!({ "op": "copy", "from": "", "path": format!("{}/-", "/0".repeat(99)) });
+    for patch in [json!([copy]), json!([copy, copy, copy, copy, copy, copy])] {
+        let answer = driver.command(&reporter, json!({ "op": "update", "url": url, "patch": patch }));
+        assert_eq!(answer["error"], "invalid: result too deep: after operation 0 the data is nested deeper than 125 levels", "{answer}");
+    }
+    let state = ask(&mut driver, &reporter, "read", &url, None);
+    let state: Value = serde_json::from_str(state["value"].as_str().unwrap()).unwrap();
+    assert_eq!((&state["version"], &state["data"]), (&json!(1), &nested(100)));
+    // The bound is the object's, whatever carries the JSON: created, set as a
+    // child, or text deeper than any message may be.
+    let at_most = create(&mut driver, &reporter, nested(125));
+    driver.command(&reporter, json!({ "op": "set-child", "url": at_most, "name": "deep", "data": nested(125) }));
+    for (op, what) in [("create", "data"), ("set-child", "the child's data")] {
+        let answer = driver.command(&reporter, json!({ "op": op, "scheme": "comm", "url": url, "name": "c", "data": nested(126) }));
+        assert_eq!(answer["error"], format!("invalid: {what} is too deep: nested deeper than 125 levels (a data object's limit)"), "{answer}");
+        let text = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+        let answer = driver.command(&reporter, json!({ "op": op, "scheme": "comm", "url": url, "name": "c", "text": text }));
+        let error = answer["error"].as_str().unwrap();
+        assert!(error.starts_with(&format!("invalid: {what}: ")) && error.contains("nested deeper than 128 levels"), "{answer}");
+    }
+    drop(driver);
+    first.shutdown();
+    drop(first);
+
+    // Every accepted write comes back readable, the refused ones left no trace.
+    let (_second, mut driver, kept, _bundle) = start_kept(data.path());
+    assert_eq!(kept, reporter);
+    for (url, version, data, children) in [(&url, 1, nested(100), json!({})), (&at_most, 2, nested(125), json!({ "deep": nested(125) }))] {
+        let state = ask(&mut driver, &reporter, "read", url, None);
+        assert_eq!(state["code"], 200, "{url} was not restored: {state}");
+        let state: Value = serde_json::from_str(state["value"].as_str().unwrap()).unwrap();
+        assert_eq!((&state["version"], &state["data"], &state["children"]), (&json!(version), &data, &children));
+    }
+}
+
+#[test]
+fn creating_big_objects_stops_at_the_domain_memory_which_delete_gives_back() {
+    let runtime = runtime(Duration::from_secs(10));
+    let mut driver = Driver::new(&runtime);
+    let limits = json!({ "total-memory-mb": 64, "object-bytes": 960 << 10, "call-timeout-ms": 600_000 });
+    let bundle = TestBundle::new()
+        .hyperty("spam.example", "spammer", &guest("puppet"), puppet_config(false))
+        .domain("spam.example", json!({ "limits": limits }));
+    runtime.deploy(&bundle.load()).unwrap();
+    let spammer = runtime.lookup("spam.example", "spammer").unwrap();
+    let mut events = runtime.events();
+    let guests = runtime.memory_used("spam.example").unwrap();
+    let resident = resident_bytes();
+    // 1 MB strings (within object-bytes) until the domain's 64 MiB are used up.
+    let answer = driver.command(&spammer, json!({ "op": "create", "scheme": "spam", "pad": 900_000, "repeat": 1000 }));
+    let urls: Vec<String> = serde_json::from_value(answer["urls"].clone()).unwrap();
+    let error = answer["error"].as_str().unwrap_or_else(|| panic!("never refused: {} objects", urls.len()));
+    assert!(error.starts_with("limit: the domain's memory is used up (total-memory-mb = 64"), "{error}");
+    let used = runtime.memory_used("spam.example").unwrap();
+    assert!(used <= 64 << 20 && used >= guests + urls.len() * 900_000, "{used} bytes for {} objects", urls.len());
+    assert!(urls.len() > 40, "{} objects of 900 kB in 64 MiB", urls.len());
+    let grown = resident_bytes().saturating_sub(resident);
+    eprintln!("{} objects of 900 kB before the refusal; domain memory {} KiB (guests {} KiB); host grew {} MiB", urls.len(), used >> 10, guests >> 10, grown >> 20);
+    assert!(grown < 384 << 20, "the host grew by {} MiB", grown >> 20);
+    let event = wait_event(&mut events, |e| matches!(&e.kind, EventKind::ObjectRefused { .. }));
+    assert_eq!((event.hyperty.as_str(), &event.address), ("spam.example/spammer", &spammer));
+    // Deleting gives the memory back: there is room again.
+    for url in &urls {
+        assert_eq!(driver.command(&spammer, json!({ "op": "delete", "url": url })), json!({ "ok": true }));
+    }
+    let after = runtime.memory_used("spam.example").unwrap();
+    assert!(after < guests + (8 << 20), "{after} bytes held after deleting every object (guests: {guests})");
+    // 8 MiB is refused at once, naming the limit.
+    let answer = driver.command(&spammer, json!({ "op": "create", "scheme": "spam", "pad": 8 << 20 }));
+    assert_eq!(answer["error"].as_str().unwrap().split(" would be ").nth(1), Some("8388610 bytes of JSON (object-bytes = 983040)"), "{answer}");
+    assert!(create(&mut driver, &spammer, json!("again")).starts_with("comm://spam.example/"));
+}
+
+#[test]
+fn objects_children_subscribers_and_growth_by_patch_are_bounded() {
+    let runtime = runtime(Duration::from_secs(10));
+    let mut driver = Driver::new(&runtime);
+    let limits = json!({ "objects": 4, "objects-per-hyperty": 3, "object-bytes": 10_000, "object-children": 2, "object-subscribers": 2 });
+    let bundle = TestBundle::new()
+        .hyperty("tight.example", "a", &guest("puppet"), puppet_config(true))
+        .hyperty("tight.example", "b", &guest("puppet"), puppet_config(true))
+        .domain("tight.example", json!({ "limits": limits }));
+    runtime.deploy(&bundle.load()).unwrap();
+    let a = runtime.lookup("tight.example", "a").unwrap();
+    let b = runtime.lookup("tight.example", "b").unwrap();
+    let url = create(&mut driver, &a, json!({ "s": "x".repeat(3000) }));
+    let error = |answer: Value| answer["error"].as_str().unwrap_or_else(|| panic!("accepted: {answer}")).to_owned();
+    // A patch whose second copy of the root passes object-bytes: refused
+    // whole, although its last operation would bring it back under.
+    let patch = json!([{ "op": "copy", "from": "", "path": "/a" }, { "op": "copy", "from": "", "path": "/b" }, { "op": "remove", "path": "/b" }]);
+    let e = error(driver.command(&a, json!({ "op": "update", "url": url, "patch": patch })));
+    assert!(e.starts_with("limit: ") && e.ends_with("would pass object-bytes = 10000 after operation 1 of the patch"), "{e}");
+    // Children: their size counts, and their number.
+    let e = error(driver.command(&a, json!({ "op": "set-child", "url": url, "name": "big", "pad": 8000 })));
+    assert!(e.contains("would be 11013 bytes of JSON (object-bytes = 10000)"), "{e}");
+    for name in ["c1", "c2", "c1"] {
+        assert!(driver.command(&a, json!({ "op": "set-child", "url": url, "name": name, "data": 1 }))["version"].is_u64());
+    }
+    let e = error(driver.command(&a, json!({ "op": "set-child", "url": url, "name": "c3", "data": 1 })));
+    assert_eq!(e, format!("limit: {url} has 2 children (object-children = 2)"));
+    let state = ask(&mut driver, &a, "read", &url, None);
+    let state: Value = serde_json::from_str(state["value"].as_str().unwrap()).unwrap();
+    assert_eq!((&state["version"], &state["data"], &state["children"]), (&json!(4), &json!({ "s": "x".repeat(3000) }), &json!({ "c1": 1, "c2": 1 })));
+    // Objects: 3 for a, the domain's 4th for b, then none.
+    create(&mut driver, &a, json!(2));
+    create(&mut driver, &a, json!(3));
+    let e = error(driver.command(&a, json!({ "op": "create", "scheme": "comm", "data": 4 })));
+    assert_eq!(e, format!("limit: {a} has 3 data objects (objects-per-hyperty = 3)"));
+    create(&mut driver, &b, json!(4));
+    let e = error(driver.command(&b, json!({ "op": "create", "scheme": "comm", "data": 5 })));
+    assert_eq!(e, "limit: tight.example has 4 data objects (objects = 4)");
+    // Subscribers and invitations: at most 2.
+    let watchers: Vec<Endpoint> = (0..3).map(|i| runtime.endpoint(&format!("hyperty://bob.example/w{i}"), 16).unwrap()).collect();
+    let all: Vec<String> = watchers.iter().map(|w| w.address().to_string()).collect();
+    let e = error(driver.command(&a, json!({ "op": "invite", "url": url, "observers": all })));
+    assert_eq!(e, format!("limit: {url} would have 3 invited observers (object-subscribers = 2)"));
+    subscribe(&watchers[0], &url, 1);
+    subscribe(&watchers[1], &url, 1);
+    watchers[2].request(Message::new(1, MessageType::Subscribe, watchers[2].address().clone(), Address::parse(&url).unwrap(), None), None).unwrap();
+    let answer = watchers[2].recv_timeout(Duration::from_secs(10)).expect("an answer");
+    assert_eq!(answer.body.code, Some(403), "{answer:?}");
+    assert_eq!(answer.body.description.unwrap(), format!("limit: {url} has 2 subscribers (object-subscribers = 2)"));
 }

@@ -11,7 +11,10 @@
 //!   `{"op": "invite", "url": u, "observers": [...]}`, `{"op": "update", "url": u,
 //!   "patch": json}`, `{"op": "set-child" | "remove-child", "url": u, "name": n,
 //!   "data": json}`, `{"op": "delete", "url": u}` (answered `{"url"}` /
-//!   `{"version"}` / `{"ok"}` or `{"error": "forbidden: ..."}`).
+//!   `{"version"}` / `{"ok"}` or `{"error": "forbidden: ..."}`); `text`
+//!   gives the JSON text as is, `pad` a JSON string of that many bytes, and
+//!   `create` with `repeat: n` creates until n or the first error
+//!   (`{"urls", "error"}`).
 //! - With `reject_subscribe`, `subscribe` requests (a syncher asking the
 //!   reporter) are answered 403 instead of echoed.
 //! - As an observer it keeps a `Replica` of every data object whose state a
@@ -134,6 +137,14 @@ struct Command {
     patch: Option<Value>,
     #[serde(default)]
     observers: Vec<String>,
+    /// With `create`, `set-child`, `update`: the JSON text passed as is
+    /// (instead of `data` / `patch`), to send what a command cannot carry.
+    #[serde(default)]
+    text: Option<String>,
+    /// With `create`: create up to this many objects, stopping at the
+    /// first error; answered `{"urls": [...], "error": e | null}`.
+    #[serde(default)]
+    repeat: Option<u32>,
 }
 
 struct Puppet;
@@ -170,10 +181,11 @@ impl Guest for Puppet {
                 if let Err(e) = bus::reply(&msg, 403, None) {
                     warn(&format!("cannot refuse: {}", e.describe()));
                 }
-            } else if state.config.echo && msg.type_ != MessageType::Response {
-                if let Err(e) = bus::reply(&msg, 200, msg.body.value.as_deref()) {
-                    warn(&format!("cannot echo: {}", e.describe()));
-                }
+            } else if state.config.echo
+                && msg.type_ != MessageType::Response
+                && let Err(e) = bus::reply(&msg, 200, msg.body.value.as_deref())
+            {
+                warn(&format!("cannot echo: {}", e.describe()));
             }
         });
     }
@@ -250,8 +262,20 @@ fn run_command(state: &mut State, msg: &Message) -> Result<Value, String> {
                 .collect();
             Ok(json!({ "found": found }))
         }
+        "create" if command.repeat.is_some() => {
+            let data = object_json(command.pad, command.text, command.data);
+            let mut urls = Vec::new();
+            for _ in 0..command.repeat.unwrap_or(0) {
+                match syncher::create(&command.scheme, &data) {
+                    Ok(url) => urls.push(url),
+                    Err(e) => return Ok(json!({ "urls": urls, "error": sync_error(e) })),
+                }
+            }
+            Ok(json!({ "urls": urls, "error": null }))
+        }
         "create" | "invite" | "update" | "set-child" | "remove-child" | "delete" => {
-            let json = |v: Option<Value>| v.unwrap_or(Value::Null).to_string();
+            let text = command.text;
+            let json = |v: Option<Value>| object_json(command.pad, text.clone(), v);
             let result = match command.op.as_str() {
                 "create" => syncher::create(&command.scheme, &json(command.data)).map(|url| json!({ "url": url })),
                 "invite" => syncher::invite(&command.url, &command.observers).map(|()| json!({ "ok": true })),
@@ -260,13 +284,28 @@ fn run_command(state: &mut State, msg: &Message) -> Result<Value, String> {
                 "remove-child" => syncher::remove_child(&command.url, &command.name).map(|v| json!({ "version": v })),
                 _ => syncher::delete(&command.url).map(|()| json!({ "ok": true })),
             };
-            result.map_err(|e| match e {
-                syncher::SyncError::Forbidden(s) => format!("forbidden: {s}"),
-                syncher::SyncError::NotFound(s) => format!("not-found: {s}"),
-                syncher::SyncError::Invalid(s) => format!("invalid: {s}"),
-            })
+            result.map_err(sync_error)
         }
         other => Err(format!("unknown op {other:?}")),
+    }
+}
+
+/// The JSON text of a syncher command: `text` as is, else a JSON string of
+/// `pad` bytes, else `value`.
+fn object_json(pad: usize, text: Option<String>, value: Option<Value>) -> String {
+    match text {
+        Some(text) => text,
+        None if pad > 0 => format!("\"{}\"", "x".repeat(pad)),
+        None => value.unwrap_or(Value::Null).to_string(),
+    }
+}
+
+fn sync_error(e: syncher::SyncError) -> String {
+    match e {
+        syncher::SyncError::Forbidden(s) => format!("forbidden: {s}"),
+        syncher::SyncError::NotFound(s) => format!("not-found: {s}"),
+        syncher::SyncError::Invalid(s) => format!("invalid: {s}"),
+        syncher::SyncError::Limit(s) => format!("limit: {s}"),
     }
 }
 

@@ -17,7 +17,7 @@ use crate::events::{EventKind, Events};
 use crate::message::{Body, Message, MessageType};
 use crate::policy::Descriptor;
 use crate::registry::{Kind, Query, Registration, Registry, Status};
-use crate::syncher::{SyncError, Syncher};
+use crate::syncher::{Account, SyncError, Syncher};
 
 pub(crate) mod bindings {
     wasmtime::component::bindgen!({
@@ -76,6 +76,8 @@ pub(crate) struct InstanceState {
     registry: Arc<Registry>,
     events: Events,
     syncher: Arc<Syncher>,
+    /// What the hyperty's data objects are charged to.
+    objects: Arc<Account>,
     rate: RateLimiter,
     /// When a rate-limited event was last emitted (at most one a second).
     rate_reported: Option<Instant>,
@@ -92,6 +94,7 @@ impl InstanceState {
         limiter: InstanceLimiter,
         shared: &super::Shared,
     ) -> InstanceState {
+        let objects = Account::new(address.clone(), label.clone(), limits, limiter.domain().clone(), shared.events.clone());
         InstanceState {
             wasi: WasiCtx::builder().build(),
             table: ResourceTable::new(),
@@ -103,6 +106,7 @@ impl InstanceState {
             registry: shared.registry.clone(),
             events: shared.events.clone(),
             syncher: shared.syncher.clone(),
+            objects,
             rate: RateLimiter::new(limits),
             rate_reported: None,
             misbehaviour_reported: None,
@@ -255,27 +259,27 @@ impl From<Registration> for wit_registry::Registration {
 
 impl wit_syncher::Host for InstanceState {
     fn create(&mut self, scheme: String, data: String) -> Result<String, wit_syncher::SyncError> {
-        Ok(self.syncher.create(&self.address, &scheme, &data)?)
+        Ok(self.syncher.create(&self.objects, &scheme, &data)?)
     }
 
     fn invite(&mut self, url: String, observers: Vec<String>) -> Result<(), wit_syncher::SyncError> {
-        Ok(self.syncher.invite(&self.address, &url, &observers)?)
+        Ok(self.syncher.invite(&self.objects, &url, &observers)?)
     }
 
     fn update(&mut self, url: String, patch: String) -> Result<u64, wit_syncher::SyncError> {
-        Ok(self.syncher.update(&self.address, &url, &patch)?)
+        Ok(self.syncher.update(&self.objects, &url, &patch)?)
     }
 
     fn set_child(&mut self, url: String, name: String, data: String) -> Result<u64, wit_syncher::SyncError> {
-        Ok(self.syncher.set_child(&self.address, &url, &name, &data)?)
+        Ok(self.syncher.set_child(&self.objects, &url, &name, &data)?)
     }
 
     fn remove_child(&mut self, url: String, name: String) -> Result<u64, wit_syncher::SyncError> {
-        Ok(self.syncher.remove_child(&self.address, &url, &name)?)
+        Ok(self.syncher.remove_child(&self.objects, &url, &name)?)
     }
 
     fn delete(&mut self, url: String) -> Result<(), wit_syncher::SyncError> {
-        Ok(self.syncher.delete(&self.address, &url)?)
+        Ok(self.syncher.delete(&self.objects, &url)?)
     }
 }
 
@@ -285,6 +289,7 @@ impl From<SyncError> for wit_syncher::SyncError {
             SyncError::Forbidden(s) => wit_syncher::SyncError::Forbidden(s),
             SyncError::NotFound(s) => wit_syncher::SyncError::NotFound(s),
             SyncError::Invalid(s) => wit_syncher::SyncError::Invalid(s),
+            SyncError::Limit(s) => wit_syncher::SyncError::Limit(s),
         }
     }
 }

@@ -13,6 +13,7 @@
 //! | `fuel-per-call` (optional) | the same with a deterministic instruction budget |
 //! | `inbox` | unbounded queues: senders get `inbox-full` (back-pressure) |
 //! | `rate` / `burst` (per hyperty) | floods: sends beyond the rate get `rate-limited` |
+//! | `objects`, `objects-per-hyperty`, `object-bytes`, `object-children`, `object-subscribers` | data objects as a memory and disk bomb: refused `limit` |
 //! | `grants` | ambient authority: WASI files, sockets, clocks, random only when granted |
 
 use std::sync::Arc;
@@ -45,7 +46,26 @@ pub struct Limits {
     pub rate: u32,
     /// Messages a hyperty may send in a burst above `rate`.
     pub burst: u32,
+    // Data objects (syncher): what the domain's reporters may make the
+    // host keep; an object's bytes also count in `total-memory-mb`.
+    /// Data objects the domain's hyperties may report together.
+    pub objects: u32,
+    /// Data objects one hyperty may report.
+    pub objects_per_hyperty: u32,
+    /// Bytes of one object's JSON (its data, children and their names),
+    /// checked after every patch operation and child change. At most
+    /// [`MAX_OBJECT_BYTES`], so its state fits a message.
+    pub object_bytes: u32,
+    /// Children of one object.
+    pub object_children: u32,
+    /// Subscribers of one object (and, separately, invited observers).
+    pub object_subscribers: u32,
 }
+
+/// The largest `object-bytes`: an object's state travels in one `read` or
+/// `subscribe` answer, so it must fit the bus's default message limit
+/// (1 MiB) with room for the rest of the state (addresses, user, scheme).
+pub const MAX_OBJECT_BYTES: u32 = 960 << 10;
 
 impl Default for Limits {
     fn default() -> Limits {
@@ -59,6 +79,12 @@ impl Default for Limits {
             instances: 100,
             rate: 100_000,
             burst: 10_000,
+            // Data objects (syncher)
+            objects: 1000,
+            objects_per_hyperty: 100,
+            object_bytes: 512 << 10,
+            object_children: 1000,
+            object_subscribers: 10_000,
         }
     }
 }
@@ -76,7 +102,13 @@ impl Limits {
         check(self.fuel_per_call.is_none_or(|f| f > 0), "fuel-per-call", "1..".into())?;
         check((1..=1000).contains(&self.instances), "instances", "1..=1000".into())?;
         check(self.rate >= 1, "rate", "1..".into())?;
-        check(self.burst >= 1, "burst", "1..".into())
+        check(self.burst >= 1, "burst", "1..".into())?;
+        // Data objects (syncher)
+        check(self.objects >= 1, "objects", "1..".into())?;
+        check(self.objects_per_hyperty >= 1, "objects-per-hyperty", "1..".into())?;
+        check((1..=MAX_OBJECT_BYTES).contains(&self.object_bytes), "object-bytes", format!("1..={MAX_OBJECT_BYTES}"))?;
+        check(self.object_children >= 1, "object-children", "1..".into())?;
+        check(self.object_subscribers >= 1, "object-subscribers", "1..".into())
     }
 }
 
@@ -176,6 +208,22 @@ impl DomainMemory {
     pub fn used(&self) -> usize {
         self.used.load(Ordering::Relaxed)
     }
+
+    /// Takes `bytes` more for the domain if that keeps it within `total`
+    /// bytes; false (nothing taken) otherwise.
+    pub fn charge(&self, bytes: usize, total: usize) -> bool {
+        let before = self.used.fetch_add(bytes, Ordering::Relaxed);
+        if before.saturating_add(bytes) > total {
+            self.used.fetch_sub(bytes, Ordering::Relaxed);
+            return false;
+        }
+        true
+    }
+
+    /// Gives back `bytes` taken with [`DomainMemory::charge`].
+    pub fn release(&self, bytes: usize) {
+        self.used.fetch_sub(bytes, Ordering::Relaxed);
+    }
 }
 
 /// The `ResourceLimiter` of one instance's store: its own limits and its
@@ -203,6 +251,13 @@ impl InstanceLimiter {
     }
 }
 
+impl InstanceLimiter {
+    /// The memory of the instance's domain (data objects are charged to it too).
+    pub fn domain(&self) -> &Arc<DomainMemory> {
+        &self.domain
+    }
+}
+
 impl wasmtime::ResourceLimiter for InstanceLimiter {
     fn memory_growing(&mut self, current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
         if desired > self.memory_per_instance {
@@ -214,9 +269,7 @@ impl wasmtime::ResourceLimiter for InstanceLimiter {
             return Ok(false);
         }
         let delta = desired.saturating_sub(current);
-        let before = self.domain.used.fetch_add(delta, Ordering::Relaxed);
-        if before + delta > self.memory_total {
-            self.domain.used.fetch_sub(delta, Ordering::Relaxed);
+        if !self.domain.charge(delta, self.memory_total) {
             self.refused_growth = Some(format!(
                 "memory limit of the domain reached (total-memory-mb = {})",
                 self.memory_total >> 20
@@ -251,7 +304,7 @@ impl wasmtime::ResourceLimiter for InstanceLimiter {
 
 impl Drop for InstanceLimiter {
     fn drop(&mut self) {
-        self.domain.used.fetch_sub(self.held, Ordering::Relaxed);
+        self.domain.release(self.held);
     }
 }
 
