@@ -218,7 +218,7 @@ mod tests {
         }
         let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
         assert!(validate_value(&deep).unwrap_err().contains("deeper than 128 levels (at byte 128)"));
-        let just_over = format!("{}{}", "{\"a\":".repeat(129), format!("1{}", "}".repeat(129)));
+        let just_over = format!("{}1{}", "{\"a\":".repeat(129), "}".repeat(129));
         assert!(validate_value(&just_over).unwrap_err().contains("deeper than 128"));
         assert!(validate_value("[1e999999]").unwrap_err().contains("out of a double's range at byte 1: 1e999999"));
         assert!(validate_value(&"9".repeat(500_000)).unwrap_err().contains("number of 500000 characters at byte 0"));
