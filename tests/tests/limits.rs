@@ -9,7 +9,7 @@ use std::io::Write;
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use hyperty_host::{Address, MessageType, Runtime};
+use hyperty_host::{Address, Message, MessageType, Runtime};
 use hyperty_tests::*;
 use serde_json::{Value, json};
 
@@ -136,6 +136,27 @@ fn shutdown_does_not_wait_on_pending_requests() {
     });
     let left = stopped.recv_timeout(Duration::from_secs(60)).expect("the runtime shut down (within a generous 60 s)");
     assert_eq!(left, 0, "the pending requests were forgotten");
+}
+
+#[test]
+fn shutdown_does_not_wait_for_a_busy_domains_queue() {
+    let mut c = case("greedy-busy.example", json!({ "limits": { "call-timeout-ms": 5000 } }));
+    // One second each: 100 queued would hold a shutdown that handles them
+    // for 100 s.
+    let greedy = c.greedy.clone();
+    for _ in 0..100 {
+        let id = c.driver.fresh_id();
+        let busy = Message::new(id, MessageType::Execute, c.driver.address().clone(), greedy.clone(), Some(json!({ "op": "busy", "ms": 1000 }).to_string()));
+        c.driver.endpoint.send(busy).unwrap();
+    }
+    let Case { runtime, driver, _bundles, .. } = c;
+    let (done, stopped) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        runtime.shutdown();
+        drop((driver, runtime));
+        let _ = done.send(());
+    });
+    stopped.recv_timeout(Duration::from_secs(60)).expect("the runtime shut down (within a generous 60 s)");
 }
 
 #[test]

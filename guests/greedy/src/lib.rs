@@ -15,7 +15,9 @@
 //!   (`code`, `description`, a response's code through `send`, a reply to a
 //!   response, a reply with code 1000): `{"errors"}`;
 //! - `address` `{"paths"}`: sends to `hyperty://alice.example/<path>` for
-//!   each path: `{"errors"}`.
+//!   each path: `{"errors"}`;
+//! - `busy` `{"ms"}`: keeps its domain's thread busy for `ms` milliseconds
+//!   (under its call deadline), then answers `{"busy": ms}`.
 //!
 //! Every response it gets (to its own requests) is forwarded to the
 //! observer as `{"id", "code", "description"}`.
@@ -59,6 +61,7 @@ impl Guest for Greedy {
             "json" => bad_json(&me, &value, &msg),
             "fields" => fields(&me, &value, &msg),
             "address" => addresses(&me, &value),
+            "busy" => busy(&value),
             other => json!({ "error": format!("unknown op {other:?}") }),
         };
         let _ = bus::reply(&msg, 200, Some(&answer.to_string()));
@@ -172,6 +175,15 @@ fn addresses(me: &str, value: &Value) -> Value {
         errors.push(outcome(bus::request(&Message::new(fresh_id(), MessageType::Read, me, &to, "{}"), None)));
     }
     json!({ "errors": errors })
+}
+
+fn busy(value: &Value) -> Value {
+    let ms = value["ms"].as_u64().unwrap_or(0);
+    let started = std::time::Instant::now();
+    while started.elapsed() < std::time::Duration::from_millis(ms) {
+        std::hint::black_box(0);
+    }
+    json!({ "busy": ms })
 }
 
 hyperty_guest::export!(Greedy);
