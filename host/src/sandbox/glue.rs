@@ -79,7 +79,7 @@ pub(crate) struct InstanceState {
     events: Events,
     syncher: Arc<Syncher>,
     rate: RateLimiter,
-    log: LogLimiter,
+    log: GuestLog,
     /// `max-pending` of the domain.
     max_pending: usize,
     /// `max-request-timeout-ms` of the domain.
@@ -104,14 +104,14 @@ impl InstanceState {
             table: ResourceTable::new(),
             limiter,
             address,
-            label,
+            label: label.clone(),
             descriptor,
             bus: shared.bus.clone(),
             registry: shared.registry.clone(),
             events: shared.events.clone(),
             syncher: shared.syncher.clone(),
             rate: RateLimiter::new(limits.rate, limits.burst),
-            log: LogLimiter::new(limits),
+            log: GuestLog::new(label.clone(), limits),
             max_pending: limits.max_pending as usize,
             max_request_timeout: Duration::from_millis(limits.max_request_timeout_ms.into()),
             rate_reported: None,
@@ -332,28 +332,43 @@ impl From<SyncError> for wit_syncher::SyncError {
     }
 }
 
-/// A component's line into the host's log (every world imports the same
-/// `log` interface): tagged with `who`, control, bidi and invisible
-/// characters escaped ([`printable`]), cut at [`MAX_LOG_LINE`] bytes.
-pub(crate) fn guest_log(who: &str, level: wit_log::Level, message: String) {
-    write_log(who, level, &log_line(&message));
+/// A component's log (every world imports the same `log` interface): its
+/// lines tagged with `who`, escaped and cut ([`log_line`]), at most
+/// `log-lines` lines and `log-bytes` bytes a second; a line beyond is
+/// dropped, and the next line written is preceded by one saying how many
+/// were.
+pub(crate) struct GuestLog {
+    who: Arc<str>,
+    limiter: LogLimiter,
 }
 
-/// Writes a line already made by [`log_line`].
-fn write_log(who: &str, level: wit_log::Level, message: &str) {
-    match level {
-        wit_log::Level::Trace => tracing::trace!(target: "hyperty::guest", "{who}: {message}"),
-        wit_log::Level::Debug => tracing::debug!(target: "hyperty::guest", "{who}: {message}"),
-        wit_log::Level::Info => tracing::info!(target: "hyperty::guest", "{who}: {message}"),
-        wit_log::Level::Warn => tracing::warn!(target: "hyperty::guest", "{who}: {message}"),
-        wit_log::Level::Error => tracing::error!(target: "hyperty::guest", "{who}: {message}"),
+impl GuestLog {
+    pub fn new(who: impl Into<Arc<str>>, limits: &Limits) -> GuestLog {
+        GuestLog { who: who.into(), limiter: LogLimiter::new(limits) }
+    }
+
+    pub fn write(&mut self, level: wit_log::Level, message: &str) {
+        let line = log_line(message);
+        let Some(suppressed) = self.limiter.admit(line.len()) else { return };
+        let who = &self.who;
+        if suppressed > 0 {
+            tracing::warn!(target: "hyperty::guest", "{who}: {suppressed} log lines suppressed (over its log-lines or log-bytes rate)");
+        }
+        match level {
+            wit_log::Level::Trace => tracing::trace!(target: "hyperty::guest", "{who}: {line}"),
+            wit_log::Level::Debug => tracing::debug!(target: "hyperty::guest", "{who}: {line}"),
+            wit_log::Level::Info => tracing::info!(target: "hyperty::guest", "{who}: {line}"),
+            wit_log::Level::Warn => tracing::warn!(target: "hyperty::guest", "{who}: {line}"),
+            wit_log::Level::Error => tracing::error!(target: "hyperty::guest", "{who}: {line}"),
+        }
     }
 }
 
 /// `message` as it goes into the log: escaped, then cut at
 /// [`MAX_LOG_LINE`] bytes (`…` included). Only the first `MAX_LOG_LINE`
 /// bytes are ever escaped, so a huge line costs no more than a long one.
-fn log_line(message: &str) -> Cow<'_, str> {
+/// For any text from a component that the host logs.
+pub(crate) fn log_line(message: &str) -> Cow<'_, str> {
     let escaped = printable(cut(message, MAX_LOG_LINE));
     if message.len() > MAX_LOG_LINE || escaped.len() > MAX_LOG_LINE {
         let end = MAX_LOG_LINE - '…'.len_utf8();
@@ -396,16 +411,8 @@ pub(crate) fn printable(text: &str) -> Cow<'_, str> {
 }
 
 impl wit_log::Host for InstanceState {
-    /// Applies the hyperty's log rate (`log-lines`, `log-bytes`): a line
-    /// beyond it is dropped, and the next line written is preceded by one
-    /// saying how many were.
     fn log(&mut self, level: wit_log::Level, message: String) {
-        let line = log_line(&message);
-        let Some(suppressed) = self.log.admit(line.len()) else { return };
-        if suppressed > 0 {
-            tracing::warn!(target: "hyperty::guest", "{}: {suppressed} log lines suppressed (over its domain's log-lines or log-bytes rate)", self.label);
-        }
-        write_log(&self.label, level, &line);
+        self.log.write(level, &message);
     }
 }
 

@@ -39,7 +39,7 @@ use crate::message::{Message, MessageType, code};
 use crate::policy::Descriptor;
 use crate::registry::{Registry, Status as RegistryStatus};
 
-pub(crate) use glue::{HypertyPre, InstanceState, check_grants, guest_log, hyperty_linker, prepare};
+pub(crate) use glue::{GuestLog, HypertyPre, InstanceState, check_grants, hyperty_linker, log_line, prepare};
 use glue::Hyperty;
 use limits::{DomainMemory, Grant, InstanceLimiter, Limits, RestartPolicy};
 
