@@ -9,7 +9,7 @@ use std::io::Write;
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use hyperty_host::{Address, Message, MessageType, Runtime};
+use hyperty_host::{Address, EventKind, Message, MessageType, Runtime};
 use hyperty_tests::*;
 use serde_json::{Value, json};
 
@@ -54,6 +54,7 @@ fn logged(needle: &str) -> Vec<String> {
 struct Case {
     runtime: Runtime,
     driver: Driver,
+    events: tokio::sync::broadcast::Receiver<hyperty_host::Event>,
     a: Address,
     b: Address,
     greedy: Address,
@@ -63,12 +64,13 @@ struct Case {
 fn case(domain: &str, settings: Value) -> Case {
     capture_log();
     let runtime = runtime(Duration::from_secs(5));
+    let events = runtime.events();
     let driver = Driver::new(&runtime);
     let (healthy, a, b) = healthy_pair(&runtime);
     let bundle = TestBundle::new().hyperty(domain, "g", &guest("greedy"), json!({ "observer": OBSERVER })).domain(domain, settings);
     runtime.deploy(&bundle.load()).expect("the greedy bundle deploys");
     let greedy = runtime.lookup(domain, "g").unwrap();
-    Case { runtime, driver, a, b, greedy, _bundles: (healthy, bundle) }
+    Case { runtime, driver, events, a, b, greedy, _bundles: (healthy, bundle) }
 }
 
 impl Case {
@@ -98,6 +100,8 @@ fn pending_requests_are_capped_per_requester_and_other_domains_keep_working() {
     let why = counts["errors"]["too-many-pending"].as_str().unwrap();
     assert!(why.contains("has 100 requests waiting for their response (max-pending = 100)"), "{why}");
     assert_eq!(c.runtime.pending_requests(), 100);
+    let greedy = c.greedy.clone();
+    wait_event(&mut c.events, |e| e.address == greedy && matches!(&e.kind, EventKind::Refused { reason } if reason.contains("max-pending = 100")));
     c.driver.still_works(&c.a, &c.b);
 }
 

@@ -111,7 +111,7 @@ impl InstanceState {
             events: shared.events.clone(),
             syncher: shared.syncher.clone(),
             rate: RateLimiter::new(limits.rate, limits.burst),
-            log: GuestLog::new(label.clone(), limits),
+            log: GuestLog::new(label, limits),
             max_pending: limits.max_pending as usize,
             max_request_timeout: Duration::from_millis(limits.max_request_timeout_ms.into()),
             rate_reported: None,
@@ -243,11 +243,17 @@ impl wit_bus::Host for InstanceState {
 
 impl InstanceState {
     /// Reports a refusal that says the guest misbehaves (spoofing, garbage,
-    /// oversize) to the operator, at most once a second; back-pressure
-    /// errors are the normal course of things and are not reported.
+    /// oversize, hoarding pending requests) to the operator, at most once a
+    /// second; back-pressure errors are the normal course of things and are
+    /// not reported.
     fn reported(&mut self, result: Result<(), SendError>) -> Result<(), SendError> {
-        if let Err(e @ (SendError::SpoofedFrom(_) | SendError::SpoofedIdentity(_) | SendError::Malformed(_) | SendError::TooLarge(_))) =
-            &result
+        if let Err(
+            e @ (SendError::SpoofedFrom(_)
+            | SendError::SpoofedIdentity(_)
+            | SendError::Malformed(_)
+            | SendError::TooLarge(_)
+            | SendError::TooManyPending(_)),
+        ) = &result
         {
             let now = Instant::now();
             if self.misbehaviour_reported.is_none_or(|last| now.duration_since(last) >= Duration::from_secs(1)) {
@@ -394,7 +400,7 @@ fn cut(text: &str, max: usize) -> &str {
 /// character written as an escape (`\n`, `\u{202e}`, as `{:?}` writes
 /// them), so that text from a guest can neither forge a log line nor make
 /// one read differently than it is. Quotes and backslashes stay as they are.
-pub(crate) fn printable(text: &str) -> Cow<'_, str> {
+fn printable(text: &str) -> Cow<'_, str> {
     let hidden = |c: char| !matches!(c, '"' | '\'' | '\\') && c.escape_debug().nth(1).is_some();
     if !text.chars().any(hidden) {
         return Cow::Borrowed(text);
