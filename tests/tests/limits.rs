@@ -122,6 +122,19 @@ fn a_request_timeout_beyond_the_domains_maximum_is_clamped() {
 }
 
 #[test]
+fn an_endpoint_request_with_an_unbounded_timeout_is_pending_not_a_panic() {
+    // `Instant::now() + Duration::MAX` panicked inside the pending map's
+    // lock, poisoning the bus for every domain.
+    let mut c = case("greedy-forever.example", json!({}));
+    let sink = c.sink(10);
+    let id = c.driver.fresh_id();
+    let read = Message::new(id, MessageType::Read, c.driver.address().clone(), sink.address().clone(), None);
+    c.driver.endpoint.request(read, Some(Duration::MAX)).unwrap();
+    assert_eq!(c.runtime.pending_requests(), 1);
+    c.driver.still_works(&c.a, &c.b);
+}
+
+#[test]
 fn shutdown_does_not_wait_on_pending_requests() {
     let limits = json!({ "limits": { "max-pending": 20_000, "burst": 20_000, "call-timeout-ms": 30_000 } });
     let mut c = case("greedy-stop.example", limits);

@@ -371,6 +371,20 @@ mod tests {
     }
 
     #[test]
+    fn new_limits_are_validated_naming_the_field() {
+        assert_eq!(Limits::default().validate(), Ok(()));
+        let bad = [
+            (Limits { max_pending: 0, ..Limits::default() }, "max-pending must be in 1..=1000000"),
+            (Limits { max_request_timeout_ms: 0, ..Limits::default() }, "max-request-timeout-ms must be in 1.."),
+            (Limits { log_lines: 0, ..Limits::default() }, "log-lines must be in 1.."),
+            (Limits { log_bytes: 4095, ..Limits::default() }, "log-bytes must be in 4096.."),
+        ];
+        for (limits, why) in bad {
+            assert_eq!(limits.validate(), Err(why.to_owned()));
+        }
+    }
+
+    #[test]
     fn log_limiter_bounds_lines_and_bytes_and_counts_what_it_drops() {
         let limits = Limits { log_lines: 10, log_bytes: 8192, ..Limits::default() };
         let mut log = LogLimiter::new(&limits);
