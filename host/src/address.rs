@@ -82,8 +82,23 @@ fn validate(text: &str) -> Result<(), String> {
     }
     let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
     validate_domain(authority).map_err(|e| format!("{text:?}: {e}"))?;
-    if path.chars().any(|c| c.is_control() || c.is_whitespace()) {
-        return Err(format!("{text:?} has whitespace or control characters in its path"));
+    let bytes = path.as_bytes();
+    for (i, c) in path.char_indices() {
+        let ok = match c {
+            'A'..='Z' | 'a'..='z' | '0'..='9' | '-' | '.' | '_' | '~' | '/' | ':' | '@' => true,
+            '!' | '$' | '&' | '\'' | '(' | ')' | '*' | '+' | ',' | ';' | '=' => true,
+            '%' => bytes.get(i + 1..i + 3).is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit)),
+            _ => false,
+        };
+        if !ok {
+            // `{:?}` escapes controls, bidi and invisible characters: the
+            // error never carries them raw.
+            return Err(format!(
+                "{text:?}: {c:?} at byte {} is not allowed in an address path (only ASCII letters, digits, \
+                 -._~!$&'()*+,;=:@/ and %XX)",
+                scheme.len() + 3 + authority.len() + 1 + i
+            ));
+        }
     }
     Ok(())
 }
@@ -128,5 +143,25 @@ mod tests {
             assert!(Address::parse(bad).is_err(), "{bad:?} accepted");
         }
         assert!(Address::parse(format!("hyperty://a.b/{}", "x".repeat(2000))).is_err());
+    }
+
+    #[test]
+    fn paths_are_ascii_pchars_and_errors_never_carry_them_raw() {
+        for ok in ["hyperty://a.b/x-y_z.~1", "comm://a.b/room/children/chat", "x://a.b/%41:@!$&'()*+,;=", "domain://registry.a.b"] {
+            assert!(Address::parse(ok).is_ok(), "{ok:?} refused");
+        }
+        for (bad, shown) in [
+            ("hyperty://a.b/x\u{202E}gpj.exe", "'\\u{202e}' at byte 15"),
+            ("hyperty://a.b/x\u{200B}", "'\\u{200b}' at byte 15"),
+            ("hyperty://a.b/caf\u{e9}", "'\u{e9}' at byte 17"),
+            ("hyperty://a.b/a?b", "'?' at byte 15"),
+            ("hyperty://a.b/a#b", "'#' at byte 15"),
+            ("hyperty://a.b/%4", "'%' at byte 14"),
+            ("hyperty://a.b/a\nb", "'\\n' at byte 15"),
+        ] {
+            let e = Address::parse(bad).unwrap_err();
+            assert!(e.contains(shown), "{bad:?}: {e}");
+            assert!(!e.chars().any(|c| c.is_control() || ('\u{2000}'..='\u{206F}').contains(&c)), "{e:?}");
+        }
     }
 }

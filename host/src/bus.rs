@@ -14,9 +14,11 @@
 //! `response` message, at once. Nothing is dropped silently: a full inbox is
 //! an error to the sender (back-pressure).
 //!
-//! Pending requests live in two maps that change together: by (requester,
-//! id) for correlation and by deadline for the timer thread, so an entry and
-//! its timer disappear with the response, the 408 or the requester.
+//! Pending requests live in two maps that change together: by requester
+//! then id for correlation (and for counting a requester's requests against
+//! its domain's `max-pending`) and by deadline for the timer thread, so an
+//! entry and its timer disappear with the response, the 408 or the
+//! requester. A stopping runtime forgets them all at once, answering none.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -48,6 +50,8 @@ pub enum SendError {
     InboxFull(String),
     #[error("rate limited: {0}")]
     RateLimited(String),
+    #[error("too many pending requests: {0}")]
+    TooManyPending(String),
 }
 
 /// Where messages for an address go.
@@ -261,7 +265,18 @@ impl Bus {
 
     /// Requests waiting for a response.
     pub fn pending_requests(&self) -> usize {
-        self.inner.timer.pending.lock().unwrap().by_key.len()
+        self.inner.timer.count()
+    }
+
+    /// Requests from `requester` waiting for a response.
+    pub fn pending_from(&self, requester: &Address) -> usize {
+        self.inner.timer.count_of(requester)
+    }
+
+    /// Forgets every pending request without answering any: the runtime
+    /// is stopping and nobody will read the 408s.
+    pub fn forget_pending(&self) {
+        self.inner.timer.forget_all();
     }
 
     /// Sends `message`, whose `from` the caller has already checked. With
@@ -511,11 +526,31 @@ struct Outstanding {
     timeout: Duration,
 }
 
+/// The pending requests, by requester then id (so one requester's count
+/// and removal cost what it holds, not what everyone holds) and by
+/// deadline; the two change together.
 #[derive(Default)]
 struct Pending {
-    by_key: HashMap<(Address, u64), Outstanding>,
+    by_requester: HashMap<Address, HashMap<u64, Outstanding>>,
     by_deadline: BTreeMap<(Instant, u64), (Address, u64)>,
     next_seq: u64,
+}
+
+impl Pending {
+    fn add(&mut self, requester: Address, id: u64, o: Outstanding) {
+        self.by_deadline.insert((o.deadline, o.seq), (requester.clone(), id));
+        self.by_requester.entry(requester).or_default().insert(id, o);
+    }
+
+    fn remove(&mut self, requester: &Address, id: u64) -> Option<Outstanding> {
+        let of_requester = self.by_requester.get_mut(requester)?;
+        let o = of_requester.remove(&id)?;
+        if of_requester.is_empty() {
+            self.by_requester.remove(requester);
+        }
+        self.by_deadline.remove(&(o.deadline, o.seq));
+        Some(o)
+    }
 }
 
 /// The pending requests and the thread that answers 408 when one expires.
@@ -529,16 +564,16 @@ struct Timer {
 impl Timer {
     fn insert(&self, request: &Message, timeout: Duration) -> Result<(), SendError> {
         let mut p = self.pending.lock().unwrap();
-        let key = (request.from.clone(), request.id);
-        if p.by_key.contains_key(&key) {
+        if p.by_requester.get(&request.from).is_some_and(|r| r.contains_key(&request.id)) {
             return Err(SendError::DuplicateId(request.id));
         }
-        let deadline = Instant::now() + timeout;
+        // A deadline past what an `Instant` can hold is as good as never.
+        let now = Instant::now();
+        let deadline = now.checked_add(timeout).unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 86_400));
         p.next_seq += 1;
         let seq = p.next_seq;
         let earliest = p.by_deadline.first_key_value().is_none_or(|((first, _), _)| deadline < *first);
-        p.by_deadline.insert((deadline, seq), key.clone());
-        p.by_key.insert(key, Outstanding { responder: request.to.clone(), deadline, seq, timeout });
+        p.add(request.from.clone(), request.id, Outstanding { responder: request.to.clone(), deadline, seq, timeout });
         drop(p);
         if earliest {
             self.wake.notify_one();
@@ -550,38 +585,42 @@ impl Timer {
     /// `response` comes from the address the request went to.
     fn take(&self, response: &Message) -> Option<Outstanding> {
         let mut p = self.pending.lock().unwrap();
-        let key = (response.to.clone(), response.id);
-        if p.by_key.get(&key).is_none_or(|o| o.responder != response.from) {
+        let o = p.by_requester.get(&response.to)?.get(&response.id)?;
+        if o.responder != response.from {
             return None;
         }
-        let o = p.by_key.remove(&key)?;
-        p.by_deadline.remove(&(o.deadline, o.seq));
-        Some(o)
+        p.remove(&response.to, response.id)
     }
 
     fn take_request(&self, requester: &Address, id: u64) {
-        let mut p = self.pending.lock().unwrap();
-        if let Some(o) = p.by_key.remove(&(requester.clone(), id)) {
-            p.by_deadline.remove(&(o.deadline, o.seq));
-        }
+        self.pending.lock().unwrap().remove(requester, id);
     }
 
     fn restore(&self, requester: Address, id: u64, o: Outstanding) {
-        let mut p = self.pending.lock().unwrap();
-        p.by_deadline.insert((o.deadline, o.seq), (requester.clone(), id));
-        p.by_key.insert((requester, id), o);
+        self.pending.lock().unwrap().add(requester, id, o);
     }
 
     fn forget_requester(&self, requester: &Address) {
         let mut p = self.pending.lock().unwrap();
-        let Pending { by_key, by_deadline, .. } = &mut *p;
-        by_key.retain(|(from, _), o| {
-            let keep = from != requester;
-            if !keep {
-                by_deadline.remove(&(o.deadline, o.seq));
-            }
-            keep
-        });
+        let Pending { by_requester, by_deadline, .. } = &mut *p;
+        for o in by_requester.remove(requester).into_iter().flat_map(HashMap::into_values) {
+            by_deadline.remove(&(o.deadline, o.seq));
+        }
+    }
+
+    /// Forgets every pending request, answering none (the runtime stops).
+    /// The maps are dropped after the lock is released.
+    fn forget_all(&self) {
+        let taken = std::mem::take(&mut *self.pending.lock().unwrap());
+        drop(taken);
+    }
+
+    fn count(&self) -> usize {
+        self.pending.lock().unwrap().by_deadline.len()
+    }
+
+    fn count_of(&self, requester: &Address) -> usize {
+        self.pending.lock().unwrap().by_requester.get(requester).map_or(0, HashMap::len)
     }
 
     /// Answers 408 for each request whose deadline passes, until the bus is
@@ -595,9 +634,12 @@ impl Timer {
                 if entry.key().0 > now {
                     break;
                 }
-                let key = entry.remove();
-                if let Some(o) = p.by_key.remove(&key) {
-                    expired.push((key, o));
+                let (requester, id) = entry.remove();
+                if let Some(o) = p.by_requester.get_mut(&requester).and_then(|r| r.remove(&id)) {
+                    if p.by_requester.get(&requester).is_some_and(HashMap::is_empty) {
+                        p.by_requester.remove(&requester);
+                    }
+                    expired.push(((requester, id), o));
                 }
             }
             if !expired.is_empty() {

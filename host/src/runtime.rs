@@ -716,8 +716,11 @@ impl Runtime {
         self.deployed.lock().unwrap().sandboxes.get(domain).map(SandboxHandle::memory_used)
     }
 
-    /// Stops every hyperty and sandbox.
+    /// Stops every hyperty and sandbox. Pending requests are forgotten
+    /// first, answered by nobody: however many there are, stopping does
+    /// not wait on them (nor send a 408 each).
     pub fn shutdown(&self) {
+        self.bus.forget_pending();
         let mut deployed = self.deployed.lock().unwrap();
         for running in std::mem::take(&mut deployed.hyperties) {
             self.stop(&deployed, &running);

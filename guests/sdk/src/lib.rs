@@ -90,6 +90,7 @@ impl SendError {
             SendError::DuplicateId(id) => format!("duplicate-id: {id}"),
             SendError::InboxFull(s) => format!("inbox-full: {s}"),
             SendError::RateLimited(s) => format!("rate-limited: {s}"),
+            SendError::TooManyPending(s) => format!("too-many-pending: {s}"),
         }
     }
 }

@@ -49,7 +49,7 @@ struct ProxyState {
     wasi: WasiCtx,
     table: ResourceTable,
     limiter: InstanceLimiter,
-    name: Arc<str>,
+    log: crate::sandbox::GuestLog,
 }
 
 impl WasiView for ProxyState {
@@ -60,7 +60,7 @@ impl WasiView for ProxyState {
 
 impl wit_log::Host for ProxyState {
     fn log(&mut self, level: wit_log::Level, message: String) {
-        crate::sandbox::guest_log(&format!("IdP proxy {}", self.name), level, message);
+        self.log.write(level, &message);
     }
 }
 
@@ -141,7 +141,7 @@ impl Proxy {
             wasi: WasiCtx::builder().build(),
             table: ResourceTable::new(),
             limiter: InstanceLimiter::new(&self.limits, self.memory.clone()),
-            name: self.name.clone(),
+            log: crate::sandbox::GuestLog::new(format!("IdP proxy {}", self.name), &self.limits),
         };
         let mut store = Store::new(self.pre.0.engine(), state);
         store.limiter(|s| &mut s.limiter);

@@ -56,6 +56,7 @@ pub(crate) struct StubState {
     bus: crate::bus::Bus,
     registry: Arc<crate::registry::Registry>,
     events: crate::events::Events,
+    log: crate::sandbox::GuestLog,
 }
 
 impl WasiView for StubState {
@@ -105,6 +106,7 @@ impl Instance {
             bus: context.bus.clone(),
             registry: context.registry.clone(),
             events: context.events.clone(),
+            log: crate::sandbox::GuestLog::new(format!("protostub {}", stub.domain), &Limits::default()),
         };
         let mut store = Store::new(&context.engine, state);
         store.limiter(|s| &mut s.limiter);
@@ -206,6 +208,6 @@ impl wit::Host for StubState {
 
 impl wit_log::Host for StubState {
     fn log(&mut self, level: wit_log::Level, message: String) {
-        crate::sandbox::guest_log(&format!("protostub {}", self.stub.domain), level, message);
+        self.log.write(level, &message);
     }
 }

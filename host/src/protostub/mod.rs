@@ -671,7 +671,7 @@ pub(crate) fn report(stub: &Stub, sink: StatusSink<'_>, status: glue::StubStatus
         glue::StubStatus::Disconnected => ("disconnected", Status::Disconnected),
         glue::StubStatus::Failed => ("failed", Status::Failed),
     };
-    tracing::info!("protostub {}: {name} ({detail})", stub.domain);
+    tracing::info!("protostub {}: {name} ({})", stub.domain, crate::sandbox::log_line(detail));
     sink.registry.set_status(&stub.address, registry_status);
     sink.events.emit(
         &format!("protostub {}", stub.domain),

@@ -1,8 +1,10 @@
 //! The wasmtime glue of the `hyperty` world: the bindings, the store data
 //! of one hyperty instance, and the host side of its imports (`bus`,
-//! `registry`, `log`), which stamps `from` and applies the rate limit before
-//! anything reaches the bus.
+//! `registry`, `log`), which stamps `from`, refuses the fields only the host
+//! or a responder sets, and applies the rate, pending-request and log limits
+//! before anything reaches the bus or the log.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -10,7 +12,7 @@ use anyhow::{Result, anyhow};
 use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
-use super::limits::{Grant, InstanceLimiter, Limits, RateLimiter};
+use super::limits::{Grant, InstanceLimiter, Limits, LogLimiter, MAX_LOG_LINE, RateLimiter};
 use crate::address::Address;
 use crate::bus::{Bus, SendError};
 use crate::events::{EventKind, Events};
@@ -79,6 +81,11 @@ pub(crate) struct InstanceState {
     /// What the hyperty's data objects are charged to.
     objects: Arc<Account>,
     rate: RateLimiter,
+    log: GuestLog,
+    /// `max-pending` of the domain.
+    max_pending: usize,
+    /// `max-request-timeout-ms` of the domain.
+    max_request_timeout: Duration,
     /// When a rate-limited event was last emitted (at most one a second).
     rate_reported: Option<Instant>,
     /// When a refused-message event was last emitted (at most one a second).
@@ -100,22 +107,38 @@ impl InstanceState {
             table: ResourceTable::new(),
             limiter,
             address,
-            label,
+            label: label.clone(),
             descriptor,
             bus: shared.bus.clone(),
             registry: shared.registry.clone(),
             events: shared.events.clone(),
             syncher: shared.syncher.clone(),
             objects,
-            rate: RateLimiter::new(limits),
+            rate: RateLimiter::new(limits.rate, limits.burst),
+            log: GuestLog::new(label, limits),
+            max_pending: limits.max_pending as usize,
+            max_request_timeout: Duration::from_millis(limits.max_request_timeout_ms.into()),
             rate_reported: None,
             misbehaviour_reported: None,
         }
     }
 
     /// Converts a guest's message, checking every field, that `from` is
-    /// this hyperty's own address (the stamp) and the rate limit.
-    fn accept(&mut self, m: wit::Message) -> Result<Message, SendError> {
+    /// this hyperty's own address (the stamp), that it sets no field the
+    /// host or a responder owns, and the rate limit. `request`: it is sent
+    /// with `request`, else with `send`.
+    fn accept(&mut self, m: wit::Message, request: bool) -> Result<Message, SendError> {
+        if request && m.type_ == wit::MessageType::Response {
+            return Err(SendError::Malformed("a response cannot be sent as a request".into()));
+        }
+        if let Some(code) = m.body.code {
+            return Err(SendError::Malformed(format!(
+                "body.code ({code}): a response's code is set by its responder through `reply`, never with `send` or `request`"
+            )));
+        }
+        if m.body.description.is_some() {
+            return Err(SendError::Malformed("body.description: only the host sets it, on its own answers".into()));
+        }
         let from = Address::parse(m.from).map_err(|e| SendError::Malformed(format!("from: {e}")))?;
         if from != self.address {
             return Err(SendError::SpoofedFrom(format!("{from} is not this hyperty's address ({})", self.address)));
@@ -140,8 +163,15 @@ impl InstanceState {
         })
     }
 
-    /// A request being replied to must be addressed to this hyperty.
-    fn accept_request(&mut self, m: wit::Message) -> Result<Message, SendError> {
+    /// A request being replied to must be a request addressed to this
+    /// hyperty; the code must be a status code (RFC 9110: 100..=599).
+    fn accept_request(&mut self, m: wit::Message, code: u16) -> Result<Message, SendError> {
+        if m.type_ == wit::MessageType::Response {
+            return Err(SendError::Malformed("cannot reply to a response".into()));
+        }
+        if !(100..=599).contains(&code) {
+            return Err(SendError::Malformed(format!("code {code} is not a status code (100..=599)")));
+        }
         let to = Address::parse(m.to).map_err(|e| SendError::Malformed(format!("to: {e}")))?;
         if to != self.address {
             return Err(SendError::SpoofedFrom(format!("cannot reply to a request addressed to {to}, not {}", self.address)));
@@ -182,18 +212,31 @@ impl wit::Host for InstanceState {}
 
 impl wit_bus::Host for InstanceState {
     fn send(&mut self, msg: wit::Message) -> Result<(), wit::SendError> {
-        let result = self.accept(msg).and_then(|msg| self.bus.send(msg, None, Some(&self.descriptor)));
+        let result = self.accept(msg, false).and_then(|msg| self.bus.send(msg, None, Some(&self.descriptor)));
         Ok(self.reported(result)?)
     }
 
     fn request(&mut self, msg: wit::Message, timeout_ms: Option<u32>) -> Result<(), wit::SendError> {
-        let timeout = timeout_ms.map_or(self.bus.config().request_timeout, |ms| Duration::from_millis(ms.into()));
-        let result = self.accept(msg).and_then(|msg| self.bus.send(msg, Some(timeout), Some(&self.descriptor)));
+        let timeout = timeout_ms
+            .map_or(self.bus.config().request_timeout, |ms| Duration::from_millis(ms.into()))
+            .min(self.max_request_timeout);
+        let result = self.accept(msg, true).and_then(|msg| {
+            // Only this instance's thread adds requests from its address,
+            // so the count cannot grow between this check and the send.
+            let pending = self.bus.pending_from(&self.address);
+            if pending >= self.max_pending {
+                return Err(SendError::TooManyPending(format!(
+                    "{} has {pending} requests waiting for their response (max-pending = {})",
+                    self.label, self.max_pending
+                )));
+            }
+            self.bus.send(msg, Some(timeout), Some(&self.descriptor))
+        });
         Ok(self.reported(result)?)
     }
 
     fn reply(&mut self, request: wit::Message, code: u16, value: Option<String>) -> Result<(), wit::SendError> {
-        let result = self.accept_request(request).and_then(|request| {
+        let result = self.accept_request(request, code).and_then(|request| {
             let mut response = Message::response(request.id, request.to, request.from, code);
             response.body.value = value.map(check_json).transpose()?;
             self.bus.send(response, None, Some(&self.descriptor))
@@ -204,11 +247,17 @@ impl wit_bus::Host for InstanceState {
 
 impl InstanceState {
     /// Reports a refusal that says the guest misbehaves (spoofing, garbage,
-    /// oversize) to the operator, at most once a second; back-pressure
-    /// errors are the normal course of things and are not reported.
+    /// oversize, hoarding pending requests) to the operator, at most once a
+    /// second; back-pressure errors are the normal course of things and are
+    /// not reported.
     fn reported(&mut self, result: Result<(), SendError>) -> Result<(), SendError> {
-        if let Err(e @ (SendError::SpoofedFrom(_) | SendError::SpoofedIdentity(_) | SendError::Malformed(_) | SendError::TooLarge(_))) =
-            &result
+        if let Err(
+            e @ (SendError::SpoofedFrom(_)
+            | SendError::SpoofedIdentity(_)
+            | SendError::Malformed(_)
+            | SendError::TooLarge(_)
+            | SendError::TooManyPending(_)),
+        ) = &result
         {
             let now = Instant::now();
             if self.misbehaviour_reported.is_none_or(|last| now.duration_since(last) >= Duration::from_secs(1)) {
@@ -294,32 +343,87 @@ impl From<SyncError> for wit_syncher::SyncError {
     }
 }
 
-/// Longest guest log line kept, in bytes.
-const MAX_LOG_LINE: usize = 4096;
+/// A component's log (every world imports the same `log` interface): its
+/// lines tagged with `who`, escaped and cut ([`log_line`]), at most
+/// `log-lines` lines and `log-bytes` bytes a second; a line beyond is
+/// dropped, and the next line written is preceded by one saying how many
+/// were.
+pub(crate) struct GuestLog {
+    who: Arc<str>,
+    limiter: LogLimiter,
+}
 
-/// A component's line into the host's log (every world imports the same
-/// `log` interface): tagged with `who`, cut at [`MAX_LOG_LINE`].
-pub(crate) fn guest_log(who: &str, level: wit_log::Level, mut message: String) {
-    if message.len() > MAX_LOG_LINE {
-        let mut end = MAX_LOG_LINE;
-        while !message.is_char_boundary(end) {
-            end -= 1;
+impl GuestLog {
+    pub fn new(who: impl Into<Arc<str>>, limits: &Limits) -> GuestLog {
+        GuestLog { who: who.into(), limiter: LogLimiter::new(limits) }
+    }
+
+    pub fn write(&mut self, level: wit_log::Level, message: &str) {
+        let line = log_line(message);
+        let Some(suppressed) = self.limiter.admit(line.len()) else { return };
+        let who = &self.who;
+        if suppressed > 0 {
+            tracing::warn!(target: "hyperty::guest", "{who}: {suppressed} log lines suppressed (over its log-lines or log-bytes rate)");
         }
-        message.truncate(end);
-        message.push('…');
+        match level {
+            wit_log::Level::Trace => tracing::trace!(target: "hyperty::guest", "{who}: {line}"),
+            wit_log::Level::Debug => tracing::debug!(target: "hyperty::guest", "{who}: {line}"),
+            wit_log::Level::Info => tracing::info!(target: "hyperty::guest", "{who}: {line}"),
+            wit_log::Level::Warn => tracing::warn!(target: "hyperty::guest", "{who}: {line}"),
+            wit_log::Level::Error => tracing::error!(target: "hyperty::guest", "{who}: {line}"),
+        }
     }
-    match level {
-        wit_log::Level::Trace => tracing::trace!(target: "hyperty::guest", "{who}: {message}"),
-        wit_log::Level::Debug => tracing::debug!(target: "hyperty::guest", "{who}: {message}"),
-        wit_log::Level::Info => tracing::info!(target: "hyperty::guest", "{who}: {message}"),
-        wit_log::Level::Warn => tracing::warn!(target: "hyperty::guest", "{who}: {message}"),
-        wit_log::Level::Error => tracing::error!(target: "hyperty::guest", "{who}: {message}"),
+}
+
+/// `message` as it goes into the log: escaped, then cut at
+/// [`MAX_LOG_LINE`] bytes (`…` included). Only the first `MAX_LOG_LINE`
+/// bytes are ever escaped, so a huge line costs no more than a long one.
+/// For any text from a component that the host logs.
+pub(crate) fn log_line(message: &str) -> Cow<'_, str> {
+    let escaped = printable(cut(message, MAX_LOG_LINE));
+    if message.len() > MAX_LOG_LINE || escaped.len() > MAX_LOG_LINE {
+        let end = MAX_LOG_LINE - '…'.len_utf8();
+        return format!("{}…", cut(&escaped, end)).into();
     }
+    escaped
+}
+
+/// The longest prefix of `text` of at most `max` bytes that ends on a
+/// character boundary.
+fn cut(text: &str, max: usize) -> &str {
+    if text.len() <= max {
+        return text;
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
+/// `text` with every control, bidi, invisible and other non-printable
+/// character written as an escape (`\n`, `\u{202e}`, as `{:?}` writes
+/// them), so that text from a guest can neither forge a log line nor make
+/// one read differently than it is. Quotes and backslashes stay as they are.
+fn printable(text: &str) -> Cow<'_, str> {
+    let hidden = |c: char| !matches!(c, '"' | '\'' | '\\') && c.escape_debug().nth(1).is_some();
+    if !text.chars().any(hidden) {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 16);
+    for c in text.chars() {
+        if hidden(c) {
+            out.extend(c.escape_debug());
+        } else {
+            out.push(c);
+        }
+    }
+    Cow::Owned(out)
 }
 
 impl wit_log::Host for InstanceState {
     fn log(&mut self, level: wit_log::Level, message: String) {
-        guest_log(&self.label, level, message);
+        self.log.write(level, &message);
     }
 }
 
@@ -333,6 +437,7 @@ impl From<SendError> for wit::SendError {
             SendError::DuplicateId(id) => wit::SendError::DuplicateId(id),
             SendError::InboxFull(s) => wit::SendError::InboxFull(s),
             SendError::RateLimited(s) => wit::SendError::RateLimited(s),
+            SendError::TooManyPending(s) => wit::SendError::TooManyPending(s),
         }
     }
 }

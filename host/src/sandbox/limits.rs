@@ -13,6 +13,9 @@
 //! | `fuel-per-call` (optional) | the same with a deterministic instruction budget |
 //! | `inbox` | unbounded queues: senders get `inbox-full` (back-pressure) |
 //! | `rate` / `burst` (per hyperty) | floods: sends beyond the rate get `rate-limited` |
+//! | `max-pending` (per hyperty) | requests that are never answered: one more gets `too-many-pending` |
+//! | `max-request-timeout-ms` | requests held for ever: a longer `timeout-ms` is clamped |
+//! | `log-lines` / `log-bytes` (per hyperty) | log floods: lines beyond the rate are suppressed, then counted in one line |
 //! | `objects`, `objects-per-hyperty`, `object-bytes`, `object-children`, `object-subscribers` | data objects as a memory and disk bomb: refused `limit` |
 //! | `grants` | ambient authority: WASI files, sockets, clocks, random only when granted |
 
@@ -23,6 +26,10 @@ use std::time::{Duration, Instant};
 use serde::Deserialize;
 
 use crate::engine::MAX_MEMORY_BYTES;
+
+/// The longest line a component writes into the host's log, in bytes
+/// (longer ones are cut, with `…`, after escaping).
+pub const MAX_LOG_LINE: usize = 4096;
 
 /// Limits of a domain sandbox.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
@@ -46,6 +53,18 @@ pub struct Limits {
     pub rate: u32,
     /// Messages a hyperty may send in a burst above `rate`.
     pub burst: u32,
+    /// Requests each hyperty may have waiting for their response (or
+    /// 408); one more is refused `too-many-pending` at the import.
+    pub max_pending: u32,
+    /// The longest a hyperty's request waits for its response, in
+    /// milliseconds: a larger `timeout-ms` (or runtime default) is clamped.
+    pub max_request_timeout_ms: u32,
+    /// Log lines per second each hyperty may write (and as many at once);
+    /// lines beyond are dropped and counted in one line when logging resumes.
+    pub log_lines: u32,
+    /// Log bytes per second each hyperty may write (and as many at once),
+    /// counted after a line is cut at 4 KiB and escaped.
+    pub log_bytes: u32,
     // Data objects (syncher): what the domain's reporters may make the
     // host keep; an object's bytes also count in `total-memory-mb`.
     /// Data objects the domain's hyperties may report together.
@@ -79,6 +98,10 @@ impl Default for Limits {
             instances: 100,
             rate: 100_000,
             burst: 10_000,
+            max_pending: 1000,
+            max_request_timeout_ms: 120_000,
+            log_lines: 100,
+            log_bytes: 64 << 10,
             // Data objects (syncher)
             objects: 1000,
             objects_per_hyperty: 100,
@@ -103,6 +126,12 @@ impl Limits {
         check((1..=1000).contains(&self.instances), "instances", "1..=1000".into())?;
         check(self.rate >= 1, "rate", "1..".into())?;
         check(self.burst >= 1, "burst", "1..".into())?;
+        check((1..=1_000_000).contains(&self.max_pending), "max-pending", "1..=1000000".into())?;
+        check(self.max_request_timeout_ms >= 1, "max-request-timeout-ms", "1..".into())?;
+        check(self.log_lines >= 1, "log-lines", "1..".into())?;
+        // A line (at most MAX_LOG_LINE bytes) must fit in the bucket.
+        let line = MAX_LOG_LINE as u32;
+        check(self.log_bytes >= line, "log-bytes", format!("{line}.."))?;
         // Data objects (syncher)
         check(self.objects >= 1, "objects", "1..".into())?;
         check(self.objects_per_hyperty >= 1, "objects-per-hyperty", "1..".into())?;
@@ -308,7 +337,8 @@ impl Drop for InstanceLimiter {
     }
 }
 
-/// A token bucket: `rate` tokens a second, at most `burst` saved up.
+/// A token bucket: `rate` tokens a second, at most `burst` saved up (full
+/// at first).
 pub(crate) struct RateLimiter {
     rate: f64,
     burst: f64,
@@ -317,23 +347,65 @@ pub(crate) struct RateLimiter {
 }
 
 impl RateLimiter {
-    pub fn new(limits: &Limits) -> RateLimiter {
-        let burst = limits.burst as f64;
-        RateLimiter { rate: limits.rate as f64, burst, tokens: burst, last: Instant::now() }
+    pub fn new(rate: u32, burst: u32) -> RateLimiter {
+        let burst = burst as f64;
+        RateLimiter { rate: rate as f64, burst, tokens: burst, last: Instant::now() }
     }
 
-    /// Takes a token; false if there is none. Refills on every call, so
-    /// tokens earned while full are not banked (at most `burst` at once).
+    /// Takes a token; false if there is none.
     pub fn take(&mut self) -> bool {
+        self.take_n(1.0)
+    }
+
+    /// Takes `n` tokens; false (and none taken) if there are fewer.
+    pub fn take_n(&mut self, n: f64) -> bool {
+        if !self.has(n) {
+            return false;
+        }
+        self.tokens -= n;
+        true
+    }
+
+    /// Whether `n` tokens are there, taking none. Refills on every call, so
+    /// tokens earned while full are not banked (at most `burst` at once).
+    pub fn has(&mut self, n: f64) -> bool {
         let now = Instant::now();
         let earned = now.duration_since(self.last).as_secs_f64() * self.rate;
         self.tokens = (self.tokens + earned).min(self.burst);
         self.last = now;
-        if self.tokens < 1.0 {
-            return false;
+        self.tokens >= n
+    }
+}
+
+/// The log rate of one hyperty: lines and bytes a second (`log-lines`,
+/// `log-bytes`, each also the burst), and the lines dropped since the last
+/// one written.
+pub(crate) struct LogLimiter {
+    lines: RateLimiter,
+    bytes: RateLimiter,
+    suppressed: u64,
+}
+
+impl LogLimiter {
+    pub fn new(limits: &Limits) -> LogLimiter {
+        LogLimiter {
+            lines: RateLimiter::new(limits.log_lines, limits.log_lines),
+            bytes: RateLimiter::new(limits.log_bytes, limits.log_bytes),
+            suppressed: 0,
         }
-        self.tokens -= 1.0;
-        true
+    }
+
+    /// Whether a line of `len` bytes may be written now: `None` if not (it
+    /// is counted), else how many lines were dropped before it (to be said
+    /// first, in one line).
+    pub fn admit(&mut self, len: usize) -> Option<u64> {
+        if !(self.lines.has(1.0) && self.bytes.has(len as f64)) {
+            self.suppressed += 1;
+            return None;
+        }
+        self.lines.take_n(1.0);
+        self.bytes.take_n(len as f64);
+        Some(std::mem::take(&mut self.suppressed))
     }
 }
 
@@ -384,12 +456,44 @@ mod tests {
 
     #[test]
     fn rate_limiter_never_grants_more_than_burst_plus_rate() {
-        let limits = Limits { rate: 1000, burst: 100, ..Limits::default() };
-        let mut bucket = RateLimiter::new(&limits);
+        let mut bucket = RateLimiter::new(1000, 100);
         std::thread::sleep(Duration::from_millis(50)); // idle while full: nothing banked
         let started = Instant::now();
         let granted = (0..5000).filter(|_| bucket.take()).count() as f64;
         let bound = 100.0 + 1000.0 * started.elapsed().as_secs_f64() + 1.0;
         assert!(granted >= 100.0 && granted <= bound, "granted {granted}, bound {bound}");
+    }
+
+    #[test]
+    fn new_limits_are_validated_naming_the_field() {
+        assert_eq!(Limits::default().validate(), Ok(()));
+        let bad = [
+            (Limits { max_pending: 0, ..Limits::default() }, "max-pending must be in 1..=1000000"),
+            (Limits { max_request_timeout_ms: 0, ..Limits::default() }, "max-request-timeout-ms must be in 1.."),
+            (Limits { log_lines: 0, ..Limits::default() }, "log-lines must be in 1.."),
+            (Limits { log_bytes: 4095, ..Limits::default() }, "log-bytes must be in 4096.."),
+        ];
+        for (limits, why) in bad {
+            assert_eq!(limits.validate(), Err(why.to_owned()));
+        }
+    }
+
+    #[test]
+    fn log_limiter_bounds_lines_and_bytes_and_counts_what_it_drops() {
+        let limits = Limits { log_lines: 10, log_bytes: 8192, ..Limits::default() };
+        let mut log = LogLimiter::new(&limits);
+        let started = Instant::now();
+        // Lines of 4 KiB: the bytes bucket (8 KiB) binds before the lines one.
+        let admitted: Vec<Option<u64>> = (0..1000).map(|_| log.admit(4096)).collect();
+        let kept = admitted.iter().flatten().count() as f64;
+        let bound = 2.0 + 2.0 * started.elapsed().as_secs_f64() + 1.0;
+        assert!(kept >= 2.0 && kept <= bound, "kept {kept}, bound {bound}");
+        // Small lines: the lines bucket binds.
+        let mut log = LogLimiter::new(&limits);
+        let started = Instant::now();
+        let kept = (0..1000).filter(|_| log.admit(1).is_some()).count();
+        let bound = 10.0 + 10.0 * started.elapsed().as_secs_f64() + 1.0;
+        assert!(kept >= 10 && kept as f64 <= bound, "kept {kept}, bound {bound}");
+        assert_eq!(log.suppressed as usize, 1000 - kept, "every dropped line is counted");
     }
 }

@@ -25,7 +25,7 @@ pub(crate) mod glue;
 pub mod limits;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
@@ -39,7 +39,7 @@ use crate::message::{Message, MessageType, code};
 use crate::policy::Descriptor;
 use crate::registry::{Registry, Status as RegistryStatus};
 
-pub(crate) use glue::{HypertyPre, InstanceState, check_grants, guest_log, hyperty_linker, prepare};
+pub(crate) use glue::{GuestLog, HypertyPre, InstanceState, check_grants, hyperty_linker, log_line, prepare};
 use glue::Hyperty;
 use limits::{DomainMemory, Grant, InstanceLimiter, Limits, RestartPolicy};
 
@@ -128,11 +128,15 @@ pub(crate) struct Shared {
     pub syncher: Arc<crate::syncher::Syncher>,
 }
 
-/// The runtime's handle on a running sandbox.
+/// The runtime's handle on a running sandbox. Dropping it stops the
+/// sandbox: messages still queued are dropped unhandled (the runtime is
+/// stopping; nobody reads their answers), so stopping waits at most for
+/// the call in hand (`call-timeout-ms`), not for the inbox.
 pub(crate) struct SandboxHandle {
     pub settings: SandboxSettings,
     memory: Arc<DomainMemory>,
     inbox: Inbox,
+    stopping: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -142,7 +146,9 @@ impl SandboxHandle {
         let (tx, rx) = flume::bounded(settings.limits.inbox);
         let inbox = Inbox { tx, in_flight: Arc::default() };
         let memory = Arc::new(DomainMemory::default());
+        let stopping = Arc::new(AtomicBool::new(false));
         let sandbox = Sandbox {
+            stopping: stopping.clone(),
             settings: settings.clone(),
             shared,
             memory: memory.clone(),
@@ -155,7 +161,7 @@ impl SandboxHandle {
             .name(format!("sandbox {domain}"))
             .spawn(move || sandbox.run(rx))
             .map_err(|e| anyhow!("cannot start the sandbox thread: {e}"))?;
-        Ok(SandboxHandle { settings, memory, inbox, thread: Some(thread) })
+        Ok(SandboxHandle { settings, memory, inbox, stopping, thread: Some(thread) })
     }
 
     pub fn inbox(&self) -> Inbox {
@@ -186,6 +192,7 @@ impl SandboxHandle {
 
 impl Drop for SandboxHandle {
     fn drop(&mut self) {
+        self.stopping.store(true, Ordering::Release);
         let _ = self.inbox.control(Control::Stop);
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
@@ -230,6 +237,8 @@ struct Sandbox {
     restarts: Vec<u32>,
     call_ticks: u64,
     in_flight: Arc<AtomicUsize>,
+    /// Set when the sandbox is being stopped: queued messages are dropped.
+    stopping: Arc<AtomicBool>,
 }
 
 impl Sandbox {
@@ -241,7 +250,9 @@ impl Sandbox {
             };
             match envelope {
                 Ok(Envelope::Deliver { instance, message }) => {
-                    self.deliver(instance, message);
+                    if !self.stopping.load(Ordering::Acquire) {
+                        self.deliver(instance, message);
+                    }
                     self.in_flight.fetch_sub(1, Ordering::Release);
                 }
                 Ok(Envelope::Control(Control::Instantiate { hyperty, reply })) => {
@@ -259,7 +270,7 @@ impl Sandbox {
                 Ok(Envelope::Control(Control::Stop)) | Err(flume::RecvTimeoutError::Disconnected) => break,
                 Err(flume::RecvTimeoutError::Timeout) => {}
             }
-            if !self.restarts.is_empty() {
+            if !self.restarts.is_empty() && !self.stopping.load(Ordering::Acquire) {
                 self.restart_due();
             }
         }
@@ -451,6 +462,7 @@ pub(crate) fn time_instantiation(shared: &Shared, pre: &HypertyPre<InstanceState
         restarts: Vec::new(),
         call_ticks: 100,
         in_flight: Arc::default(),
+        stopping: Arc::default(),
     };
     let hyperty = NewHyperty {
         pre: pre.clone(),

@@ -1,0 +1,274 @@
+//! Everything a hyperty can make the host hold through its imports is
+//! bounded: pending requests (a cap per requester, a longest timeout, a
+//! shutdown that does not wait on them), log lines (a rate, escaped text),
+//! JSON values, the fields only the host or a responder sets, and the
+//! characters of addresses. Each case is the `greedy` guest doing it
+//! through the real bus, and each checks that other domains keep working.
+
+use std::io::Write;
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use hyperty_host::{Address, EventKind, Message, MessageType, Runtime};
+use hyperty_tests::*;
+use serde_json::{Value, json};
+
+/// What the host logged (every test of this binary), captured by the
+/// global tracing subscriber [`capture_log`] installs.
+static LOG: Mutex<Vec<u8>> = Mutex::new(Vec::new());
+
+struct LogWriter;
+
+impl Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        LOG.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Installs the capturing subscriber (before any runtime exists, so the
+/// test helper's own subscriber is not installed).
+fn capture_log() {
+    static ONCE: OnceLock<()> = OnceLock::new();
+    ONCE.get_or_init(|| {
+        tracing_subscriber::fmt()
+            .with_writer(|| LogWriter)
+            .with_ansi(false)
+            .with_max_level(tracing_subscriber::filter::LevelFilter::INFO)
+            .init();
+    });
+}
+
+/// The captured log lines that contain `needle`.
+fn logged(needle: &str) -> Vec<String> {
+    let log = LOG.lock().unwrap();
+    String::from_utf8_lossy(&log).lines().filter(|l| l.contains(needle)).map(str::to_owned).collect()
+}
+
+/// A runtime with the healthy pair, the test's driver and the greedy
+/// hyperty `<domain>/g`, its domain set up with `settings`.
+struct Case {
+    runtime: Runtime,
+    driver: Driver,
+    events: tokio::sync::broadcast::Receiver<hyperty_host::Event>,
+    a: Address,
+    b: Address,
+    greedy: Address,
+    _bundles: (TestBundle, TestBundle),
+}
+
+fn case(domain: &str, settings: Value) -> Case {
+    capture_log();
+    let runtime = runtime(Duration::from_secs(5));
+    let events = runtime.events();
+    let driver = Driver::new(&runtime);
+    let (healthy, a, b) = healthy_pair(&runtime);
+    let bundle = TestBundle::new().hyperty(domain, "g", &guest("greedy"), json!({ "observer": OBSERVER })).domain(domain, settings);
+    runtime.deploy(&bundle.load()).expect("the greedy bundle deploys");
+    let greedy = runtime.lookup(domain, "g").unwrap();
+    Case { runtime, driver, events, a, b, greedy, _bundles: (healthy, bundle) }
+}
+
+impl Case {
+    /// Asks the greedy hyperty to do `op` and returns its answer's value.
+    fn ask(&mut self, op: Value) -> Value {
+        let answer = self.driver.ask(&self.greedy.clone(), op);
+        assert_eq!(answer.body.code, Some(200), "{answer:?}");
+        serde_json::from_str(answer.body.value.as_deref().unwrap()).unwrap()
+    }
+
+    /// A sink that never answers: an endpoint nobody reads.
+    fn sink(&self, capacity: usize) -> hyperty_host::Endpoint {
+        self.runtime.endpoint("hyperty://sink.example/never", capacity).unwrap()
+    }
+}
+
+fn errors(answer: &Value) -> Vec<String> {
+    answer["errors"].as_array().unwrap().iter().map(|e| e.as_str().unwrap().to_owned()).collect()
+}
+
+#[test]
+fn pending_requests_are_capped_per_requester_and_other_domains_keep_working() {
+    let mut c = case("greedy-cap.example", json!({ "limits": { "max-pending": 100 } }));
+    let sink = c.sink(1000);
+    let counts = c.ask(json!({ "op": "pending", "to": sink.address().to_string(), "count": 150, "timeout_ms": u32::MAX }));
+    assert_eq!((counts["sent"].as_u64(), counts["too_many_pending"].as_u64(), counts["other"].as_u64()), (Some(100), Some(50), Some(0)), "{counts}");
+    let why = counts["errors"]["too-many-pending"].as_str().unwrap();
+    assert!(why.contains("has 100 requests waiting for their response (max-pending = 100)"), "{why}");
+    assert_eq!(c.runtime.pending_requests(), 100);
+    let greedy = c.greedy.clone();
+    wait_event(&mut c.events, |e| e.address == greedy && matches!(&e.kind, EventKind::Refused { reason } if reason.contains("max-pending = 100")));
+    c.driver.still_works(&c.a, &c.b);
+}
+
+#[test]
+fn a_request_timeout_beyond_the_domains_maximum_is_clamped() {
+    let mut c = case("greedy-clamp.example", json!({ "limits": { "max-request-timeout-ms": 200 } }));
+    let sink = c.sink(10);
+    let counts = c.ask(json!({ "op": "pending", "to": sink.address().to_string(), "count": 1, "timeout_ms": u32::MAX }));
+    assert_eq!(counts["sent"], 1, "{counts}");
+    // u32::MAX ms is 49 days: the 408 comes only if it was clamped.
+    let greedy = c.greedy.clone();
+    let report = c.driver.expect(|m| m.from == greedy && m.kind == MessageType::Forward);
+    let report = reported(&report);
+    assert_eq!(report["code"], 408, "{report}");
+    assert!(report["description"].as_str().unwrap().contains("within 200 ms"), "{report}");
+    assert_eq!(c.runtime.pending_requests(), 0);
+    c.driver.still_works(&c.a, &c.b);
+}
+
+#[test]
+fn an_endpoint_request_with_an_unbounded_timeout_is_pending_not_a_panic() {
+    // `Instant::now() + Duration::MAX` panicked inside the pending map's
+    // lock, poisoning the bus for every domain.
+    let mut c = case("greedy-forever.example", json!({}));
+    let sink = c.sink(10);
+    let id = c.driver.fresh_id();
+    let read = Message::new(id, MessageType::Read, c.driver.address().clone(), sink.address().clone(), None);
+    c.driver.endpoint.request(read, Some(Duration::MAX)).unwrap();
+    assert_eq!(c.runtime.pending_requests(), 1);
+    c.driver.still_works(&c.a, &c.b);
+}
+
+#[test]
+fn shutdown_does_not_wait_on_pending_requests() {
+    let limits = json!({ "limits": { "max-pending": 20_000, "burst": 20_000, "call-timeout-ms": 30_000 } });
+    let mut c = case("greedy-stop.example", limits);
+    let sink = c.sink(20_000);
+    let counts = c.ask(json!({ "op": "pending", "to": sink.address().to_string(), "count": 12_000, "timeout_ms": u32::MAX }));
+    assert_eq!(counts["sent"], 12_000, "{counts}");
+    assert!(c.runtime.pending_requests() >= 12_000);
+    let Case { runtime, driver, _bundles, .. } = c;
+    let (done, stopped) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        runtime.shutdown();
+        let left = runtime.pending_requests();
+        drop((driver, sink));
+        drop(runtime);
+        let _ = done.send(left);
+    });
+    let left = stopped.recv_timeout(Duration::from_secs(60)).expect("the runtime shut down (within a generous 60 s)");
+    assert_eq!(left, 0, "the pending requests were forgotten");
+}
+
+#[test]
+fn shutdown_does_not_wait_for_a_busy_domains_queue() {
+    let mut c = case("greedy-busy.example", json!({ "limits": { "call-timeout-ms": 5000 } }));
+    // One second each: 100 queued would hold a shutdown that handles them
+    // for 100 s.
+    let greedy = c.greedy.clone();
+    for _ in 0..100 {
+        let id = c.driver.fresh_id();
+        let busy = Message::new(id, MessageType::Execute, c.driver.address().clone(), greedy.clone(), Some(json!({ "op": "busy", "ms": 1000 }).to_string()));
+        c.driver.endpoint.send(busy).unwrap();
+    }
+    let Case { runtime, driver, _bundles, .. } = c;
+    let (done, stopped) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        runtime.shutdown();
+        drop((driver, runtime));
+        let _ = done.send(());
+    });
+    stopped.recv_timeout(Duration::from_secs(60)).expect("the runtime shut down (within a generous 60 s)");
+}
+
+#[test]
+fn a_log_flood_is_rate_limited_and_said_once_when_it_resumes() {
+    let limits = json!({ "limits": { "log-lines": 20, "log-bytes": 16384, "call-timeout-ms": 30_000 } });
+    let mut c = case("greedy-log.example", limits);
+    let label = "greedy-log.example/g: ";
+    let started = Instant::now();
+    assert_eq!(c.ask(json!({ "op": "log", "count": 300, "bytes": 64 << 10 }))["logged"], 300);
+    let elapsed = started.elapsed().as_secs_f64();
+    let lines = logged(&format!("{label}xxx"));
+    let bytes: usize = lines.iter().map(|l| l.len() - l.find(label).unwrap() - label.len()).sum();
+    // Lines are cut at 4 KiB; 16 KiB a second (and at once) is 4 of them.
+    assert!(lines.iter().all(|l| l.ends_with('…')), "lines are cut");
+    let (max_lines, max_bytes) = (4.0 + 4.0 * elapsed + 1.0, 16384.0 * (1.0 + elapsed) + 4096.0);
+    assert!(!lines.is_empty() && lines.len() as f64 <= max_lines, "{} lines in {elapsed:.3} s", lines.len());
+    assert!(bytes as f64 <= max_bytes, "{bytes} bytes in {elapsed:.3} s");
+    // The next line written says how many were dropped, once.
+    let until = Instant::now() + Duration::from_secs(10);
+    let said = loop {
+        c.ask(json!({ "op": "log", "line": "after the flood" }));
+        if let Some(line) = logged(label).into_iter().find(|l| l.contains("log lines suppressed")) {
+            break line;
+        }
+        assert!(Instant::now() < until, "no suppressed-lines line within 10 s");
+    };
+    let n: usize = said.split(label).nth(1).unwrap().split(' ').next().unwrap().parse().unwrap();
+    assert!(n + lines.len() >= 300, "{said} ({} lines kept)", lines.len());
+    assert_eq!(logged("log lines suppressed").iter().filter(|l| l.contains(label)).count(), 1);
+    assert!(!logged(&format!("{label}after the flood")).is_empty());
+    c.driver.still_works(&c.a, &c.b);
+}
+
+#[test]
+fn json_values_too_deep_or_with_unbounded_numbers_are_refused_malformed() {
+    let mut c = case("greedy-json.example", json!({}));
+    let b = c.b.clone();
+    let errors = errors(&c.ask(json!({ "op": "json", "to": b.to_string() })));
+    assert_eq!(errors.len(), 9, "{errors:?}");
+    let reasons = ["nested deeper than 128 levels (at byte 128)", "out of a double's range at byte 1: 1e999999", "has a number of 500000 characters at byte 0"];
+    // send, request and reply of each value
+    for (e, reason) in errors.iter().zip(reasons.iter().flat_map(|r| [r; 3])) {
+        assert!(e.starts_with("malformed: body.value") && e.contains(reason), "{e}");
+    }
+    assert!(c.driver.find(|m| m.from == b, Duration::from_millis(200)).is_none(), "nothing reached b");
+    c.driver.still_works(&c.a, &c.b);
+}
+
+#[test]
+fn fields_only_the_host_or_a_responder_sets_are_refused_naming_the_field() {
+    let mut c = case("greedy-fields.example", json!({}));
+    let b = c.b.clone();
+    let errors = errors(&c.ask(json!({ "op": "fields", "to": b.to_string() })));
+    let expected = [
+        "malformed: body.code (200): a response's code is set by its responder through `reply`",
+        "malformed: body.code (200)",
+        "malformed: body.description: only the host sets it",
+        "malformed: body.description",
+        "malformed: body.code (200)",
+        "malformed: cannot reply to a response",
+        "malformed: code 1000 is not a status code (100..=599)",
+        "accepted",
+    ];
+    assert_eq!(errors.len(), expected.len(), "{errors:?}");
+    for (e, want) in errors.iter().zip(expected) {
+        assert!(e.starts_with(want), "{e:?} should start with {want:?}");
+    }
+    // Only the message with a resource (a guest's field) reached b.
+    let at_b = c.driver.report(&b, |m| m["type"] == "update");
+    assert_eq!((at_b["resource"].as_str(), at_b["code"].as_u64(), at_b["description"].as_str()), (Some("comm://alice.example/room"), None, None));
+    assert!(c.driver.find(|m| m.from == b, Duration::from_millis(200)).is_none(), "nothing else reached b");
+    c.driver.still_works(&c.a, &c.b);
+}
+
+#[test]
+fn addresses_with_bidi_or_invisible_characters_are_refused_and_never_echoed_raw() {
+    let mut c = case("greedy-address.example", json!({}));
+    let paths = ["x\u{202E}gpj.exe", "x\u{200B}y", "caf\u{e9}", "a b", "a?b"];
+    let errors = errors(&c.ask(json!({ "op": "address", "paths": paths })));
+    assert_eq!(errors.len(), 2 * paths.len(), "{errors:?}");
+    let shown = ["'\\u{202e}' at byte 25", "'\\u{200b}' at byte 25", "'é' at byte 27", "' ' at byte 25", "'?' at byte 25"];
+    for (e, shown) in errors.iter().zip(shown.iter().flat_map(|s| [s; 2])) {
+        assert!(e.starts_with("malformed: to:") && e.contains(shown) && e.contains("is not allowed in an address path"), "{e}");
+    }
+    // A line with an override and a forged line break is logged escaped.
+    c.ask(json!({ "op": "log", "line": "invoice\u{202E}fdp.exe\nINFO forged line" }));
+    let label = "greedy-address.example/g: ";
+    let until = Instant::now() + Duration::from_secs(10);
+    while logged(&format!("{label}invoice")).is_empty() {
+        assert!(Instant::now() < until, "the line was not logged");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(logged(&format!("{label}invoice\\u{{202e}}fdp.exe\\nINFO forged line")).len() == 1, "{:?}", logged(label));
+    let log = String::from_utf8_lossy(&LOG.lock().unwrap()).into_owned();
+    assert!(!log.contains(['\u{202E}', '\u{200B}']), "a bidi or invisible character reached the log raw");
+    assert!(!log.lines().any(|l| l.starts_with("INFO forged line")), "a guest forged a log line");
+    c.driver.still_works(&c.a, &c.b);
+}
