@@ -8,9 +8,21 @@ demo: setup
     cargo run --release -q -p hyperty-host -- pin guests/demo/bundle.toml
     cargo run --release -q -p hyperty-host -- run guests/demo/bundle.toml --exit-when-idle
 
-# Run every test (builds the guest components first).
+# Run every test (builds the guest components first), with HOME pointed at
+# an empty directory that must still be empty afterwards: no test may write
+# into the home of whoever runs them (~/.local/share/hyperty, ~/.cache/hyperty).
 test: setup nats
-    cargo test --workspace
+    #!/usr/bin/env bash
+    set -euo pipefail
+    export CARGO_HOME="${CARGO_HOME:-$HOME/.cargo}" RUSTUP_HOME="${RUSTUP_HOME:-$HOME/.rustup}"
+    home="$(mktemp -d)"
+    trap 'rm -rf "$home"' EXIT
+    HOME="$home" XDG_DATA_HOME= XDG_CACHE_HOME= HYPERTY_DATA_DIR= HYPERTY_CACHE_DIR= cargo test --workspace
+    if [ -n "$(ls -A "$home")" ]; then
+        echo "the tests wrote into HOME:" >&2
+        find "$home" >&2
+        exit 1
+    fi
 
 # Benchmarks (release build): bus throughput and latency, instantiation;
 # runtime to runtime through NATS beside NATS's own client-to-client figures;

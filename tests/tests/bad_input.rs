@@ -27,7 +27,7 @@ fn malformed_manifest_points_at_line_and_field() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bundle.toml");
     let cases = [
-        ("[domains.\"a.example\"\nx = 1\n", 1, ""),
+        ("[domains.\"a.example\"\nx = 1\n", 1, "unclosed table, expected `]`"),
         ("name = \"x\"\n\n[[domains.\"a.example\".hyperties]]\nnmae = \"p\"\n", 4, "unknown field `nmae`"),
         (
             "[[domains.\"a.example\".hyperties]]\nname = \"p\"\ncomponent = \"p.wasm\"\nsha256 = \"abc\"\n",
@@ -142,10 +142,8 @@ fn init_failure_rolls_back_the_whole_bundle() {
 #[test]
 fn cli_check_reports_problems_and_passes_good_bundles() {
     let good = TestBundle::new().hyperty("carol.example", "c", &guest("puppet"), puppet_config(false));
-    let cache = cache_dir();
-    let run = |path: &Path| {
-        hyperty_host::cli::main_with_args(["hyperty", "--cache-dir", cache.to_str().unwrap(), "check", path.to_str().unwrap()])
-    };
+    let dirs = CliDirs::new();
+    let run = |path: &Path| dirs.cli(&["check".as_ref(), path.as_os_str()]);
     assert_eq!(run(&good.write()), std::process::ExitCode::SUCCESS);
     let bad = TestBundle::new().hyperty("carol.example", "c", &guest("not-a-hyperty"), json!({}));
     assert_eq!(run(&bad.write()), std::process::ExitCode::FAILURE);

@@ -145,7 +145,7 @@ fn validation_accepts_the_good_token_and_answers_401_to_bad_ones() {
         ("missing", None, "requires an identity assertion"),
         ("expired", assertion(jwt(IDP_KEY, IDP, "carol@idp.example", unix_now() - 10)), "expired"),
         ("tampered claims", assertion(tampered), "signature"),
-        ("tampered signature", assertion(flipped), ""),
+        ("tampered signature", assertion(flipped), "signature not made by a key of idp.example"),
         ("foreign key", assertion(jwt(FOREIGN_KEY, IDP, "carol@idp.example", in_5_min)), "signature not made by a key of idp.example"),
         ("another IdP's user", assertion(jwt(IDP_KEY, IDP, "eve@evil.example", in_5_min)), "not a user of idp.example"),
         ("unknown IdP", Some(Assertion { idp: "evil.example".into(), token: good.clone() }), "no proxy for this IdP"),
