@@ -19,6 +19,7 @@ use wasmtime::component::Linker;
 use crate::address::Address;
 use crate::bundle::{Bundle, BundleError, DomainSpec, HypertySpec, Location, Problem, ProtostubSpec};
 use crate::bus::{Bus, BusConfig, Route, SendError};
+use crate::contract;
 use crate::domain_registry::DomainRegistry;
 use crate::engine::{Digest, Engine};
 use crate::message::Message;
@@ -363,8 +364,9 @@ impl Runtime {
         self.compile(bundle, at, path, file, grants, fit)
     }
 
-    /// Compiles a pinned component (or takes it from the cache), checks its
-    /// WASI imports against `grants` and fits it to its world with `fit`; a
+    /// Compiles a pinned component (or takes it from the cache), checks the
+    /// contract version it was built against ([`contract`]), its WASI
+    /// imports against `grants`, and fits it to its world with `fit`; a
     /// problem names the entry at `at`.
     fn compile<T>(
         &self,
@@ -378,8 +380,10 @@ impl Runtime {
         self.engine
             .component(bytes, digest)
             .and_then(|component| {
-                sandbox::check_grants(self.engine.wasmtime(), &component, grants)?;
-                fit(self.engine.wasmtime(), &component)
+                let engine = self.engine.wasmtime();
+                contract::check(engine, &component)?;
+                sandbox::check_grants(engine, &component, grants)?;
+                fit(engine, &component).map_err(|e| contract::explain(engine, &component, e))
             })
             .map_err(|e| bundle.problem(at, "component", format!("{} is refused: {e:#}", path.display())))
     }
