@@ -28,7 +28,7 @@ use crate::policy::{Decision, Descriptor, PolicyDecisionPoint};
 use crate::registry::{Kind, Query, Registration, Registry, Status};
 use crate::identity::{self, DomainIdentity, Identities, Proxy, ProxyPre};
 use crate::protostub::{self, Stub, StubContext, StubPre, StubSettings};
-use crate::sandbox::limits::{Grant, default_grants};
+use crate::sandbox::limits::{Grant, Limits, default_grants};
 use crate::signing;
 use crate::store::Store;
 use crate::syncher::Syncher;
@@ -336,6 +336,7 @@ impl Runtime {
                     }
                 }
                 let pre = self.compile(bundle, &hyperty.at, &hyperty.component, (bytes, digest), &domain.settings.grants, |_, c| {
+                    fits_limits(c, &domain.settings.limits)?;
                     sandbox::prepare(&self.linker, c)
                 });
                 match pre {
@@ -795,6 +796,30 @@ impl Drop for Endpoint {
     fn drop(&mut self) {
         self.bus.remove_route(&self.address);
     }
+}
+
+/// Refuses a component whose memories or tables start larger than its
+/// domain's `limits` let any instance be (its instantiation would fail): a
+/// memory's minimum above `memory-mb` or `total-memory-mb`, a table's above
+/// `table-elements`. Read from the component's types, without running it;
+/// a component that imports core modules says nothing and passes.
+fn fits_limits(component: &wasmtime::component::Component, limits: &Limits) -> Result<()> {
+    let Some(needs) = component.resources_required() else { return Ok(()) };
+    const WASM_PAGE: u64 = 64 << 10;
+    if let Some(pages) = needs.max_initial_memory_size {
+        let mib = pages.saturating_mul(WASM_PAGE).div_ceil(1 << 20);
+        for (limit, name) in [(limits.memory_mb, "memory-mb"), (limits.total_memory_mb, "total-memory-mb")] {
+            if mib > u64::from(limit) {
+                anyhow::bail!("its linear memory starts at {mib} MiB, more than the domain's {name} = {limit}");
+            }
+        }
+    }
+    if let Some(elements) = needs.max_initial_table_size
+        && elements > u64::from(limits.table_elements)
+    {
+        anyhow::bail!("a table starts with {elements} elements, more than the domain's table-elements = {}", limits.table_elements);
+    }
+    Ok(())
 }
 
 /// The bytes and digest of the component file at `path` of the entry at

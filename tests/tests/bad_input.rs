@@ -302,3 +302,26 @@ fn bytes_that_are_not_utf8_and_digitless_integers_are_named() {
     let err = Bundle::load(&path).unwrap_err();
     assert!(err.to_string().contains("is not a 64-bit integer"), "{err}");
 }
+
+#[test]
+fn check_and_deploy_refuse_a_component_whose_memory_starts_above_memory_mb() {
+    let (runtime, mut driver, _good, a, b) = running();
+    let big = guest("big-memory");
+    let bundle = TestBundle::new()
+        .hyperty("carol.example", "c", &big, json!({}))
+        .domain("carol.example", json!({ "limits": { "memory-mb": 32 } }));
+    for shown in [check_err(&bundle.write()), deploy_err(&runtime, &bundle).to_string()] {
+        assert!(shown.contains("its linear memory starts at") && shown.contains("MiB, more than the domain's memory-mb = 32"), "{shown}");
+        assert!(shown.contains("hyperties[0].component"), "{shown}");
+    }
+    // With room for it, the same component passes check and runs.
+    let roomy = TestBundle::new()
+        .hyperty("carol.example", "c", &big, json!({}))
+        .domain("carol.example", json!({ "limits": { "memory-mb": 64 } }));
+    let config = hyperty_host::RuntimeConfig { cache_dir: cache_dir(), ..Default::default() };
+    hyperty_host::runtime::check_file(&roomy.write(), config).expect("64 MiB is room enough");
+    runtime.deploy(&roomy.load()).unwrap();
+    let c = runtime.lookup("carol.example", "c").unwrap();
+    assert_eq!(driver.ask(&c, json!({})).body.code, Some(200));
+    driver.still_works(&a, &b);
+}
