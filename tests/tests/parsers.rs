@@ -99,3 +99,48 @@ fn json_values_on_the_bus_data_objects_and_json_patches() {
         assert_eq!(answer.body.value.as_deref(), Some(r#"{"accepted":true}"#), "{op}");
     }
 }
+
+#[test]
+fn envelopes_through_a_protostub() {
+    let nats = Nats::start();
+    let runtime = runtime(Duration::from_secs(10));
+    let observer = runtime.endpoint(OBSERVER, 64).unwrap();
+    let bundle = TestBundle::new()
+        .hyperty("alice.example", "a", &guest("puppet"), puppet_config(false))
+        .protostub("alice.example", &[nats.endpoint()], json!({}));
+    runtime.deploy(&bundle.load()).unwrap();
+    let a = runtime.lookup("alice.example", "a").unwrap();
+    let subject = nats_subject("alice.example", a.as_str());
+    let mut seq = 0;
+    // A well-formed envelope from a remote peer of alice.example reaches a
+    // (which reports it to the observer), once the stub listens.
+    let delivered = |seq: &mut u64| {
+        let until = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            *seq += 1;
+            let envelope = json!({ "v": 1, "origin": "parsers", "seq": *seq, "id": 1000 + *seq, "type": "read",
+                "from": "hyperty://alice.example/remote-peer", "to": a.as_str(), "body": {} });
+            nats_publish(nats.port, &subject, &envelope.to_string());
+            // Reports of earlier attempts may come late; the deep one never.
+            while let Some(report) = observer.recv_timeout(Duration::from_millis(500)) {
+                let id = reported(&report)["id"].as_u64();
+                assert_ne!(id, Some(1), "the 100,000-deep value reached a: {report:?}");
+                if id == Some(1000 + *seq) {
+                    return;
+                }
+            }
+            assert!(std::time::Instant::now() < until, "no envelope got through the stub");
+        }
+    };
+    delivered(&mut seq);
+    // The whole envelope, and the value it carries, 100,000 deep.
+    let deep = format!("{}{}", "[".repeat(DEEP), "]".repeat(DEEP));
+    nats_publish(nats.port, &subject, &deep);
+    let envelope = json!({ "v": 1, "origin": "parsers", "seq": seq + 1, "id": 1, "type": "update",
+        "from": "hyperty://alice.example/remote-peer", "to": a.as_str(), "body": { "value": deep } });
+    seq += 1;
+    nats_publish(nats.port, &subject, &envelope.to_string());
+    // Neither reaches a (the stub delivers in order, so it would have come
+    // before the next one); the stub and the runtime go on.
+    delivered(&mut seq);
+}
