@@ -144,3 +144,47 @@ fn envelopes_through_a_protostub() {
     // before the next one); the stub and the runtime go on.
     delivered(&mut seq);
 }
+
+/// A JWT signed (EdDSA) by `seed` whose header and claims are the given
+/// JSON texts.
+fn signed_jwt(seed: [u8; 32], header: &str, claims: &str) -> String {
+    use base64::Engine as _;
+    use ed25519_dalek::Signer as _;
+    let b64 = |bytes: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+    let signed = format!("{}.{}", b64(header.as_bytes()), b64(claims.as_bytes()));
+    let signature = ed25519_dalek::SigningKey::from_bytes(&seed).sign(signed.as_bytes());
+    format!("{signed}.{}", b64(&signature.to_bytes()))
+}
+
+#[test]
+fn jwt_headers_and_claims_through_the_idp_proxy() {
+    const IDP: &str = "idp.example";
+    const KEY: [u8; 32] = [7; 32];
+    let runtime = runtime(Duration::from_secs(10));
+    let bundle = TestBundle::new().hyperty("bob.example", "b", &guest("puppet"), puppet_config(true)).idp(IDP, KEY, &["bob.example"]);
+    runtime.deploy(&bundle.load()).unwrap();
+    let b = runtime.lookup("bob.example", "b").unwrap();
+    let mallory = runtime.endpoint("hyperty://mallory.example/m", 16).unwrap();
+    let ask = |id: u64, token: String| {
+        let mut m = Message::new(id, MessageType::Read, mallory.address().clone(), b.clone(), None);
+        m.assertion = Some(hyperty_host::message::Assertion { idp: IDP.into(), token });
+        mallory.request(m, None).unwrap();
+        let answer = mallory.recv_timeout(Duration::from_secs(10)).expect("an answer");
+        assert_eq!(answer.id, id, "{answer:?}");
+        answer
+    };
+    let deep = format!("{}{}", "[".repeat(DEEP), "]".repeat(DEEP));
+    let header = r#"{"alg":"EdDSA","typ":"JWT"}"#;
+    let claims = json!({ "iss": IDP, "sub": "carol@idp.example", "exp": unix_now() + 300 }).to_string();
+    let deep_claims = format!("{}, \"x\": {deep}}}", claims.trim_end_matches('}'));
+    let deep_header = format!("{}, \"x\": {deep}}}", header.trim_end_matches('}'));
+    for (id, token) in [(1, signed_jwt(KEY, header, &deep_claims)), (2, signed_jwt(KEY, &deep_header, &claims))] {
+        let answer = ask(id, token);
+        // Why (malformed) is the IdP proxy's to say; that it is refused and
+        // nothing overflows is the point here.
+        assert_eq!(answer.body.code, Some(401), "{answer:?}");
+    }
+    // The proxy and the runtime go on: the same claims, shallow, pass.
+    let answer = ask(3, signed_jwt(KEY, header, &claims));
+    assert_eq!(answer.body.code, Some(200), "{answer:?}");
+}
