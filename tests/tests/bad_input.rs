@@ -232,6 +232,19 @@ fn a_component_built_against_a_later_patch_of_the_served_track_runs() {
 }
 
 #[test]
+fn a_component_using_what_a_later_patch_added_is_refused_naming_both_versions() {
+    // 0.1.2 is on the served track, but this one calls `log.flush`, which
+    // only 0.1.2 has: the type check refuses it, and says why.
+    let (runtime, mut driver, _good, a, b) = running();
+    let bundle = TestBundle::new().hyperty("carol.example", "c", &guest("contract-0-1-2"), json!({}));
+    for shown in [deploy_err(&runtime, &bundle).to_string(), check_err(&bundle.write())] {
+        assert!(shown.contains("built against rethink:hyperty@0.1.2, later than the 0.1.0 this host serves"), "{shown}");
+        assert!(shown.contains("rethink:hyperty/log@0.1.2"), "the import that does not fit is named: {shown}");
+    }
+    driver.still_works(&a, &b);
+}
+
+#[test]
 fn a_protostub_importing_beyond_its_world_is_refused_naming_each_import() {
     let (runtime, mut driver, _good, a, b) = running();
     let nosy = guest("nosy-stub");
