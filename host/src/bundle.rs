@@ -270,8 +270,12 @@ impl Bundle {
     /// Reads and checks the manifest at `path`.
     pub fn load(path: impl AsRef<Path>) -> Result<Bundle, BundleError> {
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path).map_err(|e| BundleError {
-            problems: vec![Problem { file: path.to_owned(), line: None, field: String::new(), message: format!("cannot read: {e}") }],
+        let problem = |line, message| BundleError { problems: vec![Problem { file: path.to_owned(), line, field: String::new(), message }] };
+        let bytes = std::fs::read(path).map_err(|e| problem(None, format!("cannot read: {e}")))?;
+        let text = String::from_utf8(bytes).map_err(|e| {
+            let at = e.utf8_error().valid_up_to();
+            let line = line_of(std::str::from_utf8(&e.as_bytes()[..at]).expect("valid up to there"), at);
+            problem(Some(line), format!("not UTF-8: invalid byte 0x{:02x} at byte offset {at}", e.as_bytes()[at]))
         })?;
         Bundle::parse(&text, path)
     }
@@ -285,9 +289,20 @@ impl Bundle {
             field,
             message,
         };
-        let raw: RawBundle = toml::from_str(text).map_err(|e| BundleError {
-            problems: vec![problem(e.span(), String::new(), e.message().trim().to_owned())],
+        let raw: RawBundle = toml::from_str(text).map_err(|e| {
+            let mut message = e.message().trim().to_owned();
+            // toml says "overflowed" of any integer it cannot convert.
+            if let Some(literal) = e.span().and_then(|s| text.get(s)).filter(|_| message == "integer number overflowed") {
+                message = integer_problem(literal);
+            }
+            BundleError { problems: vec![problem(e.span(), String::new(), message)] }
         })?;
+        let not_json = values_json_cannot_carry(text);
+        if !not_json.is_empty() {
+            return Err(BundleError {
+                problems: not_json.into_iter().map(|(span, field, message)| problem(Some(span), field, message)).collect(),
+            });
+        }
         let base = path.parent().unwrap_or(Path::new("."));
         let mut problems = Vec::new();
         let mut domains = Vec::new();
@@ -322,7 +337,7 @@ impl Bundle {
                     problems.push(problem(Some(h.sha256.span()), format!("{hfield}.sha256"), e));
                     Digest([0; 32])
                 });
-                let config = serde_json::to_string(&h.config.unwrap_or_default()).expect("TOML maps to JSON");
+                let config = config_json(h.config);
                 let component = base.join(h.component.get_ref());
                 let signature = match &h.signature {
                     Some(path) => base.join(path),
@@ -380,7 +395,7 @@ impl Bundle {
                 name,
                 component: base.join(raw_idp.component.get_ref()),
                 sha256,
-                config: serde_json::to_string(&raw_idp.config.unwrap_or_default()).expect("TOML maps to JSON"),
+                config: config_json(raw_idp.config),
                 at: Location {
                     field,
                     component_line: line_of(text, raw_idp.component.span().start),
@@ -425,7 +440,7 @@ impl Bundle {
                 domain,
                 component: base.join(raw_stub.component.get_ref()),
                 sha256,
-                config: serde_json::to_string(&raw_stub.config.unwrap_or_default()).expect("TOML maps to JSON"),
+                config: config_json(raw_stub.config),
                 endpoints,
                 queue,
                 preload: raw_stub.preload,
@@ -464,6 +479,75 @@ fn checked<T: Default>(
         report(value.span(), e);
     }
     value.into_inner()
+}
+
+/// What toml's "integer number overflowed" means for `literal`: a radix
+/// prefix with no digits (`0x`), or a number out of the 64-bit range.
+fn integer_problem(literal: &str) -> String {
+    let digits = literal.trim_start_matches(['+', '-']);
+    match ["0x", "0o", "0b"].into_iter().find(|p| digits.starts_with(p)) {
+        Some(prefix) if digits.len() == prefix.len() => format!("`{literal}` is not a number: no digits after `{prefix}`"),
+        _ => format!("`{literal}` is not a 64-bit integer"),
+    }
+}
+
+/// Every float in the manifest that JSON cannot carry (`inf`, `nan`):
+/// (where, field path, why). Configurations reach components as JSON, so
+/// such a value cannot be passed on unchanged. Walks the document without
+/// recursion.
+fn values_json_cannot_carry(text: &str) -> Vec<(Range<usize>, String, String)> {
+    use toml::de::{DeTable, DeValue};
+    let Ok(document) = DeTable::parse(text) else { return Vec::new() };
+    let mut found = Vec::new();
+    let mut pending: Vec<(String, &toml::Spanned<DeValue>)> = Vec::new();
+    let mut tables: Vec<(String, &DeTable)> = vec![(String::new(), document.get_ref())];
+    while let Some((prefix, table)) = tables.pop() {
+        for (key, value) in table.iter() {
+            let key = key.get_ref();
+            let key = if !key.is_empty() && key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+                key.to_string()
+            } else {
+                format!("{key:?}")
+            };
+            let field = if prefix.is_empty() { key } else { format!("{prefix}.{key}") };
+            pending.push((field, value));
+        }
+        while let Some((field, value)) = pending.pop() {
+            match value.get_ref() {
+                DeValue::Float(f) if !f.as_str().parse::<f64>().is_ok_and(f64::is_finite) => {
+                    let message = format!("`{}` cannot be passed to a component: JSON has no infinity or NaN", f.as_str());
+                    found.push((value.span(), field, message));
+                }
+                DeValue::Table(t) => tables.push((field, t)),
+                DeValue::Array(a) => pending.extend(a.iter().enumerate().map(|(i, v)| (format!("{field}[{i}]"), v))),
+                _ => {}
+            }
+        }
+    }
+    found.sort_by_key(|(span, _, _)| span.start);
+    found
+}
+
+/// A `config` table as JSON text for a component's `init`. TOML datetimes
+/// become strings in RFC 3339 form (`1987-07-05T17:45:00Z`; a local
+/// date-time, date or time as RFC 3339's `date-time` without offset,
+/// `full-date`, `partial-time`); floats JSON cannot carry were refused by
+/// [`values_json_cannot_carry`].
+fn config_json(config: Option<toml::Table>) -> String {
+    // Recursion is bounded by toml's parser, which refuses nesting deeper
+    // than 80.
+    fn json(value: toml::Value) -> serde_json::Value {
+        match value {
+            toml::Value::String(s) => s.into(),
+            toml::Value::Integer(i) => i.into(),
+            toml::Value::Float(f) => serde_json::Number::from_f64(f).map_or(serde_json::Value::Null, Into::into),
+            toml::Value::Boolean(b) => b.into(),
+            toml::Value::Datetime(d) => d.to_string().into(),
+            toml::Value::Array(a) => a.into_iter().map(json).collect(),
+            toml::Value::Table(t) => t.into_iter().map(|(k, v)| (k, json(v))).collect::<serde_json::Map<_, _>>().into(),
+        }
+    }
+    json(toml::Value::Table(config.unwrap_or_default())).to_string()
 }
 
 /// Where the detached signature of `component` lives by default.

@@ -19,6 +19,7 @@ pub mod address;
 pub mod bundle;
 mod bus;
 mod cache;
+mod contract;
 mod domain_registry;
 pub mod cli;
 mod engine;

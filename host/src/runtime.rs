@@ -19,6 +19,7 @@ use wasmtime::component::Linker;
 use crate::address::Address;
 use crate::bundle::{Bundle, BundleError, DomainSpec, HypertySpec, Location, Problem, ProtostubSpec};
 use crate::bus::{Bus, BusConfig, Route, SendError};
+use crate::contract;
 use crate::domain_registry::DomainRegistry;
 use crate::engine::{Digest, Engine};
 use crate::message::Message;
@@ -27,7 +28,7 @@ use crate::policy::{Decision, Descriptor, PolicyDecisionPoint};
 use crate::registry::{Kind, Query, Registration, Registry, Status};
 use crate::identity::{self, DomainIdentity, Identities, Proxy, ProxyPre};
 use crate::protostub::{self, Stub, StubContext, StubPre, StubSettings};
-use crate::sandbox::limits::{Grant, default_grants};
+use crate::sandbox::limits::{Grant, Limits, default_grants};
 use crate::signing;
 use crate::store::Store;
 use crate::syncher::Syncher;
@@ -335,6 +336,7 @@ impl Runtime {
                     }
                 }
                 let pre = self.compile(bundle, &hyperty.at, &hyperty.component, (bytes, digest), &domain.settings.grants, |_, c| {
+                    fits_limits(c, &domain.settings.limits)?;
                     sandbox::prepare(&self.linker, c)
                 });
                 match pre {
@@ -363,8 +365,9 @@ impl Runtime {
         self.compile(bundle, at, path, file, grants, fit)
     }
 
-    /// Compiles a pinned component (or takes it from the cache), checks its
-    /// WASI imports against `grants` and fits it to its world with `fit`; a
+    /// Compiles a pinned component (or takes it from the cache), checks the
+    /// contract version it was built against ([`contract`]), its WASI
+    /// imports against `grants`, and fits it to its world with `fit`; a
     /// problem names the entry at `at`.
     fn compile<T>(
         &self,
@@ -378,8 +381,10 @@ impl Runtime {
         self.engine
             .component(bytes, digest)
             .and_then(|component| {
-                sandbox::check_grants(self.engine.wasmtime(), &component, grants)?;
-                fit(self.engine.wasmtime(), &component)
+                let engine = self.engine.wasmtime();
+                contract::check(engine, &component)?;
+                sandbox::check_grants(engine, &component, grants)?;
+                fit(engine, &component).map_err(|e| contract::explain(engine, &component, e))
             })
             .map_err(|e| bundle.problem(at, "component", format!("{} is refused: {e:#}", path.display())))
     }
@@ -794,6 +799,30 @@ impl Drop for Endpoint {
     fn drop(&mut self) {
         self.bus.remove_route(&self.address);
     }
+}
+
+/// Refuses a component whose memories or tables start larger than its
+/// domain's `limits` let any instance be (its instantiation would fail): a
+/// memory's minimum above `memory-mb` or `total-memory-mb`, a table's above
+/// `table-elements`. Read from the component's types, without running it;
+/// a component that imports core modules says nothing and passes.
+fn fits_limits(component: &wasmtime::component::Component, limits: &Limits) -> Result<()> {
+    let Some(needs) = component.resources_required() else { return Ok(()) };
+    const WASM_PAGE: u64 = 64 << 10;
+    if let Some(pages) = needs.max_initial_memory_size {
+        let mib = pages.saturating_mul(WASM_PAGE).div_ceil(1 << 20);
+        for (limit, name) in [(limits.memory_mb, "memory-mb"), (limits.total_memory_mb, "total-memory-mb")] {
+            if mib > u64::from(limit) {
+                anyhow::bail!("its linear memory starts at {mib} MiB, more than the domain's {name} = {limit}");
+            }
+        }
+    }
+    if let Some(elements) = needs.max_initial_table_size
+        && elements > u64::from(limits.table_elements)
+    {
+        anyhow::bail!("a table starts with {elements} elements, more than the domain's table-elements = {}", limits.table_elements);
+    }
+    Ok(())
 }
 
 /// The bytes and digest of the component file at `path` of the entry at

@@ -194,3 +194,145 @@ fn bad_protostub_entries_are_refused_naming_the_field_and_nothing_running_is_los
     assert!(err.contains("a protostub for carol.example already runs"), "{err}");
     driver.still_works(&a, &b);
 }
+
+/// `hyperty check` of the bundle at `path`: its problems, as shown.
+fn check_err(path: &Path) -> String {
+    let config = hyperty_host::RuntimeConfig { cache_dir: cache_dir(), ..Default::default() };
+    hyperty_host::runtime::check_file(path, config).expect_err("check must refuse the bundle").to_string()
+}
+
+#[test]
+fn a_component_built_against_another_contract_track_is_refused_naming_both_versions() {
+    let (runtime, mut driver, _good, a, b) = running();
+    let bundle = TestBundle::new().hyperty("carol.example", "c", &guest("contract-0-2-0"), json!({}));
+    for shown in [deploy_err(&runtime, &bundle).to_string(), check_err(&bundle.write())] {
+        assert!(shown.contains("built against rethink:hyperty@0.2.0"), "{shown}");
+        assert!(shown.contains("this host serves rethink:hyperty@0.1.x (0.1.0)"), "{shown}");
+        assert!(!shown.contains("missing"), "the reason is the version, not a missing function: {shown}");
+        assert!(shown.contains("hyperties[0].component"), "{shown}");
+    }
+    driver.still_works(&a, &b);
+}
+
+#[test]
+fn a_component_built_against_a_later_patch_of_the_served_track_runs() {
+    // 0.1.1 is on the 0.1 track this host serves, and its interfaces are
+    // those of 0.1.0: the component model's semver rule accepts it.
+    let (runtime, mut driver, _good, a, b) = running();
+    let bundle = TestBundle::new().hyperty("carol.example", "c", &guest("contract-0-1-1"), json!({}));
+    let config = hyperty_host::RuntimeConfig { cache_dir: cache_dir(), ..Default::default() };
+    hyperty_host::runtime::check_file(&bundle.write(), config).expect("check accepts 0.1.1");
+    runtime.deploy(&bundle.load()).expect("deploy accepts 0.1.1");
+    let c = runtime.lookup("carol.example", "c").unwrap();
+    let answer = driver.ask(&c, json!({}));
+    assert_eq!((answer.body.code, answer.body.value.as_deref()), (Some(200), Some("\"contract-0-1-1\"")));
+    driver.still_works(&a, &b);
+}
+
+#[test]
+fn a_component_using_what_a_later_patch_added_is_refused_naming_both_versions() {
+    // 0.1.2 is on the served track, but this one calls `log.flush`, which
+    // only 0.1.2 has: the type check refuses it, and says why.
+    let (runtime, mut driver, _good, a, b) = running();
+    let bundle = TestBundle::new().hyperty("carol.example", "c", &guest("contract-0-1-2"), json!({}));
+    for shown in [deploy_err(&runtime, &bundle).to_string(), check_err(&bundle.write())] {
+        assert!(shown.contains("built against rethink:hyperty@0.1.2, later than the 0.1.0 this host serves"), "{shown}");
+        assert!(shown.contains("rethink:hyperty/log@0.1.2"), "the import that does not fit is named: {shown}");
+    }
+    driver.still_works(&a, &b);
+}
+
+#[test]
+fn a_protostub_importing_beyond_its_world_is_refused_naming_each_import() {
+    let (runtime, mut driver, _good, a, b) = running();
+    let nosy = guest("nosy-stub");
+    let bundle = TestBundle::new().protostub("carol.example", &["127.0.0.1:4222".into()], json!({}));
+    let path = bundle.write();
+    let nats = guest("nats-stub");
+    let text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace(&nats.display().to_string(), &nosy.display().to_string())
+        .replace(
+            &hyperty_host::Digest::of(&std::fs::read(&nats).unwrap()).to_string(),
+            &hyperty_host::Digest::of(&std::fs::read(&nosy).unwrap()).to_string(),
+        );
+    std::fs::write(&path, text).unwrap();
+    let deployed = runtime.deploy(&Bundle::load(&path).unwrap()).unwrap_err().to_string();
+    for shown in [deployed, check_err(&path)] {
+        assert!(shown.contains(r#"protostubs."carol.example".component"#), "{shown}");
+        for import in ["wasi:sockets/udp@", "wasi:sockets/ip-name-lookup@", "wasi:clocks/wall-clock@"] {
+            assert!(shown.contains(import), "{shown} should name {import}");
+        }
+        assert!(!shown.contains("wasi:sockets/tcp@"), "TCP is the stub's own: {shown}");
+    }
+    assert!(runtime.discover(&hyperty_host::Query { domain: Some("carol.example".into()), ..Default::default() }).is_empty());
+    driver.still_works(&a, &b);
+}
+
+#[test]
+fn toml_values_json_cannot_carry_are_converted_or_refused_naming_the_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bundle.toml");
+    let entry = "[[domains.\"a.example\".hyperties]]\nname = \"p\"\ncomponent = \"p.wasm\"\nsha256 = \"00000000000000000000000000000000000000000000000000000000000000ff\"\n";
+    // Datetimes reach `init` as RFC 3339 strings.
+    let dates = "config = { when = 1987-07-05, at = 1979-05-27T07:32:00Z, local = 1979-05-27T07:32:00.5, time = 07:32:00 }\n";
+    std::fs::write(&path, format!("{entry}{dates}")).unwrap();
+    let bundle = Bundle::load(&path).unwrap();
+    let config: serde_json::Value = serde_json::from_str(&bundle.domains[0].hyperties[0].config).unwrap();
+    assert_eq!(
+        config,
+        json!({ "when": "1987-07-05", "at": "1979-05-27T07:32:00Z", "local": "1979-05-27T07:32:00.5", "time": "07:32:00" })
+    );
+    // inf and nan cannot be carried: refused by load (so by run) and check, each on its line.
+    std::fs::write(&path, format!("{entry}[domains.\"a.example\".hyperties.config]\nx = inf\nok = 1.5\ny = [1.0, -nan]\n")).unwrap();
+    let config = hyperty_host::RuntimeConfig { cache_dir: cache_dir(), ..Default::default() };
+    for err in [Bundle::load(&path).unwrap_err(), hyperty_host::runtime::check_file(&path, config).unwrap_err()] {
+        let at: Vec<_> = err.problems.iter().map(|p| (p.line, p.field.as_str())).collect();
+        assert_eq!(
+            at,
+            [(Some(6), r#"domains."a.example".hyperties[0].config.x"#), (Some(8), r#"domains."a.example".hyperties[0].config.y[1]"#)],
+            "{err}"
+        );
+        assert!(err.to_string().contains("`inf` cannot be passed to a component") && err.to_string().contains("`-nan`"), "{err}");
+    }
+}
+
+#[test]
+fn bytes_that_are_not_utf8_and_digitless_integers_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bundle.toml");
+    std::fs::write(&path, b"name = \"x\"\n# caf\xe9\n").unwrap();
+    let err = Bundle::load(&path).unwrap_err();
+    assert_eq!(err.problems[0].line, Some(2), "{err}");
+    assert!(err.to_string().contains("invalid byte 0xe9 at byte offset 16"), "{err}");
+    std::fs::write(&path, "[domains.\"a.example\".limits]\n\ninbox = 0x\n").unwrap();
+    let err = Bundle::load(&path).unwrap_err();
+    assert_eq!(err.problems[0].line, Some(3), "{err}");
+    assert!(err.to_string().contains("`0x` is not a number: no digits after `0x`"), "{err}");
+    std::fs::write(&path, "[domains.\"a.example\".limits]\ninbox = 0xffffffffffffffffffffffffffffffffffffffff\n").unwrap();
+    let err = Bundle::load(&path).unwrap_err();
+    assert!(err.to_string().contains("is not a 64-bit integer"), "{err}");
+}
+
+#[test]
+fn check_and_deploy_refuse_a_component_whose_memory_starts_above_memory_mb() {
+    let (runtime, mut driver, _good, a, b) = running();
+    let big = guest("big-memory");
+    let bundle = TestBundle::new()
+        .hyperty("carol.example", "c", &big, json!({}))
+        .domain("carol.example", json!({ "limits": { "memory-mb": 32 } }));
+    for shown in [check_err(&bundle.write()), deploy_err(&runtime, &bundle).to_string()] {
+        assert!(shown.contains("its linear memory starts at") && shown.contains("MiB, more than the domain's memory-mb = 32"), "{shown}");
+        assert!(shown.contains("hyperties[0].component"), "{shown}");
+    }
+    // With room for it, the same component passes check and runs.
+    let roomy = TestBundle::new()
+        .hyperty("carol.example", "c", &big, json!({}))
+        .domain("carol.example", json!({ "limits": { "memory-mb": 64 } }));
+    let config = hyperty_host::RuntimeConfig { cache_dir: cache_dir(), ..Default::default() };
+    hyperty_host::runtime::check_file(&roomy.write(), config).expect("64 MiB is room enough");
+    runtime.deploy(&roomy.load()).unwrap();
+    let c = runtime.lookup("carol.example", "c").unwrap();
+    assert_eq!(driver.ask(&c, json!({})).body.code, Some(200));
+    driver.still_works(&a, &b);
+}

@@ -355,3 +355,71 @@ fn entity_types_follow_the_address_scheme() {
     let mut w = world(r#"permit (principal, action, resource is Rethink::DataObject);"#);
     assert!(!permitted(&mut w), "b is a hyperty, not a data object");
 }
+
+/// `permit ... when { ((( ... true ... ))) };`, `n` deep: Cedar's parser
+/// recursed on it until the stack overflowed (150 was enough).
+fn deep_policy(n: usize) -> String {
+    format!("permit (principal, action, resource) when {{ {}true{} }};\n", "(".repeat(n), ")".repeat(n))
+}
+
+#[test]
+fn a_deep_policy_written_while_watched_is_refused_and_the_policies_in_force_stay() {
+    let mut w = world(r#"permit (principal, action, resource);"#);
+    w.policies.watch(Duration::from_millis(20));
+    assert!(permitted(&mut w));
+    let bob_file = w.dir.path().join("bob.cedar");
+    std::fs::write(&bob_file, format!("{OUTGOING_OPEN}\n{}", deep_policy(150))).unwrap();
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    let refused = loop {
+        if let Some(refused) = w.policies.refused() {
+            break refused;
+        }
+        assert!(std::time::Instant::now() < until, "the deep file was not read");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let p = &refused.problems[0];
+    assert_eq!((p.file.as_path(), p.line), (bob_file.as_path(), Some(3)), "{refused}");
+    assert!(p.message.contains("too deep"), "{refused}");
+    assert!(permitted(&mut w), "the policies in force stay, and the runtime runs");
+    // The watch goes on: a good file is still picked up.
+    std::fs::write(&bob_file, format!("{OUTGOING_OPEN}\nforbid (principal, action, resource) when {{ context.point == \"incoming\" }};\n")).unwrap();
+    while permitted(&mut w) {
+        assert!(std::time::Instant::now() < until + Duration::from_secs(10), "the good file was not picked up");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(w.policies.refused().is_none());
+}
+
+#[test]
+fn check_refuses_a_deep_policy_naming_file_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let deep = write(dir.path(), "carol.cedar", &format!("permit (principal, action, resource);\n{}", deep_policy(150)));
+    let bundle = TestBundle::new()
+        .hyperty("carol.example", "c", &guest("puppet"), puppet_config(false))
+        .domain("carol.example", json!({ "policies": [deep.to_str().unwrap()] }));
+    let config = RuntimeConfig { cache_dir: cache_dir(), ..RuntimeConfig::default() };
+    let err = hyperty_host::runtime::check_file(&bundle.write(), config).unwrap_err();
+    assert!(err.problems.iter().any(|p| p.file == deep && p.line == Some(2) && p.message.contains("too deep")), "{err}");
+}
+
+#[test]
+fn a_schema_error_is_listed_once_named_by_file_and_line() {
+    let runtime = runtime(Duration::from_secs(5));
+    let dir = tempfile::tempdir().unwrap();
+    let bad = write(
+        dir.path(),
+        "carol.cedar",
+        "permit (principal, action, resource);\n\npermit (principal, action, resource)\n  when { context.no_such_thing == 1 };\n",
+    );
+    let bundle = TestBundle::new()
+        .hyperty("carol.example", "c", &guest("puppet"), puppet_config(false))
+        .domain("carol.example", json!({ "policies": [bad.to_str().unwrap()] }));
+    let err = runtime.deploy(&bundle.load()).unwrap_err();
+    assert_eq!(err.problems.len(), 1, "one problem, not one per action: {err}");
+    let shown = err.problems[0].to_string();
+    // At the line of the fault, in the policy that starts on line 3.
+    assert_eq!((err.problems[0].file.as_path(), err.problems[0].line), (bad.as_path(), Some(4)), "{shown}");
+    assert!(shown.contains("no_such_thing"), "{shown}");
+    assert!(!shown.contains("policy1") && !shown.contains("policy0"), "named by file and line: {shown}");
+    assert_eq!(shown.matches("carol.cedar:").count(), 1, "file:line once: {shown}");
+}

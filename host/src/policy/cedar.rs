@@ -97,6 +97,8 @@ pub struct CedarPolicies {
     state: RwLock<Arc<State>>,
     /// Serialises changes (reloads, group edits).
     sources: Mutex<Sources>,
+    /// Why the last [`reload`](CedarPolicies::reload) was refused, if it was.
+    refused: Mutex<Option<PolicyError>>,
 }
 
 impl CedarPolicies {
@@ -114,6 +116,7 @@ impl CedarPolicies {
             clock,
             state: RwLock::new(Arc::new(state)),
             sources: Mutex::default(),
+            refused: Mutex::default(),
         }
     }
 
@@ -186,12 +189,22 @@ impl CedarPolicies {
     /// force stay.
     pub fn reload(&self) -> Result<(), PolicyError> {
         let groups_file = self.sources.lock().unwrap().groups_file.clone();
-        let groups = groups_file.as_deref().map(read_groups).transpose()?;
-        self.change(|s| {
-            if let Some(groups) = groups {
-                s.groups = groups;
-            }
-        })
+        let result = groups_file.as_deref().map(read_groups).transpose().and_then(|groups| {
+            self.change(|s| {
+                if let Some(groups) = groups {
+                    s.groups = groups;
+                }
+            })
+        });
+        *self.refused.lock().unwrap() = result.as_ref().err().cloned();
+        result
+    }
+
+    /// Why the last reload (by [`reload`](Self::reload) or
+    /// [`watch`](Self::watch)) was refused; `None` if it succeeded or none
+    /// was tried.
+    pub fn refused(&self) -> Option<PolicyError> {
+        self.refused.lock().unwrap().clone()
     }
 
     /// Every file the policies come from (to watch for changes).
@@ -284,6 +297,10 @@ impl CedarPolicies {
                     continue;
                 }
             };
+            if let Err(e) = super::nesting::check(&text) {
+                problems.push(problem(Some(line_of(&text, e.offset)), String::new(), e.reason));
+                continue;
+            }
             let parsed = match PolicySet::from_str(&text) {
                 Ok(parsed) => parsed,
                 Err(errors) => {
@@ -293,7 +310,6 @@ impl CedarPolicies {
                     continue;
                 }
             };
-            let mut ids = HashMap::new();
             for policy in parsed.policies() {
                 let id = match policy.annotation("id") {
                     Some(id) => id.to_owned(),
@@ -302,16 +318,34 @@ impl CedarPolicies {
                         format!("{}:{line}", file.file_name().unwrap_or_default().to_string_lossy())
                     }
                 };
-                ids.insert(policy.id().clone(), id.clone());
                 uses_time |= policy.to_string().contains("time");
                 if let Err(e) = set.add(policy.new_id(PolicyId::new(&id))) {
                     problems.push(problem(None, id, e.to_string()));
                 }
             }
+            // Strict validation checks each policy once per action it may
+            // apply to: the same fault is reported once, at its line, under
+            // the policy's `@id` if it has one (the file and line name it
+            // otherwise), without Cedar's internal `policy<n>` name.
             let validation = Validator::new(self.schema.clone()).validate(&parsed, ValidationMode::Strict);
+            let mut seen: Vec<(Option<usize>, std::mem::Discriminant<cedar_policy::ValidationError>, &PolicyId, usize)> = Vec::new();
+            let mut found = Vec::new();
             for e in validation.validation_errors() {
-                let id = ids.get(e.policy_id()).cloned().unwrap_or_default();
-                problems.push(problem(first_line(e, &text), id, e.to_string()));
+                let line = first_line(e, &text);
+                let key = (line, std::mem::discriminant(e), e.policy_id());
+                if let Some(i) = seen.iter().position(|(l, d, p, _)| (*l, *d, *p) == key) {
+                    seen[i].3 += 1;
+                    continue;
+                }
+                seen.push((key.0, key.1, key.2, 1));
+                let field = parsed.policy(e.policy_id()).and_then(|p| p.annotation("id")).unwrap_or_default().to_owned();
+                let message = e.to_string();
+                let message = message.strip_prefix(&format!("for policy `{}`, ", e.policy_id())).unwrap_or(&message).to_owned();
+                found.push((line, field, message));
+            }
+            for ((line, field, message), (.., n)) in found.into_iter().zip(&seen) {
+                let message = if *n > 1 { format!("{message} (and for {} other actions)", n - 1) } else { message };
+                problems.push(problem(line, field, message));
             }
         }
         (problems.len() == before).then_some(Compiled { set, uses_time })

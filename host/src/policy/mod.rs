@@ -7,6 +7,7 @@
 
 pub mod cedar;
 pub mod clock;
+pub mod nesting;
 
 use std::fmt;
 

@@ -37,8 +37,63 @@ pub(crate) use wit::StubStatus;
 #[derive(Clone)]
 pub(crate) struct StubPre(ProtostubPre<StubState>);
 
-/// Checks that `component` fits the `protostub` world and prepares it.
+/// What a protostub may import (names without their `@version`): the
+/// interfaces of the `protostub` world (TCP through the network it is
+/// granted, streams, polling, the monotonic clock, `stub-host`, `log`) and
+/// what every `wasm32-wasip2` program imports through Rust's std with no
+/// authority behind it (an empty environment, exit, standard streams that
+/// go nowhere, the random seed of its hash maps). Not UDP, name lookup, the
+/// wall clock, the filesystem or anything else the linker could offer.
+const STUB_IMPORTS: &[&str] = &[
+    "wasi:sockets/network",
+    "wasi:sockets/instance-network",
+    "wasi:sockets/tcp",
+    "wasi:sockets/tcp-create-socket",
+    "wasi:io/poll",
+    "wasi:io/streams",
+    "wasi:io/error",
+    "wasi:clocks/monotonic-clock",
+    "rethink:hyperty/stub-host",
+    "rethink:hyperty/log",
+    "wasi:cli/environment",
+    "wasi:cli/exit",
+    "wasi:cli/stdin",
+    "wasi:cli/stdout",
+    "wasi:cli/stderr",
+    "wasi:cli/terminal-input",
+    "wasi:cli/terminal-output",
+    "wasi:cli/terminal-stdin",
+    "wasi:cli/terminal-stdout",
+    "wasi:cli/terminal-stderr",
+    "wasi:random/random",
+    "wasi:random/insecure",
+    "wasi:random/insecure-seed",
+];
+
+/// Refuses a component that imports anything a protostub is not given
+/// ([`STUB_IMPORTS`]), naming every such import: the linker offers all of
+/// WASI p2, so this is what keeps a stub to its world.
+fn check_imports(engine: &wasmtime::Engine, component: &Component) -> Result<()> {
+    let beyond: Vec<String> = component
+        .component_type()
+        .imports(engine)
+        .map(|(name, _)| name)
+        .filter(|name| !STUB_IMPORTS.contains(&name.split_once('@').map_or(*name, |(n, _)| n)))
+        .map(str::to_owned)
+        .collect();
+    if beyond.is_empty() {
+        return Ok(());
+    }
+    Err(anyhow!(
+        "does not fit the protostub world: it imports {}, which a protostub is not given (only TCP to its endpoints, the monotonic clock and what std needs)",
+        beyond.join(", ")
+    ))
+}
+
+/// Checks that `component` imports nothing beyond the `protostub` world
+/// and fits it, and prepares it.
 pub(crate) fn prepare(engine: &wasmtime::Engine, component: &Component) -> Result<StubPre> {
+    check_imports(engine, component)?;
     let mut linker = Linker::new(engine);
     wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(|e| anyhow!("{e:#}"))?;
     wit::add_to_linker::<_, HasSelf<StubState>>(&mut linker, |s| s).map_err(|e| anyhow!("{e:#}"))?;
