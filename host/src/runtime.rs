@@ -773,6 +773,11 @@ impl Endpoint {
         if message.from != self.address {
             return Err(SendError::SpoofedFrom(format!("{} is not this endpoint's address ({})", message.from, self.address)));
         }
+        let max = self.bus.config().max_message_bytes;
+        if message.size() > max {
+            // Refused before the value is scanned, as the bus would.
+            return Err(SendError::TooLarge(format!("{} bytes, the limit is {max}", message.size())));
+        }
         if let Some(value) = &message.body.value {
             crate::message::validate_value(value).map_err(SendError::Malformed)?;
         }
