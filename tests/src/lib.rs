@@ -858,9 +858,10 @@ impl NatsClient {
                     continue;
                 }
                 ["MSG", _, _, n] => (None, 0, n.parse::<usize>().unwrap()),
-                ["MSG", _, r, _, n] => (Some(r.to_string()), 0, n.parse().unwrap()),
+                // MSG <subject> <sid> [<reply>] <size>; HMSG adds <header size>.
+                ["MSG", _, _, r, n] => (Some(r.to_string()), 0, n.parse().unwrap()),
                 ["HMSG", _, _, h, n] => (None, h.parse::<usize>().unwrap(), n.parse().unwrap()),
-                ["HMSG", _, r, _, h, n] => (Some(r.to_string()), h.parse().unwrap(), n.parse().unwrap()),
+                ["HMSG", _, _, r, h, n] => (Some(r.to_string()), h.parse().unwrap(), n.parse().unwrap()),
                 _ => continue,
             };
             let mut body = vec![0; total + 2];

@@ -393,3 +393,104 @@ fn a_runtime_announces_its_users_hyperties_with_their_assertions() {
     // The hyperty nobody vouches for was announced first, and refused.
     assert!(found.iter().all(|r| r.name != "anonymous"), "{found:?}");
 }
+
+/// [`PERMISSIONS`]' alice-rt and bob-rt, with alice-rt refused to publish
+/// to carol.example's subjects, and carol-rt: a runtime user of
+/// carol.example, which (as every runtime user, for acknowledgements) may
+/// publish and subscribe on `_INBOX.>`.
+const PERMISSIONS_WITH_CAROL: &str = r#"
+  users = [
+    { user: "alice-rt", password: "alice-pw", permissions: {
+        publish: { allow: ["rethink.*.*.alice_example", "_INBOX.>"], deny: ["rethink.carol_example.>"] },
+        subscribe: { allow: ["rethink.alice_example.>", "_INBOX.>"] } } },
+    { user: "bob-rt", password: "bob-pw", permissions: {
+        publish: { allow: ["rethink.*.*.bob_example", "_INBOX.>"] },
+        subscribe: { allow: ["rethink.bob_example.>", "_INBOX.>"] } } },
+    { user: "carol-rt", password: "carol-pw", permissions: {
+        publish: { allow: ["rethink.*.*.carol_example", "_INBOX.>"] },
+        subscribe: { allow: ["rethink.carol_example.>", "_INBOX.>"] } } }
+  ]
+"#;
+
+#[test]
+fn a_publish_the_node_forbids_is_answered_403_at_once_and_the_queue_moves_on() {
+    let nats = Nats::with_config(&format!("authorization {{\n{PERMISSIONS_WITH_CAROL}\n}}\n"));
+    let b1 = TestBundle::new().hyperty("alice.example", "a", &guest("puppet"), puppet_config(false)).protostub(
+        "carol.example",
+        &[nats.endpoint()],
+        json!({ "config": { "user": "alice-rt", "pass": "alice-pw" } }),
+    );
+    let b2 = TestBundle::new().hyperty("bob.example", "b", &guest("puppet"), puppet_config(true));
+    let (r1, _b1) = runtime_of("alice.example", b1, &nats, "alice-rt", "alice-pw");
+    let (r2, _b2) = runtime_of("bob.example", b2, &nats, "bob-rt", "bob-pw");
+    let mut events = r1.events();
+    let mut driver = Driver::new(&r1);
+    let a = r1.lookup("alice.example", "a").unwrap();
+    let b = r2.lookup("bob.example", "b").unwrap();
+    answered(&mut driver, &a, &b);
+    // Three requests to carol.example, whose subjects the node refuses
+    // alice-rt, each answered 403 long before its timeout (the stub never
+    // offers them again), then one to bob.example: 200.
+    for _ in 0..3 {
+        let id = driver.fresh_id();
+        let cmd = json!({ "op": "request", "message": { "id": id, "type": "read", "to": "hyperty://carol.example/c", "value": "{}" },
+            "timeout_ms": 120_000 });
+        assert_eq!(driver.command(&a, cmd), json!({ "ok": true }));
+        let refused = driver.report(&a, |m| m["type"] == "response" && m["id"] == id);
+        assert_eq!(refused["code"], 403, "{refused}");
+        let why = refused["description"].as_str().unwrap_or_default();
+        assert!(
+            why.contains("the protostub of carol.example cannot carry it") && why.contains("Permissions Violation for Publish"),
+            "{why}"
+        );
+    }
+    answered(&mut driver, &a, &b);
+    assert_eq!(r1.pending_requests(), 0, "the refused requests are no longer pending");
+    // The node kept the connection: the stub was never disconnected.
+    let mut statuses = Vec::new();
+    while let Ok(e) = events.try_recv() {
+        if let (true, hyperty_host::EventKind::StubStatus { status, detail }) = (e.hyperty == "protostub carol.example", e.kind) {
+            statuses.push((status, detail));
+        }
+    }
+    assert!(statuses.iter().any(|(s, _)| s == "live"), "{statuses:?}");
+    assert!(statuses.iter().all(|(s, _)| s != "disconnected"), "{statuses:?}");
+}
+
+#[test]
+fn an_acknowledgement_forged_by_another_node_user_does_not_drop_a_message() {
+    let nats = Nats::with_config(&format!("authorization {{\n{PERMISSIONS_WITH_CAROL}\n}}\n"));
+    const LATE: &str = "hyperty://bob.example/late";
+    // Something subscribed as bob-rt takes the message and never answers:
+    // it stays in flight in alice's stub (for its 3 s ack timeout).
+    let mut silent = NatsClient::connect(nats.port, Some(("bob-rt", "bob-pw")));
+    silent.subscribe(&nats_subject("bob.example", LATE, "*")).unwrap();
+    let r1 = runtime(Duration::from_secs(60));
+    let config = json!({ "config": { "user": "alice-rt", "pass": "alice-pw", "ack-timeout-ms": 3000 } });
+    r1.deploy(&TestBundle::new().protostub("bob.example", &[nats.endpoint()], config).load()).unwrap();
+    let (r2, _b2) = runtime_of("bob.example", TestBundle::new(), &nats, "bob-rt", "bob-pw");
+    let sender = r1.endpoint("hyperty://alice.example/sender", 16).unwrap();
+    let message = Message::new(7, MessageType::Update, sender.address().clone(), Address::parse(LATE).unwrap(), Some("{}".into()));
+    sender.send(message).unwrap();
+    let seen = silent.next_msg().expect("the message is published");
+    // carol-rt, another runtime user, knows the inbox and the sequence
+    // number (as anyone who reads `_INBOX.>` or guesses), not the tag.
+    let reply = seen.reply.expect("published with a reply subject");
+    let (inbox, token) = reply.rsplit_once('.').unwrap();
+    let seq = token.split('-').next().unwrap();
+    let guessed = format!("{seq}-{}", "0".repeat(32));
+    let mut carol = NatsClient::connect(nats.port, Some(("carol-rt", "carol-pw")));
+    for (subject, payload) in [
+        (format!("{inbox}.ok"), format!("ok {seq} {guessed}")),
+        (format!("{inbox}.{seq}"), "refused: forged".to_owned()),
+        (format!("{inbox}.{guessed}"), "refused: forged".to_owned()),
+    ] {
+        carol.publish(&subject, None, &payload).expect("the node lets carol-rt publish on _INBOX.>");
+    }
+    drop(silent);
+    // bob's runtime listens for the address now: the message is offered
+    // again after the ack timeout, and arrives.
+    let late = r2.endpoint(LATE, 16).unwrap();
+    let arrived = late.recv_timeout(Duration::from_secs(60)).expect("the message was dropped by the forged acknowledgements");
+    assert_eq!((arrived.id, arrived.kind), (7, MessageType::Update), "{arrived:?}");
+}

@@ -34,11 +34,17 @@
 //! (`user`/`pass` or `token`, sent in CONNECT).
 //!
 //! Delivery: every envelope is published with a reply subject in this
-//! stub's inbox (`<inbox>.<seq>`); the receiving stub acknowledges once its
-//! host took the envelope — the oks of one round in bulk, on `<inbox>.ok`
-//! with `ok <seq> <seq> …`; `busy: …` (back-pressure) and `refused: …` on
-//! the message's own reply subject. Only
-//! then does the message leave the host's queue (`delivered`). A node
+//! stub's inbox, `<inbox>.<seq>-<tag>`, where the inbox and the tag are 128
+//! random bits each (`wasi:random`), the tag new at every publish; the
+//! receiving stub acknowledges once its host took the envelope — the oks
+//! of one round in bulk, on `<inbox>.ok` with `ok <token> <token> …` (each
+//! the last token of a reply subject it saw); `busy: …` (back-pressure) and
+//! `refused: …` on the message's own reply subject. An answer counts only
+//! with the tag of the message's latest publish: a node user who may
+//! publish on `_INBOX.>` and knows (or reads) the inbox cannot acknowledge
+//! a message it never received, since only the node and the subscribers of
+//! its destination subject saw that tag. Only then does the message leave
+//! the host's queue (`delivered`). A node
 //! without a subscriber answers 503 (no responders: the connection asks
 //! for them), and the message is offered again after a pause; so is one
 //! whose answer does not come within the ack timeout. Duplicates this may
@@ -56,6 +62,11 @@
 //!   in bulk are split, and answers cut, to fit it too. A
 //!   `MSG` from the node larger than that limit, or a protocol line longer
 //!   than [`MAX_LINE`], is a protocol error: the connection is dropped.
+//! - Permissions: a node with per-subject permissions answers a publish it
+//!   refuses with `-ERR 'Permissions Violation for Publish to "<subject>"'`
+//!   and keeps the connection. Every message in flight on that subject is
+//!   `refuse`d at once (`forbidden`, naming the node's refusal), and the
+//!   host answers its sender 403; the queue moves on.
 //! - Liveness: a PING every `ping-interval-ms` (default 2 minutes, as the
 //!   Go and Rust clients); when `max-pings-outstanding` (default 2) went
 //!   unanswered and another is due, the connection is stale: reported
@@ -81,6 +92,7 @@ use rethink::hyperty::stub_host::{self as host, Refusal, StubStatus, Work};
 use wasi::clocks::monotonic_clock;
 use wasi::io::poll;
 use wasi::io::streams::{InputStream, OutputStream, StreamError};
+use wasi::random::random;
 use wasi::sockets::network::{IpAddressFamily, IpSocketAddress, Ipv4SocketAddress, Ipv6SocketAddress};
 use wasi::sockets::{instance_network, tcp, tcp_create_socket};
 
@@ -166,6 +178,17 @@ struct Conn {
     pings_outstanding: u32,
 }
 
+/// A message published and not answered yet.
+struct InFlight {
+    /// When it was published (monotonic ns).
+    sent: u64,
+    /// The subject it was published on.
+    subject: String,
+    /// The random tag of its reply subject (`<inbox>.<seq>-<tag>`): only an
+    /// answer with it counts.
+    tag: String,
+}
+
 struct Stub {
     domain: String,
     config: Config,
@@ -178,8 +201,8 @@ struct Stub {
     next_sid: u64,
     /// Listened address → subscription id.
     subs: HashMap<String, u64>,
-    /// Sequence numbers in flight → when they were sent.
-    in_flight: HashMap<u64, u64>,
+    /// Sequence numbers in flight → when and where they were sent.
+    in_flight: HashMap<u64, InFlight>,
     /// The same, oldest first (entries no longer in flight are skipped).
     sent_order: VecDeque<(u64, u64)>,
     /// Messages to offer again, by when.
@@ -199,6 +222,18 @@ thread_local! {
 
 fn now() -> u64 {
     monotonic_clock::now()
+}
+
+/// 128 random bits (`wasi:random`, cryptographically secure), in hex.
+fn random_hex() -> String {
+    random::get_random_bytes(16).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The NATS server's refusal of a publish: the subject of
+/// `'Permissions Violation for Publish to "<subject>"'` (the `-ERR` text).
+fn publish_violation(err: &str) -> Option<&str> {
+    let rest = err.split_once("Permissions Violation for Publish to ")?.1;
+    rest.trim_start_matches(['"', '\'']).split(['"', '\'']).next().filter(|s| !s.is_empty())
 }
 
 /// The subject prefix of `address` of `domain`: `rethink.<domain>.<hash>`;
@@ -541,7 +576,7 @@ impl Stub {
         }
         conn.next_ping = now() + self.config.ping_interval_ms * MS;
         self.incarnation += 1;
-        self.inbox = format!("_INBOX.{:x}{:x}", self.incarnation, now());
+        self.inbox = format!("_INBOX.{}", random_hex());
         conn.wbuf.extend_from_slice(format!("SUB {}.* {INBOX_SID}\r\n", self.inbox).as_bytes());
         conn.flush()?;
         self.subs.clear();
@@ -606,7 +641,7 @@ impl Stub {
         }
         let timeout = self.config.ack_timeout_ms * MS;
         while let Some(&(sent, seq)) = self.sent_order.front() {
-            if self.in_flight.get(&seq) != Some(&sent) {
+            if self.in_flight.get(&seq).map(|f| f.sent) != Some(sent) {
                 self.sent_order.pop_front();
             } else if now.saturating_sub(sent) > timeout {
                 self.sent_order.pop_front();
@@ -640,8 +675,9 @@ impl Stub {
                         continue;
                     };
                     let subject = format!("{}.{sender}", subject(&self.domain, &o.to));
-                    conn.publish(&subject, Some(&format!("{}.{}", self.inbox, o.seq)), o.envelope.as_bytes());
-                    self.in_flight.insert(o.seq, now);
+                    let tag = random_hex();
+                    conn.publish(&subject, Some(&format!("{}.{}-{tag}", self.inbox, o.seq)), o.envelope.as_bytes());
+                    self.in_flight.insert(o.seq, InFlight { sent: now, subject, tag });
                     self.sent_order.push_back((now, o.seq));
                 }
                 Work::Listen(address) => {
@@ -670,18 +706,21 @@ impl Stub {
                 let conn = self.conn.as_mut().expect("connected");
                 conn.max_payload = max_payload(&info).map_err(|e| format!("{}: {e}", conn.addr))?;
             }
-            Op::Err(e) => log(Level::Warn, &format!("{}: the node says {e}", self.domain)),
+            Op::Err(e) => match publish_violation(&e) {
+                Some(subject) => self.forbidden(subject, &e),
+                None => log(Level::Warn, &format!("{}: the node says {e}", self.domain)),
+            },
             Op::Other => {}
             Op::Msg { subject, reply, headers, payload } => {
                 if let Some(token) = subject.strip_prefix(&self.inbox).and_then(|s| s.strip_prefix('.')) {
                     if token == "ok" {
-                        // Acknowledgements in bulk: "ok <seq> <seq> ...".
+                        // Acknowledgements in bulk: "ok <seq>-<tag> ...".
                         let text = String::from_utf8_lossy(&payload).into_owned();
-                        for seq in text.split_ascii_whitespace().skip(1).filter_map(|s| s.parse::<u64>().ok()) {
-                            self.answered(seq, None, b"ok");
+                        for token in text.split_ascii_whitespace().skip(1) {
+                            self.answered(token, None, b"ok");
                         }
-                    } else if let Ok(seq) = token.parse::<u64>() {
-                        self.answered(seq, headers.as_deref(), &payload);
+                    } else {
+                        self.answered(token, headers.as_deref(), &payload);
                     }
                     return Ok(());
                 }
@@ -694,11 +733,13 @@ impl Stub {
                 };
                 let Some(reply) = reply else { return Ok(()) };
                 // Oks to one sender are gathered and sent once per round
-                // (`<its inbox>.ok`); anything else is answered at once.
-                if let (true, Some((inbox, seq))) = (answer == "ok", reply.rsplit_once('.'))
-                    && seq.parse::<u64>().is_ok()
+                // (`<its inbox>.ok`, with the last token of each reply
+                // subject); anything else is answered at once.
+                if let (true, Some((inbox, token))) = (answer == "ok", reply.rsplit_once('.'))
+                    && !token.is_empty()
+                    && token != "ok"
                 {
-                    self.acks.entry(inbox.to_owned()).or_default().push(seq.to_owned());
+                    self.acks.entry(inbox.to_owned()).or_default().push(token.to_owned());
                 } else {
                     let conn = self.conn.as_mut().expect("connected");
                     // Within the node's max_payload, as everything sent.
@@ -710,11 +751,32 @@ impl Stub {
         Ok(())
     }
 
-    /// The far end's answer to message `seq` (or the node's, for nobody).
-    fn answered(&mut self, seq: u64, headers: Option<&str>, payload: &[u8]) {
-        if self.in_flight.remove(&seq).is_none() {
+    /// The node refused to take a publish on `subject` (`err`, its
+    /// `-ERR`): every message in flight there is refused for good.
+    fn forbidden(&mut self, subject: &str, err: &str) {
+        let seqs: Vec<u64> = self.in_flight.iter().filter(|(_, f)| f.subject == subject).map(|(seq, _)| *seq).collect();
+        if seqs.is_empty() {
+            log(Level::Warn, &format!("{}: the node says {err}", self.domain));
+        }
+        let addr = self.conn.as_ref().map(|c| c.addr.to_string()).unwrap_or_default();
+        for seq in seqs {
+            self.in_flight.remove(&seq);
+            host::refuse(seq, &Refusal::Forbidden(format!("the NATS node {addr} said {err}")));
+        }
+    }
+
+    /// The answer to the message of reply token `<seq>-<tag>` (the far
+    /// end's, or the node's for nobody). One without the tag of the
+    /// message's latest publish is ignored: whoever sent it never saw the
+    /// message.
+    fn answered(&mut self, token: &str, headers: Option<&str>, payload: &[u8]) {
+        let Some((seq, tag)) = token.split_once('-').and_then(|(seq, tag)| Some((seq.parse::<u64>().ok()?, tag))) else {
+            return;
+        };
+        if self.in_flight.get(&seq).is_none_or(|f| f.tag != tag) {
             return;
         }
+        self.in_flight.remove(&seq);
         let no_responders = headers.is_some_and(|h| h.starts_with("NATS/1.0 503"));
         let text = String::from_utf8_lossy(payload);
         if no_responders || text.starts_with("busy") {

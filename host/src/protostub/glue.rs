@@ -239,6 +239,7 @@ impl wit::Host for StubState {
     fn refuse(&mut self, seq: u64, why: wit::Refusal) {
         let (code, why) = match why {
             wit::Refusal::TooLarge(why) => (code::PAYLOAD_TOO_LARGE, why),
+            wit::Refusal::Forbidden(why) => (code::FORBIDDEN, why),
         };
         self.stub.refuse(&self.bus, seq, code, &cut(why));
     }

@@ -11,7 +11,8 @@
 //!   the host so it survives the stub's restarts. A message leaves it only
 //!   when the stub says the far end took it; on a reconnection or a
 //!   restart, what was in flight is offered again. A message the stub
-//!   refuses for good (larger than its node takes) leaves it, and its sender
+//!   refuses for good (larger than its node takes: 413; a destination its
+//!   node does not let it publish to: 403) leaves it, and its sender
 //!   is answered at once ([`Stub::refuse`]);
 //! - the **wire format**: an envelope (JSON) carrying the message, its
 //!   identity assertion, the queue's origin id and a sequence number, which
