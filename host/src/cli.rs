@@ -7,6 +7,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 
 use crate::bundle::{Bundle, pin, signature_path};
+use crate::gateway::GatewayConfig;
 use crate::signing;
 use crate::runtime::{Runtime, RuntimeConfig, check_file, default_cache_dir, default_data_dir};
 
@@ -51,6 +52,17 @@ enum Command {
         /// domains' registries.
         #[arg(long, default_value_t = 60_000)]
         registry_keep_alive_ms: u64,
+        /// Serve the WebSocket app gateway on this address (e.g.
+        /// 127.0.0.1:8080; see ARCHITECTURE.md, "Gateway").
+        #[arg(long, value_name = "ADDR")]
+        gateway: Option<std::net::SocketAddr>,
+        /// Page origins allowed to connect to the gateway (default: only its
+        /// own, http://ADDR). Repeatable.
+        #[arg(long, value_name = "ORIGIN", requires = "gateway")]
+        gateway_origin: Vec<String>,
+        /// Development mode: gateway logins without an assertion act for USER.
+        #[arg(long, value_name = "USER", requires = "gateway")]
+        gateway_dev_user: Option<String>,
     },
     /// Add a user to or remove one from a group in a groups file.
     Group {
@@ -99,14 +111,28 @@ where
     init_logging();
     let config = RuntimeConfig { cache_dir: cli.cache_dir, data_dir: Some(cli.data_dir), ..RuntimeConfig::default() };
     let result = match cli.command {
-        Command::Run { bundle, exit_when_idle, request_timeout_ms, policies, groups, serve_registry, registry_keep_alive_ms } => {
+        Command::Run {
+            bundle,
+            exit_when_idle,
+            request_timeout_ms,
+            policies,
+            groups,
+            serve_registry,
+            registry_keep_alive_ms,
+            gateway,
+            gateway_origin,
+            gateway_dev_user,
+        } => {
+            let gateway = gateway.map(|addr| {
+                (addr, GatewayConfig { allowed_origins: gateway_origin, dev_user: gateway_dev_user, ..GatewayConfig::default() })
+            });
             let config = RuntimeConfig {
                 request_timeout: Duration::from_millis(request_timeout_ms),
                 serve_registries: serve_registry,
                 registry_keep_alive: Duration::from_millis(registry_keep_alive_ms),
                 ..config
             };
-            setup_policies(&config, policies.as_deref(), groups.as_deref()).and_then(|()| run(&bundle, config, exit_when_idle))
+            setup_policies(&config, policies.as_deref(), groups.as_deref()).and_then(|()| run(&bundle, config, exit_when_idle, gateway))
         }
         Command::Group { action, groups_file, group, user } => edit_group(&groups_file, &group, &user, action == "add"),
         Command::Check { bundle } => match check_file(&bundle, config) {
@@ -182,11 +208,17 @@ fn edit_group(file: &Path, group: &str, user: &str, add: bool) -> anyhow::Result
     Ok(())
 }
 
-fn run(path: &std::path::Path, config: RuntimeConfig, exit_when_idle: bool) -> anyhow::Result<()> {
+fn run(
+    path: &std::path::Path,
+    config: RuntimeConfig,
+    exit_when_idle: bool,
+    gateway: Option<(std::net::SocketAddr, GatewayConfig)>,
+) -> anyhow::Result<()> {
     let bundle = Bundle::load(path)?;
     let runtime = Runtime::new(config)?;
     tracing::info!("runtime {}: deploying bundle {:?} ({} domains)", runtime.address(), bundle.name, bundle.domains.len());
     runtime.deploy(&bundle)?;
+    let _gateway = gateway.map(|(addr, config)| runtime.serve_gateway(addr, config)).transpose()?;
     if exit_when_idle {
         runtime.wait_idle(Duration::MAX);
         tracing::info!("every hyperty is idle; stopping");

@@ -24,6 +24,7 @@ mod domain_registry;
 pub mod cli;
 mod engine;
 pub mod events;
+pub mod gateway;
 mod identity;
 pub mod message;
 pub mod policy;

@@ -652,11 +652,15 @@ impl Runtime {
     /// `capacity` undelivered messages.
     pub fn endpoint(&self, address: &str, capacity: usize) -> Result<Endpoint> {
         let address = Address::parse(address).map_err(anyhow::Error::msg)?;
-        let (tx, rx) = flume::bounded(capacity.max(1));
-        if !self.bus.add_route(address.clone(), Route::Endpoint(tx)) {
-            anyhow::bail!("{address} is already in use");
-        }
-        Ok(Endpoint { address, bus: self.bus.clone(), rx })
+        Endpoint::open(&self.bus, address, capacity, None)
+    }
+
+    /// Serves the WebSocket app gateway on `addr` (see [`crate::gateway`]):
+    /// browser apps log in and exchange messages with hyperties through it
+    /// until the returned [`Gateway`](crate::gateway::Gateway) is dropped.
+    /// Errors: the address cannot be bound, or `config` is invalid.
+    pub fn serve_gateway(&self, addr: std::net::SocketAddr, config: crate::gateway::GatewayConfig) -> Result<crate::gateway::Gateway> {
+        crate::gateway::Gateway::serve(addr, config, self.bus.clone(), self.identities.clone(), self.address.domain())
     }
 
     /// Requests still waiting for their response (or 408).
@@ -747,17 +751,35 @@ pub struct Endpoint {
     address: Address,
     bus: Bus,
     rx: flume::Receiver<Message>,
+    /// Who the endpoint acts for (a gateway connection's logged-in user),
+    /// as a hyperty's descriptor: identity and policies read it.
+    acting_for: Option<Descriptor>,
 }
 
 impl Endpoint {
+    /// Routes `address` to a new endpoint holding up to `capacity`
+    /// undelivered messages; `acting_for` binds it to a user.
+    pub(crate) fn open(bus: &Bus, address: Address, capacity: usize, acting_for: Option<Descriptor>) -> Result<Endpoint> {
+        let (tx, rx) = flume::bounded(capacity.max(1));
+        if !bus.add_route(address.clone(), Route::Endpoint(tx)) {
+            anyhow::bail!("{address} is already in use");
+        }
+        Ok(Endpoint { address, bus: bus.clone(), rx, acting_for })
+    }
+
     pub fn address(&self) -> &Address {
         &self.address
+    }
+
+    /// Who it acts for, if it is bound to a user.
+    pub(crate) fn acting_for(&self) -> Option<&Descriptor> {
+        self.acting_for.as_ref()
     }
 
     /// Sends a notification; `from` must be this endpoint's address.
     pub fn send(&self, message: Message) -> Result<(), SendError> {
         self.check(&message)?;
-        self.bus.send(message, None, None)
+        self.bus.send(message, None, self.acting_for.as_ref())
     }
 
     /// Sends a request; its response (or the host's 403/404/408) arrives
@@ -766,7 +788,7 @@ impl Endpoint {
     pub fn request(&self, message: Message, timeout: Option<Duration>) -> Result<(), SendError> {
         self.check(&message)?;
         let timeout = timeout.unwrap_or(self.bus.config().request_timeout);
-        self.bus.send(message, Some(timeout), None)
+        self.bus.send(message, Some(timeout), self.acting_for.as_ref())
     }
 
     fn check(&self, message: &Message) -> Result<(), SendError> {

@@ -207,7 +207,7 @@ impl Identities {
     }
 
     /// Who `assertion` says the sender is, as its IdP's proxy validates it.
-    fn validate(&self, assertion: &Assertion) -> Result<Identity, Refusal> {
+    pub(crate) fn validate(&self, assertion: &Assertion) -> Result<Identity, Refusal> {
         let now = now();
         if let Some((identity, expires)) = self.validated.read().unwrap().get(assertion)
             && now < *expires

@@ -1,0 +1,589 @@
+//! The app gateway: browser apps reach hyperties over WebSocket (RFC 6455)
+//! on HTTP/1.1, one connection per app instance.
+//!
+//! - **Handshake**: the `Origin` header must be one of
+//!   [`GatewayConfig::allowed_origins`] (by default only the gateway's own
+//!   origin, `http://<bound address>`), else HTTP 403. A query string is
+//!   refused (400): credentials never travel in the URL, only in the login
+//!   frame. Over [`GatewayConfig::max_connections`] (or the per-IP limit)
+//!   the connection is answered HTTP 503 and closed before any handshake.
+//! - **Login first**: the first frame must be `{"type":"login","assertion":
+//!   {"idp":..,"token":..}}`, validated by the proxy of that IdP (which must
+//!   be the IdP of the gateway's domain), or, with a development user
+//!   configured, `{"type":"login"}`. Anything else, or nothing within
+//!   [`GatewayConfig::login_timeout`], closes the connection with 1008
+//!   (policy violation) and the reason. The answer is `{"type":"login",
+//!   "address":"app://<domain>/<uuid>","user":..}`.
+//! - **Messages**: the connection is then an [`Endpoint`] at its address,
+//!   bound to the user (identity and policies see it as a hyperty of the
+//!   gateway's domain acting for that user). One reTHINK message per text
+//!   frame, `{"id","type","from"?,"to","body"?:{"code","resource","value",
+//!   "description"},"request"?}`: `from`, when given, must be the
+//!   connection's address; `value` is any JSON value; a non-response is a
+//!   request (answered by its receiver or the host's 403/404/408) unless
+//!   `"request": false`. Messages to the connection's address arrive as
+//!   frames of the same shape (plus `identity` when the host set one).
+//! - **Refusals** of single frames are error frames, `{"type":"error",
+//!   "id":<id or null>,"error":<kind>,"description":..}`, and the
+//!   connection goes on. Kinds: `not-json`, `not-a-message`, `binary-frame`,
+//!   `bad-address`, `rate-limited`, and the bus's own ([`SendError`]):
+//!   `spoofed-from`, `malformed`, `too-large`, `duplicate-id`, `inbox-full`.
+//! - **Closing**: a frame over [`GatewayConfig::max_frame_bytes`] closes
+//!   with 1009; a client that does not read, so that its send queue
+//!   ([`GatewayConfig::send_queue`] frames) fills, with 4008. Closing
+//!   removes the route and forgets the requests it was waiting on.
+//!
+//! The gateway runs on its own thread with a single-threaded tokio
+//! runtime; calls into the bus (which may run policies, an IdP proxy or the
+//! syncher) go to tokio's blocking pool, so one slow call never stalls the
+//! other connections. Every limit is listed in `host/SECURITY.md`.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{SinkExt, StreamExt};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
+use tokio_tungstenite::tungstenite::http::StatusCode;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{self, Message as WsMessage};
+
+use crate::address::{Address, validate_domain};
+use crate::bus::{Bus, SendError};
+use crate::identity::Identities;
+use crate::message::{Assertion, Body, Message, MessageType, validate_value};
+use crate::policy::Descriptor;
+use crate::runtime::Endpoint;
+use crate::sandbox::limits::RateLimiter;
+
+/// The close code for a client whose send queue filled because it does not
+/// read (application range of RFC 6455 §7.4.2).
+pub const CLOSE_SEND_QUEUE_FULL: u16 = 4008;
+
+/// How long closing may wait to hand the close frame to the client.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+/// The bus-side queue of a connection's endpoint, in messages; the
+/// forwarder drains it into the send queue at once.
+const ENDPOINT_CAPACITY: usize = 64;
+
+/// Settings of the app gateway (see the module doc for the protocol).
+#[derive(Clone, Debug)]
+pub struct GatewayConfig {
+    /// The domain of connections' addresses (`app://<domain>/<uuid>`);
+    /// `None`: the runtime's domain. Identity and policies treat a
+    /// connection as a hyperty of this domain.
+    pub domain: Option<String>,
+    /// Origins (`scheme://host[:port]`, RFC 6454) whose pages may connect;
+    /// empty: only the gateway's own, `http://<bound address>`.
+    pub allowed_origins: Vec<String>,
+    /// Development mode: a login without an assertion acts for this user.
+    pub dev_user: Option<String>,
+    /// The largest frame (and message) a client may send, in bytes; at
+    /// most the bus's largest message. Default 1 MiB.
+    pub max_frame_bytes: usize,
+    /// Messages a connection may send per second (token bucket).
+    pub rate: u32,
+    /// Messages a connection may send in a burst above `rate`.
+    pub burst: u32,
+    /// Connections open at once, in total.
+    pub max_connections: usize,
+    /// Connections open at once from one remote IP address.
+    pub max_connections_per_ip: usize,
+    /// Frames waiting to be written to a client; a client that lets it
+    /// fill is disconnected (close code [`CLOSE_SEND_QUEUE_FULL`]).
+    pub send_queue: usize,
+    /// From accepting the TCP connection to a successful login.
+    pub login_timeout: Duration,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> GatewayConfig {
+        GatewayConfig {
+            domain: None,
+            allowed_origins: Vec::new(),
+            dev_user: None,
+            max_frame_bytes: 1 << 20,
+            rate: 100,
+            burst: 200,
+            max_connections: 1024,
+            max_connections_per_ip: 64,
+            send_queue: 256,
+            login_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A running gateway; dropping it stops it and closes every connection.
+pub struct Gateway {
+    local_addr: SocketAddr,
+    shared: Arc<Shared>,
+    stop: Option<watch::Sender<bool>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// What every connection task reads.
+struct Shared {
+    bus: Bus,
+    identities: Arc<Identities>,
+    config: GatewayConfig,
+    domain: String,
+    origins: Vec<String>,
+    /// Open connections by remote IP.
+    open: Mutex<HashMap<IpAddr, usize>>,
+}
+
+impl Gateway {
+    /// Binds `addr` and serves on a thread of its own (see
+    /// [`crate::Runtime::serve_gateway`]).
+    pub(crate) fn serve(addr: SocketAddr, config: GatewayConfig, bus: Bus, identities: Arc<Identities>, runtime_domain: &str) -> Result<Gateway> {
+        let bus_max = bus.config().max_message_bytes;
+        if config.max_frame_bytes > bus_max {
+            bail!("gateway max-frame-bytes {} is over the bus's largest message ({bus_max} bytes)", config.max_frame_bytes);
+        }
+        if config.rate == 0 || config.burst == 0 || config.max_connections == 0 || config.max_connections_per_ip == 0 || config.send_queue == 0 {
+            bail!("gateway rate, burst, max-connections, max-connections-per-ip and send-queue must be at least 1");
+        }
+        let domain = config.domain.clone().unwrap_or_else(|| runtime_domain.to_owned());
+        validate_domain(&domain).map_err(|e| anyhow::anyhow!("gateway domain: {e}"))?;
+        let listener = std::net::TcpListener::bind(addr).with_context(|| format!("cannot bind the gateway to {addr}"))?;
+        listener.set_nonblocking(true)?;
+        let local_addr = listener.local_addr()?;
+        let origins =
+            if config.allowed_origins.is_empty() { vec![format!("http://{local_addr}")] } else { config.allowed_origins.clone() };
+        let shared = Arc::new(Shared { bus, identities, config, domain, origins, open: Mutex::default() });
+        let (stop, stopped) = watch::channel(false);
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let serving = shared.clone();
+        let thread = std::thread::Builder::new().name("hyperty-gateway".into()).spawn(move || {
+            rt.block_on(async move {
+                match TcpListener::from_std(listener) {
+                    Ok(listener) => accept_loop(serving, listener, stopped).await,
+                    Err(e) => tracing::error!("gateway: {e}"),
+                }
+            });
+            // Dropping the runtime drops every connection task: their
+            // endpoints leave the bus.
+            rt.shutdown_timeout(CLOSE_GRACE);
+        })?;
+        tracing::info!("app gateway on ws://{local_addr} for {}", shared.domain);
+        Ok(Gateway { local_addr, shared, stop: Some(stop), thread: Some(thread) })
+    }
+
+    /// The address it listens on (with the port chosen, if 0 was asked).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Connections open now (handshake, login or logged in).
+    pub fn connections(&self) -> usize {
+        self.shared.open.lock().unwrap().values().sum()
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(true);
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// A connection's place in the limits; freed on drop.
+struct Slot {
+    shared: Arc<Shared>,
+    ip: IpAddr,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut open = self.shared.open.lock().unwrap();
+        if let Some(n) = open.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.ip);
+            }
+        }
+    }
+}
+
+impl Shared {
+    /// Counts a new connection from `ip`, or says which limit it is over.
+    fn admit(self: &Arc<Shared>, ip: IpAddr) -> Result<Slot, String> {
+        let mut open = self.open.lock().unwrap();
+        let total: usize = open.values().sum();
+        if total >= self.config.max_connections {
+            return Err(format!("the gateway has {total} connections, its limit"));
+        }
+        let from_ip = open.entry(ip).or_default();
+        if *from_ip >= self.config.max_connections_per_ip {
+            return Err(format!("{ip} has {from_ip} connections, the limit per address"));
+        }
+        *from_ip += 1;
+        Ok(Slot { shared: self.clone(), ip })
+    }
+}
+
+async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, mut stopped: watch::Receiver<bool>) {
+    loop {
+        let accepted = tokio::select! {
+            _ = stopped.changed() => return,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((stream, peer)) => match shared.admit(peer.ip()) {
+                Ok(slot) => {
+                    tokio::spawn(connection(shared.clone(), stream, slot));
+                }
+                Err(why) => {
+                    tracing::warn!("gateway: refused a connection from {peer}: {why}");
+                    let body = format!("too many connections: {why}\n");
+                    let response = format!(
+                        "HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    // Best effort, never waiting: the socket buffer of a
+                    // fresh connection holds it.
+                    let _ = stream.try_write(response.as_bytes());
+                }
+            },
+            Err(e) => {
+                // Out of descriptors and the like: pause rather than spin.
+                tracing::warn!("gateway: accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+type Sink = SplitSink<WebSocketStream<TcpStream>, WsMessage>;
+type Frames = SplitStream<WebSocketStream<TcpStream>>;
+
+fn close_frame(code: CloseCode, reason: &str) -> CloseFrame {
+    // A close frame's reason is at most 123 bytes (RFC 6455 §5.5).
+    let mut end = reason.len().min(123);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    CloseFrame { code, reason: reason[..end].into() }
+}
+
+/// Checks the handshake request: its `Origin` and that the URL carries no
+/// query string.
+fn check_handshake(origins: &[String], request: &Request) -> Result<(), (StatusCode, String)> {
+    if request.uri().query().is_some() {
+        return Err((StatusCode::BAD_REQUEST, "the gateway takes no query string: credentials go in the login frame".into()));
+    }
+    let origin = request.headers().get("origin").and_then(|o| o.to_str().ok());
+    match origin {
+        Some(origin) if origins.iter().any(|o| o == origin) => Ok(()),
+        Some(origin) => Err((StatusCode::FORBIDDEN, format!("origin {origin} is not allowed"))),
+        None => Err((StatusCode::FORBIDDEN, "no Origin header".into())),
+    }
+}
+
+async fn connection(shared: Arc<Shared>, stream: TcpStream, _slot: Slot) {
+    let deadline = Instant::now() + shared.config.login_timeout;
+    let max = shared.config.max_frame_bytes;
+    let ws_config = WebSocketConfig::default().max_message_size(Some(max)).max_frame_size(Some(max));
+    let origins = shared.origins.clone();
+    // tungstenite's `Callback` fixes the error type (an HTTP response).
+    #[allow(clippy::result_large_err)]
+    let callback = move |request: &Request, response: Response| -> Result<Response, ErrorResponse> {
+        check_handshake(&origins, request).map(|()| response).map_err(|(status, why)| {
+            tracing::info!("gateway: handshake refused: {why}");
+            let mut refusal = ErrorResponse::new(Some(why));
+            *refusal.status_mut() = status;
+            refusal
+        })
+    };
+    let accepted = tokio::time::timeout_at(deadline, tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(ws_config)));
+    let Ok(Ok(ws)) = accepted.await else { return };
+    let (sink, mut frames) = ws.split();
+    let (queue, queued) = mpsc::channel(shared.config.send_queue);
+    let (close, closing) = watch::channel(None);
+    let writer = tokio::spawn(write_loop(sink, queued, closing));
+    let reason = serve(&shared, &mut frames, &queue, deadline).await;
+    tracing::debug!("gateway: closing a connection: {reason:?}");
+    let _ = close.send(Some(reason));
+    let _ = writer.await;
+}
+
+/// Writes queued frames until closing; then the close frame, if the client
+/// still takes it.
+async fn write_loop(mut sink: Sink, mut queued: mpsc::Receiver<WsMessage>, mut closing: watch::Receiver<Option<CloseFrame>>) {
+    loop {
+        let frame = tokio::select! {
+            biased;
+            _ = closing.changed() => break,
+            frame = queued.recv() => match frame {
+                Some(frame) => frame,
+                None => break,
+            },
+        };
+        tokio::select! {
+            sent = sink.send(frame) => if sent.is_err() { return },
+            _ = closing.changed() => break,
+        }
+    }
+    let frame = closing.borrow().clone();
+    if let Some(frame) = frame {
+        let _ = tokio::time::timeout(CLOSE_GRACE, sink.send(WsMessage::Close(Some(frame)))).await;
+    }
+    let _ = tokio::time::timeout(CLOSE_GRACE, sink.close()).await;
+}
+
+/// Queues `frame` for the client; a full queue means the client does not
+/// read: the connection closes with [`CLOSE_SEND_QUEUE_FULL`].
+fn enqueue(queue: &mpsc::Sender<WsMessage>, frame: Value) -> Result<(), CloseFrame> {
+    queue.try_send(WsMessage::text(frame.to_string())).map_err(|_| {
+        let why = format!("send queue full ({} frames): the client does not read", queue.max_capacity());
+        close_frame(CloseCode::from(CLOSE_SEND_QUEUE_FULL), &why)
+    })
+}
+
+/// Runs one connection after its handshake: login, then messages both
+/// ways; returns how to close it.
+async fn serve(shared: &Arc<Shared>, frames: &mut Frames, queue: &mpsc::Sender<WsMessage>, deadline: Instant) -> CloseFrame {
+    let endpoint = match login(shared, frames, deadline).await {
+        Ok(endpoint) => Arc::new(endpoint),
+        Err(close) => return close,
+    };
+    let user = endpoint_user(&endpoint);
+    if let Err(close) = enqueue(queue, json!({ "type": "login", "address": endpoint.address().as_str(), "user": user })) {
+        return close;
+    }
+    let mut bucket = RateLimiter::new(shared.config.rate, shared.config.burst);
+    loop {
+        tokio::select! {
+            frame = frames.next() => {
+                let refusal = match frame {
+                    None => return close_frame(CloseCode::Normal, ""),
+                    Some(Err(tungstenite::Error::Capacity(e))) => {
+                        return close_frame(CloseCode::Size, &format!("{e}; the limit is {} bytes", shared.config.max_frame_bytes));
+                    }
+                    Some(Err(e)) => return close_frame(CloseCode::Protocol, &e.to_string()),
+                    Some(Ok(WsMessage::Text(text))) => handle(&endpoint, text.as_str(), &mut bucket).await.err(),
+                    Some(Ok(WsMessage::Binary(_))) => Some(error_frame(None, "binary-frame", "binary frames are not accepted: one JSON message per text frame")),
+                    Some(Ok(WsMessage::Close(_))) => return close_frame(CloseCode::Normal, ""),
+                    Some(Ok(_)) => None,
+                };
+                if let Some(refusal) = refusal
+                    && let Err(close) = enqueue(queue, refusal)
+                {
+                    return close;
+                }
+            }
+            message = endpoint.recv() => {
+                let Some(message) = message else { return close_frame(CloseCode::Away, "the runtime stops") };
+                if let Err(close) = enqueue(queue, to_frame(&message)) {
+                    return close;
+                }
+            }
+        }
+    }
+}
+
+fn endpoint_user(endpoint: &Endpoint) -> Option<String> {
+    endpoint.acting_for().and_then(|d| d.user.clone())
+}
+
+/// The login frame.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Login {
+    #[serde(rename = "type")]
+    kind: String,
+    assertion: Option<LoginAssertion>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LoginAssertion {
+    idp: String,
+    token: String,
+}
+
+/// Waits for the login frame and opens the connection's endpoint, bound to
+/// the user it names; the close frame says why not.
+async fn login(shared: &Arc<Shared>, frames: &mut Frames, deadline: Instant) -> Result<Endpoint, CloseFrame> {
+    let refuse = |why: String| close_frame(CloseCode::Policy, &why);
+    let first = match tokio::time::timeout_at(deadline, frames.next()).await {
+        Err(_) => return Err(refuse(format!("no login within {} ms", shared.config.login_timeout.as_millis()))),
+        Ok(None) => return Err(close_frame(CloseCode::Normal, "")),
+        Ok(Some(Err(tungstenite::Error::Capacity(e)))) => return Err(close_frame(CloseCode::Size, &e.to_string())),
+        Ok(Some(Err(e))) => return Err(close_frame(CloseCode::Protocol, &e.to_string())),
+        Ok(Some(Ok(frame))) => frame,
+    };
+    let WsMessage::Text(text) = first else {
+        return Err(refuse("the first frame must be a login (a text frame)".into()));
+    };
+    let login = validate_value(text.as_str())
+        .map_err(|e| e.replacen("body.value", "frame", 1))
+        .and_then(|()| serde_json::from_str::<Login>(text.as_str()).map_err(|e| e.to_string()))
+        .and_then(|login| if login.kind == "login" { Ok(login) } else { Err(format!("type is {:?}", login.kind)) })
+        .map_err(|why| refuse(format!("the first frame must be a login: {why}")))?;
+    let user = match (login.assertion, &shared.config.dev_user) {
+        (Some(assertion), _) => {
+            let expected = shared.identities.domain(&shared.domain).idp;
+            if expected.as_deref() != Some(assertion.idp.as_str()) {
+                let trusted = expected.map_or("no IdP".to_owned(), |idp| format!("IdP {idp}"));
+                return Err(refuse(format!("{} trusts {trusted}, not {}", shared.domain, assertion.idp)));
+            }
+            let identities = shared.identities.clone();
+            let assertion = Assertion { idp: assertion.idp, token: assertion.token };
+            let validated = tokio::task::spawn_blocking(move || identities.validate(&assertion)).await;
+            match validated {
+                Ok(Ok(identity)) => identity.user,
+                Ok(Err((_, why))) => return Err(refuse(why)),
+                Err(e) => return Err(close_frame(CloseCode::Error, &e.to_string())),
+            }
+        }
+        (None, Some(dev_user)) => dev_user.clone(),
+        (None, None) => return Err(refuse("the login needs an assertion ({\"idp\", \"token\"})".into())),
+    };
+    let address = Address::parse(format!("app://{}/{}", shared.domain, uuid::Uuid::new_v4())).expect("a valid domain");
+    let descriptor = Descriptor { domain: shared.domain.clone(), name: "app".into(), user: Some(user) };
+    Endpoint::open(&shared.bus, address, ENDPOINT_CAPACITY, Some(descriptor)).map_err(|e| close_frame(CloseCode::Error, &e.to_string()))
+}
+
+/// A message frame from the client.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Frame {
+    id: u64,
+    #[serde(rename = "type")]
+    kind: String,
+    from: Option<String>,
+    to: String,
+    #[serde(default)]
+    body: FrameBody,
+    request: Option<bool>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FrameBody {
+    code: Option<u16>,
+    resource: Option<String>,
+    value: Option<Value>,
+    description: Option<String>,
+}
+
+fn error_frame(id: Option<u64>, error: &str, description: &str) -> Value {
+    json!({ "type": "error", "id": id, "error": error, "description": description })
+}
+
+/// The error kind of a bus refusal (the WIT `send-error` names).
+fn send_error_kind(e: &SendError) -> &'static str {
+    match e {
+        SendError::SpoofedFrom(_) => "spoofed-from",
+        SendError::SpoofedIdentity(_) => "spoofed-identity",
+        SendError::Malformed(_) => "malformed",
+        SendError::TooLarge(_) => "too-large",
+        SendError::DuplicateId(_) => "duplicate-id",
+        SendError::InboxFull(_) => "inbox-full",
+        SendError::RateLimited(_) => "rate-limited",
+        SendError::TooManyPending(_) => "too-many-pending",
+    }
+}
+
+/// One text frame from a logged-in client: checked, stamped and sent; the
+/// error frame says why not.
+async fn handle(endpoint: &Arc<Endpoint>, text: &str, bucket: &mut RateLimiter) -> Result<(), Value> {
+    validate_value(text).map_err(|e| error_frame(None, "not-json", &e.replacen("body.value", "frame", 1)))?;
+    let frame: Frame = serde_json::from_str(text).map_err(|e| error_frame(None, "not-a-message", &e.to_string()))?;
+    let id = Some(frame.id);
+    let refuse = |kind: &str, why: String| error_frame(id, kind, &why);
+    if !bucket.take() {
+        return Err(refuse("rate-limited", "more messages than this connection's rate".into()));
+    }
+    let kind = MessageType::parse(&frame.kind).ok_or_else(|| refuse("not-a-message", format!("unknown type {:?}", frame.kind)))?;
+    if let Some(from) = &frame.from
+        && from != endpoint.address().as_str()
+    {
+        return Err(refuse("spoofed-from", format!("from {from:?} is not this connection's address ({})", endpoint.address())));
+    }
+    let to = Address::parse(frame.to).map_err(|e| refuse("bad-address", format!("to: {e}")))?;
+    let body = Body {
+        code: frame.body.code,
+        resource: frame.body.resource,
+        value: frame.body.value.map(|v| v.to_string()),
+        description: frame.body.description,
+    };
+    let message = Message { id: frame.id, kind, from: endpoint.address().clone(), to, body, identity: None, assertion: None };
+    let request = kind != MessageType::Response && frame.request.unwrap_or(true);
+    let endpoint = endpoint.clone();
+    let sent = tokio::task::spawn_blocking(move || if request { endpoint.request(message, None) } else { endpoint.send(message) }).await;
+    match sent {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(refuse(send_error_kind(&e), e.to_string())),
+        Err(e) => Err(refuse("malformed", format!("the bus call failed: {e}"))),
+    }
+}
+
+/// A bus message as the frame the client gets.
+fn to_frame(m: &Message) -> Value {
+    let value = m.body.value.as_deref().map(|v| serde_json::from_str::<Value>(v).unwrap_or_else(|_| Value::String(v.to_owned())));
+    let mut frame = json!({
+        "id": m.id,
+        "type": m.kind.as_str(),
+        "from": m.from.as_str(),
+        "to": m.to.as_str(),
+        "body": {
+            "code": m.body.code,
+            "resource": m.body.resource,
+            "value": value,
+            "description": m.body.description,
+        },
+    });
+    if let Some(identity) = &m.identity {
+        frame["identity"] = json!({ "user": identity.user, "idp": identity.idp });
+    }
+    frame
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(origin: Option<&str>, uri: &str) -> Request {
+        let mut r = Request::builder().uri(uri);
+        if let Some(origin) = origin {
+            r = r.header("Origin", origin);
+        }
+        r.body(()).unwrap()
+    }
+
+    #[test]
+    fn handshake_checks_origin_and_refuses_query_strings() {
+        let origins = vec!["http://127.0.0.1:8080".to_owned()];
+        assert_eq!(check_handshake(&origins, &request(Some("http://127.0.0.1:8080"), "/")), Ok(()));
+        let (status, why) = check_handshake(&origins, &request(Some("http://evil.example"), "/")).unwrap_err();
+        assert_eq!((status, why.as_str()), (StatusCode::FORBIDDEN, "origin http://evil.example is not allowed"));
+        assert_eq!(check_handshake(&origins, &request(None, "/")).unwrap_err().0, StatusCode::FORBIDDEN);
+        let (status, why) = check_handshake(&origins, &request(Some("http://127.0.0.1:8080"), "/?token=x")).unwrap_err();
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert!(why.contains("no query string"), "{why}");
+    }
+
+    #[test]
+    fn close_reasons_fit_a_close_frame() {
+        let long = "é".repeat(100);
+        let frame = close_frame(CloseCode::Policy, &long);
+        assert!(frame.reason.len() <= 123 && frame.reason.len() >= 122, "{}", frame.reason.len());
+    }
+}
