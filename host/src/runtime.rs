@@ -720,7 +720,8 @@ impl Runtime {
         self.events.subscribe()
     }
 
-    /// Linear memory held by the instances of `domain`, in bytes.
+    /// Memory charged to `domain`, in bytes: its instances' linear memories
+    /// and its data objects (what `total-memory-mb` bounds).
     pub fn memory_used(&self, domain: &str) -> Option<usize> {
         self.deployed.lock().unwrap().sandboxes.get(domain).map(SandboxHandle::memory_used)
     }
