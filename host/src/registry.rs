@@ -180,7 +180,9 @@ impl Registry {
 
     fn keep_alive(&self) {
         let Some(announcer) = self.announcer.get() else { return };
-        for r in self.entries.read().unwrap().values() {
+        // Sent after the lock is released: a send may call an IdP proxy.
+        let all: Vec<Registration> = self.entries.read().unwrap().values().cloned().collect();
+        for r in &all {
             announcer.announce(MessageType::Update, r, json!({ "keep-alive": true, "status": r.status.as_str() }));
         }
     }
@@ -192,10 +194,11 @@ impl Registry {
         if entries.contains_key(&key) {
             return false;
         }
+        entries.insert(key, registration.clone());
+        drop(entries);
         if let Some(announcer) = self.announcer.get() {
             announcer.announce(MessageType::Create, &registration, registration.to_json());
         }
-        entries.insert(key, registration);
         true
     }
 
@@ -208,14 +211,18 @@ impl Registry {
 
     /// Sets the status of the registration at `address`.
     pub fn set_status(&self, address: &Address, status: Status) {
-        let mut entries = self.entries.write().unwrap();
-        if let Some(r) = entries.values_mut().find(|r| &r.address == address)
-            && r.status != status
-        {
-            r.status = status;
-            if let Some(announcer) = self.announcer.get() {
-                announcer.announce(MessageType::Update, r, json!({ "status": status.as_str() }));
+        let changed = {
+            let mut entries = self.entries.write().unwrap();
+            match entries.values_mut().find(|r| &r.address == address) {
+                Some(r) if r.status != status => {
+                    r.status = status;
+                    Some(r.clone())
+                }
+                _ => None,
             }
+        };
+        if let (Some(r), Some(announcer)) = (changed, self.announcer.get()) {
+            announcer.announce(MessageType::Update, &r, json!({ "status": status.as_str() }));
         }
     }
 
