@@ -47,6 +47,9 @@ use crate::signing::PublicKey;
 use crate::sandbox::SandboxSettings;
 use crate::sandbox::limits::{Grant, Limits, RestartPolicy, default_grants};
 
+mod builder;
+pub use builder::{BundleBuilder, Component, Domain, Hyperty, Idp, Protostub};
+
 /// A parsed, statically valid bundle manifest.
 #[derive(Clone, Debug)]
 pub struct Bundle {
@@ -57,6 +60,9 @@ pub struct Bundle {
     pub idps: Vec<IdpSpec>,
     /// Protostubs, by the domain they carry messages to.
     pub protostubs: Vec<ProtostubSpec>,
+    /// Components given as bytes ([`Bundle::builder`]), by the path their
+    /// entries name (`<memory>/<name>`); see [`Bundle::read_component`].
+    pub components: BTreeMap<PathBuf, std::sync::Arc<[u8]>>,
 }
 
 /// A protostub of a bundle: how to reach a domain that runs elsewhere.
@@ -455,7 +461,7 @@ impl Bundle {
             return Err(BundleError { problems });
         }
         let name = raw.name.unwrap_or_else(|| path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default());
-        Ok(Bundle { path: path.to_owned(), name, domains, idps, protostubs })
+        Ok(Bundle { path: path.to_owned(), name, domains, idps, protostubs, components: BTreeMap::new() })
     }
 
     /// A problem about `field` of the entry at `at` (a hyperty or an IdP);

@@ -147,6 +147,85 @@ impl Message {
     }
 }
 
+/// Builds a [`Message`] from addresses and JSON given as text, checking
+/// each: [`build`](MessageBuilder::build) names the field that is wrong.
+/// Made by [`Message::builder`] or, with `from` and a fresh id filled in,
+/// by [`Endpoint::message`](crate::Endpoint::message).
+#[derive(Clone, Debug)]
+#[must_use = "a builder does nothing until built"]
+pub struct MessageBuilder {
+    id: u64,
+    kind: MessageType,
+    from: String,
+    to: String,
+    body: Body,
+}
+
+/// A field of a message that cannot be built: which (`from`, `to`,
+/// `body.value`, `body.code`) and why.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {reason}")]
+pub struct MessageError {
+    pub field: &'static str,
+    pub reason: String,
+}
+
+impl Message {
+    /// A builder of message `id` of `kind` from `from` to `to` (addresses as
+    /// text).
+    pub fn builder(id: u64, kind: MessageType, from: &str, to: &str) -> MessageBuilder {
+        MessageBuilder { id, kind, from: from.to_owned(), to: to.to_owned(), body: Body::default() }
+    }
+}
+
+impl MessageBuilder {
+    /// The id (the sender chooses it; a request is identified by (`from`, `id`)).
+    pub fn id(mut self, id: u64) -> MessageBuilder {
+        self.id = id;
+        self
+    }
+
+    /// `body.value`: JSON text (RFC 8259), checked by [`validate_value`].
+    pub fn value(mut self, json: impl Into<String>) -> MessageBuilder {
+        self.body.value = Some(json.into());
+        self
+    }
+
+    /// `body.resource`: what the message is about.
+    pub fn resource(mut self, resource: impl Into<String>) -> MessageBuilder {
+        self.body.resource = Some(resource.into());
+        self
+    }
+
+    /// `body.code` of a response, 100..=599.
+    pub fn code(mut self, code: u16) -> MessageBuilder {
+        self.body.code = Some(code);
+        self
+    }
+
+    /// The message, or the first field that is wrong: an address that does
+    /// not parse, a value that is not JSON the host carries, a code out of
+    /// range or on a message that is not a response.
+    pub fn build(self) -> Result<Message, MessageError> {
+        let field = |field: &'static str| move |reason: String| MessageError { field, reason };
+        let from = Address::parse(self.from).map_err(field("from"))?;
+        let to = Address::parse(self.to).map_err(field("to"))?;
+        if let Some(value) = &self.body.value {
+            validate_value(value).map_err(|e| e.trim_start_matches("body.value ").to_owned()).map_err(field("body.value"))?;
+        }
+        match (self.body.code, self.kind) {
+            (Some(code), MessageType::Response) if !(100..=599).contains(&code) => {
+                return Err(field("body.code")(format!("{code} is not a response code (100..=599)")));
+            }
+            (Some(_), kind) if kind != MessageType::Response => {
+                return Err(field("body.code")(format!("only a response has a code, not a {}", kind.as_str())));
+            }
+            _ => {}
+        }
+        Ok(Message { id: self.id, kind: self.kind, from, to, body: self.body, identity: None, assertion: None })
+    }
+}
+
 /// The deepest nesting of arrays and objects a JSON value may have anywhere
 /// in the host (bus, syncher, gateway): deeper input is refused before any
 /// recursive code sees it. 128 is serde_json's own recursion limit.

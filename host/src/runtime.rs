@@ -18,11 +18,10 @@ use wasmtime::component::Linker;
 
 use crate::address::Address;
 use crate::bundle::{Bundle, BundleError, DomainSpec, HypertySpec, Location, Problem, ProtostubSpec};
-use crate::bus::{Bus, BusConfig, Route, SendError};
+use crate::bus::{Bus, BusConfig, Route};
 use crate::contract;
 use crate::domain_registry::DomainRegistry;
 use crate::engine::{Digest, Engine};
-use crate::message::Message;
 use crate::policy::cedar::CedarPolicies;
 use crate::policy::{Decision, Descriptor, PolicyDecisionPoint};
 use crate::registry::{Kind, Query, Registration, Registry, Status};
@@ -32,7 +31,8 @@ use crate::sandbox::limits::{Grant, Limits, default_grants};
 use crate::signing;
 use crate::store::Store;
 use crate::syncher::Syncher;
-use crate::events::{Event, Events};
+use crate::events::{EventReceiver, Events};
+pub use crate::endpoint::{Acting, ENDPOINT_NAME, Endpoint, EndpointError};
 use crate::sandbox::{self, HypertyPre, InstanceState, NewHyperty, SandboxHandle, Shared};
 
 /// Settings of a [`Runtime`].
@@ -649,9 +649,42 @@ impl Runtime {
 
     /// Opens an endpoint on the bus at `address`, for the embedding
     /// application to exchange messages with hyperties. It holds up to
-    /// `capacity` undelivered messages.
-    pub fn endpoint(&self, address: &str, capacity: usize) -> Result<Endpoint> {
-        let address = Address::parse(address).map_err(anyhow::Error::msg)?;
+    /// `capacity` undelivered messages. Which addresses it may take: see
+    /// [`crate::endpoint`] (`hyperty://` or `app://` with a path); others
+    /// are refused
+    /// ([`EndpointError::Address`]), and so is an address in use
+    /// ([`EndpointError::InUse`]).
+    pub fn endpoint(&self, address: &str, capacity: usize) -> Result<Endpoint, EndpointError> {
+        Endpoint::open(&self.bus, crate::endpoint::check_address(address)?, capacity, None)
+    }
+
+    /// [`Runtime::endpoint`], bound to who it acts for: its messages carry
+    /// that user's identity (in its domain) or an assertion of the user
+    /// made by the domain's IdP proxy (to other domains), and policies see
+    /// it as a hyperty of its domain named [`ENDPOINT_NAME`] acting for
+    /// the user. An [`Acting::Assertion`] is validated first by the proxy
+    /// of the IdP the endpoint's domain trusts; refused, it is
+    /// [`EndpointError::Identity`] with the proxy's reason.
+    pub fn endpoint_as(&self, address: &str, capacity: usize, acting: Acting) -> Result<Endpoint, EndpointError> {
+        let address = crate::endpoint::check_address(address)?;
+        let domain = address.domain().to_owned();
+        let user = match acting {
+            Acting::User(user) if user.is_empty() || user.chars().any(char::is_control) => {
+                return Err(EndpointError::Identity(format!("{user:?} is not a user name")));
+            }
+            Acting::User(user) => user,
+            Acting::Assertion(assertion) => crate::endpoint::user_of(&self.identities, &domain, &assertion).map_err(EndpointError::Identity)?,
+        };
+        let descriptor = Descriptor { domain, name: ENDPOINT_NAME.into(), user: Some(user) };
+        Endpoint::open(&self.bus, address, capacity, Some(descriptor))
+    }
+
+    /// Opens an endpoint at any well-formed address, however it is used
+    /// by the runtime (a domain's registry, a runtime's address): for tests
+    /// that play another party.
+    #[doc(hidden)]
+    pub fn endpoint_unchecked(&self, address: &str, capacity: usize) -> Result<Endpoint, EndpointError> {
+        let address = Address::parse(address).map_err(EndpointError::Address)?;
         Endpoint::open(&self.bus, address, capacity, None)
     }
 
@@ -715,8 +748,9 @@ impl Runtime {
         &self.policies
     }
 
-    /// Subscribes to status events (traps, restarts, stops, rate limits).
-    pub fn events(&self) -> tokio::sync::broadcast::Receiver<Event> {
+    /// Subscribes to status events (traps, restarts, stops, rate limits,
+    /// refusals, protostub statuses) from now on.
+    pub fn events(&self) -> EventReceiver {
         self.events.subscribe()
     }
 
@@ -743,89 +777,6 @@ impl Runtime {
 impl Drop for Runtime {
     fn drop(&mut self) {
         self.shutdown();
-    }
-}
-
-/// An embedder's endpoint on the bus: the application side of the runtime,
-/// subject to the same stamping and policies as a hyperty. Closed on drop.
-pub struct Endpoint {
-    address: Address,
-    bus: Bus,
-    rx: flume::Receiver<Message>,
-    /// Who the endpoint acts for (a gateway connection's logged-in user),
-    /// as a hyperty's descriptor: identity and policies read it.
-    acting_for: Option<Descriptor>,
-}
-
-impl Endpoint {
-    /// Routes `address` to a new endpoint holding up to `capacity`
-    /// undelivered messages; `acting_for` binds it to a user.
-    pub(crate) fn open(bus: &Bus, address: Address, capacity: usize, acting_for: Option<Descriptor>) -> Result<Endpoint> {
-        let (tx, rx) = flume::bounded(capacity.max(1));
-        if !bus.add_route(address.clone(), Route::Endpoint(tx)) {
-            anyhow::bail!("{address} is already in use");
-        }
-        Ok(Endpoint { address, bus: bus.clone(), rx, acting_for })
-    }
-
-    pub fn address(&self) -> &Address {
-        &self.address
-    }
-
-    /// Who it acts for, if it is bound to a user.
-    pub(crate) fn acting_for(&self) -> Option<&Descriptor> {
-        self.acting_for.as_ref()
-    }
-
-    /// Sends a notification; `from` must be this endpoint's address.
-    pub fn send(&self, message: Message) -> Result<(), SendError> {
-        self.check(&message)?;
-        self.bus.send(message, None, self.acting_for.as_ref())
-    }
-
-    /// Sends a request; its response (or the host's 403/404/408) arrives
-    /// through [`recv`](Self::recv). `None` takes the runtime's default
-    /// timeout.
-    pub fn request(&self, message: Message, timeout: Option<Duration>) -> Result<(), SendError> {
-        self.check(&message)?;
-        let timeout = timeout.unwrap_or(self.bus.config().request_timeout);
-        self.bus.send(message, Some(timeout), self.acting_for.as_ref())
-    }
-
-    fn check(&self, message: &Message) -> Result<(), SendError> {
-        if message.from != self.address {
-            return Err(SendError::SpoofedFrom(format!("{} is not this endpoint's address ({})", message.from, self.address)));
-        }
-        let max = self.bus.config().max_message_bytes;
-        if message.size() > max {
-            // Refused before the value is scanned, as the bus would.
-            return Err(SendError::TooLarge(format!("{} bytes, the limit is {max}", message.size())));
-        }
-        if let Some(value) = &message.body.value {
-            crate::message::validate_value(value).map_err(SendError::Malformed)?;
-        }
-        Ok(())
-    }
-
-    /// The next message, waiting at most `timeout`.
-    pub fn recv_timeout(&self, timeout: Duration) -> Option<Message> {
-        self.rx.recv_timeout(timeout).ok()
-    }
-
-    /// The next message, if one is waiting.
-    pub fn try_recv(&self) -> Option<Message> {
-        self.rx.try_recv().ok()
-    }
-
-    /// The next message, asynchronously.
-    pub async fn recv(&self) -> Option<Message> {
-        self.rx.recv_async().await.ok()
-    }
-}
-
-impl Drop for Endpoint {
-    fn drop(&mut self) {
-        self.bus.remove_route(&self.address);
     }
 }
 
@@ -864,7 +815,8 @@ fn pinned<'a>(
     pin: Digest,
 ) -> Result<(&'a [u8], Digest), Problem> {
     if !files.contains_key(path) {
-        let bytes = std::fs::read(path)
+        let bytes = bundle
+            .read_component(path)
             .map_err(|e| bundle.problem(at, "component", format!("cannot read {}: {e}", path.display())))?;
         let digest = Digest::of(&bytes);
         files.insert(path.to_owned(), (bytes, digest));

@@ -5,7 +5,9 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use hyperty_host::{Address, Bundle, Digest, Endpoint, Event, Message, MessageType, Runtime, RuntimeConfig};
+use hyperty_host::bundle::{BundleBuilder, Component, Domain, Hyperty, Idp, Protostub};
+use hyperty_host::events::RecvTimeoutError;
+use hyperty_host::{Address, Bundle, Digest, Endpoint, Event, EventReceiver, Message, MessageType, Runtime, RuntimeConfig};
 use serde_json::{Value, json};
 
 /// The built component `name` (`ping`, `pong`, `puppet`, `bench`, ...).
@@ -40,10 +42,12 @@ pub fn cache_dir() -> PathBuf {
     Path::new(env!("HYPERTY_GUESTS_DIR")).join("test-cache")
 }
 
-/// A bundle manifest written into its own temporary directory.
+/// A bundle written with the crate's [`BundleBuilder`] into its own
+/// temporary directory (as `bundle.toml`), components pinned to their
+/// files' digests.
 pub struct TestBundle {
     dir: tempfile::TempDir,
-    table: toml::Table,
+    builder: BundleBuilder,
 }
 
 impl Default for TestBundle {
@@ -52,87 +56,66 @@ impl Default for TestBundle {
     }
 }
 
+/// `path` pinned to its file's digest now (a missing file: the digest of
+/// nothing, so deployment says it cannot read it).
+fn pinned_file(path: &Path) -> Component {
+    Component::file(path).pinned(Digest::of(&std::fs::read(path).unwrap_or_default()))
+}
+
 impl TestBundle {
     pub fn new() -> TestBundle {
-        TestBundle { dir: tempfile::tempdir().unwrap(), table: toml::Table::new() }
+        TestBundle { dir: tempfile::tempdir().unwrap(), builder: Bundle::builder("bundle") }
     }
 
     /// Adds hyperty `name` to `domain`, running `component` (a path), pinned
     /// to the file's digest, with `config`.
     pub fn hyperty(mut self, domain: &str, name: &str, component: &Path, config: Value) -> TestBundle {
-        let bytes = std::fs::read(component).unwrap_or_default();
-        let mut h = toml::Table::new();
-        h.insert("name".into(), name.into());
-        h.insert("component".into(), component.display().to_string().into());
-        h.insert("sha256".into(), Digest::of(&bytes).to_string().into());
-        h.insert("config".into(), toml::Value::try_from(config).unwrap());
-        let domains = self.table.entry("domains").or_insert_with(|| toml::Table::new().into());
-        let d = domains.as_table_mut().unwrap().entry(domain).or_insert_with(|| toml::Table::new().into());
-        let list = d.as_table_mut().unwrap().entry("hyperties").or_insert_with(|| toml::Value::Array(vec![]));
-        list.as_array_mut().unwrap().push(h.into());
+        self.builder = self.builder.hyperty(domain, Hyperty::new(name, pinned_file(component)).config(config));
         self
     }
 
     /// Sets `key` of hyperty `name` of `domain` (e.g. `types`, `schemes`).
     pub fn set(mut self, domain: &str, name: &str, key: &str, value: Value) -> TestBundle {
-        let list = self.table["domains"][domain]["hyperties"].as_array_mut().unwrap();
-        let h = list.iter_mut().find(|h| h["name"].as_str() == Some(name)).expect("the hyperty is in the bundle");
-        h.as_table_mut().unwrap().insert(key.into(), toml::Value::try_from(value).unwrap());
+        let h = self.builder.hyperty_mut(domain, name).expect("the hyperty is in the bundle");
+        *h = h.clone().set(key, value);
         self
     }
 
     /// Binds hyperty `name` of `domain` to `user`.
-    pub fn user(mut self, domain: &str, name: &str, user: &str) -> TestBundle {
-        let list = self.table["domains"][domain]["hyperties"].as_array_mut().unwrap();
-        let h = list.iter_mut().find(|h| h["name"].as_str() == Some(name)).expect("the hyperty is in the bundle");
-        h.as_table_mut().unwrap().insert("user".into(), user.into());
-        self
+    pub fn user(self, domain: &str, name: &str, user: &str) -> TestBundle {
+        self.set(domain, name, "user", user.into())
     }
 
     /// Sets keys of `domain`'s table (limits, restart, grants...), given as
     /// JSON: `json!({"limits": {"memory-mb": 16}})`.
     pub fn domain(mut self, domain: &str, settings: Value) -> TestBundle {
-        let domains = self.table.entry("domains").or_insert_with(|| toml::Table::new().into());
-        let d = domains.as_table_mut().unwrap().entry(domain).or_insert_with(|| toml::Table::new().into());
-        let toml::Value::Table(extra) = toml::Value::try_from(settings).unwrap() else { panic!("settings must be an object") };
-        d.as_table_mut().unwrap().extend(extra);
+        let Value::Object(settings) = settings else { panic!("settings must be an object") };
+        let settings = settings.into_iter().fold(Domain::new(), |d, (k, v)| d.set(&k, v));
+        self.builder = self.builder.domain(domain, settings);
         self
     }
 
     /// Adds the IdP proxy of `idp` (the `idp-jwt` guest) signing with the
     /// ed25519 secret key `seed`, and makes it the IdP of `domains`.
-    pub fn idp(mut self, idp: &str, seed: [u8; 32], domains: &[&str]) -> TestBundle {
-        let component = guest("idp-jwt");
-        let bytes = std::fs::read(&component).unwrap();
-        let entry = json!({
-            "component": component.display().to_string(),
-            "sha256": Digest::of(&bytes).to_string(),
-            "config": { "issuer": idp, "signing-key": hex(&seed), "lifetime-seconds": 600 },
-        });
-        let idps = self.table.entry("idps").or_insert_with(|| toml::Table::new().into());
-        idps.as_table_mut().unwrap().insert(idp.into(), toml::Value::try_from(entry).unwrap());
-        for domain in domains {
-            self = self.domain(domain, json!({ "idp": idp }));
-        }
-        self
+    pub fn idp(self, idp: &str, seed: [u8; 32], domains: &[&str]) -> TestBundle {
+        let config = json!({ "issuer": idp, "signing-key": hex(&seed), "lifetime-seconds": 600 });
+        self.idp_with(idp, config, domains)
     }
 
     /// Adds a validate-only proxy of `idp` (the `idp-jwt` guest with only
     /// the public key of `seed`), as a runtime that does not issue for it
     /// would have, and makes it the IdP of `domains`.
-    pub fn idp_verifier(mut self, idp: &str, seed: [u8; 32], domains: &[&str]) -> TestBundle {
+    pub fn idp_verifier(self, idp: &str, seed: [u8; 32], domains: &[&str]) -> TestBundle {
         let public = ed25519_dalek::SigningKey::from_bytes(&seed).verifying_key();
-        let component = guest("idp-jwt");
-        let bytes = std::fs::read(&component).unwrap();
-        let entry = json!({
-            "component": component.display().to_string(),
-            "sha256": Digest::of(&bytes).to_string(),
-            "config": { "issuer": idp, "verifying-keys": [format!("ed25519:{}", hex(public.as_bytes()))] },
-        });
-        let idps = self.table.entry("idps").or_insert_with(|| toml::Table::new().into());
-        idps.as_table_mut().unwrap().insert(idp.into(), toml::Value::try_from(entry).unwrap());
+        let config = json!({ "issuer": idp, "verifying-keys": [format!("ed25519:{}", hex(public.as_bytes()))] });
+        self.idp_with(idp, config, domains)
+    }
+
+    /// Adds the `idp-jwt` proxy of `idp` with `config`, the IdP of `domains`.
+    fn idp_with(mut self, idp: &str, config: Value, domains: &[&str]) -> TestBundle {
+        self.builder = self.builder.idp(idp, Idp::new(pinned_file(&guest("idp-jwt"))).config(config));
         for domain in domains {
-            self = self.domain(domain, json!({ "idp": idp }));
+            self.builder = self.builder.domain(domain, Domain::new().idp(idp));
         }
         self
     }
@@ -146,10 +129,12 @@ impl TestBundle {
     /// long as `self`.
     pub fn write(&self) -> PathBuf {
         let path = self.dir.path().join("bundle.toml");
-        std::fs::write(&path, toml::to_string(&self.table).unwrap()).unwrap();
+        std::fs::write(&path, self.builder.to_toml().unwrap()).unwrap();
         path
     }
 
+    /// The bundle as read from its manifest file (so problems name its
+    /// lines).
     pub fn load(&self) -> Bundle {
         Bundle::load(self.write()).unwrap()
     }
@@ -161,14 +146,11 @@ pub const OBSERVER: &str = "hyperty://app.example/observer";
 /// An endpoint that drives puppet hyperties and collects what they report.
 pub struct Driver {
     pub endpoint: Endpoint,
-    next_id: u64,
-    /// Messages received while looking for another one, oldest first.
-    unmatched: std::cell::RefCell<std::collections::VecDeque<Message>>,
 }
 
 impl Driver {
     pub fn new(runtime: &Runtime) -> Driver {
-        Driver { endpoint: runtime.endpoint(OBSERVER, 10_000).unwrap(), next_id: 1, unmatched: Default::default() }
+        Driver { endpoint: runtime.endpoint(OBSERVER, 10_000).unwrap() }
     }
 
     pub fn address(&self) -> &Address {
@@ -177,25 +159,19 @@ impl Driver {
 
     /// Asks `puppet` to run `command` and returns its answer's value.
     pub fn command(&mut self, puppet: &Address, command: Value) -> Value {
-        let id = self.fresh_id();
-        let msg = Message::new(id, MessageType::Execute, self.address().clone(), puppet.clone(), Some(command.to_string()));
-        self.endpoint.request(msg, None).unwrap();
-        let answer = self.expect(|m| m.kind == MessageType::Response && m.id == id);
+        let answer = self.ask(puppet, command);
         serde_json::from_str(answer.body.value.as_deref().unwrap_or("null")).unwrap()
     }
 
     /// Sends a `read` request to `to` and waits for its answer (the
     /// response, or the host's 403/404/408).
     pub fn read(&mut self, to: &Address) -> Message {
-        let id = self.fresh_id();
-        let msg = Message::new(id, MessageType::Read, self.address().clone(), to.clone(), None);
-        self.endpoint.request(msg, None).unwrap();
-        self.expect(|m| m.kind == MessageType::Response && m.id == id)
+        let msg = self.endpoint.message(MessageType::Read, to.as_str()).build().unwrap();
+        self.endpoint.request_reply(msg, None).unwrap()
     }
 
     pub fn fresh_id(&mut self) -> u64 {
-        self.next_id += 1;
-        self.next_id
+        self.endpoint.next_id()
     }
 
     /// The first message (within 10 s) matching `pred`; others are kept for
@@ -206,19 +182,7 @@ impl Driver {
 
     /// The first message within `within` matching `pred`.
     pub fn find(&self, pred: impl Fn(&Message) -> bool, within: Duration) -> Option<Message> {
-        let mut unmatched = self.unmatched.borrow_mut();
-        if let Some(i) = unmatched.iter().position(&pred) {
-            return unmatched.remove(i);
-        }
-        let until = Instant::now() + within;
-        loop {
-            let left = until.saturating_duration_since(Instant::now());
-            let m = self.endpoint.recv_timeout(left)?;
-            if pred(&m) {
-                return Some(m);
-            }
-            unmatched.push_back(m);
-        }
+        self.endpoint.recv_where(pred, within)
     }
 
     /// The messages from `puppet` that reached the observer before a marker
@@ -227,18 +191,14 @@ impl Driver {
     /// anything delivered to `puppet` before this call is among them: a
     /// negative check that always looks, and waits for no fixed time.
     pub fn before_marker(&mut self, puppet: &Address) -> Vec<Message> {
-        let id = self.fresh_id();
-        let mut marker = Message::new(id, MessageType::Update, self.address().clone(), puppet.clone(), None);
-        marker.body.resource = Some("marker".into());
+        let marker = self.endpoint.message(MessageType::Update, puppet.as_str()).resource("marker").build().unwrap();
+        let id = marker.id;
         self.endpoint.send(marker).unwrap();
         self.expect(|m| {
             let r = reported(m);
             m.kind == MessageType::Forward && &m.from == puppet && r["id"] == id && r["resource"] == "marker"
         });
-        let mut unmatched = self.unmatched.borrow_mut();
-        let (from_puppet, others) = std::mem::take(&mut *unmatched).into_iter().partition(|m| &m.from == puppet);
-        *unmatched = others;
-        from_puppet.into()
+        self.endpoint.take_set_aside(|m| &m.from == puppet)
     }
 
     /// The first report (a puppet's `forward`) whose reported message
@@ -292,24 +252,20 @@ impl Driver {
 
     /// Sends a request with a JSON value to `to` and waits for its answer.
     pub fn ask(&mut self, to: &Address, value: Value) -> Message {
-        let id = self.fresh_id();
-        let msg = Message::new(id, MessageType::Execute, self.address().clone(), to.clone(), Some(value.to_string()));
-        self.endpoint.request(msg, None).unwrap();
-        self.expect(|m| m.kind == MessageType::Response && m.id == id)
+        let msg = self.endpoint.message(MessageType::Execute, to.as_str()).value(value.to_string()).build().unwrap();
+        self.endpoint.request_reply(msg, None).unwrap()
     }
 }
 
 /// The first event matching `pred` within 10 s.
-pub fn wait_event(events: &mut tokio::sync::broadcast::Receiver<Event>, pred: impl Fn(&Event) -> bool) -> Event {
+pub fn wait_event(events: &mut EventReceiver, pred: impl Fn(&Event) -> bool) -> Event {
     let until = Instant::now() + Duration::from_secs(10);
     loop {
-        match events.try_recv() {
+        match events.recv_timeout(until.saturating_duration_since(Instant::now())) {
             Ok(e) if pred(&e) => return e,
-            Ok(_) | Err(tokio::sync::broadcast::error::TryRecvError::Lagged(_)) => {}
-            Err(_) => {
-                assert!(Instant::now() < until, "the expected event did not come within 10 s");
-                std::thread::sleep(Duration::from_millis(2));
-            }
+            Ok(_) | Err(RecvTimeoutError::Lagged(_)) => {}
+            Err(RecvTimeoutError::Timeout) => panic!("the expected event did not come within 10 s"),
+            Err(RecvTimeoutError::Closed) => panic!("the runtime is gone: the expected event will not come"),
         }
     }
 }
@@ -658,25 +614,18 @@ impl Drop for Nats {
 
 impl TestBundle {
     /// Adds the NATS protostub for `domain`, connecting to `servers`
-    /// (`ip:port`), which are also its only granted endpoints.
+    /// (`ip:port`), which are also its only granted endpoints; `extra` sets
+    /// other keys of its entry, and adds to its `config`.
     pub fn protostub(mut self, domain: &str, servers: &[String], extra: Value) -> TestBundle {
-        let component = guest("nats-stub");
-        let bytes = std::fs::read(&component).unwrap();
         let mut config = json!({ "servers": servers });
         if let (Some(c), Some(e)) = (config.as_object_mut(), extra.get("config").and_then(Value::as_object)) {
             c.extend(e.clone());
         }
-        let mut entry = json!({
-            "component": component.display().to_string(),
-            "sha256": Digest::of(&bytes).to_string(),
-            "config": config,
-            "endpoints": servers,
-        });
-        if let (Some(entry), Some(extra)) = (entry.as_object_mut(), extra.as_object()) {
-            entry.extend(extra.iter().filter(|(k, _)| *k != "config").map(|(k, v)| (k.clone(), v.clone())));
+        let mut stub = Protostub::new(pinned_file(&guest("nats-stub")), []).set("endpoints", json!(servers)).config(config);
+        for (k, v) in extra.as_object().into_iter().flatten().filter(|(k, _)| *k != "config") {
+            stub = stub.set(k, v.clone());
         }
-        let stubs = self.table.entry("protostubs").or_insert_with(|| toml::Table::new().into());
-        stubs.as_table_mut().unwrap().insert(domain.into(), toml::Value::try_from(entry).unwrap());
+        self.builder = self.builder.protostub(domain, stub);
         self
     }
 }

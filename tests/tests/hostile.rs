@@ -15,7 +15,7 @@ const EVIL: &str = "evil.example";
 struct Case {
     runtime: Runtime,
     driver: Driver,
-    events: tokio::sync::broadcast::Receiver<hyperty_host::Event>,
+    events: hyperty_host::EventReceiver,
     a: Address,
     b: Address,
     evil: Address,

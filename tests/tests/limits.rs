@@ -54,7 +54,7 @@ fn logged(needle: &str) -> Vec<String> {
 struct Case {
     runtime: Runtime,
     driver: Driver,
-    events: tokio::sync::broadcast::Receiver<hyperty_host::Event>,
+    events: hyperty_host::EventReceiver,
     a: Address,
     b: Address,
     greedy: Address,

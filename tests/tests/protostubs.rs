@@ -69,7 +69,7 @@ fn two_runtimes_exchange_requests_and_responses_through_nats() {
 
 /// Status events of protostub `domain`, in order, as they come within
 /// `within`, until `last` is seen.
-fn statuses_until(events: &mut tokio::sync::broadcast::Receiver<hyperty_host::Event>, domain: &str, last: &str) -> Vec<String> {
+fn statuses_until(events: &mut hyperty_host::EventReceiver, domain: &str, last: &str) -> Vec<String> {
     let mut seen = Vec::new();
     let label = format!("protostub {domain}");
     loop {
@@ -443,7 +443,7 @@ fn identity_travels_through_nats_and_is_validated_by_the_receiving_runtime() {
 
 /// The statuses of protostub `domain` reported so far (events already
 /// emitted), with their details.
-fn statuses_so_far(events: &mut tokio::sync::broadcast::Receiver<hyperty_host::Event>, domain: &str) -> Vec<(String, String)> {
+fn statuses_so_far(events: &mut hyperty_host::EventReceiver, domain: &str) -> Vec<(String, String)> {
     let label = format!("protostub {domain}");
     let mut seen = Vec::new();
     while let Ok(e) = events.try_recv() {
@@ -584,7 +584,7 @@ fn a_silent_node_is_found_stale_by_pings_and_the_stub_fails_over_to_the_next_ser
     // Live on the silent node, stale after unanswered PINGs, then live on
     // the real one.
     let label = "protostub bob.example";
-    let status = |events: &mut tokio::sync::broadcast::Receiver<hyperty_host::Event>, want: &str| {
+    let status = |events: &mut hyperty_host::EventReceiver, want: &str| {
         let e = wait_event(events, |e| e.hyperty == label && matches!(&e.kind, hyperty_host::EventKind::StubStatus { status, .. } if status == want));
         let hyperty_host::EventKind::StubStatus { detail, .. } = e.kind else { unreachable!() };
         detail

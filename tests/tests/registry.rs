@@ -138,7 +138,7 @@ fn registrations_are_announced_to_the_domain_registry_with_keep_alives() {
     .unwrap();
     // The embedder stands in for alice.example's remote registry (a
     // protostub will carry these to the real one).
-    let registry = runtime.endpoint("domain://registry.alice.example", 1000).unwrap();
+    let registry = runtime.endpoint_unchecked("domain://registry.alice.example", 1000).unwrap();
     let bundle = TestBundle::new()
         .hyperty("alice.example", "x", &guest("pong"), json!({}))
         .set("alice.example", "x", "types", json!(["chat"]));
@@ -183,7 +183,7 @@ fn a_served_domain_registry_keeps_refreshed_registrations_and_expires_silent_one
     runtime.deploy(&bundle.load()).unwrap();
     // Another runtime of alice.example announcing (the embedder's endpoint
     // stands in for a remote runtime whose protostub delivers here).
-    let remote = runtime.endpoint("runtime://alice.example/remote-1", 64).unwrap();
+    let remote = runtime.endpoint_unchecked("runtime://alice.example/remote-1", 64).unwrap();
     let registry = Address::parse("domain://registry.alice.example").unwrap();
     let far = "hyperty://alice.example/far-away";
     let announce = |id: u64, kind: MessageType, value: Value| {

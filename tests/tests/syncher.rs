@@ -324,7 +324,7 @@ fn only_hyperties_observe() {
         assert_eq!(answer["error"], format!("invalid: {bad} cannot observe a data object: observers are hyperties (hyperty:// addresses)"), "{answer}");
     }
     // A non-hyperty endpoint subscribing: 403, and nothing was invited by the refused calls.
-    let stranger = runtime.endpoint("runtime://carol.example/stranger", 16).unwrap();
+    let stranger = runtime.endpoint_unchecked("runtime://carol.example/stranger", 16).unwrap();
     stranger.request(Message::new(7, MessageType::Subscribe, stranger.address().clone(), Address::parse(&url).unwrap(), None), None).unwrap();
     let answer = stranger.recv_timeout(Duration::from_secs(10)).expect("an answer");
     assert_eq!((answer.kind, answer.body.code), (MessageType::Response, Some(403)), "{answer:?}");

@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::engine::MAX_MEMORY_BYTES;
 
@@ -32,7 +32,7 @@ use crate::engine::MAX_MEMORY_BYTES;
 pub const MAX_LOG_LINE: usize = 4096;
 
 /// Limits of a domain sandbox.
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
 pub struct Limits {
     /// Messages the domain's inbox holds before senders get `inbox-full`.
@@ -142,7 +142,7 @@ impl Limits {
 }
 
 /// What happens to a hyperty that traps.
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
 pub struct RestartPolicy {
     /// `backoff`: restart after a delay that doubles with each consecutive
@@ -152,7 +152,7 @@ pub struct RestartPolicy {
     pub max_backoff_ms: u64,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum RestartKind {
     Backoff,
@@ -186,7 +186,7 @@ impl RestartPolicy {
 }
 
 /// A WASI capability a domain can be granted.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Grant {
     /// `wasi:clocks`: wall and monotonic clocks.
