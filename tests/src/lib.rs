@@ -5,6 +5,8 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+pub mod rethink;
+
 use hyperty_host::{Address, Bundle, Digest, Endpoint, Event, Message, MessageType, Runtime, RuntimeConfig};
 use serde_json::{Value, json};
 
