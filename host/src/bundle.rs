@@ -18,6 +18,7 @@
 //! signature = "ping.wasm.sig"      # the default; checked when the domain trusts keys
 //! config = { peer = "bob.example/pong", rounds = 3 }
 //! user = "alice@idp.example"       # optional: the user it acts for
+//! address = "hyperty://alice.example/ping-1"  # optional: this exact address (its domain's, free)
 //!
 //! # optional: an IdP proxy (world `idp-proxy`); a domain names it with
 //! # `idp = "idp.example"` to have its users' identities asserted by it, and
@@ -138,6 +139,11 @@ pub struct HypertySpec {
     /// Get the same address at every deployment, across runtime restarts
     /// (needs a runtime data directory).
     pub keep_address: bool,
+    /// The exact address asked for (`address`): a `hyperty://` address of
+    /// the entry's own domain (checked when the bundle is read), not taken
+    /// by anything routed in the runtime (checked at deployment). reTHINK
+    /// deployed at a given address to reuse it by URL.
+    pub address: Option<crate::address::Address>,
     /// The `config` table as JSON text, handed to the hyperty's `init`.
     pub config: String,
     /// Where the entry is, for problems found later (digest, component).
@@ -269,6 +275,8 @@ struct RawHyperty {
     #[serde(default)]
     keep_address: bool,
     #[serde(default)]
+    address: Option<Spanned<String>>,
+    #[serde(default)]
     config: Option<toml::Table>,
 }
 
@@ -343,6 +351,15 @@ impl Bundle {
                     problems.push(problem(Some(h.sha256.span()), format!("{hfield}.sha256"), e));
                     Digest([0; 32])
                 });
+                let address = h.address.and_then(|a| {
+                    let checked = hyperty_address(a.get_ref(), &domain, h.keep_address).and_then(|address| {
+                        match hyperties.iter().find(|other| other.address.as_ref() == Some(&address)) {
+                            Some(other) => Err(format!("{address} is taken: {domain}/{} asks for it too", other.name)),
+                            None => Ok(address),
+                        }
+                    });
+                    checked.map_err(|e| problems.push(problem(Some(a.span()), format!("{hfield}.address"), e))).ok()
+                });
                 let config = config_json(h.config);
                 let component = base.join(h.component.get_ref());
                 let signature = match &h.signature {
@@ -357,6 +374,7 @@ impl Bundle {
                     types: h.types,
                     schemes: h.schemes,
                     keep_address: h.keep_address,
+                    address,
                     sha256,
                     config,
                     at: Location {
@@ -471,6 +489,22 @@ impl Bundle {
         let line = if field == "sha256" { at.sha256_line } else { at.component_line };
         Problem { file: self.path.clone(), line: Some(line), field: format!("{}.{field}", at.field), message }
     }
+}
+
+/// The `address` a hyperty entry of `domain` asks for: a `hyperty://`
+/// address of that domain, not together with `keep-address`.
+fn hyperty_address(text: &str, domain: &str, keep_address: bool) -> Result<crate::address::Address, String> {
+    let address = crate::address::Address::parse(text)?;
+    if address.scheme() != "hyperty" || address.domain() != domain {
+        return Err(format!("{address} is not an address of this domain: a hyperty's is hyperty://{domain}/<id>"));
+    }
+    if address.as_str().len() == "hyperty://".len() + domain.len() + 1 {
+        return Err(format!("{address} names no hyperty: hyperty://{domain}/<id>"));
+    }
+    if keep_address {
+        return Err("an exact address is kept by nature: leave out keep-address".into());
+    }
+    Ok(address)
 }
 
 /// `value`, or the default when it is absent; a value that fails `check`

@@ -17,8 +17,14 @@
 //! Pending requests live in two maps that change together: by requester
 //! then id for correlation (and for counting a requester's requests against
 //! its domain's `max-pending`) and by deadline for the timer thread, so an
-//! entry and its timer disappear with the response, the 408 or the
-//! requester. A stopping runtime forgets them all at once, answering none.
+//! entry and its timer disappear with the first final response, the 408 or
+//! the requester. A provisional (1xx) response is delivered and leaves its
+//! request, and its timer, pending. The 408 carries the request back in its
+//! `body.value` (reTHINK's 408 did), its value kept up to
+//! [`KEPT_VALUE_BYTES`]. A response refused on the path (policies 403,
+//! identity 401) closes its request: the requester gets that code at once
+//! and the responder is told. A stopping runtime forgets them all at once,
+//! answering none.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -255,11 +261,18 @@ impl Bus {
         self.inner.stubs.read().unwrap().get(domain).cloned()
     }
 
-    /// Where messages for `to` go: its own route, else its domain's stub.
+    /// Where messages for `to` go: its own route; for a data object's
+    /// child (`<url>/children/<name>`, no route of its own) the object's;
+    /// else its domain's stub.
     fn resolve(&self, to: &Address) -> Option<Route> {
-        if let Some(route) = self.inner.routes.read().unwrap().get(to) {
+        let routes = self.inner.routes.read().unwrap();
+        if let Some(route) = routes.get(to) {
             return Some(route.clone());
         }
+        if let Some(route @ Route::Object(_)) = crate::syncher::child_of(to).and_then(|(url, _)| routes.get(&url)) {
+            return Some(route.clone());
+        }
+        drop(routes);
         self.inner.stubs.read().unwrap().get(to.domain()).map(|stub| Route::Stub(stub.clone()))
     }
 
@@ -348,8 +361,13 @@ impl Bus {
                 )),
                 Route::StubStatus(_) => Some((code::FORBIDDEN, format!("{} takes subscriptions from this runtime only", message.to))),
                 // A data object's reporter is always a hyperty here, even
-                // once its route is gone: no write comes through a stub.
-                Route::Object(_) if matches!(message.kind, MessageType::Create | MessageType::Update | MessageType::Delete) => {
+                // once its route is gone: no write of the object comes
+                // through a stub (its children's may: a remote subscriber's,
+                // which the syncher checks).
+                Route::Object(_)
+                    if matches!(message.kind, MessageType::Create | MessageType::Update | MessageType::Delete)
+                        && crate::syncher::child_of(&message.to).is_none() =>
+                {
                     Some((code::FORBIDDEN, format!("only its reporter, a hyperty of this runtime, changes {}", message.to)))
                 }
                 _ => None,
@@ -367,13 +385,7 @@ impl Bus {
         if let Err((code, why)) = inner.identities.establish(&mut message, sender, crossing) {
             tracing::info!(id = message.id, from = %message.from, to = %message.to, code, "{why}");
             if message.kind == MessageType::Response {
-                // The requester is waiting for this: it gets the refusal in
-                // its place (at once, rather than a 408 later).
-                if inner.timer.take(&message).is_some() {
-                    let mut refusal = Message::response(message.id, message.from, message.to, code);
-                    refusal.body.description = Some(format!("the response was refused: {why}"));
-                    self.deliver_answer(refusal);
-                }
+                self.refuse_response(&message, remote, code, &why);
             } else {
                 self.deliver_answer(message.answer(code, why));
             }
@@ -389,9 +401,11 @@ impl Bus {
             let (point, domain) = points[i];
             let why = format!("denied at the {point} enforcement point of {domain} by [{}]: {reason}", policies.join(", "));
             tracing::info!(id = message.id, from = %message.from, to = %message.to, "{why}");
-            // Even a denied response is answered: host answers bypass the
-            // policies and are never answered themselves, so no loop.
-            self.deliver_answer(message.answer(code::FORBIDDEN, why));
+            if message.kind == MessageType::Response {
+                self.refuse_response(&message, remote, code::FORBIDDEN, &why);
+            } else {
+                self.deliver_answer(message.answer(code::FORBIDDEN, why));
+            }
             return Ok(());
         }
         let correlation = if message.kind == MessageType::Response && remote {
@@ -403,8 +417,10 @@ impl Bus {
             }
             None
         } else if message.kind == MessageType::Response {
-            match inner.timer.take(&message) {
-                Some(outstanding) => Some(outstanding),
+            // A provisional (1xx) response leaves its request pending.
+            match inner.timer.answers(&message) {
+                Some(Answers::Provisional) => None,
+                Some(Answers::Final(outstanding)) => Some(outstanding),
                 None => {
                     tracing::debug!(id = message.id, to = %message.to, "response to no pending request dropped");
                     return Ok(());
@@ -460,6 +476,22 @@ impl Bus {
         }
     }
 
+    /// A response refused on the path (identity: 401, policies: 403):
+    /// the request it answers is no longer pending and its requester gets
+    /// `code` in its place at once (rather than a 408 later; through the
+    /// stub when the requester is remote), and the responder is told with
+    /// a `response` of the same code and id from the requester, naming
+    /// why. Both are host answers: never answered, never checked again.
+    fn refuse_response(&self, response: &Message, remote: bool, code: u16, why: &str) {
+        let waiting = if remote { self.inner.inbound.close(response) } else { self.inner.timer.close(response).is_some() };
+        if waiting {
+            let mut refusal = Message::response(response.id, response.from.clone(), response.to.clone(), code);
+            refusal.body.description = Some(format!("the response was refused: {why}"));
+            self.deliver_answer(refusal);
+        }
+        self.deliver_answer(response.answer(code, format!("your response to {} was refused: {why}", response.to)));
+    }
+
     /// The host's own answer to `message`: a response with `code` delivered
     /// straight to its sender. Responses are never answered (no loops).
     pub fn answer(&self, message: &Message, code: u16, description: String) {
@@ -481,7 +513,7 @@ impl Bus {
             return;
         }
         let answer = message.answer(code, description);
-        self.inner.timer.take(&answer);
+        self.inner.timer.close(&answer);
         self.deliver_answer(answer);
     }
 
@@ -518,12 +550,74 @@ impl WeakBus {
     }
 }
 
+/// Whether `response` is provisional (1xx, RFC 9110 §15.2): delivered,
+/// and the request it answers stays pending (its timer too).
+pub(crate) fn provisional(response: &Message) -> bool {
+    response.body.code.is_some_and(|c| (100..200).contains(&c))
+}
+
+/// The most of a request's `body.value` kept while it is pending, to be
+/// returned in its 408 (see [`Kept`]): with `max-pending` requests per
+/// hyperty, the host holds at most that many times this much for it.
+pub(crate) const KEPT_VALUE_BYTES: usize = 16 * 1024;
+
 /// A request waiting for its response.
 struct Outstanding {
     responder: Address,
     deadline: Instant,
     seq: u64,
     timeout: Duration,
+    request: Kept,
+}
+
+/// What a 408 tells of its request (reTHINK returned the request in the
+/// 408's `body.value`): its type, resource and value, the value only when
+/// at most [`KEPT_VALUE_BYTES`] (else only its length).
+struct Kept {
+    kind: MessageType,
+    resource: Option<String>,
+    value: Result<Option<String>, usize>,
+}
+
+impl Kept {
+    fn of(request: &Message) -> Kept {
+        let value = match &request.body.value {
+            Some(v) if v.len() > KEPT_VALUE_BYTES => Err(v.len()),
+            v => Ok(v.clone()),
+        };
+        Kept { kind: request.kind, resource: request.body.resource.clone(), value }
+    }
+
+    /// The request as JSON text, `{"id", "type", "from", "to", "body":
+    /// {"resource", "value"}}` (`value` the request's JSON text as a
+    /// string, as the WIT message carries it), for the 408's value. When
+    /// the value was not kept, or would make the 408 larger than `max`
+    /// bytes, `body` has `"value-bytes": n` (its length) instead.
+    fn to_json(&self, id: u64, requester: &Address, responder: &Address, max: usize) -> String {
+        let text = |value: Result<&Option<String>, usize>| {
+            let mut body = serde_json::Map::new();
+            body.insert("resource".into(), self.resource.clone().into());
+            match value {
+                Ok(v) => body.insert("value".into(), v.clone().into()),
+                Err(n) => body.insert("value-bytes".into(), n.into()),
+            };
+            serde_json::json!({ "id": id, "type": self.kind.as_str(), "from": requester.as_str(), "to": responder.as_str(), "body": body })
+                .to_string()
+        };
+        let full = text(self.value.as_ref().map_err(|n| *n));
+        if full.len() <= max {
+            return full;
+        }
+        text(Err(self.value.as_ref().map_or_else(|n| *n, |v| v.as_ref().map_or(0, String::len))))
+    }
+}
+
+/// What a response is to its pending request.
+enum Answers {
+    /// A 1xx: the request stays pending.
+    Provisional,
+    /// The first final response: the request, no longer pending.
+    Final(Outstanding),
 }
 
 /// The pending requests, by requester then id (so one requester's count
@@ -573,7 +667,8 @@ impl Timer {
         p.next_seq += 1;
         let seq = p.next_seq;
         let earliest = p.by_deadline.first_key_value().is_none_or(|((first, _), _)| deadline < *first);
-        p.add(request.from.clone(), request.id, Outstanding { responder: request.to.clone(), deadline, seq, timeout });
+        let kept = Kept::of(request);
+        p.add(request.from.clone(), request.id, Outstanding { responder: request.to.clone(), deadline, seq, timeout, request: kept });
         drop(p);
         if earliest {
             self.wake.notify_one();
@@ -581,9 +676,21 @@ impl Timer {
         Ok(())
     }
 
-    /// Takes the request `response` answers, if it is pending and
-    /// `response` comes from the address the request went to.
-    fn take(&self, response: &Message) -> Option<Outstanding> {
+    /// What `response` is to the request it answers, if that is pending
+    /// and `response` comes from the address the request went to: a
+    /// provisional (1xx) one leaves it pending, a final one takes it.
+    fn answers(&self, response: &Message) -> Option<Answers> {
+        if provisional(response) {
+            let p = self.pending.lock().unwrap();
+            let o = p.by_requester.get(&response.to)?.get(&response.id)?;
+            return (o.responder == response.from).then_some(Answers::Provisional);
+        }
+        self.close(response).map(Answers::Final)
+    }
+
+    /// Takes the request `response` answers, whatever its code, if it is
+    /// pending and `response` comes from the address the request went to.
+    fn close(&self, response: &Message) -> Option<Outstanding> {
         let mut p = self.pending.lock().unwrap();
         let o = p.by_requester.get(&response.to)?.get(&response.id)?;
         if o.responder != response.from {
@@ -647,9 +754,12 @@ impl Timer {
                 let Some(inner) = bus.upgrade() else { return };
                 let bus = Bus { inner };
                 for ((requester, id), o) in expired {
+                    let description = format!("no response from {} within {} ms", o.responder, o.timeout.as_millis());
+                    let max = bus.inner.config.max_message_bytes.saturating_sub(requester.as_str().len() + o.responder.as_str().len() + description.len());
+                    let value = o.request.to_json(id, &requester, &o.responder, max);
                     let mut answer = Message::response(id, o.responder, requester, code::TIMEOUT);
-                    answer.body.description =
-                        Some(format!("no response from {} within {} ms", answer.from, o.timeout.as_millis()));
+                    answer.body.description = Some(description);
+                    answer.body.value = Some(value);
                     bus.deliver_answer(answer);
                 }
                 p = self.pending.lock().unwrap();

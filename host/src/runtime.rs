@@ -539,7 +539,8 @@ impl Runtime {
                 new_domains.push(domain.name.clone());
             }
             let sandbox = &deployed.sandboxes[&domain.name];
-            let address = self.hyperty_address(&domain.name, spec).map_err(|e| bundle.problem(&spec.at, "name", format!("{e:#}")))?;
+            let field = if spec.address.is_some() { "address" } else { "name" };
+            let address = self.hyperty_address(&domain.name, spec).map_err(|e| bundle.problem(&spec.at, field, format!("{e:#}")))?;
             let label: Arc<str> = format!("{}/{}", domain.name, spec.name).into();
             let descriptor = Arc::new(Descriptor {
                 domain: domain.name.clone(),
@@ -561,7 +562,10 @@ impl Runtime {
                 .instantiate(new)
                 .map_err(|e| bundle.problem(&spec.at, "component", format!("{e:#}")))?;
             let hyperty = DeployedHyperty { domain: domain.name.clone(), name: spec.name.clone(), address };
-            self.bus.add_route(hyperty.address.clone(), Route::Hyperty { inbox: sandbox.inbox(), instance, descriptor });
+            if !self.bus.add_route(hyperty.address.clone(), Route::Hyperty { inbox: sandbox.inbox(), instance, descriptor }) {
+                sandbox.remove(instance);
+                return Err(bundle.problem(&spec.at, field, format!("{} is taken: something in this runtime is at that address", hyperty.address)));
+            }
             self.registry.register(Registration {
                 address: hyperty.address.clone(),
                 kind: Kind::Hyperty,
@@ -616,6 +620,10 @@ impl Runtime {
     /// A fresh address for `spec`, or the one it had before if it asks to
     /// keep it (and there is a data directory to keep it in).
     fn hyperty_address(&self, domain: &str, spec: &HypertySpec) -> Result<Address> {
+        if let Some(address) = &spec.address {
+            anyhow::ensure!(!self.bus.is_routed(address), "{address} is taken: something in this runtime is at that address");
+            return Ok(address.clone());
+        }
         let fresh = || Address::new_hyperty(domain).into();
         let text = match (&self.store, spec.keep_address) {
             (Some(store), true) => store.address(&format!("hyperty/{domain}/{}", spec.name), fresh)?,

@@ -4,10 +4,17 @@
 //! (`<scheme>://<domain>/<uuid>`) becomes a route on the bus, so observers
 //! use plain messages: `subscribe` (accepted at once when invited, else the
 //! reporter is asked and its 200/403 decides), `read` (subscribers and the
-//! reporter: 200 with the state; others 401), `unsubscribe`. Only the
-//! reporter changes or deletes the object, through the import or by
-//! message; anyone else is refused 403 here, after and whatever the
-//! policies (which still apply to every message on the way). Observers are
+//! reporter: 200 with the state; for others the reporter is asked the same
+//! way: 200 with the state, else 401), `unsubscribe` (the reporter is told
+//! who left). Only the reporter changes or deletes the object, through the
+//! import or by message; anyone else is refused 403 here, after and
+//! whatever the policies (which still apply to every message on the way).
+//! Children are reTHINK's way for participants to contribute: the
+//! reporter or a subscriber creates one (import `set-child`, or a `create`
+//! to `<url>/children/<name>`, which the bus routes to the object), its
+//! creator alone replaces it, and it or the reporter removes it; every
+//! child delta names its creator, and goes to the reporter too when a
+//! subscriber made it. Observers are
 //! hyperties (and embedders' endpoints standing for them): `hyperty://`
 //! addresses; anything else (a data object's URL, a runtime or domain
 //! address) is refused as an observer.
@@ -25,7 +32,9 @@
 //! objects per domain and per hyperty, an object's size (the JSON text of
 //! its data and children, checked on a copy after every patch operation or
 //! child change, before it replaces the object), children, subscribers
-//! (and invitations); an object's bytes count in the domain's memory budget
+//! (and invitations; asks waiting for the reporter count as subscribers);
+//! children count for their object whoever created them; an object's bytes
+//! count in the domain's memory budget
 //! (`total-memory-mb`, with the guests' linear memories) until it is
 //! deleted. Depth: JSON text entering is checked by
 //! [`crate::message::validate_value`], and an object's data and children
@@ -46,7 +55,9 @@
 //! Objects are registered (kind `data-object`, their scheme, the reporter's
 //! user) while they exist, so they are discovered by scheme like anything
 //! else. `invite` also sends each new invitee reTHINK's invitation: a
-//! `create` from the object's URL with `{"url", "scheme", "reporter"}`.
+//! `create` from the object's URL with its state and `url` (only `{"url",
+//! "scheme", "reporter"}` when the state would pass the bus's message size
+//! limit).
 //!
 //! With a data directory, objects (durably, on every change) and their
 //! members (subscribed / invited; synced with the next object write) are
@@ -154,14 +165,18 @@ struct Object {
     version: u64,
     data: Value,
     children: BTreeMap<String, Value>,
+    /// Who created each child that the reporter did not (a subscriber):
+    /// only it updates the child; it or the reporter removes it.
+    creators: BTreeMap<String, Address>,
     subscribers: BTreeSet<Address>,
     invited: BTreeSet<Address>,
-    /// Subscriptions waiting for the reporter's answer.
+    /// Subscriptions and reads waiting for the reporter's answer.
     asking: usize,
     /// Bytes of the data's JSON text.
     data_bytes: usize,
-    /// Bytes of the data's and every child's JSON text and the children's
-    /// names: the size limited by `object-bytes` and charged to `account`.
+    /// Bytes of the data's and every child's JSON text, the children's
+    /// names and their creators' addresses (those not the reporter): the
+    /// size limited by `object-bytes` and charged to `account`.
     bytes: usize,
     account: Arc<Account>,
     /// Deleted: whoever still holds it finds nothing.
@@ -174,6 +189,7 @@ impl Object {
             "version": self.version,
             "data": self.data,
             "children": self.children,
+            "creators": self.creators.iter().map(|(name, c)| (name.clone(), Value::from(c.as_str()))).collect::<Map<_, _>>(),
             "reporter": self.reporter.as_str(),
             "user": self.user,
             "scheme": self.scheme,
@@ -201,6 +217,18 @@ impl Object {
         who == &self.reporter || self.subscribers.contains(who)
     }
 
+    /// Who created child `name` (if it exists).
+    fn creator(&self, name: &str) -> Option<&Address> {
+        self.children.contains_key(name).then(|| self.creators.get(name).unwrap_or(&self.reporter))
+    }
+
+    /// The bytes child `name` costs: its name, data and creator (if not
+    /// the reporter); 0 if there is no such child.
+    fn child_bytes(&self, name: &str) -> usize {
+        let Some(data) = self.children.get(name) else { return 0 };
+        name.len() + shape(data, usize::MAX).map_or(0, |s| s.bytes) + self.creators.get(name).map_or(0, |c| c.as_str().len())
+    }
+
     /// Charges the object to `account` from now on (a restored object, or
     /// a reporter restarted in a redeployed domain).
     fn bind(&mut self, account: &Arc<Account>) {
@@ -213,13 +241,15 @@ impl Object {
         }
     }
 
-    /// One message per subscriber, from the object's URL, about `resource`,
-    /// carrying `delta` with the (new) version.
-    fn deltas(&self, next_id: &AtomicU64, kind: MessageType, resource: String, mut delta: Map<String, Value>) -> Vec<Message> {
+    /// One message per subscriber (and to `also`, the reporter when a
+    /// subscriber made the change), from the object's URL, about
+    /// `resource`, carrying `delta` with the (new) version.
+    fn deltas(&self, next_id: &AtomicU64, kind: MessageType, resource: String, mut delta: Map<String, Value>, also: Option<&Address>) -> Vec<Message> {
         delta.insert("version".into(), self.version.into());
         let value = Value::Object(delta).to_string();
         self.subscribers
             .iter()
+            .chain(also.filter(|a| !self.subscribers.contains(*a)))
             .map(|subscriber| {
                 let id = next_id.fetch_add(1, Ordering::Relaxed);
                 let mut m = Message::new(id, kind, self.url.clone(), subscriber.clone(), Some(value.clone()));
@@ -238,8 +268,10 @@ struct Change {
     delta: Map<String, Value>,
 }
 
-/// A subscription waiting for the reporter's answer.
+/// A subscription or a read waiting for the reporter's answer.
 struct Asking {
+    /// `subscribe` or `read`.
+    kind: MessageType,
     url: Address,
     observer: Address,
     request_id: u64,
@@ -379,6 +411,7 @@ impl Syncher {
             version: 1,
             data,
             children: BTreeMap::new(),
+            creators: BTreeMap::new(),
             subscribers: BTreeSet::new(),
             invited: BTreeSet::new(),
             asking: 0,
@@ -421,22 +454,43 @@ impl Syncher {
         if o.invited.len() + new.len() > max {
             return Err(o.account.refuse(format!("{url} would have {} invited observers (object-subscribers = {max})", o.invited.len() + new.len())));
         }
-        let invitation = json!({ "url": o.url.as_str(), "scheme": o.scheme, "reporter": o.reporter.as_str() }).to_string();
-        let mut invitations = Vec::new();
+        let invitation = self.invitation(&o);
+        let mut invitees = Vec::new();
         for observer in new {
             o.invited.insert(observer.clone());
             self.persist_member(&o.url, observer, Some(Membership::Invited));
-            // reTHINK's invitation: a `create` from the object, so the
-            // observer knows to subscribe.
-            let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-            let mut m = Message::new(id, MessageType::Create, o.url.clone(), observer.clone(), Some(invitation.clone()));
-            m.body.resource = Some(o.url.to_string());
-            invitations.push(m);
+            invitees.push(observer.clone());
         }
-        let reporter = o.reporter.clone();
+        let (reporter, url) = (o.reporter.clone(), o.url.clone());
         drop(o);
-        self.send_all(&reporter, invitations);
+        // reTHINK's invitation: a `create` from the object, so the observer
+        // knows to subscribe; each made as it is sent, so a large state is
+        // not copied for every invitee at once.
+        let sender = self.bus.descriptor_of(&reporter);
+        for observer in invitees {
+            let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+            let mut m = Message::new(id, MessageType::Create, url.clone(), observer, Some(invitation.clone()));
+            m.body.resource = Some(url.to_string());
+            if let Err(e) = self.bus.send(m, None, sender.as_deref()) {
+                tracing::debug!(%url, "invitation not delivered ({e}); the observer may still subscribe");
+            }
+        }
         Ok(())
+    }
+
+    /// The invitation's value: the object's state (`version`, `data`,
+    /// `children`, `creators`, `reporter`, `user`, `scheme`) and its `url`;
+    /// when that would make the message larger than the bus takes, only
+    /// `url`, `scheme` and `reporter` (the invitee's `subscribe` brings the
+    /// state).
+    fn invitation(&self, o: &Object) -> String {
+        let mut state = o.state();
+        state["url"] = o.url.as_str().into();
+        let full = state.to_string();
+        if full.len() + 2 * o.url.as_str().len() + crate::address::MAX_ADDRESS_LEN <= self.bus.config().max_message_bytes {
+            return full;
+        }
+        json!({ "url": o.url.as_str(), "scheme": o.scheme, "reporter": o.reporter.as_str() }).to_string()
     }
 
     /// Applies a JSON Patch to the data of `url`; the new version.
@@ -449,7 +503,10 @@ impl Syncher {
         shape(&ops, MAX_JSON_DEPTH - 1).map_err(|e| SyncError::Invalid(format!("the patch is {e} (its delta adds one)")))?;
         let parsed: json_patch::Patch =
             serde_json::from_value(ops.clone()).map_err(|e| SyncError::Invalid(format!("not a JSON Patch (RFC 6902): {e}")))?;
-        self.change(caller, account, url, |o| {
+        self.modify(caller, account, url, |o| {
+            if &o.reporter != caller {
+                return Err(SyncError::Forbidden(format!("only its reporter {} changes {url}", o.reporter)));
+            }
             let room = (o.account.limits.object_bytes as usize).saturating_sub(o.bytes - o.data_bytes);
             let (data, measured) = patched(&o.data, &parsed, MAX_OBJECT_DEPTH, room).map_err(|e| match e {
                 PatchError::TooLarge { op, .. } => o.account.refuse(format!(
@@ -465,35 +522,76 @@ impl Syncher {
         })
     }
 
+    /// Creates or replaces child `name`, for the reporter or a subscriber
+    /// (see [`Syncher::set_child_as`]); the new version.
     pub fn set_child(&self, account: &Arc<Account>, url: &str, name: &str, data: &str) -> Result<u64, SyncError> {
+        self.set_child_as(&account.reporter, Some(account), url, name, data, None)
+    }
+
+    /// Sets child `name` of `url` for `caller`: the reporter or a
+    /// subscriber may create one (its creator); only its creator replaces
+    /// it. `exists`: `Some(false)` only creates, `Some(true)` only
+    /// replaces. Charged to the object (its reporter's domain), whoever
+    /// creates it. The new version; reporter (if the caller is not) and
+    /// subscribers get the delta, naming the creator.
+    fn set_child_as(&self, caller: &Address, account: Option<&Arc<Account>>, url: &str, name: &str, data: &str, exists: Option<bool>) -> Result<u64, SyncError> {
         check_child_name(name)?;
         let data = json_value(data, "the child's data")?;
-        let child_bytes = name.len() + object_shape(&data, "the child's data")?.bytes;
-        self.change(&account.reporter, Some(account), url, |o| {
+        let data_bytes = object_shape(&data, "the child's data")?.bytes;
+        self.modify(caller, account, url, |o| {
+            let creator = match o.creator(name) {
+                Some(creator) if creator != caller => {
+                    return Err(SyncError::Forbidden(format!("child {name:?} of {} was created by {creator}: only it changes it", o.url)));
+                }
+                Some(_) if exists == Some(false) => return Err(SyncError::Invalid(format!("{} has a child {name:?} already", o.url))),
+                Some(creator) => creator.clone(),
+                None if caller != &o.reporter && !o.subscribers.contains(caller) => {
+                    return Err(SyncError::Forbidden(format!("only its reporter {} and its subscribers add children to {}", o.reporter, o.url)));
+                }
+                None if exists == Some(true) => return Err(SyncError::NotFound(format!("{} has no child {name:?}", o.url))),
+                None => caller.clone(),
+            };
             let limits = &o.account.limits;
-            let old = o.children.get(name).map(|v| name.len() + shape(v, usize::MAX).map_or(0, |s| s.bytes));
-            if old.is_none() && o.children.len() >= limits.object_children as usize {
+            let existed = o.children.contains_key(name);
+            if !existed && o.children.len() >= limits.object_children as usize {
                 return Err(o.account.refuse(format!("{} has {} children (object-children = {})", o.url, o.children.len(), limits.object_children)));
             }
-            let bytes = o.bytes - old.unwrap_or(0) + child_bytes;
+            let by_observer = creator != o.reporter;
+            let new_cost = name.len() + data_bytes + if by_observer { creator.as_str().len() } else { 0 };
+            let bytes = o.bytes - o.child_bytes(name) + new_cost;
             o.account.check_size(o.url.as_str(), bytes)?;
             o.account.resize(o.bytes, bytes)?;
             o.bytes = bytes;
             o.children.insert(name.to_owned(), data.clone());
-            let kind = if old.is_some() { MessageType::Update } else { MessageType::Create };
-            Ok(Change { kind, resource: format!("{}/children/{name}", o.url), delta: Map::from_iter([("data".into(), data)]) })
+            if by_observer {
+                o.creators.insert(name.to_owned(), creator.clone());
+            }
+            let kind = if existed { MessageType::Update } else { MessageType::Create };
+            let delta = Map::from_iter([("data".into(), data), ("creator".into(), creator.as_str().into())]);
+            Ok(Change { kind, resource: format!("{}/children/{name}", o.url), delta })
         })
     }
 
+    /// Removes child `name`, for its creator or the reporter; the new version.
     pub fn remove_child(&self, account: &Arc<Account>, url: &str, name: &str) -> Result<u64, SyncError> {
-        self.change(&account.reporter, Some(account), url, |o| {
-            let Some(old) = o.children.remove(name) else {
+        self.remove_child_as(&account.reporter, Some(account), url, name)
+    }
+
+    fn remove_child_as(&self, caller: &Address, account: Option<&Arc<Account>>, url: &str, name: &str) -> Result<u64, SyncError> {
+        self.modify(caller, account, url, |o| {
+            let Some(creator) = o.creator(name).cloned() else {
                 return Err(SyncError::NotFound(format!("{url} has no child {name:?}")));
             };
-            let bytes = o.bytes - name.len() - shape(&old, usize::MAX).map_or(0, |s| s.bytes);
+            if caller != &creator && caller != &o.reporter {
+                return Err(SyncError::Forbidden(format!("child {name:?} of {} is removed by its creator {creator} or the reporter", o.url)));
+            }
+            let bytes = o.bytes - o.child_bytes(name);
             o.account.resize(o.bytes, bytes)?;
             o.bytes = bytes;
-            Ok(Change { kind: MessageType::Delete, resource: format!("{}/children/{name}", o.url), delta: Map::new() })
+            o.children.remove(name);
+            o.creators.remove(name);
+            let delta = Map::from_iter([("creator".into(), creator.as_str().into())]);
+            Ok(Change { kind: MessageType::Delete, resource: format!("{}/children/{name}", o.url), delta })
         })
     }
 
@@ -508,27 +606,31 @@ impl Syncher {
         Ok(object)
     }
 
-    /// Runs `change` on the object at `url` that `caller` reports, under
-    /// its lock (bound to `account` if given); on success the version goes
-    /// up by one, the record is kept and, once the lock is released, each
-    /// subscriber gets the delta. The new version.
-    fn change(
+    /// Runs `change` for `caller` on the object at `url`, under its lock
+    /// (`change` checks what `caller` may do; the object is bound to
+    /// `account` when `caller` is its reporter); on success the version
+    /// goes up by one, the record is kept and, once the lock is released,
+    /// each subscriber (and the reporter, if `caller` is not) gets the
+    /// delta. The new version.
+    fn modify(
         &self,
         caller: &Address,
         account: Option<&Arc<Account>>,
         url: &str,
         change: impl FnOnce(&mut Object) -> Result<Change, SyncError>,
     ) -> Result<u64, SyncError> {
-        let object = self.reported(url, caller)?;
+        let address = Address::parse(url).map_err(|e| SyncError::Invalid(format!("url: {e}")))?;
+        let object = self.object(&address)?;
         let mut o = object.lock().unwrap();
         live(&o)?;
-        if let Some(account) = account {
+        if let Some(account) = account.filter(|_| &o.reporter == caller) {
             o.bind(account);
         }
         let Change { kind, resource, delta } = change(&mut o)?;
         o.version += 1;
         self.persist(&o);
-        let deltas = o.deltas(&self.next_id, kind, resource, delta);
+        let also = (&o.reporter != caller).then(|| o.reporter.clone());
+        let deltas = o.deltas(&self.next_id, kind, resource, delta, also.as_ref());
         let (version, reporter) = (o.version, o.reporter.clone());
         drop(o);
         self.send_all(&reporter, deltas);
@@ -546,7 +648,7 @@ impl Syncher {
         o.deleted = true;
         o.version += 1;
         o.account.memory.release(o.bytes);
-        let deltas = o.deltas(&self.next_id, MessageType::Delete, o.url.to_string(), Map::new());
+        let deltas = o.deltas(&self.next_id, MessageType::Delete, o.url.to_string(), Map::new(), None);
         let (url, reporter) = (o.url.clone(), o.reporter.clone());
         drop(o);
         self.objects.write().unwrap().remove(&url, &reporter);
@@ -561,41 +663,49 @@ impl Syncher {
         Ok(())
     }
 
-    /// A message to an object's URL (its route): the observers' protocol.
+    /// A message to an object's URL (its route), or to one of its
+    /// children's (`<url>/children/<name>`): the observers' protocol.
     pub fn handle(&self, m: Message) {
         if m.kind == MessageType::Response {
             self.answered(m);
             return;
         }
-        let object = match self.object(&m.to) {
-            Ok(o) => o,
+        let found = match child_of(&m.to) {
+            Some((url, name)) if !self.objects.read().unwrap().by_url.contains_key(&m.to) => self.object(&url).map(|o| (o, Some(name))),
+            _ => self.object(&m.to).map(|o| (o, None)),
+        };
+        let (object, child) = match found {
+            Ok(found) => found,
             Err(e) => return self.reply(&m, code::NOT_FOUND, None, e.to_string(), None),
         };
-        let (reporter, deleted) = {
+        let (reporter, deleted, url) = {
             let o = object.lock().unwrap();
-            (o.reporter.clone(), o.deleted)
+            (o.reporter.clone(), o.deleted, o.url.clone())
         };
         let reply = |status, value, description: String| self.reply(&m, status, value, description, Some(&reporter));
         if deleted {
-            return reply(code::NOT_FOUND, None, format!("no data object {}", m.to));
+            return reply(code::NOT_FOUND, None, format!("no data object {url}"));
+        }
+        if let Some(name) = child {
+            return self.child_message(&m, url.as_str(), name, &reporter);
         }
         match m.kind {
-            MessageType::Subscribe => self.subscribe(&object, &m, &reporter),
+            MessageType::Subscribe | MessageType::Read => self.ask(&object, &m, &reporter),
             MessageType::Unsubscribe => {
                 let mut o = object.lock().unwrap();
-                if o.subscribers.remove(&m.from) {
+                let left = o.subscribers.remove(&m.from);
+                if left {
                     self.persist_member(&o.url, &m.from, o.invited.contains(&m.from).then_some(Membership::Invited));
                 }
                 drop(o);
                 reply(code::OK, None, String::new());
-            }
-            MessageType::Read => {
-                let o = object.lock().unwrap();
-                let state = (o.may_read(&m.from) && !o.deleted).then(|| o.state().to_string());
-                drop(o);
-                match state {
-                    Some(state) => reply(code::OK, Some(state), String::new()),
-                    None => reply(code::UNAUTHORIZED, None, format!("{} is not a subscriber of {}: subscribe first", m.from, m.to)),
+                if left {
+                    // The reporter is told, as it is asked when one comes.
+                    let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+                    let value = json!({ "observer": m.from.as_str() }).to_string();
+                    let mut told = Message::new(id, MessageType::Unsubscribe, url.clone(), reporter.clone(), Some(value));
+                    told.body.resource = Some(url.to_string());
+                    self.send_all(&reporter, vec![told]);
                 }
             }
             MessageType::Update | MessageType::Create | MessageType::Delete => {
@@ -603,15 +713,9 @@ impl Syncher {
                 let result = match m.kind {
                     MessageType::Update => self.update_as(&m.from, None, m.to.as_str(), m.body.value.as_deref().unwrap_or("[]")).map(drop),
                     MessageType::Delete => self.delete_as(&m.from, m.to.as_str()),
-                    _ => Err(SyncError::Invalid("objects are created with the syncher import".into())),
+                    _ => Err(SyncError::Invalid("objects are created with the syncher import; children at <url>/children/<name>".into())),
                 };
-                match result {
-                    Ok(()) => reply(code::OK, None, String::new()),
-                    Err(SyncError::Forbidden(why)) => reply(code::FORBIDDEN, None, why),
-                    Err(e @ SyncError::NotFound(_)) => reply(code::NOT_FOUND, None, e.to_string()),
-                    Err(e @ SyncError::Limit(_)) => reply(413, None, e.to_string()),
-                    Err(e) => reply(400, None, e.to_string()),
-                }
+                self.reply_result(&m, result.map(|()| None), &reporter);
             }
             _ => reply(
                 code::METHOD_NOT_ALLOWED,
@@ -621,25 +725,69 @@ impl Syncher {
         }
     }
 
-    fn subscribe(&self, object: &Arc<Mutex<Object>>, m: &Message, reporter: &Address) {
+    /// A message to child `name` of `url`: `create` (a new child, value
+    /// its JSON data; the reporter or a subscriber), `update` (replaces
+    /// its data; its creator), `delete` (its creator or the reporter),
+    /// answered 200 with `{"version"}`.
+    fn child_message(&self, m: &Message, url: &str, name: &str, reporter: &Address) {
+        let data = m.body.value.as_deref();
+        let result = match (m.kind, data) {
+            (MessageType::Create | MessageType::Update, None) => Err(SyncError::Invalid(format!("a {} of a child needs its data as the value", m.kind.as_str()))),
+            (MessageType::Create, Some(data)) => self.set_child_as(&m.from, None, url, name, data, Some(false)),
+            (MessageType::Update, Some(data)) => self.set_child_as(&m.from, None, url, name, data, Some(true)),
+            (MessageType::Delete, _) => self.remove_child_as(&m.from, None, url, name),
+            _ => {
+                let why = format!("a child of a data object takes create, update and delete, not {}", m.kind.as_str());
+                return self.reply(m, code::METHOD_NOT_ALLOWED, None, why, Some(reporter));
+            }
+        };
+        self.reply_result(m, result.map(|version| Some(json!({ "version": version }).to_string())), reporter);
+    }
+
+    /// Answers a write by message: 200 (with `value`), or the refusal:
+    /// 403 forbidden, 404 not found, 413 a limit, 400 invalid.
+    fn reply_result(&self, m: &Message, result: Result<Option<String>, SyncError>, reporter: &Address) {
+        let (status, value, why) = match result {
+            Ok(value) => (code::OK, value, String::new()),
+            Err(SyncError::Forbidden(why)) => (code::FORBIDDEN, None, why),
+            Err(e @ SyncError::NotFound(_)) => (code::NOT_FOUND, None, e.to_string()),
+            Err(e @ SyncError::Limit(_)) => (code::PAYLOAD_TOO_LARGE, None, e.to_string()),
+            Err(e) => (400, None, e.to_string()),
+        };
+        self.reply(m, status, value, why, Some(reporter));
+    }
+
+    /// A `subscribe` or `read` from an observer: accepted at once from the
+    /// reporter, a subscriber (and, to subscribe, an invitee); otherwise
+    /// the reporter is asked with a request of the same type from the
+    /// object's URL, `{"observer": <address>}`, and its answer decides
+    /// (see [`Syncher::answered`]). Asks waiting count with the
+    /// subscribers against `object-subscribers`.
+    fn ask(&self, object: &Arc<Mutex<Object>>, m: &Message, reporter: &Address) {
         let reply = |status, value, description: String| self.reply(m, status, value, description, Some(reporter));
+        let read = m.kind == MessageType::Read;
         if let Err(e) = observer(m.from.as_str()) {
-            return reply(code::FORBIDDEN, None, e.to_string());
+            let (status, why) = if read {
+                (code::UNAUTHORIZED, format!("{} is not a subscriber of {}, and not a hyperty the reporter could allow", m.from, m.to))
+            } else {
+                (code::FORBIDDEN, e.to_string())
+            };
+            return reply(status, None, why);
         }
         let mut o = object.lock().unwrap();
         if o.deleted {
             drop(o);
             return reply(code::NOT_FOUND, None, format!("no data object {}", m.to));
         }
-        let known = o.subscribers.contains(&m.from);
+        let known = o.may_read(&m.from) || (!read && o.invited.contains(&m.from));
         let max = o.account.limits.object_subscribers as usize;
         if !known && o.subscribers.len() + o.asking >= max {
             let e = o.account.refuse(format!("{} has {} subscribers (object-subscribers = {max})", o.url, o.subscribers.len() + o.asking));
             drop(o);
             return reply(code::FORBIDDEN, None, e.to_string());
         }
-        if known || o.may_read(&m.from) || o.invited.contains(&m.from) {
-            if o.subscribers.insert(m.from.clone()) {
+        if known {
+            if !read && o.subscribers.insert(m.from.clone()) {
                 self.persist_member(&o.url, &m.from, Some(Membership::Subscribed));
             }
             let state = o.state().to_string();
@@ -650,9 +798,9 @@ impl Syncher {
         o.asking += 1;
         drop(o);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let mut ask = Message::new(id, MessageType::Subscribe, m.to.clone(), reporter.clone(), Some(json!({ "observer": m.from.as_str() }).to_string()));
+        let mut ask = Message::new(id, m.kind, m.to.clone(), reporter.clone(), Some(json!({ "observer": m.from.as_str() }).to_string()));
         ask.body.resource = Some(m.to.to_string());
-        self.asking.lock().unwrap().insert(id, Asking { url: m.to.clone(), observer: m.from.clone(), request_id: m.id });
+        self.asking.lock().unwrap().insert(id, Asking { kind: m.kind, url: m.to.clone(), observer: m.from.clone(), request_id: m.id });
         let sender = self.bus.descriptor_of(reporter);
         if let Err(e) = self.bus.send(ask, Some(ACCEPT_TIMEOUT), sender.as_deref()) {
             // No answer will come: undo, unless the bus answered at once.
@@ -663,30 +811,39 @@ impl Syncher {
         }
     }
 
-    /// The reporter's answer to a forwarded subscription (or the host's 408).
+    /// The reporter's answer to a forwarded subscription or read (or the
+    /// host's 408). A provisional (1xx) answer is not one: the ask goes on
+    /// waiting. To a subscription, 200 subscribes the observer, anything
+    /// else is answered 403; to a read, 200 gives the state (no
+    /// subscription), anything else 401.
     fn answered(&self, response: Message) {
+        if crate::bus::provisional(&response) {
+            return;
+        }
         let Some(asking) = self.asking.lock().unwrap().remove(&response.id) else { return };
-        let request = Message::new(asking.request_id, MessageType::Subscribe, asking.observer.clone(), asking.url.clone(), None);
+        let request = Message::new(asking.request_id, asking.kind, asking.observer.clone(), asking.url.clone(), None);
         let Ok(object) = self.object(&asking.url) else {
             return self.reply(&request, code::NOT_FOUND, None, format!("no data object {}", asking.url), None);
         };
+        let read = asking.kind == MessageType::Read;
         let mut o = object.lock().unwrap();
         o.asking = o.asking.saturating_sub(1);
         let reporter = o.reporter.clone();
         let (status, state, why) = if o.deleted {
             (code::NOT_FOUND, None, format!("no data object {}", asking.url))
         } else if response.body.code == Some(code::OK) {
-            if o.subscribers.insert(asking.observer.clone()) {
+            if !read && o.subscribers.insert(asking.observer.clone()) {
                 self.persist_member(&o.url, &asking.observer, Some(Membership::Subscribed));
             }
             (code::OK, Some(o.state().to_string()), String::new())
         } else {
             let why = format!(
-                "the reporter did not accept the subscription (it answered {}{})",
+                "the reporter did not accept the {} (it answered {}{})",
+                if read { "read" } else { "subscription" },
                 response.body.code.unwrap_or(0),
                 response.body.description.map(|d| format!(": {d}")).unwrap_or_default()
             );
-            (code::FORBIDDEN, None, why)
+            (if read { code::UNAUTHORIZED } else { code::FORBIDDEN }, None, why)
         };
         drop(o);
         self.reply(&request, status, state, why, Some(&reporter));
@@ -718,10 +875,13 @@ impl Syncher {
         let reporter = address(v["reporter"].as_str())?;
         let data = v["data"].clone();
         let children: BTreeMap<String, Value> = serde_json::from_value(v["children"].clone()).map_err(|e| e.to_string())?;
+        // Kept before observers could create children: none.
+        let creators: BTreeMap<String, String> = serde_json::from_value(v["creators"].clone()).unwrap_or_default();
+        let creators = creators.into_iter().map(|(name, c)| Ok((name, Address::parse(c)?))).collect::<Result<BTreeMap<_, _>, String>>()?;
         let data_bytes = shape(&data, MAX_OBJECT_DEPTH)?.bytes;
         let mut bytes = data_bytes;
         for (name, child) in &children {
-            bytes += name.len() + shape(child, MAX_OBJECT_DEPTH)?.bytes;
+            bytes += name.len() + shape(child, MAX_OBJECT_DEPTH)?.bytes + creators.get(name).map_or(0, |c| c.as_str().len());
         }
         let (memory, events) = &self.unclaimed;
         let account = Account::new(reporter.clone(), reporter.as_str().into(), &Limits::default(), memory.clone(), events.clone());
@@ -734,6 +894,7 @@ impl Syncher {
             version: v["version"].as_u64().ok_or("no version")?,
             data,
             children,
+            creators,
             subscribers: BTreeSet::new(),
             invited: BTreeSet::new(),
             asking: 0,
@@ -789,6 +950,14 @@ fn observer(address: &str) -> Result<Address, SyncError> {
 /// A data object's registry name: its URL's path (unique in its domain).
 fn registry_name(url: &Address) -> String {
     url.as_str().split_once("://").and_then(|(_, rest)| rest.split_once('/')).map_or_else(|| url.to_string(), |(_, path)| path.to_owned())
+}
+
+/// The object URL and child name of a child's address,
+/// `<url>/children/<name>` (the name as [`check_child_name`] allows).
+pub(crate) fn child_of(address: &Address) -> Option<(Address, &str)> {
+    let (url, name) = address.as_str().rsplit_once("/children/")?;
+    check_child_name(name).ok()?;
+    Some((Address::parse(url).ok()?, name))
 }
 
 fn check_child_name(name: &str) -> Result<(), SyncError> {

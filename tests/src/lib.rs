@@ -5,6 +5,8 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+pub mod rethink;
+
 use hyperty_host::bundle::{BundleBuilder, Component, Domain, Hyperty, Idp, Protostub};
 use hyperty_host::events::RecvTimeoutError;
 use hyperty_host::{Address, Bundle, Digest, Endpoint, Event, EventReceiver, Message, MessageType, Runtime, RuntimeConfig};

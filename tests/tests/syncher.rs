@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use hyperty_host::syncher::{Applied, Replica};
 use hyperty_host::{Address, Endpoint, EventKind, Message, MessageType, Runtime, RuntimeConfig};
+use hyperty_tests::rethink::{ask, create};
 use hyperty_tests::*;
 use serde_json::{Value, json};
 
@@ -26,19 +27,6 @@ fn world(picky: bool) -> (Runtime, Driver, Address, Address, TestBundle) {
     let reporter = runtime.lookup("alice.example", "reporter").unwrap();
     let observer = runtime.lookup("bob.example", "observer").unwrap();
     (runtime, driver, reporter, observer, bundle)
-}
-
-fn create(driver: &mut Driver, reporter: &Address, data: Value) -> String {
-    let answer = driver.command(reporter, json!({ "op": "create", "scheme": "comm", "data": data }));
-    answer["url"].as_str().unwrap_or_else(|| panic!("create failed: {answer}")).to_owned()
-}
-
-/// `puppet` sends a `kind` request to `url`; the response it got, as JSON.
-fn ask(driver: &mut Driver, puppet: &Address, kind: &str, url: &str, value: Option<Value>) -> Value {
-    let id = driver.fresh_id();
-    let cmd = json!({ "op": "request", "message": { "id": id, "type": kind, "to": url, "value": value.map(|v| v.to_string()) } });
-    assert_eq!(driver.command(puppet, cmd), json!({ "ok": true }));
-    driver.report(puppet, |m| m["type"] == "response" && m["id"] == id)
 }
 
 /// A delta the observer puppet reported, as the message it got.
@@ -390,7 +378,8 @@ fn interleaved_writes_reads_and_subscriptions_all_return() {
     let runtime = Arc::new(runtime(Duration::from_secs(10)));
     let mut bundle = TestBundle::new();
     for i in 0..REPORTERS {
-        let config = json!({ "observer": format!("hyperty://stress.example/cmd{i}"), "echo": true });
+        // Answering every ask 100, then 200: provisional answers interleave too.
+        let config = json!({ "observer": format!("hyperty://stress.example/cmd{i}"), "echo": true, "provisional": true });
         bundle = bundle.hyperty(&format!("r{i}.example"), "reporter", &guest("puppet"), config);
     }
     runtime.deploy(&bundle.load()).unwrap();
@@ -466,6 +455,17 @@ fn interleaved_writes_reads_and_subscriptions_all_return() {
                     assert!(code == 200 || code == 401 || code == 403 || code == 404, "{answer:?}");
                     assert!(kind != MessageType::Delete || code != 200, "an observer deleted {url}");
                     *counts.entry(if code == 200 { kind.as_str() } else { "refused" }).or_default() += 1;
+                    if kind == MessageType::Subscribe && code == 200 {
+                        // A subscriber's own child: created, rewritten, removed.
+                        let child = Address::parse(format!("{url}/children/w{j}-{k}")).unwrap();
+                        for (op, value) in [(MessageType::Create, Some(json!({ "k": k }))), (MessageType::Update, Some(json!(k))), (MessageType::Delete, None)] {
+                            let what = format!("watcher {j}: {} {child}", op.as_str());
+                            let answer = watchdog.run(worker, what, || commander.request(op, &child, value));
+                            let code = answer.body.code.unwrap_or(0);
+                            assert!(code == 200 || code == 404, "{answer:?}");
+                            *counts.entry(if code == 200 { "child" } else { "refused" }).or_default() += 1;
+                        }
+                    }
                 }
             }
             done.send((worker, counts)).unwrap();
@@ -496,7 +496,7 @@ fn interleaved_writes_reads_and_subscriptions_all_return() {
         t.join().expect("a worker failed");
     }
     eprintln!("calls made in 3 s: {totals:?}");
-    for op in ["create", "update", "set-child", "delete", "subscribe", "read", "unsubscribe"] {
+    for op in ["create", "update", "set-child", "delete", "subscribe", "read", "unsubscribe", "child"] {
         assert!(totals.get(op).is_some_and(|n| *n > 0), "no {op} done: {totals:?}");
     }
 }

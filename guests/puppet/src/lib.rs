@@ -4,8 +4,8 @@
 //! - An `execute` request from the observer is a command, performed with the
 //!   hyperty's own imports and answered with `{"ok": true}` or
 //!   `{"error": "..."}`: `{"op": "send" | "request", "message": {...},
-//!   "timeout_ms": n, "pad": bytes}`, `{"op": "reply", "message": <a request>}`
-//!   (answered 200 with the request's value, whatever request it names), `{"op": "lookup", "domain": d, "name": n}`
+//!   "timeout_ms": n, "pad": bytes}`, `{"op": "reply", "message": <a request>, "code": c}`
+//!   (answered `code`, 200 by default, with the request's value, whatever request it names), `{"op": "lookup", "domain": d, "name": n}`
 //!   or `{"op": "discover", "query": {"user"|"name"|"type"|"domain"|"scheme": ...}}`,
 //!   or a syncher call: `{"op": "create", "scheme": s, "data": json}`,
 //!   `{"op": "invite", "url": u, "observers": [...]}`, `{"op": "update", "url": u,
@@ -15,8 +15,11 @@
 //!   gives the JSON text as is, `pad` a JSON string of that many bytes, and
 //!   `create` with `repeat: n` creates until n or the first error
 //!   (`{"urls", "error"}`).
-//! - With `reject_subscribe`, `subscribe` requests (a syncher asking the
-//!   reporter) are answered 403 instead of echoed.
+//! - With `reject_subscribe`, `subscribe` and `read` requests carrying
+//!   `{"observer"}` (a syncher asking the reporter) are answered 403
+//!   instead of echoed.
+//! - With `provisional`, every request it echoes is first answered 100
+//!   (reTHINK's subscribe flow answers 100, then 200).
 //! - As an observer it keeps a `Replica` of every data object whose state a
 //!   200 answer brought (subscribe, read), applies the deltas it gets, reads
 //!   again after a gap, and shows it on `{"op": "replica", "url": u}`.
@@ -40,6 +43,8 @@ struct Config {
     echo: bool,
     #[serde(default)]
     reject_subscribe: bool,
+    #[serde(default)]
+    provisional: bool,
 }
 
 struct State {
@@ -145,6 +150,9 @@ struct Command {
     /// first error; answered `{"urls": [...], "error": e | null}`.
     #[serde(default)]
     repeat: Option<u32>,
+    /// With `reply`: the response's code (200 by default).
+    #[serde(default)]
+    code: Option<u16>,
 }
 
 struct Puppet;
@@ -177,15 +185,20 @@ impl Guest for Puppet {
             if let Err(e) = bus::send(&forward) {
                 warn(&format!("cannot report to observer: {}", e.describe()));
             }
-            if state.config.reject_subscribe && msg.type_ == MessageType::Subscribe {
+            let asked = matches!(msg.type_, MessageType::Subscribe | MessageType::Read) && msg.value_str("observer").is_some();
+            if state.config.reject_subscribe && asked {
                 if let Err(e) = bus::reply(&msg, 403, None) {
                     warn(&format!("cannot refuse: {}", e.describe()));
                 }
-            } else if state.config.echo
-                && msg.type_ != MessageType::Response
-                && let Err(e) = bus::reply(&msg, 200, msg.body.value.as_deref())
-            {
-                warn(&format!("cannot echo: {}", e.describe()));
+            } else if state.config.echo && msg.type_ != MessageType::Response {
+                if state.config.provisional
+                    && let Err(e) = bus::reply(&msg, 100, None)
+                {
+                    warn(&format!("cannot answer 100: {}", e.describe()));
+                }
+                if let Err(e) = bus::reply(&msg, 200, msg.body.value.as_deref()) {
+                    warn(&format!("cannot echo: {}", e.describe()));
+                }
             }
         });
     }
@@ -237,7 +250,7 @@ fn run_command(state: &mut State, msg: &Message) -> Result<Value, String> {
             // Answers `message` (the request, as the puppet chooses to
             // describe it) with 200 and its value.
             let request = command.message.ok_or("command without message")?.into_message()?;
-            bus::reply(&request, 200, request.body.value.as_deref()).map_err(|e| e.describe())?;
+            bus::reply(&request, command.code.unwrap_or(200), request.body.value.as_deref()).map_err(|e| e.describe())?;
             Ok(json!({ "ok": true }))
         }
         "lookup" => Ok(json!({ "address": registry::lookup(&command.domain, &command.name) })),

@@ -558,7 +558,19 @@ impl InboundRequests {
     /// Takes the request `response` answers; false if there is none
     /// waiting (never asked, answered already, expired, or another address
     /// answering).
+    /// A provisional (1xx) response leaves the request waiting.
     pub fn take(&self, response: &Message) -> bool {
+        if crate::bus::provisional(response) {
+            let s = self.state.lock().unwrap();
+            let key = (response.to.clone(), response.id);
+            return s.by_key.get(&key).is_some_and(|a| a.responder == response.from && a.until > std::time::Instant::now());
+        }
+        self.close(response)
+    }
+
+    /// Takes the request `response` answers, whatever its code (a refused
+    /// response closes it too).
+    pub fn close(&self, response: &Message) -> bool {
         let key = (response.to.clone(), response.id);
         let mut s = self.state.lock().unwrap();
         match s.by_key.get(&key) {
