@@ -937,12 +937,13 @@ fn object_shape(value: &Value, what: &str) -> Result<hyperty_replica::Shape, Syn
 }
 
 /// An address that may observe a data object: a hyperty's (or an
-/// embedder's endpoint standing for one), never a data object's URL or a
-/// runtime's, domain's or protostub's address.
+/// embedder's endpoint standing for one) or an app's through the gateway
+/// (`app://`), never a data object's URL or a runtime's, domain's or
+/// protostub's address.
 fn observer(address: &str) -> Result<Address, SyncError> {
     let a = Address::parse(address).map_err(|e| SyncError::Invalid(format!("observer {address:?}: {e}")))?;
-    if a.scheme() != "hyperty" {
-        return Err(SyncError::Invalid(format!("{a} cannot observe a data object: observers are hyperties (hyperty:// addresses)")));
+    if a.scheme() != "hyperty" && a.scheme() != "app" {
+        return Err(SyncError::Invalid(format!("{a} cannot observe a data object: observers are hyperties or apps (hyperty://, app:// addresses)")));
     }
     Ok(a)
 }
