@@ -7,17 +7,17 @@
 // - Whenever what a page shows changes, it POSTs {page, seq, state,
 //   status, members, messages: [{user, text}]} to `<report>/report`.
 // - It takes commands from `<report>/command`: {op: "say", page, text}
-//   types and submits a message in that page's form; {op: "raw", frames}
-//   opens a WebSocket of its own to the gateway, sends `frames` (JSON) as
-//   soon as it is open and reports {page: "raw", received, code, reason}
-//   when the gateway closes it.
+//   types and submits a message in that page's form; {op: "raw", id,
+//   frames} opens a WebSocket of its own to the gateway, sends `frames`
+//   (JSON) as soon as it is open and reports {page: "raw", id, received,
+//   code, reason} when the gateway closes it.
 
 const params = new URLSearchParams(location.hash.slice(1));
 const report = params.get("report");
 /** @type {{name: string, domain: string, user: string}[]} */
 const pages = JSON.parse(params.get("pages") ?? "[]");
 /** @type {Map<string, HTMLIFrameElement>} */
-const frames = new Map();
+const pageFrames = new Map();
 let seq = 0;
 
 /** @param {any} body */
@@ -72,14 +72,14 @@ for (const page of pages) {
   frame.title = page.name;
   frame.src = `index.html#${new URLSearchParams({ domain: page.domain, user: page.user })}`;
   frame.addEventListener("load", () => watch(page.name, frame), { once: true });
-  frames.set(page.name, frame);
+  pageFrames.set(page.name, frame);
   document.body.append(frame);
 }
 
 /** @param {any} command */
 function run(command) {
   if (command.op === "say") {
-    const doc = /** @type {Document} */ (frames.get(command.page)?.contentDocument);
+    const doc = /** @type {Document} */ (pageFrames.get(command.page)?.contentDocument);
     const form = /** @type {HTMLFormElement} */ (doc.getElementById("say"));
     /** @type {HTMLInputElement} */ (form.elements.namedItem("text")).value = command.text;
     form.requestSubmit();
@@ -89,7 +89,7 @@ function run(command) {
     const ws = new WebSocket(`ws://${location.host}/`);
     ws.onopen = () => command.frames.forEach((/** @type {any} */ f) => ws.send(JSON.stringify(f)));
     ws.onmessage = (e) => received.push(JSON.parse(e.data));
-    ws.onclose = (e) => post({ page: "raw", received, code: e.code, reason: e.reason });
+    ws.onclose = (e) => post({ page: "raw", id: command.id, received, code: e.code, reason: e.reason });
   }
 }
 

@@ -22,7 +22,7 @@ try {
   const replica = await client.subscribe(params.get("url") ?? "");
   const show = (/** @type {string} */ change) => {
     const { version, data, children, deleted } = replica;
-    document.getElementById("state").textContent = JSON.stringify({ version, data, children, deleted }, null, 2);
+    (/** @type {HTMLElement} */ (document.getElementById("state"))).textContent = JSON.stringify({ version, data, children, deleted }, null, 2);
     post({ change, version, data, children, deleted });
   };
   replica.onChange((_, change) => show(change.kind));

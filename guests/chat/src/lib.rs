@@ -27,10 +27,11 @@
 //! host and answers each page with the host's answer (code and value); the
 //! host sees the relay's own user, the one its bundle binds it to. Requests
 //! without an identity are answered 401; subscribe asks for anyone not
-//! invited, 403. Every collection held is bounded.
+//! invited, 403. Every collection held is bounded (the invitations by the
+//! syncher's `object-subscribers` limit: 409 "the room is full").
 
 use std::cell::RefCell;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use hyperty_guest::{Applied, Body, Guest, Message, MessageType, Replica, bus, info, registry, syncher, warn};
 use serde::Deserialize;
@@ -42,8 +43,6 @@ pub const MAX_MESSAGES: usize = 100;
 pub const MAX_TEXT: usize = 500;
 /// Members of a room.
 pub const MAX_MEMBERS: usize = 64;
-/// Addresses invited to a room (pages and relays).
-pub const MAX_INVITED: usize = 1024;
 /// Requests a relay forwards at once.
 pub const MAX_RELAYED: usize = 64;
 
@@ -72,7 +71,6 @@ struct Room {
     /// Messages in the data now.
     messages: usize,
     next_seq: u64,
-    invited: BTreeSet<String>,
 }
 
 /// What a relay waits for, by request id.
@@ -137,7 +135,7 @@ impl Guest for Chat {
                 let data = json!({ "title": title, "members": [], "messages": [] });
                 let url = syncher::create("comm", &data.to_string()).map_err(|e| format!("cannot create the room: {e:?}"))?;
                 info(&format!("room {title:?} is {url}"));
-                Role::Host(Room { url, title, members: Vec::new(), messages: 0, next_seq: 1, invited: BTreeSet::new() })
+                Role::Host(Room { url, title, members: Vec::new(), messages: 0, next_seq: 1 })
             }
             (None, Some(host)) => {
                 let (d, name) = host.split_once('/').ok_or_else(|| format!("host {host:?} is not <domain>/<name>"))?;
@@ -231,17 +229,14 @@ impl Room {
     }
 
     /// Invites `observer` to the room and answers `msg` with the room.
-    fn invite(&mut self, msg: &Message, observer: &str) {
-        if !self.invited.contains(observer) {
-            if self.invited.len() >= MAX_INVITED {
-                return refuse(msg, 409, &format!("the room has {MAX_INVITED} observers, its limit"));
-            }
-            if let Err(e) = syncher::invite(&self.url, &[observer.to_owned()]) {
-                return refuse(msg, 503, &format!("cannot invite {observer}: {e:?}"));
-            }
-            self.invited.insert(observer.to_owned());
+    /// The syncher keeps (and bounds: `object-subscribers`) the
+    /// invitations, and forgets those of connections that close.
+    fn invite(&self, msg: &Message, observer: &str) {
+        match syncher::invite(&self.url, &[observer.to_owned()]) {
+            Ok(()) => answer(msg, 200, json!({ "room": self.url, "title": self.title })),
+            Err(syncher::SyncError::Limit(why)) => refuse(msg, 409, &format!("the room is full: {why}")),
+            Err(e) => refuse(msg, 503, &format!("cannot invite {observer}: {e:?}")),
         }
-        answer(msg, 200, json!({ "room": self.url, "title": self.title }));
     }
 }
 
