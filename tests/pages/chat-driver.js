@@ -11,9 +11,15 @@
 //   frames} opens a WebSocket of its own to the gateway, sends `frames`
 //   (JSON) as soon as it is open and reports {page: "raw", id, received,
 //   code, reason} when the gateway closes it.
+// With `hold` (an URL of the same endpoint) instead of `report`, for a
+// screenshot (`--virtual-time-budget`): until every page is ready (or
+// failed) it keeps a request to `<hold>/command` pending, which pauses
+// Chromium's virtual time, so the budget is spent on a page that has
+// rendered the room, not on one still logging in.
 
 const params = new URLSearchParams(location.hash.slice(1));
 const report = params.get("report");
+const hold = params.get("hold");
 /** @type {{name: string, domain: string, user: string}[]} */
 const pages = JSON.parse(params.get("pages") ?? "[]");
 /** @type {Map<string, HTMLIFrameElement>} */
@@ -56,6 +62,7 @@ function watch(name, frame) {
     const now = JSON.stringify(snapshot(doc));
     if (now === last) return;
     last = now;
+    changed();
     post({ page: name, ...JSON.parse(now) });
   };
   new MutationObserver(() => {
@@ -91,6 +98,27 @@ function run(command) {
     ws.onmessage = (e) => received.push(JSON.parse(e.data));
     ws.onclose = (e) => post({ page: "raw", id: command.id, received, code: e.code, reason: e.reason });
   }
+}
+
+/** Called whenever a page's view changes. */
+let changed = () => {};
+
+if (hold) {
+  const controller = new AbortController();
+  const settled = (/** @type {HTMLIFrameElement} */ f) => {
+    const doc = f.contentDocument;
+    const state = doc?.body?.dataset.state;
+    return state === "error" || (state === "ready" && (doc?.querySelectorAll("#members li").length ?? 0) > 0);
+  };
+  // Not a timer: timers wait on virtual time, which the hold pauses.
+  changed = () => {
+    if ([...pageFrames.values()].every(settled)) controller.abort();
+  };
+  (async () => {
+    while (!controller.signal.aborted) {
+      await fetch(`${hold}/command`, { signal: controller.signal }).catch(() => {});
+    }
+  })();
 }
 
 if (report) {
