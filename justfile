@@ -8,10 +8,19 @@ demo: setup
     cargo run --release -q -p hyperty-host -- pin guests/demo/bundle.toml
     cargo run --release -q -p hyperty-host -- run guests/demo/bundle.toml --exit-when-idle
 
+# Run the chat app: alice.example and bob.example chat from two browser
+# tabs through their hyperties and the app gateway (guests/chat).
+chat: setup
+    cargo build --release -p hyperty-tests -p hyperty-host
+    cargo run --release -q -p hyperty-host -- pin guests/chat/bundle.toml
+    @echo "open http://127.0.0.1:8080/#domain=alice.example&user=alice@alice.example"
+    @echo " and http://127.0.0.1:8080/#domain=bob.example&user=bob@bob.example"
+    cargo run --release -q -p hyperty-host -- run guests/chat/bundle.toml
+
 # Run every test (builds the guest components first), with HOME pointed at
 # an empty directory that must still be empty afterwards: no test may write
 # into the home of whoever runs them (~/.local/share/hyperty, ~/.cache/hyperty).
-test: setup nats
+test: setup nats chromium
     #!/usr/bin/env bash
     set -euo pipefail
     export CARGO_HOME="${CARGO_HOME:-$HOME/.cargo}" RUSTUP_HOME="${RUSTUP_HOME:-$HOME/.rustup}"
@@ -54,6 +63,16 @@ nats:
     sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo -n"
     export DEBIAN_FRONTEND=noninteractive
     $sudo apt-get install -y -q nats-server || { $sudo apt-get update -q && $sudo apt-get install -y -q nats-server; }
+
+# Install Debian's chromium, the browser the browser tests run headless
+# (the test harness also installs it if missing).
+chromium:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    command -v chromium >/dev/null && exit 0
+    sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo -n"
+    export DEBIAN_FRONTEND=noninteractive
+    $sudo apt-get install -y -q chromium || { $sudo apt-get update -q && $sudo apt-get install -y -q chromium; }
 
 # Install what the recipes need: the wasm32-wasip2 standard library.
 setup:
