@@ -39,7 +39,8 @@ export const handler = hyperty({
         bus.send(forged);
         reply(msg, 200, { refused: null });
       } catch (e) {
-        reply(msg, 200, { refused: { kind: e.tag } });
+        // The WIT error variant, as componentize-qjs throws it.
+        reply(msg, 200, { refused: { kind: e.payload?.tag } });
       }
     } else if (c.spin) {
       for (;;) {}

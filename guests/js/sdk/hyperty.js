@@ -244,12 +244,17 @@ function jsonText(v) {
   return v === undefined ? null : JSON.stringify(v);
 }
 
-/** Calls an import, turning its WIT error variant into `make(tag, val)`. */
+/**
+ * Calls an import, turning its WIT error variant into `make(tag, val)`.
+ * componentize-qjs throws an import's `result` error as an `Error` whose
+ * `payload` is the variant `{tag, val}`.
+ */
 function call(make, f) {
   try {
     return f();
   } catch (e) {
-    if (e && typeof e === "object" && "tag" in e) throw make(e.tag, e.val);
+    const variant = e?.payload ?? e;
+    if (variant && typeof variant === "object" && typeof variant.tag === "string") throw make(variant.tag, variant.val);
     throw e;
   }
 }
