@@ -17,6 +17,23 @@ chat: setup
     @echo " and http://127.0.0.1:8080/#domain=bob.example&user=bob@bob.example"
     cargo run --release -q -p hyperty-host -- run guests/chat/bundle.toml
 
+# The mixed demo: alice.example's Rust ping plays with bob.example's pong
+# written in JavaScript (guests/js/pong). Its own recipe, not `just demo`'s
+# pong: JavaScript components are not byte-reproducible (the QuickJS
+# snapshot differs from build to build), so this bundle is re-pinned to the
+# components just built before it runs, while the main demo's pins hold.
+js-demo: setup
+    cargo build --release -p hyperty-tests -p hyperty-host
+    cargo run --release -q -p hyperty-host -- pin guests/demo/mixed.toml
+    cargo run --release -q -p hyperty-host -- run guests/demo/mixed.toml --exit-when-idle
+
+# Build one JavaScript hyperty into a component of the `hyperty` world:
+# `just js-guest guests/js/pong/pong.js` writes guests/target/js/pong.wasm.
+# Installs the pinned npm packages (jco's QuickJS backend) outside the
+# clone first if missing. See guests/js/README.md.
+js-guest file:
+    guests/js/build.sh guests/target/js {{file}}
+
 # Run every test (builds the guest components first), with HOME pointed at
 # an empty directory that must still be empty afterwards: no test may write
 # into the home of whoever runs them (~/.local/share/hyperty, ~/.cache/hyperty).
@@ -35,12 +52,14 @@ test: setup nats chromium
 
 # Benchmarks (release build): bus throughput and latency, instantiation;
 # runtime to runtime through NATS beside NATS's own client-to-client figures;
-# syncher subscribe latency and fan-out to 1, 100 and 10,000 observers.
+# syncher subscribe latency and fan-out to 1, 100 and 10,000 observers;
+# JavaScript hyperties beside Rust ones (msg/s, instantiation, memory).
 bench: setup nats
     cargo bench -p hyperty-tests --bench bus
     cargo bench -p hyperty-tests --bench nats
     cargo bench -p hyperty-tests --bench syncher
     cargo bench -p hyperty-tests --bench gateway
+    cargo bench -p hyperty-tests --bench js
 
 # Build the guest components into guests/target/wasm32-wasip2/release.
 guests: setup

@@ -12,6 +12,8 @@ use std::process::Command;
 
 const TARGET: &str = "wasm32-wasip2";
 
+include!("build_js.rs");
+
 fn main() {
     let manifest_dir = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").unwrap());
     let repo = manifest_dir.parent().unwrap().to_path_buf();
@@ -52,6 +54,7 @@ fn main() {
     let out = guests.join("target").join(TARGET).join("release");
     println!("cargo:rustc-env=HYPERTY_GUESTS_DIR={}", out.display());
     println!("cargo:rustc-env=HYPERTY_REPO_DIR={}", repo.display());
+    build_js(&repo);
 }
 
 /// Installs the wasm32-wasip2 standard library through rustup if missing.

@@ -906,7 +906,7 @@ impl Syncher {
         for (observer, membership) in members {
             let observer = Address::parse(observer)?;
             if observer.scheme() != "hyperty" {
-                continue; // kept before observers had to be hyperties
+                continue; // kept before observers had to be hyperties; app connections do not outlive a runtime
             }
             match membership {
                 Membership::Subscribed => object.subscribers.insert(observer),

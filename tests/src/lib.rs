@@ -3,6 +3,7 @@
 //! right pins, and a runtime wired for tests.
 
 pub mod browser;
+pub mod js;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
