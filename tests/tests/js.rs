@@ -391,7 +391,7 @@ fn a_js_component_is_pinned_signed_cached_and_refused_when_tampered() {
     let repinned = bundle();
     let err = runtime.deploy(&repinned.load()).unwrap_err().to_string();
     assert!(err.contains("does not verify: the component or its signature was tampered with"), "{err}");
-    let err = hyperty_host::runtime::check_file(&repinned.write(), config()).err().expect("check refuses it too").to_string();
+    let err = hyperty_host::runtime::check_file(&repinned.write(), config()).expect_err("check refuses it too").to_string();
     assert!(err.contains("does not verify"), "{err}");
     assert!(runtime.lookup("bob.example", "pong").is_none());
 }
@@ -404,7 +404,7 @@ fn a_js_component_of_another_world_is_refused_as_clearly_as_a_rust_one() {
         let bundle = TestBundle::new().hyperty("carol.example", "c", component, json!({}));
         // `hyperty check` is this function and an exit code.
         let config = RuntimeConfig { cache_dir: cache_dir(), ..RuntimeConfig::default() };
-        let checked = hyperty_host::runtime::check_file(&bundle.write(), config).err().expect("check refuses it").to_string();
+        let checked = hyperty_host::runtime::check_file(&bundle.write(), config).expect_err("check refuses it").to_string();
         let deployed = runtime.deploy(&bundle.load()).unwrap_err().to_string();
         (checked, deployed)
     };
@@ -417,4 +417,28 @@ fn a_js_component_of_another_world_is_refused_as_clearly_as_a_rust_one() {
     assert!(js_check.contains("hyperties[0]"), "names where: {js_check}");
     assert!(runtime.lookup("carol.example", "c").is_none());
     driver.still_works(&a, &b);
+}
+
+#[test]
+fn the_mixed_demo_plays_every_round_between_rust_and_javascript() {
+    host_log();
+    // `just js-demo` re-pins guests/demo/mixed.toml before running it (JS
+    // builds are not byte-reproducible): the same on a copy whose paths
+    // point at the guests built for this test run.
+    let dir = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(repo().join("guests/demo/mixed.toml")).unwrap();
+    let bundle = dir.path().join("mixed.toml");
+    std::fs::write(&bundle, text.replace("\"../target/", &format!("\"{}/guests/target/", repo().display()))).unwrap();
+    let dirs = CliDirs::new();
+    assert_eq!(dirs.cli(&["pin".as_ref(), bundle.as_os_str()]), ExitCode::SUCCESS);
+    let code = dirs.cli(&["run".as_ref(), bundle.as_os_str(), "--exit-when-idle".as_ref()]);
+    let log = host_log();
+    assert!(code == ExitCode::SUCCESS, "the mixed demo failed:\n{log}");
+    for round in 1..=3 {
+        let from = format!("got \"ping {round}\" from alice@idp.example (asserted by idp.example) at hyperty://alice.example/");
+        assert!(log.contains(&from), "the JS pong heard round {round}: {log}");
+        assert!(log.contains(&format!("bob.example/pong answered \"pong {round}\" (round {round} of 3)")), "{log}");
+    }
+    assert!(log.contains("bob.example/pong: ready to answer pings (JavaScript)"), "{log}");
+    assert!(log.contains("game over: every ping got its pong"), "{log}");
 }
