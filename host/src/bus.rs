@@ -434,7 +434,7 @@ impl Bus {
                 && let Err(limit) = inner.inbound.record(&message, stub, wait)
             {
                 let why = format!("{limit} requests that came through the protostub of {stub} already wait for an answer here");
-                self.answer(&message, code::UNAVAILABLE, why);
+                self.answer_taken(&message, code::UNAVAILABLE, why);
                 return Ok(());
             }
             None
@@ -512,7 +512,14 @@ impl Bus {
             tracing::debug!(id = message.id, to = %message.to, code, "undeliverable response: {description}");
             return;
         }
-        let answer = message.answer(code, description);
+        self.deliver_final_answer(message.answer(code, description));
+    }
+
+    /// Delivers `answer`, the host's own final answer to a request the bus
+    /// already passed on to its destination (which then failed it: a trap,
+    /// a stopped or restarting instance): the request is no longer pending,
+    /// so its requester gets this answer and no 408 later.
+    pub fn deliver_final_answer(&self, answer: Message) {
         self.inner.timer.close(&answer);
         self.deliver_answer(answer);
     }

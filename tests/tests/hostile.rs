@@ -142,10 +142,23 @@ fn trap_on_every_message_is_restarted_with_backoff_and_keeps_its_address() {
         // Asked only once it is live again: the message it dies on gets 500.
         let (code, why) = c.poke(json!({}));
         assert_eq!(code, 500, "{why}");
+        assert_eq!(c.runtime.pending_requests(), 0, "the 500 ends the request: no 408 follows it");
         assert!(c.trapped().contains("panicked"));
         assert_eq!(c.restarted(), failures, "consecutive failures");
     }
     assert_eq!(c.runtime.lookup(EVIL, "x"), Some(c.evil.clone()), "a restarted hyperty keeps its address");
+    c.driver.still_works(&c.a, &c.b);
+}
+
+#[test]
+fn a_request_to_a_restarting_hyperty_is_answered_503_and_ends_there() {
+    let mut c = case("trap", json!({ "restart": { "initial-backoff-ms": 60000, "max-backoff-ms": 60000 } }));
+    assert_eq!(c.poke(json!({})).0, 500);
+    assert!(c.trapped().contains("panicked"));
+    let (code, why) = c.poke(json!({}));
+    assert_eq!(code, 503, "{why}");
+    assert!(why.contains("is restarting after a failure"), "{why}");
+    assert_eq!(c.runtime.pending_requests(), 0, "the 503 ends the request: no 408 follows it");
     c.driver.still_works(&c.a, &c.b);
 }
 

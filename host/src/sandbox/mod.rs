@@ -343,7 +343,7 @@ impl Sandbox {
     fn deliver(&mut self, instance: u32, message: Message) {
         let Some(slot) = self.slots.get_mut(instance as usize).and_then(Option::as_mut) else {
             let why = format!("{} has been removed", message.to);
-            self.shared.bus.answer(&message, code::NOT_FOUND, why);
+            self.shared.bus.answer_taken(&message, code::NOT_FOUND, why);
             return;
         };
         let running = match (&mut slot.status, slot.running.as_mut()) {
@@ -351,12 +351,12 @@ impl Sandbox {
             (Status::Live, Some(running)) => running,
             (Status::Restarting { .. }, _) | (Status::Live, None) => {
                 let why = format!("{} is restarting after a failure; try again later", message.to);
-                self.shared.bus.answer(&message, code::UNAVAILABLE, why);
+                self.shared.bus.answer_taken(&message, code::UNAVAILABLE, why);
                 return;
             }
             (Status::Stopped, _) => {
                 let why = format!("{} has stopped after a failure", message.to);
-                self.shared.bus.answer(&message, code::UNAVAILABLE, why);
+                self.shared.bus.answer_taken(&message, code::UNAVAILABLE, why);
                 return;
             }
         };
@@ -376,7 +376,7 @@ impl Sandbox {
                     // The message that made it trap gets an answer, not silence.
                     let mut answer = Message::response(message.id, to, from, code::INTERNAL_ERROR);
                     answer.body.description = Some(format!("{} failed while handling this message: {reason}", answer.from));
-                    self.shared.bus.deliver_answer(answer);
+                    self.shared.bus.deliver_final_answer(answer);
                 }
             }
         }
