@@ -107,6 +107,7 @@ fn main() {
         ..GatewayConfig::default()
     };
     let gateway = runtime.serve_gateway("127.0.0.1:0".parse().unwrap(), config).unwrap();
+    let at = gateway.local_addr();
     let echo = echo_server();
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     rt.block_on(async move {
@@ -115,7 +116,7 @@ fn main() {
         let (echo_times, echo_total) =
             measure(&mut ws, |i| json!({ "id": i, "type": "execute", "to": "x", "body": { "value": { "n": i } } }).to_string(), |_, _| {}).await;
         let (echo_rate, echo_p50) = report("bare tokio-tungstenite echo", echo_times, echo_total);
-        let mut ws = connect(gateway.local_addr()).await;
+        let mut ws = connect(at).await;
         ws.send(WsMessage::text(json!({ "type": "login", "user": "alice@alice.example" }).to_string())).await.unwrap();
         let login: Value = serde_json::from_str(&next_text(&mut ws).await).unwrap();
         assert_eq!(login["type"], "login", "{login}");

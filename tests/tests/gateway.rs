@@ -625,7 +625,7 @@ origins = ["http://ok.example:8080", "http://127.0.0.1:8080/", "ftp://x.example"
 "carol.example" = ["carol@carol.example"]
 "#,
     );
-    let e = hyperty_host::Bundle::parse(&text, &manifest).err().expect("refused");
+    let e = hyperty_host::Bundle::parse(&text, &manifest).expect_err("refused");
     let problems: Vec<(String, String)> = e.problems.iter().map(|p| (p.field.clone(), p.message.clone())).collect();
     let expect = [
         ("gateway.listen", "\"localhost\" is not <ip>:<port>"),
@@ -737,7 +737,7 @@ async fn apps_observe_data_objects_and_closing_forgets_them() {
 
 #[tokio::test]
 async fn pending_requests_and_subscriptions_per_connection_are_bounded() {
-    let mut w = world(GatewayConfig { max_pending: 3, max_subscriptions: 1, ..dev() }, false);
+    let w = world(GatewayConfig { max_pending: 3, max_subscriptions: 1, ..dev() }, false);
     let mut c = login(&w.gateway).await;
     let mut other = login(&w.gateway).await;
     for id in 1..=3 {
