@@ -19,7 +19,7 @@
 //! its domain's `max-pending`) and by deadline for the timer thread, so an
 //! entry and its timer disappear with the first final response, the 408 or
 //! the requester. A provisional (1xx) response is delivered and leaves its
-//! request, and its timer, pending. The 408 carries the request back in its
+//! request, and its timer, pending (at most [`MAX_PROVISIONAL`] a request). The 408 carries the request back in its
 //! `body.value` (reTHINK's 408 did), its value kept up to
 //! [`KEPT_VALUE_BYTES`]. A response refused on the path (policies 403,
 //! identity 401) closes its request: the requester gets that code at once
@@ -563,6 +563,11 @@ pub(crate) fn provisional(response: &Message) -> bool {
     response.body.code.is_some_and(|c| (100..200).contains(&c))
 }
 
+/// Provisional (1xx) responses delivered per request; more are dropped
+/// (a responder cannot flood its requester through `reply`, which is not
+/// rate-limited because it answers only pending requests).
+pub(crate) const MAX_PROVISIONAL: u32 = 16;
+
 /// The most of a request's `body.value` kept while it is pending, to be
 /// returned in its 408 (see [`Kept`]): with `max-pending` requests per
 /// hyperty, the host holds at most that many times this much for it.
@@ -575,6 +580,8 @@ struct Outstanding {
     seq: u64,
     timeout: Duration,
     request: Kept,
+    /// Provisional responses delivered so far.
+    provisional: u32,
 }
 
 /// What a 408 tells of its request (reTHINK returned the request in the
@@ -675,7 +682,7 @@ impl Timer {
         let seq = p.next_seq;
         let earliest = p.by_deadline.first_key_value().is_none_or(|((first, _), _)| deadline < *first);
         let kept = Kept::of(request);
-        p.add(request.from.clone(), request.id, Outstanding { responder: request.to.clone(), deadline, seq, timeout, request: kept });
+        p.add(request.from.clone(), request.id, Outstanding { responder: request.to.clone(), deadline, seq, timeout, request: kept, provisional: 0 });
         drop(p);
         if earliest {
             self.wake.notify_one();
@@ -685,12 +692,17 @@ impl Timer {
 
     /// What `response` is to the request it answers, if that is pending
     /// and `response` comes from the address the request went to: a
-    /// provisional (1xx) one leaves it pending, a final one takes it.
+    /// provisional (1xx) one leaves it pending (up to [`MAX_PROVISIONAL`]
+    /// of them; later ones answer nothing), a final one takes it.
     fn answers(&self, response: &Message) -> Option<Answers> {
         if provisional(response) {
-            let p = self.pending.lock().unwrap();
-            let o = p.by_requester.get(&response.to)?.get(&response.id)?;
-            return (o.responder == response.from).then_some(Answers::Provisional);
+            let mut p = self.pending.lock().unwrap();
+            let o = p.by_requester.get_mut(&response.to)?.get_mut(&response.id)?;
+            if o.responder != response.from || o.provisional >= MAX_PROVISIONAL {
+                return None;
+            }
+            o.provisional += 1;
+            return Some(Answers::Provisional);
         }
         self.close(response).map(Answers::Final)
     }

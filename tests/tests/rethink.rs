@@ -52,6 +52,17 @@ fn a_provisional_response_keeps_the_request_and_its_timer_pending_until_the_firs
     reply(&mut driver, &b, &at_b, 404);
     let late = driver.before_marker(&a);
     assert!(late.iter().all(|m| reported(m)["type"] != "response"), "{late:?}");
+    // At most 16 provisional responses a request: a responder cannot flood
+    // through `reply`, which has no rate limit. The final one still closes it.
+    request(&mut driver, &a, &b, 13, json!(null), 60_000);
+    let at_b = driver.report(&b, |m| m["type"] == "read" && m["id"] == 13);
+    for _ in 0..20 {
+        reply(&mut driver, &b, &at_b, 100);
+    }
+    let seen = driver.before_marker(&a);
+    assert_eq!(seen.iter().filter(|m| reported(m)["type"] == "response" && reported(m)["id"] == 13).count(), 16);
+    reply(&mut driver, &b, &at_b, 200);
+    assert_eq!(driver.report(&a, |m| m["type"] == "response" && m["id"] == 13)["code"], 200);
     // The timer keeps running after a 1xx: with no final answer, a 408.
     request(&mut driver, &a, &b, 8, json!(null), 300);
     let at_b = driver.report(&b, |m| m["type"] == "read" && m["id"] == 8);

@@ -510,6 +510,8 @@ struct Awaited {
     responder: Address,
     until: std::time::Instant,
     stub: String,
+    /// Provisional (1xx) responses that went out for it.
+    provisional: u32,
 }
 
 impl InboundState {
@@ -549,7 +551,7 @@ impl InboundRequests {
         }
         let key = (request.from.clone(), request.id);
         s.remove(&key);
-        let awaited = Awaited { responder: request.to.clone(), until: now + wait.min(Self::MAX_WAIT), stub: stub.to_owned() };
+        let awaited = Awaited { responder: request.to.clone(), until: now + wait.min(Self::MAX_WAIT), stub: stub.to_owned(), provisional: 0 };
         s.by_key.insert(key, awaited);
         *s.per_stub.entry(stub.to_owned()).or_default() += 1;
         Ok(())
@@ -558,12 +560,17 @@ impl InboundRequests {
     /// Takes the request `response` answers; false if there is none
     /// waiting (never asked, answered already, expired, or another address
     /// answering).
-    /// A provisional (1xx) response leaves the request waiting.
+    /// A provisional (1xx) response leaves the request waiting; at most
+    /// [`crate::bus::MAX_PROVISIONAL`] of them go out per request.
     pub fn take(&self, response: &Message) -> bool {
         if crate::bus::provisional(response) {
-            let s = self.state.lock().unwrap();
+            let mut s = self.state.lock().unwrap();
             let key = (response.to.clone(), response.id);
-            return s.by_key.get(&key).is_some_and(|a| a.responder == response.from && a.until > std::time::Instant::now());
+            let Some(a) = s.by_key.get_mut(&key).filter(|a| a.responder == response.from && a.until > std::time::Instant::now()) else {
+                return false;
+            };
+            a.provisional += 1;
+            return a.provisional <= crate::bus::MAX_PROVISIONAL;
         }
         self.close(response)
     }
