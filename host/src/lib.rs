@@ -71,6 +71,9 @@
 //! // Bad input names the field.
 //! let err = app.message(MessageType::Create, "hyperty://alice.example/x").value("{oops").build().unwrap_err();
 //! assert_eq!(err.field, "body.value");
+//! // The runtime's own addresses take no endpoint.
+//! let refused = runtime.endpoint("domain://registry.alice.example", 16).err().unwrap();
+//! assert!(refused.to_string().contains("the domain's own services"));
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 //!

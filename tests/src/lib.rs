@@ -626,8 +626,17 @@ impl TestBundle {
         if let (Some(c), Some(e)) = (config.as_object_mut(), extra.get("config").and_then(Value::as_object)) {
             c.extend(e.clone());
         }
-        let mut stub = Protostub::new(pinned_file(&guest("nats-stub")), []).set("endpoints", json!(servers)).config(config);
-        for (k, v) in extra.as_object().into_iter().flatten().filter(|(k, _)| *k != "config") {
+        // Another component (a test stub) may come in `extra`, with its pin.
+        let mut component = match extra.get("component").and_then(Value::as_str) {
+            Some(path) => pinned_file(Path::new(path)),
+            None => pinned_file(&guest("nats-stub")),
+        };
+        if let Some(pin) = extra.get("sha256").and_then(Value::as_str) {
+            component = component.pinned(Digest::parse(pin).unwrap());
+        }
+        let mut stub = Protostub::new(component, []).set("endpoints", json!(servers)).config(config);
+        let entry_keys = ["config", "component", "sha256"];
+        for (k, v) in extra.as_object().into_iter().flatten().filter(|(k, _)| !entry_keys.contains(&k.as_str())) {
             stub = stub.set(k, v.clone());
         }
         self.builder = self.builder.protostub(domain, stub);

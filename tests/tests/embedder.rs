@@ -304,17 +304,24 @@ fn events_come_through_the_crates_receiver_blocking_or_not() {
     });
     let trapped = trapped.unwrap();
     assert!(trapped.address == evil && matches!(&trapped.kind, EventKind::Trapped { reason } if reason.contains("panic")), "{trapped:?}");
-    // Once the runtime is gone, a waiting receiver is told so rather than
+    // Once the runtime is gone, a receiver waiting is told so rather than
     // left waiting (after the events still kept for it).
     let mut late = runtime.events();
     drop(e);
-    drop(runtime);
-    loop {
-        match late.recv_timeout(Duration::from_secs(10)) {
-            Ok(_) => continue,
-            Err(end) => break assert_eq!(end, RecvTimeoutError::Closed),
-        }
-    }
+    let end = std::thread::scope(|s| {
+        let waiter = s.spawn(move || {
+            loop {
+                match late.recv_timeout(Duration::from_secs(10)) {
+                    Ok(_) => continue,
+                    Err(end) => break (end, late),
+                }
+            }
+        });
+        drop(runtime);
+        waiter.join().unwrap()
+    });
+    let (end, mut late) = end;
+    assert_eq!(end, RecvTimeoutError::Closed);
     assert!(matches!(late.recv(), Err(RecvError::Closed)));
     assert_eq!(late.try_recv(), Err(TryRecvError::Closed));
 }
