@@ -40,6 +40,7 @@ bench: setup nats
     cargo bench -p hyperty-tests --bench bus
     cargo bench -p hyperty-tests --bench nats
     cargo bench -p hyperty-tests --bench syncher
+    cargo bench -p hyperty-tests --bench gateway
 
 # Build the guest components into guests/target/wasm32-wasip2/release.
 guests: setup

@@ -27,6 +27,15 @@
 //! component = "idp-jwt.wasm"
 //! sha256 = "…"
 //! config = { issuer = "idp.example", signing-key = "…" }
+//!
+//! # optional: the app gateway (see ARCHITECTURE.md, "Gateway"), started by
+//! # `hyperty run` when present; its flags (`--gateway` …) override it.
+//! [gateway]
+//! listen = "127.0.0.1:8080"            # the default
+//! origins = ["http://127.0.0.1:8080"]  # default: the gateway's own origin only
+//! static = "app"                       # files served over HTTP, relative to this file
+//! [gateway.dev-users]                  # development mode: logins without assertion
+//! "alice.example" = ["alice@alice.example"]
 //! ```
 //!
 //! Every problem is reported as a [`Problem`] naming the file, the line and
@@ -57,6 +66,25 @@ pub struct Bundle {
     pub idps: Vec<IdpSpec>,
     /// Protostubs, by the domain they carry messages to.
     pub protostubs: Vec<ProtostubSpec>,
+    /// The `[gateway]` section, if any.
+    pub gateway: Option<GatewaySpec>,
+}
+
+/// The `[gateway]` section of a bundle: how `hyperty run` serves the app
+/// gateway ([`crate::gateway`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct GatewaySpec {
+    /// Where to listen (`listen`; `None`: the CLI's default).
+    pub listen: Option<std::net::SocketAddr>,
+    /// Page origins allowed to connect (`origins`, RFC 6454 serialized:
+    /// `scheme://host[:port]`); empty: the gateway's own.
+    pub origins: Vec<String>,
+    /// The directory of static files (`static`), resolved against the
+    /// manifest's directory.
+    pub static_dir: Option<PathBuf>,
+    /// Development users by domain (`dev-users`): a login naming one of
+    /// them needs no assertion.
+    pub dev_users: BTreeMap<String, Vec<String>>,
 }
 
 /// A protostub of a bundle: how to reach a domain that runs elsewhere.
@@ -200,6 +228,21 @@ struct RawBundle {
     idps: BTreeMap<Spanned<String>, RawIdp>,
     #[serde(default)]
     protostubs: BTreeMap<Spanned<String>, RawProtostub>,
+    #[serde(default)]
+    gateway: Option<RawGateway>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawGateway {
+    #[serde(default)]
+    listen: Option<Spanned<String>>,
+    #[serde(default)]
+    origins: Vec<Spanned<String>>,
+    #[serde(default, rename = "static")]
+    static_dir: Option<String>,
+    #[serde(default)]
+    dev_users: BTreeMap<Spanned<String>, Vec<Spanned<String>>>,
 }
 
 #[derive(Deserialize)]
@@ -451,11 +494,44 @@ impl Bundle {
                 },
             });
         }
+        let gateway = raw.gateway.map(|raw| {
+            let listen = raw.listen.and_then(|l| match l.get_ref().parse() {
+                Ok(addr) => Some(addr),
+                Err(e) => {
+                    problems.push(problem(Some(l.span()), "gateway.listen".into(), format!("{:?} is not <ip>:<port>: {e}", l.get_ref())));
+                    None
+                }
+            });
+            for origin in &raw.origins {
+                if let Err(e) = validate_origin(origin.get_ref()) {
+                    problems.push(problem(Some(origin.span()), "gateway.origins".into(), e));
+                }
+            }
+            let mut dev_users = BTreeMap::new();
+            for (domain, users) in raw.dev_users {
+                let field = format!("gateway.dev-users.{:?}", domain.get_ref());
+                if !domains.iter().any(|d| &d.name == domain.get_ref()) {
+                    problems.push(problem(Some(domain.span()), field.clone(), format!("{} is not a domain of the bundle", domain.get_ref())));
+                }
+                for user in &users {
+                    if user.get_ref().is_empty() || user.get_ref().chars().any(char::is_control) {
+                        problems.push(problem(Some(user.span()), field.clone(), format!("{:?} is not a user name", user.get_ref())));
+                    }
+                }
+                dev_users.insert(domain.into_inner(), users.into_iter().map(Spanned::into_inner).collect());
+            }
+            GatewaySpec {
+                listen,
+                origins: raw.origins.into_iter().map(Spanned::into_inner).collect(),
+                static_dir: raw.static_dir.map(|d| base.join(d)),
+                dev_users,
+            }
+        });
         if !problems.is_empty() {
             return Err(BundleError { problems });
         }
         let name = raw.name.unwrap_or_else(|| path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default());
-        Ok(Bundle { path: path.to_owned(), name, domains, idps, protostubs })
+        Ok(Bundle { path: path.to_owned(), name, domains, idps, protostubs, gateway })
     }
 
     /// A problem about `field` of the entry at `at` (a hyperty or an IdP);
@@ -479,6 +555,38 @@ fn checked<T: Default>(
         report(value.span(), e);
     }
     value.into_inner()
+}
+
+/// Checks that `origin` is a serialized origin as a browser sends it in the
+/// `Origin` header (RFC 6454 §6.1): `http` or `https`, a host, an optional
+/// port, nothing else (no path, not even `/`).
+pub fn validate_origin(origin: &str) -> Result<(), String> {
+    let bad = |why: &str| Err(format!("{origin:?} is not an origin (scheme://host[:port]): {why}"));
+    let Some((scheme, rest)) = origin.split_once("://") else { return bad("no scheme") };
+    if scheme != "http" && scheme != "https" {
+        return bad("the scheme is not http or https");
+    }
+    let (host, port) = match rest.strip_prefix('[') {
+        Some(v6) => match v6.split_once(']') {
+            Some((host, "")) => (host, None),
+            Some((host, port)) => match port.strip_prefix(':') {
+                Some(port) => (host, Some(port)),
+                None => return bad("characters after the IPv6 address"),
+            },
+            None => return bad("an unclosed ["),
+        },
+        None => match rest.split_once(':') {
+            Some((host, port)) => (host, Some(port)),
+            None => (rest, None),
+        },
+    };
+    if port.is_some_and(|p| p.is_empty() || !p.bytes().all(|b| b.is_ascii_digit()) || p.parse::<u16>().is_err()) {
+        return bad("the port is not a number up to 65535");
+    }
+    if host.is_empty() || !host.bytes().all(|b| b.is_ascii_alphanumeric() || b"-.:".contains(&b)) {
+        return bad("the host has characters no host name has (a path or a query?)");
+    }
+    Ok(())
 }
 
 /// What toml's "integer number overflowed" means for `literal`: a radix

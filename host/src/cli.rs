@@ -52,17 +52,8 @@ enum Command {
         /// domains' registries.
         #[arg(long, default_value_t = 60_000)]
         registry_keep_alive_ms: u64,
-        /// Serve the WebSocket app gateway on this address (e.g.
-        /// 127.0.0.1:8080; see ARCHITECTURE.md, "Gateway").
-        #[arg(long, value_name = "ADDR")]
-        gateway: Option<std::net::SocketAddr>,
-        /// Page origins allowed to connect to the gateway (default: only its
-        /// own, http://ADDR). Repeatable.
-        #[arg(long, value_name = "ORIGIN", requires = "gateway")]
-        gateway_origin: Vec<String>,
-        /// Development mode: gateway logins without an assertion act for USER.
-        #[arg(long, value_name = "USER", requires = "gateway")]
-        gateway_dev_user: Option<String>,
+        #[command(flatten)]
+        gateway: GatewayFlags,
     },
     /// Add a user to or remove one from a group in a groups file.
     Group {
@@ -95,6 +86,64 @@ enum Command {
     },
 }
 
+/// The app gateway's flags; they override the bundle's `[gateway]`.
+#[derive(clap::Args)]
+struct GatewayFlags {
+    /// Serve the app gateway (WebSocket and static files) on this address
+    /// (e.g. 127.0.0.1:8080; see ARCHITECTURE.md, "Gateway"). A bundle with
+    /// a [gateway] section is served without it (on its `listen`, else
+    /// 127.0.0.1:8080).
+    #[arg(long, value_name = "ADDR")]
+    gateway: Option<std::net::SocketAddr>,
+    /// Page origins allowed to connect to the gateway, instead of the
+    /// bundle's (default: only its own, http://ADDR). Repeatable.
+    #[arg(long, value_name = "ORIGIN")]
+    gateway_origin: Vec<String>,
+    /// Development mode: a gateway login naming USER in DOMAIN needs no
+    /// assertion (added to the bundle's dev-users). Repeatable.
+    #[arg(long, value_name = "DOMAIN=USER", value_parser = parse_dev_user)]
+    gateway_dev_user: Vec<(String, String)>,
+    /// Serve the static files of DIR over HTTP, instead of the bundle's.
+    #[arg(long, value_name = "DIR")]
+    gateway_static: Option<PathBuf>,
+}
+
+fn parse_dev_user(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((domain, user)) if !domain.is_empty() && !user.is_empty() => Ok((domain.to_owned(), user.to_owned())),
+        _ => Err(format!("{text:?} is not DOMAIN=USER")),
+    }
+}
+
+/// Where the gateway listens when neither the flag nor the bundle says.
+const DEFAULT_GATEWAY: &str = "127.0.0.1:8080";
+
+impl GatewayFlags {
+    /// Where and how to serve the gateway, from the bundle's section and
+    /// these flags; `None` if neither asks for it.
+    fn config(self, bundle: &Bundle) -> anyhow::Result<Option<(std::net::SocketAddr, GatewayConfig)>> {
+        let options = !self.gateway_origin.is_empty() || !self.gateway_dev_user.is_empty() || self.gateway_static.is_some();
+        let spec = match (&bundle.gateway, self.gateway) {
+            (Some(spec), _) => spec.clone(),
+            (None, Some(_)) => crate::bundle::GatewaySpec::default(),
+            (None, None) if options => {
+                anyhow::bail!("--gateway-origin, --gateway-dev-user and --gateway-static need --gateway or a [gateway] section in the bundle")
+            }
+            (None, None) => return Ok(None),
+        };
+        let addr = self.gateway.or(spec.listen).unwrap_or_else(|| DEFAULT_GATEWAY.parse().expect("a socket address"));
+        let mut config = GatewayConfig::from_spec(&spec);
+        for (domain, user) in self.gateway_dev_user {
+            config.dev_users.entry(domain).or_default().push(user);
+        }
+        if !self.gateway_origin.is_empty() {
+            config.allowed_origins = self.gateway_origin;
+        }
+        config.static_dir = self.gateway_static.or(config.static_dir);
+        Ok(Some((addr, config)))
+    }
+}
+
 /// Runs the CLI with `args` (the first is the program name).
 pub fn main_with_args<I, T>(args: I) -> ExitCode
 where
@@ -120,12 +169,7 @@ where
             serve_registry,
             registry_keep_alive_ms,
             gateway,
-            gateway_origin,
-            gateway_dev_user,
         } => {
-            let gateway = gateway.map(|addr| {
-                (addr, GatewayConfig { allowed_origins: gateway_origin, dev_user: gateway_dev_user, ..GatewayConfig::default() })
-            });
             let config = RuntimeConfig {
                 request_timeout: Duration::from_millis(request_timeout_ms),
                 serve_registries: serve_registry,
@@ -212,13 +256,17 @@ fn run(
     path: &std::path::Path,
     config: RuntimeConfig,
     exit_when_idle: bool,
-    gateway: Option<(std::net::SocketAddr, GatewayConfig)>,
+    gateway: GatewayFlags,
 ) -> anyhow::Result<()> {
     let bundle = Bundle::load(path)?;
+    let gateway = gateway.config(&bundle)?;
     let runtime = Runtime::new(config)?;
     tracing::info!("runtime {}: deploying bundle {:?} ({} domains)", runtime.address(), bundle.name, bundle.domains.len());
     runtime.deploy(&bundle)?;
     let _gateway = gateway.map(|(addr, config)| runtime.serve_gateway(addr, config)).transpose()?;
+    if let Some(gateway) = &_gateway {
+        println!("app gateway: http://{}/", gateway.local_addr());
+    }
     if exit_when_idle {
         runtime.wait_idle(Duration::MAX);
         tracing::info!("every hyperty is idle; stopping");

@@ -9,9 +9,8 @@
 //! message; anyone else is refused 403 here, after and whatever the
 //! policies (which still apply to every message on the way). Observers are
 //! hyperties (and embedders' endpoints standing for them): `hyperty://`
-//! addresses, and app gateway connections (`app://`); anything else (a
-//! data object's URL, a runtime or domain address) is refused as an
-//! observer.
+//! addresses; anything else (a data object's URL, a runtime or domain
+//! address) is refused as an observer.
 //!
 //! Decision: **deltas are JSON Patch (RFC 6902, `json-patch` crate)**,
 //! versioned per object: every change of the data or a child bumps the
@@ -745,8 +744,8 @@ impl Syncher {
         };
         for (observer, membership) in members {
             let observer = Address::parse(observer)?;
-            if !OBSERVER_SCHEMES.contains(&observer.scheme()) {
-                continue; // kept before observers had to be hyperties or apps
+            if observer.scheme() != "hyperty" {
+                continue; // kept before observers had to be hyperties
             }
             match membership {
                 Membership::Subscribed => object.subscribers.insert(observer),
@@ -776,17 +775,14 @@ fn object_shape(value: &Value, what: &str) -> Result<hyperty_replica::Shape, Syn
     shape(value, MAX_OBJECT_DEPTH).map_err(|e| SyncError::Invalid(format!("{what} is too deep: {e} (a data object's limit)")))
 }
 
-/// The schemes of addresses that may observe a data object: hyperties
-/// (and embedders' endpoints standing for them) and app gateway
-/// connections (`app://`), never a data object's URL or a runtime's,
-/// domain's or protostub's address.
-const OBSERVER_SCHEMES: [&str; 2] = ["hyperty", "app"];
-
-/// An address that may observe a data object (see [`OBSERVER_SCHEMES`]).
+/// An address that may observe a data object: a hyperty's (or an
+/// embedder's endpoint standing for one) or an app's through the gateway
+/// (`app://`), never a data object's URL or a runtime's, domain's or
+/// protostub's address.
 fn observer(address: &str) -> Result<Address, SyncError> {
     let a = Address::parse(address).map_err(|e| SyncError::Invalid(format!("observer {address:?}: {e}")))?;
-    if !OBSERVER_SCHEMES.contains(&a.scheme()) {
-        return Err(SyncError::Invalid(format!("{a} cannot observe a data object: observers are hyperties (hyperty:// addresses) and apps (app://)")));
+    if a.scheme() != "hyperty" && a.scheme() != "app" {
+        return Err(SyncError::Invalid(format!("{a} cannot observe a data object: observers are hyperties or apps (hyperty://, app:// addresses)")));
     }
     Ok(a)
 }

@@ -321,7 +321,7 @@ fn only_hyperties_observe() {
     let other = create(&mut driver, &reporter, json!({}));
     for bad in [other.as_str(), "runtime://alice.example/x", "domain://registry.alice.example"] {
         let answer = driver.command(&reporter, json!({ "op": "invite", "url": url, "observers": ["hyperty://bob.example/fine", bad] }));
-        assert_eq!(answer["error"], format!("invalid: {bad} cannot observe a data object: observers are hyperties (hyperty:// addresses) and apps (app://)"), "{answer}");
+        assert_eq!(answer["error"], format!("invalid: {bad} cannot observe a data object: observers are hyperties or apps (hyperty://, app:// addresses)"), "{answer}");
     }
     // A non-hyperty endpoint subscribing: 403, and nothing was invited by the refused calls.
     let stranger = runtime.endpoint("runtime://carol.example/stranger", 16).unwrap();

@@ -126,6 +126,18 @@ impl Identities {
         self.domains.read().unwrap().get(domain).cloned().unwrap_or_default()
     }
 
+    /// Whether `domain` is a provider domain of this runtime (deployed).
+    pub(crate) fn hosts(&self, domain: &str) -> bool {
+        self.domains.read().unwrap().contains_key(domain)
+    }
+
+    /// The provider domains of this runtime, sorted.
+    pub(crate) fn hosted(&self) -> Vec<String> {
+        let mut domains: Vec<String> = self.domains.read().unwrap().keys().cloned().collect();
+        domains.sort();
+        domains
+    }
+
     /// Forgets `domain`.
     pub fn remove_domain(&self, domain: &str) {
         self.domains.write().unwrap().remove(domain);

@@ -62,6 +62,18 @@ impl std::fmt::Display for PolicyError {
 
 impl std::error::Error for PolicyError {}
 
+/// What the app gateway knows of one of its connections: the attributes of
+/// its `Rethink::App` entity (see the schema).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AppPrincipal {
+    /// The page's origin, as its `Origin` header said (RFC 6454).
+    pub origin: String,
+    /// The provider domain it logged in to.
+    pub domain: String,
+    /// The user it logged in as.
+    pub user: String,
+}
+
 /// One compiled policy set.
 struct Compiled {
     set: PolicySet,
@@ -99,6 +111,9 @@ pub struct CedarPolicies {
     sources: Mutex<Sources>,
     /// Why the last [`reload`](CedarPolicies::reload) was refused, if it was.
     refused: Mutex<Option<PolicyError>>,
+    /// The gateway's connections by address (`app://…`), for their `App`
+    /// entities; one entry per open connection.
+    apps: RwLock<HashMap<String, AppPrincipal>>,
 }
 
 impl CedarPolicies {
@@ -117,6 +132,7 @@ impl CedarPolicies {
             state: RwLock::new(Arc::new(state)),
             sources: Mutex::default(),
             refused: Mutex::default(),
+            apps: RwLock::default(),
         }
     }
 
@@ -171,6 +187,45 @@ impl CedarPolicies {
             s.groups = groups;
             s.groups_file = Some(file.to_owned());
         })
+    }
+
+    /// Makes `address` (an `app://` address) the `App` entity `app` in
+    /// every decision about its messages, until [`remove_app`](Self::remove_app).
+    /// An address is never reused, so decisions cached for it stay right.
+    pub fn add_app(&self, address: &Address, app: AppPrincipal) {
+        self.apps.write().unwrap().insert(address.as_str().to_owned(), app);
+    }
+
+    /// Forgets the `App` entity of `address`.
+    pub fn remove_app(&self, address: &Address) {
+        self.apps.write().unwrap().remove(address.as_str());
+    }
+
+    /// The entities of a decision about `m`: the groups and users, plus the
+    /// `App` entity of each end that is an `app://` address (an app nobody
+    /// registered has origin "" and user `User::""`).
+    fn entities_for<'s>(&self, state: &'s State, m: &Message) -> Result<std::borrow::Cow<'s, Entities>, String> {
+        let ends = [&m.from, &m.to];
+        if !ends.iter().any(|a| a.scheme() == "app") {
+            return Ok(std::borrow::Cow::Borrowed(&state.entities));
+        }
+        let apps = self.apps.read().unwrap();
+        let mut entities = Vec::new();
+        for address in ends.into_iter().filter(|a| a.scheme() == "app") {
+            let app = apps.get(address.as_str());
+            let s = |v: &str| RestrictedExpression::new_string(v.to_owned());
+            let attributes = HashMap::from([
+                ("origin".to_owned(), s(app.map_or("", |a| &a.origin))),
+                ("domain".to_owned(), s(app.map_or(address.domain(), |a| &a.domain))),
+                ("user".to_owned(), RestrictedExpression::new_entity_uid(user_uid(app.map_or("", |a| &a.user)))),
+            ]);
+            let entity = Entity::new(address_uid(address), attributes, HashSet::new()).map_err(|e| e.to_string())?;
+            if !entities.iter().any(|e: &Entity| e.uid() == entity.uid()) {
+                entities.push(entity);
+            }
+        }
+        drop(apps);
+        state.entities.clone().add_entities(entities, Some(&self.schema)).map(std::borrow::Cow::Owned).map_err(|e| e.to_string())
     }
 
     /// Parses and validates policy `files` without applying them.
@@ -386,13 +441,14 @@ impl CedarPolicies {
             _ => state.domains.get(domain),
         };
         let Some(compiled) = compiled else { return Decision::Permit };
-        let request = match self.request(point, message, parties, now) {
+        let request = self.request(point, message, parties, now).and_then(|r| Ok((r, self.entities_for(state, message)?)));
+        let (request, entities) = match request {
             Ok(r) => r,
             Err(e) => {
                 return Decision::Deny { policies: vec![], reason: format!("the request cannot be evaluated: {e}") };
             }
         };
-        let response = Authorizer::new().is_authorized(&request, &compiled.set, &state.entities);
+        let response = Authorizer::new().is_authorized(&request, &compiled.set, &entities);
         let diagnostics = response.diagnostics();
         for error in diagnostics.errors() {
             tracing::warn!("policy evaluation error (the policy is skipped): {error}");
@@ -518,7 +574,7 @@ impl Default for CedarPolicies {
 /// which would dominate an uncached decision).
 fn type_name(name: &'static str) -> EntityTypeName {
     static NAMES: std::sync::LazyLock<HashMap<&'static str, EntityTypeName>> = std::sync::LazyLock::new(|| {
-        ["Group", "User", "Action", "Hyperty", "Runtime", "Service", "DataObject"]
+        ["Group", "User", "Action", "Hyperty", "Runtime", "Service", "DataObject", "App"]
             .into_iter()
             .map(|n| (n, EntityTypeName::from_str(&format!("Rethink::{n}")).expect("valid type name")))
             .collect()
@@ -532,6 +588,7 @@ fn address_uid(address: &Address) -> EntityUid {
         "hyperty" => "Hyperty",
         "runtime" => "Runtime",
         "domain" => "Service",
+        "app" => "App",
         _ => "DataObject",
     };
     EntityUid::from_type_name_and_id(type_name(kind), EntityId::new(address.as_str()))

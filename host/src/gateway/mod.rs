@@ -1,22 +1,32 @@
 //! The app gateway: browser apps reach hyperties over WebSocket (RFC 6455)
-//! on HTTP/1.1, one connection per app instance.
+//! on HTTP/1.1, one connection per app instance. One gateway serves every
+//! provider domain of the runtime.
 //!
+//! - **HTTP** (module `http`): a request without `Upgrade: websocket` is a
+//!   `GET`/`HEAD` of a file of [`GatewayConfig::static_dir`] (`index.html`
+//!   for a directory) or of the JavaScript client at [`CLIENT_PATH`]; other
+//!   methods 405, nothing there 404. The request head is at most
+//!   [`GatewayConfig::max_head_bytes`] (else 431) and must arrive within
+//!   [`GatewayConfig::login_timeout`]; a plain exchange ends within
+//!   [`GatewayConfig::http_timeout`].
 //! - **Handshake**: the `Origin` header must be one of
 //!   [`GatewayConfig::allowed_origins`] (by default only the gateway's own
 //!   origin, `http://<bound address>`), else HTTP 403. A query string is
 //!   refused (400): credentials never travel in the URL, only in the login
 //!   frame. Over [`GatewayConfig::max_connections`] (or the per-IP limit)
 //!   the connection is answered HTTP 503 and closed before any handshake.
-//! - **Login first**: the first frame must be `{"type":"login","assertion":
-//!   {"idp":..,"token":..}}`, validated by the proxy of that IdP (which must
-//!   be the IdP of the gateway's domain), or, with a development user
-//!   configured, `{"type":"login"}`. Anything else, or nothing within
-//!   [`GatewayConfig::login_timeout`], closes the connection with 1008
-//!   (policy violation) and the reason. The answer is `{"type":"login",
-//!   "address":"app://<domain>/<uuid>","user":..}`.
+//! - **Login first**: the first frame must be `{"type":"login","domain"?:..,
+//!   "assertion":{"idp":..,"token":..}}`, validated by the proxy of that
+//!   IdP (which must be the IdP of the domain), or `{"type":"login",
+//!   "domain"?:..,"user":..}` naming a development user of the domain
+//!   ([`GatewayConfig::dev_users`]). `domain` must be a provider domain of
+//!   the runtime; it may be left out when the runtime has only one.
+//!   Anything else, or nothing within [`GatewayConfig::login_timeout`],
+//!   closes the connection with 1008 (policy violation) and the reason. The
+//!   answer is `{"type":"login","address":"app://<domain>/<uuid>","user":..}`.
 //! - **Messages**: the connection is then an [`Endpoint`] at its address,
 //!   bound to the user (identity and policies see it as a hyperty of the
-//!   gateway's domain acting for that user). One reTHINK message per text
+//!   login's domain acting for that user). One reTHINK message per text
 //!   frame, `{"id","type","from"?,"to","body"?:{"code","resource","value",
 //!   "description"},"request"?}`: `from`, when given, must be the
 //!   connection's address; `value` is any JSON value; a non-response is a
@@ -26,20 +36,31 @@
 //! - **Refusals** of single frames are error frames, `{"type":"error",
 //!   "id":<id or null>,"error":<kind>,"description":..}`, and the
 //!   connection goes on. Kinds: `not-json`, `not-a-message`, `binary-frame`,
-//!   `bad-address`, `rate-limited`, and the bus's own ([`SendError`]):
+//!   `bad-address`, `rate-limited`, `too-many-pending`
+//!   ([`GatewayConfig::max_pending`]), `too-many-subscriptions`, and the
+//!   bus's own ([`SendError`]):
 //!   `spoofed-from`, `malformed`, `too-large`, `duplicate-id`, `inbox-full`.
 //! - **Closing**: a frame over [`GatewayConfig::max_frame_bytes`] closes
 //!   with 1009; a client that does not read, so that its send queue
 //!   ([`GatewayConfig::send_queue`] frames) fills, with 4008. Closing
-//!   removes the route and forgets the requests it was waiting on.
+//!   removes the route, forgets the requests it was waiting on, unsubscribes
+//!   from every data object it subscribed to and drops its `App` entity.
+//! - **Data objects**: `subscribe`, `read` and `unsubscribe` frames to an
+//!   object's URL work as for a hyperty (observers may be `app://`); the
+//!   deltas arrive as frames from the URL.
+//! - **Policies**: the connection is the Cedar entity `Rethink::App`
+//!   (`origin`, `domain`, `user`), registered while it is open.
 //!
 //! The gateway runs on its own thread with a single-threaded tokio
 //! runtime; calls into the bus (which may run policies, an IdP proxy or the
 //! syncher) go to tokio's blocking pool, so one slow call never stalls the
 //! other connections. Every limit is listed in `host/SECURITY.md`.
 
-use std::collections::HashMap;
+mod http;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -48,6 +69,8 @@ use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use serde::Deserialize;
 use serde_json::{Value, json};
+use tokio::io::AsyncReadExt;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
@@ -58,11 +81,14 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{self, Message as WsMessage};
 
-use crate::address::{Address, validate_domain};
+pub use http::CLIENT_PATH;
+
+use crate::address::Address;
 use crate::bus::{Bus, SendError};
 use crate::identity::Identities;
 use crate::message::{Assertion, Body, Message, MessageType, validate_value};
 use crate::policy::Descriptor;
+use crate::policy::cedar::{AppPrincipal, CedarPolicies};
 use crate::runtime::Endpoint;
 use crate::sandbox::limits::RateLimiter;
 
@@ -80,15 +106,20 @@ const ENDPOINT_CAPACITY: usize = 64;
 /// Settings of the app gateway (see the module doc for the protocol).
 #[derive(Clone, Debug)]
 pub struct GatewayConfig {
-    /// The domain of connections' addresses (`app://<domain>/<uuid>`);
-    /// `None`: the runtime's domain. Identity and policies treat a
-    /// connection as a hyperty of this domain.
-    pub domain: Option<String>,
     /// Origins (`scheme://host[:port]`, RFC 6454) whose pages may connect;
     /// empty: only the gateway's own, `http://<bound address>`.
     pub allowed_origins: Vec<String>,
-    /// Development mode: a login without an assertion acts for this user.
-    pub dev_user: Option<String>,
+    /// Development mode: by provider domain, the users a login may name
+    /// without an assertion.
+    pub dev_users: BTreeMap<String, Vec<String>>,
+    /// The directory whose files are served over plain HTTP (`None`: only
+    /// the JavaScript client).
+    pub static_dir: Option<PathBuf>,
+    /// The largest HTTP request head, in bytes (default 8 KiB).
+    pub max_head_bytes: usize,
+    /// From accepting a plain HTTP request (not an upgrade) to the last byte
+    /// of its response (default 30 s).
+    pub http_timeout: Duration,
     /// The largest frame (and message) a client may send, in bytes; at
     /// most the bus's largest message. Default 1 MiB.
     pub max_frame_bytes: usize,
@@ -105,14 +136,22 @@ pub struct GatewayConfig {
     pub send_queue: usize,
     /// From accepting the TCP connection to a successful login.
     pub login_timeout: Duration,
+    /// Requests of one connection waiting for their response at once
+    /// (default 100); past it a request frame gets `too-many-pending`.
+    pub max_pending: usize,
+    /// Data objects one connection observes at once (default 256); past it
+    /// a `subscribe` frame gets `too-many-subscriptions`.
+    pub max_subscriptions: usize,
 }
 
 impl Default for GatewayConfig {
     fn default() -> GatewayConfig {
         GatewayConfig {
-            domain: None,
             allowed_origins: Vec::new(),
-            dev_user: None,
+            dev_users: BTreeMap::new(),
+            static_dir: None,
+            max_head_bytes: 8 * 1024,
+            http_timeout: Duration::from_secs(30),
             max_frame_bytes: 1 << 20,
             rate: 100,
             burst: 200,
@@ -120,6 +159,21 @@ impl Default for GatewayConfig {
             max_connections_per_ip: 64,
             send_queue: 256,
             login_timeout: Duration::from_secs(10),
+            max_pending: 100,
+            max_subscriptions: 256,
+        }
+    }
+}
+
+impl GatewayConfig {
+    /// The settings a bundle's `[gateway]` section gives (origins,
+    /// development users, static files), the rest by default.
+    pub fn from_spec(spec: &crate::bundle::GatewaySpec) -> GatewayConfig {
+        GatewayConfig {
+            allowed_origins: spec.origins.clone(),
+            dev_users: spec.dev_users.clone(),
+            static_dir: spec.static_dir.clone(),
+            ..GatewayConfig::default()
         }
     }
 }
@@ -136,9 +190,12 @@ pub struct Gateway {
 struct Shared {
     bus: Bus,
     identities: Arc<Identities>,
+    /// Where connections are registered as `App` entities.
+    policies: Arc<CedarPolicies>,
     config: GatewayConfig,
-    domain: String,
     origins: Vec<String>,
+    /// The static files' directory, opened once.
+    static_dir: Option<Arc<cap_std::fs::Dir>>,
     /// Open connections by remote IP.
     open: Mutex<HashMap<IpAddr, usize>>,
 }
@@ -146,22 +203,34 @@ struct Shared {
 impl Gateway {
     /// Binds `addr` and serves on a thread of its own (see
     /// [`crate::Runtime::serve_gateway`]).
-    pub(crate) fn serve(addr: SocketAddr, config: GatewayConfig, bus: Bus, identities: Arc<Identities>, runtime_domain: &str) -> Result<Gateway> {
+    pub(crate) fn serve(addr: SocketAddr, config: GatewayConfig, bus: Bus, identities: Arc<Identities>, policies: Arc<CedarPolicies>) -> Result<Gateway> {
         let bus_max = bus.config().max_message_bytes;
         if config.max_frame_bytes > bus_max {
             bail!("gateway max-frame-bytes {} is over the bus's largest message ({bus_max} bytes)", config.max_frame_bytes);
         }
-        if config.rate == 0 || config.burst == 0 || config.max_connections == 0 || config.max_connections_per_ip == 0 || config.send_queue == 0 {
-            bail!("gateway rate, burst, max-connections, max-connections-per-ip and send-queue must be at least 1");
+        let sizes = [config.max_connections, config.max_connections_per_ip, config.send_queue, config.max_pending, config.max_subscriptions];
+        if config.rate == 0 || config.burst == 0 || sizes.contains(&0) {
+            bail!("gateway rate, burst, max-connections, max-connections-per-ip, send-queue, max-pending and max-subscriptions must be at least 1");
         }
-        let domain = config.domain.clone().unwrap_or_else(|| runtime_domain.to_owned());
-        validate_domain(&domain).map_err(|e| anyhow::anyhow!("gateway domain: {e}"))?;
+        if config.max_head_bytes < 256 {
+            bail!("gateway max-head-bytes {} is too small for any request head (at least 256)", config.max_head_bytes);
+        }
+        for origin in &config.allowed_origins {
+            crate::bundle::validate_origin(origin).map_err(|e| anyhow::anyhow!("gateway origins: {e}"))?;
+        }
+        let static_dir = match &config.static_dir {
+            Some(path) => Some(Arc::new(
+                cap_std::fs::Dir::open_ambient_dir(path, cap_std::ambient_authority())
+                    .with_context(|| format!("cannot open the gateway's static directory {}", path.display()))?,
+            )),
+            None => None,
+        };
         let listener = std::net::TcpListener::bind(addr).with_context(|| format!("cannot bind the gateway to {addr}"))?;
         listener.set_nonblocking(true)?;
         let local_addr = listener.local_addr()?;
         let origins =
             if config.allowed_origins.is_empty() { vec![format!("http://{local_addr}")] } else { config.allowed_origins.clone() };
-        let shared = Arc::new(Shared { bus, identities, config, domain, origins, open: Mutex::default() });
+        let shared = Arc::new(Shared { bus, identities, policies, config, origins, static_dir, open: Mutex::default() });
         let (stop, stopped) = watch::channel(false);
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
         let serving = shared.clone();
@@ -176,7 +245,7 @@ impl Gateway {
             // endpoints leave the bus.
             rt.shutdown_timeout(CLOSE_GRACE);
         })?;
-        tracing::info!("app gateway on ws://{local_addr} for {}", shared.domain);
+        tracing::info!("app gateway on http://{local_addr} for {}", shared.identities.hosted().join(", "));
         Ok(Gateway { local_addr, shared, stop: Some(stop), thread: Some(thread) })
     }
 
@@ -269,8 +338,11 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, mut stopped: wa
     }
 }
 
-type Sink = SplitSink<WebSocketStream<TcpStream>, WsMessage>;
-type Frames = SplitStream<WebSocketStream<TcpStream>>;
+/// A connection after its request head was read: the head is replayed
+/// before the rest of the stream.
+type Conn = tokio::io::Join<tokio::io::Chain<std::io::Cursor<Vec<u8>>, OwnedReadHalf>, OwnedWriteHalf>;
+type Sink = SplitSink<WebSocketStream<Conn>, WsMessage>;
+type Frames = SplitStream<WebSocketStream<Conn>>;
 
 fn close_frame(code: CloseCode, reason: &str) -> CloseFrame {
     // A close frame's reason is at most 123 bytes (RFC 6455 §5.5).
@@ -281,29 +353,51 @@ fn close_frame(code: CloseCode, reason: &str) -> CloseFrame {
     CloseFrame { code, reason: reason[..end].into() }
 }
 
-/// Checks the handshake request: its `Origin` and that the URL carries no
-/// query string.
-fn check_handshake(origins: &[String], request: &Request) -> Result<(), (StatusCode, String)> {
+/// Checks the handshake request: its `Origin` (returned) and that the URL
+/// carries no query string.
+fn check_handshake(origins: &[String], request: &Request) -> Result<String, (StatusCode, String)> {
     if request.uri().query().is_some() {
         return Err((StatusCode::BAD_REQUEST, "the gateway takes no query string: credentials go in the login frame".into()));
     }
     let origin = request.headers().get("origin").and_then(|o| o.to_str().ok());
     match origin {
-        Some(origin) if origins.iter().any(|o| o == origin) => Ok(()),
+        Some(origin) if origins.iter().any(|o| o == origin) => Ok(origin.to_owned()),
         Some(origin) => Err((StatusCode::FORBIDDEN, format!("origin {origin} is not allowed"))),
         None => Err((StatusCode::FORBIDDEN, "no Origin header".into())),
     }
 }
 
-async fn connection(shared: Arc<Shared>, stream: TcpStream, _slot: Slot) {
-    let deadline = Instant::now() + shared.config.login_timeout;
+async fn connection(shared: Arc<Shared>, mut stream: TcpStream, _slot: Slot) {
+    let accepted = Instant::now();
+    let deadline = accepted + shared.config.login_timeout;
+    let head = match tokio::time::timeout_at(deadline, http::read_head(&mut stream, shared.config.max_head_bytes)).await {
+        Err(_) => {
+            let why = format!("no request head within {} ms", shared.config.login_timeout.as_millis());
+            return http::refuse(&mut stream, (StatusCode::REQUEST_TIMEOUT, why), "").await;
+        }
+        Ok(Err(refusal)) => return http::refuse(&mut stream, refusal, "").await,
+        Ok(Ok(None)) => return,
+        Ok(Ok(Some(head))) => head,
+    };
+    if !head.upgrade {
+        let _ = tokio::time::timeout_at(accepted + shared.config.http_timeout, http::respond(&shared, &mut stream, &head)).await;
+        return;
+    }
+    let (read, write) = stream.into_split();
+    let stream = tokio::io::join(std::io::Cursor::new(head.bytes).chain(read), write);
     let max = shared.config.max_frame_bytes;
     let ws_config = WebSocketConfig::default().max_message_size(Some(max)).max_frame_size(Some(max));
     let origins = shared.origins.clone();
+    let mut origin = String::new();
+    let seen = &mut origin;
     // tungstenite's `Callback` fixes the error type (an HTTP response).
     #[allow(clippy::result_large_err)]
     let callback = move |request: &Request, response: Response| -> Result<Response, ErrorResponse> {
-        check_handshake(&origins, request).map(|()| response).map_err(|(status, why)| {
+        check_handshake(&origins, request).map(|origin| {
+            *seen = origin;
+            response
+        })
+        .map_err(|(status, why)| {
             tracing::info!("gateway: handshake refused: {why}");
             let mut refusal = ErrorResponse::new(Some(why));
             *refusal.status_mut() = status;
@@ -316,7 +410,7 @@ async fn connection(shared: Arc<Shared>, stream: TcpStream, _slot: Slot) {
     let (queue, queued) = mpsc::channel(shared.config.send_queue);
     let (close, closing) = watch::channel(None);
     let writer = tokio::spawn(write_loop(sink, queued, closing));
-    let reason = serve(&shared, &mut frames, &queue, deadline).await;
+    let reason = serve(&shared, &mut frames, &queue, deadline, origin).await;
     tracing::debug!("gateway: closing a connection: {reason:?}");
     let _ = close.send(Some(reason));
     let _ = writer.await;
@@ -357,9 +451,10 @@ fn enqueue(queue: &mpsc::Sender<WsMessage>, frame: Value) -> Result<(), CloseFra
 
 /// Runs one connection after its handshake: login, then messages both
 /// ways; returns how to close it.
-async fn serve(shared: &Arc<Shared>, frames: &mut Frames, queue: &mpsc::Sender<WsMessage>, deadline: Instant) -> CloseFrame {
-    let endpoint = match login(shared, frames, deadline).await {
-        Ok(endpoint) => Arc::new(endpoint),
+async fn serve(shared: &Arc<Shared>, frames: &mut Frames, queue: &mpsc::Sender<WsMessage>, deadline: Instant, origin: String) -> CloseFrame {
+    // `_app` is dropped after `endpoint`: the entity outlives the route.
+    let (_app, endpoint) = match login(shared, frames, deadline, origin).await {
+        Ok((app, endpoint)) => (app, Arc::new(endpoint)),
         Err(close) => return close,
     };
     let user = endpoint_user(&endpoint);
@@ -367,6 +462,8 @@ async fn serve(shared: &Arc<Shared>, frames: &mut Frames, queue: &mpsc::Sender<W
         return close;
     }
     let mut bucket = RateLimiter::new(shared.config.rate, shared.config.burst);
+    // Dropped first (declared last), whatever ends the connection.
+    let mut subscriptions = Subscriptions { endpoint: endpoint.clone(), urls: BTreeSet::new() };
     loop {
         tokio::select! {
             frame = frames.next() => {
@@ -376,7 +473,7 @@ async fn serve(shared: &Arc<Shared>, frames: &mut Frames, queue: &mpsc::Sender<W
                         return close_frame(CloseCode::Size, &format!("{e}; the limit is {} bytes", shared.config.max_frame_bytes));
                     }
                     Some(Err(e)) => return close_frame(CloseCode::Protocol, &e.to_string()),
-                    Some(Ok(WsMessage::Text(text))) => handle(&endpoint, text.as_str(), &mut bucket).await.err(),
+                    Some(Ok(WsMessage::Text(text))) => handle(shared, &endpoint, text.as_str(), &mut bucket, &mut subscriptions.urls).await.err(),
                     Some(Ok(WsMessage::Binary(_))) => Some(error_frame(None, "binary-frame", "binary frames are not accepted: one JSON message per text frame")),
                     Some(Ok(WsMessage::Close(_))) => return close_frame(CloseCode::Normal, ""),
                     Some(Ok(_)) => None,
@@ -397,6 +494,26 @@ async fn serve(shared: &Arc<Shared>, frames: &mut Frames, queue: &mpsc::Sender<W
     }
 }
 
+/// The data objects a connection subscribed to (every `subscribe` it sent
+/// and did not take back); dropping it unsubscribes from each, so the
+/// syncher forgets the connection.
+struct Subscriptions {
+    endpoint: Arc<Endpoint>,
+    urls: BTreeSet<Address>,
+}
+
+impl Drop for Subscriptions {
+    fn drop(&mut self) {
+        // Notifications (nothing waits for the answers); no lock held.
+        for (i, url) in std::mem::take(&mut self.urls).into_iter().enumerate() {
+            let m = Message::new(u64::MAX - i as u64, MessageType::Unsubscribe, self.endpoint.address().clone(), url, None);
+            if let Err(e) = self.endpoint.send(m) {
+                tracing::debug!("gateway: unsubscribing {} on close: {e}", self.endpoint.address());
+            }
+        }
+    }
+}
+
 fn endpoint_user(endpoint: &Endpoint) -> Option<String> {
     endpoint.acting_for().and_then(|d| d.user.clone())
 }
@@ -407,6 +524,8 @@ fn endpoint_user(endpoint: &Endpoint) -> Option<String> {
 struct Login {
     #[serde(rename = "type")]
     kind: String,
+    domain: Option<String>,
+    user: Option<String>,
     assertion: Option<LoginAssertion>,
 }
 
@@ -419,7 +538,7 @@ struct LoginAssertion {
 
 /// Waits for the login frame and opens the connection's endpoint, bound to
 /// the user it names; the close frame says why not.
-async fn login(shared: &Arc<Shared>, frames: &mut Frames, deadline: Instant) -> Result<Endpoint, CloseFrame> {
+async fn login(shared: &Arc<Shared>, frames: &mut Frames, deadline: Instant, origin: String) -> Result<(AppEntity, Endpoint), CloseFrame> {
     let refuse = |why: String| close_frame(CloseCode::Policy, &why);
     let first = match tokio::time::timeout_at(deadline, frames.next()).await {
         Err(_) => return Err(refuse(format!("no login within {} ms", shared.config.login_timeout.as_millis()))),
@@ -436,12 +555,20 @@ async fn login(shared: &Arc<Shared>, frames: &mut Frames, deadline: Instant) -> 
         .and_then(|()| serde_json::from_str::<Login>(text.as_str()).map_err(|e| e.to_string()))
         .and_then(|login| if login.kind == "login" { Ok(login) } else { Err(format!("type is {:?}", login.kind)) })
         .map_err(|why| refuse(format!("the first frame must be a login: {why}")))?;
-    let user = match (login.assertion, &shared.config.dev_user) {
-        (Some(assertion), _) => {
-            let expected = shared.identities.domain(&shared.domain).idp;
+    let hosted = shared.identities.hosted();
+    let domain = match login.domain {
+        Some(domain) if shared.identities.hosts(&domain) => domain,
+        Some(domain) => return Err(refuse(format!("{domain:?} is not a domain of this runtime (it has {})", hosted.join(", ")))),
+        None if hosted.len() == 1 => hosted[0].clone(),
+        None => return Err(refuse(format!("the login must name its domain, one of: {}", hosted.join(", ")))),
+    };
+    let user = match (login.assertion, login.user) {
+        (Some(_), Some(_)) => return Err(refuse("the login has an assertion and a user: the assertion names the user".into())),
+        (Some(assertion), None) => {
+            let expected = shared.identities.domain(&domain).idp;
             if expected.as_deref() != Some(assertion.idp.as_str()) {
                 let trusted = expected.map_or("no IdP".to_owned(), |idp| format!("IdP {idp}"));
-                return Err(refuse(format!("{} trusts {trusted}, not {}", shared.domain, assertion.idp)));
+                return Err(refuse(format!("{domain} trusts {trusted}, not {}", assertion.idp)));
             }
             let identities = shared.identities.clone();
             let assertion = Assertion { idp: assertion.idp, token: assertion.token };
@@ -452,12 +579,37 @@ async fn login(shared: &Arc<Shared>, frames: &mut Frames, deadline: Instant) -> 
                 Err(e) => return Err(close_frame(CloseCode::Error, &e.to_string())),
             }
         }
-        (None, Some(dev_user)) => dev_user.clone(),
-        (None, None) => return Err(refuse("the login needs an assertion ({\"idp\", \"token\"})".into())),
+        (None, Some(user)) => match shared.config.dev_users.get(&domain) {
+            Some(users) if users.contains(&user) => user,
+            Some(_) => return Err(refuse(format!("{user:?} is not a development user of {domain}"))),
+            None => return Err(refuse(format!("{domain} has no development users: the login needs an assertion ({{\"idp\", \"token\"}})"))),
+        },
+        (None, None) => return Err(refuse("the login needs an assertion ({\"idp\", \"token\"}) or a development user (\"user\")".into())),
     };
-    let address = Address::parse(format!("app://{}/{}", shared.domain, uuid::Uuid::new_v4())).expect("a valid domain");
-    let descriptor = Descriptor { domain: shared.domain.clone(), name: "app".into(), user: Some(user) };
-    Endpoint::open(&shared.bus, address, ENDPOINT_CAPACITY, Some(descriptor)).map_err(|e| close_frame(CloseCode::Error, &e.to_string()))
+    let address = Address::parse(format!("app://{domain}/{}", uuid::Uuid::new_v4())).expect("a hosted domain is valid");
+    let app = AppEntity::add(&shared.policies, &address, AppPrincipal { origin, domain: domain.clone(), user: user.clone() });
+    let descriptor = Descriptor { domain, name: "app".into(), user: Some(user) };
+    let endpoint = Endpoint::open(&shared.bus, address, ENDPOINT_CAPACITY, Some(descriptor)).map_err(|e| close_frame(CloseCode::Error, &e.to_string()))?;
+    Ok((app, endpoint))
+}
+
+/// A connection's `App` entity in the policies, while it is open.
+struct AppEntity {
+    policies: Arc<CedarPolicies>,
+    address: Address,
+}
+
+impl AppEntity {
+    fn add(policies: &Arc<CedarPolicies>, address: &Address, app: AppPrincipal) -> AppEntity {
+        policies.add_app(address, app);
+        AppEntity { policies: policies.clone(), address: address.clone() }
+    }
+}
+
+impl Drop for AppEntity {
+    fn drop(&mut self) {
+        self.policies.remove_app(&self.address);
+    }
 }
 
 /// A message frame from the client.
@@ -503,7 +655,7 @@ fn send_error_kind(e: &SendError) -> &'static str {
 
 /// One text frame from a logged-in client: checked, stamped and sent; the
 /// error frame says why not.
-async fn handle(endpoint: &Arc<Endpoint>, text: &str, bucket: &mut RateLimiter) -> Result<(), Value> {
+async fn handle(shared: &Shared, endpoint: &Arc<Endpoint>, text: &str, bucket: &mut RateLimiter, subscriptions: &mut BTreeSet<Address>) -> Result<(), Value> {
     validate_value(text).map_err(|e| error_frame(None, "not-json", &e.replacen("body.value", "frame", 1)))?;
     let frame: Frame = serde_json::from_str(text).map_err(|e| error_frame(None, "not-a-message", &e.to_string()))?;
     let id = Some(frame.id);
@@ -524,12 +676,30 @@ async fn handle(endpoint: &Arc<Endpoint>, text: &str, bucket: &mut RateLimiter) 
         value: frame.body.value.map(|v| v.to_string()),
         description: frame.body.description,
     };
-    let message = Message { id: frame.id, kind, from: endpoint.address().clone(), to, body, identity: None, assertion: None };
     let request = kind != MessageType::Response && frame.request.unwrap_or(true);
-    let endpoint = endpoint.clone();
-    let sent = tokio::task::spawn_blocking(move || if request { endpoint.request(message, None) } else { endpoint.send(message) }).await;
+    // Only this task sends from the connection's address: the counts cannot
+    // grow between these checks and the send.
+    let max = shared.config.max_subscriptions;
+    if kind == MessageType::Subscribe && !subscriptions.contains(&to) && subscriptions.len() >= max {
+        return Err(refuse("too-many-subscriptions", format!("this connection observes {max} data objects (max-subscriptions): unsubscribe first")));
+    }
+    let pending = shared.bus.pending_from(endpoint.address());
+    if request && pending >= shared.config.max_pending {
+        let why = format!("this connection has {pending} requests waiting for their response (max-pending = {})", shared.config.max_pending);
+        return Err(refuse("too-many-pending", why));
+    }
+    let message = Message { id: frame.id, kind, from: endpoint.address().clone(), to: to.clone(), body, identity: None, assertion: None };
+    let sending = endpoint.clone();
+    let sent = tokio::task::spawn_blocking(move || if request { sending.request(message, None) } else { sending.send(message) }).await;
     match sent {
-        Ok(Ok(())) => Ok(()),
+        Ok(Ok(())) => {
+            match kind {
+                MessageType::Subscribe => subscriptions.insert(to),
+                MessageType::Unsubscribe => subscriptions.remove(&to),
+                _ => false,
+            };
+            Ok(())
+        }
         Ok(Err(e)) => Err(refuse(send_error_kind(&e), e.to_string())),
         Err(e) => Err(refuse("malformed", format!("the bus call failed: {e}"))),
     }
@@ -571,7 +741,7 @@ mod tests {
     #[test]
     fn handshake_checks_origin_and_refuses_query_strings() {
         let origins = vec!["http://127.0.0.1:8080".to_owned()];
-        assert_eq!(check_handshake(&origins, &request(Some("http://127.0.0.1:8080"), "/")), Ok(()));
+        assert_eq!(check_handshake(&origins, &request(Some("http://127.0.0.1:8080"), "/")), Ok(origins[0].clone()));
         let (status, why) = check_handshake(&origins, &request(Some("http://evil.example"), "/")).unwrap_err();
         assert_eq!((status, why.as_str()), (StatusCode::FORBIDDEN, "origin http://evil.example is not allowed"));
         assert_eq!(check_handshake(&origins, &request(None, "/")).unwrap_err().0, StatusCode::FORBIDDEN);
