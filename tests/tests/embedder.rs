@@ -325,3 +325,43 @@ fn events_come_through_the_crates_receiver_blocking_or_not() {
     assert!(matches!(late.recv(), Err(RecvError::Closed)));
     assert_eq!(late.try_recv(), Err(TryRecvError::Closed));
 }
+
+#[test]
+fn what_an_endpoint_sets_aside_is_bounded_by_its_capacity_and_nothing_is_lost() {
+    let runtime = runtime(Duration::from_secs(5));
+    let bundle = TestBundle::new().hyperty("bob.example", "b", &guest("puppet"), puppet_config(true));
+    runtime.deploy(&bundle.load()).unwrap();
+    let b = runtime.lookup("bob.example", "b").unwrap();
+    // The observer of b, holding 3 messages: b's 3 reports fill it.
+    let observer = runtime.endpoint(OBSERVER, 3).unwrap();
+    let sent: Vec<u64> = (0..3)
+        .map(|_| {
+            let m = observer.message(MessageType::Update, b.as_str()).build().unwrap();
+            let id = m.id;
+            observer.send(m).unwrap();
+            id
+        })
+        .collect();
+    // request_reply sets the 3 reports aside, then takes no more: its
+    // answer stays in the channel and it gives up, saying why.
+    let request = observer.message(MessageType::Read, b.as_str()).build().unwrap();
+    let id = request.id;
+    match observer.request_reply(request, Some(Duration::from_millis(100))) {
+        Err(RequestError::NoResponse { id: no, unread, .. }) => assert_eq!((no, unread), (id, 3)),
+        other => panic!("{other:?}"),
+    }
+    // Nothing was lost: the reports in order, then the read's report and
+    // the response nobody waits for any more.
+    let mut got: Vec<(MessageType, Value)> = Vec::new();
+    while got.len() < 5 {
+        let m = observer.recv_timeout(Duration::from_secs(10)).expect("every message is kept");
+        got.push((m.kind, if m.kind == MessageType::Forward { reported(&m)["id"].clone() } else { json!(m.id) }));
+    }
+    let expected: Vec<(MessageType, Value)> = sent
+        .iter()
+        .chain([&id])
+        .map(|&i| (MessageType::Forward, json!(i)))
+        .chain([(MessageType::Response, json!(id))])
+        .collect();
+    assert_eq!(got, expected);
+}
