@@ -222,6 +222,11 @@ fn objects_and_subscriptions_survive_a_restart() {
     let mut replica = subscribe(&watcher, &url, 1);
     driver.command(&reporter, json!({ "op": "update", "url": url, "patch": [{ "op": "add", "path": "/log/-", "value": "one" }] }));
     assert_eq!(replica.apply(&watcher.recv_timeout(Duration::from_secs(10)).unwrap()), Ok(Applied::Applied));
+    // A subscriber's child, and that it created it, are kept too.
+    let child = Address::parse(format!("{url}/children/w")).unwrap();
+    watcher.request(Message::new(5, MessageType::Create, watcher.address().clone(), child.clone(), Some("1".into())), None).unwrap();
+    assert_eq!(replica.apply(&watcher.recv_timeout(Duration::from_secs(10)).unwrap()), Ok(Applied::Applied));
+    assert_eq!(watcher.recv_timeout(Duration::from_secs(10)).unwrap().body.code, Some(200));
     drop((driver, watcher));
     first.shutdown();
     drop(first);
@@ -237,6 +242,12 @@ fn objects_and_subscriptions_survive_a_restart() {
     driver.command(&reporter, json!({ "op": "update", "url": url, "patch": [{ "op": "add", "path": "/log/-", "value": "two" }] }));
     assert_eq!(replica.apply(&watcher.recv_timeout(Duration::from_secs(10)).unwrap()), Ok(Applied::Applied));
     assert_eq!(replica.data, json!({ "log": ["one", "two"] }));
+    // Its creator still owns the child: it may rewrite it.
+    watcher.request(Message::new(6, MessageType::Update, watcher.address().clone(), child, Some("2".into())), None).unwrap();
+    assert_eq!(replica.apply(&watcher.recv_timeout(Duration::from_secs(10)).unwrap()), Ok(Applied::Applied));
+    let answer = watcher.recv_timeout(Duration::from_secs(10)).unwrap();
+    assert_eq!(answer.body.code, Some(200), "{answer:?}");
+    assert_eq!(replica.children["w"], json!(2));
 }
 
 #[test]
