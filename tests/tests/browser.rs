@@ -61,7 +61,7 @@ fn gateway_config(bundle: &Bundle, site: &Path) -> GatewayConfig {
 impl ChatWorld {
     fn start() -> ChatWorld {
         let runtime = runtime(Duration::from_secs(10));
-        let bundle = Bundle::load(&repo().join("guests/chat/bundle.toml")).expect("the chat bundle loads (re-pin it after changing a guest: `cargo run -p hyperty-host -- pin guests/chat/bundle.toml`)");
+        let bundle = Bundle::load(repo().join("guests/chat/bundle.toml")).expect("the chat bundle loads (re-pin it after changing a guest: `cargo run -p hyperty-host -- pin guests/chat/bundle.toml`)");
         runtime.deploy(&bundle).expect("the chat bundle deploys");
         let site = site();
         let gateway = runtime.serve_gateway("127.0.0.1:0".parse().unwrap(), gateway_config(&bundle, site.path())).expect("the gateway starts");

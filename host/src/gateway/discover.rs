@@ -78,11 +78,11 @@ mod tests {
         for i in 0..MAX_DISCOVERED + 5 {
             registry.register(registration("many.example", &format!("h{i}")));
         }
-        let answer = answer(&registry, r#"{"type":"discover","id":7,"query":{"domain":"bob.example","name":"chat"}}"#).unwrap();
-        assert_eq!(answer["id"], 7);
-        assert_eq!(answer["truncated"], false);
-        assert_eq!(answer["registrations"].as_array().unwrap().len(), 1, "{answer}");
-        assert_eq!(answer["registrations"][0]["address"], "hyperty://bob.example/chat-id");
+        let found = answer(&registry, r#"{"type":"discover","id":7,"query":{"domain":"bob.example","name":"chat"}}"#).unwrap();
+        assert_eq!(found["id"], 7);
+        assert_eq!(found["truncated"], false);
+        assert_eq!(found["registrations"].as_array().unwrap().len(), 1, "{found}");
+        assert_eq!(found["registrations"][0]["address"], "hyperty://bob.example/chat-id");
         let all = answer(&registry, r#"{"type":"discover","id":8}"#).unwrap();
         assert_eq!((all["registrations"].as_array().unwrap().len(), &all["truncated"]), (MAX_DISCOVERED, &Value::Bool(true)));
         // Not a discovery: left to the caller's refusal.
