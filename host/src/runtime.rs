@@ -701,7 +701,7 @@ impl Runtime {
     /// until the returned [`Gateway`](crate::gateway::Gateway) is dropped.
     /// Errors: the address cannot be bound, or `config` is invalid.
     pub fn serve_gateway(&self, addr: std::net::SocketAddr, config: crate::gateway::GatewayConfig) -> Result<crate::gateway::Gateway> {
-        crate::gateway::Gateway::serve(addr, config, self.bus.clone(), self.identities.clone(), self.policies.clone())
+        crate::gateway::Gateway::serve(addr, config, self.bus.clone(), self.identities.clone(), self.policies.clone(), self.registry.clone())
     }
 
     /// Requests still waiting for their response (or 408).

@@ -129,7 +129,7 @@ fn host_answers_reach_js_code_as_rejected_promises_and_spoofing_is_refused() {
 struct Hostile {
     runtime: Runtime,
     driver: Driver,
-    events: tokio::sync::broadcast::Receiver<hyperty_host::Event>,
+    events: hyperty_host::EventReceiver,
     a: Address,
     b: Address,
     probe: Address,

@@ -33,6 +33,9 @@
 //!   request (answered by its receiver or the host's 403/404/408) unless
 //!   `"request": false`. Messages to the connection's address arrive as
 //!   frames of the same shape (plus `identity` when the host set one).
+//! - **Discovery** (module `discover`): `{"type":"discover","id",
+//!   "query"}` is answered by the gateway with the registry's matches, as
+//!   a hyperty's `registry.discover` sees them.
 //! - **Refusals** of single frames are error frames, `{"type":"error",
 //!   "id":<id or null>,"error":<kind>,"description":..}`, and the
 //!   connection goes on. Kinds: `not-json`, `not-a-message`, `binary-frame`,
@@ -56,6 +59,7 @@
 //! syncher) go to tokio's blocking pool, so one slow call never stalls the
 //! other connections. Every limit is listed in `host/SECURITY.md`.
 
+mod discover;
 mod http;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -81,6 +85,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{self, Message as WsMessage};
 
+pub use discover::MAX_DISCOVERED;
 pub use http::CLIENT_PATH;
 
 use crate::address::Address;
@@ -89,6 +94,7 @@ use crate::identity::Identities;
 use crate::message::{Assertion, Body, Message, MessageType, validate_value};
 use crate::policy::Descriptor;
 use crate::policy::cedar::{AppPrincipal, CedarPolicies};
+use crate::registry::Registry;
 use crate::runtime::Endpoint;
 use crate::sandbox::limits::RateLimiter;
 
@@ -192,6 +198,8 @@ struct Shared {
     identities: Arc<Identities>,
     /// Where connections are registered as `App` entities.
     policies: Arc<CedarPolicies>,
+    /// What `discover` frames search.
+    registry: Arc<Registry>,
     config: GatewayConfig,
     origins: Vec<String>,
     /// The static files' directory, opened once.
@@ -203,7 +211,7 @@ struct Shared {
 impl Gateway {
     /// Binds `addr` and serves on a thread of its own (see
     /// [`crate::Runtime::serve_gateway`]).
-    pub(crate) fn serve(addr: SocketAddr, config: GatewayConfig, bus: Bus, identities: Arc<Identities>, policies: Arc<CedarPolicies>) -> Result<Gateway> {
+    pub(crate) fn serve(addr: SocketAddr, config: GatewayConfig, bus: Bus, identities: Arc<Identities>, policies: Arc<CedarPolicies>, registry: Arc<Registry>) -> Result<Gateway> {
         let bus_max = bus.config().max_message_bytes;
         if config.max_frame_bytes > bus_max {
             bail!("gateway max-frame-bytes {} is over the bus's largest message ({bus_max} bytes)", config.max_frame_bytes);
@@ -230,7 +238,7 @@ impl Gateway {
         let local_addr = listener.local_addr()?;
         let origins =
             if config.allowed_origins.is_empty() { vec![format!("http://{local_addr}")] } else { config.allowed_origins.clone() };
-        let shared = Arc::new(Shared { bus, identities, policies, config, origins, static_dir, open: Mutex::default() });
+        let shared = Arc::new(Shared { bus, identities, policies, registry, config, origins, static_dir, open: Mutex::default() });
         let (stop, stopped) = watch::channel(false);
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
         let serving = shared.clone();
@@ -650,10 +658,21 @@ fn send_error_kind(e: &SendError) -> &'static str {
 }
 
 /// One text frame from a logged-in client: checked, stamped and sent; the
-/// error frame says why not.
+/// error frame says why not (or, for a `discover` frame, the answer).
 async fn handle(shared: &Shared, endpoint: &Arc<Endpoint>, text: &str, bucket: &mut RateLimiter, subscriptions: &mut BTreeSet<Address>) -> Result<(), Value> {
     validate_value(text).map_err(|e| error_frame(None, "not-json", &e.replacen("body.value", "frame", 1)))?;
-    let frame: Frame = serde_json::from_str(text).map_err(|e| error_frame(None, "not-a-message", &e.to_string()))?;
+    let frame: Frame = match serde_json::from_str(text) {
+        Ok(frame) => frame,
+        // Not a message: a discovery, answered here (the answer goes back
+        // as this "refusal"), or refused.
+        Err(e) => {
+            let answer = discover::answer(&shared.registry, text).ok_or_else(|| error_frame(None, "not-a-message", &e.to_string()))?;
+            if !bucket.take() {
+                return Err(error_frame(answer["id"].as_u64(), "rate-limited", "more messages than this connection's rate"));
+            }
+            return Err(answer);
+        }
+    };
     let id = Some(frame.id);
     let refuse = |kind: &str, why: String| error_frame(id, kind, &why);
     if !bucket.take() {
