@@ -25,6 +25,15 @@ pub const CHROMIUM: &str = "chromium";
 /// How long a test waits for what a page must report.
 pub const PAGE_WAIT: Duration = Duration::from_secs(30);
 
+/// Holds the machine for one browser test at a time: several Chromiums
+/// rendering at once on a small (2-core CI) machine starve each other,
+/// and a screenshot's virtual-time run then misses its wall-clock bound.
+/// Poison-tolerant: a failed test does not fail the next.
+pub fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static BROWSER: Mutex<()> = Mutex::new(());
+    BROWSER.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 /// Installs Debian's `chromium` with apt-get if it is not on the machine
 /// (as the harness does for nats-server); panics, saying why, if that fails.
 pub fn ensure_chromium() {

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use hyperty_host::gateway::{Gateway, GatewayConfig};
 use hyperty_host::{Bundle, Runtime};
-use hyperty_tests::browser::{Chromium, Reports, artifacts_dir, screenshot};
+use hyperty_tests::browser::{Chromium, Reports, artifacts_dir, one_at_a_time, screenshot};
 use hyperty_tests::*;
 use serde_json::{Value, json};
 
@@ -120,6 +120,7 @@ fn ready(world: &ChatWorld, browser: &mut Chromium, page: &str) -> Value {
 
 #[test]
 fn two_users_chat_through_their_hyperties() {
+    let _browser = one_at_a_time();
     let started = Instant::now();
     let w = ChatWorld::start();
     let mut browser = w.open(&[("alice", ALICE), ("bob", BOB)]);
@@ -152,6 +153,7 @@ fn two_users_chat_through_their_hyperties() {
 
 #[test]
 fn a_page_from_an_origin_not_allowed_is_refused() {
+    let _browser = one_at_a_time();
     let w = ChatWorld::start();
     // The same gateway and page, by another name: origin
     // http://localhost:<port>, not the gateway's own (http://127.0.0.1:<port>).
@@ -171,6 +173,7 @@ fn a_page_from_an_origin_not_allowed_is_refused() {
 
 #[test]
 fn a_page_without_a_valid_login_cannot_send() {
+    let _browser = one_at_a_time();
     let w = ChatWorld::start();
     // mallory is no development user of alice.example.
     let mut browser = w.open(&[("alice", ALICE), ("mallory", (ALICE.0, "mallory@alice.example"))]);
@@ -206,6 +209,7 @@ fn a_page_without_a_valid_login_cannot_send() {
 
 #[test]
 fn a_policy_forbidding_bob_to_alice_shows_bobs_page_the_403() {
+    let _browser = one_at_a_time();
     let w = ChatWorld::start();
     let mut browser = w.open(&[("alice", ALICE), ("bob", BOB)]);
     ready(&w, &mut browser, "alice");
@@ -233,6 +237,7 @@ fn a_policy_forbidding_bob_to_alice_shows_bobs_page_the_403() {
 
 #[test]
 fn a_page_keeps_a_replica_of_a_data_object_across_a_reconnect() {
+    let _browser = one_at_a_time();
     let runtime = runtime(Duration::from_secs(10));
     let mut driver = Driver::new(&runtime);
     let bundle = TestBundle::new().hyperty(ALICE.0, "reporter", &guest("puppet"), puppet_config(true));
