@@ -706,6 +706,7 @@ impl Runtime {
             registry: self.registry.clone(),
             events: self.events.clone(),
             syncher: self.syncher.clone(),
+            policies: self.policies.clone(),
         }
     }
 

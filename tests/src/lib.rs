@@ -2,6 +2,8 @@
 //! built by this crate's build script, bundles written on the fly with the
 //! right pins, and a runtime wired for tests.
 
+pub mod media;
+
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
