@@ -126,7 +126,7 @@ fn a_candidate_outside_the_grant_is_refused_and_its_packets_never_reach_the_stac
     // Its own candidate is on the granted address, in the granted range.
     let ours = driver.command(&a, json!({ "op": "candidates", "pc": pc }));
     let ours = ours["candidates"][0].as_str().unwrap().to_owned();
-    assert!(ours.contains(" 127.0.0.1 ") && ours.ends_with("typ host"), "{ours}");
+    assert!(ours.contains(" 127.0.0.1 ") && ours.contains(" typ host"), "{ours}");
 }
 
 #[test]

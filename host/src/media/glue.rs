@@ -29,10 +29,6 @@ mod bindings {
 
 use bindings::rethink::hyperty::media as wit;
 
-/// The WIT name of the interface, as a component imports it (its version
-/// follows the package's).
-pub(crate) const INTERFACE: &str = "rethink:hyperty/media";
-
 /// Adds the `media` import to a hyperty linker; `get` finds an instance's
 /// [`MediaState`] in its store data.
 pub(crate) fn add_to_linker<T: 'static>(linker: &mut Linker<T>, get: fn(&mut T) -> &mut MediaState) -> Result<()> {

@@ -251,10 +251,11 @@ impl Drop for Driver {
     }
 }
 
-/// The host side of a `peer-connection` handle; dropping it (the guest
+/// The host side of a `peer-connection` handle (public only because the
+/// bindings name it); dropping it (the guest
 /// dropped the handle, or its store went away after a trap or removal)
 /// closes the connection and frees its socket.
-pub(crate) struct PeerConnection {
+pub struct PeerConnection {
     conn: Arc<Conn>,
 }
 
