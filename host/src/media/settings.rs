@@ -157,7 +157,7 @@ mod tests {
     #[test]
     fn the_table_is_checked_naming_the_field() {
         let ok = raw("bind = \"127.0.0.1\"\nports = \"40000-40002\"").unwrap();
-        assert_eq!((ok.ports, ok.peers.len()), (40000..=40002, 1));
+        assert_eq!((ok.ports.clone(), ok.peers.len()), (40000..=40002, 1));
         assert!(ok.allows_peer("127.9.9.9".parse().unwrap()) && !ok.allows_peer("10.0.0.1".parse().unwrap()));
         let lan = raw("bind = \"10.200.0.1\"\nports = \"5000\"").unwrap();
         assert!(lan.allows_peer("10.200.0.1".parse().unwrap()) && !lan.allows_peer("10.200.0.2".parse().unwrap()));
