@@ -7,7 +7,8 @@
 //! [domains."alice.example"]
 //! limits = { inbox = 256, memory-mb = 32 }         # see sandbox::limits::Limits
 //! restart = { policy = "backoff", initial-backoff-ms = 100, max-backoff-ms = 30000 }
-//! grants = ["clocks", "random"]                     # the default; also "filesystem", "sockets"
+//! grants = ["clocks", "random"]                     # the default; also "filesystem", "sockets", "media"
+//! media = { bind = "127.0.0.1", ports = "40000-40100" } # with "media": see media::MediaSettings
 //! trusted-keys = ["ed25519:…"]                      # optional: require signed components
 //! policies = ["alice.cedar"]                        # optional: Cedar policies of the domain
 //!
@@ -290,6 +291,8 @@ struct RawDomain {
     #[serde(default = "default_grants")]
     grants: Vec<Grant>,
     #[serde(default)]
+    media: Option<Spanned<crate::media::settings::RawMedia>>,
+    #[serde(default)]
     trusted_keys: Vec<PublicKey>,
     #[serde(default)]
     policies: Vec<String>,
@@ -381,6 +384,9 @@ impl Bundle {
             let mut grants = raw_domain.grants;
             grants.sort();
             grants.dedup();
+            let media = media_settings(raw_domain.media, grants.contains(&Grant::Media), &mut |span, e| {
+                problems.push(problem(span.or(Some(domain_key.span())), format!("{dfield}.media"), e));
+            });
             let mut hyperties: Vec<HypertySpec> = Vec::new();
             for (i, h) in raw_domain.hyperties.into_iter().enumerate() {
                 let hfield = format!("{dfield}.hyperties[{i}]");
@@ -443,7 +449,7 @@ impl Bundle {
                 policies,
                 require_identity: raw_domain.require_identity.unwrap_or(idp.is_some()),
                 idp,
-                settings: SandboxSettings { limits, restart, grants },
+                settings: SandboxSettings { limits, restart, grants, media },
                 hyperties,
             });
         }
@@ -627,6 +633,30 @@ pub fn validate_origin(origin: &str) -> Result<(), String> {
         return bad("the host has characters no host name has (a path or a query?)");
     }
     Ok(())
+}
+
+/// A domain's `media` table, checked: there is one exactly when the
+/// domain is granted `media`.
+fn media_settings(
+    raw: Option<Spanned<crate::media::settings::RawMedia>>,
+    granted: bool,
+    report: &mut dyn FnMut(Option<Range<usize>>, String),
+) -> Option<crate::media::MediaSettings> {
+    match (raw, granted) {
+        (None, false) => None,
+        (None, true) => {
+            report(None, "the domain is granted `media` but has no `media` table (bind, ports)".into());
+            None
+        }
+        (Some(raw), false) => {
+            report(Some(raw.span()), "a `media` table, but the domain is not granted `media` (add it to grants)".into());
+            None
+        }
+        (Some(raw), true) => {
+            let span = raw.span();
+            raw.into_inner().check().map_err(|e| report(Some(span), e)).ok()
+        }
+    }
 }
 
 /// What toml's "integer number overflowed" means for `literal`: a radix

@@ -142,6 +142,7 @@ mod engine;
 pub mod events;
 pub mod gateway;
 mod identity;
+pub mod media;
 pub mod message;
 pub mod policy;
 mod protostub;

@@ -747,6 +747,7 @@ impl Runtime {
             registry: self.registry.clone(),
             events: self.events.clone(),
             syncher: self.syncher.clone(),
+            policies: self.policies.clone(),
         }
     }
 

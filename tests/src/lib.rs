@@ -4,6 +4,7 @@
 
 pub mod browser;
 pub mod js;
+pub mod media;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};

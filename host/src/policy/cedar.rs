@@ -485,8 +485,6 @@ impl CedarPolicies {
     /// Whether `domain`'s policies let the hyperty `descriptor` be deployed
     /// at `address` (action `deploy`, point `deploy`).
     pub fn authorize_deploy(&self, domain: &str, address: &Address, descriptor: &Descriptor) -> Decision {
-        let state = self.snapshot();
-        let Some(compiled) = state.domains.get(domain) else { return Decision::Permit };
         let parties = Parties { sender: Some(descriptor), target: Some(descriptor) };
         // Not asserted yet: the user the bundle binds the hyperty to.
         let identity = descriptor.user.clone().map(|user| Identity { user, idp: String::new() });
@@ -500,6 +498,44 @@ impl CedarPolicies {
             resource: None,
             now: self.clock.now(),
         };
+        self.authorize(domain, parts, "deployment not permitted")
+    }
+
+    /// Whether hyperty `hyperty` (described by `descriptor`) of `domain`
+    /// may open a WebRTC peer connection (`action` `media-open`) or accept
+    /// a remote peer's offer (`media-accept`), asked of the domain's
+    /// policies with point `media`. The resource is `remote` when it names
+    /// an address (its domain and, for a hyperty here, its name and user in
+    /// the context as the target's), else the connection's own address;
+    /// `remote`'s text is the context's `resource` either way. A domain
+    /// without policies permits.
+    pub fn authorize_media(
+        &self,
+        action: &str,
+        hyperty: &Address,
+        descriptor: &Descriptor,
+        connection: &Address,
+        remote: Option<(&str, Option<&Descriptor>)>,
+    ) -> Decision {
+        let identity = descriptor.user.clone().map(|user| Identity { user, idp: String::new() });
+        let remote_address = remote.and_then(|(r, _)| Address::parse(r).ok());
+        let parts = RequestParts {
+            action,
+            from: hyperty,
+            to: remote_address.as_ref().unwrap_or(connection),
+            point: "media",
+            parties: Parties { sender: Some(descriptor), target: remote.and_then(|(_, d)| d) },
+            identity: identity.as_ref(),
+            resource: remote.map(|(r, _)| r),
+            now: self.clock.now(),
+        };
+        self.authorize(&descriptor.domain, parts, "not permitted")
+    }
+
+    /// One request to `domain`'s policies; `denied` says what a denial is.
+    fn authorize(&self, domain: &str, parts: RequestParts<'_>, denied: &str) -> Decision {
+        let state = self.snapshot();
+        let Some(compiled) = state.domains.get(domain) else { return Decision::Permit };
         let request = match build_request(parts) {
             Ok(r) => r,
             Err(e) => return Decision::Deny { policies: vec![], reason: format!("the request cannot be evaluated: {e}") },
@@ -510,7 +546,7 @@ impl CedarPolicies {
             cedar_policy::Decision::Deny => {
                 let mut policies: Vec<String> = response.diagnostics().reason().map(|id| id.to_string()).collect();
                 policies.sort();
-                Decision::Deny { policies, reason: "deployment not permitted".into() }
+                Decision::Deny { policies, reason: denied.into() }
             }
         }
     }

@@ -40,6 +40,7 @@ pub(crate) fn hyperty_linker(engine: &wasmtime::Engine) -> Result<Linker<Instanc
     let mut linker = Linker::new(engine);
     wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(|e| anyhow!("{e:#}"))?;
     Hyperty::add_to_linker::<_, HasSelf<InstanceState>>(&mut linker, |s| s).map_err(|e| anyhow!("{e:#}"))?;
+    crate::media::glue::add_to_linker(&mut linker, |s| &mut s.media)?;
     Ok(linker)
 }
 
@@ -90,6 +91,8 @@ pub(crate) struct InstanceState {
     rate_reported: Option<Instant>,
     /// When a refused-message event was last emitted (at most one a second).
     misbehaviour_reported: Option<Instant>,
+    /// Its peer connections (`media`), closed when the store is dropped.
+    pub(crate) media: crate::media::glue::MediaState,
 }
 
 impl InstanceState {
@@ -100,7 +103,9 @@ impl InstanceState {
         limits: &Limits,
         limiter: InstanceLimiter,
         shared: &super::Shared,
+        media: Arc<crate::media::DomainMedia>,
     ) -> InstanceState {
+        let media = crate::media::glue::MediaState::new(media, address.clone(), descriptor.clone(), shared.bus.clone());
         let objects = Account::new(address.clone(), label.clone(), limits, limiter.domain().clone(), shared.events.clone());
         InstanceState {
             wasi: WasiCtx::builder().build(),
@@ -120,6 +125,7 @@ impl InstanceState {
             max_request_timeout: Duration::from_millis(limits.max_request_timeout_ms.into()),
             rate_reported: None,
             misbehaviour_reported: None,
+            media,
         }
     }
 

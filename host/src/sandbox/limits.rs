@@ -197,20 +197,24 @@ pub enum Grant {
     Filesystem,
     /// `wasi:sockets`: linked; every address is refused unless allowed.
     Sockets,
+    /// `rethink:hyperty/media`: WebRTC peer connections, with the domain's
+    /// `media` table (see [`crate::media::MediaSettings`]).
+    Media,
 }
 
 impl Grant {
-    /// The WASI package whose interfaces this grant links.
+    /// The package (or interface) whose imports this grant allows.
     pub fn package(self) -> &'static str {
         match self {
             Grant::Clocks => "wasi:clocks/",
             Grant::Random => "wasi:random/",
             Grant::Filesystem => "wasi:filesystem/",
             Grant::Sockets => "wasi:sockets/",
+            Grant::Media => "rethink:hyperty/media@",
         }
     }
 
-    pub const ALL: [Grant; 4] = [Grant::Clocks, Grant::Random, Grant::Filesystem, Grant::Sockets];
+    pub const ALL: [Grant; 5] = [Grant::Clocks, Grant::Random, Grant::Filesystem, Grant::Sockets, Grant::Media];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -218,6 +222,7 @@ impl Grant {
             Grant::Random => "random",
             Grant::Filesystem => "filesystem",
             Grant::Sockets => "sockets",
+            Grant::Media => "media",
         }
     }
 }

@@ -116,6 +116,8 @@ pub struct SandboxSettings {
     pub limits: Limits,
     pub restart: RestartPolicy,
     pub grants: Vec<Grant>,
+    /// The domain's `media` table, when it is granted `media`.
+    pub media: Option<crate::media::MediaSettings>,
 }
 
 /// What every sandbox shares with the runtime.
@@ -126,6 +128,8 @@ pub(crate) struct Shared {
     pub registry: Arc<Registry>,
     pub events: Events,
     pub syncher: Arc<crate::syncher::Syncher>,
+    /// For the media actions (`media-open`, `media-accept`).
+    pub policies: Arc<crate::policy::cedar::CedarPolicies>,
 }
 
 /// The runtime's handle on a running sandbox. Dropping it stops the
@@ -147,7 +151,9 @@ impl SandboxHandle {
         let inbox = Inbox { tx, in_flight: Arc::default() };
         let memory = Arc::new(DomainMemory::default());
         let stopping = Arc::new(AtomicBool::new(false));
+        let media = Arc::new(crate::media::DomainMedia::new(domain, settings.media.clone(), shared.policies.clone()));
         let sandbox = Sandbox {
+            media,
             stopping: stopping.clone(),
             settings: settings.clone(),
             shared,
@@ -237,6 +243,8 @@ struct Sandbox {
     restarts: Vec<u32>,
     call_ticks: u64,
     in_flight: Arc<AtomicUsize>,
+    /// The domain's peer connections (`media`).
+    media: Arc<crate::media::DomainMedia>,
     /// Set when the sandbox is being stopped: queued messages are dropped.
     stopping: Arc<AtomicBool>,
 }
@@ -286,6 +294,7 @@ impl Sandbox {
             &self.settings.limits,
             limiter,
             &self.shared,
+            self.media.clone(),
         );
         let mut store = Store::new(&self.shared.engine, state);
         store.limiter(|s| &mut s.limiter);
@@ -455,7 +464,8 @@ impl Sandbox {
 /// over `n` runs (for benchmarks).
 pub(crate) fn time_instantiation(shared: &Shared, pre: &HypertyPre<InstanceState>, n: u32) -> Result<std::time::Duration> {
     let sandbox = Sandbox {
-        settings: SandboxSettings { limits: Limits::default(), restart: RestartPolicy::default(), grants: Vec::new() },
+        settings: SandboxSettings { limits: Limits::default(), restart: RestartPolicy::default(), grants: Vec::new(), media: None },
+        media: Arc::new(crate::media::DomainMedia::new("bench.example", None, shared.policies.clone())),
         shared: shared.clone(),
         memory: Arc::default(),
         slots: Vec::new(),

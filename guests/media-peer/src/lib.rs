@@ -1,0 +1,253 @@
+//! Test hyperty of the `hyperty-media` world: it opens WebRTC peer
+//! connections (held by the host) on the orders of the test's observer, and
+//! calls another `media-peer` over the bus, signalling as reTHINK's
+//! Connector did: offer in a request, answer in its response.
+//!
+//! Config: `{"observer": "<address>", "echo": bool}`.
+//! - An `execute` request is a command, answered with its result or
+//!   `{"error": "<kind>: <why>"}`: `{"op": "open", "remote"?}` →
+//!   `{"pc", "address", "fingerprint"}`; `{"op": "channel", "pc", "label",
+//!   "ordered"}` → `{"channel"}`; `{"op": "offer", "pc"}` → `{"sdp"}`;
+//!   `{"op": "accept-offer", "pc", "sdp"}` → `{"sdp"}`; `{"op":
+//!   "accept-answer", "pc", "sdp"}`; `{"op": "candidate", "pc",
+//!   "candidate"}`; `{"op": "candidates", "pc"}` → `{"candidates"}`;
+//!   `{"op": "send", "pc", "channel", "text" | "pad": n | "bytes": n}`;
+//!   `{"op": "close" | "drop", "pc"}`; `{"op": "call", "peer", "label"}`
+//!   (opens a connection and a channel, sends the offer to `peer` as
+//!   `{"op": "incoming", "sdp"}` and accepts the answer it gets back) →
+//!   `{"pc"}`; `{"op": "incoming", "sdp"}` (from a caller) → `{"pc",
+//!   "sdp"}`; `{"op": "trap"}` panics.
+//! - Every event from a connection (a message from its `media://`
+//!   address) is reported to the observer as a `forward` whose value is
+//!   the event with `"pc"` (its index here) added; so are signalling
+//!   outcomes (`{"signal": "answered" | "failed", "pc", ...}`). With
+//!   `echo`, text received on a channel is sent back prefixed `echo:`.
+
+wit_bindgen::generate!({
+    path: "../../wit",
+    world: "hyperty-media",
+});
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+
+use rethink::hyperty::bus;
+use rethink::hyperty::media::{MediaError, PeerConnection};
+use rethink::hyperty::types::{Body, Message, MessageType};
+use serde_json::{Value, json};
+
+struct State {
+    me: String,
+    observer: String,
+    echo: bool,
+    next_id: u64,
+    /// Peer connections by index (`None` once dropped).
+    pcs: Vec<Option<PeerConnection>>,
+    /// Calls waiting for their answer: request id → connection index.
+    calls: BTreeMap<u64, usize>,
+}
+
+thread_local! {
+    static STATE: RefCell<Option<State>> = const { RefCell::new(None) };
+}
+
+fn error(e: MediaError) -> Value {
+    let (kind, why) = match e {
+        MediaError::MalformedSdp(s) => ("malformed-sdp", s),
+        MediaError::NoSuchChannel(c) => ("no-such-channel", c.to_string()),
+        MediaError::NotGranted(s) => ("not-granted", s),
+        MediaError::LimitReached(s) => ("limit-reached", s),
+        MediaError::Denied(s) => ("denied", s),
+        MediaError::Closed(s) => ("closed", s),
+        MediaError::Invalid(s) => ("invalid", s),
+    };
+    json!({ "error": format!("{kind}: {why}") })
+}
+
+fn ok<T>(r: Result<T, MediaError>, f: impl FnOnce(T) -> Value) -> Value {
+    r.map_or_else(error, f)
+}
+
+impl State {
+    fn fresh_id(&mut self) -> u64 {
+        self.next_id += 1;
+        self.next_id
+    }
+
+    fn pc(&self, c: &Value) -> Result<&PeerConnection, Value> {
+        let i = c["pc"].as_u64().unwrap_or(u64::MAX) as usize;
+        self.pcs.get(i).and_then(Option::as_ref).ok_or_else(|| json!({ "error": format!("no connection {}", c["pc"]) }))
+    }
+
+    fn open(&mut self, remote: Option<&str>) -> Result<usize, MediaError> {
+        let pc = PeerConnection::open(remote)?;
+        self.pcs.push(Some(pc));
+        Ok(self.pcs.len() - 1)
+    }
+
+    fn report(&mut self, value: Value) {
+        let id = self.fresh_id();
+        let m = message(id, MessageType::Forward, &self.me, &self.observer, value.to_string());
+        let _ = bus::send(&m);
+    }
+
+    fn command(&mut self, c: &Value, from: &str) -> Value {
+        let text = |k: &str| c[k].as_str().unwrap_or_default().to_owned();
+        match c["op"].as_str().unwrap_or_default() {
+            "open" => ok(self.open(c["remote"].as_str()), |i| {
+                let pc = self.pcs[i].as_ref().expect("just opened");
+                json!({ "pc": i, "address": pc.address(), "fingerprint": pc.fingerprint() })
+            }),
+            "incoming" => {
+                let offered = self.open(Some(from)).and_then(|i| {
+                    let pc = self.pcs[i].as_ref().expect("just opened");
+                    pc.accept_offer(&text("sdp"), Some(from)).map(|sdp| (i, sdp))
+                });
+                ok(offered, |(i, sdp)| json!({ "pc": i, "sdp": sdp }))
+            }
+            "call" => {
+                let peer = text("peer");
+                let offered = self.open(Some(&peer)).and_then(|i| {
+                    let pc = self.pcs[i].as_ref().expect("just opened");
+                    pc.open_channel(&text("label"), true)?;
+                    pc.create_offer().map(|sdp| (i, sdp))
+                });
+                match offered {
+                    Ok((i, sdp)) => {
+                        let id = self.fresh_id();
+                        let ask = message(id, MessageType::Execute, &self.me, &peer, json!({ "op": "incoming", "sdp": sdp }).to_string());
+                        match bus::request(&ask, None) {
+                            Ok(()) => {
+                                self.calls.insert(id, i);
+                                json!({ "pc": i })
+                            }
+                            Err(e) => json!({ "error": format!("{e:?}") }),
+                        }
+                    }
+                    Err(e) => error(e),
+                }
+            }
+            "trap" => panic!("ordered to trap"),
+            op => {
+                let pc = match self.pc(c) {
+                    Ok(pc) => pc,
+                    Err(e) => return e,
+                };
+                let channel = c["channel"].as_u64().unwrap_or(u64::MAX) as u32;
+                match op {
+                    "channel" => ok(pc.open_channel(&text("label"), c["ordered"].as_bool().unwrap_or(true)), |id| json!({ "channel": id })),
+                    "offer" => ok(pc.create_offer(), |sdp| json!({ "sdp": sdp })),
+                    "accept-offer" => ok(pc.accept_offer(&text("sdp"), c["remote"].as_str()), |sdp| json!({ "sdp": sdp })),
+                    "accept-answer" => ok(pc.accept_answer(&text("sdp")), |()| json!({ "ok": true })),
+                    "candidate" => ok(pc.add_remote_candidate(&text("candidate")), |()| json!({ "ok": true })),
+                    "candidates" => json!({ "candidates": pc.local_candidates() }),
+                    "send" => {
+                        let sent = if let Some(n) = c["bytes"].as_u64() {
+                            pc.send_bytes(channel, &vec![7u8; n as usize])
+                        } else if let Some(n) = c["pad"].as_u64() {
+                            pc.send_text(channel, &"x".repeat(n as usize))
+                        } else {
+                            pc.send_text(channel, &text("text"))
+                        };
+                        ok(sent, |()| json!({ "ok": true }))
+                    }
+                    "close" => {
+                        pc.close();
+                        json!({ "ok": true })
+                    }
+                    "drop" => {
+                        let i = c["pc"].as_u64().unwrap_or_default() as usize;
+                        self.pcs[i] = None;
+                        json!({ "ok": true })
+                    }
+                    other => json!({ "error": format!("unknown op {other:?}") }),
+                }
+            }
+        }
+    }
+
+    /// An event from the connection at `from`.
+    fn event(&mut self, from: &str, value: &str) {
+        let Some(i) = self.pcs.iter().position(|pc| pc.as_ref().is_some_and(|pc| pc.address() == from)) else {
+            // A connection already dropped here (its `closed` event).
+            let mut v: Value = serde_json::from_str(value).unwrap_or(Value::Null);
+            v["from"] = json!(from);
+            return self.report(v);
+        };
+        let mut v: Value = serde_json::from_str(value).unwrap_or(Value::Null);
+        if self.echo
+            && v["event"] == "channel-data"
+            && let Some(text) = v["text"].as_str()
+            && !text.starts_with("echo:")
+        {
+            let channel = v["channel"].as_u64().unwrap_or_default() as u32;
+            let pc = self.pcs[i].as_ref().expect("found");
+            if let Err(e) = pc.send_text(channel, &format!("echo:{text}")) {
+                v["echo-error"] = error(e)["error"].clone();
+            }
+        }
+        v["pc"] = json!(i);
+        v["from"] = json!(from);
+        self.report(v);
+    }
+
+    /// The answer to a call this hyperty made.
+    fn answered(&mut self, m: &Message) {
+        let Some(i) = self.calls.remove(&m.id) else { return };
+        let value: Value = serde_json::from_str(m.body.value.as_deref().unwrap_or("null")).unwrap_or(Value::Null);
+        let report = match (m.body.code, value["sdp"].as_str(), self.pcs[i].as_ref()) {
+            (Some(200), Some(sdp), Some(pc)) => match pc.accept_answer(sdp) {
+                Ok(()) => json!({ "signal": "answered", "pc": i }),
+                Err(e) => json!({ "signal": "failed", "pc": i, "error": error(e)["error"] }),
+            },
+            _ => json!({ "signal": "failed", "pc": i, "code": m.body.code, "answer": value, "description": m.body.description }),
+        };
+        self.report(report);
+    }
+}
+
+fn message(id: u64, kind: MessageType, from: &str, to: &str, value: String) -> Message {
+    Message {
+        id,
+        type_: kind,
+        from: from.to_owned(),
+        to: to.to_owned(),
+        body: Body { code: None, resource: None, value: Some(value), description: None },
+        identity: None,
+    }
+}
+
+struct MediaPeer;
+
+impl exports::rethink::hyperty::handler::Guest for MediaPeer {
+    fn init(address: String, config: String) -> Result<(), String> {
+        let config: Value = serde_json::from_str(&config).map_err(|e| e.to_string())?;
+        let observer = config["observer"].as_str().ok_or("config needs an observer")?.to_owned();
+        let echo = config["echo"].as_bool().unwrap_or(false);
+        STATE.with(|s| {
+            *s.borrow_mut() = Some(State { me: address, observer, echo, next_id: 0, pcs: Vec::new(), calls: BTreeMap::new() });
+        });
+        Ok(())
+    }
+
+    fn handle(msg: Message) {
+        STATE.with(|s| {
+            let mut s = s.borrow_mut();
+            let s = s.as_mut().expect("initialised");
+            if msg.from.starts_with("media://") {
+                return s.event(&msg.from, msg.body.value.as_deref().unwrap_or("null"));
+            }
+            match msg.type_ {
+                MessageType::Response => s.answered(&msg),
+                MessageType::Execute => {
+                    let command: Value = serde_json::from_str(msg.body.value.as_deref().unwrap_or("null")).unwrap_or(Value::Null);
+                    let answer = s.command(&command, &msg.from);
+                    let _ = bus::reply(&msg, 200, Some(&answer.to_string()));
+                }
+                _ => {}
+            }
+        });
+    }
+}
+
+export!(MediaPeer);

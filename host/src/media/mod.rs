@@ -1,0 +1,682 @@
+//! WebRTC peer connections for hyperties (`wit/media.wit`), kept by the
+//! host with str0m, a sans-IO WebRTC stack.
+//!
+//! One str0m [`Rtc`] per peer connection, never in the guest. The host owns
+//! each connection's UDP socket (bound to the domain's granted `bind`
+//! address, on a port of its `ports`), feeds str0m the packets and the
+//! time, and turns its outputs into socket writes and events for the
+//! hyperty. One thread per domain that opened a connection runs a
+//! current-thread tokio runtime with one task per connection, which waits
+//! on its socket, str0m's next timeout and the hyperty's calls at once:
+//! no busy loop.
+//!
+//! Decision: events reach the hyperty as messages from the connection's
+//! own address (`media://<domain>/<uuid>`), through the bus and the
+//! domain's one inbox, rather than through a second export. One inbox
+//! gives one order (a channel's data never overtakes the message that
+//! told the hyperty about the channel), one back-pressure (`inbox-full`:
+//! the event waits, and a connection whose hyperty does not keep up is
+//! closed past `pending-events`), and the sandbox keeps one kind of
+//! instance. The cost is JSON (and base64 for binary data) per event.
+//!
+//! Locks: a connection's state is behind a mutex taken briefly by the
+//! hyperty's calls and by its task; neither ever holds it while calling a
+//! guest, sending on the bus or waiting on the socket.
+
+pub(crate) mod glue;
+pub mod settings;
+
+use std::collections::{HashMap, VecDeque};
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use serde_json::{Value, json};
+use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
+use str0m::channel::{ChannelConfig, ChannelId};
+use str0m::net::{Protocol, Receive};
+use str0m::{Candidate, Event, IceConnectionState, Input, Output, Rtc};
+
+pub use settings::MediaSettings;
+
+use crate::address::Address;
+use crate::bus::{Bus, SendError};
+use crate::message::{Message, MessageType};
+use crate::policy::cedar::CedarPolicies;
+use crate::policy::{Decision, Descriptor};
+use crate::sandbox::limits::RateLimiter;
+
+/// The longest SDP text accepted from a hyperty, in bytes.
+pub const MAX_SDP_BYTES: usize = 64 << 10;
+/// The longest data-channel label, in bytes.
+pub const MAX_LABEL_BYTES: usize = 1024;
+/// How often events refused `inbox-full` are offered again.
+const RETRY: Duration = Duration::from_millis(10);
+/// A received UDP datagram larger than this is not WebRTC (str0m's MTU is
+/// at most 1500 bytes of payload).
+const MAX_DATAGRAM: usize = 2048;
+
+/// Why a call was refused; the WIT's `media-error`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum MediaError {
+    #[error("malformed SDP: {0}")]
+    MalformedSdp(String),
+    #[error("no open channel {0}")]
+    NoSuchChannel(u32),
+    #[error("not granted: {0}")]
+    NotGranted(String),
+    #[error("limit reached: {0}")]
+    LimitReached(String),
+    #[error("denied: {0}")]
+    Denied(String),
+    #[error("closed: {0}")]
+    Closed(String),
+    #[error("invalid: {0}")]
+    Invalid(String),
+}
+
+/// What a domain's connections hold together: how many are open (each
+/// with its socket) and the bytes a second they send.
+struct Held {
+    open: Mutex<u32>,
+    bytes: Mutex<RateLimiter>,
+}
+
+/// A connection's place in its domain's `peer-connections`, given back
+/// when its task ends (its socket closed with it).
+struct Place(Arc<Held>);
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        *self.0.open.lock().expect("not poisoned") -= 1;
+    }
+}
+
+/// The media of one domain sandbox: its grant, what its connections hold
+/// and the thread that drives them (started with the first connection).
+pub(crate) struct DomainMedia {
+    domain: String,
+    settings: Option<Arc<MediaSettings>>,
+    held: Arc<Held>,
+    driver: Mutex<Option<Driver>>,
+    policies: Arc<CedarPolicies>,
+}
+
+impl DomainMedia {
+    /// `settings`: the domain's `media` table, `None` when not granted.
+    pub fn new(domain: &str, settings: Option<MediaSettings>, policies: Arc<CedarPolicies>) -> DomainMedia {
+        let rate = settings.as_ref().map_or(1, |s| s.bytes_per_second);
+        DomainMedia {
+            domain: domain.to_owned(),
+            settings: settings.map(Arc::new),
+            held: Arc::new(Held { open: Mutex::new(0), bytes: Mutex::new(RateLimiter::new(rate, rate)) }),
+            driver: Mutex::default(),
+            policies,
+        }
+    }
+
+    /// Asks the domain's policies whether the hyperty (`owner`,
+    /// `descriptor`) may do `action` (`media-open`, `media-accept`) on
+    /// `connection` with the peer named `remote`.
+    fn authorize(&self, action: &str, owner: &Address, descriptor: &Descriptor, connection: &Address, remote: Option<(&str, Option<&Descriptor>)>) -> Result<(), MediaError> {
+        match self.policies.authorize_media(action, owner, descriptor, connection, remote) {
+            Decision::Permit => Ok(()),
+            Decision::Deny { policies, reason } => Err(MediaError::Denied(format!(
+                "{action} {reason} by the policies of {} [{}]",
+                self.domain,
+                policies.join(", ")
+            ))),
+        }
+    }
+
+    /// Opens a peer connection for the hyperty at `owner`; its events go
+    /// to `owner` on `bus`.
+    fn open(&self, owner: &Address, descriptor: &Arc<Descriptor>, bus: &Bus, remote: Option<&str>) -> Result<PeerConnection, MediaError> {
+        let Some(settings) = self.settings.clone() else {
+            return Err(MediaError::NotGranted(format!("{} is not granted `media` (grants and a `media` table in its bundle)", self.domain)));
+        };
+        let address = Address::parse(format!("media://{}/{}", self.domain, uuid::Uuid::new_v4())).expect("a valid address");
+        let remote_descriptor = remote.and_then(|r| Address::parse(r).ok()).and_then(|r| bus.descriptor_of(&r));
+        self.authorize("media-open", owner, descriptor, &address, remote.map(|r| (r, remote_descriptor.as_deref())))?;
+        let place = {
+            let mut open = self.held.open.lock().expect("not poisoned");
+            if *open >= settings.peer_connections {
+                return Err(MediaError::LimitReached(format!(
+                    "peer-connections: {} holds {open} open (peer-connections = {})",
+                    self.domain, settings.peer_connections
+                )));
+            }
+            *open += 1;
+            Place(self.held.clone())
+        };
+        let socket = bind(&settings)?;
+        let local = socket.local_addr().map_err(|e| MediaError::Invalid(format!("the socket has no address: {e}")))?;
+        let mut rtc = Rtc::builder()
+            .set_crypto_provider(Arc::new(str0m::crypto::from_feature_flags()))
+            .set_sctp_max_message_size(settings.message_bytes)
+            .build(Instant::now());
+        let candidate = Candidate::host(local, "udp").map_err(|e| MediaError::Invalid(format!("no host candidate for {local}: {e}")))?;
+        let candidate = rtc.add_local_candidate(candidate).map(|c| c.to_sdp_string()).unwrap_or_default();
+        let fingerprint = rtc.direct_api().local_dtls_fingerprint().to_string();
+        let conn = Arc::new(Conn {
+            address,
+            settings: settings.clone(),
+            held: self.held.clone(),
+            candidate,
+            fingerprint,
+            state: Mutex::new(State {
+                rtc,
+                pending_offer: None,
+                unoffered: Vec::new(),
+                negotiated: false,
+                local_ids: HashMap::new(),
+                open: HashMap::new(),
+                next_channel: 1,
+                closed: None,
+            }),
+            wake: tokio::sync::Notify::new(),
+        });
+        let handle = self.driver()?;
+        let socket = {
+            let _entered = handle.enter();
+            tokio::net::UdpSocket::from_std(socket).map_err(|e| MediaError::Invalid(format!("cannot drive the socket: {e}")))?
+        };
+        let sink = Sink { bus: bus.clone(), owner: owner.clone(), descriptor: descriptor.clone(), next_id: 0 };
+        tracing::info!(domain = %self.domain, connection = %conn.address, %local, "peer connection opened for {owner}");
+        handle.spawn(drive(conn.clone(), socket, sink, place));
+        Ok(PeerConnection { conn })
+    }
+
+    /// The runtime of the domain's media thread, started on first use.
+    fn driver(&self) -> Result<tokio::runtime::Handle, MediaError> {
+        let mut driver = self.driver.lock().expect("not poisoned");
+        if let Some(d) = driver.as_ref() {
+            return Ok(d.handle.clone());
+        }
+        let d = Driver::start(&self.domain).map_err(|e| MediaError::LimitReached(format!("cannot start the media thread: {e}")))?;
+        let handle = d.handle.clone();
+        *driver = Some(d);
+        Ok(handle)
+    }
+}
+
+/// A socket on the domain's `bind` address, on the first free port of
+/// its range.
+fn bind(settings: &MediaSettings) -> Result<UdpSocket, MediaError> {
+    for port in settings.ports.clone() {
+        if let Ok(socket) = UdpSocket::bind((settings.bind, port)) {
+            socket.set_nonblocking(true).map_err(|e| MediaError::Invalid(format!("cannot use the socket: {e}")))?;
+            return Ok(socket);
+        }
+    }
+    Err(MediaError::LimitReached(format!(
+        "ports: no free UDP port on {} in {}-{}",
+        settings.bind,
+        settings.ports.start(),
+        settings.ports.end()
+    )))
+}
+
+/// The domain's media thread: a current-thread tokio runtime that runs
+/// until the domain's sandbox goes away (then every connection's task is
+/// dropped with its socket).
+struct Driver {
+    handle: tokio::runtime::Handle,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Driver {
+    fn start(domain: &str) -> std::io::Result<Driver> {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let handle = runtime.handle().clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::Builder::new().name(format!("media {domain}")).spawn(move || {
+            let _ = runtime.block_on(stopped);
+        })?;
+        Ok(Driver { handle, stop: Some(stop), thread: Some(thread) })
+    }
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(thread) = self.thread.take()
+            && thread.thread().id() != std::thread::current().id()
+        {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// The host side of a `peer-connection` handle (public only because the
+/// bindings name it); dropping it (the guest
+/// dropped the handle, or its store went away after a trap or removal)
+/// closes the connection and frees its socket.
+pub struct PeerConnection {
+    conn: Arc<Conn>,
+}
+
+impl Drop for PeerConnection {
+    fn drop(&mut self) {
+        self.conn.close("its hyperty dropped it (closed, removed, stopped or trapped)");
+    }
+}
+
+/// One connection, shared by its handle and its task.
+struct Conn {
+    address: Address,
+    settings: Arc<MediaSettings>,
+    held: Arc<Held>,
+    /// The local host candidate, as an SDP attribute value.
+    candidate: String,
+    fingerprint: String,
+    state: Mutex<State>,
+    /// Tells the task that the state changed (a call, a close).
+    wake: tokio::sync::Notify,
+}
+
+struct State {
+    rtc: Rtc,
+    pending_offer: Option<SdpPendingOffer>,
+    /// Channels opened before the first offer, which will carry them.
+    unoffered: Vec<(u32, ChannelConfig)>,
+    /// An offer/answer exchange completed: channels open in-band.
+    negotiated: bool,
+    /// Ids of channels opened here, until str0m says they are open.
+    local_ids: HashMap<ChannelId, u32>,
+    /// Open channels by their id.
+    open: HashMap<u32, ChannelId>,
+    next_channel: u32,
+    /// Why it closed, once it has.
+    closed: Option<String>,
+}
+
+impl State {
+    fn channels(&self) -> usize {
+        self.unoffered.len() + self.local_ids.len() + self.open.len()
+    }
+
+    fn id_of(&self, cid: ChannelId) -> Option<u32> {
+        self.open.iter().find(|(_, c)| **c == cid).map(|(id, _)| *id)
+    }
+}
+
+impl Conn {
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, State>, MediaError> {
+        let state = self.state.lock().expect("not poisoned");
+        if let Some(why) = &state.closed {
+            return Err(MediaError::Closed(why.clone()));
+        }
+        Ok(state)
+    }
+
+    fn close(&self, why: &str) {
+        let mut state = self.state.lock().expect("not poisoned");
+        if state.closed.is_none() {
+            state.closed = Some(why.to_owned());
+            state.rtc.disconnect();
+        }
+        drop(state);
+        self.wake.notify_one();
+    }
+
+    /// The SDP `text` from the hyperty, checked: its size, that it parses,
+    /// that it offers a transport this host can use (ICE credentials, a
+    /// DTLS fingerprint, a data channel section), with the candidates
+    /// outside the domain's `peers` (or not addresses, like mDNS names)
+    /// left out.
+    fn checked_sdp(&self, text: &str) -> Result<String, MediaError> {
+        if text.len() > MAX_SDP_BYTES {
+            return Err(MediaError::MalformedSdp(format!("{} bytes, the limit is {MAX_SDP_BYTES}", text.len())));
+        }
+        let mut kept = String::with_capacity(text.len());
+        for line in text.split_inclusive('\n') {
+            if let Some(attr) = line.trim_end().strip_prefix("a=candidate:") {
+                match Candidate::from_sdp_string(&format!("candidate:{attr}")) {
+                    Ok(c) if self.settings.allows_peer(c.addr().ip()) => {}
+                    Ok(c) => {
+                        tracing::debug!(connection = %self.address, "candidate {} outside the domain's peers left out", c.addr());
+                        continue;
+                    }
+                    Err(_) => continue,
+                }
+            }
+            kept.push_str(line);
+        }
+        let has = |prefix: &str| kept.lines().any(|l| l.trim_start().starts_with(prefix));
+        let missing = [("a=ice-ufrag:", "ICE credentials (a=ice-ufrag)"), ("a=fingerprint:", "DTLS fingerprint (a=fingerprint)")]
+            .into_iter()
+            .find(|(p, _)| !has(p));
+        let data = kept.lines().any(|l| l.starts_with("m=application") && l.contains("DTLS/SCTP"));
+        match (missing, data) {
+            (Some((_, what)), _) => Err(MediaError::MalformedSdp(format!("it offers no usable transport: no {what}"))),
+            (None, false) => Err(MediaError::MalformedSdp(
+                "it offers no usable transport: no data channel section (m=application ... UDP/DTLS/SCTP webrtc-datachannel)".into(),
+            )),
+            (None, true) => Ok(kept),
+        }
+    }
+
+    fn create_offer(&self) -> Result<String, MediaError> {
+        let mut guard = self.lock()?;
+        if guard.pending_offer.is_some() {
+            return Err(MediaError::Invalid("an offer is already waiting for its answer".into()));
+        }
+        let state = &mut *guard;
+        let unoffered = std::mem::take(&mut state.unoffered);
+        let mut api = state.rtc.sdp_api();
+        let mut ids = Vec::new();
+        for (id, config) in unoffered {
+            ids.push((api.add_channel_with_config(config), id));
+        }
+        let Some((offer, pending)) = api.apply() else {
+            return Err(MediaError::Invalid("nothing to offer: open a channel first".into()));
+        };
+        state.local_ids.extend(ids);
+        state.pending_offer = Some(pending);
+        drop(guard);
+        self.wake.notify_one();
+        Ok(offer.to_sdp_string())
+    }
+
+    fn accept_offer(&self, text: &str) -> Result<String, MediaError> {
+        let text = self.checked_sdp(text)?;
+        let offer = SdpOffer::from_sdp_string(&text).map_err(|e| MediaError::MalformedSdp(e.to_string()))?;
+        let mut state = self.lock()?;
+        if state.pending_offer.is_some() {
+            return Err(MediaError::Invalid("this connection's own offer is waiting for its answer".into()));
+        }
+        let answer = state.rtc.sdp_api().accept_offer(offer).map_err(|e| MediaError::MalformedSdp(e.to_string()))?;
+        state.negotiated = true;
+        drop(state);
+        self.wake.notify_one();
+        Ok(answer.to_sdp_string())
+    }
+
+    fn accept_answer(&self, text: &str) -> Result<(), MediaError> {
+        let text = self.checked_sdp(text)?;
+        let answer = SdpAnswer::from_sdp_string(&text).map_err(|e| MediaError::MalformedSdp(e.to_string()))?;
+        let mut state = self.lock()?;
+        let pending = state.pending_offer.take().ok_or_else(|| MediaError::Invalid("no offer is waiting for an answer".into()))?;
+        state.rtc.sdp_api().accept_answer(pending, answer).map_err(|e| MediaError::MalformedSdp(e.to_string()))?;
+        state.negotiated = true;
+        drop(state);
+        self.wake.notify_one();
+        Ok(())
+    }
+
+    fn add_remote_candidate(&self, text: &str) -> Result<(), MediaError> {
+        let attr = text.trim().trim_start_matches("a=");
+        if attr.len() > 1024 {
+            return Err(MediaError::Invalid(format!("a candidate of {} bytes", attr.len())));
+        }
+        let candidate = Candidate::from_sdp_string(attr).map_err(|e| MediaError::Invalid(format!("not an ICE candidate ({e}): {attr:?}")))?;
+        let ip = candidate.addr().ip();
+        if !self.settings.allows_peer(ip) {
+            return Err(MediaError::NotGranted(format!("{ip} is outside the domain's media peers")));
+        }
+        self.lock()?.rtc.add_remote_candidate(candidate);
+        self.wake.notify_one();
+        Ok(())
+    }
+
+    fn open_channel(&self, label: String, ordered: bool) -> Result<u32, MediaError> {
+        if label.len() > MAX_LABEL_BYTES {
+            return Err(MediaError::Invalid(format!("a label of {} bytes; at most {MAX_LABEL_BYTES}", label.len())));
+        }
+        let mut state = self.lock()?;
+        let max = self.settings.channels;
+        if state.channels() >= max as usize {
+            return Err(MediaError::LimitReached(format!("channels: the connection has {} (channels = {max})", state.channels())));
+        }
+        let id = state.next_channel;
+        state.next_channel += 1;
+        let config = ChannelConfig { label, ordered, ..ChannelConfig::default() };
+        if state.negotiated {
+            let cid = state.rtc.direct_api().create_data_channel(config);
+            state.local_ids.insert(cid, id);
+        } else {
+            state.unoffered.push((id, config));
+        }
+        drop(state);
+        self.wake.notify_one();
+        Ok(id)
+    }
+
+    fn send(&self, channel: u32, binary: bool, data: &[u8]) -> Result<(), MediaError> {
+        let max = self.settings.message_bytes;
+        if data.len() > max as usize {
+            return Err(MediaError::LimitReached(format!("message-bytes: {} bytes, the limit is {max}", data.len())));
+        }
+        let mut state = self.lock()?;
+        let cid = *state.open.get(&channel).ok_or(MediaError::NoSuchChannel(channel))?;
+        let mut bytes = self.held.bytes.lock().expect("not poisoned");
+        if !bytes.has(data.len() as f64) {
+            return Err(MediaError::LimitReached(format!(
+                "bytes-per-second: the domain sends more than {} bytes a second",
+                self.settings.bytes_per_second
+            )));
+        }
+        let mut ch = state.rtc.channel(cid).ok_or(MediaError::NoSuchChannel(channel))?;
+        match ch.write(binary, data) {
+            Ok(true) => {}
+            Ok(false) => {
+                return Err(MediaError::LimitReached("the channel's send buffer is full: wait for `buffered-low`".into()));
+            }
+            Err(e) => return Err(MediaError::Invalid(format!("cannot send: {e}"))),
+        }
+        bytes.take_n(data.len() as f64);
+        drop(bytes);
+        drop(state);
+        self.wake.notify_one();
+        Ok(())
+    }
+
+    /// Takes str0m's outputs: datagrams to send, events for the hyperty,
+    /// and when it next needs the time.
+    fn poll(&self, out: &mut Polled) {
+        let mut state = self.state.lock().expect("not poisoned");
+        loop {
+            match state.rtc.poll_output() {
+                Ok(Output::Transmit(t)) => out.transmits.push((t.destination, Vec::from(t.contents))),
+                Ok(Output::Timeout(at)) => {
+                    out.deadline = at;
+                    break;
+                }
+                Ok(Output::Event(event)) => {
+                    if let Some(value) = self.event(&mut state, event) {
+                        out.events.push(value);
+                    }
+                }
+                Err(e) => {
+                    let why = format!("the WebRTC stack failed: {e}");
+                    if state.closed.is_none() {
+                        state.closed = Some(why);
+                    }
+                    break;
+                }
+            }
+            if state.closed.is_some() {
+                break;
+            }
+        }
+        out.closed = state.closed.clone();
+    }
+
+    /// An str0m event in the hyperty's terms (see `wit/media.wit`); `None`
+    /// for those it is not told about.
+    fn event(&self, state: &mut State, event: Event) -> Option<Value> {
+        match event {
+            Event::Connected => Some(json!({ "event": "connected" })),
+            Event::IceConnectionStateChange(s) => {
+                let name = match s {
+                    IceConnectionState::New => "new",
+                    IceConnectionState::Checking => "checking",
+                    IceConnectionState::Connected => "connected",
+                    IceConnectionState::Completed => "completed",
+                    IceConnectionState::Disconnected => "disconnected",
+                };
+                if s == IceConnectionState::Disconnected && state.closed.is_none() {
+                    state.closed = Some("the peer stopped answering (ICE disconnected)".into());
+                }
+                Some(json!({ "event": "ice-state", "state": name }))
+            }
+            Event::ChannelOpen(cid, label) => {
+                let id = match state.local_ids.remove(&cid) {
+                    Some(id) => id,
+                    None if state.channels() >= self.settings.channels as usize => {
+                        tracing::info!(connection = %self.address, "a channel the remote opened is over the domain's channels limit: closed");
+                        state.rtc.direct_api().close_data_channel(cid);
+                        return None;
+                    }
+                    None => {
+                        state.next_channel += 1;
+                        state.next_channel - 1
+                    }
+                };
+                state.open.insert(id, cid);
+                if let Some(mut ch) = state.rtc.channel(cid) {
+                    ch.set_buffered_amount_low_threshold(self.settings.message_bytes as usize);
+                }
+                Some(json!({ "event": "channel-open", "channel": id, "label": label }))
+            }
+            Event::ChannelData(d) => {
+                let id = state.id_of(d.id)?;
+                let limit = self.settings.message_bytes as usize;
+                if d.data.len() > limit {
+                    return Some(json!({ "event": "message-refused", "channel": id, "bytes": d.data.len(), "limit": limit }));
+                }
+                match (d.binary, String::from_utf8(d.data)) {
+                    (false, Ok(text)) => Some(json!({ "event": "channel-data", "channel": id, "text": text })),
+                    (_, Ok(text)) => Some(channel_bytes(id, text.as_bytes())),
+                    (_, Err(e)) => Some(channel_bytes(id, e.as_bytes())),
+                }
+            }
+            Event::ChannelBufferedAmountLow(cid) => Some(json!({ "event": "buffered-low", "channel": state.id_of(cid)? })),
+            Event::ChannelClose(cid) => {
+                let id = state.id_of(cid)?;
+                state.open.remove(&id);
+                Some(json!({ "event": "channel-closed", "channel": id }))
+            }
+            _ => None,
+        }
+    }
+
+    fn input(&self, input: Input<'_>) {
+        let mut state = self.state.lock().expect("not poisoned");
+        if let Err(e) = state.rtc.handle_input(input)
+            && state.closed.is_none()
+        {
+            state.closed = Some(format!("the WebRTC stack failed: {e}"));
+        }
+    }
+}
+
+fn channel_bytes(id: u32, data: &[u8]) -> Value {
+    json!({ "event": "channel-data", "channel": id, "bytes": base64::engine::general_purpose::STANDARD.encode(data) })
+}
+
+/// What one poll of str0m gave.
+struct Polled {
+    transmits: Vec<(SocketAddr, Vec<u8>)>,
+    events: Vec<Value>,
+    deadline: Instant,
+    closed: Option<String>,
+}
+
+/// Where a connection's events go: messages from its address to its
+/// hyperty, sent on behalf of that hyperty (its descriptor, for policies).
+struct Sink {
+    bus: Bus,
+    owner: Address,
+    descriptor: Arc<Descriptor>,
+    next_id: u64,
+}
+
+impl Sink {
+    fn message(&mut self, from: &Address, value: &Value) -> Message {
+        self.next_id += 1;
+        Message::new(self.next_id, MessageType::Update, from.clone(), self.owner.clone(), Some(value.to_string()))
+    }
+}
+
+/// A connection's task: feeds str0m the socket's packets (from the
+/// domain's `peers` only) and the time, sends what it says, hands its
+/// events to the hyperty in order, and ends (freeing the socket and the
+/// domain's place) once the connection is closed.
+async fn drive(conn: Arc<Conn>, socket: tokio::net::UdpSocket, mut sink: Sink, place: Place) {
+    let local = socket.local_addr().expect("a bound socket");
+    let mut buf = vec![0u8; MAX_DATAGRAM];
+    let mut outbox: VecDeque<Message> = VecDeque::new();
+    let mut polled = Polled { transmits: Vec::new(), events: Vec::new(), deadline: Instant::now(), closed: None };
+    loop {
+        conn.poll(&mut polled);
+        for (to, data) in polled.transmits.drain(..) {
+            if !conn.settings.allows_peer(to.ip()) {
+                tracing::debug!(connection = %conn.address, "nothing is sent to {to}, outside the domain's peers");
+                continue;
+            }
+            if let Err(e) = socket.send_to(&data, to).await {
+                tracing::debug!(connection = %conn.address, "cannot send to {to}: {e}");
+            }
+        }
+        for event in polled.events.drain(..) {
+            let m = sink.message(&conn.address, &event);
+            outbox.push_back(m);
+        }
+        if let Some(why) = polled.closed.take() {
+            let m = sink.message(&conn.address, &json!({ "event": "closed", "reason": why }));
+            outbox.push_back(m);
+            deliver(&sink, &mut outbox);
+            tracing::info!(connection = %conn.address, "peer connection closed: {why}");
+            break;
+        }
+        deliver(&sink, &mut outbox);
+        if outbox.len() > conn.settings.pending_events as usize {
+            conn.close(&format!(
+                "the hyperty does not keep up: {} events wait for room in its inbox (pending-events = {})",
+                outbox.len(),
+                conn.settings.pending_events
+            ));
+            outbox.clear();
+            continue;
+        }
+        let mut wake_at = polled.deadline;
+        if !outbox.is_empty() {
+            wake_at = wake_at.min(Instant::now() + RETRY);
+        }
+        tokio::select! {
+            received = socket.recv_from(&mut buf) => match received {
+                Ok((n, source)) if conn.settings.allows_peer(source.ip()) => {
+                    if let Ok(contents) = buf[..n].try_into() {
+                        conn.input(Input::Receive(Instant::now(), Receive { proto: Protocol::Udp, source, destination: local, contents }));
+                    }
+                }
+                Ok((_, source)) => tracing::debug!(connection = %conn.address, "datagram from {source}, outside the domain's peers, dropped"),
+                Err(e) => tracing::debug!(connection = %conn.address, "receive error: {e}"),
+            },
+            () = tokio::time::sleep_until(tokio::time::Instant::from_std(wake_at)) => conn.input(Input::Timeout(Instant::now())),
+            () = conn.wake.notified() => {}
+        }
+    }
+    drop(socket);
+    drop(place);
+}
+
+/// Hands the waiting events to the hyperty in order, stopping at the first
+/// its inbox has no room for (it is offered again after [`RETRY`]).
+fn deliver(sink: &Sink, outbox: &mut VecDeque<Message>) {
+    while let Some(m) = outbox.pop_front() {
+        match sink.bus.send(m.clone(), None, Some(&sink.descriptor)) {
+            Ok(()) => {}
+            Err(SendError::InboxFull(_)) => {
+                outbox.push_front(m);
+                return;
+            }
+            Err(e) => tracing::warn!(to = %sink.owner, "a media event was refused: {e}"),
+        }
+    }
+}

@@ -1,0 +1,179 @@
+//! A domain's `media` table in the bundle: where its peer connections'
+//! sockets bind, which remote addresses they may reach, and its limits.
+//!
+//! ```toml
+//! [domains."alice.example"]
+//! grants = ["clocks", "random", "media"]
+//! media = { bind = "127.0.0.1", ports = "40000-40100", peers = ["127.0.0.0/8"], peer-connections = 8 }
+//! ```
+
+use std::net::IpAddr;
+use std::ops::RangeInclusive;
+
+use ipnet::IpNet;
+use serde::Deserialize;
+
+/// The largest `message-bytes`: a received message travels to the hyperty
+/// as base64 (4/3 of its size) inside one bus message, which must stay
+/// under the bus's default limit (1 MiB).
+pub const MAX_MESSAGE_BYTES: u32 = 256 << 10;
+
+/// What a domain granted `media` may do with WebRTC (see the module doc).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MediaSettings {
+    /// The local address every socket binds to (one host ICE candidate).
+    pub bind: IpAddr,
+    /// The UDP ports sockets may bind to, both ends included.
+    pub ports: RangeInclusive<u16>,
+    /// Remote addresses the domain's connections may reach (candidates
+    /// outside are refused `not-granted`, packets from outside dropped).
+    /// By default `127.0.0.0/8` for a loopback `bind`, else `bind` alone.
+    pub peers: Vec<IpNet>,
+    /// Peer connections the domain holds open at once.
+    pub peer_connections: u32,
+    /// Data channels per peer connection (opened by either side).
+    pub channels: u32,
+    /// Bytes a second the domain's hyperties may send on data channels
+    /// together (also the burst).
+    pub bytes_per_second: u32,
+    /// The largest data-channel message, sent or received, in bytes
+    /// (announced to the remote as SDP `max-message-size`, RFC 8841).
+    pub message_bytes: u32,
+    /// Events of one connection waiting for room in the hyperty's inbox;
+    /// one more closes the connection ("the hyperty does not keep up").
+    pub pending_events: u32,
+}
+
+/// The table as written, before its values are checked.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub(crate) struct RawMedia {
+    bind: String,
+    ports: String,
+    #[serde(default)]
+    peers: Option<Vec<String>>,
+    #[serde(default = "defaults::peer_connections")]
+    peer_connections: u32,
+    #[serde(default = "defaults::channels")]
+    channels: u32,
+    #[serde(default = "defaults::bytes_per_second")]
+    bytes_per_second: u32,
+    #[serde(default = "defaults::message_bytes")]
+    message_bytes: u32,
+    #[serde(default = "defaults::pending_events")]
+    pending_events: u32,
+}
+
+mod defaults {
+    pub fn peer_connections() -> u32 {
+        8
+    }
+    pub fn channels() -> u32 {
+        16
+    }
+    pub fn bytes_per_second() -> u32 {
+        8 << 20
+    }
+    pub fn message_bytes() -> u32 {
+        64 << 10
+    }
+    pub fn pending_events() -> u32 {
+        1024
+    }
+}
+
+impl RawMedia {
+    /// The checked settings; the error names the field.
+    pub(crate) fn check(self) -> Result<MediaSettings, String> {
+        let bind: IpAddr = self.bind.parse().map_err(|_| format!("bind: {:?} is not an IP address", self.bind))?;
+        if bind.is_unspecified() || bind.is_multicast() {
+            return Err(format!("bind: {bind} is not one interface's address (a host candidate needs one)"));
+        }
+        let ports = parse_ports(&self.ports).map_err(|e| format!("ports: {e}"))?;
+        let peers = match self.peers {
+            None if bind.is_loopback() => vec![IpNet::new(bind, if bind.is_ipv4() { 8 } else { 128 }).expect("valid prefix").trunc()],
+            None => vec![IpNet::from(bind)],
+            Some(list) => list
+                .iter()
+                .map(|p| {
+                    p.parse::<IpNet>()
+                        .ok()
+                        .or_else(|| p.parse::<IpAddr>().ok().map(IpNet::from))
+                        .ok_or_else(|| format!("peers: {p:?} is not a CIDR block or an IP address"))
+                })
+                .collect::<Result<_, _>>()?,
+        };
+        let check = |ok: bool, field: &str, range: String| if ok { Ok(()) } else { Err(format!("{field} must be in {range}")) };
+        check((1..=1000).contains(&self.peer_connections), "peer-connections", "1..=1000".into())?;
+        check((1..=1024).contains(&self.channels), "channels", "1..=1024".into())?;
+        check(self.bytes_per_second >= 1024, "bytes-per-second", "1024..".into())?;
+        check((1..=MAX_MESSAGE_BYTES).contains(&self.message_bytes), "message-bytes", format!("1..={MAX_MESSAGE_BYTES}"))?;
+        check((1..=1_000_000).contains(&self.pending_events), "pending-events", "1..=1000000".into())?;
+        Ok(MediaSettings {
+            bind,
+            ports,
+            peers,
+            peer_connections: self.peer_connections,
+            channels: self.channels,
+            bytes_per_second: self.bytes_per_second,
+            message_bytes: self.message_bytes,
+            pending_events: self.pending_events,
+        })
+    }
+}
+
+/// `"40000-40100"` or `"40000"`: a non-empty range of non-zero ports.
+fn parse_ports(text: &str) -> Result<RangeInclusive<u16>, String> {
+    let port = |s: &str| s.trim().parse::<u16>().ok().filter(|&p| p > 0).ok_or_else(|| format!("{s:?} is not a port (1..=65535)"));
+    let (first, last) = match text.split_once('-') {
+        Some((a, b)) => (port(a)?, port(b)?),
+        None => (port(text)?, port(text)?),
+    };
+    if first > last {
+        return Err(format!("{text:?} is an empty range"));
+    }
+    Ok(first..=last)
+}
+
+impl MediaSettings {
+    /// Whether the connections may exchange packets with `ip`.
+    pub fn allows_peer(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        self.peers.iter().any(|net| net.contains(&ip))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw(toml: &str) -> Result<MediaSettings, String> {
+        toml::from_str::<RawMedia>(toml).map_err(|e| e.to_string())?.check()
+    }
+
+    #[test]
+    fn the_table_is_checked_naming_the_field() {
+        let ok = raw("bind = \"127.0.0.1\"\nports = \"40000-40002\"").unwrap();
+        assert_eq!((ok.ports.clone(), ok.peers.len()), (40000..=40002, 1));
+        assert!(ok.allows_peer("127.9.9.9".parse().unwrap()) && !ok.allows_peer("10.0.0.1".parse().unwrap()));
+        let lan = raw("bind = \"10.200.0.1\"\nports = \"5000\"").unwrap();
+        assert!(lan.allows_peer("10.200.0.1".parse().unwrap()) && !lan.allows_peer("10.200.0.2".parse().unwrap()));
+        let wide = raw("bind = \"10.200.0.1\"\nports = \"5000\"\npeers = [\"10.200.0.0/24\", \"::1\"]").unwrap();
+        assert!(wide.allows_peer("10.200.0.9".parse().unwrap()) && wide.allows_peer("::1".parse().unwrap()));
+        for (bad, why) in [
+            ("bind = \"0.0.0.0\"\nports = \"1-2\"", "bind:"),
+            ("bind = \"nowhere\"\nports = \"1-2\"", "bind:"),
+            ("bind = \"127.0.0.1\"\nports = \"9-2\"", "ports:"),
+            ("bind = \"127.0.0.1\"\nports = \"0-2\"", "ports:"),
+            ("bind = \"127.0.0.1\"\nports = \"1-2\"\npeers = [\"10/99\"]", "peers:"),
+            ("bind = \"127.0.0.1\"\nports = \"1-2\"\nmessage-bytes = 1000000", "message-bytes"),
+            ("bind = \"127.0.0.1\"\nports = \"1-2\"\npeer-connections = 0", "peer-connections"),
+        ] {
+            let e = raw(bad).unwrap_err();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
+    }
+}

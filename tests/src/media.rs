@@ -1,0 +1,220 @@
+//! Helpers for the WebRTC tests (`tests/tests/media.rs`): domains granted
+//! `media`, port ranges, and the `media-peer` guest's commands.
+
+use std::net::UdpSocket;
+
+use hyperty_host::{Address, Message, MessageType};
+use serde_json::{Value, json};
+
+use crate::{Driver, OBSERVER, reported};
+
+/// A range of `n` UDP ports on 127.0.0.1 starting at one the system just
+/// gave out, as the bundle writes it (`"a-b"`). The host binds the first
+/// free port of a range, so a port taken meanwhile only moves it along.
+pub fn udp_ports(n: u16) -> String {
+    let probe = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let first = probe.local_addr().unwrap().port().min(u16::MAX - n);
+    format!("{first}-{}", first + n - 1)
+}
+
+/// The settings of a domain granted `media` on 127.0.0.1 with `n` ports
+/// and the `media` keys of `extra` (e.g. `{"peer-connections": 2}`).
+pub fn media_domain(n: u16, extra: Value) -> Value {
+    let mut media = json!({ "bind": "127.0.0.1", "ports": udp_ports(n) });
+    if let Value::Object(extra) = extra {
+        media.as_object_mut().unwrap().extend(extra);
+    }
+    json!({ "grants": ["clocks", "random", "media"], "media": media })
+}
+
+/// The config of a `media-peer` reporting to the test's observer.
+pub fn media_peer_config(echo: bool) -> Value {
+    json!({ "observer": OBSERVER, "echo": echo })
+}
+
+impl Driver {
+    /// The first event (or signalling report) from media-peer `peer`
+    /// matching `pred`, waiting up to `secs` seconds.
+    pub fn media_report(&self, peer: &Address, secs: u64, pred: impl Fn(&Value) -> bool) -> Value {
+        let found = self.find(
+            |m: &Message| m.kind == MessageType::Forward && &m.from == peer && pred(&reported(m)),
+            std::time::Duration::from_secs(secs),
+        );
+        reported(&found.unwrap_or_else(|| panic!("no such report from {peer} within {secs} s")))
+    }
+
+    /// Has `caller` call `callee` (both media-peers) on a channel named
+    /// `label`, and waits until the channel is open on both sides.
+    pub fn media_call(&mut self, caller: &Address, callee: &Address, label: &str) -> Call {
+        let call = self.command(caller, json!({ "op": "call", "peer": callee.to_string(), "label": label }));
+        let pc = call["pc"].as_u64().unwrap_or_else(|| panic!("the call failed: {call}"));
+        let answered = self.media_report(caller, 10, |v| v["signal"].is_string() && v["pc"] == pc);
+        assert_eq!(answered["signal"], "answered", "{answered}");
+        let at_caller = self.media_report(caller, 10, |v| v["event"] == "channel-open" && v["pc"] == pc && v["label"] == label);
+        let at_callee = self.media_report(callee, 10, |v| v["event"] == "channel-open" && v["label"] == label);
+        Call {
+            caller: (pc, at_caller["channel"].as_u64().unwrap()),
+            callee: (at_callee["pc"].as_u64().unwrap(), at_callee["channel"].as_u64().unwrap()),
+        }
+    }
+}
+
+/// A call between two media-peers: (connection index, channel id) at each.
+#[derive(Clone, Copy, Debug)]
+pub struct Call {
+    pub caller: (u64, u64),
+    pub callee: (u64, u64),
+}
+
+/// The address the test's network namespace gives its veth end: Chromium
+/// gathers candidates only on a non-loopback interface.
+pub const NAMESPACE_ADDRESS: &str = "10.200.0.1";
+
+/// Moves the calling thread into a network namespace of its own (threads
+/// and processes it starts later inherit it) with `lo` up and a veth pair
+/// whose `v0` end has [`NAMESPACE_ADDRESS`]/24 and the default route, so
+/// that nothing the test does leaves the namespace. `Err` says why it
+/// cannot be made here (not root, no `ip`, namespaces off): the caller
+/// skips, saying so.
+pub fn enter_private_network() -> Result<(), String> {
+    // SAFETY: unshare changes only the calling thread's namespaces.
+    if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+        return Err(format!("unshare(CLONE_NEWNET): {}", std::io::Error::last_os_error()));
+    }
+    let address = format!("{NAMESPACE_ADDRESS}/24");
+    for args in [
+        &["link", "set", "lo", "up"][..],
+        &["link", "add", "v0", "type", "veth", "peer", "name", "v1"],
+        &["addr", "add", &address, "dev", "v0"],
+        &["link", "set", "v0", "up"],
+        &["link", "set", "v1", "up"],
+        &["route", "add", "default", "dev", "v0"],
+    ] {
+        let out = std::process::Command::new("ip").args(args).output().map_err(|e| format!("ip {}: {e}", args.join(" ")))?;
+        if !out.status.success() {
+            return Err(format!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim()));
+        }
+    }
+    Ok(())
+}
+
+/// Headless Chromium (Debian's `chromium`) on `url`, with a fake camera
+/// and microphone and raw host candidates; killed on drop, its profile in
+/// a fresh directory.
+pub struct Chromium {
+    child: std::process::Child,
+    _profile: tempfile::TempDir,
+}
+
+impl Chromium {
+    pub fn start(url: &str) -> Result<Chromium, String> {
+        let profile = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let child = std::process::Command::new("chromium")
+            .args([
+                "--headless=new",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--no-first-run",
+                "--use-fake-device-for-media-stream",
+                "--use-fake-ui-for-media-stream",
+                "--disable-features=WebRtcHideLocalIpsWithMdns",
+            ])
+            .arg(format!("--user-data-dir={}", profile.path().display()))
+            .arg(url)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .map_err(|e| format!("cannot start chromium: {e}"))?;
+        Ok(Chromium { child, _profile: profile })
+    }
+}
+
+impl Drop for Chromium {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// What the test's page server got from the page: a POST to `path` with
+/// `body`, and where to send the answer's body.
+pub struct PagePost {
+    pub path: String,
+    pub body: String,
+    answer: std::sync::mpsc::Sender<String>,
+}
+
+impl PagePost {
+    pub fn answer(self, body: String) {
+        let _ = self.answer.send(body);
+    }
+}
+
+/// A tiny HTTP/1.1 server for one test page: `GET /` gives `page`; every
+/// POST is handed to the test (its body at most 256 KiB), which answers it.
+pub struct PageServer {
+    pub url: String,
+    pub posts: std::sync::mpsc::Receiver<PagePost>,
+}
+
+impl PageServer {
+    pub fn start(ip: &str, page: &'static str) -> PageServer {
+        use std::io::{BufRead, BufReader, Read, Write};
+        let listener = std::net::TcpListener::bind((ip, 0)).unwrap();
+        let url = format!("http://{}/", listener.local_addr().unwrap());
+        let (tx, posts) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let tx = tx.clone();
+                std::thread::spawn(move || {
+                    let mut reader = BufReader::new(stream.try_clone().unwrap());
+                    let mut request = String::new();
+                    if reader.read_line(&mut request).is_err() {
+                        return;
+                    }
+                    let mut length = 0usize;
+                    loop {
+                        let mut header = String::new();
+                        if reader.read_line(&mut header).unwrap_or(0) == 0 || header.trim().is_empty() {
+                            break;
+                        }
+                        if let Some(v) = header.to_ascii_lowercase().strip_prefix("content-length:") {
+                            length = v.trim().parse().unwrap_or(0).min(256 << 10);
+                        }
+                    }
+                    let mut body = vec![0; length];
+                    let _ = reader.read_exact(&mut body);
+                    let mut parts = request.split_whitespace();
+                    let (method, path) = (parts.next().unwrap_or_default(), parts.next().unwrap_or_default().to_owned());
+                    let (kind, reply) = if method == "POST" {
+                        let (answer, answered) = std::sync::mpsc::channel();
+                        let _ = tx.send(PagePost { path, body: String::from_utf8_lossy(&body).into_owned(), answer });
+                        ("text/plain", answered.recv_timeout(std::time::Duration::from_secs(30)).unwrap_or_default())
+                    } else {
+                        ("text/html", page.to_owned())
+                    };
+                    let mut stream = stream;
+                    let _ = write!(
+                        stream,
+                        "HTTP/1.1 200 OK\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{reply}",
+                        reply.len()
+                    );
+                });
+            }
+        });
+        PageServer { url, posts }
+    }
+
+    /// The next POST to `path` within `secs` seconds.
+    pub fn post(&self, path: &str, secs: u64) -> PagePost {
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+        loop {
+            let left = until.saturating_duration_since(std::time::Instant::now());
+            let post = self.posts.recv_timeout(left).unwrap_or_else(|_| panic!("the page posted nothing to {path} within {secs} s"));
+            if post.path == path {
+                return post;
+            }
+            post.answer(String::new());
+        }
+    }
+}
