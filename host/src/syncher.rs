@@ -660,6 +660,14 @@ impl Syncher {
             tracing::error!("cannot forget data object {url}: {e:#}");
         }
         self.send_all(&reporter, deltas);
+        // Subscriptions and reads its reporter was still asked about: the
+        // reporter's answer (or the bus's 408) would come to a route that
+        // no longer exists, so they are answered here, now.
+        let orphaned: Vec<Asking> = self.asking.lock().unwrap().extract_if(|_, a| a.url == url).map(|(_, a)| a).collect();
+        for asking in orphaned {
+            let request = Message::new(asking.request_id, asking.kind, asking.observer, asking.url, None);
+            self.reply(&request, code::NOT_FOUND, None, format!("{url} was deleted while its reporter was asked"), Some(&reporter));
+        }
         Ok(())
     }
 

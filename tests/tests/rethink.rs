@@ -340,6 +340,29 @@ fn a_read_the_reporter_leaves_unanswered_is_401() {
 }
 
 #[test]
+fn a_subscription_waiting_on_the_reporter_is_answered_404_when_it_deletes_the_object() {
+    let runtime = runtime(Duration::from_secs(10));
+    let mut driver = Driver::new(&runtime);
+    let (_bundle, a, b) = pair(&runtime, false);
+    let url = create(&mut driver, &a, json!({ "n": 1 }));
+    let id = driver.fresh_id();
+    let cmd = json!({ "op": "request", "message": { "id": id, "type": "subscribe", "to": url }, "timeout_ms": 60_000 });
+    assert_eq!(driver.command(&b, cmd), json!({ "ok": true }));
+    // The reporter (which answers nothing) is asked, then deletes the object.
+    let asked = driver.find(|m| m.kind == MessageType::Forward && m.from == a && reported(m)["from"] == url.as_str(), Duration::from_secs(30));
+    assert!(asked.is_some(), "the reporter was asked");
+    assert_eq!(driver.command(&a, json!({ "op": "delete", "url": url })), json!({ "ok": true }));
+    // Its answer could only come to the deleted route: the syncher answers
+    // at once, not the subscriber's own 408 a minute later.
+    let answer = driver
+        .find(|m| m.kind == MessageType::Forward && m.from == b && reported(m)["id"] == id, Duration::from_secs(30))
+        .expect("an answer well before the subscriber's 60 s");
+    let answer = reported(&answer);
+    assert_eq!(answer["code"], 404, "{answer}");
+    assert!(answer["description"].as_str().unwrap().contains("was deleted while its reporter was asked"), "{answer}");
+}
+
+#[test]
 fn a_reporter_answering_100_then_200_accepts_a_subscription() {
     let runtime = runtime(Duration::from_secs(10));
     let mut driver = Driver::new(&runtime);
