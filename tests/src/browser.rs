@@ -56,9 +56,11 @@ pub fn ensure_chromium() {
     });
 }
 
-/// The flags every run gets: headless, no sandbox (the tests may run as
-/// root), nothing that reaches the network by itself, a fresh profile.
-fn command(profile: &Path) -> Command {
+/// Chromium with the flags every run gets: headless, no sandbox (the tests
+/// may run as root), nothing that reaches the network by itself, a fresh
+/// profile — and `HOME`/XDG dirs inside that profile, so nothing (crash
+/// reports, dconf) lands in the home of whoever runs the tests.
+pub fn command(profile: &Path) -> Command {
     let mut c = Command::new(CHROMIUM);
     c.args([
         "--headless=new",
@@ -74,6 +76,9 @@ fn command(profile: &Path) -> Command {
         "--mute-audio",
     ])
     .arg(format!("--user-data-dir={}", profile.display()))
+    .env("HOME", profile)
+    .env("XDG_CONFIG_HOME", profile.join(".config"))
+    .env("XDG_CACHE_HOME", profile.join(".cache"))
     .stdin(Stdio::null())
     .stdout(Stdio::null());
     c

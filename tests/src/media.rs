@@ -109,17 +109,12 @@ pub struct Chromium {
 impl Chromium {
     pub fn start(url: &str) -> Result<Chromium, String> {
         let profile = tempfile::tempdir().map_err(|e| e.to_string())?;
-        let child = std::process::Command::new("chromium")
+        let child = crate::browser::command(profile.path())
             .args([
-                "--headless=new",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--no-first-run",
                 "--use-fake-device-for-media-stream",
                 "--use-fake-ui-for-media-stream",
                 "--disable-features=WebRtcHideLocalIpsWithMdns",
             ])
-            .arg(format!("--user-data-dir={}", profile.path().display()))
             .arg(url)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())

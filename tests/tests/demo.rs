@@ -5,38 +5,13 @@
 //! Its own test binary: it captures the process's log to check what the
 //! demo said, which needs the one global tracing subscriber.
 
-use std::io::Write;
 use std::process::ExitCode;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use hyperty_host::{Runtime, RuntimeConfig};
-use hyperty_tests::{CliDirs, repo};
-
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        std::io::stderr().write(buf)
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-/// The process's log so far (the subscriber is installed on first use).
-fn log() -> String {
-    static LOG: OnceLock<Captured> = OnceLock::new();
-    let captured = LOG.get_or_init(|| {
-        let log = Captured::default();
-        let writer = log.clone();
-        tracing_subscriber::fmt().with_ansi(false).with_writer(move || writer.clone()).init();
-        log
-    });
-    String::from_utf8(captured.0.lock().unwrap().clone()).unwrap()
-}
+// The process's log so far (the subscriber is installed on first use).
+use hyperty_tests::{CliDirs, host_log as log, repo};
 
 #[test]
 fn demo_bundle_plays_every_round_and_exits_by_itself() {
