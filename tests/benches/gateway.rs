@@ -3,11 +3,17 @@
 //! request at a time; beside a bare tokio-tungstenite echo server measured
 //! in the same run with the same client. The ratio is the gateway's cost
 //! (login, JSON ↔ message, policies, the bus, the hyperty's sandbox).
+//!
+//! Then the same from a browser: Debian's headless Chromium runs
+//! `tests/pages/bench.js` (served by the gateway), which measures round
+//! trips to the bare echo server with a plain `WebSocket` and through the
+//! gateway with the JavaScript client (`client.request`), and reports both.
 
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
 use hyperty_host::gateway::GatewayConfig;
+use hyperty_tests::browser::{Chromium, Reports, encode};
 use hyperty_tests::*;
 use serde_json::{Value, json};
 use tokio::net::{TcpListener, TcpStream};
@@ -104,12 +110,14 @@ fn main() {
         dev_users: [("alice.example".to_owned(), vec!["alice@alice.example".to_owned()])].into(),
         rate: 1_000_000,
         burst: 1_000_000,
+        static_dir: Some(repo().join("tests/pages")),
         ..GatewayConfig::default()
     };
     let gateway = runtime.serve_gateway("127.0.0.1:0".parse().unwrap(), config).unwrap();
     let at = gateway.local_addr();
     let echo = echo_server();
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let to = pong.to_string();
     rt.block_on(async move {
         println!("app gateway round trips over loopback, one at a time ({ROUNDS} after {WARMUP} warm-up):");
         let mut ws = connect(echo).await;
@@ -120,7 +128,6 @@ fn main() {
         ws.send(WsMessage::text(json!({ "type": "login", "user": "alice@alice.example" }).to_string())).await.unwrap();
         let login: Value = serde_json::from_str(&next_text(&mut ws).await).unwrap();
         assert_eq!(login["type"], "login", "{login}");
-        let to = pong.to_string();
         let frame = |i: u64| json!({ "id": i, "type": "execute", "to": to, "body": { "value": { "n": i } } }).to_string();
         let check = |i: u64, answer: &str| {
             let answer: Value = serde_json::from_str(answer).unwrap();
@@ -130,5 +137,35 @@ fn main() {
         let (rate, p50) = report("gateway → pong hyperty → gateway", times, total);
         println!("  ratio: the gateway round trip takes {:.1}× the bare echo's p50 ({:.1}× fewer round trips/s)", p50 / echo_p50, echo_rate / rate);
     });
+    browser_leg(at, echo, &pong.to_string());
     drop(gateway);
+}
+
+/// The browser leg: Chromium runs `tests/pages/bench.js` from the gateway
+/// and reports its figures (round trips/s from the total time; p50/p99 to
+/// the grain of the browser's coarsened clock).
+fn browser_leg(gateway: std::net::SocketAddr, echo: std::net::SocketAddr, pong: &str) {
+    const BROWSER_ROUNDS: usize = 2_000;
+    let reports = Reports::start();
+    let fragment = [
+        ("echo", format!("ws://{echo}/")),
+        ("to", pong.to_owned()),
+        ("domain", "alice.example".to_owned()),
+        ("user", "alice@alice.example".to_owned()),
+        ("rounds", BROWSER_ROUNDS.to_string()),
+        ("warmup", "200".to_owned()),
+        ("report", reports.url()),
+    ];
+    let fragment: Vec<String> = fragment.iter().map(|(k, v)| format!("{k}={}", encode(v))).collect();
+    let mut browser = Chromium::open(&format!("http://{gateway}/bench.html#{}", fragment.join("&")));
+    let result = reports.wait(&mut browser, "the bench page's figures", |r| r["page"] == "bench");
+    assert!(result.get("error").is_none(), "the bench page failed: {result}");
+    println!("the same from headless Chromium ({BROWSER_ROUNDS} after 200 warm-up; percentiles to the browser clock's grain):");
+    let row = |name: &str, f: &Value| {
+        println!("  {name:<34} {:>9.0} round trips/s  p50 {:>7.1} µs  p99 {:>7.1} µs", f["rate"].as_f64().unwrap(), f["p50"].as_f64().unwrap(), f["p99"].as_f64().unwrap());
+        f["rate"].as_f64().unwrap()
+    };
+    let echo_rate = row("browser WebSocket → bare echo", &result["echo"]);
+    let rate = row("browser client.js → gateway → pong", &result["gateway"]);
+    println!("  ratio: {:.1}× fewer round trips/s through the gateway", echo_rate / rate);
 }

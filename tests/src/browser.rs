@@ -182,6 +182,14 @@ pub fn artifacts_dir() -> PathBuf {
     target.join("artifacts")
 }
 
+/// Percent-encodes everything but unreserved characters (RFC 3986 §2.3),
+/// for values in a page URL's fragment.
+pub fn encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| if b.is_ascii_alphanumeric() || b"-._~".contains(&b) { (b as char).to_string() } else { format!("%{b:02X}") })
+        .collect()
+}
+
 /// What the pages reported, and the commands waiting for them.
 #[derive(Default)]
 struct Board {

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use hyperty_host::gateway::{Gateway, GatewayConfig};
 use hyperty_host::{Bundle, Runtime};
-use hyperty_tests::browser::{Chromium, Reports, artifacts_dir, one_at_a_time, screenshot};
+use hyperty_tests::browser::{Chromium, Reports, artifacts_dir, encode, one_at_a_time, screenshot};
 use hyperty_tests::*;
 use serde_json::{Value, json};
 
@@ -83,13 +83,6 @@ impl ChatWorld {
     fn open(&self, pages: &[(&str, (&str, &str))]) -> Chromium {
         Chromium::open(&self.driver_url("127.0.0.1", pages, "report"))
     }
-}
-
-/// Percent-encodes `s` for a URL fragment (RFC 3986 unreserved kept).
-fn encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| if b.is_ascii_alphanumeric() || b"-._~".contains(&b) { (b as char).to_string() } else { format!("%{b:02X}") })
-        .collect()
 }
 
 /// What a report of `page` shows, in the driver's shape.
