@@ -20,8 +20,20 @@ struct Cli {
     /// Where the runtime keeps its address and kept hyperty addresses.
     #[arg(long, global = true, default_value_os_t = default_data_dir())]
     data_dir: PathBuf,
+    /// How the log on stderr is written: `text` for people (coloured only
+    /// when stderr is a terminal and `NO_COLOR` is unset or empty), `json`
+    /// for log collectors (one JSON object per line).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+/// The log's format on stderr (`--log-format`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -157,7 +169,7 @@ where
             return if e.use_stderr() { ExitCode::from(2) } else { ExitCode::SUCCESS };
         }
     };
-    init_logging();
+    init_logging(cli.log_format);
     let config = RuntimeConfig { cache_dir: cli.cache_dir, data_dir: Some(cli.data_dir), ..RuntimeConfig::default() };
     let result = match cli.command {
         Command::Run {
@@ -279,14 +291,25 @@ fn run(
     Ok(())
 }
 
-/// Logs to stderr, filtered by `RUST_LOG` (default `info`).
-fn init_logging() {
+/// Logs to stderr, filtered by `RUST_LOG` (default `info`), in `format`.
+/// Text carries ANSI colour escapes only when stderr is a terminal and
+/// `NO_COLOR` is unset or empty (<https://no-color.org>), so a log
+/// redirected to a file is plain text; JSON is one object per line
+/// (`timestamp`, `level`, `fields.message`, the event's other fields).
+fn init_logging(format: LogFormat) {
+    use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false)
         .with_timer(tracing_subscriber::fmt::time::uptime())
-        .with_writer(std::io::stderr)
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => {
+            let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+            builder.with_ansi(colour).try_init()
+        }
+        LogFormat::Json => builder.json().with_ansi(false).try_init(),
+    };
 }
