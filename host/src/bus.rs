@@ -27,8 +27,8 @@
 //! and the responder is told. A stopping runtime forgets them all at once,
 //! answering none.
 //!
-//! Layering: the bus imports only `address`, `message`, `identity` and
-//! `policy`. Every kind of receiver implements [`Destination`] (and a
+//! Layering: the bus imports only `address`, `message` and `policy`; the
+//! identity step is an [`IdentityPoint`] it is given. Every kind of receiver implements [`Destination`] (and a
 //! protostub, which carries a whole remote domain, [`Carrier`]) in its own
 //! module and registers itself; the bus calls it through one virtual call,
 //! never knowing what it is.
@@ -40,7 +40,6 @@ use std::time::{Duration, Instant};
 
 use crate::address::Address;
 use crate::message::{Message, MessageType, code};
-use crate::identity::{Crossing, Identities};
 use crate::policy::{Decision, Descriptor, EnforcementPoint, Parties, PolicyDecisionPoint};
 
 mod inbound;
@@ -78,6 +77,31 @@ pub(crate) enum Refused {
     /// It cannot take it, for the reason given in words (a protostub's
     /// full queue): answered 503 with that reason.
     Queue(Message, String),
+}
+
+/// Where a message goes, as far as identity is concerned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Crossing {
+    /// From here (a hyperty or an endpoint) to a route here.
+    Here,
+    /// From here out through a carrier (a protostub), validated by the
+    /// runtime that receives it.
+    Leaving,
+    /// In through a carrier, to a route here.
+    Arriving,
+}
+
+/// The identity step of the path, between the route lookup and the
+/// policies (which read its result): who the sender acts for, set in the
+/// message's `identity` (and `assertion`, for a message leaving or
+/// arriving) by whoever implements it (`identity::Identities`, with the IdP
+/// proxies), as the policy decisions come from a [`PolicyDecisionPoint`].
+pub(crate) trait IdentityPoint: Send + Sync {
+    /// Sets `message`'s identity for `crossing`; `sender` describes the
+    /// sending hyperty (`None` for an endpoint or what came through a
+    /// carrier). Else the code (401: a missing or invalid assertion; 500:
+    /// none can be made) and the reason the message is answered with.
+    fn establish(&self, message: &mut Message, sender: Option<&Descriptor>, crossing: Crossing) -> Result<(), (u16, String)>;
 }
 
 /// What the bus delivers to, registered at an address with
@@ -166,7 +190,7 @@ struct BusInner {
     /// Carriers (protostubs) by the remote domain they carry messages to.
     carriers: RwLock<HashMap<String, Arc<dyn Carrier>>>,
     policy: Arc<dyn PolicyDecisionPoint>,
-    identities: Arc<Identities>,
+    identities: Arc<dyn IdentityPoint>,
     config: BusConfig,
     timer: Arc<Timer>,
     /// Requests that came in through stubs, which responses leaving through
@@ -175,7 +199,7 @@ struct BusInner {
 }
 
 impl Bus {
-    pub fn new(config: BusConfig, policy: Arc<dyn PolicyDecisionPoint>, identities: Arc<Identities>) -> Bus {
+    pub fn new(config: BusConfig, policy: Arc<dyn PolicyDecisionPoint>, identities: Arc<dyn IdentityPoint>) -> Bus {
         let timer = Arc::new(Timer::default());
         let inner = Arc::new(BusInner {
             routes: RwLock::default(),
@@ -813,9 +837,19 @@ mod tests {
     /// reaches it.
     fn bus_and_asker() -> (Bus, flume::Receiver<Message>) {
         let config = BusConfig { runtime_domain: "runtime.example".into(), request_timeout: Duration::from_secs(60), max_message_bytes: 64 * 1024 };
-        let bus = Bus::new(config, Arc::new(AllowAll), Arc::new(Identities::default()));
+        let bus = Bus::new(config, Arc::new(AllowAll), Arc::new(Anonymous));
         let asker = endpoint(&bus, "hyperty://alice.example/asker");
         (bus, asker)
+    }
+
+    /// No identity: nobody is asserted, nothing is refused.
+    struct Anonymous;
+
+    impl IdentityPoint for Anonymous {
+        fn establish(&self, message: &mut Message, _sender: Option<&Descriptor>, _crossing: Crossing) -> Result<(), (u16, String)> {
+            message.identity = None;
+            Ok(())
+        }
     }
 
     fn address(text: &str) -> Address {
