@@ -49,7 +49,8 @@ use crate::events::{EventKind, Events};
 use crate::message::{Assertion, Body, Message, MessageType, code};
 use crate::registry::{Registry, Status};
 
-/// What the bus needs of a stub: queue messages for its domain.
+/// The protostub of a remote domain: on the bus, its domain's carrier
+/// ([`Stub::carrier`]) and its status address ([`Stub::status_route`]).
 pub(crate) struct Stub {
     pub domain: String,
     /// `domain://protostub.<domain>`: its registry entry and event address.
