@@ -48,10 +48,28 @@ impl Address {
         }
     }
 
+    /// For a data object's child, `<url>/children/<name>` (reTHINK's
+    /// children): the object's URL and the child's name (1 to 256 ASCII
+    /// letters, digits, `-`, `_`, `.`: [`valid_child_name`]); `None` for any
+    /// other address.
+    pub fn child(&self) -> Option<(Address, &str)> {
+        let (url, name) = self.0.rsplit_once("/children/")?;
+        if !valid_child_name(name) {
+            return None;
+        }
+        Some((Address::parse(url).ok()?, name))
+    }
+
     fn authority(&self) -> &str {
         let rest = &self.0[self.scheme().len() + 3..];
         rest.split_once('/').map_or(rest, |(authority, _)| authority)
     }
+}
+
+/// Whether `name` may name a data object's child: 1 to 256 ASCII letters,
+/// digits, `-`, `_`, `.`.
+pub fn valid_child_name(name: &str) -> bool {
+    !name.is_empty() && name.len() <= 256 && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
 }
 
 /// Checks that `name` is a DNS-style domain name (`alice.example`).

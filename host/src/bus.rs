@@ -5,7 +5,8 @@
 //! One path for every message, whatever its type:
 //! route lookup (404) → identity (assertion attached on leaving the domain,
 //! validated on arriving: 401) → sender PEP (outgoing) → bus-access PEP →
-//! receiver PEP (incoming) → correlation → the receiver's bounded inbox.
+//! receiver PEP (incoming) → correlation → the receiver, a [`Destination`]
+//! (a hyperty's bounded inbox, an endpoint, a data object, a protostub...).
 //! The route is looked up first because the policies read what it knows of
 //! the receiver (its name), and the identity before the policies because
 //! they read the validated sender identity. Problems found at
@@ -25,6 +26,12 @@
 //! identity 401) closes its request: the requester gets that code at once
 //! and the responder is told. A stopping runtime forgets them all at once,
 //! answering none.
+//!
+//! Layering: the bus imports only `address`, `message` and `policy`; the
+//! identity step is an [`IdentityPoint`] it is given. Every kind of receiver implements [`Destination`] (and a
+//! protostub, which carries a whole remote domain, [`Carrier`]) in its own
+//! module and registers itself; the bus calls it through one virtual call,
+//! never knowing what it is.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -33,11 +40,10 @@ use std::time::{Duration, Instant};
 
 use crate::address::Address;
 use crate::message::{Message, MessageType, code};
-use crate::identity::{Crossing, Identities};
 use crate::policy::{Decision, Descriptor, EnforcementPoint, Parties, PolicyDecisionPoint};
-use crate::protostub::{InboundRequests, QueueError, Stub};
-use crate::syncher::Syncher;
-use crate::sandbox::{Inbox, Refused};
+
+mod inbound;
+use inbound::InboundRequests;
 
 /// Why the bus refused a message at the import; mirrors the WIT `send-error`.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -60,60 +66,106 @@ pub enum SendError {
     TooManyPending(String),
 }
 
-/// Where messages for an address go.
-#[derive(Clone)]
-pub(crate) enum Route {
-    /// A hyperty instance in a domain sandbox.
-    Hyperty { inbox: Inbox, instance: u32, descriptor: Arc<Descriptor> },
-    /// An embedder's endpoint.
-    Endpoint(flume::Sender<Message>),
-    /// The protostub of a remote domain: for every address of that domain
-    /// with no route here.
-    Stub(Arc<Stub>),
-    /// A protostub's own address (`domain://protostub.<domain>`), where
-    /// local hyperties subscribe to its status.
-    StubStatus(Arc<Stub>),
-    /// A data object's URL, kept by the syncher.
-    Object(Weak<Syncher>),
+/// Why a destination did not take a message; the message comes back (no
+/// copy was made to keep it), for the bus to answer it.
+pub(crate) enum Refused {
+    /// Its bounded queue is full: back-pressure, [`SendError::InboxFull`]
+    /// to the sender.
+    Full(Message),
+    /// It has stopped: answered 503 "`<to>` has stopped".
+    Closed(Message),
+    /// It cannot take it, for the reason given in words (a protostub's
+    /// full queue): answered 503 with that reason.
+    Queue(Message, String),
 }
 
-impl Route {
-    fn descriptor(&self) -> Option<&Descriptor> {
-        match self {
-            Route::Hyperty { descriptor, .. } => Some(descriptor),
-            Route::Endpoint(_) | Route::Stub(_) | Route::StubStatus(_) | Route::Object(_) => None,
-        }
+/// Where a message goes, as far as identity is concerned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Crossing {
+    /// From here (a hyperty or an endpoint) to a route here.
+    Here,
+    /// From here out through a carrier (a protostub), validated by the
+    /// runtime that receives it.
+    Leaving,
+    /// In through a carrier, to a route here.
+    Arriving,
+}
+
+/// The identity step of the path, between the route lookup and the
+/// policies (which read its result): who the sender acts for, set in the
+/// message's `identity` (and `assertion`, for a message leaving or
+/// arriving) by whoever implements it (`identity::Identities`, with the IdP
+/// proxies), as the policy decisions come from a [`PolicyDecisionPoint`].
+pub(crate) trait IdentityPoint: Send + Sync {
+    /// Sets `message`'s identity for `crossing`; `sender` describes the
+    /// sending hyperty (`None` for an endpoint or what came through a
+    /// carrier). Else the code (401: a missing or invalid assertion; 500:
+    /// none can be made) and the reason the message is answered with.
+    fn establish(&self, message: &mut Message, sender: Option<&Descriptor>, crossing: Crossing) -> Result<(), (u16, String)>;
+}
+
+/// What the bus delivers to, registered at an address with
+/// [`Bus::add_route`] (a hyperty in its sandbox, an embedder's endpoint, a
+/// data object, a protostub's status address, a host service reading a
+/// channel) or for a whole remote domain with [`Bus::add_carrier`] (a
+/// protostub, see [`Carrier`]). The bus knows no kind of destination: a
+/// new kind implements this trait, and the bus is not touched.
+///
+/// The bus calls it holding no lock, once the message passed the three
+/// enforcement points and correlation, so a destination may call back into
+/// the bus (answer, send) synchronously.
+pub(crate) trait Destination: Send + Sync {
+    /// Takes `message` without blocking, or hands it back [`Refused`].
+    /// `bus` is for destinations that answer by themselves; `wait`, for a
+    /// request, how long its sender waits for the response (a carrier tells
+    /// the far runtime).
+    #[allow(clippy::result_large_err)]
+    fn deliver(&self, message: Message, bus: &Bus, wait: Option<Duration>) -> Result<(), Refused>;
+
+    /// What the policies know of the receiver (a hyperty's descriptor;
+    /// `None`, the default, for everything else).
+    fn descriptor(&self) -> Option<&Arc<Descriptor>> {
+        None
     }
 
-    /// The refusal hands the message back (no copy was made to keep it).
-    /// `bus` is for the routes that answer by themselves (a stub's status
-    /// address, a data object); `wait`, for a request leaving through a
-    /// stub, how long its sender waits for the response.
-    #[allow(clippy::result_large_err)]
-    fn deliver(&self, message: Message, bus: &Bus, wait: Option<Duration>) -> Result<(), Refused> {
-        match self {
-            Route::Hyperty { inbox, instance, .. } => inbox.deliver(*instance, message),
-            Route::Endpoint(tx) => tx.try_send(message).map_err(|e| match e {
-                flume::TrySendError::Full(m) => Refused::Full(m),
-                flume::TrySendError::Disconnected(m) => Refused::Closed(m),
-            }),
-            Route::StubStatus(stub) => {
-                stub.status_request(bus, message);
-                Ok(())
-            }
-            Route::Object(syncher) => match syncher.upgrade() {
-                Some(syncher) => {
-                    syncher.handle(message);
-                    Ok(())
-                }
-                None => Err(Refused::Closed(message)),
-            },
-            Route::Stub(stub) => match stub.push(&message, wait) {
-                Ok(()) => Ok(()),
-                Err(QueueError::Full(n)) => Err(Refused::Queue(message, format!("the protostub queue of {} is full ({n} messages)", stub.domain))),
-            },
-        }
+    /// Whether `message`, which came in through a carrier (from another
+    /// runtime), may reach it; else the code and the reason it is answered
+    /// with. Default: it may.
+    fn admit_remote(&self, _message: &Message) -> Result<(), (u16, String)> {
+        Ok(())
     }
+
+    /// Whether the carrier of its address's domain listens for it on the
+    /// domain's node (the default); false for a destination that takes
+    /// messages from this runtime only.
+    fn listened_for(&self) -> bool {
+        true
+    }
+
+    /// Whether messages to its children, `<address>/children/<name>` with
+    /// no route of their own ([`Address::child`]), come to it (a data
+    /// object's do). Default: no.
+    fn has_children(&self) -> bool {
+        false
+    }
+}
+
+/// A destination that carries a whole remote domain: every address of
+/// [`Carrier::domain`] with no route here goes to it (reTHINK's protostub).
+/// What comes back from that domain enters through [`Bus::send_inbound`].
+pub(crate) trait Carrier: Destination {
+    /// The remote domain it carries messages to.
+    fn domain(&self) -> &str;
+
+    /// `address`, of its domain, is now routed here and [listened
+    /// for](Destination::listened_for): messages for it may come back.
+    fn listen(&self, address: &Address);
+
+    /// `address`, of any domain, is no longer routed here.
+    fn unrouted(&self, address: &Address);
+
+    /// It is removed from the bus and never called again.
+    fn stop(&self);
 }
 
 /// Settings of the bus.
@@ -134,11 +186,11 @@ pub(crate) struct Bus {
 }
 
 struct BusInner {
-    routes: RwLock<HashMap<Address, Route>>,
-    /// Protostubs by the domain they carry messages to.
-    stubs: RwLock<HashMap<String, Arc<Stub>>>,
+    routes: RwLock<HashMap<Address, Arc<dyn Destination>>>,
+    /// Carriers (protostubs) by the remote domain they carry messages to.
+    carriers: RwLock<HashMap<String, Arc<dyn Carrier>>>,
     policy: Arc<dyn PolicyDecisionPoint>,
-    identities: Arc<Identities>,
+    identities: Arc<dyn IdentityPoint>,
     config: BusConfig,
     timer: Arc<Timer>,
     /// Requests that came in through stubs, which responses leaving through
@@ -147,11 +199,11 @@ struct BusInner {
 }
 
 impl Bus {
-    pub fn new(config: BusConfig, policy: Arc<dyn PolicyDecisionPoint>, identities: Arc<Identities>) -> Bus {
+    pub fn new(config: BusConfig, policy: Arc<dyn PolicyDecisionPoint>, identities: Arc<dyn IdentityPoint>) -> Bus {
         let timer = Arc::new(Timer::default());
         let inner = Arc::new(BusInner {
             routes: RwLock::default(),
-            stubs: RwLock::default(),
+            carriers: RwLock::default(),
             policy,
             identities,
             config,
@@ -170,70 +222,64 @@ impl Bus {
         &self.inner.config
     }
 
-    /// Adds a route; false if the address is already routed. The stub of
-    /// the address's domain, if any, listens for it.
-    pub fn add_route(&self, address: Address, route: Route) -> bool {
+    /// Routes `address` to `destination`; false if the address is already
+    /// routed. The carrier of the address's domain, if any, listens for it
+    /// (when the destination is [listened for](Destination::listened_for)).
+    pub fn add_route(&self, address: Address, destination: Arc<dyn Destination>) -> bool {
         let mut routes = self.inner.routes.write().unwrap();
         if routes.contains_key(&address) {
             return false;
         }
-        if let Some(stub) = self.inner.stubs.read().unwrap().get(address.domain())
-            && !matches!(route, Route::StubStatus(_))
+        if destination.listened_for()
+            && let Some(carrier) = self.inner.carriers.read().unwrap().get(address.domain())
         {
-            stub.listen(&address);
-            stub.ensure_started();
+            carrier.listen(&address);
         }
-        routes.insert(address, route);
+        routes.insert(address, destination);
         true
     }
 
-    /// Removes a route and forgets the requests it was waiting on.
+    /// Removes a route and forgets the requests it was waiting on; every
+    /// carrier is told.
     pub fn remove_route(&self, address: &Address) {
         self.inner.routes.write().unwrap().remove(address);
-        let stubs = self.inner.stubs.read().unwrap();
-        if let Some(stub) = stubs.get(address.domain()) {
-            stub.forget(address);
+        for carrier in self.inner.carriers.read().unwrap().values() {
+            carrier.unrouted(address);
         }
-        for stub in stubs.values() {
-            stub.unwatch(address);
-        }
-        drop(stubs);
         self.inner.timer.forget_requester(address);
     }
 
-    /// Adds the protostub of `stub.domain`, which then listens for every
+    /// Adds the carrier of `carrier.domain()`, which then listens for every
     /// address of its domain routed here; false if the domain has one.
-    pub fn add_stub(&self, stub: Arc<Stub>) -> bool {
+    pub fn add_carrier(&self, carrier: Arc<dyn Carrier>) -> bool {
         let routes = self.inner.routes.read().unwrap();
-        let mut stubs = self.inner.stubs.write().unwrap();
-        if stubs.contains_key(&stub.domain) {
+        let mut carriers = self.inner.carriers.write().unwrap();
+        if carriers.contains_key(carrier.domain()) {
             return false;
         }
-        let mut listening = false;
-        for address in routes.iter().filter(|(a, r)| a.domain() == stub.domain && !matches!(r, Route::StubStatus(_))).map(|(a, _)| a) {
-            stub.listen(address);
-            listening = true;
+        for (address, _) in routes.iter().filter(|(a, d)| a.domain() == carrier.domain() && d.listened_for()) {
+            carrier.listen(address);
         }
-        if listening {
-            stub.ensure_started();
-        }
-        stubs.insert(stub.domain.clone(), stub);
+        carriers.insert(carrier.domain().to_owned(), carrier);
         true
     }
 
-    pub fn remove_stub(&self, domain: &str) {
-        if let Some(stub) = self.inner.stubs.write().unwrap().remove(domain) {
-            self.inner.routes.write().unwrap().remove(&stub.address);
-            stub.stop();
+    /// Removes the carrier of `domain`, and stops it.
+    pub fn remove_carrier(&self, domain: &str) {
+        let removed = self.inner.carriers.write().unwrap().remove(domain);
+        if let Some(carrier) = removed {
+            carrier.stop();
         }
     }
 
-    /// Stops every protostub (the runtime shuts down).
-    pub fn remove_stubs(&self) {
-        let domains: Vec<String> = self.inner.stubs.read().unwrap().keys().cloned().collect();
-        for domain in domains {
-            self.remove_stub(&domain);
-        }
+    /// Whether `domain` has a carrier.
+    pub fn carries(&self, domain: &str) -> bool {
+        self.inner.carriers.read().unwrap().contains_key(domain)
+    }
+
+    /// The domains that have a carrier.
+    pub fn carried_domains(&self) -> Vec<String> {
+        self.inner.carriers.read().unwrap().keys().cloned().collect()
     }
 
     /// Whether `address` is routed in this runtime (a hyperty, an endpoint,
@@ -250,30 +296,25 @@ impl Bus {
 
     /// What the runtime knows of the hyperty at `address`, if one is here.
     pub fn descriptor_of(&self, address: &Address) -> Option<Arc<Descriptor>> {
-        match self.inner.routes.read().unwrap().get(address) {
-            Some(Route::Hyperty { descriptor, .. }) => Some(descriptor.clone()),
-            _ => None,
-        }
+        self.inner.routes.read().unwrap().get(address).and_then(|d| d.descriptor().cloned())
     }
 
-    /// The stub of `domain`, if there is one.
-    pub fn stub(&self, domain: &str) -> Option<Arc<Stub>> {
-        self.inner.stubs.read().unwrap().get(domain).cloned()
-    }
-
-    /// Where messages for `to` go: its own route; for a data object's
-    /// child (`<url>/children/<name>`, no route of its own) the object's;
-    /// else its domain's stub.
-    fn resolve(&self, to: &Address) -> Option<Route> {
+    /// Where messages for `to` go, and whether that is a carrier (`to` is
+    /// remote): its own route; for a child (`<url>/children/<name>`, no
+    /// route of its own) the route of `<url>` if that [has
+    /// children](Destination::has_children); else its domain's carrier.
+    /// The destination is cloned out: no lock is held while it is called.
+    fn resolve(&self, to: &Address) -> Option<(Arc<dyn Destination>, bool)> {
         let routes = self.inner.routes.read().unwrap();
-        if let Some(route) = routes.get(to) {
-            return Some(route.clone());
+        if let Some(destination) = routes.get(to) {
+            return Some((destination.clone(), false));
         }
-        if let Some(route @ Route::Object(_)) = crate::syncher::child_of(to).and_then(|(url, _)| routes.get(&url)) {
-            return Some(route.clone());
+        if let Some(parent) = to.child().and_then(|(url, _)| routes.get(&url)).filter(|d| d.has_children()) {
+            return Some((parent.clone(), false));
         }
         drop(routes);
-        self.inner.stubs.read().unwrap().get(to.domain()).map(|stub| Route::Stub(stub.clone()))
+        let carrier = self.inner.carriers.read().unwrap().get(to.domain()).cloned();
+        carrier.map(|c| (c as Arc<dyn Destination>, true))
     }
 
     /// Requests waiting for a response.
@@ -347,32 +388,19 @@ impl Bus {
         if message.kind == MessageType::Response && timeout.is_some() {
             return Err(SendError::Malformed("a response cannot be sent as a request".into()));
         }
-        let Some(route) = self.resolve(&message.to) else {
+        let Some((route, remote)) = self.resolve(&message.to) else {
             let why = format!("no hyperty or endpoint at {}", message.to);
             self.answer(&message, code::NOT_FOUND, why);
             return Ok(());
         };
-        let remote = matches!(route, Route::Stub(_));
         if let Some(Inbound { stub: origin, .. }) = came_through {
-            let refusal = match &route {
-                Route::Stub(_) => Some((
-                    code::NOT_FOUND,
-                    format!("no hyperty or endpoint at {} here, and it came through the protostub of {origin}", message.to),
-                )),
-                Route::StubStatus(_) => Some((code::FORBIDDEN, format!("{} takes subscriptions from this runtime only", message.to))),
-                // A data object's reporter is always a hyperty here, even
-                // once its route is gone: no write of the object comes
-                // through a stub (its children's may: a remote subscriber's,
-                // which the syncher checks).
-                Route::Object(_)
-                    if matches!(message.kind, MessageType::Create | MessageType::Update | MessageType::Delete)
-                        && crate::syncher::child_of(&message.to).is_none() =>
-                {
-                    Some((code::FORBIDDEN, format!("only its reporter, a hyperty of this runtime, changes {}", message.to)))
-                }
-                _ => None,
+            // No relaying: what came from a carrier goes to what is here.
+            let admitted = if remote {
+                Err((code::NOT_FOUND, format!("no hyperty or endpoint at {} here, and it came through the protostub of {origin}", message.to)))
+            } else {
+                route.admit_remote(&message)
             };
-            if let Some((code, why)) = refusal {
+            if let Err((code, why)) = admitted {
                 self.answer(&message, code, why);
                 return Ok(());
             }
@@ -391,7 +419,7 @@ impl Bus {
             }
             return Ok(());
         }
-        let parties = Parties { sender, target: route.descriptor() };
+        let parties = Parties { sender, target: route.descriptor().map(|d| &**d) };
         let points = [
             (EnforcementPoint::Outgoing, message.from.domain()),
             (EnforcementPoint::BusAccess, inner.config.runtime_domain.as_str()),
@@ -527,7 +555,7 @@ impl Bus {
     /// Delivers a response the host made itself straight to its `to`.
     pub fn deliver_answer(&self, answer: Message) {
         let result = match self.resolve(&answer.to) {
-            Some(route) => route.deliver(answer, self, None),
+            Some((route, _)) => route.deliver(answer, self, None),
             None => Err(Refused::Closed(answer)),
         };
         if let Err(Refused::Full(m) | Refused::Closed(m) | Refused::Queue(m, _)) = result {
@@ -794,5 +822,252 @@ impl Drop for BusInner {
     fn drop(&mut self) {
         self.timer.stopped.store(true, Ordering::Release);
         self.timer.wake.notify_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc;
+
+    use super::*;
+    use crate::policy::AllowAll;
+
+    /// A bus allowing everything, with an endpoint at
+    /// `hyperty://alice.example/asker` (the senders' address) and what
+    /// reaches it.
+    fn bus_and_asker() -> (Bus, flume::Receiver<Message>) {
+        let config = BusConfig { runtime_domain: "runtime.example".into(), request_timeout: Duration::from_secs(60), max_message_bytes: 64 * 1024 };
+        let bus = Bus::new(config, Arc::new(AllowAll), Arc::new(Anonymous));
+        let asker = endpoint(&bus, "hyperty://alice.example/asker");
+        (bus, asker)
+    }
+
+    /// No identity: nobody is asserted, nothing is refused.
+    struct Anonymous;
+
+    impl IdentityPoint for Anonymous {
+        fn establish(&self, message: &mut Message, _sender: Option<&Descriptor>, _crossing: Crossing) -> Result<(), (u16, String)> {
+            message.identity = None;
+            Ok(())
+        }
+    }
+
+    fn address(text: &str) -> Address {
+        Address::parse(text).unwrap()
+    }
+
+    /// How a [`Probe`] refuses what it is given.
+    type Refusal = fn(Message) -> Refused;
+
+    /// A kind of destination the bus has never heard of: it records what it
+    /// is given, refuses as told, and may answer on the bus from inside
+    /// `deliver` (as a data object or a stub's status address does).
+    struct Probe {
+        got: Mutex<Vec<(Message, Option<Duration>)>>,
+        refuse: Mutex<Option<Refusal>>,
+        answer_inside: bool,
+        children: bool,
+        remote: Result<(), (u16, String)>,
+        listened: bool,
+    }
+
+    impl Probe {
+        fn new() -> Probe {
+            Probe { got: Mutex::default(), refuse: Mutex::default(), answer_inside: false, children: false, remote: Ok(()), listened: true }
+        }
+
+        fn got(&self) -> Vec<(Message, Option<Duration>)> {
+            self.got.lock().unwrap().clone()
+        }
+    }
+
+    impl Destination for Probe {
+        fn deliver(&self, message: Message, bus: &Bus, wait: Option<Duration>) -> Result<(), Refused> {
+            if let Some(refuse) = *self.refuse.lock().unwrap() {
+                return Err(refuse(message));
+            }
+            self.got.lock().unwrap().push((message.clone(), wait));
+            if self.answer_inside && message.kind != MessageType::Response {
+                // Back into the bus, on the sender's thread: routes are
+                // changed and a response is sent while the bus delivers.
+                bus.add_route(address("hyperty://bob.example/added-inside"), Arc::new(Probe::new()));
+                bus.remove_route(&address("hyperty://bob.example/added-inside"));
+                bus.send(Message::response(message.id, message.to.clone(), message.from.clone(), code::OK), None, None).unwrap();
+            }
+            Ok(())
+        }
+
+        fn admit_remote(&self, _message: &Message) -> Result<(), (u16, String)> {
+            self.remote.clone()
+        }
+
+        fn listened_for(&self) -> bool {
+            self.listened
+        }
+
+        fn has_children(&self) -> bool {
+            self.children
+        }
+    }
+
+    /// A carrier of a remote domain the bus has never heard of.
+    struct FarAway {
+        domain: String,
+        probe: Probe,
+        listening: Mutex<Vec<Address>>,
+        unrouted: Mutex<Vec<Address>>,
+        stopped: AtomicBool,
+    }
+
+    impl Destination for FarAway {
+        fn deliver(&self, message: Message, bus: &Bus, wait: Option<Duration>) -> Result<(), Refused> {
+            self.probe.deliver(message, bus, wait)
+        }
+    }
+
+    impl Carrier for FarAway {
+        fn domain(&self) -> &str {
+            &self.domain
+        }
+        fn listen(&self, address: &Address) {
+            self.listening.lock().unwrap().push(address.clone());
+        }
+        fn unrouted(&self, address: &Address) {
+            self.unrouted.lock().unwrap().push(address.clone());
+        }
+        fn stop(&self) {
+            self.stopped.store(true, Ordering::Release);
+        }
+    }
+
+    fn endpoint(bus: &Bus, at: &str) -> flume::Receiver<Message> {
+        let (tx, rx) = flume::bounded(16);
+        assert!(bus.add_route(address(at), Arc::new(tx)));
+        rx
+    }
+
+    fn request(id: u64, from: &str, to: &str) -> Message {
+        Message::new(id, MessageType::Read, address(from), address(to), None)
+    }
+
+    #[test]
+    fn a_new_kind_of_destination_is_delivered_to_and_may_answer_from_inside_deliver() {
+        let (bus, asker) = bus_and_asker();
+        let probe = Arc::new(Probe { answer_inside: true, ..Probe::new() });
+        assert!(bus.add_route(address("hyperty://bob.example/probe"), probe.clone()));
+        assert!(!bus.add_route(address("hyperty://bob.example/probe"), Arc::new(Probe::new())), "an address is routed once");
+        // On another thread, so that a lock held across `deliver` shows as a
+        // missing answer rather than a hung test binary.
+        let (done, finished) = mpsc::channel();
+        let sender = bus.clone();
+        std::thread::spawn(move || {
+            let sent = sender.send(request(1, "hyperty://alice.example/asker", "hyperty://bob.example/probe"), Some(Duration::from_secs(60)), None);
+            let _ = done.send(sent);
+        });
+        finished.recv_timeout(Duration::from_secs(60)).expect("the bus held a lock while calling the destination").unwrap();
+        let got = probe.got();
+        assert_eq!(got.len(), 1);
+        assert_eq!((got[0].0.id, got[0].1), (1, Some(Duration::from_secs(60))), "the request and its sender's wait");
+        let answer = asker.try_recv().expect("the answer sent from inside deliver");
+        assert_eq!((answer.kind, answer.id, answer.body.code), (MessageType::Response, 1, Some(code::OK)));
+        assert_eq!(bus.pending_requests(), 0, "the response closed the request");
+        assert!(!bus.is_routed(&address("hyperty://bob.example/added-inside")));
+    }
+
+    #[test]
+    fn refusals_come_back_as_back_pressure_or_503_and_leave_nothing_pending() {
+        let (bus, asker) = bus_and_asker();
+        let probe = Arc::new(Probe::new());
+        bus.add_route(address("hyperty://bob.example/probe"), probe.clone());
+        let to = "hyperty://bob.example/probe";
+        let timeout = Some(Duration::from_secs(60));
+
+        *probe.refuse.lock().unwrap() = Some(Refused::Full);
+        let sent = bus.send(request(1, "hyperty://alice.example/asker", to), timeout, None);
+        assert_eq!(sent, Err(SendError::InboxFull(to.into())), "full is back-pressure to the sender");
+        assert_eq!(bus.pending_requests(), 0);
+        assert!(asker.try_recv().is_err(), "back-pressure is not also answered");
+
+        *probe.refuse.lock().unwrap() = Some(Refused::Closed);
+        bus.send(request(2, "hyperty://alice.example/asker", to), timeout, None).unwrap();
+        let answer = asker.try_recv().unwrap();
+        assert_eq!((answer.id, answer.body.code), (2, Some(code::UNAVAILABLE)));
+        assert_eq!(answer.body.description.as_deref(), Some(&*format!("{to} has stopped")));
+        assert_eq!(bus.pending_requests(), 0);
+
+        *probe.refuse.lock().unwrap() = Some(|m| Refused::Queue(m, "its queue is full (5 messages)".into()));
+        bus.send(request(3, "hyperty://alice.example/asker", to), timeout, None).unwrap();
+        let answer = asker.try_recv().unwrap();
+        assert_eq!((answer.id, answer.body.code, answer.body.description.as_deref()), (3, Some(code::UNAVAILABLE), Some("its queue is full (5 messages)")));
+        assert_eq!(bus.pending_requests(), 0);
+
+        // The same request id may go again: nothing of it was kept.
+        *probe.refuse.lock().unwrap() = None;
+        bus.send(request(1, "hyperty://alice.example/asker", to), timeout, None).unwrap();
+        assert_eq!(bus.pending_requests(), 1);
+        assert_eq!(probe.got().len(), 1);
+    }
+
+    #[test]
+    fn a_carrier_takes_its_domain_listens_for_what_is_routed_here_and_relays_nothing() {
+        let (bus, asker) = bus_and_asker();
+        let local = Arc::new(Probe::new());
+        bus.add_route(address("hyperty://bob.example/here"), local.clone());
+        let quiet = Arc::new(Probe { listened: false, remote: Err((code::FORBIDDEN, "this runtime only".into())), ..Probe::new() });
+        bus.add_route(address("domain://status.bob.example"), quiet.clone());
+        let far = Arc::new(FarAway {
+            domain: "bob.example".into(),
+            probe: Probe::new(),
+            listening: Mutex::default(),
+            unrouted: Mutex::default(),
+            stopped: AtomicBool::new(false),
+        });
+        assert!(bus.add_carrier(far.clone()));
+        assert!(bus.carries("bob.example") && !bus.carries("carol.example"));
+        assert_eq!(*far.listening.lock().unwrap(), [address("hyperty://bob.example/here")], "listens for what is routed here, and listened for");
+        endpoint(&bus, "hyperty://bob.example/later");
+        bus.add_route(address("domain://status2.bob.example"), Arc::new(Probe { listened: false, ..Probe::new() }));
+        let listening = far.listening.lock().unwrap().clone();
+        assert_eq!(listening, [address("hyperty://bob.example/here"), address("hyperty://bob.example/later")], "and for what is routed later");
+
+        // Out: an address of its domain with no route here, with the wait.
+        bus.send(request(1, "hyperty://alice.example/asker", "hyperty://bob.example/there"), Some(Duration::from_secs(7)), None).unwrap();
+        let got = far.probe.got();
+        assert_eq!((got.len(), got[0].1), (1, Some(Duration::from_secs(7))));
+        assert!(local.got().is_empty());
+
+        // In: to what is here only; never out again, nor where the
+        // destination refuses what comes from afar.
+        let inbound = |id, to: &str| {
+            bus.send_inbound(request(id, "hyperty://bob.example/remote", to), "bob.example", Some(Duration::from_secs(60))).unwrap();
+        };
+        inbound(2, "hyperty://bob.example/here");
+        assert_eq!(local.got().len(), 1);
+        inbound(3, "hyperty://bob.example/elsewhere");
+        inbound(4, "domain://status.bob.example");
+        assert_eq!(far.probe.got().len(), 3, "two answers went back out through the carrier, not the relayed request");
+        let answers: Vec<(u64, Option<u16>)> = far.probe.got()[1..].iter().map(|(m, _)| (m.id, m.body.code)).collect();
+        assert_eq!(answers, [(3, Some(code::NOT_FOUND)), (4, Some(code::FORBIDDEN))]);
+        assert!(quiet.got().is_empty());
+        assert!(asker.try_recv().is_err());
+
+        bus.remove_route(&address("hyperty://bob.example/here"));
+        assert!(far.unrouted.lock().unwrap().contains(&address("hyperty://bob.example/here")));
+        bus.remove_carrier("bob.example");
+        assert!(far.stopped.load(Ordering::Acquire) && !bus.carries("bob.example"));
+    }
+
+    #[test]
+    fn a_child_address_reaches_its_parent_only_when_the_parent_has_children() {
+        let (bus, asker) = bus_and_asker();
+        let object = Arc::new(Probe { children: true, ..Probe::new() });
+        bus.add_route(address("comm://alice.example/room"), object.clone());
+        let plain = Arc::new(Probe::new());
+        bus.add_route(address("hyperty://alice.example/plain"), plain.clone());
+        bus.send(request(1, "hyperty://alice.example/asker", "comm://alice.example/room/children/chat"), None, None).unwrap();
+        assert_eq!(object.got().len(), 1);
+        bus.send(request(2, "hyperty://alice.example/asker", "hyperty://alice.example/plain/children/chat"), None, None).unwrap();
+        assert!(plain.got().is_empty());
+        assert_eq!(asker.try_recv().unwrap().body.code, Some(code::NOT_FOUND));
     }
 }

@@ -38,7 +38,7 @@ use std::time::{Duration, Instant};
 use serde::Deserialize;
 
 use crate::address::Address;
-use crate::bus::{Bus, Route};
+use crate::bus::Bus;
 use crate::message::{Message, MessageType};
 use crate::registry::{Kind, Query, Registration, Status};
 
@@ -92,7 +92,7 @@ impl DomainRegistry {
         let (tx, rx) = flume::bounded::<Message>(4096);
         for domain in domains {
             let address = Address::parse(format!("domain://registry.{domain}")).map_err(anyhow::Error::msg)?;
-            if !bus.add_route(address.clone(), Route::Endpoint(tx.clone())) {
+            if !bus.add_route(address.clone(), Arc::new(tx.clone())) {
                 anyhow::bail!("{address} is already routed");
             }
         }

@@ -29,11 +29,11 @@
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::address::Address;
-use crate::bus::{Bus, Route, SendError};
+use crate::bus::{Bus, Destination, Refused, SendError};
 use crate::identity::Identities;
 use crate::message::{Assertion, Message, MessageBuilder, MessageType};
 use crate::policy::Descriptor;
@@ -157,13 +157,26 @@ pub(crate) fn user_of(identities: &Identities, domain: &str, assertion: &Asserti
     identities.validate(assertion).map(|identity| identity.user).map_err(|(_, why)| why)
 }
 
+/// An embedder's endpoint on the bus — and any host service reading the
+/// messages to its address from a bounded channel (registry announcements'
+/// answers, a served domain registry): full is back-pressure, a dropped
+/// receiver has stopped.
+impl Destination for flume::Sender<Message> {
+    fn deliver(&self, message: Message, _bus: &Bus, _wait: Option<Duration>) -> Result<(), Refused> {
+        self.try_send(message).map_err(|e| match e {
+            flume::TrySendError::Full(m) => Refused::Full(m),
+            flume::TrySendError::Disconnected(m) => Refused::Closed(m),
+        })
+    }
+}
+
 impl Endpoint {
     /// Routes `address` to a new endpoint holding up to `capacity`
     /// undelivered messages; `acting_for` binds it to a user.
     pub(crate) fn open(bus: &Bus, address: Address, capacity: usize, acting_for: Option<Descriptor>) -> Result<Endpoint, EndpointError> {
         let capacity = capacity.max(1);
         let (tx, rx) = flume::bounded(capacity);
-        if !bus.add_route(address.clone(), Route::Endpoint(tx)) {
+        if !bus.add_route(address.clone(), Arc::new(tx)) {
             return Err(EndpointError::InUse(address));
         }
         Ok(Endpoint {

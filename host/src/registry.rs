@@ -26,7 +26,7 @@ use std::time::Duration;
 use serde_json::json;
 
 use crate::address::Address;
-use crate::bus::{Bus, Route};
+use crate::bus::Bus;
 use crate::domain_registry::DomainRegistry;
 use crate::message::{Message, MessageType};
 use crate::policy::Descriptor;
@@ -153,7 +153,7 @@ impl Registry {
     /// serves a domain) are logged at debug.
     pub(crate) fn announce(self: &Arc<Self>, bus: Bus, runtime: Address, keep_alive: Duration) {
         let (tx, answers) = flume::bounded::<Message>(1024);
-        if !bus.add_route(runtime.clone(), Route::Endpoint(tx)) {
+        if !bus.add_route(runtime.clone(), Arc::new(tx)) {
             tracing::warn!("{runtime} is already routed; registry announcements are off");
             return;
         }

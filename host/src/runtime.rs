@@ -18,7 +18,7 @@ use wasmtime::component::Linker;
 
 use crate::address::Address;
 use crate::bundle::{Bundle, BundleError, DomainSpec, HypertySpec, Location, Problem, ProtostubSpec};
-use crate::bus::{Bus, BusConfig, Route};
+use crate::bus::{Bus, BusConfig};
 use crate::contract;
 use crate::domain_registry::DomainRegistry;
 use crate::engine::{Digest, Engine};
@@ -242,7 +242,7 @@ impl Runtime {
         }
         let mut stubs = Vec::new();
         for (i, spec) in bundle.protostubs.iter().enumerate() {
-            if self.bus.stub(&spec.domain).is_some() {
+            if self.bus.carries(&spec.domain) {
                 problems.push(bundle.problem(&spec.at, "component", format!("a protostub for {} already runs", spec.domain)));
                 continue;
             }
@@ -435,8 +435,8 @@ impl Runtime {
                 schemes: Vec::new(),
                 status: Status::Created,
             });
-            self.bus.add_stub(stub.clone());
-            self.bus.add_route(stub.address.clone(), Route::StubStatus(stub.clone()));
+            self.bus.add_carrier(stub.carrier());
+            self.bus.add_route(stub.address.clone(), stub.status_route());
             started.push(spec.domain.clone());
             if spec.preload || bundle.domains.iter().any(|d| d.name == spec.domain) {
                 stub.ensure_started();
@@ -456,8 +456,15 @@ impl Runtime {
     }
 
     fn stop_stub(&self, domain: &str) {
-        self.bus.remove_stub(domain);
+        self.remove_stub(domain);
         self.registry.unregister(domain, PROTOSTUB_NAME);
+    }
+
+    /// Takes the protostub of `domain` off the bus (its domain and its
+    /// status address), and stops it.
+    fn remove_stub(&self, domain: &str) {
+        self.bus.remove_carrier(domain);
+        self.bus.remove_route(&protostub::stub_address(domain));
     }
 
     fn stop_idp(&self, name: &str) {
@@ -562,7 +569,7 @@ impl Runtime {
                 .instantiate(new)
                 .map_err(|e| bundle.problem(&spec.at, "component", format!("{e:#}")))?;
             let hyperty = DeployedHyperty { domain: domain.name.clone(), name: spec.name.clone(), address };
-            if !self.bus.add_route(hyperty.address.clone(), Route::Hyperty { inbox: sandbox.inbox(), instance, descriptor }) {
+            if !self.bus.add_route(hyperty.address.clone(), sandbox.inbox().route(instance, descriptor)) {
                 sandbox.remove(instance);
                 return Err(bundle.problem(&spec.at, field, format!("{} is taken: something in this runtime is at that address", hyperty.address)));
             }
@@ -779,7 +786,9 @@ impl Runtime {
             self.stop(&deployed, &running);
         }
         deployed.sandboxes.clear();
-        self.bus.remove_stubs();
+        for domain in self.bus.carried_domains() {
+            self.remove_stub(&domain);
+        }
     }
 }
 

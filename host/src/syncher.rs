@@ -74,7 +74,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Map, Value, json};
 
 use crate::address::Address;
-use crate::bus::{Bus, Route};
+use crate::bus::{Bus, Destination, Refused};
 use crate::events::{EventKind, Events};
 use crate::message::{MAX_JSON_DEPTH, Message, MessageType, code, validate_value};
 use crate::registry::{Kind, Registration, Registry, Status};
@@ -306,6 +306,38 @@ impl Objects {
     }
 }
 
+/// A data object's destination on the bus, at its URL: messages to it and
+/// to its children go to [`Syncher::handle`], synchronously on the
+/// sender's thread (no lock of the syncher is held by the bus meanwhile).
+struct ObjectRoute(Weak<Syncher>);
+
+impl Destination for ObjectRoute {
+    fn deliver(&self, message: Message, _bus: &Bus, _wait: Option<Duration>) -> Result<(), Refused> {
+        match self.0.upgrade() {
+            Some(syncher) => {
+                syncher.handle(message);
+                Ok(())
+            }
+            None => Err(Refused::Closed(message)),
+        }
+    }
+
+    /// A data object's reporter is always a hyperty here, even once its
+    /// route is gone: no write of the object comes from another runtime
+    /// (its children's may: a remote subscriber's, which
+    /// [`Syncher::handle`] checks).
+    fn admit_remote(&self, message: &Message) -> Result<(), (u16, String)> {
+        if matches!(message.kind, MessageType::Create | MessageType::Update | MessageType::Delete) && message.to.child().is_none() {
+            return Err((code::FORBIDDEN, format!("only its reporter, a hyperty of this runtime, changes {}", message.to)));
+        }
+        Ok(())
+    }
+
+    fn has_children(&self) -> bool {
+        true
+    }
+}
+
 /// The data objects of a runtime.
 pub(crate) struct Syncher {
     bus: Bus,
@@ -317,7 +349,8 @@ pub(crate) struct Syncher {
     next_id: AtomicU64,
     /// Where restored objects are charged until their reporter calls.
     unclaimed: (Arc<DomainMemory>, Events),
-    this: Weak<Syncher>,
+    /// Every object's destination on the bus (they share it).
+    route: Arc<dyn Destination>,
 }
 
 impl Syncher {
@@ -332,7 +365,7 @@ impl Syncher {
             asking: Mutex::default(),
             next_id: AtomicU64::new(1),
             unclaimed: (Arc::default(), Events::default()),
-            this: this.clone(),
+            route: Arc::new(ObjectRoute(this.clone())),
         });
         if let Some(store) = &syncher.store {
             for (url, record, members) in store.objects()? {
@@ -353,7 +386,7 @@ impl Syncher {
     /// Makes an object known: registered, routed.
     fn publish(&self, url: Address, registration: Registration) {
         self.registry.register(registration);
-        self.bus.add_route(url, Route::Object(self.this.clone()));
+        self.bus.add_route(url, self.route.clone());
     }
 
     fn object(&self, url: &Address) -> Result<Arc<Mutex<Object>>, SyncError> {
@@ -678,7 +711,7 @@ impl Syncher {
             self.answered(m);
             return;
         }
-        let found = match child_of(&m.to) {
+        let found = match m.to.child() {
             Some((url, name)) if !self.objects.read().unwrap().by_url.contains_key(&m.to) => self.object(&url).map(|o| (o, Some(name))),
             _ => self.object(&m.to).map(|o| (o, None)),
         };
@@ -961,16 +994,8 @@ fn registry_name(url: &Address) -> String {
     url.as_str().split_once("://").and_then(|(_, rest)| rest.split_once('/')).map_or_else(|| url.to_string(), |(_, path)| path.to_owned())
 }
 
-/// The object URL and child name of a child's address,
-/// `<url>/children/<name>` (the name as [`check_child_name`] allows).
-pub(crate) fn child_of(address: &Address) -> Option<(Address, &str)> {
-    let (url, name) = address.as_str().rsplit_once("/children/")?;
-    check_child_name(name).ok()?;
-    Some((Address::parse(url).ok()?, name))
-}
-
 fn check_child_name(name: &str) -> Result<(), SyncError> {
-    if name.is_empty() || name.len() > 256 || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) {
+    if !crate::address::valid_child_name(name) {
         return Err(SyncError::Invalid(format!("{name:?} is not a child name (1 to 256 letters, digits, -, _, .)")));
     }
     Ok(())

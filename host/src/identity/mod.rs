@@ -57,16 +57,13 @@ struct Issued {
     expires: u64,
 }
 
-/// Where a message goes, as far as identity is concerned.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Crossing {
-    /// From here (a hyperty or an endpoint) to a route here.
-    Here,
-    /// From here out through a protostub, validated by the runtime that
-    /// receives it.
-    Leaving,
-    /// In through a protostub, to a route here.
-    Arriving,
+pub(crate) use crate::bus::Crossing;
+
+/// The bus's identity step is [`Identities::establish`].
+impl crate::bus::IdentityPoint for Identities {
+    fn establish(&self, message: &mut Message, sender: Option<&Descriptor>, crossing: Crossing) -> Result<(), Refusal> {
+        Identities::establish(self, message, sender, crossing)
+    }
 }
 
 /// How a provider domain deals with identity.

@@ -44,12 +44,13 @@ use serde_json::{Value, json};
 pub(crate) use glue::{StubPre, prepare};
 
 use crate::address::Address;
-use crate::bus::Bus;
+use crate::bus::{Bus, Carrier, Destination, Refused};
 use crate::events::{EventKind, Events};
 use crate::message::{Assertion, Body, Message, MessageType, code};
 use crate::registry::{Registry, Status};
 
-/// What the bus needs of a stub: queue messages for its domain.
+/// The protostub of a remote domain: on the bus, its domain's carrier
+/// ([`Stub::carrier`]) and its status address ([`Stub::status_route`]).
 pub(crate) struct Stub {
     pub domain: String,
     /// `domain://protostub.<domain>`: its registry entry and event address.
@@ -108,13 +109,15 @@ impl Stub {
         Ok(())
     }
 
-    /// Listen for `address` (a local address of the stub's domain).
-    pub fn listen(&self, address: &Address) {
-        self.queue.control(address, true);
+    /// The stub on the bus, carrying every address of its domain with no
+    /// route here.
+    pub fn carrier(self: &Arc<Self>) -> Arc<dyn Carrier> {
+        Arc::new(Outbound(self.clone()))
     }
 
-    pub fn forget(&self, address: &Address) {
-        self.queue.control(address, false);
+    /// The destination at the stub's status address ([`Stub::address`]).
+    pub fn status_route(self: &Arc<Self>) -> Arc<dyn Destination> {
+        Arc::new(StatusAddress(self.clone()))
     }
 
     /// Adds `address` to the status watchers; the current status.
@@ -165,6 +168,64 @@ impl Stub {
 
     fn is_stopped(&self) -> bool {
         self.stopped.load(Ordering::Acquire)
+    }
+}
+
+/// A stub as the carrier of its domain: what the bus sends to an address of
+/// that domain with no route here is queued for the domain's node.
+struct Outbound(Arc<Stub>);
+
+impl Destination for Outbound {
+    fn deliver(&self, message: Message, _bus: &Bus, wait: Option<Duration>) -> Result<(), Refused> {
+        match self.0.push(&message, wait) {
+            Ok(()) => Ok(()),
+            Err(QueueError::Full(n)) => Err(Refused::Queue(message, format!("the protostub queue of {} is full ({n} messages)", self.0.domain))),
+        }
+    }
+}
+
+impl Carrier for Outbound {
+    fn domain(&self) -> &str {
+        &self.0.domain
+    }
+
+    /// Listens for `address` (a local address of the stub's domain); the
+    /// stub starts if it has not yet.
+    fn listen(&self, address: &Address) {
+        self.0.queue.control(address, true);
+        self.0.ensure_started();
+    }
+
+    /// Forgets `address` if of its domain; it no longer watches the status.
+    fn unrouted(&self, address: &Address) {
+        if address.domain() == self.0.domain {
+            self.0.queue.control(address, false);
+        }
+        self.0.unwatch(address);
+    }
+
+    fn stop(&self) {
+        self.0.stop();
+    }
+}
+
+/// A stub's status address, `domain://protostub.<domain>`: local hyperties
+/// subscribe to its status ([`Stub::status_request`]); nothing from another
+/// runtime reaches it, and its stub does not listen for it.
+struct StatusAddress(Arc<Stub>);
+
+impl Destination for StatusAddress {
+    fn deliver(&self, message: Message, bus: &Bus, _wait: Option<Duration>) -> Result<(), Refused> {
+        self.0.status_request(bus, message);
+        Ok(())
+    }
+
+    fn admit_remote(&self, message: &Message) -> Result<(), (u16, String)> {
+        Err((code::FORBIDDEN, format!("{} takes subscriptions from this runtime only", message.to)))
+    }
+
+    fn listened_for(&self) -> bool {
+        false
     }
 }
 
@@ -486,116 +547,6 @@ impl Stub {
     }
 }
 
-/// Requests that came in through protostubs and wait for a response from
-/// here: a response leaves through a protostub only when it answers one of
-/// them (from the address the request went to, before its sender stops
-/// waiting). So a hyperty cannot push responses nobody asked for into a
-/// queue that other domains share. Bounded per stub the requests came
-/// through ([`InboundRequests::PER_STUB`]); each is kept as long as its
-/// sender waits (the envelope's `timeout-ms`, at most
-/// [`InboundRequests::MAX_WAIT`]).
-#[derive(Default)]
-pub(crate) struct InboundRequests {
-    state: Mutex<InboundState>,
-}
-
-#[derive(Default)]
-struct InboundState {
-    /// (requester, id) → who may answer, until when, through which stub it came.
-    by_key: HashMap<(Address, u64), Awaited>,
-    per_stub: HashMap<String, usize>,
-}
-
-struct Awaited {
-    responder: Address,
-    until: std::time::Instant,
-    stub: String,
-    /// Provisional (1xx) responses that went out for it.
-    provisional: u32,
-}
-
-impl InboundState {
-    fn remove(&mut self, key: &(Address, u64)) -> Option<Awaited> {
-        let awaited = self.by_key.remove(key)?;
-        if let Some(n) = self.per_stub.get_mut(&awaited.stub) {
-            *n -= 1;
-        }
-        Some(awaited)
-    }
-}
-
-impl InboundRequests {
-    /// Requests awaiting a response, per stub they came through.
-    pub const PER_STUB: usize = 4096;
-    /// The longest a request is kept (a longer `timeout-ms` is clamped).
-    pub const MAX_WAIT: Duration = Duration::from_secs(300);
-
-    /// Records `request`, which came through the stub of `stub` and whose
-    /// sender waits `wait`; an error (the limit) when that stub has
-    /// [`Self::PER_STUB`] requests waiting already.
-    pub fn record(&self, request: &Message, stub: &str, wait: Duration) -> Result<(), usize> {
-        let now = std::time::Instant::now();
-        let mut s = self.state.lock().unwrap();
-        if s.per_stub.get(stub).is_some_and(|n| *n >= Self::PER_STUB) {
-            let InboundState { by_key, per_stub } = &mut *s;
-            by_key.retain(|_, a| {
-                let keep = a.until > now;
-                if !keep && let Some(n) = per_stub.get_mut(&a.stub) {
-                    *n -= 1;
-                }
-                keep
-            });
-            if s.per_stub.get(stub).is_some_and(|n| *n >= Self::PER_STUB) {
-                return Err(Self::PER_STUB);
-            }
-        }
-        let key = (request.from.clone(), request.id);
-        s.remove(&key);
-        let awaited = Awaited { responder: request.to.clone(), until: now + wait.min(Self::MAX_WAIT), stub: stub.to_owned(), provisional: 0 };
-        s.by_key.insert(key, awaited);
-        *s.per_stub.entry(stub.to_owned()).or_default() += 1;
-        Ok(())
-    }
-
-    /// Takes the request `response` answers; false if there is none
-    /// waiting (never asked, answered already, expired, or another address
-    /// answering).
-    /// A provisional (1xx) response leaves the request waiting; at most
-    /// [`crate::bus::MAX_PROVISIONAL`] of them go out per request.
-    pub fn take(&self, response: &Message) -> bool {
-        if crate::bus::provisional(response) {
-            let mut s = self.state.lock().unwrap();
-            let key = (response.to.clone(), response.id);
-            let Some(a) = s.by_key.get_mut(&key).filter(|a| a.responder == response.from && a.until > std::time::Instant::now()) else {
-                return false;
-            };
-            a.provisional += 1;
-            return a.provisional <= crate::bus::MAX_PROVISIONAL;
-        }
-        self.close(response)
-    }
-
-    /// Takes the request `response` answers, whatever its code (a refused
-    /// response closes it too).
-    pub fn close(&self, response: &Message) -> bool {
-        let key = (response.to.clone(), response.id);
-        let mut s = self.state.lock().unwrap();
-        match s.by_key.get(&key) {
-            Some(a) if a.responder == response.from => s.remove(&key).is_some_and(|a| a.until > std::time::Instant::now()),
-            _ => false,
-        }
-    }
-
-    /// Forgets `request` (it could not be delivered).
-    pub fn forget(&self, request: &Message) {
-        let key = (request.from.clone(), request.id);
-        let mut s = self.state.lock().unwrap();
-        if s.by_key.get(&key).is_some_and(|a| a.responder == request.to) {
-            s.remove(&key);
-        }
-    }
-}
-
 /// Settings of a stub from its bundle entry.
 #[derive(Clone, Debug)]
 pub(crate) struct StubSettings {
@@ -713,38 +664,3 @@ pub(crate) fn report(stub: &Stub, sink: StatusSink<'_>, status: glue::StubStatus
 
 /// Ids of status updates (notifications: nobody answers them).
 static STATUS_IDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn request(from: &str, id: u64, to: &str) -> Message {
-        Message::new(id, MessageType::Read, Address::parse(from).unwrap(), Address::parse(to).unwrap(), None)
-    }
-
-    #[test]
-    fn inbound_requests_are_answered_once_by_their_receiver_and_bounded_per_stub() {
-        let inbound = InboundRequests::default();
-        let wait = Duration::from_secs(60);
-        let (asker, local) = ("hyperty://bob.example/asker", "hyperty://alice.example/a");
-        inbound.record(&request(asker, 1, local), "bob.example", wait).unwrap();
-        let answer = |from: &str, id: u64| Message::response(id, Address::parse(from).unwrap(), Address::parse(asker).unwrap(), code::OK);
-        assert!(!inbound.take(&answer("hyperty://alice.example/other", 1)), "another address answered");
-        assert!(!inbound.take(&answer(local, 2)), "a request never made");
-        assert!(inbound.take(&answer(local, 1)));
-        assert!(!inbound.take(&answer(local, 1)), "answered twice");
-        // The bound is per stub; a full stub refuses, others do not care.
-        for id in 0..InboundRequests::PER_STUB as u64 {
-            inbound.record(&request(asker, id, local), "bob.example", wait).unwrap();
-        }
-        assert_eq!(inbound.record(&request(asker, 99_999, local), "bob.example", wait), Err(InboundRequests::PER_STUB));
-        inbound.record(&request("hyperty://carol.example/c", 1, local), "carol.example", wait).unwrap();
-        // Taking one makes room; expired ones make room too.
-        assert!(inbound.take(&answer(local, 7)));
-        inbound.record(&request(asker, 99_999, local), "bob.example", Duration::ZERO).unwrap();
-        assert!(!inbound.take(&answer(local, 99_999)), "expired");
-        inbound.record(&request(asker, 100_000, local), "bob.example", Duration::ZERO).unwrap();
-        inbound.record(&request(asker, 100_001, local), "bob.example", wait).unwrap();
-        assert!(inbound.take(&answer(local, 100_001)));
-    }
-}

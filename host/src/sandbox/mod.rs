@@ -33,7 +33,7 @@ use anyhow::{Result, anyhow};
 use wasmtime::Store;
 
 use crate::address::Address;
-use crate::bus::Bus;
+use crate::bus::{Bus, Destination, Refused};
 use crate::events::{EventKind, Events};
 use crate::message::{Message, MessageType, code};
 use crate::policy::Descriptor;
@@ -68,14 +68,6 @@ pub(crate) struct NewHyperty {
     pub config: String,
 }
 
-/// Why a delivery did not happen; the message comes back.
-pub(crate) enum Refused {
-    Full(Message),
-    Closed(Message),
-    /// A protostub's queue is full; why, in words.
-    Queue(Message, String),
-}
-
 /// The sending side of a sandbox's inbox; cheap to clone.
 #[derive(Clone)]
 pub(crate) struct Inbox {
@@ -104,9 +96,32 @@ impl Inbox {
         self.in_flight.load(Ordering::Acquire)
     }
 
+    /// The bus destination of `instance` in this sandbox, described to the
+    /// policies by `descriptor`.
+    pub fn route(&self, instance: u32, descriptor: Arc<Descriptor>) -> Arc<dyn Destination> {
+        Arc::new(HypertyRoute { inbox: self.clone(), instance, descriptor })
+    }
+
     /// Sends a control envelope, waiting for room in the inbox.
     fn control(&self, control: Control) -> Result<()> {
         self.tx.send(Envelope::Control(control)).map_err(|_| anyhow!("the sandbox has stopped"))
+    }
+}
+
+/// A hyperty instance's destination on the bus: its domain's inbox.
+struct HypertyRoute {
+    inbox: Inbox,
+    instance: u32,
+    descriptor: Arc<Descriptor>,
+}
+
+impl Destination for HypertyRoute {
+    fn deliver(&self, message: Message, _bus: &Bus, _wait: Option<std::time::Duration>) -> Result<(), Refused> {
+        self.inbox.deliver(self.instance, message)
+    }
+
+    fn descriptor(&self) -> Option<&Arc<Descriptor>> {
+        Some(&self.descriptor)
     }
 }
 
