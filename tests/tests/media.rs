@@ -498,3 +498,54 @@ fn bad_track_calls_are_refused_with_their_typed_error_and_the_call_goes_on() {
     driver.command(&a, json!({ "op": "send", "pc": pc_a, "channel": call.caller.1, "text": "after" }));
     assert_eq!(driver.media_report(&b, 10, |v| v["event"] == "channel-data")["text"], "after");
 }
+
+#[test]
+fn a_relay_hyperty_forwards_one_peer_s_video_to_another_inside_the_host_and_keyframe_requests_flow_back() {
+    let runtime = runtime(Duration::from_secs(5));
+    let mut driver = Driver::new(&runtime);
+    let mut bundle = TestBundle::new();
+    for (domain, name) in [("alice.example", "a"), ("relay.example", "r"), ("bob.example", "b")] {
+        bundle = bundle.hyperty(domain, name, &guest("media-peer"), media_peer_config(false)).domain(domain, media_domain(4, json!({})));
+    }
+    runtime.deploy(&bundle.load()).expect("the three deploy");
+    let [a, r, b] = ["alice.example/a", "relay.example/r", "bob.example/b"].map(|d| {
+        let (domain, name) = d.split_once('/').unwrap();
+        runtime.lookup(domain, name).unwrap()
+    });
+    // a → r with a's video; r → b with r's own sending video track.
+    let (call_in, a_tracks) = driver.media_call_with_tracks(&a, &r, "in", json!([["video", "vp8"]]));
+    let (pc_a, pc_ra) = (call_in.caller.0, call_in.callee.0);
+    let from = driver.media_track(&r, pc_ra, "video")["track"].as_u64().unwrap();
+    let (call_out, r_tracks) = driver.media_call_with_tracks(&r, &b, "out", json!([["video", "vp8"]]));
+    let (pc_rb, pc_b) = (call_out.caller.0, call_out.callee.0);
+    let at_b = driver.media_track(&b, pc_b, "video")["track"].as_u64().unwrap();
+    let forward = json!({ "op": "forward", "pc": pc_ra, "track": from, "to": pc_rb, "to-track": r_tracks[0] });
+    assert_eq!(driver.command(&r, forward), json!({ "ok": true }));
+
+    // a's 40 frames reach b whole, through the host alone.
+    let sent = driver.command(&a, json!({ "op": "write", "pc": pc_a, "track": a_tracks[0], "frames": 40, "size": 2500 }));
+    assert_eq!(sent, json!({ "written": 40 }));
+    frames_until(&driver, &b, pc_b, at_b, 40, |v| {
+        assert_eq!(v["size"], 2500, "{v}");
+        assert_eq!(v["keyframe"], v["n"] == 1, "{v}");
+    });
+    let stats = driver.media_report(&r, 10, |v| v["event"] == "track-stats" && v["pc"] == pc_ra);
+    assert_eq!((stats["frames"].as_u64(), stats["forwarded"].as_u64(), stats["dropped"].as_u64()), (Some(40), Some(40), Some(0)), "{stats}");
+
+    // b's keyframe request reaches a's sending track, not r's hyperty.
+    assert_eq!(driver.command(&b, json!({ "op": "request-keyframe", "pc": pc_b, "track": at_b })), json!({ "ok": true }));
+    let asked = driver.media_report(&a, 10, |v| v["event"] == "keyframe-request");
+    assert_eq!((asked["pc"].as_u64(), asked["track"].as_u64()), (Some(pc_a), Some(a_tracks[0])));
+
+    // Closing r's connection to b stops the forward: a's next frame reaches
+    // r's hyperty, the first of that track it ever saw (none crossed before).
+    driver.command(&r, json!({ "op": "close", "pc": pc_rb }));
+    driver.media_report(&r, 10, |v| v["event"] == "closed" && v["pc"] == pc_rb);
+    driver.command(&a, json!({ "op": "write", "pc": pc_a, "track": a_tracks[0], "frames": 1, "size": 700, "at-us": 5_000_000 }));
+    let first = driver.media_report(&r, 10, |v| v["event"] == "media" && v["pc"] == pc_ra);
+    assert_eq!((first["n"].as_u64(), first["size"].as_u64()), (Some(1), Some(700)), "{first}");
+    // No keyframe request was handed to r's hyperty: r reports what it gets
+    // in order, so one would have reached the observer before that frame.
+    let to_r = driver.endpoint.take_set_aside(|m| m.from == r && reported(m)["event"] == "keyframe-request");
+    assert!(to_r.is_empty(), "{to_r:?}");
+}

@@ -326,6 +326,7 @@ impl Conn {
             state.rtc.disconnect();
         }
         drop(state);
+        self.unlink();
         self.wake.notify_one();
     }
 

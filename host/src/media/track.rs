@@ -382,11 +382,11 @@ impl Conn {
         match relay {
             Relay::Frame { from, to, frame } => {
                 let Some(target) = to.conn.upgrade() else {
-                    return self.stop_forward(from);
+                    return self.stop_forward(from, to.conn.as_ptr());
                 };
                 match target.write_frame(to.track, &frame) {
                     Ok(()) => {}
-                    Err(MediaError::Closed(_)) => self.stop_forward(from),
+                    Err(MediaError::Closed(_)) => self.stop_forward(from, to.conn.as_ptr()),
                     Err(e) => {
                         tracing::debug!(connection = %self.address, "a frame of track {from} was not forwarded: {e}");
                         self.count_dropped(from);
@@ -420,12 +420,28 @@ impl Conn {
         Ok(())
     }
 
-    /// Stops forwarding `track` (its target closed); its frames reach the
-    /// hyperty again.
-    fn stop_forward(&self, track: u32) {
+    /// The hook of `close`: the tracks forwarded to this connection stop
+    /// being forwarded (each source's lock taken after this one's is let go).
+    pub(super) fn unlink(&self) {
+        let sources: Vec<Link> = {
+            let mut state = self.state.lock().expect("not poisoned");
+            state.tracks.list.iter_mut().filter_map(|t| t.fed_by.take()).collect()
+        };
+        for source in sources {
+            if let Some(conn) = source.conn.upgrade() {
+                conn.stop_forward(source.track, self);
+            }
+        }
+    }
+
+    /// Stops forwarding `track` to the connection at `target` (closed); its
+    /// frames reach the hyperty again. A forward since replaced by one to
+    /// another connection goes on.
+    fn stop_forward(&self, track: u32, target: *const Conn) {
         if let Ok(t) = self.state.lock().expect("not poisoned").tracks.get(track)
-            && t.forward.take().is_some()
+            && t.forward.as_ref().is_some_and(|f| std::ptr::eq(f.conn.as_ptr(), target))
         {
+            t.forward = None;
             t.deliver = true;
             tracing::info!(connection = %self.address, "track {track} no longer forwarded: its target closed");
         }
