@@ -549,3 +549,98 @@ fn a_relay_hyperty_forwards_one_peer_s_video_to_another_inside_the_host_and_keyf
     let to_r = driver.endpoint.take_set_aside(|m| m.from == r && reported(m)["event"] == "keyframe-request");
     assert!(to_r.is_empty(), "{to_r:?}");
 }
+
+/// The page of the Chromium media test: sends its fake camera and
+/// microphone (offer to `/offer`, the hyperty's answer back), and posts
+/// what `getStats()` says of the media it receives to `/result` twice a
+/// second: `{"inbound": {"video": {"packets", "frames"}, "audio": ...}}`.
+const MEDIA_PAGE: &str = r#"<!doctype html><meta charset="utf-8"><title>hyperty media</title><script>
+const post = (path, body) => fetch(path, { method: "POST", body });
+(async () => {
+  try {
+    const stream = await navigator.mediaDevices.getUserMedia({ audio: true, video: { width: 320, height: 240 } });
+    const pc = new RTCPeerConnection();
+    for (const track of stream.getTracks()) pc.addTrack(track, stream);
+    await pc.setLocalDescription(await pc.createOffer());
+    await new Promise((done) => {
+      if (pc.iceGatheringState === "complete") return done();
+      pc.onicegatheringstatechange = () => pc.iceGatheringState === "complete" && done();
+    });
+    const answer = await (await post("/offer", pc.localDescription.sdp)).text();
+    await pc.setRemoteDescription({ type: "answer", sdp: answer });
+    setInterval(async () => {
+      const inbound = {};
+      (await pc.getStats()).forEach((r) => {
+        if (r.type === "inbound-rtp") inbound[r.kind] = { packets: r.packetsReceived, frames: r.framesDecoded ?? null };
+      });
+      post("/result", JSON.stringify({ inbound, state: pc.connectionState }));
+    }, 500);
+  } catch (e) {
+    post("/result", JSON.stringify({ error: String(e) }));
+  }
+})();
+</script>"#;
+
+#[test]
+fn chromium_sends_camera_and_microphone_the_hyperty_counts_them_and_echoes_them_back_decoded() {
+    // Its own thread: the namespace is the thread's (and its children's).
+    std::thread::spawn(chromium_media).join().unwrap();
+}
+
+fn chromium_media() {
+    if let Err(why) = enter_private_network() {
+        eprintln!("SKIPPED: no private network namespace can be made here ({why})");
+        return;
+    }
+    let runtime = runtime(Duration::from_secs(5));
+    let mut driver = Driver::new(&runtime);
+    let bundle = TestBundle::new().hyperty("bob.example", "b", &guest("media-peer"), media_peer_config(false)).domain(
+        "bob.example",
+        json!({ "grants": ["clocks", "random", "media"], "media": { "bind": NAMESPACE_ADDRESS, "ports": udp_ports(8), "message-bytes": 262_144 } }),
+    );
+    runtime.deploy(&bundle.load()).unwrap();
+    let b = runtime.lookup("bob.example", "b").unwrap();
+    // getUserMedia needs a secure context: a page from 127.0.0.1 is one
+    // (candidates are still gathered on the namespace's veth only).
+    let server = PageServer::start("127.0.0.1", MEDIA_PAGE);
+    let _chromium = Chromium::start(&server.url).expect("Debian's chromium is installed");
+
+    let offer = server.post("/offer", 30);
+    let pc = driver.command(&b, json!({ "op": "open", "remote": "chromium" }))["pc"].as_u64().unwrap();
+    let answer = driver.command(&b, json!({ "op": "accept-offer", "pc": pc, "sdp": offer.body }));
+    let sdp = answer["sdp"].as_str().unwrap_or_else(|| panic!("the hyperty refused Chromium's offer: {answer}"));
+    offer.answer(sdp.to_owned());
+
+    // The page's camera and microphone arrive as two tracks the hyperty may
+    // also send on (sendrecv); each is echoed back inside the host.
+    let mut tracks = Vec::new();
+    for kind in ["video", "audio"] {
+        let track = driver.media_track(&b, pc, kind);
+        assert_eq!(track["direction"], "sendrecv", "{track}");
+        let id = track["track"].as_u64().unwrap();
+        let echo = driver.command(&b, json!({ "op": "forward", "pc": pc, "track": id, "to": pc, "to-track": id }));
+        assert_eq!(echo, json!({ "ok": true }));
+        tracks.push((kind, id));
+    }
+    // The hyperty counts what it receives (~20 video frames and 50 Opus
+    // frames a second from Chromium's fake devices).
+    for (kind, id) in &tracks {
+        let stats = driver.media_report(&b, 30, |v| v["event"] == "track-stats" && v["track"] == *id && v["forwarded"].as_u64() > Some(10));
+        assert!(stats["frames"].as_u64() >= stats["forwarded"].as_u64(), "{kind}: {stats}");
+    }
+    // The page decodes the echoed video and receives the echoed audio.
+    let until = std::time::Instant::now() + Duration::from_secs(40);
+    loop {
+        let post = server.post("/result", 20);
+        let v: Value = serde_json::from_str(&post.body).unwrap_or(Value::Null);
+        post.answer(String::new());
+        assert!(v["error"].is_null(), "the page failed: {v}");
+        let video_frames = v["inbound"]["video"]["frames"].as_u64().unwrap_or(0);
+        let audio_packets = v["inbound"]["audio"]["packets"].as_u64().unwrap_or(0);
+        if video_frames > 5 && audio_packets > 10 {
+            eprintln!("the page got the echo back: {v}");
+            break;
+        }
+        assert!(std::time::Instant::now() < until, "the page decoded too little of the echo: {v}");
+    }
+}
