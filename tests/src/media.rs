@@ -46,16 +46,32 @@ impl Driver {
     /// Has `caller` call `callee` (both media-peers) on a channel named
     /// `label`, and waits until the channel is open on both sides.
     pub fn media_call(&mut self, caller: &Address, callee: &Address, label: &str) -> Call {
-        let call = self.command(caller, json!({ "op": "call", "peer": callee.to_string(), "label": label }));
+        self.media_call_with_tracks(caller, callee, label, json!([])).0
+    }
+
+    /// [`Driver::media_call`] whose offer also carries the caller's new
+    /// sending `tracks` (`[["video", "vp8"], ...]`); their ids at the caller
+    /// come back with the call, once both sides are connected.
+    pub fn media_call_with_tracks(&mut self, caller: &Address, callee: &Address, label: &str, tracks: Value) -> (Call, Vec<u64>) {
+        let call = self.command(caller, json!({ "op": "call", "peer": callee.to_string(), "label": label, "tracks": tracks }));
         let pc = call["pc"].as_u64().unwrap_or_else(|| panic!("the call failed: {call}"));
+        let ids = call["tracks"].as_array().into_iter().flatten().map(|t| t.as_u64().unwrap()).collect();
         let answered = self.media_report(caller, 10, |v| v["signal"].is_string() && v["pc"] == pc);
         assert_eq!(answered["signal"], "answered", "{answered}");
         let at_caller = self.media_report(caller, 10, |v| v["event"] == "channel-open" && v["pc"] == pc && v["label"] == label);
         let at_callee = self.media_report(callee, 10, |v| v["event"] == "channel-open" && v["label"] == label);
-        Call {
+        let call = Call {
             caller: (pc, at_caller["channel"].as_u64().unwrap()),
             callee: (at_callee["pc"].as_u64().unwrap(), at_callee["channel"].as_u64().unwrap()),
-        }
+        };
+        self.media_report(caller, 10, |v| v["event"] == "connected" && v["pc"] == call.caller.0);
+        self.media_report(callee, 10, |v| v["event"] == "connected" && v["pc"] == call.callee.0);
+        (call, ids)
+    }
+
+    /// The `track` event of `peer`'s connection `pc` for a track of `kind`.
+    pub fn media_track(&self, peer: &Address, pc: u64, kind: &str) -> Value {
+        self.media_report(peer, 10, |v| v["event"] == "track" && v["pc"] == pc && v["kind"] == kind)
     }
 }
 

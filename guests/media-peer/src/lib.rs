@@ -15,8 +15,20 @@
 //!   `{"op": "close" | "drop", "pc"}`; `{"op": "call", "peer", "label"}`
 //!   (opens a connection and a channel, sends the offer to `peer` as
 //!   `{"op": "incoming", "sdp"}` and accepts the answer it gets back) →
-//!   `{"pc"}`; `{"op": "incoming", "sdp"}` (from a caller) → `{"pc",
-//!   "sdp"}`; `{"op": "trap"}` panics.
+//!   `{"pc"}` (with `"tracks": [[kind, codec], ...]` it adds those
+//!   tracks to the offer too → `{"pc", "tracks": [ids]}`); `{"op":
+//!   "incoming", "sdp"}` (from a caller) → `{"pc", "sdp"}`; `{"op":
+//!   "reoffer", "pc", "peer", "remote-pc"}` renegotiates a call (a new
+//!   offer to `peer` as `{"op": "accept-offer", "pc": remote-pc, "sdp"}`,
+//!   its answer accepted, reported as a call's); `{"op": "trap"}` panics.
+//! - Tracks: `{"op": "add-track", "pc", "kind", "codec"}` → `{"track"}`;
+//!   `{"op": "write", "pc", "track", "frames": n, "size": bytes, "at-us",
+//!   "step-us"}` writes n frames (the first a VP8 keyframe, the others
+//!   not) → `{"written": n}` or the first error with `"written"`;
+//!   `{"op": "request-keyframe" | "deliver-frames", "pc", "track", "on"}`;
+//!   `{"op": "forward", "pc", "track", "to", "to-track"}`. A `media`
+//!   event is reported without its frame: `"size"` (bytes) and `"n"` (the
+//!   frames of that track so far) instead.
 //! - Every event from a connection (a message from its `media://`
 //!   address) is reported to the observer as a `forward` whose value is
 //!   the event with `"pc"` (its index here) added; so are signalling
@@ -32,7 +44,7 @@ use std::cell::RefCell;
 use std::collections::BTreeMap;
 
 use rethink::hyperty::bus;
-use rethink::hyperty::media::{MediaError, PeerConnection};
+use rethink::hyperty::media::{MediaError, PeerConnection, TrackKind};
 use rethink::hyperty::types::{Body, Message, MessageType};
 use serde_json::{Value, json};
 
@@ -45,6 +57,8 @@ struct State {
     pcs: Vec<Option<PeerConnection>>,
     /// Calls waiting for their answer: request id → connection index.
     calls: BTreeMap<u64, usize>,
+    /// Frames received: (connection index, track) → count.
+    frames: BTreeMap<(usize, u64), u64>,
 }
 
 thread_local! {
@@ -85,6 +99,16 @@ impl State {
         Ok(self.pcs.len() - 1)
     }
 
+    /// Sends `command` to `peer` as a request whose answer (an SDP answer)
+    /// goes to connection `i`.
+    fn ask(&mut self, peer: &str, command: Value, i: usize) -> Result<(), Value> {
+        let id = self.fresh_id();
+        let ask = message(id, MessageType::Execute, &self.me, peer, command.to_string());
+        bus::request(&ask, None).map_err(|e| json!({ "error": format!("{e:?}") }))?;
+        self.calls.insert(id, i);
+        Ok(())
+    }
+
     fn report(&mut self, value: Value) {
         let id = self.fresh_id();
         let m = message(id, MessageType::Forward, &self.me, &self.observer, value.to_string());
@@ -107,22 +131,34 @@ impl State {
             }
             "call" => {
                 let peer = text("peer");
+                let mut tracks = Vec::new();
                 let offered = self.open(Some(&peer)).and_then(|i| {
                     let pc = self.pcs[i].as_ref().expect("just opened");
                     pc.open_channel(&text("label"), true)?;
+                    for t in c["tracks"].as_array().into_iter().flatten() {
+                        let kind = if t[0] == "audio" { TrackKind::Audio } else { TrackKind::Video };
+                        tracks.push(pc.add_track(kind, t[1].as_str().unwrap_or_default())?);
+                    }
                     pc.create_offer().map(|sdp| (i, sdp))
                 });
                 match offered {
-                    Ok((i, sdp)) => {
-                        let id = self.fresh_id();
-                        let ask = message(id, MessageType::Execute, &self.me, &peer, json!({ "op": "incoming", "sdp": sdp }).to_string());
-                        match bus::request(&ask, None) {
-                            Ok(()) => {
-                                self.calls.insert(id, i);
-                                json!({ "pc": i })
-                            }
-                            Err(e) => json!({ "error": format!("{e:?}") }),
-                        }
+                    Ok((i, sdp)) => match self.ask(&peer, json!({ "op": "incoming", "sdp": sdp }), i) {
+                        Ok(()) => json!({ "pc": i, "tracks": tracks }),
+                        Err(e) => e,
+                    },
+                    Err(e) => error(e),
+                }
+            }
+            "reoffer" => {
+                let i = c["pc"].as_u64().unwrap_or(u64::MAX) as usize;
+                let offered = match self.pc(c) {
+                    Ok(pc) => pc.create_offer(),
+                    Err(e) => return e,
+                };
+                match offered {
+                    Ok(sdp) => {
+                        let ask = json!({ "op": "accept-offer", "pc": c["remote-pc"], "sdp": sdp });
+                        self.ask(&text("peer"), ask, i).map_or_else(|e| e, |()| json!({ "ok": true }))
                     }
                     Err(e) => error(e),
                 }
@@ -150,6 +186,35 @@ impl State {
                             pc.send_text(channel, &text("text"))
                         };
                         ok(sent, |()| json!({ "ok": true }))
+                    }
+                    "add-track" => {
+                        let kind = if c["kind"] == "audio" { TrackKind::Audio } else { TrackKind::Video };
+                        ok(pc.add_track(kind, &text("codec")), |track| json!({ "track": track }))
+                    }
+                    "write" => {
+                        let track = c["track"].as_u64().unwrap_or(u64::MAX) as u32;
+                        let (size, at, step) = (c["size"].as_u64().unwrap_or(100) as usize, c["at-us"].as_u64().unwrap_or(0), c["step-us"].as_u64().unwrap_or(33_333));
+                        let mut frame = vec![7u8; size.max(1)];
+                        for n in 0..c["frames"].as_u64().unwrap_or(1) {
+                            // VP8 (RFC 6386 9.1): the first byte's low bit is 0 on a keyframe.
+                            frame[0] = u8::from(n > 0);
+                            if let Err(e) = pc.write_media(track, &frame, at + n * step) {
+                                let mut e = error(e);
+                                e["written"] = json!(n);
+                                return e;
+                            }
+                        }
+                        json!({ "written": c["frames"].as_u64().unwrap_or(1) })
+                    }
+                    "request-keyframe" => ok(pc.request_keyframe(track_of(c)), |()| json!({ "ok": true })),
+                    "deliver-frames" => ok(pc.deliver_frames(track_of(c), c["on"].as_bool().unwrap_or(true)), |()| json!({ "ok": true })),
+                    "forward" => {
+                        let to = c["to"].as_u64().unwrap_or(u64::MAX) as usize;
+                        let Some(Some(to)) = self.pcs.get(to) else {
+                            return json!({ "error": format!("no connection {}", c["to"]) });
+                        };
+                        let to_track = c["to-track"].as_u64().unwrap_or(u64::MAX) as u32;
+                        ok(pc.forward(track_of(c), to, to_track), |()| json!({ "ok": true }))
                     }
                     "close" => {
                         pc.close();
@@ -186,6 +251,16 @@ impl State {
                 v["echo-error"] = error(e)["error"].clone();
             }
         }
+        if v["event"] == "media"
+            && let Some(b64) = v["bytes"].as_str()
+        {
+            let size = b64.len() / 4 * 3 - b64.bytes().rev().take_while(|&b| b == b'=').count();
+            let n = self.frames.entry((i, v["track"].as_u64().unwrap_or_default())).or_default();
+            *n += 1;
+            v["n"] = json!(*n);
+            v["size"] = json!(size);
+            v["bytes"] = Value::Null;
+        }
         v["pc"] = json!(i);
         v["from"] = json!(from);
         self.report(v);
@@ -204,6 +279,10 @@ impl State {
         };
         self.report(report);
     }
+}
+
+fn track_of(c: &Value) -> u32 {
+    c["track"].as_u64().unwrap_or(u64::MAX) as u32
 }
 
 fn message(id: u64, kind: MessageType, from: &str, to: &str, value: String) -> Message {
@@ -225,7 +304,7 @@ impl exports::rethink::hyperty::handler::Guest for MediaPeer {
         let observer = config["observer"].as_str().ok_or("config needs an observer")?.to_owned();
         let echo = config["echo"].as_bool().unwrap_or(false);
         STATE.with(|s| {
-            *s.borrow_mut() = Some(State { me: address, observer, echo, next_id: 0, pcs: Vec::new(), calls: BTreeMap::new() });
+            *s.borrow_mut() = Some(State { me: address, observer, echo, next_id: 0, pcs: Vec::new(), calls: BTreeMap::new(), frames: BTreeMap::new() });
         });
         Ok(())
     }

@@ -108,6 +108,32 @@ impl wit::HostPeerConnection for MediaState {
         Ok(self.conn(&pc)?.send(channel, true, &data)?)
     }
 
+    fn add_track(&mut self, pc: Resource<PeerConnection>, kind: wit::TrackKind, codec: String) -> Result<u32, wit::MediaError> {
+        let kind = match kind {
+            wit::TrackKind::Audio => str0m::media::MediaKind::Audio,
+            wit::TrackKind::Video => str0m::media::MediaKind::Video,
+        };
+        Ok(self.conn(&pc)?.add_track(kind, &codec)?)
+    }
+
+    fn write_media(&mut self, pc: Resource<PeerConnection>, track: u32, frame: Vec<u8>, timestamp_us: u64) -> Result<(), wit::MediaError> {
+        Ok(self.conn(&pc)?.write_media(track, &frame, timestamp_us)?)
+    }
+
+    fn request_keyframe(&mut self, pc: Resource<PeerConnection>, track: u32) -> Result<(), wit::MediaError> {
+        Ok(self.conn(&pc)?.request_keyframe(track, str0m::media::KeyframeRequestKind::Pli)?)
+    }
+
+    fn deliver_frames(&mut self, pc: Resource<PeerConnection>, track: u32, on: bool) -> Result<(), wit::MediaError> {
+        Ok(self.conn(&pc)?.deliver_frames(track, on)?)
+    }
+
+    fn forward(&mut self, pc: Resource<PeerConnection>, track: u32, to: Resource<PeerConnection>, to_track: u32) -> Result<(), wit::MediaError> {
+        let from = self.table.get(&pc).map(|p| p.conn.clone()).map_err(|e| MediaError::Closed(format!("no such peer connection: {e}")))?;
+        let to = self.table.get(&to).map(|p| p.conn.clone()).map_err(|e| MediaError::Closed(format!("no such peer connection: {e}")))?;
+        Ok(from.forward(track, &to, to_track)?)
+    }
+
     fn close(&mut self, pc: Resource<PeerConnection>) {
         if let Ok(c) = self.conn(&pc) {
             c.close("closed by its hyperty");

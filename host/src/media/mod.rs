@@ -25,6 +25,7 @@
 
 pub(crate) mod glue;
 pub mod settings;
+mod track;
 
 use std::collections::{HashMap, VecDeque};
 use std::net::{SocketAddr, UdpSocket};
@@ -82,6 +83,8 @@ pub(crate) enum MediaError {
 struct Held {
     open: Mutex<u32>,
     bytes: Mutex<RateLimiter>,
+    /// `media-bytes-per-second`.
+    media: Mutex<RateLimiter>,
 }
 
 /// A connection's place in its domain's `peer-connections`, given back
@@ -108,10 +111,11 @@ impl DomainMedia {
     /// `settings`: the domain's `media` table, `None` when not granted.
     pub fn new(domain: &str, settings: Option<MediaSettings>, policies: Arc<CedarPolicies>) -> DomainMedia {
         let rate = settings.as_ref().map_or(1, |s| s.bytes_per_second);
+        let media = RateLimiter::new(settings.as_ref().map_or(1, |s| s.media_bytes_per_second), settings.as_ref().map_or(1, |s| s.media_bytes_per_second));
         DomainMedia {
             domain: domain.to_owned(),
             settings: settings.map(Arc::new),
-            held: Arc::new(Held { open: Mutex::new(0), bytes: Mutex::new(RateLimiter::new(rate, rate)) }),
+            held: Arc::new(Held { open: Mutex::new(0), bytes: Mutex::new(RateLimiter::new(rate, rate)), media: Mutex::new(media) }),
             driver: Mutex::default(),
             policies,
         }
@@ -174,6 +178,7 @@ impl DomainMedia {
                 local_ids: HashMap::new(),
                 open: HashMap::new(),
                 next_channel: 1,
+                tracks: track::Tracks::default(),
                 closed: None,
             }),
             wake: tokio::sync::Notify::new(),
@@ -290,6 +295,7 @@ struct State {
     /// Open channels by their id.
     open: HashMap<u32, ChannelId>,
     next_channel: u32,
+    tracks: track::Tracks,
     /// Why it closed, once it has.
     closed: Option<String>,
 }
@@ -320,12 +326,13 @@ impl Conn {
             state.rtc.disconnect();
         }
         drop(state);
+        self.unlink();
         self.wake.notify_one();
     }
 
     /// The SDP `text` from the hyperty, checked: its size, that it parses,
     /// that it offers a transport this host can use (ICE credentials, a
-    /// DTLS fingerprint, a data channel section), with the candidates
+    /// DTLS fingerprint, a data channel or media section), with the candidates
     /// outside the domain's `peers` (or not addresses, like mDNS names)
     /// left out.
     fn checked_sdp(&self, text: &str) -> Result<String, MediaError> {
@@ -350,11 +357,14 @@ impl Conn {
         let missing = [("a=ice-ufrag:", "ICE credentials (a=ice-ufrag)"), ("a=fingerprint:", "DTLS fingerprint (a=fingerprint)")]
             .into_iter()
             .find(|(p, _)| !has(p));
-        let data = kept.lines().any(|l| l.starts_with("m=application") && l.contains("DTLS/SCTP"));
+        let data = kept.lines().any(|l| {
+            (l.starts_with("m=application") && l.contains("DTLS/SCTP"))
+                || ((l.starts_with("m=audio") || l.starts_with("m=video")) && l.contains("UDP/TLS/RTP/SAVPF"))
+        });
         match (missing, data) {
             (Some((_, what)), _) => Err(MediaError::MalformedSdp(format!("it offers no usable transport: no {what}"))),
             (None, false) => Err(MediaError::MalformedSdp(
-                "it offers no usable transport: no data channel section (m=application ... UDP/DTLS/SCTP webrtc-datachannel)".into(),
+                "it offers no usable transport: no data channel or media section (m=application ... UDP/DTLS/SCTP webrtc-datachannel, m=audio or m=video ... UDP/TLS/RTP/SAVPF)".into(),
             )),
             (None, true) => Ok(kept),
         }
@@ -372,8 +382,9 @@ impl Conn {
         for (id, config) in unoffered {
             ids.push((api.add_channel_with_config(config), id));
         }
+        state.tracks.offer(&mut api);
         let Some((offer, pending)) = api.apply() else {
-            return Err(MediaError::Invalid("nothing to offer: open a channel first".into()));
+            return Err(MediaError::Invalid("nothing to offer: open a channel or add a track first".into()));
         };
         state.local_ids.extend(ids);
         state.pending_offer = Some(pending);
@@ -487,7 +498,9 @@ impl Conn {
                     break;
                 }
                 Ok(Output::Event(event)) => {
-                    if let Some(value) = self.event(&mut state, event) {
+                    if let Some(event) = self.track_event(&mut state, event, out)
+                        && let Some(value) = self.event(&mut state, event)
+                    {
                         out.events.push(value);
                     }
                 }
@@ -502,6 +515,9 @@ impl Conn {
             if state.closed.is_some() {
                 break;
             }
+        }
+        if let Some(at) = state.tracks.due_stats(Instant::now(), &mut out.events) {
+            out.deadline = out.deadline.min(at);
         }
         out.closed = state.closed.clone();
     }
@@ -583,6 +599,8 @@ fn channel_bytes(id: u32, data: &[u8]) -> Value {
 struct Polled {
     transmits: Vec<(SocketAddr, Vec<u8>)>,
     events: Vec<Value>,
+    /// Forwarded frames and keyframe requests between connections.
+    relays: Vec<track::Relay>,
     deadline: Instant,
     closed: Option<String>,
 }
@@ -610,8 +628,9 @@ impl Sink {
 async fn drive(conn: Arc<Conn>, socket: tokio::net::UdpSocket, mut sink: Sink, place: Place) {
     let local = socket.local_addr().expect("a bound socket");
     let mut buf = vec![0u8; MAX_DATAGRAM];
-    let mut outbox: VecDeque<Message> = VecDeque::new();
-    let mut polled = Polled { transmits: Vec::new(), events: Vec::new(), deadline: Instant::now(), closed: None };
+    // Events waiting for room in the inbox, with the track of frames.
+    let mut outbox: VecDeque<(Message, Option<u32>)> = VecDeque::new();
+    let mut polled = Polled { transmits: Vec::new(), events: Vec::new(), relays: Vec::new(), deadline: Instant::now(), closed: None };
     loop {
         conn.poll(&mut polled);
         for (to, data) in polled.transmits.drain(..) {
@@ -623,18 +642,29 @@ async fn drive(conn: Arc<Conn>, socket: tokio::net::UdpSocket, mut sink: Sink, p
                 tracing::debug!(connection = %conn.address, "cannot send to {to}: {e}");
             }
         }
+        for relay in polled.relays.drain(..) {
+            conn.relay(relay);
+        }
         for event in polled.events.drain(..) {
+            // Media never waits behind other events: dropped, counted.
+            let frame = frame_of(&event);
+            if let Some(track) = frame
+                && !outbox.is_empty()
+            {
+                conn.count_dropped(track);
+                continue;
+            }
             let m = sink.message(&conn.address, &event);
-            outbox.push_back(m);
+            outbox.push_back((m, frame));
         }
         if let Some(why) = polled.closed.take() {
             let m = sink.message(&conn.address, &json!({ "event": "closed", "reason": why }));
-            outbox.push_back(m);
-            deliver(&sink, &mut outbox);
+            outbox.push_back((m, None));
+            deliver(&sink, &mut outbox, &conn);
             tracing::info!(connection = %conn.address, "peer connection closed: {why}");
             break;
         }
-        deliver(&sink, &mut outbox);
+        deliver(&sink, &mut outbox, &conn);
         if outbox.len() > conn.settings.pending_events as usize {
             conn.close(&format!(
                 "the hyperty does not keep up: {} events wait for room in its inbox (pending-events = {})",
@@ -666,16 +696,25 @@ async fn drive(conn: Arc<Conn>, socket: tokio::net::UdpSocket, mut sink: Sink, p
     drop(place);
 }
 
+/// The track of a `media` event (a received frame), which may be dropped.
+fn frame_of(event: &Value) -> Option<u32> {
+    (event["event"] == "media").then(|| event["track"].as_u64().and_then(|t| u32::try_from(t).ok())).flatten()
+}
+
 /// Hands the waiting events to the hyperty in order, stopping at the first
-/// its inbox has no room for (it is offered again after [`RETRY`]).
-fn deliver(sink: &Sink, outbox: &mut VecDeque<Message>) {
-    while let Some(m) = outbox.pop_front() {
+/// its inbox has no room for (it is offered again after [`RETRY`]); a
+/// frame with no room is dropped and counted on its track instead.
+fn deliver(sink: &Sink, outbox: &mut VecDeque<(Message, Option<u32>)>, conn: &Conn) {
+    while let Some((m, frame)) = outbox.pop_front() {
         match sink.bus.send(m.clone(), None, Some(&sink.descriptor)) {
             Ok(()) => {}
-            Err(SendError::InboxFull(_)) => {
-                outbox.push_front(m);
-                return;
-            }
+            Err(SendError::InboxFull(_)) => match frame {
+                Some(track) => conn.count_dropped(track),
+                None => {
+                    outbox.push_front((m, None));
+                    return;
+                }
+            },
             Err(e) => tracing::warn!(to = %sink.owner, "a media event was refused: {e}"),
         }
     }

@@ -42,6 +42,12 @@ pub struct MediaSettings {
     /// Events of one connection waiting for room in the hyperty's inbox;
     /// one more closes the connection ("the hyperty does not keep up").
     pub pending_events: u32,
+    /// Media tracks per peer connection, added here or by the remote
+    /// (a remote's beyond it are neither reported nor received).
+    pub tracks: u32,
+    /// Media bytes a second the domain's connections send together,
+    /// written by hyperties or forwarded in the host (also the burst).
+    pub media_bytes_per_second: u32,
 }
 
 /// The table as written, before its values are checked.
@@ -62,6 +68,10 @@ pub(crate) struct RawMedia {
     message_bytes: u32,
     #[serde(default = "defaults::pending_events")]
     pending_events: u32,
+    #[serde(default = "defaults::tracks")]
+    tracks: u32,
+    #[serde(default = "defaults::media_bytes_per_second")]
+    media_bytes_per_second: u32,
 }
 
 mod defaults {
@@ -79,6 +89,12 @@ mod defaults {
     }
     pub fn pending_events() -> u32 {
         1024
+    }
+    pub fn tracks() -> u32 {
+        8
+    }
+    pub fn media_bytes_per_second() -> u32 {
+        4 << 20
     }
 }
 
@@ -109,6 +125,8 @@ impl RawMedia {
         check(self.bytes_per_second >= 1024, "bytes-per-second", "1024..".into())?;
         check((1..=MAX_MESSAGE_BYTES).contains(&self.message_bytes), "message-bytes", format!("1..={MAX_MESSAGE_BYTES}"))?;
         check((1..=1_000_000).contains(&self.pending_events), "pending-events", "1..=1000000".into())?;
+        check((1..=64).contains(&self.tracks), "tracks", "1..=64".into())?;
+        check(self.media_bytes_per_second >= 1024, "media-bytes-per-second", "1024..".into())?;
         Ok(MediaSettings {
             bind,
             ports,
@@ -118,6 +136,8 @@ impl RawMedia {
             bytes_per_second: self.bytes_per_second,
             message_bytes: self.message_bytes,
             pending_events: self.pending_events,
+            tracks: self.tracks,
+            media_bytes_per_second: self.media_bytes_per_second,
         })
     }
 }
@@ -171,6 +191,8 @@ mod tests {
             ("bind = \"127.0.0.1\"\nports = \"1-2\"\npeers = [\"10/99\"]", "peers:"),
             ("bind = \"127.0.0.1\"\nports = \"1-2\"\nmessage-bytes = 1000000", "message-bytes"),
             ("bind = \"127.0.0.1\"\nports = \"1-2\"\npeer-connections = 0", "peer-connections"),
+            ("bind = \"127.0.0.1\"\nports = \"1-2\"\ntracks = 65", "tracks"),
+            ("bind = \"127.0.0.1\"\nports = \"1-2\"\nmedia-bytes-per-second = 10", "media-bytes-per-second"),
         ] {
             let e = raw(bad).unwrap_err();
             assert!(e.contains(why), "{bad}: {e}");
