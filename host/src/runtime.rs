@@ -748,6 +748,7 @@ impl Runtime {
             events: self.events.clone(),
             syncher: self.syncher.clone(),
             policies: self.policies.clone(),
+            identities: self.identities.clone(),
         }
     }
 

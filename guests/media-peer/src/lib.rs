@@ -12,11 +12,17 @@
 //!   "accept-answer", "pc", "sdp"}`; `{"op": "candidate", "pc",
 //!   "candidate"}`; `{"op": "candidates", "pc"}` → `{"candidates"}`;
 //!   `{"op": "send", "pc", "channel", "text" | "pad": n | "bytes": n}`;
-//!   `{"op": "close" | "drop", "pc"}`; `{"op": "call", "peer", "label"}`
-//!   (opens a connection and a channel, sends the offer to `peer` as
-//!   `{"op": "incoming", "sdp"}` and accepts the answer it gets back) →
-//!   `{"pc"}`; `{"op": "incoming", "sdp"}` (from a caller) → `{"pc",
-//!   "sdp"}`; `{"op": "trap"}` panics.
+//!   `{"op": "close" | "drop", "pc"}`; `{"op": "assertion", "pc"}` →
+//!   `{"assertion"}` (its identity assertion); `{"op": "set-identity",
+//!   "pc", "assertion"}` → `{"user"}`; `{"op": "call", "peer", "label",
+//!   "identity"?}` (opens a connection and a channel, sends the offer to
+//!   `peer` as `{"op": "incoming", "sdp", "assertion"?}` (with
+//!   `identity`, the connection's identity assertion) and accepts the
+//!   answer it gets back, after setting the remote identity from its
+//!   `assertion` if it has one) → `{"pc"}`; `{"op": "incoming", "sdp",
+//!   "assertion"?}` (from a caller: sets the remote identity first, and
+//!   answers with its own assertion when it got one) → `{"pc", "sdp",
+//!   "assertion"?}`; `{"op": "trap"}` panics.
 //! - Every event from a connection (a message from its `media://`
 //!   address) is reported to the observer as a `forward` whose value is
 //!   the event with `"pc"` (its index here) added; so are signalling
@@ -101,21 +107,30 @@ impl State {
             "incoming" => {
                 let offered = self.open(Some(from)).and_then(|i| {
                     let pc = self.pcs[i].as_ref().expect("just opened");
-                    pc.accept_offer(&text("sdp"), Some(from)).map(|sdp| (i, sdp))
+                    let assertion = match c["assertion"].as_str() {
+                        Some(remote) => {
+                            pc.set_remote_identity(remote)?;
+                            Some(pc.identity_assertion()?)
+                        }
+                        None => None,
+                    };
+                    pc.accept_offer(&text("sdp"), Some(from)).map(|sdp| (i, sdp, assertion))
                 });
-                ok(offered, |(i, sdp)| json!({ "pc": i, "sdp": sdp }))
+                ok(offered, |(i, sdp, assertion)| json!({ "pc": i, "sdp": sdp, "assertion": assertion }))
             }
             "call" => {
                 let peer = text("peer");
                 let offered = self.open(Some(&peer)).and_then(|i| {
                     let pc = self.pcs[i].as_ref().expect("just opened");
                     pc.open_channel(&text("label"), true)?;
-                    pc.create_offer().map(|sdp| (i, sdp))
+                    let assertion = if c["identity"] == true { Some(pc.identity_assertion()?) } else { None };
+                    pc.create_offer().map(|sdp| (i, sdp, assertion))
                 });
                 match offered {
-                    Ok((i, sdp)) => {
+                    Ok((i, sdp, assertion)) => {
                         let id = self.fresh_id();
-                        let ask = message(id, MessageType::Execute, &self.me, &peer, json!({ "op": "incoming", "sdp": sdp }).to_string());
+                        let offer = json!({ "op": "incoming", "sdp": sdp, "assertion": assertion });
+                        let ask = message(id, MessageType::Execute, &self.me, &peer, offer.to_string());
                         match bus::request(&ask, None) {
                             Ok(()) => {
                                 self.calls.insert(id, i);
@@ -141,6 +156,8 @@ impl State {
                     "accept-answer" => ok(pc.accept_answer(&text("sdp")), |()| json!({ "ok": true })),
                     "candidate" => ok(pc.add_remote_candidate(&text("candidate")), |()| json!({ "ok": true })),
                     "candidates" => json!({ "candidates": pc.local_candidates() }),
+                    "assertion" => ok(pc.identity_assertion(), |a| json!({ "assertion": a })),
+                    "set-identity" => ok(pc.set_remote_identity(&text("assertion")), |user| json!({ "user": user })),
                     "send" => {
                         let sent = if let Some(n) = c["bytes"].as_u64() {
                             pc.send_bytes(channel, &vec![7u8; n as usize])
@@ -196,7 +213,7 @@ impl State {
         let Some(i) = self.calls.remove(&m.id) else { return };
         let value: Value = serde_json::from_str(m.body.value.as_deref().unwrap_or("null")).unwrap_or(Value::Null);
         let report = match (m.body.code, value["sdp"].as_str(), self.pcs[i].as_ref()) {
-            (Some(200), Some(sdp), Some(pc)) => match pc.accept_answer(sdp) {
+            (Some(200), Some(sdp), Some(pc)) => match value["assertion"].as_str().map_or(Ok(String::new()), |a| pc.set_remote_identity(a)).and_then(|_| pc.accept_answer(sdp)) {
                 Ok(()) => json!({ "signal": "answered", "pc": i }),
                 Err(e) => json!({ "signal": "failed", "pc": i, "error": error(e)["error"] }),
             },
