@@ -755,6 +755,7 @@ impl Runtime {
             events: self.events.clone(),
             syncher: self.syncher.clone(),
             policies: self.policies.clone(),
+            identities: self.identities.clone(),
         }
     }
 

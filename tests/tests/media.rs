@@ -644,3 +644,121 @@ fn chromium_media() {
         assert!(std::time::Instant::now() < until, "the page decoded too little of the echo: {v}");
     }
 }
+
+// WebRTC identity (W3C webrtc-identity, RFC 8827 §7): fingerprints bound to
+// users by the IdP proxy of each hyperty's domain.
+
+use hyperty_tests::webid::*;
+
+fn deploy_identified(component: &str, bob: Value) -> (Runtime, Driver, TestBundle, Address, Address) {
+    let runtime = runtime(Duration::from_secs(5));
+    let driver = Driver::new(&runtime);
+    let bundle = identified_pair(component, bob);
+    runtime.deploy(&bundle.load()).expect("the identified media pair deploys");
+    let a = runtime.lookup("alice.example", "a").unwrap();
+    let b = runtime.lookup("bob.example", "b").unwrap();
+    (runtime, driver, bundle, a, b)
+}
+
+#[test]
+fn identity_bound_fingerprints_are_accepted_and_each_side_is_told_the_other_s_user() {
+    let (runtime, mut driver, _bundle, a, b) = deploy_identified("idp-jwt", json!({ "require-identity": false }));
+    let (at_a, at_b) = driver.identified_call(&a, &b, "chat");
+    assert_eq!(at_a["identity"], json!({ "user": "bob@idp.example", "idp": IDP }), "{at_a}");
+    assert_eq!(at_b["identity"], json!({ "user": "alice@idp.example", "idp": IDP }), "{at_b}");
+
+    // The assertion a peer is shown binds its fingerprint, and is not a
+    // message assertion: replayed on the bus, it is refused.
+    let pc = driver.command(&b, json!({ "op": "open" }))["pc"].as_u64().unwrap();
+    let shown = driver.command(&b, json!({ "op": "assertion", "pc": pc }));
+    let shown: Value = serde_json::from_str(shown["assertion"].as_str().unwrap_or_else(|| panic!("{shown}"))).unwrap();
+    assert_eq!(shown["idp"]["domain"], IDP, "{shown}");
+    let token = shown["assertion"].as_str().unwrap().to_owned();
+    let endpoint = runtime.endpoint("hyperty://carol.example/replayer", 16).unwrap();
+    let mut m = hyperty_host::Message::new(1, hyperty_host::MessageType::Read, endpoint.address().clone(), b.clone(), None);
+    m.assertion = Some(hyperty_host::message::Assertion { idp: IDP.into(), token });
+    endpoint.request(m, None).unwrap();
+    let answer = endpoint.recv_timeout(Duration::from_secs(10)).expect("an answer");
+    assert_eq!(answer.body.code, Some(401), "{answer:?}");
+    let why = answer.body.description.unwrap_or_default();
+    assert!(why.contains("a bound assertion (its contents claim) is not a message assertion"), "{why}");
+}
+
+#[test]
+fn an_assertion_binding_another_connection_s_fingerprint_is_refused_and_the_connection_closed_with_the_reason() {
+    let (_runtime, mut driver, _bundle, a, b) = deploy_identified("idp-jwt", json!({ "require-identity": false }));
+    // b offers from one connection and shows the assertion of another.
+    let other = driver.command(&b, json!({ "op": "open" }))["pc"].as_u64().unwrap();
+    let assertion = driver.command(&b, json!({ "op": "assertion", "pc": other }))["assertion"].as_str().unwrap().to_owned();
+    let offer = offer_from(&mut driver, &b);
+
+    let pc = driver.command(&a, json!({ "op": "open", "remote": b.to_string() }))["pc"].as_u64().unwrap();
+    let set = driver.command(&a, json!({ "op": "set-identity", "pc": pc, "assertion": assertion }));
+    assert_eq!(set, json!({ "user": "bob@idp.example" }), "the assertion itself is valid");
+    let e = error_of(&driver.command(&a, json!({ "op": "accept-offer", "pc": pc, "sdp": offer, "remote": b.to_string() })));
+    assert!(e.starts_with("closed: identity mismatch: the remote SDP's fingerprint sha-256 "), "{e}");
+    assert!(e.contains("is not the one the identity assertion of bob@idp.example binds"), "{e}");
+    let closed = driver.media_report(&a, 10, |v| v["event"] == "closed" && v["pc"] == pc);
+    assert!(closed["reason"].as_str().unwrap().starts_with("identity mismatch"), "{closed}");
+    // It was never reported connected.
+    assert!(driver.find(|m| m.from == a && reported(m)["event"] == "connected", Duration::ZERO).is_none());
+
+    // A tampered assertion closes the next connection with the IdP's reason;
+    // text that is no assertion is refused and the connection goes on.
+    let pc = driver.command(&a, json!({ "op": "open" }))["pc"].as_u64().unwrap();
+    let e = error_of(&driver.command(&a, json!({ "op": "set-identity", "pc": pc, "assertion": "{\"x\":1}" })));
+    assert!(e.starts_with("invalid: not an identity assertion: expected"), "{e}");
+    let mut tampered: Value = serde_json::from_str(&assertion).unwrap();
+    let token = tampered["assertion"].as_str().unwrap().to_owned();
+    // The signature's first character changed: its bits all count.
+    let at = token.rfind('.').unwrap() + 1;
+    let other = if &token[at..=at] == "A" { "B" } else { "A" };
+    tampered["assertion"] = json!(format!("{}{other}{}", &token[..at], &token[at + 1..]));
+    let e = error_of(&driver.command(&a, json!({ "op": "set-identity", "pc": pc, "assertion": tampered.to_string() })));
+    assert!(e.starts_with("closed: the remote identity assertion of IdP idp.example was refused: "), "{e}");
+    driver.media_report(&a, 10, |v| v["event"] == "closed" && v["pc"] == pc && v["reason"].as_str().unwrap().contains("was refused"));
+}
+
+#[test]
+fn an_idp_proxy_without_identity_binding_still_asserts_messages_and_its_peers_are_unauthenticated() {
+    // bob.example requires identity (the default with an IdP): the call's
+    // offer reaches b only with alice's assertion, made and validated by
+    // the old proxy.
+    let (_runtime, mut driver, _bundle, a, b) = deploy_identified("idp-jwt-unbound", json!({}));
+    let call = driver.media_call(&a, &b, "chat");
+    let at_a = driver.media_report(&a, 10, |v| v["event"] == "connected" && v["pc"] == call.caller.0);
+    assert_eq!(at_a["identity"], Value::Null, "{at_a}");
+    let at_b = driver.media_report(&b, 10, |v| v["event"] == "connected");
+    assert_eq!(at_b["identity"], Value::Null, "{at_b}");
+    let e = error_of(&driver.command(&a, json!({ "op": "assertion", "pc": call.caller.0 })));
+    assert!(e.starts_with("not-granted: IdP idp.example cannot assert alice@idp.example: "), "{e}");
+    assert!(e.ends_with("cannot bind assertions to contents (it does not export identity-binding)"), "{e}");
+}
+
+#[test]
+fn a_policy_requiring_an_identified_peer_denies_an_unauthenticated_one() {
+    let policies = r#"@id("open") permit (principal, action, resource);
+@id("identified-peers-only") forbid (principal, action == Rethink::Action::"media-accept", resource) unless { context.has_remote_user && context.remote_idp == "idp.example" };"#;
+    let bundle = identified_pair("idp-jwt", json!({ "require-identity": false }));
+    let file = bundle.dir().join("bob.cedar");
+    std::fs::write(&file, policies).unwrap();
+    let bundle = bundle.domain("bob.example", json!({ "policies": [file.to_str().unwrap()] }));
+    let runtime = runtime(Duration::from_secs(5));
+    let mut driver = Driver::new(&runtime);
+    runtime.deploy(&bundle.load()).unwrap();
+    let a = runtime.lookup("alice.example", "a").unwrap();
+    let b = runtime.lookup("bob.example", "b").unwrap();
+
+    // Without an assertion, b's accept is denied: the call fails.
+    let pc = driver.command(&a, json!({ "op": "call", "peer": b.to_string(), "label": "chat" }))["pc"].as_u64().unwrap();
+    let failed = driver.media_report(&a, 10, |v| v["signal"].is_string() && v["pc"] == pc);
+    assert_eq!(failed["signal"], "failed", "{failed}");
+    assert_eq!(
+        failed["answer"]["error"],
+        "denied: media-accept not permitted by the policies of bob.example [identified-peers-only]",
+        "{failed}"
+    );
+    // With one, the same policy permits.
+    let (_, at_b) = driver.identified_call(&a, &b, "chat");
+    assert_eq!(at_b["identity"]["user"], "alice@idp.example", "{at_b}");
+}

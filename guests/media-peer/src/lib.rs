@@ -12,12 +12,18 @@
 //!   "accept-answer", "pc", "sdp"}`; `{"op": "candidate", "pc",
 //!   "candidate"}`; `{"op": "candidates", "pc"}` → `{"candidates"}`;
 //!   `{"op": "send", "pc", "channel", "text" | "pad": n | "bytes": n}`;
-//!   `{"op": "close" | "drop", "pc"}`; `{"op": "call", "peer", "label"}`
-//!   (opens a connection and a channel, sends the offer to `peer` as
-//!   `{"op": "incoming", "sdp"}` and accepts the answer it gets back) →
-//!   `{"pc"}` (with `"tracks": [[kind, codec], ...]` it adds those
-//!   tracks to the offer too → `{"pc", "tracks": [ids]}`); `{"op":
-//!   "incoming", "sdp"}` (from a caller) → `{"pc", "sdp"}`; `{"op":
+//!   `{"op": "close" | "drop", "pc"}`; `{"op": "assertion", "pc"}` →
+//!   `{"assertion"}` (its identity assertion); `{"op": "set-identity",
+//!   "pc", "assertion"}` → `{"user"}`; `{"op": "call", "peer", "label",
+//!   "identity"?}` (opens a connection and a channel, sends the offer to
+//!   `peer` as `{"op": "incoming", "sdp", "assertion"?}` (with
+//!   `identity`, the connection's identity assertion) and accepts the
+//!   answer it gets back, after setting the remote identity from its
+//!   `assertion` if it has one) → `{"pc"}` (with `"tracks": [[kind,
+//!   codec], ...]` it adds those tracks to the offer too → `{"pc",
+//!   "tracks": [ids]}`); `{"op": "incoming", "sdp", "assertion"?}` (from a
+//!   caller: sets the remote identity first, and answers with its own
+//!   assertion when it got one) → `{"pc", "sdp", "assertion"?}`; `{"op":
 //!   "reoffer", "pc", "peer", "remote-pc"}` renegotiates a call (a new
 //!   offer to `peer` as `{"op": "accept-offer", "pc": remote-pc, "sdp"}`,
 //!   its answer accepted, reported as a call's); `{"op": "trap"}` panics.
@@ -125,9 +131,16 @@ impl State {
             "incoming" => {
                 let offered = self.open(Some(from)).and_then(|i| {
                     let pc = self.pcs[i].as_ref().expect("just opened");
-                    pc.accept_offer(&text("sdp"), Some(from)).map(|sdp| (i, sdp))
+                    let assertion = match c["assertion"].as_str() {
+                        Some(remote) => {
+                            pc.set_remote_identity(remote)?;
+                            Some(pc.identity_assertion()?)
+                        }
+                        None => None,
+                    };
+                    pc.accept_offer(&text("sdp"), Some(from)).map(|sdp| (i, sdp, assertion))
                 });
-                ok(offered, |(i, sdp)| json!({ "pc": i, "sdp": sdp }))
+                ok(offered, |(i, sdp, assertion)| json!({ "pc": i, "sdp": sdp, "assertion": assertion }))
             }
             "call" => {
                 let peer = text("peer");
@@ -139,10 +152,11 @@ impl State {
                         let kind = if t[0] == "audio" { TrackKind::Audio } else { TrackKind::Video };
                         tracks.push(pc.add_track(kind, t[1].as_str().unwrap_or_default())?);
                     }
-                    pc.create_offer().map(|sdp| (i, sdp))
+                    let assertion = if c["identity"] == true { Some(pc.identity_assertion()?) } else { None };
+                    pc.create_offer().map(|sdp| (i, sdp, assertion))
                 });
                 match offered {
-                    Ok((i, sdp)) => match self.ask(&peer, json!({ "op": "incoming", "sdp": sdp }), i) {
+                    Ok((i, sdp, assertion)) => match self.ask(&peer, json!({ "op": "incoming", "sdp": sdp, "assertion": assertion }), i) {
                         Ok(()) => json!({ "pc": i, "tracks": tracks }),
                         Err(e) => e,
                     },
@@ -177,6 +191,8 @@ impl State {
                     "accept-answer" => ok(pc.accept_answer(&text("sdp")), |()| json!({ "ok": true })),
                     "candidate" => ok(pc.add_remote_candidate(&text("candidate")), |()| json!({ "ok": true })),
                     "candidates" => json!({ "candidates": pc.local_candidates() }),
+                    "assertion" => ok(pc.identity_assertion(), |a| json!({ "assertion": a })),
+                    "set-identity" => ok(pc.set_remote_identity(&text("assertion")), |user| json!({ "user": user })),
                     "send" => {
                         let sent = if let Some(n) = c["bytes"].as_u64() {
                             pc.send_bytes(channel, &vec![7u8; n as usize])
@@ -271,7 +287,7 @@ impl State {
         let Some(i) = self.calls.remove(&m.id) else { return };
         let value: Value = serde_json::from_str(m.body.value.as_deref().unwrap_or("null")).unwrap_or(Value::Null);
         let report = match (m.body.code, value["sdp"].as_str(), self.pcs[i].as_ref()) {
-            (Some(200), Some(sdp), Some(pc)) => match pc.accept_answer(sdp) {
+            (Some(200), Some(sdp), Some(pc)) => match value["assertion"].as_str().map_or(Ok(String::new()), |a| pc.set_remote_identity(a)).and_then(|_| pc.accept_answer(sdp)) {
                 Ok(()) => json!({ "signal": "answered", "pc": i }),
                 Err(e) => json!({ "signal": "failed", "pc": i, "error": error(e)["error"] }),
             },

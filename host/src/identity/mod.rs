@@ -31,6 +31,12 @@
 //! assertions are cached: issued ones per (IdP, user) until half their
 //! lifetime has passed, validated ones per token until they expire. The
 //! caches are bounded; a full one forgets what has expired, then everything.
+//!
+//! Assertions bound to contents (a WebRTC peer's DTLS fingerprint, see
+//! `media::identity`) are made and validated by the proxies that export
+//! `identity-binding` ([`Identities::bound_assertion`],
+//! [`Identities::validate_bound`]); they are one per peer connection and
+//! not cached.
 
 mod proxy;
 
@@ -213,6 +219,24 @@ impl Identities {
         }
         cache.insert(key, Issued { assertion: assertion.clone(), made: now, expires: issued.expires.max(now) });
         Ok(assertion)
+    }
+
+    /// An assertion by the IdP of `domain` that `user` holds `contents`
+    /// (`identity-binding`); the error says why there is none (no IdP, no
+    /// proxy, a proxy that cannot bind, or its refusal).
+    pub(crate) fn bound_assertion(&self, domain: &str, user: &str, contents: &str) -> Result<Assertion, String> {
+        let idp = self.domain_idp(domain).ok_or_else(|| format!("{domain} has no IdP (`idp` in its bundle entry) to assert {user}"))?;
+        let proxy = self.proxy(&idp).ok_or_else(|| format!("no proxy runs for IdP {idp}"))?;
+        let issued = proxy.generate_bound(user, contents).map_err(|why| format!("IdP {idp} cannot assert {user}: {why}"))?;
+        Ok(Assertion { idp, token: issued.token })
+    }
+
+    /// Who a bound `assertion` says its bearer is, and the contents it
+    /// binds, as the proxy of the IdP it names validates it.
+    pub(crate) fn validate_bound(&self, assertion: &Assertion) -> Result<(Identity, String), String> {
+        let proxy = self.proxy(&assertion.idp).ok_or("no proxy for this IdP runs here")?;
+        let claims = proxy.validate_bound(&assertion.token)?;
+        Ok((Identity { user: claims.user, idp: assertion.idp.clone() }, claims.contents))
     }
 
     /// Who `assertion` says the sender is, as its IdP's proxy validates it.

@@ -7,12 +7,17 @@
 //! mutex is enough; each call has the same deadline, fuel and memory limits
 //! as a hyperty's call. A proxy that traps is dropped and instantiated
 //! afresh (and initialised again) on the next call.
+//!
+//! The `identity-binding` export (`wit/identity.wit`, world
+//! `idp-proxy-binding`) is optional: [`prepare`] looks for it, and a proxy
+//! without it (built against `idp-proxy` alone) runs as before and refuses
+//! bindings with a clear error.
 
 use std::sync::{Arc, Mutex};
 
 use anyhow::{Result, anyhow};
 use wasmtime::Store;
-use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
+use wasmtime::component::{Component, HasSelf, Instance, InstancePre, Linker, ResourceTable};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use crate::sandbox::limits::{DomainMemory, InstanceLimiter, Limits};
@@ -20,14 +25,15 @@ use crate::sandbox::limits::{DomainMemory, InstanceLimiter, Limits};
 mod bindings {
     wasmtime::component::bindgen!({
         path: "../wit",
-        world: "idp-proxy",
+        world: "idp-proxy-binding",
         with: { "rethink:hyperty/log": crate::sandbox::glue::bindings::rethink::hyperty::log },
     });
 }
 
+use bindings::IdpProxyBinding as Bindings;
+use bindings::exports::rethink::hyperty::identity_binding as wit_binding;
 use bindings::exports::rethink::hyperty::identity_provider as wit;
 use crate::sandbox::glue::bindings::rethink::hyperty::log as wit_log;
-use bindings::{IdpProxy as Bindings, IdpProxyPre};
 
 /// What a valid assertion says, as the proxy answered.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -35,6 +41,16 @@ pub(crate) struct Claims {
     pub user: String,
     /// Seconds since the Unix epoch.
     pub expires: u64,
+}
+
+/// What a valid bound assertion says, as the proxy answered.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct BoundClaims {
+    pub user: String,
+    /// Seconds since the Unix epoch.
+    pub expires: u64,
+    /// The contents it binds, as they were given when it was made.
+    pub contents: String,
 }
 
 /// A fresh assertion.
@@ -64,18 +80,35 @@ impl wit_log::Host for ProxyState {
     }
 }
 
-/// Checks that `component` fits the `idp-proxy` world and prepares it.
+/// Checks that `component` fits the `idp-proxy` world and prepares it,
+/// noting whether it also exports `identity-binding` (world
+/// `idp-proxy-binding`).
 pub(crate) fn prepare(engine: &wasmtime::Engine, component: &Component) -> Result<ProxyPre> {
     let mut linker = Linker::new(engine);
     wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(|e| anyhow!("{e:#}"))?;
     Bindings::add_to_linker::<_, HasSelf<ProxyState>>(&mut linker, |s| s).map_err(|e| anyhow!("{e:#}"))?;
     let pre = linker.instantiate_pre(component).map_err(|e| anyhow!("does not fit the idp-proxy world: {e:#}"))?;
-    IdpProxyPre::new(pre).map(ProxyPre).map_err(|e| anyhow!("does not fit the idp-proxy world: {e:#}"))
+    let provider = wit::GuestIndices::new(&pre).map_err(|e| anyhow!("does not fit the idp-proxy world: {e:#}"))?;
+    let binding = wit_binding::GuestIndices::new(&pre).ok();
+    Ok(ProxyPre(Arc::new(Prepared { pre, provider, binding })))
 }
 
 /// A component checked against the `idp-proxy` world.
 #[derive(Clone)]
-pub(crate) struct ProxyPre(IdpProxyPre<ProxyState>);
+pub(crate) struct ProxyPre(Arc<Prepared>);
+
+struct Prepared {
+    pre: InstancePre<ProxyState>,
+    provider: wit::GuestIndices,
+    /// Its `identity-binding` export, if it has one.
+    binding: Option<wit_binding::GuestIndices>,
+}
+
+/// One instance of a proxy: its exports, loaded.
+struct Exports {
+    provider: wit::Guest,
+    binding: Option<wit_binding::Guest>,
+}
 
 /// One running IdP proxy.
 pub(crate) struct Proxy {
@@ -84,7 +117,7 @@ pub(crate) struct Proxy {
     config: String,
     limits: Limits,
     memory: Arc<DomainMemory>,
-    running: Mutex<Option<(Store<ProxyState>, Bindings)>>,
+    running: Mutex<Option<(Store<ProxyState>, Exports)>>,
 }
 
 impl Proxy {
@@ -105,21 +138,47 @@ impl Proxy {
 
     /// An assertion for `user`.
     pub fn generate(&self, user: &str) -> Result<Issued, String> {
-        self.call(|b, store| b.rethink_hyperty_identity_provider().call_generate_assertion(store, user))
+        self.call(|e, store| e.provider.call_generate_assertion(store, user))
             .map_err(|e| format!("{e:#}"))?
             .map(|a| Issued { token: a.token, expires: a.expires })
     }
 
     /// What `token` says, if it is valid.
     pub fn validate(&self, token: &str) -> Result<Claims, String> {
-        self.call(|b, store| b.rethink_hyperty_identity_provider().call_validate_assertion(store, token))
+        self.call(|e, store| e.provider.call_validate_assertion(store, token))
             .map_err(|e| format!("{e:#}"))?
             .map(|c: wit::Claims| Claims { user: c.user, expires: c.expires })
     }
 
+    /// Whether the proxy exports `identity-binding`.
+    pub fn binds(&self) -> bool {
+        self.pre.0.binding.is_some()
+    }
+
+    /// An assertion for `user` bound to `contents`; refused by a proxy
+    /// without `identity-binding`.
+    pub fn generate_bound(&self, user: &str, contents: &str) -> Result<Issued, String> {
+        self.bound(|b, store| b.call_generate_bound_assertion(store, user, contents))?
+            .map(|a| Issued { token: a.token, expires: a.expires })
+    }
+
+    /// What the bound assertion `token` says, if it is valid.
+    pub fn validate_bound(&self, token: &str) -> Result<BoundClaims, String> {
+        self.bound(|b, store| b.call_validate_bound_assertion(store, token))?
+            .map(|c| BoundClaims { user: c.user, expires: c.expires, contents: c.contents })
+    }
+
+    /// Calls the `identity-binding` export.
+    fn bound<T>(&self, f: impl FnOnce(&wit_binding::Guest, &mut Store<ProxyState>) -> wasmtime::Result<T>) -> Result<T, String> {
+        if !self.binds() {
+            return Err(format!("the IdP proxy of {} cannot bind assertions to contents (it does not export identity-binding)", self.name));
+        }
+        self.call(|e, store| f(e.binding.as_ref().expect("checked by binds"), store)).map_err(|e| format!("{e:#}"))
+    }
+
     /// Runs `f` against the instance, instantiating (and initialising) one
     /// first if there is none; a trap drops the instance.
-    fn call<T>(&self, f: impl FnOnce(&Bindings, &mut Store<ProxyState>) -> wasmtime::Result<T>) -> Result<T> {
+    fn call<T>(&self, f: impl FnOnce(&Exports, &mut Store<ProxyState>) -> wasmtime::Result<T>) -> Result<T> {
         let mut running = self.running.lock().unwrap();
         if running.is_none() {
             *running = Some(self.instantiate()?);
@@ -136,25 +195,30 @@ impl Proxy {
         }
     }
 
-    fn instantiate(&self) -> Result<(Store<ProxyState>, Bindings)> {
+    fn instantiate(&self) -> Result<(Store<ProxyState>, Exports)> {
         let state = ProxyState {
             wasi: WasiCtx::builder().build(),
             table: ResourceTable::new(),
             limiter: InstanceLimiter::new(&self.limits, self.memory.clone()),
             log: crate::sandbox::GuestLog::new(format!("IdP proxy {}", self.name), &self.limits),
         };
-        let mut store = Store::new(self.pre.0.engine(), state);
+        let prepared = &self.pre.0;
+        let mut store = Store::new(prepared.pre.engine(), state);
         store.limiter(|s| &mut s.limiter);
         store.epoch_deadline_trap();
         self.arm(&mut store);
-        let bindings = self.pre.0.instantiate(&mut store).map_err(|e| anyhow!("instantiation failed: {e:#}"))?;
+        let instance: Instance = prepared.pre.instantiate(&mut store).map_err(|e| anyhow!("instantiation failed: {e:#}"))?;
+        let exports = Exports {
+            provider: prepared.provider.load(&mut store, &instance)?,
+            binding: prepared.binding.as_ref().map(|b| b.load(&mut store, &instance)).transpose()?,
+        };
         self.arm(&mut store);
-        bindings
-            .rethink_hyperty_identity_provider()
+        exports
+            .provider
             .call_init(&mut store, &self.config)
             .map_err(|e| anyhow!("init trapped: {e:#}"))?
             .map_err(|e| anyhow!("init refused its configuration: {e}"))?;
-        Ok((store, bindings))
+        Ok((store, exports))
     }
 
     fn arm(&self, store: &mut Store<ProxyState>) {

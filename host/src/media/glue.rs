@@ -54,6 +54,15 @@ impl MediaState {
     fn conn(&self, pc: &Resource<PeerConnection>) -> Result<&super::Conn, MediaError> {
         self.table.get(pc).map(|p| &*p.conn).map_err(|e| MediaError::Closed(format!("no such peer connection: {e}")))
     }
+
+    /// Asks the policies whether `conn` may accept the remote SDP of the
+    /// peer named `remote` (`media-accept`), with its checked identity.
+    fn authorize_accept(&self, conn: &super::Conn, remote: Option<&str>) -> Result<(), MediaError> {
+        let descriptor = remote.and_then(|r| Address::parse(r).ok()).and_then(|r| self.bus.descriptor_of(&r));
+        let identity = conn.remote_identity();
+        let remote = remote.map(|r| (r, descriptor.as_deref()));
+        self.domain.authorize("media-accept", &self.owner, &self.descriptor, &conn.address, remote, identity.as_ref())
+    }
 }
 
 impl wit::Host for MediaState {}
@@ -72,20 +81,28 @@ impl wit::HostPeerConnection for MediaState {
         self.conn(&pc).map(|c| c.fingerprint.clone()).unwrap_or_default()
     }
 
+    fn identity_assertion(&mut self, pc: Resource<PeerConnection>) -> Result<String, wit::MediaError> {
+        Ok(self.domain.identity_assertion(self.conn(&pc)?, &self.descriptor)?)
+    }
+
+    fn set_remote_identity(&mut self, pc: Resource<PeerConnection>, assertion: String) -> Result<String, wit::MediaError> {
+        Ok(self.domain.set_remote_identity(self.conn(&pc)?, &assertion)?)
+    }
+
     fn create_offer(&mut self, pc: Resource<PeerConnection>) -> Result<String, wit::MediaError> {
         Ok(self.conn(&pc)?.create_offer()?)
     }
 
     fn accept_offer(&mut self, pc: Resource<PeerConnection>, sdp: String, remote: Option<String>) -> Result<String, wit::MediaError> {
         let conn = self.conn(&pc)?;
-        let remote_descriptor = remote.as_deref().and_then(|r| Address::parse(r).ok()).and_then(|r| self.bus.descriptor_of(&r));
-        let remote = remote.as_deref().map(|r| (r, remote_descriptor.as_deref()));
-        self.domain.authorize("media-accept", &self.owner, &self.descriptor, &conn.address, remote)?;
+        self.authorize_accept(conn, remote.as_deref())?;
         Ok(conn.accept_offer(&sdp)?)
     }
 
     fn accept_answer(&mut self, pc: Resource<PeerConnection>, sdp: String) -> Result<(), wit::MediaError> {
-        Ok(self.conn(&pc)?.accept_answer(&sdp)?)
+        let conn = self.conn(&pc)?;
+        self.authorize_accept(conn, conn.remote.as_deref())?;
+        Ok(conn.accept_answer(&sdp)?)
     }
 
     fn add_remote_candidate(&mut self, pc: Resource<PeerConnection>, candidate: String) -> Result<(), wit::MediaError> {

@@ -24,6 +24,7 @@
 //! guest, sending on the bus or waiting on the socket.
 
 pub(crate) mod glue;
+pub(crate) mod identity;
 pub mod settings;
 mod track;
 
@@ -44,7 +45,8 @@ pub use settings::MediaSettings;
 
 use crate::address::Address;
 use crate::bus::{Bus, SendError};
-use crate::message::{Message, MessageType};
+use crate::identity::Identities;
+use crate::message::{Identity, Message, MessageType};
 use crate::policy::cedar::CedarPolicies;
 use crate::policy::{Decision, Descriptor};
 use crate::sandbox::limits::RateLimiter;
@@ -105,11 +107,13 @@ pub(crate) struct DomainMedia {
     held: Arc<Held>,
     driver: Mutex<Option<Driver>>,
     policies: Arc<CedarPolicies>,
+    /// The IdP proxies that bind and check fingerprints (`identity`).
+    identities: Arc<Identities>,
 }
 
 impl DomainMedia {
     /// `settings`: the domain's `media` table, `None` when not granted.
-    pub fn new(domain: &str, settings: Option<MediaSettings>, policies: Arc<CedarPolicies>) -> DomainMedia {
+    pub fn new(domain: &str, settings: Option<MediaSettings>, policies: Arc<CedarPolicies>, identities: Arc<Identities>) -> DomainMedia {
         let rate = settings.as_ref().map_or(1, |s| s.bytes_per_second);
         let media = RateLimiter::new(settings.as_ref().map_or(1, |s| s.media_bytes_per_second), settings.as_ref().map_or(1, |s| s.media_bytes_per_second));
         DomainMedia {
@@ -118,14 +122,24 @@ impl DomainMedia {
             held: Arc::new(Held { open: Mutex::new(0), bytes: Mutex::new(RateLimiter::new(rate, rate)), media: Mutex::new(media) }),
             driver: Mutex::default(),
             policies,
+            identities,
         }
     }
 
     /// Asks the domain's policies whether the hyperty (`owner`,
     /// `descriptor`) may do `action` (`media-open`, `media-accept`) on
-    /// `connection` with the peer named `remote`.
-    fn authorize(&self, action: &str, owner: &Address, descriptor: &Descriptor, connection: &Address, remote: Option<(&str, Option<&Descriptor>)>) -> Result<(), MediaError> {
-        match self.policies.authorize_media(action, owner, descriptor, connection, remote) {
+    /// `connection` with the peer named `remote`, whose identity (checked
+    /// by `set-remote-identity`) is `remote_identity`.
+    fn authorize(
+        &self,
+        action: &str,
+        owner: &Address,
+        descriptor: &Descriptor,
+        connection: &Address,
+        remote: Option<(&str, Option<&Descriptor>)>,
+        remote_identity: Option<&Identity>,
+    ) -> Result<(), MediaError> {
+        match self.policies.authorize_media(action, owner, descriptor, connection, remote, remote_identity) {
             Decision::Permit => Ok(()),
             Decision::Deny { policies, reason } => Err(MediaError::Denied(format!(
                 "{action} {reason} by the policies of {} [{}]",
@@ -143,7 +157,7 @@ impl DomainMedia {
         };
         let address = Address::parse(format!("media://{}/{}", self.domain, uuid::Uuid::new_v4())).expect("a valid address");
         let remote_descriptor = remote.and_then(|r| Address::parse(r).ok()).and_then(|r| bus.descriptor_of(&r));
-        self.authorize("media-open", owner, descriptor, &address, remote.map(|r| (r, remote_descriptor.as_deref())))?;
+        self.authorize("media-open", owner, descriptor, &address, remote.map(|r| (r, remote_descriptor.as_deref())), None)?;
         let place = {
             let mut open = self.held.open.lock().expect("not poisoned");
             if *open >= settings.peer_connections {
@@ -166,6 +180,7 @@ impl DomainMedia {
         let fingerprint = rtc.direct_api().local_dtls_fingerprint().to_string();
         let conn = Arc::new(Conn {
             address,
+            remote: remote.map(str::to_owned),
             settings: settings.clone(),
             held: self.held.clone(),
             candidate,
@@ -180,6 +195,7 @@ impl DomainMedia {
                 next_channel: 1,
                 tracks: track::Tracks::default(),
                 closed: None,
+                remote_identity: None,
             }),
             wake: tokio::sync::Notify::new(),
         });
@@ -273,6 +289,8 @@ impl Drop for PeerConnection {
 /// One connection, shared by its handle and its task.
 struct Conn {
     address: Address,
+    /// The peer named when it was opened, if any.
+    remote: Option<String>,
     settings: Arc<MediaSettings>,
     held: Arc<Held>,
     /// The local host candidate, as an SDP attribute value.
@@ -298,6 +316,8 @@ struct State {
     tracks: track::Tracks,
     /// Why it closed, once it has.
     closed: Option<String>,
+    /// The remote's identity, checked (`set-remote-identity`).
+    remote_identity: Option<identity::RemoteIdentity>,
 }
 
 impl State {
@@ -396,10 +416,11 @@ impl Conn {
     fn accept_offer(&self, text: &str) -> Result<String, MediaError> {
         let text = self.checked_sdp(text)?;
         let offer = SdpOffer::from_sdp_string(&text).map_err(|e| MediaError::MalformedSdp(e.to_string()))?;
-        let mut state = self.lock()?;
+        let state = self.lock()?;
         if state.pending_offer.is_some() {
             return Err(MediaError::Invalid("this connection's own offer is waiting for its answer".into()));
         }
+        let mut state = self.check_remote_identity(state, &text)?;
         let answer = state.rtc.sdp_api().accept_offer(offer).map_err(|e| MediaError::MalformedSdp(e.to_string()))?;
         state.negotiated = true;
         drop(state);
@@ -410,7 +431,11 @@ impl Conn {
     fn accept_answer(&self, text: &str) -> Result<(), MediaError> {
         let text = self.checked_sdp(text)?;
         let answer = SdpAnswer::from_sdp_string(&text).map_err(|e| MediaError::MalformedSdp(e.to_string()))?;
-        let mut state = self.lock()?;
+        let state = self.lock()?;
+        if state.pending_offer.is_none() {
+            return Err(MediaError::Invalid("no offer is waiting for an answer".into()));
+        }
+        let mut state = self.check_remote_identity(state, &text)?;
         let pending = state.pending_offer.take().ok_or_else(|| MediaError::Invalid("no offer is waiting for an answer".into()))?;
         state.rtc.sdp_api().accept_answer(pending, answer).map_err(|e| MediaError::MalformedSdp(e.to_string()))?;
         state.negotiated = true;
@@ -526,7 +551,10 @@ impl Conn {
     /// for those it is not told about.
     fn event(&self, state: &mut State, event: Event) -> Option<Value> {
         match event {
-            Event::Connected => Some(json!({ "event": "connected" })),
+            Event::Connected => {
+                let identity = state.remote_identity.as_ref().map(identity::RemoteIdentity::to_json);
+                Some(json!({ "event": "connected", "identity": identity }))
+            }
             Event::IceConnectionStateChange(s) => {
                 let name = match s {
                     IceConnectionState::New => "new",

@@ -478,6 +478,7 @@ impl CedarPolicies {
             parties,
             identity: m.identity.as_ref(),
             resource: m.body.resource.as_deref(),
+            remote_identity: None,
             now,
         })
     }
@@ -496,6 +497,7 @@ impl CedarPolicies {
             parties,
             identity: identity.as_ref(),
             resource: None,
+            remote_identity: None,
             now: self.clock.now(),
         };
         self.authorize(domain, parts, "deployment not permitted")
@@ -507,8 +509,11 @@ impl CedarPolicies {
     /// policies with point `media`. The resource is `remote` when it names
     /// an address (its domain and, for a hyperty here, its name and user in
     /// the context as the target's), else the connection's own address;
-    /// `remote`'s text is the context's `resource` either way. A domain
-    /// without policies permits.
+    /// `remote`'s text is the context's `resource` either way.
+    /// `remote_identity` is the remote peer's identity, checked against its
+    /// DTLS fingerprint (WebRTC identity), as `remote_user` / `remote_idp`
+    /// (`has_remote_user` false without one). A domain without policies
+    /// permits.
     pub fn authorize_media(
         &self,
         action: &str,
@@ -516,6 +521,7 @@ impl CedarPolicies {
         descriptor: &Descriptor,
         connection: &Address,
         remote: Option<(&str, Option<&Descriptor>)>,
+        remote_identity: Option<&Identity>,
     ) -> Decision {
         let identity = descriptor.user.clone().map(|user| Identity { user, idp: String::new() });
         let remote_address = remote.and_then(|(r, _)| Address::parse(r).ok());
@@ -527,6 +533,7 @@ impl CedarPolicies {
             parties: Parties { sender: Some(descriptor), target: remote.and_then(|(_, d)| d) },
             identity: identity.as_ref(),
             resource: remote.map(|(r, _)| r),
+            remote_identity,
             now: self.clock.now(),
         };
         self.authorize(&descriptor.domain, parts, "not permitted")
@@ -562,6 +569,8 @@ struct RequestParts<'a> {
     /// The sender's identity as the identity module established it.
     identity: Option<&'a Identity>,
     resource: Option<&'a str>,
+    /// Point `media`: the remote peer's checked identity.
+    remote_identity: Option<&'a Identity>,
     now: i64,
 }
 
@@ -581,7 +590,7 @@ fn build_request(p: RequestParts<'_>) -> Result<Request, String> {
         ("minute".to_owned(), RestrictedExpression::new_long(t.minute)),
     ])
     .map_err(|e| e.to_string())?;
-    let context = Context::from_pairs([
+    let mut pairs = vec![
         ("point".to_owned(), s(p.point)),
         ("sender_domain".to_owned(), s(p.from.domain())),
         ("target_domain".to_owned(), s(p.to.domain())),
@@ -595,8 +604,16 @@ fn build_request(p: RequestParts<'_>) -> Result<Request, String> {
         ("resource_scheme".to_owned(), s(res_scheme)),
         ("resource_type".to_owned(), s(res_type)),
         ("time".to_owned(), time),
-    ])
-    .map_err(|e| e.to_string())?;
+    ];
+    if p.point == "media" {
+        let remote = p.remote_identity;
+        pairs.extend([
+            ("has_remote_user".to_owned(), RestrictedExpression::new_bool(remote.is_some())),
+            ("remote_user".to_owned(), RestrictedExpression::new_entity_uid(user_uid(remote.map_or("", |i| &i.user)))),
+            ("remote_idp".to_owned(), s(remote.map_or("", |i| &i.idp))),
+        ]);
+    }
+    let context = Context::from_pairs(pairs).map_err(|e| e.to_string())?;
     Request::new(principal, action, resource, context, None).map_err(|e| e.to_string())
 }
 

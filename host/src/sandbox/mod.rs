@@ -145,6 +145,8 @@ pub(crate) struct Shared {
     pub syncher: Arc<crate::syncher::Syncher>,
     /// For the media actions (`media-open`, `media-accept`).
     pub policies: Arc<crate::policy::cedar::CedarPolicies>,
+    /// For WebRTC identity (media fingerprints bound by the IdP proxies).
+    pub identities: Arc<crate::identity::Identities>,
 }
 
 /// The runtime's handle on a running sandbox. Dropping it stops the
@@ -166,7 +168,7 @@ impl SandboxHandle {
         let inbox = Inbox { tx, in_flight: Arc::default() };
         let memory = Arc::new(DomainMemory::default());
         let stopping = Arc::new(AtomicBool::new(false));
-        let media = Arc::new(crate::media::DomainMedia::new(domain, settings.media.clone(), shared.policies.clone()));
+        let media = Arc::new(crate::media::DomainMedia::new(domain, settings.media.clone(), shared.policies.clone(), shared.identities.clone()));
         let sandbox = Sandbox {
             media,
             stopping: stopping.clone(),
@@ -480,7 +482,7 @@ impl Sandbox {
 pub(crate) fn time_instantiation(shared: &Shared, pre: &HypertyPre<InstanceState>, n: u32) -> Result<std::time::Duration> {
     let sandbox = Sandbox {
         settings: SandboxSettings { limits: Limits::default(), restart: RestartPolicy::default(), grants: Vec::new(), media: None },
-        media: Arc::new(crate::media::DomainMedia::new("bench.example", None, shared.policies.clone())),
+        media: Arc::new(crate::media::DomainMedia::new("bench.example", None, shared.policies.clone(), shared.identities.clone())),
         shared: shared.clone(),
         memory: Arc::default(),
         slots: Vec::new(),
