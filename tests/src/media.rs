@@ -60,12 +60,16 @@ impl Driver {
         assert_eq!(answered["signal"], "answered", "{answered}");
         let at_caller = self.media_report(caller, 10, |v| v["event"] == "channel-open" && v["pc"] == pc && v["label"] == label);
         let at_callee = self.media_report(callee, 10, |v| v["event"] == "channel-open" && v["label"] == label);
+        let (caller_pc, callee_pc) = (pc, at_callee["pc"].as_u64().unwrap());
+        let connected = (
+            self.media_report(caller, 10, |v| v["event"] == "connected" && v["pc"] == caller_pc),
+            self.media_report(callee, 10, |v| v["event"] == "connected" && v["pc"] == callee_pc),
+        );
         let call = Call {
             caller: (pc, at_caller["channel"].as_u64().unwrap()),
-            callee: (at_callee["pc"].as_u64().unwrap(), at_callee["channel"].as_u64().unwrap()),
+            callee: (callee_pc, at_callee["channel"].as_u64().unwrap()),
+            connected,
         };
-        self.media_report(caller, 10, |v| v["event"] == "connected" && v["pc"] == call.caller.0);
-        self.media_report(callee, 10, |v| v["event"] == "connected" && v["pc"] == call.callee.0);
         (call, ids)
     }
 
@@ -75,11 +79,14 @@ impl Driver {
     }
 }
 
-/// A call between two media-peers: (connection index, channel id) at each.
-#[derive(Clone, Copy, Debug)]
+/// A call between two media-peers: (connection index, channel id) at each,
+/// and the `connected` event each reported (taken from the driver's
+/// reports while waiting for it).
+#[derive(Clone, Debug)]
 pub struct Call {
     pub caller: (u64, u64),
     pub callee: (u64, u64),
+    pub connected: (Value, Value),
 }
 
 /// The address the test's network namespace gives its veth end: Chromium

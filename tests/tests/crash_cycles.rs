@@ -94,6 +94,8 @@ fn a_refused_oversized_message_leaves_no_copy_in_the_host() {
     }
     let grown = (resident_bytes() as i64 - before as i64) / TIMES;
     eprintln!("a refused 40 MiB message: resident {:+} KiB a time ({TIMES} times), once its guest is gone", grown >> 10);
-    assert!(grown < 16 << 20, "the host kept {} KiB a time (a copy is 40 MiB)", grown >> 10);
+    // Half a copy: the allocator's noise reached +16.5 MiB a time once in a
+    // full suite on a loaded machine (usually within ±6 MiB).
+    assert!(grown < 20 << 20, "the host kept {} KiB a time (a copy is 40 MiB)", grown >> 10);
     driver.still_works(&a, &b);
 }

@@ -726,9 +726,8 @@ fn an_idp_proxy_without_identity_binding_still_asserts_messages_and_its_peers_ar
     // the old proxy.
     let (_runtime, mut driver, _bundle, a, b) = deploy_identified("idp-jwt-unbound", json!({}));
     let call = driver.media_call(&a, &b, "chat");
-    let at_a = driver.media_report(&a, 10, |v| v["event"] == "connected" && v["pc"] == call.caller.0);
+    let (at_a, at_b) = &call.connected;
     assert_eq!(at_a["identity"], Value::Null, "{at_a}");
-    let at_b = driver.media_report(&b, 10, |v| v["event"] == "connected");
     assert_eq!(at_b["identity"], Value::Null, "{at_b}");
     let e = error_of(&driver.command(&a, json!({ "op": "assertion", "pc": call.caller.0 })));
     assert!(e.starts_with("not-granted: IdP idp.example cannot assert alice@idp.example: "), "{e}");
