@@ -389,6 +389,10 @@ fn a_hyperty_sends_video_and_audio_frames_and_the_other_receives_and_counts_them
 
     // Counts only: b's frames stop, its once-a-second totals go on.
     assert_eq!(driver.command(&b, json!({ "op": "deliver-frames", "pc": pc_b, "track": audio_b, "on": false })), json!({ "ok": true }));
+    // More frames in one call than str0m lets wait for packetising (512):
+    // the host packetises each as it is written.
+    let sent = driver.command(&a, json!({ "op": "write", "pc": pc_a, "track": audio_a, "frames": 600, "size": 120, "at-us": 1_000_000, "step-us": 20 }));
+    assert_eq!(sent, json!({ "written": 600 }));
     wait_until("b's audio totals count 100 frames", || {
         driver.command(&a, json!({ "op": "write", "pc": pc_a, "track": audio_a, "frames": 10, "size": 120, "at-us": 2_000_000 }));
         let stats = driver.media_report(&b, 10, |v| v["event"] == "track-stats" && v["track"] == audio_b);
