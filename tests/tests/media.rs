@@ -579,3 +579,43 @@ fn chromium_media() {
         assert!(std::time::Instant::now() < until, "the page decoded too little of the echo: {v}");
     }
 }
+
+#[test]
+fn frames_never_wait_for_a_full_inbox_they_are_dropped_and_counted_and_the_call_goes_on() {
+    let runtime = runtime(Duration::from_secs(5));
+    let mut driver = Driver::new(&runtime);
+    // b's inbox holds 4 messages, and 8 events waiting for it close the
+    // connection: frames must not be among them.
+    let bundle = TestBundle::new()
+        .hyperty("alice.example", "a", &guest("media-peer"), media_peer_config(false))
+        .domain("alice.example", media_domain(4, json!({})))
+        .hyperty("bob.example", "b", &guest("media-peer"), media_peer_config(false))
+        .domain("bob.example", media_domain(4, json!({ "pending-events": 8 })))
+        .domain("bob.example", json!({ "limits": { "inbox": 4 } }));
+    runtime.deploy(&bundle.load()).unwrap();
+    let a = runtime.lookup("alice.example", "a").unwrap();
+    let b = runtime.lookup("bob.example", "b").unwrap();
+    let (call, tracks) = driver.media_call_with_tracks(&a, &b, "control", json!([["audio", "opus"]]));
+    let (pc_a, pc_b) = (call.caller.0, call.callee.0);
+    let audio_b = driver.media_track(&b, pc_b, "audio")["track"].as_u64().unwrap();
+
+    let sent = driver.command(&a, json!({ "op": "write", "pc": pc_a, "track": tracks[0], "frames": 600, "size": 120, "step-us": 20 }));
+    assert_eq!(sent, json!({ "written": 600 }));
+    let is_stats = |v: &Value| v["event"] == "track-stats" && v["track"] == audio_b;
+    let mut stats = driver.media_report(&b, 20, is_stats);
+    // The last totals: none follows within 2.5 s (they come once a second
+    // while frames arrive).
+    while let Some(m) = driver.find(|m| m.from == b && is_stats(&reported(m)), Duration::from_millis(2500)) {
+        stats = reported(&m);
+    }
+    let (frames, dropped) = (stats["frames"].as_u64().unwrap(), stats["dropped"].as_u64().unwrap());
+    assert!(dropped > 0 && frames > dropped, "a burst of 600 into an inbox of 4 drops some, not all: {stats}");
+    // The connection is open: a control event still reaches b.
+    driver.command(&a, json!({ "op": "send", "pc": pc_a, "channel": call.caller.1, "text": "still open" }));
+    assert_eq!(driver.media_report(&b, 10, |v| v["event"] == "channel-data")["text"], "still open");
+    let closed = driver.endpoint.take_set_aside(|m| m.from == b && reported(m)["event"] == "closed");
+    assert!(closed.is_empty(), "{closed:?}");
+    // What b's hyperty saw and what was dropped add up to the frames received.
+    let seen = driver.endpoint.take_set_aside(|m| m.from == b && reported(m)["event"] == "media").len() as u64;
+    assert_eq!(seen + dropped, frames, "{stats}");
+}
