@@ -60,6 +60,7 @@ bench: setup nats
     cargo bench -p hyperty-tests --bench syncher
     cargo bench -p hyperty-tests --bench gateway
     cargo bench -p hyperty-tests --bench js
+    cargo bench -p hyperty-tests --bench media
 
 # Build the guest components into guests/target/wasm32-wasip2/release.
 guests: setup

@@ -176,14 +176,16 @@ pub struct PageServer {
 }
 
 impl PageServer {
-    pub fn start(ip: &str, page: &'static str) -> PageServer {
+    pub fn start(ip: &str, page: String) -> PageServer {
         use std::io::{BufRead, BufReader, Read, Write};
         let listener = std::net::TcpListener::bind((ip, 0)).unwrap();
         let url = format!("http://{}/", listener.local_addr().unwrap());
         let (tx, posts) = std::sync::mpsc::channel();
+        let page = std::sync::Arc::<str>::from(page);
         std::thread::spawn(move || {
             for stream in listener.incoming().flatten() {
                 let tx = tx.clone();
+                let page = page.clone();
                 std::thread::spawn(move || {
                     let mut reader = BufReader::new(stream.try_clone().unwrap());
                     let mut request = String::new();
@@ -209,7 +211,7 @@ impl PageServer {
                         let _ = tx.send(PagePost { path, body: String::from_utf8_lossy(&body).into_owned(), answer });
                         ("text/plain", answered.recv_timeout(std::time::Duration::from_secs(30)).unwrap_or_default())
                     } else {
-                        ("text/html", page.to_owned())
+                        ("text/html", page.to_string())
                     };
                     let mut stream = stream;
                     let _ = write!(
@@ -234,5 +236,86 @@ impl PageServer {
             }
             post.answer(String::new());
         }
+    }
+}
+
+/// A test page for Chromium: makes an `RTCPeerConnection` `pc`, runs
+/// `setup` (JavaScript adding channels or tracks), offers it to `/offer`
+/// once its candidates are gathered, takes the answer it gets back, then
+/// runs `after`; `post(path, body)` is at hand, and any failure is posted
+/// to `/result` as `{"error"}`.
+pub fn offering_page(setup: &str, after: &str) -> String {
+    format!(
+        r#"<!doctype html><meta charset="utf-8"><title>hyperty media</title><script>
+const post = (path, body) => fetch(path, {{ method: "POST", body }});
+(async () => {{
+  try {{
+    const pc = new RTCPeerConnection();
+    {setup}
+    await pc.setLocalDescription(await pc.createOffer());
+    await new Promise((done) => {{
+      if (pc.iceGatheringState === "complete") return done();
+      pc.onicegatheringstatechange = () => pc.iceGatheringState === "complete" && done();
+    }});
+    const answer = await (await post("/offer", pc.localDescription.sdp)).text();
+    await pc.setRemoteDescription({{ type: "answer", sdp: answer }});
+    {after}
+  }} catch (e) {{
+    post("/result", JSON.stringify({{ error: String(e) }}));
+  }}
+}})();
+</script>"#
+    )
+}
+
+/// A call from a page in Chromium to the media-peer `bob.example/b`
+/// (`config`), all inside a private network namespace: `b`'s connection
+/// `pc` has answered the page's offer.
+pub struct ChromiumCall {
+    pub runtime: hyperty_host::Runtime,
+    pub driver: Driver,
+    pub b: Address,
+    pub pc: u64,
+    pub server: PageServer,
+    _chromium: Chromium,
+}
+
+impl ChromiumCall {
+    /// Moves the calling thread into its own namespace, deploys `b` (its
+    /// domain's `media` table with the keys of `extra`), serves `page`
+    /// from 127.0.0.1 (a secure context, for getUserMedia; candidates are
+    /// still gathered on the namespace's veth only) and answers its offer.
+    /// `Err`: no namespace here, say so and skip.
+    pub fn start(page: String, config: Value, extra: Value) -> Result<ChromiumCall, String> {
+        enter_private_network()?;
+        let runtime = crate::runtime(std::time::Duration::from_secs(5));
+        let mut driver = Driver::new(&runtime);
+        let mut media = json!({ "bind": NAMESPACE_ADDRESS, "ports": udp_ports(8) });
+        if let Value::Object(extra) = extra {
+            media.as_object_mut().unwrap().extend(extra);
+        }
+        let bundle = crate::TestBundle::new()
+            .hyperty("bob.example", "b", &crate::guest("media-peer"), config)
+            .domain("bob.example", json!({ "grants": ["clocks", "random", "media"], "media": media }));
+        runtime.deploy(&bundle.load()).unwrap();
+        let b = runtime.lookup("bob.example", "b").unwrap();
+        let server = PageServer::start("127.0.0.1", page);
+        let chromium = Chromium::start(&server.url).expect("Debian's chromium is installed");
+        let offer = server.post("/offer", 30);
+        let pc = driver.command(&b, json!({ "op": "open", "remote": "chromium" }))["pc"].as_u64().unwrap();
+        let answer = driver.command(&b, json!({ "op": "accept-offer", "pc": pc, "sdp": offer.body }));
+        let sdp = answer["sdp"].as_str().unwrap_or_else(|| panic!("the hyperty refused Chromium's offer: {answer}"));
+        offer.answer(sdp.to_owned());
+        Ok(ChromiumCall { runtime, driver, b, pc, server, _chromium: chromium })
+    }
+
+    /// The page's next `/result` (within 20 s) as JSON; fails if it is an
+    /// error.
+    pub fn result(&self) -> Value {
+        let post = self.server.post("/result", 20);
+        let v: Value = serde_json::from_str(&post.body).unwrap_or(Value::Null);
+        post.answer(String::new());
+        assert!(v["error"].is_null(), "the page failed: {v}");
+        v
     }
 }

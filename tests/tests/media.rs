@@ -305,29 +305,17 @@ fn hyperties_of_two_runtimes_open_a_data_channel_signalling_through_nats() {
     assert_eq!(at_a["text"], "echo:across runtimes");
 }
 
-/// The page of the Chromium test: opens a data channel to the hyperty
-/// (offer to `/offer`, the hyperty's answer back), sends a greeting once
-/// it is open, and posts every message it receives to `/result`.
-const PAGE: &str = r#"<!doctype html><meta charset="utf-8"><title>hyperty media</title><script>
-const post = (path, body) => fetch(path, { method: "POST", body });
-(async () => {
-  try {
-    const pc = new RTCPeerConnection();
-    const dc = pc.createDataChannel("page");
+/// The page of the Chromium data-channel test: opens a channel to the
+/// hyperty, sends a greeting once it is open, and posts every message it
+/// receives to `/result`.
+fn data_channel_page() -> String {
+    offering_page(
+        r#"const dc = pc.createDataChannel("page");
     dc.onopen = () => { post("/result", JSON.stringify({ open: true })); dc.send("hello from chromium"); };
-    dc.onmessage = (e) => post("/result", JSON.stringify({ got: e.data }));
-    await pc.setLocalDescription(await pc.createOffer());
-    await new Promise((done) => {
-      if (pc.iceGatheringState === "complete") return done();
-      pc.onicegatheringstatechange = () => pc.iceGatheringState === "complete" && done();
-    });
-    const answer = await (await post("/offer", pc.localDescription.sdp)).text();
-    await pc.setRemoteDescription({ type: "answer", sdp: answer });
-  } catch (e) {
-    post("/result", JSON.stringify({ error: String(e) }));
-  }
-})();
-</script>"#;
+    dc.onmessage = (e) => post("/result", JSON.stringify({ got: e.data }));"#,
+        "",
+    )
+}
 
 #[test]
 fn a_page_in_chromium_and_a_hyperty_exchange_data_channel_messages_both_ways() {
@@ -336,47 +324,24 @@ fn a_page_in_chromium_and_a_hyperty_exchange_data_channel_messages_both_ways() {
 }
 
 fn chromium_data_channel() {
-    if let Err(why) = enter_private_network() {
-        eprintln!("SKIPPED: no private network namespace can be made here ({why})");
-        return;
-    }
-    let runtime = runtime(Duration::from_secs(5));
-    let mut driver = Driver::new(&runtime);
-    let ports = udp_ports(8);
-    let bundle = TestBundle::new().hyperty("bob.example", "b", &guest("media-peer"), media_peer_config(true)).domain(
-        "bob.example",
-        json!({ "grants": ["clocks", "random", "media"], "media": { "bind": NAMESPACE_ADDRESS, "ports": ports } }),
-    );
-    runtime.deploy(&bundle.load()).unwrap();
-    let b = runtime.lookup("bob.example", "b").unwrap();
-    let server = PageServer::start(NAMESPACE_ADDRESS, PAGE);
-    let _chromium = Chromium::start(&server.url).expect("Debian's chromium is installed");
-
-    let offer = server.post("/offer", 30);
-    let pc = driver.command(&b, json!({ "op": "open", "remote": "chromium" }))["pc"].as_u64().unwrap();
-    let answer = driver.command(&b, json!({ "op": "accept-offer", "pc": pc, "sdp": offer.body }));
-    let sdp = answer["sdp"].as_str().unwrap_or_else(|| panic!("the hyperty refused Chromium's offer: {answer}"));
-    offer.answer(sdp.to_owned());
+    let mut call = match ChromiumCall::start(data_channel_page(), media_peer_config(true), json!({})) {
+        Ok(call) => call,
+        Err(why) => return eprintln!("SKIPPED: no private network namespace can be made here ({why})"),
+    };
+    let (b, pc) = (call.b.clone(), call.pc);
 
     // Page → hyperty, and the hyperty's echo back to the page.
-    let open = driver.media_report(&b, 20, |v| v["event"] == "channel-open" && v["pc"] == pc);
+    let open = call.driver.media_report(&b, 20, |v| v["event"] == "channel-open" && v["pc"] == pc);
     assert_eq!(open["label"], "page");
-    let got = driver.media_report(&b, 10, |v| v["event"] == "channel-data");
+    let got = call.driver.media_report(&b, 10, |v| v["event"] == "channel-data");
     assert_eq!(got["text"], "hello from chromium");
-    let page_got = |text: &str| loop {
-        let post = server.post("/result", 20);
-        let v: Value = serde_json::from_str(&post.body).unwrap_or(Value::Null);
-        post.answer(String::new());
-        assert!(v["error"].is_null(), "the page failed: {v}");
-        if v["got"] == text {
-            return;
-        }
-    };
-    page_got("echo:hello from chromium");
+    let page_got = |call: &ChromiumCall, text: &str| while call.result()["got"] != text {};
+    page_got(&call, "echo:hello from chromium");
     // Hyperty → page on its own.
     let ch = open["channel"].as_u64().unwrap();
-    assert_eq!(driver.command(&b, json!({ "op": "send", "pc": pc, "channel": ch, "text": "hello from the hyperty" })), json!({ "ok": true }));
-    page_got("hello from the hyperty");
+    let sent = call.driver.command(&b, json!({ "op": "send", "pc": pc, "channel": ch, "text": "hello from the hyperty" }));
+    assert_eq!(sent, json!({ "ok": true }));
+    page_got(&call, "hello from the hyperty");
 }
 
 /// The frames `peer` reported on connection `pc`, track `track`, until the
@@ -424,6 +389,10 @@ fn a_hyperty_sends_video_and_audio_frames_and_the_other_receives_and_counts_them
 
     // Counts only: b's frames stop, its once-a-second totals go on.
     assert_eq!(driver.command(&b, json!({ "op": "deliver-frames", "pc": pc_b, "track": audio_b, "on": false })), json!({ "ok": true }));
+    // More frames in one call than str0m lets wait for packetising (512):
+    // the host packetises each as it is written.
+    let sent = driver.command(&a, json!({ "op": "write", "pc": pc_a, "track": audio_a, "frames": 600, "size": 120, "at-us": 1_000_000, "step-us": 20 }));
+    assert_eq!(sent, json!({ "written": 600 }));
     wait_until("b's audio totals count 100 frames", || {
         driver.command(&a, json!({ "op": "write", "pc": pc_a, "track": audio_a, "frames": 10, "size": 120, "at-us": 2_000_000 }));
         let stats = driver.media_report(&b, 10, |v| v["event"] == "track-stats" && v["track"] == audio_b);
@@ -551,35 +520,22 @@ fn a_relay_hyperty_forwards_one_peer_s_video_to_another_inside_the_host_and_keyf
 }
 
 /// The page of the Chromium media test: sends its fake camera and
-/// microphone (offer to `/offer`, the hyperty's answer back), and posts
-/// what `getStats()` says of the media it receives to `/result` twice a
-/// second: `{"inbound": {"video": {"packets", "frames"}, "audio": ...}}`.
-const MEDIA_PAGE: &str = r#"<!doctype html><meta charset="utf-8"><title>hyperty media</title><script>
-const post = (path, body) => fetch(path, { method: "POST", body });
-(async () => {
-  try {
-    const stream = await navigator.mediaDevices.getUserMedia({ audio: true, video: { width: 320, height: 240 } });
-    const pc = new RTCPeerConnection();
-    for (const track of stream.getTracks()) pc.addTrack(track, stream);
-    await pc.setLocalDescription(await pc.createOffer());
-    await new Promise((done) => {
-      if (pc.iceGatheringState === "complete") return done();
-      pc.onicegatheringstatechange = () => pc.iceGatheringState === "complete" && done();
-    });
-    const answer = await (await post("/offer", pc.localDescription.sdp)).text();
-    await pc.setRemoteDescription({ type: "answer", sdp: answer });
-    setInterval(async () => {
+/// microphone, and posts what `getStats()` says of the media it receives
+/// to `/result` twice a second: `{"inbound": {"video": {"packets",
+/// "frames"}, "audio": ...}}`.
+fn camera_page() -> String {
+    offering_page(
+        r#"const stream = await navigator.mediaDevices.getUserMedia({ audio: true, video: { width: 320, height: 240 } });
+    for (const track of stream.getTracks()) pc.addTrack(track, stream);"#,
+        r#"setInterval(async () => {
       const inbound = {};
       (await pc.getStats()).forEach((r) => {
         if (r.type === "inbound-rtp") inbound[r.kind] = { packets: r.packetsReceived, frames: r.framesDecoded ?? null };
       });
       post("/result", JSON.stringify({ inbound, state: pc.connectionState }));
-    }, 500);
-  } catch (e) {
-    post("/result", JSON.stringify({ error: String(e) }));
-  }
-})();
-</script>"#;
+    }, 500);"#,
+    )
+}
 
 #[test]
 fn chromium_sends_camera_and_microphone_the_hyperty_counts_them_and_echoes_them_back_decoded() {
@@ -588,53 +544,32 @@ fn chromium_sends_camera_and_microphone_the_hyperty_counts_them_and_echoes_them_
 }
 
 fn chromium_media() {
-    if let Err(why) = enter_private_network() {
-        eprintln!("SKIPPED: no private network namespace can be made here ({why})");
-        return;
-    }
-    let runtime = runtime(Duration::from_secs(5));
-    let mut driver = Driver::new(&runtime);
-    let bundle = TestBundle::new().hyperty("bob.example", "b", &guest("media-peer"), media_peer_config(false)).domain(
-        "bob.example",
-        json!({ "grants": ["clocks", "random", "media"], "media": { "bind": NAMESPACE_ADDRESS, "ports": udp_ports(8), "message-bytes": 262_144 } }),
-    );
-    runtime.deploy(&bundle.load()).unwrap();
-    let b = runtime.lookup("bob.example", "b").unwrap();
-    // getUserMedia needs a secure context: a page from 127.0.0.1 is one
-    // (candidates are still gathered on the namespace's veth only).
-    let server = PageServer::start("127.0.0.1", MEDIA_PAGE);
-    let _chromium = Chromium::start(&server.url).expect("Debian's chromium is installed");
-
-    let offer = server.post("/offer", 30);
-    let pc = driver.command(&b, json!({ "op": "open", "remote": "chromium" }))["pc"].as_u64().unwrap();
-    let answer = driver.command(&b, json!({ "op": "accept-offer", "pc": pc, "sdp": offer.body }));
-    let sdp = answer["sdp"].as_str().unwrap_or_else(|| panic!("the hyperty refused Chromium's offer: {answer}"));
-    offer.answer(sdp.to_owned());
-
+    let mut call = match ChromiumCall::start(camera_page(), media_peer_config(false), json!({ "message-bytes": 262_144 })) {
+        Ok(call) => call,
+        Err(why) => return eprintln!("SKIPPED: no private network namespace can be made here ({why})"),
+    };
+    let (b, pc) = (call.b.clone(), call.pc);
     // The page's camera and microphone arrive as two tracks the hyperty may
     // also send on (sendrecv); each is echoed back inside the host.
     let mut tracks = Vec::new();
     for kind in ["video", "audio"] {
-        let track = driver.media_track(&b, pc, kind);
+        let track = call.driver.media_track(&b, pc, kind);
         assert_eq!(track["direction"], "sendrecv", "{track}");
         let id = track["track"].as_u64().unwrap();
-        let echo = driver.command(&b, json!({ "op": "forward", "pc": pc, "track": id, "to": pc, "to-track": id }));
+        let echo = call.driver.command(&b, json!({ "op": "forward", "pc": pc, "track": id, "to": pc, "to-track": id }));
         assert_eq!(echo, json!({ "ok": true }));
         tracks.push((kind, id));
     }
     // The hyperty counts what it receives (~20 video frames and 50 Opus
     // frames a second from Chromium's fake devices).
     for (kind, id) in &tracks {
-        let stats = driver.media_report(&b, 30, |v| v["event"] == "track-stats" && v["track"] == *id && v["forwarded"].as_u64() > Some(10));
+        let stats = call.driver.media_report(&b, 30, |v| v["event"] == "track-stats" && v["track"] == *id && v["forwarded"].as_u64() > Some(10));
         assert!(stats["frames"].as_u64() >= stats["forwarded"].as_u64(), "{kind}: {stats}");
     }
     // The page decodes the echoed video and receives the echoed audio.
     let until = std::time::Instant::now() + Duration::from_secs(40);
     loop {
-        let post = server.post("/result", 20);
-        let v: Value = serde_json::from_str(&post.body).unwrap_or(Value::Null);
-        post.answer(String::new());
-        assert!(v["error"].is_null(), "the page failed: {v}");
+        let v = call.result();
         let video_frames = v["inbound"]["video"]["frames"].as_u64().unwrap_or(0);
         let audio_packets = v["inbound"]["audio"]["packets"].as_u64().unwrap_or(0);
         if video_frames > 5 && audio_packets > 10 {
@@ -760,4 +695,44 @@ fn a_policy_requiring_an_identified_peer_denies_an_unauthenticated_one() {
     // With one, the same policy permits.
     let (_, at_b) = driver.identified_call(&a, &b, "chat");
     assert_eq!(at_b["identity"]["user"], "alice@idp.example", "{at_b}");
+}
+
+#[test]
+fn frames_never_wait_for_a_full_inbox_they_are_dropped_and_counted_and_the_call_goes_on() {
+    let runtime = runtime(Duration::from_secs(5));
+    let mut driver = Driver::new(&runtime);
+    // b's inbox holds 4 messages, and 8 events waiting for it close the
+    // connection: frames must not be among them.
+    let bundle = TestBundle::new()
+        .hyperty("alice.example", "a", &guest("media-peer"), media_peer_config(false))
+        .domain("alice.example", media_domain(4, json!({})))
+        .hyperty("bob.example", "b", &guest("media-peer"), media_peer_config(false))
+        .domain("bob.example", media_domain(4, json!({ "pending-events": 8 })))
+        .domain("bob.example", json!({ "limits": { "inbox": 4 } }));
+    runtime.deploy(&bundle.load()).unwrap();
+    let a = runtime.lookup("alice.example", "a").unwrap();
+    let b = runtime.lookup("bob.example", "b").unwrap();
+    let (call, tracks) = driver.media_call_with_tracks(&a, &b, "control", json!([["audio", "opus"]]));
+    let (pc_a, pc_b) = (call.caller.0, call.callee.0);
+    let audio_b = driver.media_track(&b, pc_b, "audio")["track"].as_u64().unwrap();
+
+    let sent = driver.command(&a, json!({ "op": "write", "pc": pc_a, "track": tracks[0], "frames": 600, "size": 120, "step-us": 20 }));
+    assert_eq!(sent, json!({ "written": 600 }));
+    let is_stats = |v: &Value| v["event"] == "track-stats" && v["track"] == audio_b;
+    let mut stats = driver.media_report(&b, 20, is_stats);
+    // The last totals: none follows within 2.5 s (they come once a second
+    // while frames arrive).
+    while let Some(m) = driver.find(|m| m.from == b && is_stats(&reported(m)), Duration::from_millis(2500)) {
+        stats = reported(&m);
+    }
+    let (frames, dropped) = (stats["frames"].as_u64().unwrap(), stats["dropped"].as_u64().unwrap());
+    assert!(dropped > 0 && frames > dropped, "a burst of 600 into an inbox of 4 drops some, not all: {stats}");
+    // The connection is open: a control event still reaches b.
+    driver.command(&a, json!({ "op": "send", "pc": pc_a, "channel": call.caller.1, "text": "still open" }));
+    assert_eq!(driver.media_report(&b, 10, |v| v["event"] == "channel-data")["text"], "still open");
+    let closed = driver.endpoint.take_set_aside(|m| m.from == b && reported(m)["event"] == "closed");
+    assert!(closed.is_empty(), "{closed:?}");
+    // What b's hyperty saw and what was dropped add up to the frames received.
+    let seen = driver.endpoint.take_set_aside(|m| m.from == b && reported(m)["event"] == "media").len() as u64;
+    assert_eq!(seen + dropped, frames, "{stats}");
 }

@@ -35,6 +35,11 @@
 //!   `{"op": "forward", "pc", "track", "to", "to-track"}`. A `media`
 //!   event is reported without its frame: `"size"` (bytes) and `"n"` (the
 //!   frames of that track so far) instead.
+//! - Benchmarks: `{"op": "sink", "messages": n}` counts the next n
+//!   channel messages and media frames without reporting them, then
+//!   reports `{"sink": "done", "messages", "bytes"}`; `{"op": "blast",
+//!   "pc", "channel", "size", "count"}` sends count binary messages of size
+//!   bytes, waiting for `buffered-low` whenever the channel is full.
 //! - Every event from a connection (a message from its `media://`
 //!   address) is reported to the observer as a `forward` whose value is
 //!   the event with `"pc"` (its index here) added; so are signalling
@@ -65,6 +70,10 @@ struct State {
     calls: BTreeMap<u64, usize>,
     /// Frames received: (connection index, track) → count.
     frames: BTreeMap<(usize, u64), u64>,
+    /// Counting silently: (messages still to come, messages, bytes).
+    sink: Option<(u64, u64, u64)>,
+    /// Messages still to send: (connection, channel, size, count).
+    blast: Option<(usize, u32, usize, u64)>,
 }
 
 thread_local! {
@@ -113,6 +122,41 @@ impl State {
         bus::request(&ask, None).map_err(|e| json!({ "error": format!("{e:?}") }))?;
         self.calls.insert(id, i);
         Ok(())
+    }
+
+    /// Sends what `blast` still has to, until the channel is full.
+    fn blast_on(&mut self) -> Value {
+        let Some((i, channel, size, left)) = self.blast else { return json!({ "ok": true }) };
+        let Some(Some(pc)) = self.pcs.get(i) else { return json!({ "error": "no connection" }) };
+        let data = vec![7u8; size];
+        let mut left = left;
+        while left > 0 {
+            match pc.send_bytes(channel, &data) {
+                Ok(()) => left -= 1,
+                Err(MediaError::LimitReached(_)) => break,
+                Err(e) => {
+                    self.blast = None;
+                    return error(e);
+                }
+            }
+        }
+        self.blast = (left > 0).then_some((i, channel, size, left));
+        json!({ "ok": true })
+    }
+
+    /// Counts a message or frame for `sink`; false if there is none.
+    fn sunk(&mut self, v: &Value) -> bool {
+        let Some((left, messages, bytes)) = self.sink.as_mut() else { return false };
+        let b64 = v["bytes"].as_str().unwrap_or_default();
+        *bytes += (b64.len() / 4 * 3 - b64.bytes().rev().take_while(|&b| b == b'=').count()) as u64;
+        *messages += 1;
+        *left -= 1;
+        if *left == 0 {
+            let done = json!({ "sink": "done", "messages": *messages, "bytes": *bytes });
+            self.sink = None;
+            self.report(done);
+        }
+        true
     }
 
     fn report(&mut self, value: Value) {
@@ -178,6 +222,15 @@ impl State {
                 }
             }
             "trap" => panic!("ordered to trap"),
+            "sink" => {
+                self.sink = Some((c["messages"].as_u64().unwrap_or(1), 0, 0));
+                json!({ "ok": true })
+            }
+            "blast" => {
+                let (i, channel) = (c["pc"].as_u64().unwrap_or(u64::MAX) as usize, c["channel"].as_u64().unwrap_or(u64::MAX) as u32);
+                self.blast = Some((i, channel, c["size"].as_u64().unwrap_or(1024) as usize, c["count"].as_u64().unwrap_or(1)));
+                self.blast_on()
+            }
             op => {
                 let pc = match self.pc(c) {
                     Ok(pc) => pc,
@@ -256,6 +309,13 @@ impl State {
             return self.report(v);
         };
         let mut v: Value = serde_json::from_str(value).unwrap_or(Value::Null);
+        if v["event"] == "buffered-low" && self.blast.is_some() {
+            self.blast_on();
+            return;
+        }
+        if (v["event"] == "channel-data" || v["event"] == "media") && self.sunk(&v) {
+            return;
+        }
         if self.echo
             && v["event"] == "channel-data"
             && let Some(text) = v["text"].as_str()
@@ -320,7 +380,7 @@ impl exports::rethink::hyperty::handler::Guest for MediaPeer {
         let observer = config["observer"].as_str().ok_or("config needs an observer")?.to_owned();
         let echo = config["echo"].as_bool().unwrap_or(false);
         STATE.with(|s| {
-            *s.borrow_mut() = Some(State { me: address, observer, echo, next_id: 0, pcs: Vec::new(), calls: BTreeMap::new(), frames: BTreeMap::new() });
+            *s.borrow_mut() = Some(State { me: address, observer, echo, next_id: 0, pcs: Vec::new(), calls: BTreeMap::new(), frames: BTreeMap::new(), sink: None, blast: None });
         });
         Ok(())
     }

@@ -194,6 +194,7 @@ impl DomainMedia {
                 open: HashMap::new(),
                 next_channel: 1,
                 tracks: track::Tracks::default(),
+                stash: VecDeque::new(),
                 closed: None,
                 remote_identity: None,
             }),
@@ -314,6 +315,8 @@ struct State {
     open: HashMap<u32, ChannelId>,
     next_channel: u32,
     tracks: track::Tracks,
+    /// str0m's outputs taken after a media write, for the task (first).
+    stash: VecDeque<Output>,
     /// Why it closed, once it has.
     closed: Option<String>,
     /// The remote's identity, checked (`set-remote-identity`).
@@ -516,7 +519,11 @@ impl Conn {
     fn poll(&self, out: &mut Polled) {
         let mut state = self.state.lock().expect("not poisoned");
         loop {
-            match state.rtc.poll_output() {
+            let output = match state.stash.pop_front() {
+                Some(stashed) => Ok(stashed),
+                None => state.rtc.poll_output(),
+            };
+            match output {
                 Ok(Output::Transmit(t)) => out.transmits.push((t.destination, Vec::from(t.contents))),
                 Ok(Output::Timeout(at)) => {
                     out.deadline = at;

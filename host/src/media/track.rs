@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use serde_json::{Value, json};
-use str0m::Event;
+use str0m::{Event, Input, Output};
 use str0m::change::SdpApi;
 use str0m::format::{Codec, PayloadParams};
 use str0m::media::{Direction, KeyframeRequestKind, MediaKind, MediaTime, Mid};
@@ -39,6 +39,10 @@ use super::{Conn, MediaError, Polled, State};
 
 /// How often an incoming track's `track-stats` are reported at most.
 const STATS_EVERY: Duration = Duration::from_secs(1);
+/// str0m's outputs taken right after a write (it needs `poll_output`
+/// between two writes) and kept for the connection's task: one more
+/// refuses the write.
+const MAX_STASHED: usize = 4096;
 
 /// A connection's tracks (at most the domain's `tracks`).
 #[derive(Default)]
@@ -239,6 +243,7 @@ impl Conn {
         let t = state.tracks.get(track)?;
         let mid = t.sending()?;
         let codec = t.codec;
+        room_to_write(state)?;
         let writer = state.rtc.writer(mid).ok_or_else(|| MediaError::Invalid(format!("track {track} is not negotiated yet")))?;
         let pt = writer
             .payload_params()
@@ -249,6 +254,7 @@ impl Conn {
         writer
             .write(pt, Instant::now(), MediaTime::from_micros(timestamp_us), frame.to_vec())
             .map_err(|e| MediaError::Invalid(format!("cannot write on track {track}: {e}")))?;
+        stash_outputs(state)?;
         drop(guard);
         self.wake.notify_one();
         Ok(())
@@ -409,12 +415,14 @@ impl Conn {
         let mut guard = self.lock()?;
         let state = &mut *guard;
         let mid = state.tracks.get(track)?.sending()?;
+        room_to_write(state)?;
         let writer = state.rtc.writer(mid).ok_or_else(|| MediaError::Invalid(format!("track {track} is not negotiated yet")))?;
         let pt = writer.match_params(frame.params).ok_or_else(|| MediaError::Invalid(format!("track {track} did not negotiate the codec")))?;
         self.charge(frame.data.len())?;
         writer
             .write(pt, frame.wallclock, frame.time, frame.data.clone())
             .map_err(|e| MediaError::Invalid(format!("cannot write on track {track}: {e}")))?;
+        stash_outputs(state)?;
         drop(guard);
         self.wake.notify_one();
         Ok(())
@@ -444,6 +452,35 @@ impl Conn {
             t.forward = None;
             t.deliver = true;
             tracing::info!(connection = %self.address, "track {track} no longer forwarded: its target closed");
+        }
+    }
+}
+
+/// Refuses a write while the connection's task has not taken the outputs
+/// of the writes before ([`MAX_STASHED`]).
+fn room_to_write(state: &State) -> Result<(), MediaError> {
+    if state.stash.len() >= MAX_STASHED {
+        return Err(MediaError::LimitReached(format!(
+            "the connection's send queue is full: {} packets and events wait for its task",
+            state.stash.len()
+        )));
+    }
+    Ok(())
+}
+
+/// Packetises a frame just written (str0m does it on a timeout, one frame
+/// a track each time, and refuses writes past 512 waiting) and keeps its
+/// outputs, in order, for the connection's task, which handles them
+/// before polling str0m again.
+fn stash_outputs(state: &mut State) -> Result<(), MediaError> {
+    if let Err(e) = state.rtc.handle_input(Input::Timeout(Instant::now())) {
+        return Err(MediaError::Invalid(format!("the WebRTC stack failed: {e}")));
+    }
+    loop {
+        match state.rtc.poll_output() {
+            Ok(Output::Timeout(_)) => return Ok(()),
+            Ok(output) => state.stash.push_back(output),
+            Err(e) => return Err(MediaError::Invalid(format!("the WebRTC stack failed: {e}"))),
         }
     }
 }

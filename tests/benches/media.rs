@@ -1,0 +1,265 @@
+//! `just bench` → media: WebRTC between hyperties (str0m held by the host)
+//! beside two bare str0m peers driven in this process, measured in the same
+//! run (the floor: what the sandbox, the bus and the host's task cost).
+//!
+//! - time to a connected data channel: from the offer to the channel open
+//!   on both sides (hyperties: the caller's `call` command to both
+//!   `channel-open` events reaching the test's observer);
+//! - data-channel throughput, MB/s, 1 KiB and 16 KiB binary messages, the
+//!   sender refilling whenever `buffered-low` says so, the receiver
+//!   counting every byte (a hyperty: in its guest);
+//! - the in-host forward (two-party SFU): alice's hyperty writes 1000-byte
+//!   VP8 frames (one RTP packet each) to a relay hyperty, whose host
+//!   forwards them to bob's connection: packets forwarded per second over
+//!   the sending window, lost ones, and CPU time of the relay domain's
+//!   media thread (from `/proc/self/task/*/stat`) per 1,000 packets.
+//!
+//! Run in the dev profile while developing (`cargo bench -p hyperty-tests
+//! --bench media --profile dev`); `just bench` builds it in release. The
+//! machines are shared and noisy: read the ratio, not the absolute numbers.
+
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hyperty_tests::media::*;
+use hyperty_tests::*;
+use serde_json::{Value, json};
+use str0m::channel::ChannelId;
+use str0m::net::{Protocol, Receive};
+use str0m::{Candidate, Event, Input, Output, Rtc};
+
+const RUNS: usize = 5;
+/// Bytes sent per throughput run.
+const TOTAL: usize = 8 << 20;
+/// Frames the SFU run forwards, written in batches of [`BATCH`].
+const FRAMES: u64 = 20_000;
+const BATCH: u64 = 100;
+
+fn main() {
+    let runtime = runtime(Duration::from_secs(10));
+    let mut driver = Driver::new(&runtime);
+    let media = json!({ "peer-connections": 64, "bytes-per-second": 2_000_000_000u32, "media-bytes-per-second": 2_000_000_000u32, "pending-events": 100_000 });
+    let mut bundle = TestBundle::new();
+    for (domain, name) in [("alice.example", "a"), ("relay.example", "r"), ("bob.example", "b")] {
+        bundle = bundle.hyperty(domain, name, &guest("media-peer"), media_peer_config(false)).domain(domain, media_domain(200, media.clone()));
+    }
+    runtime.deploy(&bundle.load()).expect("the bench deploys");
+    let [a, r, b] = [("alice.example", "a"), ("relay.example", "r"), ("bob.example", "b")].map(|(d, n)| runtime.lookup(d, n).unwrap());
+
+    // Time to a connected data channel.
+    let mut hyperty_ms = Vec::new();
+    let mut bare_ms = Vec::new();
+    for _ in 0..RUNS {
+        let start = Instant::now();
+        let call = driver.media_call(&a, &b, "bench");
+        hyperty_ms.push(start.elapsed().as_secs_f64() * 1e3);
+        driver.command(&a, json!({ "op": "close", "pc": call.caller.0 }));
+        driver.command(&b, json!({ "op": "close", "pc": call.callee.0 }));
+        bare_ms.push(Bare::connected().2);
+    }
+    let (h, f) = (median(hyperty_ms), median(bare_ms));
+    println!("media (str0m 0.25), loopback, median of {RUNS}:");
+    println!("                                  hyperties     bare str0m   ratio");
+    println!("  to a connected data channel:  {h:>8.1} ms   {f:>8.1} ms   {:.1}x", h / f);
+
+    // Data-channel throughput.
+    let call = driver.media_call(&a, &b, "bulk");
+    let (mut pair, channel, _) = Bare::connected();
+    for size in [1024usize, 16 << 10] {
+        let count = TOTAL / size;
+        let mut hyperty = Vec::new();
+        let mut bare = Vec::new();
+        for _ in 0..RUNS {
+            driver.command(&b, json!({ "op": "sink", "messages": count }));
+            let start = Instant::now();
+            let sent = driver.command(&a, json!({ "op": "blast", "pc": call.caller.0, "channel": call.caller.1, "size": size, "count": count }));
+            assert_eq!(sent, json!({ "ok": true }));
+            let done = driver.media_report(&b, 300, |v| v["sink"] == "done");
+            assert_eq!(done["bytes"].as_u64(), Some((count * size) as u64), "{done}");
+            hyperty.push((count * size) as f64 / start.elapsed().as_secs_f64() / 1e6);
+            bare.push(pair.throughput(channel, size, count));
+        }
+        let (h, f) = (median(hyperty), median(bare));
+        println!("  data channel, {:>2} KiB messages: {h:>8.1} MB/s {f:>8.1} MB/s {:.0}%", size >> 10, 100.0 * h / f);
+    }
+
+    // The in-host forward: a → r → b.
+    let (call_in, a_tracks) = driver.media_call_with_tracks(&a, &r, "in", json!([["video", "vp8"]]));
+    let from = driver.media_track(&r, call_in.callee.0, "video")["track"].as_u64().unwrap();
+    let (call_out, r_tracks) = driver.media_call_with_tracks(&r, &b, "out", json!([["video", "vp8"]]));
+    let at_b = driver.media_track(&b, call_out.callee.0, "video")["track"].as_u64().unwrap();
+    let forward = json!({ "op": "forward", "pc": call_in.callee.0, "track": from, "to": call_out.caller.0, "to-track": r_tracks[0] });
+    assert_eq!(driver.command(&r, forward), json!({ "ok": true }));
+    driver.command(&b, json!({ "op": "deliver-frames", "pc": call_out.callee.0, "track": at_b, "on": false }));
+    let cpu_before = thread_cpu("media relay.exa");
+    let start = Instant::now();
+    let mut written = 0;
+    while written < FRAMES {
+        let at = written * 33_333;
+        let w = driver.command(&a, json!({ "op": "write", "pc": call_in.caller.0, "track": a_tracks[0], "frames": BATCH, "size": 1000, "at-us": at }));
+        assert_eq!(w, json!({ "written": BATCH }));
+        written += BATCH;
+    }
+    let window = start.elapsed().as_secs_f64();
+    // The totals come at most once a second: the last is the one after
+    // which none comes for 2.5 s.
+    let last = |driver: &Driver, peer: &hyperty_host::Address| {
+        let mut last = Value::Null;
+        while let Some(m) = driver.find(|m| &m.from == peer && reported(m)["event"] == "track-stats", Duration::from_millis(2500)) {
+            last = reported(&m);
+        }
+        last
+    };
+    let relayed = last(&driver, &r);
+    let cpu = thread_cpu("media relay.exa") - cpu_before;
+    let received = last(&driver, &b);
+    let forwarded = relayed["forwarded"].as_u64().unwrap_or(0);
+    let got = received["frames"].as_u64().unwrap_or(0);
+    println!(
+        "  SFU forward, 1000-byte frames (1 packet each): {:.0} packets/s forwarded over {window:.1} s; {forwarded} of {FRAMES} reached the relay, {got} reached bob",
+        forwarded as f64 / window
+    );
+    println!("  relay's media thread CPU: {:.1} ms per 1,000 packets ({cpu:.2} s in all)", cpu * 1e6 / forwarded.max(1) as f64);
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// CPU seconds (user + system) of this process's thread named `name` (as
+/// `/proc` shows it: 15 characters at most).
+fn thread_cpu(name: &str) -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let mut total = 0.0;
+    for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if comm.trim() != name {
+            continue;
+        }
+        let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+        // Fields after the `(comm)`: state is the 3rd field, utime the 14th.
+        let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let (utime, stime): (f64, f64) = (fields[11].parse().unwrap_or(0.0), fields[12].parse().unwrap_or(0.0));
+        total += (utime + stime) / ticks;
+    }
+    total
+}
+
+/// A bare str0m peer on a loopback UDP socket, driven by [`Pair::pump`].
+struct Bare {
+    rtc: Rtc,
+    socket: UdpSocket,
+    addr: SocketAddr,
+}
+
+impl Bare {
+    fn new() -> Bare {
+        let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+        socket.set_nonblocking(true).unwrap();
+        let addr = socket.local_addr().unwrap();
+        let mut rtc = Rtc::builder().set_crypto_provider(Arc::new(str0m::crypto::from_feature_flags())).build(Instant::now());
+        rtc.add_local_candidate(Candidate::host(addr, "udp").unwrap());
+        Bare { rtc, socket, addr }
+    }
+
+    /// Two bare peers with one data channel open on both sides: the pair,
+    /// the channel's id at the offerer, and the milliseconds it took.
+    fn connected() -> (Pair, ChannelId, f64) {
+        let mut pair = Pair { peers: [Bare::new(), Bare::new()], events: [Vec::new(), Vec::new()] };
+        let start = Instant::now();
+        let mut api = pair.peers[0].rtc.sdp_api();
+        let channel = api.add_channel("bench".into());
+        let (offer, pending) = api.apply().unwrap();
+        let answer = pair.peers[1].rtc.sdp_api().accept_offer(offer).unwrap();
+        pair.peers[0].rtc.sdp_api().accept_answer(pending, answer).unwrap();
+        let open = |e: &Event| matches!(e, Event::ChannelOpen(..));
+        pair.pump(|p| p.events[0].iter().any(open) && p.events[1].iter().any(open));
+        let ms = start.elapsed().as_secs_f64() * 1e3;
+        pair.peers[0].rtc.channel(channel).unwrap().set_buffered_amount_low_threshold(64 << 10);
+        (pair, channel, ms)
+    }
+}
+
+impl Bare {
+    /// Sends what str0m says and keeps its events; whether anything came.
+    fn poll(&mut self, events: &mut Vec<Event>) -> bool {
+        let mut moved = false;
+        loop {
+            match self.rtc.poll_output().unwrap() {
+                Output::Transmit(t) => {
+                    let _ = self.socket.send_to(&t.contents, t.destination);
+                }
+                Output::Event(e) => events.push(e),
+                Output::Timeout(_) => return moved,
+            }
+            moved = true;
+        }
+    }
+}
+
+/// Two bare peers and the events each gave.
+struct Pair {
+    peers: [Bare; 2],
+    events: [Vec<Event>; 2],
+}
+
+impl Pair {
+    fn clear(&mut self) {
+        self.events = [Vec::new(), Vec::new()];
+    }
+
+    /// Sends `count` messages of `size` bytes from the offerer, refilling
+    /// on `buffered-low` like the hyperty; MB/s until the answerer got all.
+    fn throughput(&mut self, channel: ChannelId, size: usize, count: usize) -> f64 {
+        self.clear();
+        let data = vec![7u8; size];
+        let (mut left, mut got) = (count, 0usize);
+        let start = Instant::now();
+        let mut fill = true;
+        self.pump(|p| {
+            if fill || p.events[0].iter().any(|e| matches!(e, Event::ChannelBufferedAmountLow(_))) {
+                let mut ch = p.peers[0].rtc.channel(channel).unwrap();
+                while left > 0 && ch.write(true, &data).unwrap() {
+                    left -= 1;
+                }
+                fill = false;
+            }
+            got += p.events[1].iter().map(|e| if let Event::ChannelData(d) = e { d.data.len() } else { 0 }).sum::<usize>();
+            p.clear();
+            got >= count * size
+        });
+        (count * size) as f64 / start.elapsed().as_secs_f64() / 1e6
+    }
+
+    /// Feeds both peers their datagrams and the time, and sends what they
+    /// say, until `done` (given the events so far) is true; sleeps 50 µs
+    /// when nothing moved (this is a bench's loop, not the product's).
+    fn pump(&mut self, mut done: impl FnMut(&mut Pair) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let mut buf = vec![0u8; 2048];
+        while !done(self) {
+            assert!(Instant::now() < deadline, "the bare peers made no progress within 120 s");
+            let mut moved = false;
+            for (peer, events) in self.peers.iter_mut().zip(self.events.iter_mut()) {
+                let _ = peer.rtc.handle_input(Input::Timeout(Instant::now()));
+                moved |= peer.poll(events);
+                // One datagram at a time, each followed by str0m's outputs
+                // (as the host does): its DTLS receive queue is bounded.
+                while let Ok((n, source)) = peer.socket.recv_from(&mut buf) {
+                    let contents = buf[..n].try_into().unwrap();
+                    let input = Input::Receive(Instant::now(), Receive { proto: Protocol::Udp, source, destination: peer.addr, contents });
+                    peer.rtc.handle_input(input).unwrap();
+                    peer.poll(events);
+                    moved = true;
+                }
+            }
+            if !moved {
+                std::thread::sleep(Duration::from_micros(50));
+            }
+        }
+    }
+}
