@@ -498,3 +498,52 @@ fn a_policy_requiring_an_identified_peer_denies_an_unauthenticated_one() {
     let (_, at_b) = driver.identified_call(&a, &b, "chat");
     assert_eq!(at_b["identity"]["user"], "alice@idp.example", "{at_b}");
 }
+
+// Signalling through reTHINK's Connection data object (media-caller).
+
+/// The first line media-caller `at` said that contains `text`.
+fn said(driver: &Driver, at: &Address, text: &str) -> Value {
+    driver.media_report(at, 10, |v| v["said"].as_str().is_some_and(|s| s.contains(text)))
+}
+
+#[test]
+fn a_call_signalled_through_a_synced_connection_object_opens_a_channel_between_identified_peers() {
+    let runtime = runtime(Duration::from_secs(5));
+    let mut driver = Driver::new(&runtime);
+    let caller = json!({ "peer": "bob.example/callee", "message": "hello bob", "observer": OBSERVER });
+    let callee = json!({ "message": "hello alice", "observer": OBSERVER });
+    let bundle = TestBundle::new()
+        .hyperty("alice.example", "caller", &guest("media-caller"), caller)
+        .hyperty("bob.example", "callee", &guest("media-caller"), callee)
+        .user("alice.example", "caller", "alice@idp.example")
+        .user("bob.example", "callee", "bob@idp.example")
+        .idp(IDP, IDP_KEY, &["alice.example", "bob.example"])
+        .domain("alice.example", media_domain(4, json!({})))
+        .domain("bob.example", media_domain(4, json!({})));
+    runtime.deploy(&bundle.load()).expect("the call deploys");
+    let a = runtime.lookup("alice.example", "caller").unwrap();
+    let b = runtime.lookup("bob.example", "callee").unwrap();
+
+    // The offer is the data of a connection:// object of the caller's
+    // domain; the callee, invited, answers in a child of the same object.
+    let offered = said(&driver, &a, "offer sent to bob.example/callee in the Connection object connection://alice.example/");
+    let url = offered["url"].as_str().unwrap().to_owned();
+    assert!(offered["said"].as_str().unwrap().ends_with("with our identity assertion"), "{offered}");
+    let received = said(&driver, &b, "offer received from alice@idp.example");
+    assert!(received["said"].as_str().unwrap().ends_with(&format!("in the Connection object {url}")), "{received}");
+    said(&driver, &b, "the caller's identity assertion is valid: alice@idp.example");
+    said(&driver, &b, &format!("answer written into the Connection object {url}"));
+    said(&driver, &a, "answer received from bob@idp.example (its identity assertion is valid; its fingerprint checked)");
+    // Both see the other's identity, checked against its fingerprint.
+    said(&driver, &a, "connected: identity of the peer verified: bob@idp.example (IdP idp.example)");
+    said(&driver, &b, "connected: identity of the peer verified: alice@idp.example (IdP idp.example)");
+    said(&driver, &a, "channel \"chat\" open; sent \"hello bob\"");
+    said(&driver, &b, "message exchanged: received \"hello bob\"");
+    said(&driver, &a, "message exchanged: received \"hello alice\"");
+    // The caller hangs up and deletes the object; the callee, told, closes.
+    said(&driver, &a, "hanging up");
+    said(&driver, &b, "call ended");
+    wait_until("both peer connections are freed", || runtime.is_idle());
+    let read = driver.read(&Address::parse(url.clone()).unwrap());
+    assert_eq!(read.body.code, Some(404), "the Connection object is gone: {read:?}");
+}

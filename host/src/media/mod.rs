@@ -205,6 +205,11 @@ impl DomainMedia {
         Ok(PeerConnection { conn })
     }
 
+    /// How many peer connections the domain holds (each with its socket).
+    pub fn open_connections(&self) -> u32 {
+        *self.held.open.lock().expect("not poisoned")
+    }
+
     /// The runtime of the domain's media thread, started on first use.
     fn driver(&self) -> Result<tokio::runtime::Handle, MediaError> {
         let mut driver = self.driver.lock().expect("not poisoned");
