@@ -410,6 +410,8 @@ fn identity_bound_fingerprints_are_accepted_and_each_side_is_told_the_other_s_us
     let shown: Value = serde_json::from_str(shown["assertion"].as_str().unwrap_or_else(|| panic!("{shown}"))).unwrap();
     assert_eq!(shown["idp"]["domain"], IDP, "{shown}");
     let token = shown["assertion"].as_str().unwrap().to_owned();
+    let again = driver.command(&b, json!({ "op": "assertion", "pc": pc }));
+    assert_eq!(again["assertion"].as_str().map(|a| a.contains(&token)), Some(true), "kept for the connection: {again}");
     let endpoint = runtime.endpoint("hyperty://carol.example/replayer", 16).unwrap();
     let mut m = hyperty_host::Message::new(1, hyperty_host::MessageType::Read, endpoint.address().clone(), b.clone(), None);
     m.assertion = Some(hyperty_host::message::Assertion { idp: IDP.into(), token });
@@ -431,6 +433,9 @@ fn an_assertion_binding_another_connection_s_fingerprint_is_refused_and_the_conn
     let pc = driver.command(&a, json!({ "op": "open", "remote": b.to_string() }))["pc"].as_u64().unwrap();
     let set = driver.command(&a, json!({ "op": "set-identity", "pc": pc, "assertion": assertion }));
     assert_eq!(set, json!({ "user": "bob@idp.example" }), "the assertion itself is valid");
+    // Once per connection: the IdP proxy is not asked again.
+    let e = error_of(&driver.command(&a, json!({ "op": "set-identity", "pc": pc, "assertion": assertion })));
+    assert_eq!(e, "invalid: the remote identity is set already (bob@idp.example): once per connection");
     let e = error_of(&driver.command(&a, json!({ "op": "accept-offer", "pc": pc, "sdp": offer, "remote": b.to_string() })));
     assert!(e.starts_with("closed: identity mismatch: the remote SDP's fingerprint sha-256 "), "{e}");
     assert!(e.contains("is not the one the identity assertion of bob@idp.example binds"), "{e}");
@@ -444,6 +449,9 @@ fn an_assertion_binding_another_connection_s_fingerprint_is_refused_and_the_conn
     let pc = driver.command(&a, json!({ "op": "open" }))["pc"].as_u64().unwrap();
     let e = error_of(&driver.command(&a, json!({ "op": "set-identity", "pc": pc, "assertion": "{\"x\":1}" })));
     assert!(e.starts_with("invalid: not an identity assertion: expected"), "{e}");
+    let huge = json!({ "idp": { "domain": IDP }, "assertion": "x".repeat(16 << 10) }).to_string();
+    let e = error_of(&driver.command(&a, json!({ "op": "set-identity", "pc": pc, "assertion": huge })));
+    assert!(e.starts_with("invalid: not an identity assertion: ") && e.ends_with("bytes, the limit is 16384"), "{e}");
     let mut tampered: Value = serde_json::from_str(&assertion).unwrap();
     let token = tampered["assertion"].as_str().unwrap().to_owned();
     // The signature's first character changed: its bits all count.

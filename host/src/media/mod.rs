@@ -191,6 +191,7 @@ impl DomainMedia {
                 next_channel: 1,
                 closed: None,
                 remote_identity: None,
+                local_assertion: None,
             }),
             wake: tokio::sync::Notify::new(),
         });
@@ -317,6 +318,9 @@ struct State {
     closed: Option<String>,
     /// The remote's identity, checked (`set-remote-identity`).
     remote_identity: Option<identity::RemoteIdentity>,
+    /// This side's identity assertion: its text, when it was made and when
+    /// it expires (Unix seconds).
+    local_assertion: Option<(String, u64, u64)>,
 }
 
 impl State {
