@@ -555,3 +555,13 @@ fn a_call_signalled_through_a_synced_connection_object_opens_a_channel_between_i
     let read = driver.read(&Address::parse(url.clone()).unwrap());
     assert_eq!(read.body.code, Some(404), "the Connection object is gone: {read:?}");
 }
+
+#[test]
+fn a_runtime_whose_hyperty_holds_a_peer_connection_is_not_idle_until_it_is_closed() {
+    let (runtime, mut driver, _bundle, a, _b) = pair(json!({}));
+    let pc = driver.command(&a, json!({ "op": "open" }))["pc"].as_u64().unwrap();
+    // Its events may come at any time: --exit-when-idle must not stop it.
+    assert!(!runtime.wait_idle(Duration::from_millis(200)), "an open peer connection keeps the runtime busy");
+    assert_eq!(driver.command(&a, json!({ "op": "close", "pc": pc })), json!({ "ok": true }));
+    wait_until("the runtime is idle once the connection is closed", || runtime.is_idle());
+}
