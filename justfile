@@ -27,6 +27,14 @@ js-demo: setup
     cargo run --release -q -p hyperty-host -- pin guests/demo/mixed.toml
     cargo run --release -q -p hyperty-host -- run guests/demo/mixed.toml --exit-when-idle
 
+# The call demo: alice.example's hyperty calls bob.example's over a WebRTC
+# data channel, signalling through a synced Connection data object, with
+# identity-bound fingerprints (guests/media-caller); the log tells the setup.
+call: setup
+    cargo build --release -p hyperty-tests -p hyperty-host
+    cargo run --release -q -p hyperty-host -- pin guests/demo/call.toml
+    cargo run --release -q -p hyperty-host -- run guests/demo/call.toml --exit-when-idle
+
 # Build one JavaScript hyperty into a component of the `hyperty` world:
 # `just js-guest guests/js/pong/pong.js` writes guests/target/js/pong.wasm.
 # Installs the pinned npm packages (jco's QuickJS backend) outside the

@@ -716,11 +716,12 @@ impl Runtime {
         self.bus.pending_requests()
     }
 
-    /// True when no message is queued or being handled in any sandbox and no
-    /// request is pending.
+    /// True when no message is queued or being handled in any sandbox, no
+    /// request is pending and no hyperty holds a WebRTC peer connection
+    /// (its events may come at any time).
     pub fn is_idle(&self) -> bool {
         let deployed = self.deployed.lock().unwrap();
-        self.bus.pending_requests() == 0 && deployed.sandboxes.values().all(|s| s.inbox().in_flight() == 0)
+        self.bus.pending_requests() == 0 && deployed.sandboxes.values().all(|s| s.inbox().in_flight() == 0 && s.peer_connections() == 0)
     }
 
     /// Waits until [`is_idle`](Self::is_idle) or `timeout`; true if idle.

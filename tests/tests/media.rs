@@ -609,6 +609,8 @@ fn identity_bound_fingerprints_are_accepted_and_each_side_is_told_the_other_s_us
     let shown: Value = serde_json::from_str(shown["assertion"].as_str().unwrap_or_else(|| panic!("{shown}"))).unwrap();
     assert_eq!(shown["idp"]["domain"], IDP, "{shown}");
     let token = shown["assertion"].as_str().unwrap().to_owned();
+    let again = driver.command(&b, json!({ "op": "assertion", "pc": pc }));
+    assert_eq!(again["assertion"].as_str().map(|a| a.contains(&token)), Some(true), "kept for the connection: {again}");
     let endpoint = runtime.endpoint("hyperty://carol.example/replayer", 16).unwrap();
     let mut m = hyperty_host::Message::new(1, hyperty_host::MessageType::Read, endpoint.address().clone(), b.clone(), None);
     m.assertion = Some(hyperty_host::message::Assertion { idp: IDP.into(), token });
@@ -630,6 +632,9 @@ fn an_assertion_binding_another_connection_s_fingerprint_is_refused_and_the_conn
     let pc = driver.command(&a, json!({ "op": "open", "remote": b.to_string() }))["pc"].as_u64().unwrap();
     let set = driver.command(&a, json!({ "op": "set-identity", "pc": pc, "assertion": assertion }));
     assert_eq!(set, json!({ "user": "bob@idp.example" }), "the assertion itself is valid");
+    // Once per connection: the IdP proxy is not asked again.
+    let e = error_of(&driver.command(&a, json!({ "op": "set-identity", "pc": pc, "assertion": assertion })));
+    assert_eq!(e, "invalid: the remote identity is set already (bob@idp.example): once per connection");
     let e = error_of(&driver.command(&a, json!({ "op": "accept-offer", "pc": pc, "sdp": offer, "remote": b.to_string() })));
     assert!(e.starts_with("closed: identity mismatch: the remote SDP's fingerprint sha-256 "), "{e}");
     assert!(e.contains("is not the one the identity assertion of bob@idp.example binds"), "{e}");
@@ -643,6 +648,9 @@ fn an_assertion_binding_another_connection_s_fingerprint_is_refused_and_the_conn
     let pc = driver.command(&a, json!({ "op": "open" }))["pc"].as_u64().unwrap();
     let e = error_of(&driver.command(&a, json!({ "op": "set-identity", "pc": pc, "assertion": "{\"x\":1}" })));
     assert!(e.starts_with("invalid: not an identity assertion: expected"), "{e}");
+    let huge = json!({ "idp": { "domain": IDP }, "assertion": "x".repeat(16 << 10) }).to_string();
+    let e = error_of(&driver.command(&a, json!({ "op": "set-identity", "pc": pc, "assertion": huge })));
+    assert!(e.starts_with("invalid: not an identity assertion: ") && e.ends_with("bytes, the limit is 16384"), "{e}");
     let mut tampered: Value = serde_json::from_str(&assertion).unwrap();
     let token = tampered["assertion"].as_str().unwrap().to_owned();
     // The signature's first character changed: its bits all count.
@@ -735,4 +743,63 @@ fn frames_never_wait_for_a_full_inbox_they_are_dropped_and_counted_and_the_call_
     // What b's hyperty saw and what was dropped add up to the frames received.
     let seen = driver.endpoint.take_set_aside(|m| m.from == b && reported(m)["event"] == "media").len() as u64;
     assert_eq!(seen + dropped, frames, "{stats}");
+}
+
+// Signalling through reTHINK's Connection data object (media-caller).
+
+/// The first line media-caller `at` said that contains `text`.
+fn said(driver: &Driver, at: &Address, text: &str) -> Value {
+    driver.media_report(at, 10, |v| v["said"].as_str().is_some_and(|s| s.contains(text)))
+}
+
+#[test]
+fn a_call_signalled_through_a_synced_connection_object_opens_a_channel_between_identified_peers() {
+    let runtime = runtime(Duration::from_secs(5));
+    let mut driver = Driver::new(&runtime);
+    let caller = json!({ "peer": "bob.example/callee", "message": "hello bob", "observer": OBSERVER });
+    let callee = json!({ "message": "hello alice", "observer": OBSERVER });
+    let bundle = TestBundle::new()
+        .hyperty("alice.example", "caller", &guest("media-caller"), caller)
+        .hyperty("bob.example", "callee", &guest("media-caller"), callee)
+        .user("alice.example", "caller", "alice@idp.example")
+        .user("bob.example", "callee", "bob@idp.example")
+        .idp(IDP, IDP_KEY, &["alice.example", "bob.example"])
+        .domain("alice.example", media_domain(4, json!({})))
+        .domain("bob.example", media_domain(4, json!({})));
+    runtime.deploy(&bundle.load()).expect("the call deploys");
+    let a = runtime.lookup("alice.example", "caller").unwrap();
+    let b = runtime.lookup("bob.example", "callee").unwrap();
+
+    // The offer is the data of a connection:// object of the caller's
+    // domain; the callee, invited, answers in a child of the same object.
+    let offered = said(&driver, &a, "offer sent to bob.example/callee in the Connection object connection://alice.example/");
+    let url = offered["url"].as_str().unwrap().to_owned();
+    assert!(offered["said"].as_str().unwrap().ends_with("with our identity assertion"), "{offered}");
+    let received = said(&driver, &b, "offer received from alice@idp.example");
+    assert!(received["said"].as_str().unwrap().ends_with(&format!("in the Connection object {url}")), "{received}");
+    said(&driver, &b, "the caller's identity assertion is valid: alice@idp.example");
+    said(&driver, &b, &format!("answer written into the Connection object {url}"));
+    said(&driver, &a, "answer received from bob@idp.example (its identity assertion is valid; its fingerprint checked)");
+    // Both see the other's identity, checked against its fingerprint.
+    said(&driver, &a, "connected: identity of the peer verified: bob@idp.example (IdP idp.example)");
+    said(&driver, &b, "connected: identity of the peer verified: alice@idp.example (IdP idp.example)");
+    said(&driver, &a, "channel \"chat\" open; sent \"hello bob\"");
+    said(&driver, &b, "message exchanged: received \"hello bob\"");
+    said(&driver, &a, "message exchanged: received \"hello alice\"");
+    // The caller hangs up and deletes the object; the callee, told, closes.
+    said(&driver, &a, "hanging up");
+    said(&driver, &b, "call ended");
+    wait_until("both peer connections are freed", || runtime.is_idle());
+    let read = driver.read(&Address::parse(url.clone()).unwrap());
+    assert_eq!(read.body.code, Some(404), "the Connection object is gone: {read:?}");
+}
+
+#[test]
+fn a_runtime_whose_hyperty_holds_a_peer_connection_is_not_idle_until_it_is_closed() {
+    let (runtime, mut driver, _bundle, a, _b) = pair(json!({}));
+    let pc = driver.command(&a, json!({ "op": "open" }))["pc"].as_u64().unwrap();
+    // Its events may come at any time: --exit-when-idle must not stop it.
+    assert!(!runtime.wait_idle(Duration::from_millis(200)), "an open peer connection keeps the runtime busy");
+    assert_eq!(driver.command(&a, json!({ "op": "close", "pc": pc })), json!({ "ok": true }));
+    wait_until("the runtime is idle once the connection is closed", || runtime.is_idle());
 }

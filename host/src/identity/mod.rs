@@ -92,7 +92,8 @@ pub(crate) struct Identities {
     validated: RwLock<HashMap<Assertion, (Identity, u64)>>,
 }
 
-fn now() -> u64 {
+/// Seconds since the Unix epoch.
+pub(crate) fn now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
@@ -222,13 +223,14 @@ impl Identities {
     }
 
     /// An assertion by the IdP of `domain` that `user` holds `contents`
-    /// (`identity-binding`); the error says why there is none (no IdP, no
-    /// proxy, a proxy that cannot bind, or its refusal).
-    pub(crate) fn bound_assertion(&self, domain: &str, user: &str, contents: &str) -> Result<Assertion, String> {
+    /// (`identity-binding`), and when it expires (Unix seconds); the error
+    /// says why there is none (no IdP, no proxy, a proxy that cannot bind,
+    /// or its refusal).
+    pub(crate) fn bound_assertion(&self, domain: &str, user: &str, contents: &str) -> Result<(Assertion, u64), String> {
         let idp = self.domain_idp(domain).ok_or_else(|| format!("{domain} has no IdP (`idp` in its bundle entry) to assert {user}"))?;
         let proxy = self.proxy(&idp).ok_or_else(|| format!("no proxy runs for IdP {idp}"))?;
         let issued = proxy.generate_bound(user, contents).map_err(|why| format!("IdP {idp} cannot assert {user}: {why}"))?;
-        Ok(Assertion { idp, token: issued.token })
+        Ok((Assertion { idp, token: issued.token }, issued.expires))
     }
 
     /// Who a bound `assertion` says its bearer is, and the contents it

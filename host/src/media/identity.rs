@@ -14,7 +14,11 @@
 //!   SDP is accepted; every `a=fingerprint` of that SDP must then be one the
 //!   assertion binds, else the connection is closed with the reason.
 //!
-//! The proxies are guests: they are called here without any media lock.
+//! The proxies are guests: they are called here without any media lock,
+//! and at most once per connection each way (its assertion is kept until
+//! half its lifetime has passed; a remote identity is set once), so a
+//! hyperty cannot make the host call them more often than it opens
+//! connections.
 
 use serde_json::{Value, json};
 
@@ -109,15 +113,16 @@ fn bound_fingerprints(contents: &str) -> Result<Vec<Fingerprint>, String> {
 
 /// The identity assertion binding `fingerprint` to the user the hyperty
 /// (`descriptor`) acts for, by its domain's IdP, as the JSON text it
-/// carries to its peer. Calls the IdP proxy: hold no lock.
-pub(crate) fn assertion(identities: &Identities, descriptor: &Descriptor, fingerprint: &str) -> Result<String, MediaError> {
+/// carries to its peer, and when it expires. Calls the IdP proxy: hold no
+/// lock.
+fn assertion(identities: &Identities, descriptor: &Descriptor, fingerprint: &str) -> Result<(String, u64), MediaError> {
     let user = descriptor
         .user
         .as_deref()
         .ok_or_else(|| MediaError::NotGranted(format!("{} acts for no user (`user` in its bundle entry): nothing to assert", descriptor.name)))?;
     let contents = contents(fingerprint)?;
-    let assertion = identities.bound_assertion(&descriptor.domain, user, &contents).map_err(MediaError::NotGranted)?;
-    Ok(json!({ "idp": { "domain": assertion.idp, "protocol": "default" }, "assertion": assertion.token }).to_string())
+    let (assertion, expires) = identities.bound_assertion(&descriptor.domain, user, &contents).map_err(MediaError::NotGranted)?;
+    Ok((json!({ "idp": { "domain": assertion.idp, "protocol": "default" }, "assertion": assertion.token }).to_string(), expires))
 }
 
 /// Validates the remote's identity assertion `text` through the proxy of
@@ -134,17 +139,25 @@ pub(crate) fn validate(identities: &Identities, text: &str) -> Result<RemoteIden
 
 impl DomainMedia {
     /// The identity assertion of `conn` for the hyperty `descriptor` (see
-    /// [`assertion`]).
+    /// [`assertion`]): the one made before while less than half its
+    /// lifetime has passed.
     pub(super) fn identity_assertion(&self, conn: &Conn, descriptor: &Descriptor) -> Result<String, MediaError> {
-        drop(conn.lock()?);
-        assertion(&self.identities, descriptor, &conn.fingerprint)
+        let now = crate::identity::now();
+        if let Some((text, made, expires)) = &conn.lock()?.local_assertion
+            && now < made + (expires.saturating_sub(*made)) / 2
+        {
+            return Ok(text.clone());
+        }
+        let (text, expires) = assertion(&self.identities, descriptor, &conn.fingerprint)?;
+        conn.lock()?.local_assertion = Some((text.clone(), now, expires));
+        Ok(text)
     }
 
     /// Validates the remote's assertion `text` for `conn` (see
     /// [`validate`]) and keeps it there; one its IdP refuses closes `conn`.
     /// The user it vouches for.
     pub(super) fn set_remote_identity(&self, conn: &Conn, text: &str) -> Result<String, MediaError> {
-        drop(conn.lock()?);
+        may_set_remote_identity(&*conn.lock()?)?;
         let remote = match validate(&self.identities, text) {
             Err(MediaError::Closed(why)) => {
                 conn.close(&why);
@@ -153,14 +166,23 @@ impl DomainMedia {
             other => other?,
         };
         let mut state = conn.lock()?;
-        if state.negotiated {
-            return Err(MediaError::Invalid("the remote SDP is already accepted: set the remote identity before accept-offer / accept-answer".into()));
-        }
+        may_set_remote_identity(&state)?;
         let user = remote.identity.user.clone();
         tracing::info!(connection = %conn.address, "remote identity assertion valid: {user} (IdP {}), to be checked against the remote SDP", remote.identity.idp);
         state.remote_identity = Some(remote);
         Ok(user)
     }
+}
+
+/// A remote identity is set once per connection, before its remote SDP.
+fn may_set_remote_identity(state: &State) -> Result<(), MediaError> {
+    if let Some(remote) = &state.remote_identity {
+        return Err(MediaError::Invalid(format!("the remote identity is set already ({}): once per connection", remote.identity.user)));
+    }
+    if state.negotiated {
+        return Err(MediaError::Invalid("the remote SDP is already accepted: set the remote identity before accept-offer / accept-answer".into()));
+    }
+    Ok(())
 }
 
 impl Conn {

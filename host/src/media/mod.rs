@@ -197,6 +197,7 @@ impl DomainMedia {
                 stash: VecDeque::new(),
                 closed: None,
                 remote_identity: None,
+                local_assertion: None,
             }),
             wake: tokio::sync::Notify::new(),
         });
@@ -209,6 +210,11 @@ impl DomainMedia {
         tracing::info!(domain = %self.domain, connection = %conn.address, %local, "peer connection opened for {owner}");
         handle.spawn(drive(conn.clone(), socket, sink, place));
         Ok(PeerConnection { conn })
+    }
+
+    /// How many peer connections the domain holds (each with its socket).
+    pub fn open_connections(&self) -> u32 {
+        *self.held.open.lock().expect("not poisoned")
     }
 
     /// The runtime of the domain's media thread, started on first use.
@@ -321,6 +327,9 @@ struct State {
     closed: Option<String>,
     /// The remote's identity, checked (`set-remote-identity`).
     remote_identity: Option<identity::RemoteIdentity>,
+    /// This side's identity assertion: its text, when it was made and when
+    /// it expires (Unix seconds).
+    local_assertion: Option<(String, u64, u64)>,
 }
 
 impl State {

@@ -159,6 +159,7 @@ pub(crate) struct SandboxHandle {
     inbox: Inbox,
     stopping: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
+    media: Arc<crate::media::DomainMedia>,
 }
 
 impl SandboxHandle {
@@ -170,7 +171,7 @@ impl SandboxHandle {
         let stopping = Arc::new(AtomicBool::new(false));
         let media = Arc::new(crate::media::DomainMedia::new(domain, settings.media.clone(), shared.policies.clone(), shared.identities.clone()));
         let sandbox = Sandbox {
-            media,
+            media: media.clone(),
             stopping: stopping.clone(),
             settings: settings.clone(),
             shared,
@@ -184,11 +185,16 @@ impl SandboxHandle {
             .name(format!("sandbox {domain}"))
             .spawn(move || sandbox.run(rx))
             .map_err(|e| anyhow!("cannot start the sandbox thread: {e}"))?;
-        Ok(SandboxHandle { settings, memory, inbox, stopping, thread: Some(thread) })
+        Ok(SandboxHandle { settings, memory, inbox, stopping, thread: Some(thread), media })
     }
 
     pub fn inbox(&self) -> Inbox {
         self.inbox.clone()
+    }
+
+    /// The domain's open WebRTC peer connections.
+    pub fn peer_connections(&self) -> u32 {
+        self.media.open_connections()
     }
 
     /// Linear memory held by the domain's instances, in bytes.
