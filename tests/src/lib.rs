@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 pub mod rethink;
+pub mod scale;
 
 use hyperty_host::bundle::{BundleBuilder, Component, Domain, Hyperty, Idp, Protostub};
 use hyperty_host::events::RecvTimeoutError;
