@@ -61,7 +61,8 @@ test: setup nats chromium
 # Benchmarks (release build): bus throughput and latency, instantiation;
 # runtime to runtime through NATS beside NATS's own client-to-client figures;
 # syncher subscribe latency and fan-out to 1, 100 and 10,000 observers;
-# JavaScript hyperties beside Rust ones (msg/s, instantiation, memory).
+# JavaScript hyperties beside Rust ones (msg/s, instantiation, memory);
+# scale: deploying 1,000 hyperties, 10,000 in one runtime (RSS), checking them.
 bench: setup nats
     cargo bench -p hyperty-tests --bench bus
     cargo bench -p hyperty-tests --bench nats
@@ -69,6 +70,7 @@ bench: setup nats
     cargo bench -p hyperty-tests --bench gateway
     cargo bench -p hyperty-tests --bench js
     cargo bench -p hyperty-tests --bench media
+    cargo bench -p hyperty-tests --bench scale
 
 # Build the guest components into guests/target/wasm32-wasip2/release.
 guests: setup

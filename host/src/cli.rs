@@ -64,6 +64,10 @@ enum Command {
         /// domains' registries.
         #[arg(long, default_value_t = 60_000)]
         registry_keep_alive_ms: u64,
+        /// Component instances (hyperties, protostubs, IdP proxies) the
+        /// runtime holds at once; each reserves 4 GiB of address space.
+        #[arg(long, default_value_t = crate::engine::DEFAULT_MAX_INSTANCES)]
+        max_instances: u32,
         #[command(flatten)]
         gateway: GatewayFlags,
     },
@@ -180,12 +184,14 @@ where
             groups,
             serve_registry,
             registry_keep_alive_ms,
+            max_instances,
             gateway,
         } => {
             let config = RuntimeConfig {
                 request_timeout: Duration::from_millis(request_timeout_ms),
                 serve_registries: serve_registry,
                 registry_keep_alive: Duration::from_millis(registry_keep_alive_ms),
+                max_instances,
                 ..config
             };
             setup_policies(&config, policies.as_deref(), groups.as_deref()).and_then(|()| run(&bundle, config, exit_when_idle, gateway))

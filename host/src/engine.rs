@@ -39,6 +39,64 @@ pub(crate) fn arm<T>(store: &mut wasmtime::Store<T>, deadline_ticks: u64, fuel: 
 /// Largest linear memory any instance may have; domains set lower limits.
 pub const MAX_MEMORY_BYTES: usize = 1 << 30;
 
+/// Component instances a runtime holds at once unless configured otherwise
+/// ([`crate::RuntimeConfig::max_instances`]).
+pub const DEFAULT_MAX_INSTANCES: u32 = 1000;
+
+/// Core instances one component may create (a Rust guest has 3, a
+/// componentize-js one 11). Pool slots for them are a counter, not memory.
+pub const CORE_INSTANCES_PER_COMPONENT: u32 = 16;
+
+/// Linear memories one component may define (a Rust guest has 1, a
+/// componentize-js one 3). The pool holds one memory per component
+/// instance: each reserves 4 GiB + 32 MiB of address space (no RSS until
+/// touched), so a runtime of `n` instances reserves about `4 n` GiB of the
+/// 128 TiB a Linux x86-64 process has.
+pub const MEMORIES_PER_COMPONENT: u32 = 4;
+
+/// Tables one component may define (a Rust guest has 2, a componentize-js
+/// one 3); the pool holds two per component instance.
+pub const TABLES_PER_COMPONENT: u32 = 4;
+
+/// The sizes of wasmtime's instance pool, all derived from one limit: how
+/// many component instances (hyperties, protostubs, IdP proxies, and those a
+/// restart or a protostub's config check creates for a moment) the runtime
+/// holds at once. Pool slots are reserved when the runtime starts, so this
+/// is a limit: an instantiation past it is refused with
+/// [`pool_exhausted`]'s explanation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PoolLimits {
+    /// Component instances at once (`total_component_instances`).
+    pub instances: u32,
+}
+
+impl PoolLimits {
+    fn config(self) -> wasmtime::PoolingAllocationConfig {
+        let n = self.instances.max(1);
+        let mut pool = wasmtime::PoolingAllocationConfig::default();
+        pool.total_component_instances(n)
+            .total_core_instances(n.saturating_mul(CORE_INSTANCES_PER_COMPONENT))
+            .max_core_instances_per_component(CORE_INSTANCES_PER_COMPONENT)
+            .total_memories(n)
+            .max_memories_per_component(MEMORIES_PER_COMPONENT)
+            .total_tables(n.saturating_mul(2))
+            .max_tables_per_component(TABLES_PER_COMPONENT)
+            .max_memory_size(MAX_MEMORY_BYTES);
+        pool
+    }
+}
+
+/// If `error` is wasmtime's "pool exhausted", says which limit was reached
+/// and how to raise it (`RuntimeConfig::max_instances`, `hyperty run
+/// --max-instances`); `None` for any other error.
+pub(crate) fn pool_exhausted(error: &wasmtime::Error) -> Option<String> {
+    let pool = error.chain().find_map(|e| e.downcast_ref::<wasmtime::PoolConcurrencyLimitError>())?;
+    Some(format!(
+        "the runtime's instance pool is full ({pool}): it holds max-instances component instances at once; \
+         raise RuntimeConfig::max_instances (hyperty run --max-instances)"
+    ))
+}
+
 /// A sha256 digest.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Digest(pub [u8; 32]);
@@ -79,20 +137,15 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// Creates the engine; compiled components are cached under `cache_dir`.
-    pub fn new(cache_dir: &Path) -> Result<Engine> {
-        let mut pool = wasmtime::PoolingAllocationConfig::default();
-        pool.total_component_instances(1000)
-            .total_core_instances(2000)
-            .total_memories(1000)
-            .total_tables(2000)
-            .max_memory_size(MAX_MEMORY_BYTES);
+    /// Creates the engine with an instance pool of `pool`'s size; compiled
+    /// components are cached under `cache_dir`.
+    pub fn new(cache_dir: &Path, pool: PoolLimits) -> Result<Engine> {
         let mut config = wasmtime::Config::new();
         config
             .wasm_component_model(true)
             .epoch_interruption(true)
             .consume_fuel(true)
-            .allocation_strategy(wasmtime::InstanceAllocationStrategy::Pooling(pool));
+            .allocation_strategy(wasmtime::InstanceAllocationStrategy::Pooling(pool.config()));
         let engine = wasmtime::Engine::new(&config).map_err(|e| anyhow::anyhow!("cannot create the wasmtime engine: {e:#}"))?;
 
         let mut h = DefaultHasher::new();

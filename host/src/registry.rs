@@ -18,7 +18,7 @@
 //! through the `registry` import, embedders through
 //! [`Runtime::discover`](crate::Runtime::discover).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, RwLock, Weak};
 use std::time::Duration;
@@ -82,14 +82,21 @@ impl Query {
     }
 }
 
-/// Registrations by (domain, name); few enough (hundreds) that discovery
-/// scans them.
+/// Registrations by (domain, name), and which one is at an address (a
+/// runtime holds 10,000 hyperties: a status change must not scan them);
+/// discovery scans them.
 #[derive(Default)]
 pub struct Registry {
-    entries: RwLock<BTreeMap<(String, String), Registration>>,
+    entries: RwLock<Entries>,
     announcer: OnceLock<Announcer>,
     /// The domain registries this runtime serves, if any.
     served: OnceLock<Arc<DomainRegistry>>,
+}
+
+#[derive(Default)]
+struct Entries {
+    by_name: BTreeMap<(String, String), Registration>,
+    by_address: HashMap<Address, (String, String)>,
 }
 
 /// Sends registration changes to the domains' remote registries.
@@ -181,7 +188,7 @@ impl Registry {
     fn keep_alive(&self) {
         let Some(announcer) = self.announcer.get() else { return };
         // Sent after the lock is released: a send may call an IdP proxy.
-        let all: Vec<Registration> = self.entries.read().unwrap().values().cloned().collect();
+        let all: Vec<Registration> = self.entries.read().unwrap().by_name.values().cloned().collect();
         for r in &all {
             announcer.announce(MessageType::Update, r, json!({ "keep-alive": true, "status": r.status.as_str() }));
         }
@@ -191,10 +198,11 @@ impl Registry {
     pub fn register(&self, registration: Registration) -> bool {
         let mut entries = self.entries.write().unwrap();
         let key = (registration.domain.clone(), registration.name.clone());
-        if entries.contains_key(&key) {
+        if entries.by_name.contains_key(&key) {
             return false;
         }
-        entries.insert(key, registration.clone());
+        entries.by_address.insert(registration.address.clone(), key.clone());
+        entries.by_name.insert(key, registration.clone());
         drop(entries);
         if let Some(announcer) = self.announcer.get() {
             announcer.announce(MessageType::Create, &registration, registration.to_json());
@@ -203,7 +211,17 @@ impl Registry {
     }
 
     pub fn unregister(&self, domain: &str, name: &str) {
-        let removed = self.entries.write().unwrap().remove(&(domain.to_owned(), name.to_owned()));
+        let removed = {
+            let mut entries = self.entries.write().unwrap();
+            let key = (domain.to_owned(), name.to_owned());
+            let removed = entries.by_name.remove(&key);
+            if let Some(r) = &removed
+                && entries.by_address.get(&r.address) == Some(&key)
+            {
+                entries.by_address.remove(&r.address);
+            }
+            removed
+        };
         if let (Some(r), Some(announcer)) = (removed, self.announcer.get()) {
             announcer.announce(MessageType::Delete, &r, json!({}));
         }
@@ -213,7 +231,8 @@ impl Registry {
     pub fn set_status(&self, address: &Address, status: Status) {
         let changed = {
             let mut entries = self.entries.write().unwrap();
-            match entries.values_mut().find(|r| &r.address == address) {
+            let Entries { by_name, by_address } = &mut *entries;
+            match by_address.get(address).and_then(|key| by_name.get_mut(key)) {
                 Some(r) if r.status != status => {
                     r.status = status;
                     Some(r.clone())
@@ -227,7 +246,7 @@ impl Registry {
     }
 
     pub fn lookup(&self, domain: &str, name: &str) -> Option<Address> {
-        self.entries.read().unwrap().get(&(domain.to_owned(), name.to_owned())).map(|r| r.address.clone())
+        self.entries.read().unwrap().by_name.get(&(domain.to_owned(), name.to_owned())).map(|r| r.address.clone())
     }
 
     /// Adds what the domain registries served here know to discovery.
@@ -239,7 +258,7 @@ impl Registry {
     /// runtime's, then what other runtimes announced to the domain
     /// registries it serves.
     pub fn discover(&self, query: &Query) -> Vec<Registration> {
-        let mut found: Vec<Registration> = self.entries.read().unwrap().values().filter(|r| query.matches(r)).cloned().collect();
+        let mut found: Vec<Registration> = self.entries.read().unwrap().by_name.values().filter(|r| query.matches(r)).cloned().collect();
         if let (Some(served), Some(announcer)) = (self.served.get(), self.announcer.get()) {
             found.extend(served.discover(query, &announcer.runtime));
             found.sort_by(|a, b| (&a.domain, &a.name, &a.address).cmp(&(&b.domain, &b.name, &b.address)));

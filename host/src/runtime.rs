@@ -21,7 +21,7 @@ use crate::bundle::{Bundle, BundleError, DomainSpec, HypertySpec, Location, Prob
 use crate::bus::{Bus, BusConfig};
 use crate::contract;
 use crate::domain_registry::DomainRegistry;
-use crate::engine::{Digest, Engine};
+use crate::engine::{Digest, Engine, PoolLimits};
 use crate::policy::cedar::CedarPolicies;
 use crate::policy::{Decision, Descriptor, PolicyDecisionPoint};
 use crate::registry::{Kind, Query, Registration, Registry, Status};
@@ -64,6 +64,12 @@ pub struct RuntimeConfig {
     /// A decision point used instead of the Cedar policies, for embedders
     /// with an engine of their own.
     pub custom_policy: Option<Arc<dyn PolicyDecisionPoint>>,
+    /// Component instances (hyperties, protostubs, IdP proxies) the runtime
+    /// holds at once: the size of wasmtime's instance pool, reserved at
+    /// start (see [`crate::engine::PoolLimits`]). Each reserves 4 GiB of
+    /// address space; an idle hyperty is about 40 KiB resident. An
+    /// instantiation past it is refused, naming this limit.
+    pub max_instances: u32,
 }
 
 impl Default for RuntimeConfig {
@@ -79,6 +85,7 @@ impl Default for RuntimeConfig {
             registry_expiry: None,
             policies: Arc::new(CedarPolicies::new()),
             custom_policy: None,
+            max_instances: crate::engine::DEFAULT_MAX_INSTANCES,
         }
     }
 }
@@ -172,7 +179,7 @@ struct Prepared {
 
 impl Runtime {
     pub fn new(config: RuntimeConfig) -> Result<Runtime> {
-        let engine = Engine::new(&config.cache_dir)?;
+        let engine = Engine::new(&config.cache_dir, PoolLimits { instances: config.max_instances })?;
         let linker = sandbox::hyperty_linker(engine.wasmtime())?;
         let store = config.data_dir.as_deref().map(Store::open).transpose()?.map(Arc::new);
         let new_runtime_address = || format!("runtime://{}/{}", config.domain, uuid::Uuid::new_v4());
@@ -313,6 +320,9 @@ impl Runtime {
                     });
                 }
             }
+            // A component fitted once per domain (its grants and limits),
+            // however many of its entries use it.
+            let mut fitted: HashMap<Digest, HypertyPre<InstanceState>> = HashMap::new();
             for (h, hyperty) in domain.hyperties.iter().enumerate() {
                 if self.registry.lookup(&domain.name, &hyperty.name).is_some() {
                     let message = format!("{}/{} is already deployed", domain.name, hyperty.name);
@@ -335,12 +345,18 @@ impl Runtime {
                         continue;
                     }
                 }
-                let pre = self.compile(bundle, &hyperty.at, &hyperty.component, (bytes, digest), &domain.settings.grants, |_, c| {
-                    fits_limits(c, &domain.settings.limits)?;
-                    sandbox::prepare(&self.linker, c)
-                });
+                let pre = match fitted.get(&digest) {
+                    Some(pre) => Ok(pre.clone()),
+                    None => self.compile(bundle, &hyperty.at, &hyperty.component, (bytes, digest), &domain.settings.grants, |_, c| {
+                        fits_limits(c, &domain.settings.limits)?;
+                        sandbox::prepare(&self.linker, c)
+                    }),
+                };
                 match pre {
-                    Ok(pre) => prepared.push(Prepared { domain: d, hyperty: h, pre }),
+                    Ok(pre) => {
+                        fitted.entry(digest).or_insert_with(|| pre.clone());
+                        prepared.push(Prepared { domain: d, hyperty: h, pre });
+                    }
                     Err(problem) => problems.push(problem),
                 }
             }
@@ -536,6 +552,8 @@ impl Runtime {
                 message: e.to_string(),
             })?;
         }
+        // Where each of `started` is in the bundle (domain, hyperty).
+        let mut entries = Vec::with_capacity(prepared.len());
         for p in prepared {
             let domain = &bundle.domains[p.domain];
             let spec = &domain.hyperties[p.hyperty];
@@ -591,11 +609,11 @@ impl Runtime {
                 spec.component.file_name().unwrap_or_default().to_string_lossy()
             );
             started.push(Running { hyperty, instance });
+            entries.push((p.domain, p.hyperty));
         }
-        for running in started.iter() {
+        for (running, &(d, i)) in started.iter().zip(&entries) {
             let h = &running.hyperty;
-            let domain = bundle.domains.iter().find(|d| d.name == h.domain).expect("from this bundle");
-            let spec = domain.hyperties.iter().find(|s| s.name == h.name).expect("from this bundle");
+            let spec = &bundle.domains[d].hyperties[i];
             deployed.sandboxes[&h.domain]
                 .init(running.instance)
                 .map_err(|e| bundle.problem(&spec.at, "component", format!("{}/{}: {e:#}", h.domain, h.name)))?;

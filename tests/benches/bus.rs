@@ -25,6 +25,7 @@ use hyperty_host::{
     RuntimeConfig,
 };
 use hyperty_tests::*;
+use hyperty_tests::scale::{self, median};
 use serde_json::json;
 
 const RUNS: usize = 5;
@@ -209,19 +210,5 @@ fn realistic_policies(owner: &str) -> String {
 /// µs per hyperty to deploy a bundle of `n` into a fresh runtime.
 fn deploy_many(n: usize) -> f64 {
     let runtime: Runtime = runtime(Duration::from_secs(5));
-    let mut bundle = TestBundle::new();
-    for i in 0..n {
-        bundle = bundle.hyperty("many.example", &format!("pong{i}"), &guest("pong"), json!({}));
-    }
-    let bundle = bundle.domain("many.example", json!({ "limits": { "instances": 1000 } })).load();
-    // Compile (or load from the cache) once, outside the measurement.
-    runtime.check(&bundle).unwrap();
-    let started = Instant::now();
-    runtime.deploy(&bundle).unwrap();
-    started.elapsed().as_secs_f64() * 1e6 / n as f64
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
+    scale::deploy_us(&runtime, &scale::pongs(1, n).load())
 }

@@ -272,3 +272,35 @@ fn addresses_with_bidi_or_invisible_characters_are_refused_and_never_echoed_raw(
     assert!(!log.lines().any(|l| l.starts_with("INFO forged line")), "a guest forged a log line");
     c.driver.still_works(&c.a, &c.b);
 }
+
+/// The instance pool is a limit of the runtime's configuration
+/// (`max_instances`): a bundle needing more instances than it holds is
+/// refused as a whole, the error names the limit and how to raise it, and
+/// the slots taken by the refused bundle's first instances are free again
+/// for the next deployment.
+#[test]
+fn a_bundle_past_the_instance_pool_is_refused_naming_max_instances() {
+    let config = hyperty_host::RuntimeConfig { cache_dir: cache_dir(), max_instances: 3, ..Default::default() };
+    let runtime = Runtime::new(config).unwrap();
+    let mut bundle = TestBundle::new();
+    for i in 0..4 {
+        bundle = bundle.hyperty("pool.example", &format!("pong{i}"), &guest("pong"), json!({}));
+    }
+    let error = runtime.deploy(&bundle.load()).unwrap_err();
+    let message = error.to_string();
+    assert!(message.contains("instance pool is full"), "{message}");
+    assert!(message.contains("max-instances") && message.contains("RuntimeConfig::max_instances"), "{message}");
+    assert!(message.contains("hyperties[3]"), "the entry past the pool is named: {message}");
+    assert!(runtime.hyperties().is_empty(), "nothing of the refused bundle runs");
+
+    let mut fits = TestBundle::new();
+    for i in 0..3 {
+        fits = fits.hyperty("pool.example", &format!("pong{i}"), &guest("pong"), json!({}));
+    }
+    assert_eq!(runtime.deploy(&fits.load()).unwrap().len(), 3);
+    let pong = runtime.lookup("pool.example", "pong2").unwrap();
+    let e = runtime.endpoint("hyperty://tester.example/t", 8).unwrap();
+    let ping = Message::new(1, MessageType::Execute, e.address().clone(), pong, Some(r#"{"text":"ping"}"#.into()));
+    let answer = e.request_reply(ping, None).unwrap();
+    assert_eq!(answer.body.code, Some(200), "{answer:?}");
+}

@@ -370,11 +370,16 @@ impl BundleBuilder {
     fn manifest(self, path: &Path, files_only: bool) -> Result<(String, BTreeMap<PathBuf, Arc<[u8]>>), BundleError> {
         let mut components = BTreeMap::new();
         let mut problems = Vec::new();
+        // Each file hashed once, however many entries name it.
+        let mut digests: BTreeMap<PathBuf, Digest> = BTreeMap::new();
         let mut entry = |field: String, component: Component, table: Table| {
             let mut table = table;
             let (name, digest) = match component.source {
                 Source::File(file) => {
-                    let digest = component.sha256.map(Ok).unwrap_or_else(|| std::fs::read(&file).map(|b| Digest::of(&b)));
+                    let digest = match (component.sha256, digests.get(&file)) {
+                        (Some(pin), _) | (None, Some(&pin)) => Ok(pin),
+                        (None, None) => std::fs::read(&file).map(|b| *digests.entry(file.clone()).or_insert(Digest::of(&b))),
+                    };
                     match digest {
                         Ok(digest) => (file.display().to_string(), digest),
                         Err(e) => {

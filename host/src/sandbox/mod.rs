@@ -523,7 +523,7 @@ pub(crate) fn trap_reason(error: &wasmtime::Error, limits: &Limits) -> String {
         Some(wasmtime::Trap::StackOverflow) => "stack overflow".to_owned(),
         Some(wasmtime::Trap::UnreachableCodeReached) => "panicked or reached unreachable code".to_owned(),
         Some(other) => format!("trapped: {other}"),
-        None => format!("{error:#}"),
+        None => crate::engine::pool_exhausted(error).unwrap_or_else(|| format!("{error:#}")),
     }
 }
 
