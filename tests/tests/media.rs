@@ -565,3 +565,11 @@ fn a_runtime_whose_hyperty_holds_a_peer_connection_is_not_idle_until_it_is_close
     assert_eq!(driver.command(&a, json!({ "op": "close", "pc": pc })), json!({ "ok": true }));
     wait_until("the runtime is idle once the connection is closed", || runtime.is_idle());
 }
+
+#[test]
+fn a_remote_name_over_1024_bytes_is_refused_at_open_and_one_at_the_limit_is_kept() {
+    let (_runtime, mut driver, _bundle, a, _b) = pair(json!({}));
+    let e = error_of(&driver.command(&a, json!({ "op": "open", "remote": "x".repeat(1025) })));
+    assert_eq!(e, "invalid: a remote name of 1025 bytes; at most 1024");
+    assert!(driver.command(&a, json!({ "op": "open", "remote": "x".repeat(1024) }))["pc"].is_u64());
+}
