@@ -461,6 +461,13 @@ fn an_assertion_binding_another_connection_s_fingerprint_is_refused_and_the_conn
     let e = error_of(&driver.command(&a, json!({ "op": "set-identity", "pc": pc, "assertion": tampered.to_string() })));
     assert!(e.starts_with("closed: the remote identity assertion of IdP idp.example was refused: "), "{e}");
     driver.media_report(&a, 10, |v| v["event"] == "closed" && v["pc"] == pc && v["reason"].as_str().unwrap().contains("was refused"));
+
+    // A message assertion (valid, but binding nothing) is no identity
+    // assertion for a connection.
+    let pc = driver.command(&a, json!({ "op": "open" }))["pc"].as_u64().unwrap();
+    let unbound = json!({ "idp": { "domain": IDP }, "assertion": jwt(IDP_KEY, IDP, "bob@idp.example", unix_now() + 600) });
+    let e = error_of(&driver.command(&a, json!({ "op": "set-identity", "pc": pc, "assertion": unbound.to_string() })));
+    assert_eq!(e, "closed: the remote identity assertion of IdP idp.example was refused: not a bound assertion: no contents claim");
 }
 
 #[test]
