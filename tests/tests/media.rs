@@ -580,3 +580,57 @@ fn a_remote_name_over_1024_bytes_is_refused_at_open_and_one_at_the_limit_is_kept
     assert_eq!(e, "invalid: a remote name of 1025 bytes; at most 1024");
     assert!(driver.command(&a, json!({ "op": "open", "remote": "x".repeat(1024) }))["pc"].is_u64());
 }
+
+#[test]
+fn identities_bound_in_two_runtimes_are_checked_across_nats() {
+    let nats = Nats::start();
+    let servers = [nats.endpoint()];
+    let with_stubs = |mut bundle: TestBundle| {
+        for domain in ["alice.example", "bob.example", "app.example"] {
+            bundle = bundle.protostub(domain, &servers, json!({}));
+        }
+        bundle
+    };
+    let r1 = runtime(Duration::from_secs(10));
+    let r2 = runtime(Duration::from_secs(10));
+    let mut driver = Driver::new(&r1);
+    // Each runtime runs the IdP's proxy for its own domain's users, and
+    // validates the other's with it (the same IdP).
+    let b1 = with_stubs(
+        TestBundle::new()
+            .hyperty("alice.example", "a", &guest("media-peer"), media_peer_config(false))
+            .user("alice.example", "a", "alice@idp.example")
+            .idp(IDP, IDP_KEY, &["alice.example"])
+            .domain("alice.example", media_domain(8, json!({})))
+            .domain("alice.example", json!({ "require-identity": false })),
+    );
+    let b2 = with_stubs(
+        TestBundle::new()
+            .hyperty("bob.example", "b", &guest("media-peer"), media_peer_config(true))
+            .user("bob.example", "b", "bob@idp.example")
+            .idp(IDP, IDP_KEY, &["bob.example"])
+            .domain("bob.example", media_domain(8, json!({}))),
+    );
+    r1.deploy(&b1.load()).expect("runtime 1 deploys");
+    r2.deploy(&b2.load()).expect("runtime 2 deploys");
+    let a = r1.lookup("alice.example", "a").unwrap();
+    let b = r2.lookup("bob.example", "b").unwrap();
+
+    // The stubs connect and subscribe asynchronously: call until the offer
+    // is answered (a call that found no route yet reports `failed`).
+    let until = std::time::Instant::now() + Duration::from_secs(20);
+    let pc = loop {
+        let call = driver.command(&a, json!({ "op": "call", "peer": b.to_string(), "label": "far", "identity": true }));
+        let pc = call["pc"].as_u64().unwrap_or_else(|| panic!("{call}"));
+        let signal = driver.media_report(&a, 15, |v| v["signal"].is_string() && v["pc"] == pc);
+        if signal["signal"] == "answered" {
+            break pc;
+        }
+        driver.command(&a, json!({ "op": "drop", "pc": pc }));
+        assert!(std::time::Instant::now() < until, "no answer through NATS: {signal}");
+    };
+    let at_a = driver.media_report(&a, 10, |v| v["event"] == "connected" && v["pc"] == pc);
+    assert_eq!(at_a["identity"], json!({ "user": "bob@idp.example", "idp": IDP }), "{at_a}");
+    let at_b = driver.media_report(&b, 10, |v| v["event"] == "connected");
+    assert_eq!(at_b["identity"], json!({ "user": "alice@idp.example", "idp": IDP }), "{at_b}");
+}
