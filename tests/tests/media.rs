@@ -660,6 +660,13 @@ fn an_assertion_binding_another_connection_s_fingerprint_is_refused_and_the_conn
     let e = error_of(&driver.command(&a, json!({ "op": "set-identity", "pc": pc, "assertion": tampered.to_string() })));
     assert!(e.starts_with("closed: the remote identity assertion of IdP idp.example was refused: "), "{e}");
     driver.media_report(&a, 10, |v| v["event"] == "closed" && v["pc"] == pc && v["reason"].as_str().unwrap().contains("was refused"));
+
+    // A message assertion (valid, but binding nothing) is no identity
+    // assertion for a connection.
+    let pc = driver.command(&a, json!({ "op": "open" }))["pc"].as_u64().unwrap();
+    let unbound = json!({ "idp": { "domain": IDP }, "assertion": jwt(IDP_KEY, IDP, "bob@idp.example", unix_now() + 600) });
+    let e = error_of(&driver.command(&a, json!({ "op": "set-identity", "pc": pc, "assertion": unbound.to_string() })));
+    assert_eq!(e, "closed: the remote identity assertion of IdP idp.example was refused: not a bound assertion: no contents claim");
 }
 
 #[test]
@@ -802,4 +809,66 @@ fn a_runtime_whose_hyperty_holds_a_peer_connection_is_not_idle_until_it_is_close
     assert!(!runtime.wait_idle(Duration::from_millis(200)), "an open peer connection keeps the runtime busy");
     assert_eq!(driver.command(&a, json!({ "op": "close", "pc": pc })), json!({ "ok": true }));
     wait_until("the runtime is idle once the connection is closed", || runtime.is_idle());
+}
+
+#[test]
+fn a_remote_name_over_1024_bytes_is_refused_at_open_and_one_at_the_limit_is_kept() {
+    let (_runtime, mut driver, _bundle, a, _b) = pair(json!({}));
+    let e = error_of(&driver.command(&a, json!({ "op": "open", "remote": "x".repeat(1025) })));
+    assert_eq!(e, "invalid: a remote name of 1025 bytes; at most 1024");
+    assert!(driver.command(&a, json!({ "op": "open", "remote": "x".repeat(1024) }))["pc"].is_u64());
+}
+
+#[test]
+fn identities_bound_in_two_runtimes_are_checked_across_nats() {
+    let nats = Nats::start();
+    let servers = [nats.endpoint()];
+    let with_stubs = |mut bundle: TestBundle| {
+        for domain in ["alice.example", "bob.example", "app.example"] {
+            bundle = bundle.protostub(domain, &servers, json!({}));
+        }
+        bundle
+    };
+    let r1 = runtime(Duration::from_secs(10));
+    let r2 = runtime(Duration::from_secs(10));
+    let mut driver = Driver::new(&r1);
+    // Each runtime runs the IdP's proxy for its own domain's users, and
+    // validates the other's with it (the same IdP).
+    let b1 = with_stubs(
+        TestBundle::new()
+            .hyperty("alice.example", "a", &guest("media-peer"), media_peer_config(false))
+            .user("alice.example", "a", "alice@idp.example")
+            .idp(IDP, IDP_KEY, &["alice.example"])
+            .domain("alice.example", media_domain(8, json!({})))
+            .domain("alice.example", json!({ "require-identity": false })),
+    );
+    let b2 = with_stubs(
+        TestBundle::new()
+            .hyperty("bob.example", "b", &guest("media-peer"), media_peer_config(true))
+            .user("bob.example", "b", "bob@idp.example")
+            .idp(IDP, IDP_KEY, &["bob.example"])
+            .domain("bob.example", media_domain(8, json!({}))),
+    );
+    r1.deploy(&b1.load()).expect("runtime 1 deploys");
+    r2.deploy(&b2.load()).expect("runtime 2 deploys");
+    let a = r1.lookup("alice.example", "a").unwrap();
+    let b = r2.lookup("bob.example", "b").unwrap();
+
+    // The stubs connect and subscribe asynchronously: call until the offer
+    // is answered (a call that found no route yet reports `failed`).
+    let until = std::time::Instant::now() + Duration::from_secs(20);
+    let pc = loop {
+        let call = driver.command(&a, json!({ "op": "call", "peer": b.to_string(), "label": "far", "identity": true }));
+        let pc = call["pc"].as_u64().unwrap_or_else(|| panic!("{call}"));
+        let signal = driver.media_report(&a, 15, |v| v["signal"].is_string() && v["pc"] == pc);
+        if signal["signal"] == "answered" {
+            break pc;
+        }
+        driver.command(&a, json!({ "op": "drop", "pc": pc }));
+        assert!(std::time::Instant::now() < until, "no answer through NATS: {signal}");
+    };
+    let at_a = driver.media_report(&a, 10, |v| v["event"] == "connected" && v["pc"] == pc);
+    assert_eq!(at_a["identity"], json!({ "user": "bob@idp.example", "idp": IDP }), "{at_a}");
+    let at_b = driver.media_report(&b, 10, |v| v["event"] == "connected");
+    assert_eq!(at_b["identity"], json!({ "user": "alice@idp.example", "idp": IDP }), "{at_b}");
 }

@@ -155,6 +155,10 @@ impl DomainMedia {
         let Some(settings) = self.settings.clone() else {
             return Err(MediaError::NotGranted(format!("{} is not granted `media` (grants and a `media` table in its bundle)", self.domain)));
         };
+        // Kept with the connection (asked again at accept-answer).
+        if let Some(remote) = remote.filter(|r| r.len() > MAX_LABEL_BYTES) {
+            return Err(MediaError::Invalid(format!("a remote name of {} bytes; at most {MAX_LABEL_BYTES}", remote.len())));
+        }
         let address = Address::parse(format!("media://{}/{}", self.domain, uuid::Uuid::new_v4())).expect("a valid address");
         let remote_descriptor = remote.and_then(|r| Address::parse(r).ok()).and_then(|r| bus.descriptor_of(&r));
         self.authorize("media-open", owner, descriptor, &address, remote.map(|r| (r, remote_descriptor.as_deref())), None)?;
