@@ -670,6 +670,28 @@ fn an_assertion_binding_another_connection_s_fingerprint_is_refused_and_the_conn
 }
 
 #[test]
+fn no_remote_identity_is_set_after_a_remote_sdp_even_one_that_was_refused() {
+    // str0m keeps the first remote fingerprint it reads, even from an SDP
+    // it then refuses: an identity set after that would be checked against
+    // the next SDP's text while DTLS checks the first one's certificate.
+    let (_runtime, mut driver, _bundle, a, b) = deploy_identified("idp-jwt", json!({ "require-identity": false }));
+    // b shows an assertion it holds for another connection (standing for
+    // one a victim handed to every peer it called).
+    let other = driver.command(&b, json!({ "op": "open" }))["pc"].as_u64().unwrap();
+    let assertion = driver.command(&b, json!({ "op": "assertion", "pc": other }))["assertion"].as_str().unwrap().to_owned();
+    let offer = offer_from(&mut driver, &b);
+    // Its media section twice, with the same mid: str0m refuses the offer
+    // after reading its fingerprint.
+    let section = &offer[offer.find("m=").unwrap()..];
+    let broken = format!("{offer}{section}");
+    let pc = driver.command(&a, json!({ "op": "open", "remote": b.to_string() }))["pc"].as_u64().unwrap();
+    let e = error_of(&driver.command(&a, json!({ "op": "accept-offer", "pc": pc, "sdp": broken, "remote": b.to_string() })));
+    assert!(e.starts_with("malformed-sdp: "), "{e}");
+    let e = error_of(&driver.command(&a, json!({ "op": "set-identity", "pc": pc, "assertion": assertion })));
+    assert_eq!(e, "invalid: a remote SDP was already given: set the remote identity before accept-offer / accept-answer");
+}
+
+#[test]
 fn an_idp_proxy_without_identity_binding_still_asserts_messages_and_its_peers_are_unauthenticated() {
     // bob.example requires identity (the default with an IdP): the call's
     // offer reaches b only with alice's assertion, made and validated by

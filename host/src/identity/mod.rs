@@ -238,6 +238,11 @@ impl Identities {
     pub(crate) fn validate_bound(&self, assertion: &Assertion) -> Result<(Identity, String), String> {
         let proxy = self.proxy(&assertion.idp).ok_or("no proxy for this IdP runs here")?;
         let claims = proxy.validate_bound(&assertion.token)?;
+        // The host's own check, whatever the proxy checked: an expired
+        // assertion binds nothing.
+        if claims.expires <= now() {
+            return Err(format!("the assertion of {} expired at {} (Unix seconds)", claims.user, claims.expires));
+        }
         Ok((Identity { user: claims.user, idp: assertion.idp.clone() }, claims.contents))
     }
 
@@ -252,6 +257,13 @@ impl Identities {
         let refused = |why: String| (code::UNAUTHORIZED, format!("identity assertion of IdP {} refused: {why}", assertion.idp));
         let proxy = self.proxy(&assertion.idp).ok_or_else(|| refused("no proxy for this IdP runs here".into()))?;
         let claims = proxy.validate(&assertion.token).map_err(refused)?;
+        // A bound assertion (WebRTC identity) is shown to every peer a
+        // hyperty calls: it must never let its bearer speak on the bus as
+        // the user. The host checks it itself rather than trust each
+        // binding proxy's `validate-assertion` to refuse one.
+        if proxy.binds() && proxy.validate_bound(&assertion.token).is_ok() {
+            return Err(refused("a bound assertion (its contents claim) is not a message assertion".into()));
+        }
         let identity = Identity { user: claims.user, idp: assertion.idp.clone() };
         let mut cache = self.validated.write().unwrap();
         if cache.len() >= CACHE_LIMIT {

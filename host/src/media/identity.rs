@@ -65,6 +65,18 @@ pub(crate) struct RemoteIdentity {
 }
 
 impl RemoteIdentity {
+    /// Checks the fingerprint of the certificate DTLS was completed with
+    /// (str0m's `remote_dtls_fingerprint`, `sha-256 AB:CD:...`) against the
+    /// bound ones; the error is the reason the connection closes.
+    pub fn check_connected(&self, remote: Option<String>) -> Result<(), String> {
+        let connected = remote.as_deref().and_then(Fingerprint::parse);
+        match connected {
+            Some(f) if self.fingerprints.contains(&f) => Ok(()),
+            Some(f) => Err(format!("identity mismatch: DTLS completed with fingerprint {f}, not the one the identity assertion of {} binds", self.identity.user)),
+            None => Err(format!("identity unchecked: DTLS completed with no remote fingerprint to check against the assertion of {}", self.identity.user)),
+        }
+    }
+
     /// Checks that every `a=fingerprint` of `sdp` (there must be one) is
     /// bound by the assertion; the error is the reason the connection
     /// closes.
@@ -179,8 +191,8 @@ fn may_set_remote_identity(state: &State) -> Result<(), MediaError> {
     if let Some(remote) = &state.remote_identity {
         return Err(MediaError::Invalid(format!("the remote identity is set already ({}): once per connection", remote.identity.user)));
     }
-    if state.negotiated {
-        return Err(MediaError::Invalid("the remote SDP is already accepted: set the remote identity before accept-offer / accept-answer".into()));
+    if state.negotiated || state.remote_sdp_seen {
+        return Err(MediaError::Invalid("a remote SDP was already given: set the remote identity before accept-offer / accept-answer".into()));
     }
     Ok(())
 }

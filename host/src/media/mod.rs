@@ -194,6 +194,7 @@ impl DomainMedia {
                 pending_offer: None,
                 unoffered: Vec::new(),
                 negotiated: false,
+                remote_sdp_seen: false,
                 local_ids: HashMap::new(),
                 open: HashMap::new(),
                 next_channel: 1,
@@ -319,6 +320,10 @@ struct State {
     unoffered: Vec<(u32, ChannelConfig)>,
     /// An offer/answer exchange completed: channels open in-band.
     negotiated: bool,
+    /// A remote SDP was handed to str0m, whether or not it was accepted:
+    /// str0m keeps the first remote fingerprint it sees even from an SDP it
+    /// then refuses, so no remote identity may be set after it.
+    remote_sdp_seen: bool,
     /// Ids of channels opened here, until str0m says they are open.
     local_ids: HashMap<ChannelId, u32>,
     /// Open channels by their id.
@@ -437,6 +442,7 @@ impl Conn {
             return Err(MediaError::Invalid("this connection's own offer is waiting for its answer".into()));
         }
         let mut state = self.check_remote_identity(state, &text)?;
+        state.remote_sdp_seen = true;
         let answer = state.rtc.sdp_api().accept_offer(offer).map_err(|e| MediaError::MalformedSdp(e.to_string()))?;
         state.negotiated = true;
         drop(state);
@@ -453,6 +459,7 @@ impl Conn {
         }
         let mut state = self.check_remote_identity(state, &text)?;
         let pending = state.pending_offer.take().ok_or_else(|| MediaError::Invalid("no offer is waiting for an answer".into()))?;
+        state.remote_sdp_seen = true;
         state.rtc.sdp_api().accept_answer(pending, answer).map_err(|e| MediaError::MalformedSdp(e.to_string()))?;
         state.negotiated = true;
         drop(state);
@@ -572,6 +579,16 @@ impl Conn {
     fn event(&self, state: &mut State, event: Event) -> Option<Value> {
         match event {
             Event::Connected => {
+                // DTLS is up with the certificate str0m checked against the
+                // remote fingerprint it kept: that one must be bound too.
+                if let Some(remote) = &state.remote_identity
+                    && let Err(why) = remote.check_connected(state.rtc.direct_api().remote_dtls_fingerprint().map(ToString::to_string))
+                {
+                    if state.closed.is_none() {
+                        state.closed = Some(why);
+                    }
+                    return None;
+                }
                 let identity = state.remote_identity.as_ref().map(identity::RemoteIdentity::to_json);
                 Some(json!({ "event": "connected", "identity": identity }))
             }
