@@ -15,13 +15,19 @@ use serde_json::{Value, json};
 /// A runtime with media-peers alice.example/a and bob.example/b (b echoes),
 /// each domain granted media with `media` settings `extra`.
 fn pair(extra: Value) -> (Runtime, Driver, TestBundle, Address, Address) {
+    pair_with(extra, json!({}))
+}
+
+/// [`pair`] with bob.example's settings also taking those of `bob`.
+fn pair_with(extra: Value, bob: Value) -> (Runtime, Driver, TestBundle, Address, Address) {
     let runtime = runtime(Duration::from_secs(5));
     let driver = Driver::new(&runtime);
     let bundle = TestBundle::new()
         .hyperty("alice.example", "a", &guest("media-peer"), media_peer_config(false))
         .domain("alice.example", media_domain(4, extra.clone()))
         .hyperty("bob.example", "b", &guest("media-peer"), media_peer_config(true))
-        .domain("bob.example", media_domain(4, extra));
+        .domain("bob.example", media_domain(4, extra))
+        .domain("bob.example", bob);
     runtime.deploy(&bundle.load()).expect("the media pair deploys");
     let a = runtime.lookup("alice.example", "a").unwrap();
     let b = runtime.lookup("bob.example", "b").unwrap();
@@ -736,19 +742,9 @@ fn a_policy_requiring_an_identified_peer_denies_an_unauthenticated_one() {
 
 #[test]
 fn frames_never_wait_for_a_full_inbox_they_are_dropped_and_counted_and_the_call_goes_on() {
-    let runtime = runtime(Duration::from_secs(5));
-    let mut driver = Driver::new(&runtime);
     // b's inbox holds 4 messages, and 8 events waiting for it close the
     // connection: frames must not be among them.
-    let bundle = TestBundle::new()
-        .hyperty("alice.example", "a", &guest("media-peer"), media_peer_config(false))
-        .domain("alice.example", media_domain(4, json!({})))
-        .hyperty("bob.example", "b", &guest("media-peer"), media_peer_config(false))
-        .domain("bob.example", media_domain(4, json!({ "pending-events": 8 })))
-        .domain("bob.example", json!({ "limits": { "inbox": 4 } }));
-    runtime.deploy(&bundle.load()).unwrap();
-    let a = runtime.lookup("alice.example", "a").unwrap();
-    let b = runtime.lookup("bob.example", "b").unwrap();
+    let (_runtime, mut driver, _bundle, a, b) = pair_with(json!({ "pending-events": 8 }), json!({ "limits": { "inbox": 4 } }));
     let (call, tracks) = driver.media_call_with_tracks(&a, &b, "control", json!([["audio", "opus"]]));
     let (pc_a, pc_b) = (call.caller.0, call.callee.0);
     let audio_b = driver.media_track(&b, pc_b, "audio")["track"].as_u64().unwrap();

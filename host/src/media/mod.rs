@@ -241,6 +241,7 @@ fn bind(settings: &MediaSettings) -> Result<UdpSocket, MediaError> {
     for port in settings.ports.clone() {
         if let Ok(socket) = UdpSocket::bind((settings.bind, port)) {
             socket.set_nonblocking(true).map_err(|e| MediaError::Invalid(format!("cannot use the socket: {e}")))?;
+            track::size_receive_buffer(&socket);
             return Ok(socket);
         }
     }

@@ -456,6 +456,33 @@ impl Conn {
     }
 }
 
+/// The receive buffer asked for each connection's socket, in bytes (the
+/// kernel caps it at `net.core.rmem_max`): media comes in bursts (a video
+/// keyframe is tens of packets, a forward passes a burst on at once), and
+/// the default (~208 KiB, a few dozen full datagrams with their kernel
+/// overhead) dropped packets of a 40-frame burst on loopback.
+pub(super) const RECEIVE_BUFFER: usize = 2 << 20;
+
+/// Asks for [`RECEIVE_BUFFER`] on `socket`; a refusal leaves the default.
+pub(super) fn size_receive_buffer(socket: &std::net::UdpSocket) {
+    use std::os::fd::AsRawFd as _;
+    let size = RECEIVE_BUFFER as libc::c_int;
+    // SAFETY: a valid socket descriptor, and a pointer to a c_int of the
+    // length given, as SO_RCVBUF takes.
+    let set = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            (&raw const size).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if set != 0 {
+        tracing::debug!("SO_RCVBUF not set on a media socket: {}", std::io::Error::last_os_error());
+    }
+}
+
 /// Refuses a write while the connection's task has not taken the outputs
 /// of the writes before ([`MAX_STASHED`]).
 fn room_to_write(state: &State) -> Result<(), MediaError> {
