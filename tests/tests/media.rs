@@ -474,8 +474,25 @@ fn bad_track_calls_are_refused_with_their_typed_error_and_the_call_goes_on() {
     assert_eq!(driver.media_report(&b, 10, |v| v["event"] == "channel-data")["text"], "after");
 }
 
-#[test]
-fn a_relay_hyperty_forwards_one_peer_s_video_to_another_inside_the_host_and_keyframe_requests_flow_back() {
+/// Three media-peers: a calls r with a video track, r calls b with its own,
+/// and r forwards a's video to b inside the host.
+struct RelayWorld {
+    _runtime: Runtime,
+    driver: Driver,
+    a: Address,
+    r: Address,
+    b: Address,
+    /// a's sending track on `pc_a`; r's connections from a and to b; b's
+    /// connection and the track on which a's frames arrive there.
+    a_tracks: Vec<u64>,
+    pc_a: u64,
+    pc_ra: u64,
+    pc_rb: u64,
+    pc_b: u64,
+    at_b: u64,
+}
+
+fn relay_world() -> RelayWorld {
     let runtime = runtime(Duration::from_secs(5));
     let mut driver = Driver::new(&runtime);
     let mut bundle = TestBundle::new();
@@ -496,6 +513,12 @@ fn a_relay_hyperty_forwards_one_peer_s_video_to_another_inside_the_host_and_keyf
     let at_b = driver.media_track(&b, pc_b, "video")["track"].as_u64().unwrap();
     let forward = json!({ "op": "forward", "pc": pc_ra, "track": from, "to": pc_rb, "to-track": r_tracks[0] });
     assert_eq!(driver.command(&r, forward), json!({ "ok": true }));
+    RelayWorld { _runtime: runtime, driver, a, r, b, a_tracks, pc_a, pc_ra, pc_rb, pc_b, at_b }
+}
+
+#[test]
+fn a_relay_hyperty_forwards_one_peer_s_video_to_another_inside_the_host_and_keyframe_requests_flow_back() {
+    let RelayWorld { _runtime, mut driver, a, r, b, a_tracks, pc_a, pc_ra, pc_rb, pc_b, at_b } = relay_world();
 
     // a's 40 frames reach b whole, through the host alone.
     let sent = driver.command(&a, json!({ "op": "write", "pc": pc_a, "track": a_tracks[0], "frames": 40, "size": 2500 }));
@@ -523,6 +546,19 @@ fn a_relay_hyperty_forwards_one_peer_s_video_to_another_inside_the_host_and_keyf
     // in order, so one would have reached the observer before that frame.
     let to_r = driver.endpoint.take_set_aside(|m| m.from == r && reported(m)["event"] == "keyframe-request");
     assert!(to_r.is_empty(), "{to_r:?}");
+}
+
+#[test]
+fn when_a_forward_s_source_closes_its_target_s_keyframe_requests_reach_the_hyperty_again() {
+    let RelayWorld { _runtime, mut driver, r, b, pc_ra, pc_rb, pc_b, at_b, .. } = relay_world();
+    // The source (r's connection from a) closes while it feeds pc_rb.
+    driver.command(&r, json!({ "op": "close", "pc": pc_ra }));
+    driver.media_report(&r, 10, |v| v["event"] == "closed" && v["pc"] == pc_ra);
+    // b asks for a keyframe: no source is left to pass it to, so r's
+    // hyperty is told, on its track to b.
+    assert_eq!(driver.command(&b, json!({ "op": "request-keyframe", "pc": pc_b, "track": at_b })), json!({ "ok": true }));
+    let asked = driver.media_report(&r, 10, |v| v["event"] == "keyframe-request");
+    assert_eq!(asked["pc"].as_u64(), Some(pc_rb), "{asked}");
 }
 
 /// The page of the Chromium media test: sends its fake camera and

@@ -20,6 +20,8 @@
 //! hyperty cannot make the host call them more often than it opens
 //! connections.
 
+use std::sync::PoisonError;
+
 use serde_json::{Value, json};
 
 use super::{Conn, DomainMedia, MediaError, State};
@@ -161,6 +163,11 @@ impl DomainMedia {
             return Ok(text.clone());
         }
         let (text, expires) = assertion(&self.identities, descriptor, &conn.fingerprint)?;
+        // The WIT promises at most 16 KiB: a proxy's longer token is its fault,
+        // and a peer would refuse it anyway.
+        if text.len() > MAX_IDENTITY_BYTES {
+            return Err(MediaError::NotGranted(format!("the IdP proxy's assertion is {} bytes, the limit is {MAX_IDENTITY_BYTES}", text.len())));
+        }
         conn.lock()?.local_assertion = Some((text.clone(), now, expires));
         Ok(text)
     }
@@ -200,7 +207,7 @@ fn may_set_remote_identity(state: &State) -> Result<(), MediaError> {
 impl Conn {
     /// The remote's checked identity, if any.
     pub(super) fn remote_identity(&self) -> Option<Identity> {
-        self.state.lock().expect("not poisoned").remote_identity.as_ref().map(|r| r.identity.clone())
+        self.state.lock().unwrap_or_else(PoisonError::into_inner).remote_identity.as_ref().map(|r| r.identity.clone())
     }
 
     /// Before the remote SDP `sdp` is accepted: with a remote identity set,

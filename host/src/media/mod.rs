@@ -30,7 +30,7 @@ mod track;
 
 use std::collections::{HashMap, VecDeque};
 use std::net::{SocketAddr, UdpSocket};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -95,7 +95,7 @@ struct Place(Arc<Held>);
 
 impl Drop for Place {
     fn drop(&mut self) {
-        *self.0.open.lock().expect("not poisoned") -= 1;
+        *self.0.open.lock().unwrap_or_else(PoisonError::into_inner) -= 1;
     }
 }
 
@@ -163,7 +163,7 @@ impl DomainMedia {
         let remote_descriptor = remote.and_then(|r| Address::parse(r).ok()).and_then(|r| bus.descriptor_of(&r));
         self.authorize("media-open", owner, descriptor, &address, remote.map(|r| (r, remote_descriptor.as_deref())), None)?;
         let place = {
-            let mut open = self.held.open.lock().expect("not poisoned");
+            let mut open = self.held.open.lock().unwrap_or_else(PoisonError::into_inner);
             if *open >= settings.peer_connections {
                 return Err(MediaError::LimitReached(format!(
                     "peer-connections: {} holds {open} open (peer-connections = {})",
@@ -219,12 +219,12 @@ impl DomainMedia {
 
     /// How many peer connections the domain holds (each with its socket).
     pub fn open_connections(&self) -> u32 {
-        *self.held.open.lock().expect("not poisoned")
+        *self.held.open.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// The runtime of the domain's media thread, started on first use.
     fn driver(&self) -> Result<tokio::runtime::Handle, MediaError> {
-        let mut driver = self.driver.lock().expect("not poisoned");
+        let mut driver = self.driver.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(d) = driver.as_ref() {
             return Ok(d.handle.clone());
         }
@@ -353,8 +353,18 @@ impl State {
 }
 
 impl Conn {
+    /// The connection's state, or `Closed` once it has closed. A panic
+    /// inside the WebRTC stack while it held the state (a poisoned lock)
+    /// closes the connection instead of taking the domain's thread down.
     fn lock(&self) -> Result<std::sync::MutexGuard<'_, State>, MediaError> {
-        let state = self.state.lock().expect("not poisoned");
+        let state = self.state.lock().unwrap_or_else(|poisoned| {
+            let mut state = poisoned.into_inner();
+            if state.closed.is_none() {
+                state.closed = Some("the WebRTC stack failed (a panic while it held the connection)".into());
+            }
+            state
+        });
+        self.state.clear_poison();
         if let Some(why) = &state.closed {
             return Err(MediaError::Closed(why.clone()));
         }
@@ -362,7 +372,7 @@ impl Conn {
     }
 
     fn close(&self, why: &str) {
-        let mut state = self.state.lock().expect("not poisoned");
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         if state.closed.is_none() {
             state.closed = Some(why.to_owned());
             state.rtc.disconnect();
@@ -513,7 +523,7 @@ impl Conn {
         }
         let mut state = self.lock()?;
         let cid = *state.open.get(&channel).ok_or(MediaError::NoSuchChannel(channel))?;
-        let mut bytes = self.held.bytes.lock().expect("not poisoned");
+        let mut bytes = self.held.bytes.lock().unwrap_or_else(PoisonError::into_inner);
         if !bytes.has(data.len() as f64) {
             return Err(MediaError::LimitReached(format!(
                 "bytes-per-second: the domain sends more than {} bytes a second",
@@ -538,7 +548,7 @@ impl Conn {
     /// Takes str0m's outputs: datagrams to send, events for the hyperty,
     /// and when it next needs the time.
     fn poll(&self, out: &mut Polled) {
-        let mut state = self.state.lock().expect("not poisoned");
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         loop {
             let output = match state.stash.pop_front() {
                 Some(stashed) => Ok(stashed),
@@ -648,7 +658,7 @@ impl Conn {
     }
 
     fn input(&self, input: Input<'_>) {
-        let mut state = self.state.lock().expect("not poisoned");
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         if let Err(e) = state.rtc.handle_input(input)
             && state.closed.is_none()
         {
@@ -728,6 +738,9 @@ async fn drive(conn: Arc<Conn>, socket: tokio::net::UdpSocket, mut sink: Sink, p
             outbox.push_back((m, None));
             deliver(&sink, &mut outbox, &conn);
             tracing::info!(connection = %conn.address, "peer connection closed: {why}");
+            // Closed by the stack or the peer (ICE disconnected): its
+            // forwards end as with `close`.
+            conn.unlink();
             break;
         }
         deliver(&sink, &mut outbox, &conn);
@@ -781,7 +794,16 @@ fn deliver(sink: &Sink, outbox: &mut VecDeque<(Message, Option<u32>)>, conn: &Co
                     return;
                 }
             },
-            Err(e) => tracing::warn!(to = %sink.owner, "a media event was refused: {e}"),
+            // A frame refused for another reason (too large for the bus) is
+            // dropped and counted too: a remote peer sends frames, so one
+            // log line each would be a log flood it controls.
+            Err(e) => match frame {
+                Some(track) => {
+                    tracing::debug!(to = %sink.owner, "a received frame was refused: {e}");
+                    conn.count_dropped(track)
+                }
+                None => tracing::warn!(to = %sink.owner, "a media event was refused: {e}"),
+            },
         }
     }
 }

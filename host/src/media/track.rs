@@ -25,7 +25,7 @@
 //! out of the source's lock ([`Relay`]) and done by its task, one lock at
 //! a time.
 
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
@@ -262,7 +262,7 @@ impl Conn {
 
     /// Takes `bytes` from the domain's `media-bytes-per-second`.
     fn charge(&self, bytes: usize) -> Result<(), MediaError> {
-        let mut media = self.held.media.lock().expect("not poisoned");
+        let mut media = self.held.media.lock().unwrap_or_else(PoisonError::into_inner);
         if media.has(bytes as f64) {
             media.take_n(bytes as f64);
             return Ok(());
@@ -301,10 +301,19 @@ impl Conn {
             t.sending()?;
             t.fed_by = Some(Link { conn: Arc::downgrade(self), track });
         }
-        let mut state = self.lock()?;
-        let t = state.tracks.get(track)?;
-        t.forward = Some(Link { conn: Arc::downgrade(to), track: to_track });
-        t.deliver = false;
+        let replaced = {
+            let mut state = self.lock()?;
+            let t = state.tracks.get(track)?;
+            t.deliver = false;
+            t.forward.replace(Link { conn: Arc::downgrade(to), track: to_track })
+        };
+        // The track it fed before no longer takes its keyframe requests here.
+        if let Some(old) = replaced
+            && !(std::ptr::eq(old.conn.as_ptr(), Arc::as_ptr(to)) && old.track == to_track)
+            && let Some(conn) = old.conn.upgrade()
+        {
+            conn.stop_fed_by(old.track, Arc::as_ptr(self));
+        }
         tracing::info!(connection = %self.address, to = %to.address, "track {track} forwarded to track {to_track}");
         Ok(())
     }
@@ -378,7 +387,7 @@ impl Conn {
 
     /// Counts a frame of `track` the hyperty's inbox had no room for.
     pub(super) fn count_dropped(&self, track: u32) {
-        if let Ok(t) = self.state.lock().expect("not poisoned").tracks.get(track) {
+        if let Ok(t) = self.state.lock().unwrap_or_else(PoisonError::into_inner).tracks.get(track) {
             t.stats.dropped += 1;
         }
     }
@@ -430,15 +439,35 @@ impl Conn {
 
     /// The hook of `close`: the tracks forwarded to this connection stop
     /// being forwarded (each source's lock taken after this one's is let go).
+    /// Also the tracks this connection forwarded to stop taking their
+    /// keyframe requests here (they reach their hyperty again). Idempotent.
     pub(super) fn unlink(&self) {
-        let sources: Vec<Link> = {
-            let mut state = self.state.lock().expect("not poisoned");
-            state.tracks.list.iter_mut().filter_map(|t| t.fed_by.take()).collect()
+        let (sources, targets): (Vec<Link>, Vec<Link>) = {
+            let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+            let sources = state.tracks.list.iter_mut().filter_map(|t| t.fed_by.take()).collect();
+            let targets = state.tracks.list.iter_mut().filter_map(|t| t.forward.take()).collect();
+            (sources, targets)
         };
         for source in sources {
             if let Some(conn) = source.conn.upgrade() {
                 conn.stop_forward(source.track, self);
             }
+        }
+        for target in targets {
+            if let Some(conn) = target.conn.upgrade() {
+                conn.stop_fed_by(target.track, self);
+            }
+        }
+    }
+
+    /// `track` here is no longer fed by the connection at `source` (it
+    /// closed, or forwards elsewhere now): its keyframe requests reach the
+    /// hyperty again. A track fed by another source since is left alone.
+    fn stop_fed_by(&self, track: u32, source: *const Conn) {
+        if let Ok(t) = self.state.lock().unwrap_or_else(PoisonError::into_inner).tracks.get(track)
+            && t.fed_by.as_ref().is_some_and(|f| std::ptr::eq(f.conn.as_ptr(), source))
+        {
+            t.fed_by = None;
         }
     }
 
@@ -446,7 +475,7 @@ impl Conn {
     /// frames reach the hyperty again. A forward since replaced by one to
     /// another connection goes on.
     fn stop_forward(&self, track: u32, target: *const Conn) {
-        if let Ok(t) = self.state.lock().expect("not poisoned").tracks.get(track)
+        if let Ok(t) = self.state.lock().unwrap_or_else(PoisonError::into_inner).tracks.get(track)
             && t.forward.as_ref().is_some_and(|f| std::ptr::eq(f.conn.as_ptr(), target))
         {
             t.forward = None;
