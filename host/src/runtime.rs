@@ -32,6 +32,8 @@ use crate::signing;
 use crate::store::Store;
 use crate::syncher::Syncher;
 use crate::events::{EventReceiver, Events};
+use crate::metrics::Metrics;
+use crate::metrics::serve::MetricsServer;
 pub use crate::endpoint::{Acting, ENDPOINT_NAME, Endpoint, EndpointError};
 use crate::sandbox::{self, HypertyPre, InstanceState, NewHyperty, SandboxHandle, Shared};
 
@@ -142,6 +144,8 @@ pub struct Runtime {
     policies: Arc<CedarPolicies>,
     store: Option<Arc<Store>>,
     syncher: Arc<Syncher>,
+    /// What the bus and the sandboxes count (see [`crate::metrics`]).
+    metrics: Arc<Metrics>,
     /// `runtime://<domain>/<id>`, kept across restarts with a data directory.
     address: Address,
     /// Held for the whole of a deployment, so deployments do not interleave.
@@ -190,6 +194,8 @@ impl Runtime {
         let address = Address::parse(address).map_err(anyhow::Error::msg)?;
         let policies = config.policies.clone();
         let identities = Arc::new(Identities::default());
+        let metrics = Arc::new(Metrics::new());
+        metrics.add_domain(&config.domain);
         let bus = Bus::new(
             BusConfig {
                 runtime_domain: config.domain,
@@ -198,6 +204,7 @@ impl Runtime {
             },
             config.custom_policy.unwrap_or_else(|| config.policies.clone()),
             identities.clone(),
+            metrics.clone(),
         );
         let registry = Arc::new(Registry::default());
         if !config.serve_registries.is_empty() {
@@ -218,6 +225,7 @@ impl Runtime {
             policies,
             store,
             syncher,
+            metrics,
             address,
             deployed: Mutex::default(),
         })
@@ -454,6 +462,7 @@ impl Runtime {
             self.bus.add_carrier(stub.carrier());
             self.bus.add_route(stub.address.clone(), stub.status_route());
             started.push(spec.domain.clone());
+            self.metrics.add_domain(&spec.domain);
             if spec.preload || bundle.domains.iter().any(|d| d.name == spec.domain) {
                 stub.ensure_started();
             }
@@ -729,6 +738,27 @@ impl Runtime {
         crate::gateway::Gateway::serve(addr, config, self.bus.clone(), self.identities.clone(), self.policies.clone(), self.registry.clone())
     }
 
+    /// Serves the runtime's metrics on `addr` (`GET /metrics`, OpenMetrics
+    /// text; see [`crate::metrics`]) until the returned server is dropped.
+    /// Loopback is meant (a warning is logged otherwise). Errors: `addr`
+    /// cannot be bound.
+    pub fn serve_metrics(&self, addr: std::net::SocketAddr) -> Result<MetricsServer> {
+        let bus = self.bus.downgrade();
+        let refresh = Box::new(move |metrics: &Metrics| {
+            if let Some(bus) = bus.upgrade() {
+                metrics.set_pending(bus.pending_requests());
+            }
+        });
+        MetricsServer::serve(addr, self.metrics.clone(), refresh)
+    }
+
+    /// The runtime's metrics, in the OpenMetrics text format (what
+    /// [`Runtime::serve_metrics`] serves).
+    pub fn metrics_text(&self) -> String {
+        self.metrics.set_pending(self.bus.pending_requests());
+        self.metrics.encode()
+    }
+
     /// Requests still waiting for their response (or 408).
     pub fn pending_requests(&self) -> usize {
         self.bus.pending_requests()
@@ -775,6 +805,7 @@ impl Runtime {
             syncher: self.syncher.clone(),
             policies: self.policies.clone(),
             identities: self.identities.clone(),
+            metrics: self.metrics.clone(),
         }
     }
 

@@ -60,7 +60,7 @@
 //! other connections. Every limit is listed in `host/SECURITY.md`.
 
 mod discover;
-mod http;
+pub(crate) mod http;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
