@@ -482,10 +482,10 @@ impl Bus {
         let counter = inner.metrics.message_counter(message.from.domain(), message.kind);
         match route.deliver(message, self, timeout) {
             Ok(()) => {
-                counter.inc();
                 if let Some(outstanding) = &correlation {
                     inner.metrics.request_finished(outstanding.sent.elapsed());
                 }
+                counter.inc();
                 Ok(())
             }
             Err(Refused::Full(message)) => {

@@ -1,0 +1,156 @@
+//! Metrics scraped over HTTP show the counts a test produced (issue 20,
+//! "Seeing inside"): messages through the real bus, policy denials, host
+//! answers, instances and restarts; the endpoint refuses bad requests
+//! clearly and keeps serving.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyperty_host::message::{Message, MessageType};
+use hyperty_host::policy::{Decision, EnforcementPoint, Parties, PolicyDecisionPoint};
+use hyperty_host::{EventKind, Runtime, RuntimeConfig};
+use hyperty_tests::metrics::{Samples, http, scrape};
+use hyperty_tests::*;
+use serde_json::json;
+
+const MESSAGES: &str = "hyperty_messages_total";
+const ANSWERS: &str = "hyperty_answers_total";
+const DENIALS: &str = "hyperty_policy_denials_total";
+
+/// Denies `delete` messages at the incoming point; permits the rest.
+struct NoDeletes;
+
+impl PolicyDecisionPoint for NoDeletes {
+    fn decide(&self, point: EnforcementPoint, _domain: &str, message: &Message, _: Parties<'_>) -> Decision {
+        if point == EnforcementPoint::Incoming && message.kind == MessageType::Delete {
+            return Decision::Deny { policies: vec!["no-deletes".into()], reason: "no deletes here".into() };
+        }
+        Decision::Permit
+    }
+}
+
+fn runtime_with(policy: Option<Arc<dyn PolicyDecisionPoint>>) -> Runtime {
+    Runtime::new(RuntimeConfig {
+        cache_dir: cache_dir(),
+        request_timeout: Duration::from_secs(60),
+        custom_policy: policy,
+        ..RuntimeConfig::default()
+    })
+    .unwrap()
+}
+
+/// Waits until `name{labels}` reaches `at_least`, then returns the scrape.
+fn scrape_when(addr: std::net::SocketAddr, name: &str, labels: &[(&str, &str)], at_least: f64) -> Samples {
+    let mut last = None;
+    wait_until(&format!("{name}{labels:?} >= {at_least}"), || {
+        let samples = scrape(addr);
+        let reached = samples.get(name, labels) >= at_least;
+        last = Some(samples);
+        reached
+    });
+    last.unwrap()
+}
+
+#[test]
+fn n_requests_through_the_bus_show_as_exactly_n_in_the_scraped_counters() {
+    const N: u32 = 25;
+    let runtime = runtime_with(None);
+    let server = runtime.serve_metrics("127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = server.local_addr();
+    let mut driver = Driver::new(&runtime);
+    let (_bundle, a, b) = healthy_pair(&runtime);
+    let before = scrape(addr);
+    assert_eq!(before.get("hyperty_instances", &[("domain", "alice.example")]), 1.0);
+    assert_eq!(before.get("hyperty_instances", &[("domain", "bob.example")]), 1.0);
+    let durations_before = before.get("hyperty_request_duration_seconds_count", &[]);
+    for _ in 0..N {
+        driver.still_works(&a, &b);
+    }
+    let reads = [("domain", "alice.example"), ("type", "read")];
+    let responses = [("domain", "bob.example"), ("type", "response")];
+    let after = scrape_when(addr, MESSAGES, &responses, f64::from(N));
+    // a's reads to b and b's responses, each exactly N (the observer's own
+    // commands come from app.example, which the bundle does not name).
+    assert_eq!(after.get(MESSAGES, &reads) - before.get(MESSAGES, &reads), f64::from(N));
+    assert_eq!(after.get(MESSAGES, &responses) - before.get(MESSAGES, &responses), f64::from(N));
+    assert_eq!(after.get(MESSAGES, &[("domain", "other"), ("type", "execute")]), f64::from(N), "the observer's commands to a");
+    assert_eq!(after.get(MESSAGES, &[("domain", "bob.example"), ("type", "read")]), 0.0);
+    // Every request (N commands, N reads) got its final response.
+    let finished = after.get("hyperty_request_duration_seconds_count", &[]) - durations_before;
+    assert_eq!(finished, f64::from(2 * N), "request durations");
+    assert_eq!(after.get(DENIALS, &[("point", "incoming")]), 0.0);
+    // A label is a bundle domain or "other", never a domain the bundle does not name.
+    assert_eq!(after.get(MESSAGES, &[("domain", "app.example"), ("type", "execute")]), 0.0);
+}
+
+#[test]
+fn a_policy_denial_and_its_403_show_in_the_denials_and_answers_counters() {
+    let runtime = runtime_with(Some(Arc::new(NoDeletes)));
+    let server = runtime.serve_metrics("127.0.0.1:0".parse().unwrap()).unwrap();
+    let mut driver = Driver::new(&runtime);
+    let (_bundle, a, b) = healthy_pair(&runtime);
+    let id = driver.fresh_id();
+    let cmd = json!({ "op": "request", "message": { "id": id, "type": "delete", "to": b.to_string() } });
+    assert_eq!(driver.command(&a, cmd), json!({ "ok": true }));
+    let answer = driver.report(&a, |m| m["type"] == "response" && m["id"] == id);
+    assert_eq!(answer["code"], 403, "{answer}");
+    let samples = scrape(server.local_addr());
+    assert_eq!(samples.get(DENIALS, &[("point", "incoming")]), 1.0);
+    assert_eq!(samples.get(DENIALS, &[("point", "outgoing")]), 0.0);
+    assert_eq!(samples.get(DENIALS, &[("point", "bus-access")]), 0.0);
+    assert_eq!(samples.get(ANSWERS, &[("domain", "alice.example"), ("code", "403")]), 1.0);
+    assert_eq!(samples.get(MESSAGES, &[("domain", "alice.example"), ("type", "delete")]), 0.0, "a denied message is not accepted");
+}
+
+#[test]
+fn a_restart_after_a_trap_shows_in_the_restarts_counter() {
+    let runtime = runtime_with(None);
+    let mut driver = Driver::new(&runtime);
+    let mut events = runtime.events();
+    let bundle = TestBundle::new()
+        .hyperty("evil.example", "x", &guest("hostile"), json!({ "mode": "trap", "owner": OBSERVER, "secret": "s" }))
+        .domain("evil.example", json!({ "restart": { "initial-backoff-ms": 20, "max-backoff-ms": 200 } }));
+    runtime.deploy(&bundle.load()).unwrap();
+    let evil = runtime.lookup("evil.example", "x").unwrap();
+    let server = runtime.serve_metrics("127.0.0.1:0".parse().unwrap()).unwrap();
+    assert_eq!(scrape(server.local_addr()).get("hyperty_restarts_total", &[("domain", "evil.example")]), 0.0);
+    let answer = driver.ask(&evil, json!({}));
+    assert_eq!(answer.body.code, Some(500));
+    wait_event(&mut events, |e| e.address == evil && matches!(e.kind, EventKind::Restarted { .. }));
+    let samples = scrape(server.local_addr());
+    assert_eq!(samples.get("hyperty_restarts_total", &[("domain", "evil.example")]), 1.0);
+    assert_eq!(samples.get("hyperty_instances", &[("domain", "evil.example")]), 1.0);
+    assert_eq!(samples.get(ANSWERS, &[("domain", "other"), ("code", "500")]), 1.0, "the observer's 500");
+}
+
+#[test]
+fn bad_requests_get_a_clear_http_error_and_the_endpoint_keeps_serving() {
+    let runtime = runtime_with(None);
+    let server = runtime.serve_metrics("127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = server.local_addr();
+    let post = http(addr, b"POST /metrics HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\n\r\n");
+    assert_eq!(post.status, 405, "{}", post.body);
+    assert!(post.body.contains("POST is not served here"), "{}", post.body);
+    assert_eq!(post.headers["allow"], "GET, HEAD");
+    let elsewhere = http(addr, b"GET /admin HTTP/1.1\r\nHost: localhost\r\n\r\n");
+    assert_eq!(elsewhere.status, 404, "{}", elsewhere.body);
+    assert!(elsewhere.body.contains("the metrics are at /metrics"), "{}", elsewhere.body);
+    let huge = format!("GET /metrics HTTP/1.1\r\nHost: localhost\r\nX-Pad: {}\r\n\r\n", "a".repeat(20 * 1024));
+    let refused = http(addr, huge.as_bytes());
+    assert_eq!(refused.status, 431, "{}", refused.body);
+    assert!(refused.body.contains("over 16384 bytes"), "{}", refused.body);
+    let garbage = http(addr, b"\x01\x02 not http\r\n\r\n");
+    assert_eq!(garbage.status, 400, "{}", garbage.body);
+    let head = http(addr, b"HEAD /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n");
+    assert_eq!(head.status, 200);
+    assert!(head.body.is_empty());
+    // Still serving, with every family.
+    let samples = scrape(addr);
+    assert_eq!(samples.get("hyperty_pending_requests", &[]), 0.0);
+    assert_eq!(samples.get(DENIALS, &[("point", "bus-access")]), 0.0);
+    let text = http(addr, b"GET /metrics?x=1 HTTP/1.1\r\n\r\n").body;
+    // (A family with no sample yet, like the answers here, has no lines.)
+    for family in ["hyperty_messages", "hyperty_policy_denials", "hyperty_instances", "hyperty_restarts", "hyperty_pending_requests", "hyperty_request_duration_seconds"] {
+        assert!(text.contains(&format!("# TYPE {family} ")), "{family} missing:\n{text}");
+    }
+}
