@@ -154,3 +154,31 @@ fn bad_requests_get_a_clear_http_error_and_the_endpoint_keeps_serving() {
         assert!(text.contains(&format!("# TYPE {family} ")), "{family} missing:\n{text}");
     }
 }
+
+#[test]
+fn past_the_connection_limit_a_client_gets_503_and_a_freed_slot_serves_again() {
+    use hyperty_host::metrics::serve::MAX_CONNECTIONS;
+    let runtime = runtime_with(None);
+    let server = runtime.serve_metrics("127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = server.local_addr();
+    // Connections that send nothing hold their slots (up to the timeout).
+    let idle: Vec<_> = (0..MAX_CONNECTIONS).map(|_| std::net::TcpStream::connect(addr).unwrap()).collect();
+    let over = http(addr, b"GET /metrics HTTP/1.1\r\n\r\n");
+    assert_eq!(over.status, 503, "{}", over.body);
+    assert!(over.body.contains("too many connections"), "{}", over.body);
+    drop(idle);
+    wait_until("a slot is free again", || http(addr, b"GET /metrics HTTP/1.1\r\n\r\n").status == 200);
+}
+
+#[test]
+fn hyperty_run_metrics_takes_a_port_or_an_address_and_names_a_taken_one() {
+    let dirs = CliDirs::new();
+    let bundle = TestBundle::new().hyperty("alice.example", "a", &guest("puppet"), puppet_config(false));
+    let path = bundle.write();
+    let run = |metrics: &str| dirs.cli(&["run", path.to_str().unwrap(), "--exit-when-idle", "--metrics", metrics]);
+    assert_eq!(run("0"), std::process::ExitCode::SUCCESS, "a bare port is one on loopback");
+    assert_eq!(run("127.0.0.1:0"), std::process::ExitCode::SUCCESS);
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    assert_ne!(run(&taken.local_addr().unwrap().to_string()), std::process::ExitCode::SUCCESS, "a taken port fails the run");
+    assert_ne!(run("not-an-address"), std::process::ExitCode::SUCCESS);
+}
