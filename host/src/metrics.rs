@@ -20,13 +20,15 @@
 //! | `hyperty_policy_denials_total` | counter | `point` (`outgoing`, `bus-access`, `incoming`) |
 //! | `hyperty_instances` | gauge | `domain` |
 //! | `hyperty_restarts_total` | counter | `domain` |
+//! | `hyperty_memory_bytes` | gauge | `domain`: linear memory its instances hold (read at each scrape) |
+//! | `hyperty_inbox_messages` | gauge | `domain`: messages queued or in hand in its sandbox (read at each scrape) |
 //! | `hyperty_pending_requests` | gauge | none (read at each scrape) |
 //! | `hyperty_request_duration_seconds` | histogram | none: request to final response (or 408) |
 
 pub mod serve;
 
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -77,6 +79,19 @@ pub(crate) struct DomainMetrics {
     pub instances: Gauge,
     /// Instances restarted after a trap.
     pub restarts: Counter,
+    memory: Gauge,
+    inbox: Gauge,
+}
+
+/// Reads a gauge's value at a scrape; `None` once what it reads is gone.
+type Reader = Box<dyn Fn() -> Option<usize> + Send + Sync>;
+
+/// What a domain's sandbox lets the scrape read.
+pub(crate) enum Read {
+    /// Linear memory held, in bytes.
+    Memory,
+    /// Messages queued or in hand.
+    Inbox,
 }
 
 /// The runtime's metrics (see the module doc for the families).
@@ -86,9 +101,9 @@ pub struct Metrics {
     denials: [Counter; 3],
     pending: Gauge,
     durations: Histogram,
-    messages: Family<MessageLabels, Counter>,
-    instances: Family<DomainLabels, Gauge>,
-    restarts: Family<DomainLabels, Counter>,
+    families: Families,
+    /// Gauges read at each scrape.
+    readers: Mutex<Vec<(Gauge, Reader)>>,
     /// Domains that have labels of their own, by name.
     domains: RwLock<HashMap<String, Arc<DomainMetrics>>>,
     other: Arc<DomainMetrics>,
@@ -108,6 +123,8 @@ impl Metrics {
         let denials_family = Family::<PointLabels, Counter>::default();
         let instances = Family::<DomainLabels, Gauge>::default();
         let restarts = Family::<DomainLabels, Counter>::default();
+        let memory = Family::<DomainLabels, Gauge>::default();
+        let inbox = Family::<DomainLabels, Gauge>::default();
         let pending = Gauge::default();
         // 0.5 ms to about 16 s, doubling.
         let durations = Histogram::new(exponential_buckets(0.0005, 2.0, 16));
@@ -116,6 +133,8 @@ impl Metrics {
         registry.register("policy_denials", "Messages denied by the policies, by enforcement point", denials_family.clone());
         registry.register("instances", "Live hyperty instances, by domain", instances.clone());
         registry.register("restarts", "Hyperty instances restarted after a failure, by domain", restarts.clone());
+        registry.register_with_unit("memory", "Linear memory held by a domain's instances", Unit::Bytes, memory.clone());
+        registry.register("inbox_messages", "Messages queued or in hand in a domain's sandbox", inbox.clone());
         registry.register("pending_requests", "Requests waiting for their final response", pending.clone());
         registry.register_with_unit(
             "request_duration",
@@ -124,16 +143,16 @@ impl Metrics {
             durations.clone(),
         );
         let denials = POINTS.map(|point| denials_family.get_or_create_owned(&PointLabels { point }));
-        let other = resolve(&messages, &instances, &restarts, OTHER_DOMAIN);
+        let families = Families { messages, instances, restarts, memory, inbox };
+        let other = families.resolve(OTHER_DOMAIN);
         Metrics {
             registry,
             answers,
             denials,
             pending,
             durations,
-            messages,
-            instances,
-            restarts,
+            families,
+            readers: Mutex::default(),
             domains: RwLock::default(),
             other,
         }
@@ -145,7 +164,7 @@ impl Metrics {
         if let Some(d) = self.domains.read().unwrap().get(domain) {
             return d.clone();
         }
-        let resolved = resolve(&self.messages, &self.instances, &self.restarts, domain);
+        let resolved = self.families.resolve(domain);
         self.domains.write().unwrap().entry(domain.to_owned()).or_insert(resolved).clone()
     }
 
@@ -186,26 +205,51 @@ impl Metrics {
         self.pending.set(i64::try_from(pending).unwrap_or(i64::MAX));
     }
 
-    /// Every family in the OpenMetrics text format, ending `# EOF`.
+    /// Has `what` of `domain` read at each scrape by `read`, until it
+    /// returns `None` (what it reads is gone: the gauge then reads 0).
+    pub(crate) fn read_at_scrape(&self, domain: &DomainMetrics, what: Read, read: impl Fn() -> Option<usize> + Send + Sync + 'static) {
+        let gauge = match what {
+            Read::Memory => domain.memory.clone(),
+            Read::Inbox => domain.inbox.clone(),
+        };
+        self.readers.lock().unwrap().push((gauge, Box::new(read)));
+    }
+
+    /// Every family in the OpenMetrics text format, ending `# EOF`; the
+    /// gauges read at scrapes are read first.
     pub fn encode(&self) -> String {
+        self.readers.lock().unwrap().retain(|(gauge, read)| {
+            let value = read();
+            gauge.set(value.map_or(0, |v| i64::try_from(v).unwrap_or(i64::MAX)));
+            value.is_some()
+        });
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &self.registry).expect("writing to a String cannot fail");
         text
     }
 }
 
-/// The handles of `domain` in the per-domain families.
-fn resolve(
-    messages: &Family<MessageLabels, Counter>,
-    instances: &Family<DomainLabels, Gauge>,
-    restarts: &Family<DomainLabels, Counter>,
-    domain: &str,
-) -> Arc<DomainMetrics> {
-    let label = DomainLabels { domain: domain.to_owned() };
-    Arc::new(DomainMetrics {
-        name: domain.to_owned(),
-        messages: MessageType::ALL.map(|kind| messages.get_or_create_owned(&MessageLabels { domain: domain.to_owned(), r#type: kind.as_str() })),
-        instances: instances.get_or_create_owned(&label),
-        restarts: restarts.get_or_create_owned(&label),
-    })
+/// The families labelled by domain.
+struct Families {
+    messages: Family<MessageLabels, Counter>,
+    instances: Family<DomainLabels, Gauge>,
+    restarts: Family<DomainLabels, Counter>,
+    memory: Family<DomainLabels, Gauge>,
+    inbox: Family<DomainLabels, Gauge>,
+}
+
+impl Families {
+    /// The handles of `domain` in each family.
+    fn resolve(&self, domain: &str) -> Arc<DomainMetrics> {
+        let label = DomainLabels { domain: domain.to_owned() };
+        Arc::new(DomainMetrics {
+            name: domain.to_owned(),
+            messages: MessageType::ALL
+                .map(|kind| self.messages.get_or_create_owned(&MessageLabels { domain: domain.to_owned(), r#type: kind.as_str() })),
+            instances: self.instances.get_or_create_owned(&label),
+            restarts: self.restarts.get_or_create_owned(&label),
+            memory: self.memory.get_or_create_owned(&label),
+            inbox: self.inbox.get_or_create_owned(&label),
+        })
+    }
 }

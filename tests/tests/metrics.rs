@@ -79,6 +79,12 @@ fn n_requests_through_the_bus_show_as_exactly_n_in_the_scraped_counters() {
     let finished = after.get("hyperty_request_duration_seconds_count", &[]) - durations_before;
     assert_eq!(finished, f64::from(2 * N), "request durations");
     assert_eq!(after.get(DENIALS, &[("point", "incoming")]), 0.0);
+    // Gauges read at the scrape: memory held, and nothing queued once idle.
+    assert!(runtime.wait_idle(Duration::from_secs(30)));
+    let idle = scrape(addr);
+    assert!(idle.get("hyperty_memory_bytes", &[("domain", "alice.example")]) >= 65536.0, "a puppet holds at least one wasm page");
+    assert_eq!(idle.get("hyperty_inbox_messages", &[("domain", "bob.example")]), 0.0);
+    assert_eq!(idle.get("hyperty_pending_requests", &[]), 0.0);
     // A label is a bundle domain or "other", never a domain the bundle does not name.
     assert_eq!(after.get(MESSAGES, &[("domain", "app.example"), ("type", "execute")]), 0.0);
 }

@@ -41,6 +41,7 @@ use crate::registry::{Registry, Status as RegistryStatus};
 
 pub(crate) use glue::{GuestLog, HypertyPre, InstanceState, check_grants, hyperty_linker, log_line, prepare};
 use glue::Hyperty;
+use crate::metrics::Read;
 use limits::{DomainMemory, Grant, InstanceLimiter, Limits, RestartPolicy};
 
 /// What a sandbox's inbox carries.
@@ -172,8 +173,13 @@ impl SandboxHandle {
         let memory = Arc::new(DomainMemory::default());
         let stopping = Arc::new(AtomicBool::new(false));
         let media = Arc::new(crate::media::DomainMedia::new(domain, settings.media.clone(), shared.policies.clone(), shared.identities.clone()));
+        let counted = shared.metrics.add_domain(domain);
+        let read = Arc::downgrade(&memory);
+        shared.metrics.read_at_scrape(&counted, Read::Memory, move || read.upgrade().map(|m| m.used()));
+        let read = Arc::downgrade(&inbox.in_flight);
+        shared.metrics.read_at_scrape(&counted, Read::Inbox, move || read.upgrade().map(|n| n.load(Ordering::Relaxed)));
         let sandbox = Sandbox {
-            counted: shared.metrics.add_domain(domain),
+            counted,
             media: media.clone(),
             stopping: stopping.clone(),
             settings: settings.clone(),
