@@ -22,6 +22,7 @@
 //! | `hyperty_restarts_total` | counter | `domain` |
 //! | `hyperty_memory_bytes` | gauge | `domain`: linear memory its instances hold (read at each scrape) |
 //! | `hyperty_inbox_messages` | gauge | `domain`: messages queued or in hand in its sandbox (read at each scrape) |
+//! | `hyperty_stub_queue_messages` | gauge | `domain` (remote): messages in its protostub's queue (read at each scrape) |
 //! | `hyperty_pending_requests` | gauge | none (read at each scrape) |
 //! | `hyperty_request_duration_seconds` | histogram | none: request to final response (or 408) |
 
@@ -81,6 +82,7 @@ pub(crate) struct DomainMetrics {
     pub restarts: Counter,
     memory: Gauge,
     inbox: Gauge,
+    stub_queue: Gauge,
 }
 
 /// Reads a gauge's value at a scrape; `None` once what it reads is gone.
@@ -92,6 +94,8 @@ pub(crate) enum Read {
     Memory,
     /// Messages queued or in hand.
     Inbox,
+    /// Messages in a protostub's queue.
+    StubQueue,
 }
 
 /// The runtime's metrics (see the module doc for the families).
@@ -125,6 +129,7 @@ impl Metrics {
         let restarts = Family::<DomainLabels, Counter>::default();
         let memory = Family::<DomainLabels, Gauge>::default();
         let inbox = Family::<DomainLabels, Gauge>::default();
+        let stub_queue = Family::<DomainLabels, Gauge>::default();
         let pending = Gauge::default();
         // 0.5 ms to about 16 s, doubling.
         let durations = Histogram::new(exponential_buckets(0.0005, 2.0, 16));
@@ -135,6 +140,7 @@ impl Metrics {
         registry.register("restarts", "Hyperty instances restarted after a failure, by domain", restarts.clone());
         registry.register_with_unit("memory", "Linear memory held by a domain's instances", Unit::Bytes, memory.clone());
         registry.register("inbox_messages", "Messages queued or in hand in a domain's sandbox", inbox.clone());
+        registry.register("stub_queue_messages", "Messages in the queue of a remote domain's protostub", stub_queue.clone());
         registry.register("pending_requests", "Requests waiting for their final response", pending.clone());
         registry.register_with_unit(
             "request_duration",
@@ -143,7 +149,7 @@ impl Metrics {
             durations.clone(),
         );
         let denials = POINTS.map(|point| denials_family.get_or_create_owned(&PointLabels { point }));
-        let families = Families { messages, instances, restarts, memory, inbox };
+        let families = Families { messages, instances, restarts, memory, inbox, stub_queue };
         let other = families.resolve(OTHER_DOMAIN);
         Metrics {
             registry,
@@ -211,6 +217,7 @@ impl Metrics {
         let gauge = match what {
             Read::Memory => domain.memory.clone(),
             Read::Inbox => domain.inbox.clone(),
+            Read::StubQueue => domain.stub_queue.clone(),
         };
         self.readers.lock().unwrap().push((gauge, Box::new(read)));
     }
@@ -236,6 +243,7 @@ struct Families {
     restarts: Family<DomainLabels, Counter>,
     memory: Family<DomainLabels, Gauge>,
     inbox: Family<DomainLabels, Gauge>,
+    stub_queue: Family<DomainLabels, Gauge>,
 }
 
 impl Families {
@@ -250,6 +258,7 @@ impl Families {
             restarts: self.restarts.get_or_create_owned(&label),
             memory: self.memory.get_or_create_owned(&label),
             inbox: self.inbox.get_or_create_owned(&label),
+            stub_queue: self.stub_queue.get_or_create_owned(&label),
         })
     }
 }

@@ -32,7 +32,7 @@ use crate::signing;
 use crate::store::Store;
 use crate::syncher::Syncher;
 use crate::events::{EventReceiver, Events};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, Read};
 use crate::metrics::serve::MetricsServer;
 pub use crate::endpoint::{Acting, ENDPOINT_NAME, Endpoint, EndpointError};
 use crate::sandbox::{self, HypertyPre, InstanceState, NewHyperty, SandboxHandle, Shared};
@@ -449,6 +449,8 @@ impl Runtime {
             let spec = &bundle.protostubs[i];
             let context = self.stub_context(spec, pre);
             let stub = Stub::new(&spec.domain, spec.queue, Box::new(move |stub| protostub::spawn(stub, context)));
+            let weak = Arc::downgrade(&stub);
+            self.metrics.read_at_scrape(&self.metrics.add_domain(&spec.domain), Read::StubQueue, move || weak.upgrade().map(|s| s.queued()));
             self.registry.register(Registration {
                 address: stub.address.clone(),
                 kind: Kind::Protostub,
@@ -462,7 +464,6 @@ impl Runtime {
             self.bus.add_carrier(stub.carrier());
             self.bus.add_route(stub.address.clone(), stub.status_route());
             started.push(spec.domain.clone());
-            self.metrics.add_domain(&spec.domain);
             if spec.preload || bundle.domains.iter().any(|d| d.name == spec.domain) {
                 stub.ensure_started();
             }

@@ -188,3 +188,28 @@ fn hyperty_run_metrics_takes_a_port_or_an_address_and_names_a_taken_one() {
     assert_ne!(run(&taken.local_addr().unwrap().to_string()), std::process::ExitCode::SUCCESS, "a taken port fails the run");
     assert_ne!(run("not-an-address"), std::process::ExitCode::SUCCESS);
 }
+
+#[test]
+fn a_protostub_queue_shows_its_length_and_its_overflow_the_503s() {
+    // The node is down (nothing listens on the granted port): the queue fills.
+    let closed = closed_port();
+    let runtime = runtime_with(None);
+    let mut driver = Driver::new(&runtime);
+    let bundle = TestBundle::new()
+        .hyperty("alice.example", "a", &guest("puppet"), puppet_config(false))
+        .protostub("bob.example", &[format!("127.0.0.1:{}", closed.port)], json!({ "queue": 5 }));
+    runtime.deploy(&bundle.load()).unwrap();
+    let server = runtime.serve_metrics("127.0.0.1:0".parse().unwrap()).unwrap();
+    let a = runtime.lookup("alice.example", "a").unwrap();
+    for n in 0..8 {
+        let cmd = json!({ "op": "send", "message": { "type": "update", "to": "hyperty://bob.example/far", "value": json!({ "n": n }).to_string() } });
+        assert_eq!(driver.command(&a, cmd), json!({ "ok": true }));
+    }
+    for _ in 0..3 {
+        assert_eq!(driver.report(&a, |m| m["type"] == "response")["code"], 503);
+    }
+    let samples = scrape(server.local_addr());
+    assert_eq!(samples.get("hyperty_stub_queue_messages", &[("domain", "bob.example")]), 5.0);
+    assert_eq!(samples.get(ANSWERS, &[("domain", "alice.example"), ("code", "503")]), 3.0);
+    assert_eq!(samples.get(MESSAGES, &[("domain", "alice.example"), ("type", "update")]), 5.0, "only what the queue took");
+}
