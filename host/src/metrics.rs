@@ -23,6 +23,7 @@
 //! | `hyperty_memory_bytes` | gauge | `domain`: linear memory its instances hold (read at each scrape) |
 //! | `hyperty_inbox_messages` | gauge | `domain`: messages queued or in hand in its sandbox (read at each scrape) |
 //! | `hyperty_stub_queue_messages` | gauge | `domain` (remote): messages in its protostub's queue (read at each scrape) |
+//! | `hyperty_gateway_connections` | gauge | none: the app gateways' open connections (read at each scrape) |
 //! | `hyperty_pending_requests` | gauge | none (read at each scrape) |
 //! | `hyperty_request_duration_seconds` | histogram | none: request to final response (or 408) |
 
@@ -104,6 +105,7 @@ pub struct Metrics {
     answers: Family<AnswerLabels, Counter>,
     denials: [Counter; 3],
     pending: Gauge,
+    gateway_connections: Gauge,
     durations: Histogram,
     families: Families,
     /// Gauges read at each scrape.
@@ -131,6 +133,7 @@ impl Metrics {
         let inbox = Family::<DomainLabels, Gauge>::default();
         let stub_queue = Family::<DomainLabels, Gauge>::default();
         let pending = Gauge::default();
+        let gateway_connections = Gauge::default();
         // 0.5 ms to about 16 s, doubling.
         let durations = Histogram::new(exponential_buckets(0.0005, 2.0, 16));
         registry.register("messages", "Messages accepted on the bus, by the sender's domain and type", messages.clone());
@@ -142,6 +145,7 @@ impl Metrics {
         registry.register("inbox_messages", "Messages queued or in hand in a domain's sandbox", inbox.clone());
         registry.register("stub_queue_messages", "Messages in the queue of a remote domain's protostub", stub_queue.clone());
         registry.register("pending_requests", "Requests waiting for their final response", pending.clone());
+        registry.register("gateway_connections", "Connections open to the app gateway", gateway_connections.clone());
         registry.register_with_unit(
             "request_duration",
             "Time from a request to its final response (or the host's 408)",
@@ -156,6 +160,7 @@ impl Metrics {
             answers,
             denials,
             pending,
+            gateway_connections,
             durations,
             families,
             readers: Mutex::default(),
@@ -212,7 +217,7 @@ impl Metrics {
     }
 
     /// Has `what` of `domain` read at each scrape by `read`, until it
-    /// returns `None` (what it reads is gone: the gauge then reads 0).
+    /// returns `None` (what it reads is gone, and counts no more).
     pub(crate) fn read_at_scrape(&self, domain: &DomainMetrics, what: Read, read: impl Fn() -> Option<usize> + Send + Sync + 'static) {
         let gauge = match what {
             Read::Memory => domain.memory.clone(),
@@ -222,14 +227,27 @@ impl Metrics {
         self.readers.lock().unwrap().push((gauge, Box::new(read)));
     }
 
+    /// Has the gateway's open connections read at each scrape by `read`
+    /// (added to those of other gateways) until it returns `None`.
+    pub(crate) fn read_gateway_connections(&self, read: impl Fn() -> Option<usize> + Send + Sync + 'static) {
+        self.readers.lock().unwrap().push((self.gateway_connections.clone(), Box::new(read)));
+    }
+
     /// Every family in the OpenMetrics text format, ending `# EOF`; the
     /// gauges read at scrapes are read first.
     pub fn encode(&self) -> String {
-        self.readers.lock().unwrap().retain(|(gauge, read)| {
+        // A gauge may have several readers (two gateways, a domain's
+        // stopped and new sandbox): their values add up.
+        let mut readers = self.readers.lock().unwrap();
+        for (gauge, _) in readers.iter() {
+            gauge.set(0);
+        }
+        readers.retain(|(gauge, read)| {
             let value = read();
-            gauge.set(value.map_or(0, |v| i64::try_from(v).unwrap_or(i64::MAX)));
+            gauge.inc_by(value.map_or(0, |v| i64::try_from(v).unwrap_or(i64::MAX)));
             value.is_some()
         });
+        drop(readers);
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &self.registry).expect("writing to a String cannot fail");
         text

@@ -736,7 +736,9 @@ impl Runtime {
     /// until the returned [`Gateway`](crate::gateway::Gateway) is dropped.
     /// Errors: the address cannot be bound, or `config` is invalid.
     pub fn serve_gateway(&self, addr: std::net::SocketAddr, config: crate::gateway::GatewayConfig) -> Result<crate::gateway::Gateway> {
-        crate::gateway::Gateway::serve(addr, config, self.bus.clone(), self.identities.clone(), self.policies.clone(), self.registry.clone())
+        let gateway = crate::gateway::Gateway::serve(addr, config, self.bus.clone(), self.identities.clone(), self.policies.clone(), self.registry.clone())?;
+        self.metrics.read_gateway_connections(gateway.connections_reader());
+        Ok(gateway)
     }
 
     /// Serves the runtime's metrics on `addr` (`GET /metrics`, OpenMetrics

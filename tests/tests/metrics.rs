@@ -213,3 +213,22 @@ fn a_protostub_queue_shows_its_length_and_its_overflow_the_503s() {
     assert_eq!(samples.get(ANSWERS, &[("domain", "alice.example"), ("code", "503")]), 3.0);
     assert_eq!(samples.get(MESSAGES, &[("domain", "alice.example"), ("type", "update")]), 5.0, "only what the queue took");
 }
+
+#[test]
+fn the_gateway_connections_gauge_follows_open_connections() {
+    let runtime = runtime_with(None);
+    let (_bundle, _a, _b) = healthy_pair(&runtime);
+    let server = runtime.serve_metrics("127.0.0.1:0".parse().unwrap()).unwrap();
+    let gateway = runtime.serve_gateway("127.0.0.1:0".parse().unwrap(), hyperty_host::gateway::GatewayConfig::default()).unwrap();
+    let open: Vec<_> = (0..3).map(|_| std::net::TcpStream::connect(gateway.local_addr()).unwrap()).collect();
+    wait_until("3 gateway connections", || gateway.connections() == 3);
+    assert_eq!(scrape(server.local_addr()).get("hyperty_gateway_connections", &[]), 3.0);
+    drop(open);
+    wait_until("the connections are gone", || gateway.connections() == 0);
+    assert_eq!(scrape(server.local_addr()).get("hyperty_gateway_connections", &[]), 0.0);
+    let reopened = std::net::TcpStream::connect(gateway.local_addr()).unwrap();
+    wait_until("1 gateway connection", || gateway.connections() == 1);
+    drop(gateway);
+    drop(reopened);
+    assert_eq!(scrape(server.local_addr()).get("hyperty_gateway_connections", &[]), 0.0, "a stopped gateway counts no more");
+}

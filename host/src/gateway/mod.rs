@@ -266,6 +266,13 @@ impl Gateway {
     pub fn connections(&self) -> usize {
         self.shared.open.lock().unwrap().values().sum()
     }
+
+    /// Reads [`Gateway::connections`] while the gateway serves; `None` once
+    /// it is gone (for the metrics).
+    pub(crate) fn connections_reader(&self) -> impl Fn() -> Option<usize> + Send + Sync + 'static {
+        let shared = Arc::downgrade(&self.shared);
+        move || shared.upgrade().map(|s| s.open.lock().unwrap().values().sum())
+    }
 }
 
 impl Drop for Gateway {
