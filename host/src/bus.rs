@@ -40,6 +40,7 @@ use std::time::{Duration, Instant};
 
 use crate::address::Address;
 use crate::message::{Message, MessageType, code};
+use crate::metrics::Metrics;
 use crate::policy::{Decision, Descriptor, EnforcementPoint, Parties, PolicyDecisionPoint};
 
 mod inbound;
@@ -191,6 +192,7 @@ struct BusInner {
     carriers: RwLock<HashMap<String, Arc<dyn Carrier>>>,
     policy: Arc<dyn PolicyDecisionPoint>,
     identities: Arc<dyn IdentityPoint>,
+    metrics: Arc<Metrics>,
     config: BusConfig,
     timer: Arc<Timer>,
     /// Requests that came in through stubs, which responses leaving through
@@ -199,13 +201,15 @@ struct BusInner {
 }
 
 impl Bus {
-    pub fn new(config: BusConfig, policy: Arc<dyn PolicyDecisionPoint>, identities: Arc<dyn IdentityPoint>) -> Bus {
+    /// `metrics` counts what passes (see [`crate::metrics`]).
+    pub fn new(config: BusConfig, policy: Arc<dyn PolicyDecisionPoint>, identities: Arc<dyn IdentityPoint>, metrics: Arc<Metrics>) -> Bus {
         let timer = Arc::new(Timer::default());
         let inner = Arc::new(BusInner {
             routes: RwLock::default(),
             carriers: RwLock::default(),
             policy,
             identities,
+            metrics,
             config,
             timer: timer.clone(),
             inbound: InboundRequests::default(),
@@ -427,6 +431,7 @@ impl Bus {
         ];
         if let Err((i, Decision::Deny { policies, reason })) = inner.policy.decide_path(&points, &message, parties) {
             let (point, domain) = points[i];
+            inner.metrics.policy_denial(i);
             let why = format!("denied at the {point} enforcement point of {domain} by [{}]: {reason}", policies.join(", "));
             tracing::info!(id = message.id, from = %message.from, to = %message.to, "{why}");
             if message.kind == MessageType::Response {
@@ -474,8 +479,15 @@ impl Bus {
             }
             bus.undo_correlation(message, timeout, correlation);
         };
+        let counter = inner.metrics.message_counter(message.from.domain(), message.kind);
         match route.deliver(message, self, timeout) {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                if let Some(outstanding) = &correlation {
+                    inner.metrics.request_finished(outstanding.sent.elapsed());
+                }
+                counter.inc();
+                Ok(())
+            }
             Err(Refused::Full(message)) => {
                 let to = message.to.to_string();
                 undo(self, message, correlation);
@@ -511,7 +523,7 @@ impl Bus {
     /// a `response` of the same code and id from the requester, naming
     /// why. Both are host answers: never answered, never checked again.
     fn refuse_response(&self, response: &Message, remote: bool, code: u16, why: &str) {
-        let waiting = if remote { self.inner.inbound.close(response) } else { self.inner.timer.close(response).is_some() };
+        let waiting = if remote { self.inner.inbound.close(response) } else { self.closed(self.inner.timer.close(response)) };
         if waiting {
             let mut refusal = Message::response(response.id, response.from.clone(), response.to.clone(), code);
             refusal.body.description = Some(format!("the response was refused: {why}"));
@@ -548,12 +560,19 @@ impl Bus {
     /// a stopped or restarting instance): the request is no longer pending,
     /// so its requester gets this answer and no 408 later.
     pub fn deliver_final_answer(&self, answer: Message) {
-        self.inner.timer.close(&answer);
+        self.closed(self.inner.timer.close(&answer));
         self.deliver_answer(answer);
+    }
+
+    /// A request the host answered in its responder's place: its duration
+    /// is counted; whether there was one.
+    fn closed(&self, outstanding: Option<Outstanding>) -> bool {
+        outstanding.inspect(|o| self.inner.metrics.request_finished(o.sent.elapsed())).is_some()
     }
 
     /// Delivers a response the host made itself straight to its `to`.
     pub fn deliver_answer(&self, answer: Message) {
+        self.inner.metrics.host_answer(answer.to.domain(), answer.body.code.unwrap_or_default());
         let result = match self.resolve(&answer.to) {
             Some((route, _)) => route.deliver(answer, self, None),
             None => Err(Refused::Closed(answer)),
@@ -604,6 +623,8 @@ pub(crate) const KEPT_VALUE_BYTES: usize = 16 * 1024;
 /// A request waiting for its response.
 struct Outstanding {
     responder: Address,
+    /// When the request was sent.
+    sent: Instant,
     deadline: Instant,
     seq: u64,
     timeout: Duration,
@@ -710,7 +731,7 @@ impl Timer {
         let seq = p.next_seq;
         let earliest = p.by_deadline.first_key_value().is_none_or(|((first, _), _)| deadline < *first);
         let kept = Kept::of(request);
-        p.add(request.from.clone(), request.id, Outstanding { responder: request.to.clone(), deadline, seq, timeout, request: kept, provisional: 0 });
+        p.add(request.from.clone(), request.id, Outstanding { responder: request.to.clone(), sent: now, deadline, seq, timeout, request: kept, provisional: 0 });
         drop(p);
         if earliest {
             self.wake.notify_one();
@@ -801,6 +822,7 @@ impl Timer {
                 let Some(inner) = bus.upgrade() else { return };
                 let bus = Bus { inner };
                 for ((requester, id), o) in expired {
+                    bus.inner.metrics.request_finished(o.sent.elapsed());
                     let description = format!("no response from {} within {} ms", o.responder, o.timeout.as_millis());
                     let max = bus.inner.config.max_message_bytes.saturating_sub(requester.as_str().len() + o.responder.as_str().len() + description.len());
                     let value = o.request.to_json(id, &requester, &o.responder, max);
@@ -837,7 +859,7 @@ mod tests {
     /// reaches it.
     fn bus_and_asker() -> (Bus, flume::Receiver<Message>) {
         let config = BusConfig { runtime_domain: "runtime.example".into(), request_timeout: Duration::from_secs(60), max_message_bytes: 64 * 1024 };
-        let bus = Bus::new(config, Arc::new(AllowAll), Arc::new(Anonymous));
+        let bus = Bus::new(config, Arc::new(AllowAll), Arc::new(Anonymous), Arc::default());
         let asker = endpoint(&bus, "hyperty://alice.example/asker");
         (bus, asker)
     }

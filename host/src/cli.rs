@@ -68,6 +68,10 @@ enum Command {
         /// runtime holds at once; each reserves 4 GiB of address space.
         #[arg(long, default_value_t = crate::engine::DEFAULT_MAX_INSTANCES)]
         max_instances: u32,
+        /// Serve Prometheus metrics (OpenMetrics text) at http://ADDR/metrics;
+        /// a bare port means 127.0.0.1:PORT (see ARCHITECTURE.md, "Metrics").
+        #[arg(long, value_name = "ADDR", value_parser = parse_metrics_addr)]
+        metrics: Option<std::net::SocketAddr>,
         #[command(flatten)]
         gateway: GatewayFlags,
     },
@@ -122,6 +126,14 @@ struct GatewayFlags {
     /// Serve the static files of DIR over HTTP, instead of the bundle's.
     #[arg(long, value_name = "DIR")]
     gateway_static: Option<PathBuf>,
+}
+
+/// `--metrics`: a socket address, or a port on loopback.
+fn parse_metrics_addr(text: &str) -> Result<std::net::SocketAddr, String> {
+    match text.parse::<u16>() {
+        Ok(port) => Ok(std::net::SocketAddr::from(([127, 0, 0, 1], port))),
+        Err(_) => text.parse().map_err(|e| format!("{text:?} is neither ADDR:PORT nor a port: {e}")),
+    }
 }
 
 fn parse_dev_user(text: &str) -> Result<(String, String), String> {
@@ -185,6 +197,7 @@ where
             serve_registry,
             registry_keep_alive_ms,
             max_instances,
+            metrics,
             gateway,
         } => {
             let config = RuntimeConfig {
@@ -194,7 +207,7 @@ where
                 max_instances,
                 ..config
             };
-            setup_policies(&config, policies.as_deref(), groups.as_deref()).and_then(|()| run(&bundle, config, exit_when_idle, gateway))
+            setup_policies(&config, policies.as_deref(), groups.as_deref()).and_then(|()| run(&bundle, config, exit_when_idle, metrics, gateway))
         }
         Command::Group { action, groups_file, group, user } => edit_group(&groups_file, &group, &user, action == "add"),
         Command::Check { bundle } => match check_file(&bundle, config) {
@@ -274,11 +287,16 @@ fn run(
     path: &std::path::Path,
     config: RuntimeConfig,
     exit_when_idle: bool,
+    metrics: Option<std::net::SocketAddr>,
     gateway: GatewayFlags,
 ) -> anyhow::Result<()> {
     let bundle = Bundle::load(path)?;
     let gateway = gateway.config(&bundle)?;
     let runtime = Runtime::new(config)?;
+    let _metrics = metrics.map(|addr| runtime.serve_metrics(addr)).transpose()?;
+    if let Some(metrics) = &_metrics {
+        println!("metrics: http://{}/metrics", metrics.local_addr());
+    }
     tracing::info!("runtime {}: deploying bundle {:?} ({} domains)", runtime.address(), bundle.name, bundle.domains.len());
     runtime.deploy(&bundle)?;
     let _gateway = gateway.map(|(addr, config)| runtime.serve_gateway(addr, config)).transpose()?;

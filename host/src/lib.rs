@@ -144,6 +144,7 @@ pub mod gateway;
 mod identity;
 pub mod media;
 pub mod message;
+pub mod metrics;
 pub mod policy;
 mod protostub;
 pub mod registry;

@@ -32,6 +32,8 @@ use crate::signing;
 use crate::store::Store;
 use crate::syncher::Syncher;
 use crate::events::{EventReceiver, Events};
+use crate::metrics::{Metrics, Read};
+use crate::metrics::serve::MetricsServer;
 pub use crate::endpoint::{Acting, ENDPOINT_NAME, Endpoint, EndpointError};
 use crate::sandbox::{self, HypertyPre, InstanceState, NewHyperty, SandboxHandle, Shared};
 
@@ -142,6 +144,8 @@ pub struct Runtime {
     policies: Arc<CedarPolicies>,
     store: Option<Arc<Store>>,
     syncher: Arc<Syncher>,
+    /// What the bus and the sandboxes count (see [`crate::metrics`]).
+    metrics: Arc<Metrics>,
     /// `runtime://<domain>/<id>`, kept across restarts with a data directory.
     address: Address,
     /// Held for the whole of a deployment, so deployments do not interleave.
@@ -190,6 +194,8 @@ impl Runtime {
         let address = Address::parse(address).map_err(anyhow::Error::msg)?;
         let policies = config.policies.clone();
         let identities = Arc::new(Identities::default());
+        let metrics = Arc::new(Metrics::new());
+        metrics.add_domain(&config.domain);
         let bus = Bus::new(
             BusConfig {
                 runtime_domain: config.domain,
@@ -198,6 +204,7 @@ impl Runtime {
             },
             config.custom_policy.unwrap_or_else(|| config.policies.clone()),
             identities.clone(),
+            metrics.clone(),
         );
         let registry = Arc::new(Registry::default());
         if !config.serve_registries.is_empty() {
@@ -218,6 +225,7 @@ impl Runtime {
             policies,
             store,
             syncher,
+            metrics,
             address,
             deployed: Mutex::default(),
         })
@@ -441,6 +449,8 @@ impl Runtime {
             let spec = &bundle.protostubs[i];
             let context = self.stub_context(spec, pre);
             let stub = Stub::new(&spec.domain, spec.queue, Box::new(move |stub| protostub::spawn(stub, context)));
+            let weak = Arc::downgrade(&stub);
+            self.metrics.read_at_scrape(&self.metrics.add_domain(&spec.domain), Read::StubQueue, move || weak.upgrade().map(|s| s.queued()));
             self.registry.register(Registration {
                 address: stub.address.clone(),
                 kind: Kind::Protostub,
@@ -726,7 +736,30 @@ impl Runtime {
     /// until the returned [`Gateway`](crate::gateway::Gateway) is dropped.
     /// Errors: the address cannot be bound, or `config` is invalid.
     pub fn serve_gateway(&self, addr: std::net::SocketAddr, config: crate::gateway::GatewayConfig) -> Result<crate::gateway::Gateway> {
-        crate::gateway::Gateway::serve(addr, config, self.bus.clone(), self.identities.clone(), self.policies.clone(), self.registry.clone())
+        let gateway = crate::gateway::Gateway::serve(addr, config, self.bus.clone(), self.identities.clone(), self.policies.clone(), self.registry.clone())?;
+        self.metrics.read_gateway_connections(gateway.connections_reader());
+        Ok(gateway)
+    }
+
+    /// Serves the runtime's metrics on `addr` (`GET /metrics`, OpenMetrics
+    /// text; see [`crate::metrics`]) until the returned server is dropped.
+    /// Loopback is meant (a warning is logged otherwise). Errors: `addr`
+    /// cannot be bound.
+    pub fn serve_metrics(&self, addr: std::net::SocketAddr) -> Result<MetricsServer> {
+        let bus = self.bus.downgrade();
+        let refresh = Box::new(move |metrics: &Metrics| {
+            if let Some(bus) = bus.upgrade() {
+                metrics.set_pending(bus.pending_requests());
+            }
+        });
+        MetricsServer::serve(addr, self.metrics.clone(), refresh)
+    }
+
+    /// The runtime's metrics, in the OpenMetrics text format (what
+    /// [`Runtime::serve_metrics`] serves).
+    pub fn metrics_text(&self) -> String {
+        self.metrics.set_pending(self.bus.pending_requests());
+        self.metrics.encode()
     }
 
     /// Requests still waiting for their response (or 408).
@@ -775,6 +808,7 @@ impl Runtime {
             syncher: self.syncher.clone(),
             policies: self.policies.clone(),
             identities: self.identities.clone(),
+            metrics: self.metrics.clone(),
         }
     }
 

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 pub mod rethink;
 pub mod webid;
+pub mod metrics;
 pub mod scale;
 
 use hyperty_host::bundle::{BundleBuilder, Component, Domain, Hyperty, Idp, Protostub};

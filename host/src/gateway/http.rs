@@ -29,7 +29,7 @@ const CLIENT_JS: &str = include_str!("client.js");
 const MAX_HEADERS: usize = 64;
 
 /// A request head, parsed.
-pub(super) struct Head {
+pub(crate) struct Head {
     /// Every byte read so far (the head and whatever followed it), to be
     /// replayed to the WebSocket handshake.
     pub bytes: Vec<u8>,
@@ -41,11 +41,11 @@ pub(super) struct Head {
 }
 
 /// Why a request is refused: the status and a line for the body.
-pub(super) type Refusal = (StatusCode, String);
+pub(crate) type Refusal = (StatusCode, String);
 
 /// Reads a request head of at most `max` bytes from `stream`. `Ok(None)`:
 /// the client closed before sending one.
-pub(super) async fn read_head(stream: &mut TcpStream, max: usize) -> Result<Option<Head>, Refusal> {
+pub(crate) async fn read_head(stream: &mut TcpStream, max: usize) -> Result<Option<Head>, Refusal> {
     let mut bytes = Vec::with_capacity(max.min(4096));
     let mut chunk = [0u8; 4096];
     loop {
@@ -79,7 +79,7 @@ pub(super) async fn read_head(stream: &mut TcpStream, max: usize) -> Result<Opti
 }
 
 /// Writes a whole response head (and `body`, unless `head_only`).
-async fn write_response(stream: &mut TcpStream, status: StatusCode, content_type: &str, length: u64, extra: &str) -> std::io::Result<()> {
+pub(crate) async fn write_response(stream: &mut TcpStream, status: StatusCode, content_type: &str, length: u64, extra: &str) -> std::io::Result<()> {
     let head = format!(
         "HTTP/1.1 {} {}\r\nContent-Type: {content_type}\r\nContent-Length: {length}\r\nX-Content-Type-Options: nosniff\r\nCache-Control: no-cache\r\n{extra}Connection: close\r\n\r\n",
         status.as_u16(),
@@ -92,7 +92,7 @@ async fn write_response(stream: &mut TcpStream, status: StatusCode, content_type
 /// what the client still sends, up to [`DRAIN_BYTES`] within
 /// [`DRAIN_TIME`]: closing with unread bytes would reset the connection
 /// and could lose the answer before the client reads it.
-pub(super) async fn refuse(stream: &mut TcpStream, (status, why): Refusal, extra: &str) {
+pub(crate) async fn refuse(stream: &mut TcpStream, (status, why): Refusal, extra: &str) {
     let body = format!("{why}\n");
     if write_response(stream, status, "text/plain; charset=utf-8", body.len() as u64, extra).await.is_ok() {
         let _ = stream.write_all(body.as_bytes()).await;

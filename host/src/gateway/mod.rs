@@ -60,7 +60,7 @@
 //! other connections. Every limit is listed in `host/SECURITY.md`.
 
 mod discover;
-mod http;
+pub(crate) mod http;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
@@ -265,6 +265,13 @@ impl Gateway {
     /// Connections open now (handshake, login or logged in).
     pub fn connections(&self) -> usize {
         self.shared.open.lock().unwrap().values().sum()
+    }
+
+    /// Reads [`Gateway::connections`] while the gateway serves; `None` once
+    /// it is gone (for the metrics).
+    pub(crate) fn connections_reader(&self) -> impl Fn() -> Option<usize> + Send + Sync + 'static {
+        let shared = Arc::downgrade(&self.shared);
+        move || shared.upgrade().map(|s| s.open.lock().unwrap().values().sum())
     }
 }
 

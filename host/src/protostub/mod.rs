@@ -92,6 +92,11 @@ impl Stub {
         })
     }
 
+    /// Messages in its queue (waiting, or sent and not yet acknowledged).
+    pub fn queued(&self) -> usize {
+        self.queue.state.lock().unwrap().items.len()
+    }
+
     /// Starts the stub's thread if it is not running yet.
     pub fn ensure_started(self: &Arc<Self>) {
         let start = self.start.lock().unwrap().take();

@@ -41,6 +41,7 @@ use crate::registry::{Registry, Status as RegistryStatus};
 
 pub(crate) use glue::{GuestLog, HypertyPre, InstanceState, check_grants, hyperty_linker, log_line, prepare};
 use glue::Hyperty;
+use crate::metrics::Read;
 use limits::{DomainMemory, Grant, InstanceLimiter, Limits, RestartPolicy};
 
 /// What a sandbox's inbox carries.
@@ -147,6 +148,8 @@ pub(crate) struct Shared {
     pub policies: Arc<crate::policy::cedar::CedarPolicies>,
     /// For WebRTC identity (media fingerprints bound by the IdP proxies).
     pub identities: Arc<crate::identity::Identities>,
+    /// Instances and restarts are counted by domain.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// The runtime's handle on a running sandbox. Dropping it stops the
@@ -170,7 +173,13 @@ impl SandboxHandle {
         let memory = Arc::new(DomainMemory::default());
         let stopping = Arc::new(AtomicBool::new(false));
         let media = Arc::new(crate::media::DomainMedia::new(domain, settings.media.clone(), shared.policies.clone(), shared.identities.clone()));
+        let counted = shared.metrics.add_domain(domain);
+        let read = Arc::downgrade(&memory);
+        shared.metrics.read_at_scrape(&counted, Read::Memory, move || read.upgrade().map(|m| m.used()));
+        let read = Arc::downgrade(&inbox.in_flight);
+        shared.metrics.read_at_scrape(&counted, Read::Inbox, move || read.upgrade().map(|n| n.load(Ordering::Relaxed)));
         let sandbox = Sandbox {
+            counted,
             media: media.clone(),
             stopping: stopping.clone(),
             settings: settings.clone(),
@@ -270,6 +279,8 @@ struct Sandbox {
     media: Arc<crate::media::DomainMedia>,
     /// Set when the sandbox is being stopped: queued messages are dropped.
     stopping: Arc<AtomicBool>,
+    /// The domain's instances and restarts.
+    counted: Arc<crate::metrics::DomainMetrics>,
 }
 
 impl Sandbox {
@@ -293,8 +304,10 @@ impl Sandbox {
                     let _ = reply.send(self.init(instance));
                 }
                 Ok(Envelope::Control(Control::Remove { instance })) => {
-                    if let Some(slot) = self.slots.get_mut(instance as usize) {
-                        *slot = None;
+                    if let Some(slot) = self.slots.get_mut(instance as usize)
+                        && slot.take().is_some()
+                    {
+                        self.counted.instances.dec();
                     }
                     self.restarts.retain(|&i| i != instance);
                 }
@@ -305,6 +318,8 @@ impl Sandbox {
                 self.restart_due();
             }
         }
+        // The domain's instances stop with it.
+        self.counted.instances.dec_by(self.slots.iter().flatten().count() as i64);
     }
 
     /// A fresh store with `hyperty` instantiated in it.
@@ -343,6 +358,7 @@ impl Sandbox {
             status: Status::Instantiated { backlog: Vec::new() },
             failures: 0,
         }));
+        self.counted.instances.inc();
         Ok(id)
     }
 
@@ -471,6 +487,7 @@ impl Sandbox {
                             let slot = self.slots[instance as usize].as_ref().expect("exists");
                             let h = &slot.hyperty;
                             tracing::info!(hyperty = %h.label, "restarted at {}", h.address);
+                            self.counted.restarts.inc();
                             self.shared.registry.set_status(&h.address, RegistryStatus::Live);
                             self.shared.events.emit(&h.label, &h.address, EventKind::Restarted { failures: slot.failures });
                         }
@@ -496,6 +513,7 @@ pub(crate) fn time_instantiation(shared: &Shared, pre: &HypertyPre<InstanceState
         call_ticks: 100,
         in_flight: Arc::default(),
         stopping: Arc::default(),
+        counted: shared.metrics.domain("bench.example"),
     };
     let hyperty = NewHyperty {
         pre: pre.clone(),
