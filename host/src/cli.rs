@@ -210,13 +210,14 @@ where
             setup_policies(&config, policies.as_deref(), groups.as_deref()).and_then(|()| run(&bundle, config, exit_when_idle, metrics, gateway))
         }
         Command::Group { action, groups_file, group, user } => edit_group(&groups_file, &group, &user, action == "add"),
-        Command::Check { bundle } => match check_file(&bundle, config) {
-            Ok(b) => {
+        Command::Check { bundle } => match (std::time::Instant::now(), check_file(&bundle, config)) {
+            (started, Ok(b)) => {
                 let n: usize = b.domains.iter().map(|d| d.hyperties.len()).sum();
-                println!("{}: ok ({n} hyperties in {} domains)", bundle.display(), b.domains.len());
+                let ms = started.elapsed().as_secs_f64() * 1e3;
+                println!("{}: ok ({n} hyperties in {} domains, checked in {ms:.0} ms)", bundle.display(), b.domains.len());
                 Ok(())
             }
-            Err(e) => Err(anyhow::Error::new(e)),
+            (_, Err(e)) => Err(anyhow::Error::new(e)),
         },
         Command::Pin { bundle } => pin(&bundle).map(|changed| {
             for (field, old, new) in &changed {
