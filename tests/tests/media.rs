@@ -261,16 +261,19 @@ fn opening_a_peer_connection_and_accepting_a_peer_are_cedar_actions_denied_with_
     assert!(driver.command(&a, json!({ "op": "offer", "pc": pc }))["sdp"].is_string());
 }
 
+/// `bundle` with NATS protostubs (on `servers`) for the media tests' domains.
+fn through_nats(mut bundle: TestBundle, servers: &[String]) -> TestBundle {
+    for domain in ["alice.example", "bob.example", "app.example"] {
+        bundle = bundle.protostub(domain, servers, json!({}));
+    }
+    bundle
+}
+
 #[test]
 fn hyperties_of_two_runtimes_open_a_data_channel_signalling_through_nats() {
     let nats = Nats::start();
     let servers = [nats.endpoint()];
-    let with_stubs = |mut bundle: TestBundle| {
-        for domain in ["alice.example", "bob.example", "app.example"] {
-            bundle = bundle.protostub(domain, &servers, json!({}));
-        }
-        bundle
-    };
+    let with_stubs = |bundle: TestBundle| through_nats(bundle, &servers);
     let r1 = runtime(Duration::from_secs(10));
     let r2 = runtime(Duration::from_secs(10));
     let mut driver = Driver::new(&r1);
@@ -877,12 +880,7 @@ fn a_remote_name_over_1024_bytes_is_refused_at_open_and_one_at_the_limit_is_kept
 fn identities_bound_in_two_runtimes_are_checked_across_nats() {
     let nats = Nats::start();
     let servers = [nats.endpoint()];
-    let with_stubs = |mut bundle: TestBundle| {
-        for domain in ["alice.example", "bob.example", "app.example"] {
-            bundle = bundle.protostub(domain, &servers, json!({}));
-        }
-        bundle
-    };
+    let with_stubs = |bundle: TestBundle| through_nats(bundle, &servers);
     let r1 = runtime(Duration::from_secs(10));
     let r2 = runtime(Duration::from_secs(10));
     let mut driver = Driver::new(&r1);
