@@ -139,6 +139,7 @@ mod domain_registry;
 pub mod endpoint;
 pub mod cli;
 mod engine;
+mod http;
 pub mod events;
 pub mod gateway;
 mod identity;

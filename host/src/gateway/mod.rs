@@ -60,7 +60,7 @@
 //! other connections. Every limit is listed in `host/SECURITY.md`.
 
 mod discover;
-pub(crate) mod http;
+mod http;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
@@ -385,12 +385,12 @@ fn check_handshake(origins: &[String], request: &Request) -> Result<String, (Sta
 async fn connection(shared: Arc<Shared>, mut stream: TcpStream, _slot: Slot) {
     let accepted = Instant::now();
     let deadline = accepted + shared.config.login_timeout;
-    let head = match tokio::time::timeout_at(deadline, http::read_head(&mut stream, shared.config.max_head_bytes)).await {
+    let head = match tokio::time::timeout_at(deadline, crate::http::read_head(&mut stream, shared.config.max_head_bytes)).await {
         Err(_) => {
             let why = format!("no request head within {} ms", shared.config.login_timeout.as_millis());
-            return http::refuse(&mut stream, (StatusCode::REQUEST_TIMEOUT, why), "").await;
+            return crate::http::refuse(&mut stream, (StatusCode::REQUEST_TIMEOUT, why), "").await;
         }
-        Ok(Err(refusal)) => return http::refuse(&mut stream, refusal, "").await,
+        Ok(Err(refusal)) => return crate::http::refuse(&mut stream, refusal, "").await,
         Ok(Ok(None)) => return,
         Ok(Ok(Some(head))) => head,
     };

@@ -2,7 +2,7 @@
 //! the OpenMetrics text format, for a Prometheus server to scrape.
 //!
 //! Bounded like the gateway's plain HTTP, whose head reader it uses
-//! (`gateway::http`, httparse): one request per connection (`Connection:
+//! (`crate::http`, httparse): one request per connection (`Connection:
 //! close`), a head of at most [`MAX_HEAD_BYTES`], at most
 //! [`MAX_CONNECTIONS`] connections at once (more are answered 503 and
 //! closed), [`TIMEOUT`] for the whole exchange. Anything but `GET` or `HEAD`
@@ -19,7 +19,7 @@ use tokio::sync::{Semaphore, watch};
 use tokio_tungstenite::tungstenite::http::StatusCode;
 
 use super::Metrics;
-use crate::gateway::http::{read_head, refuse, write_response};
+use crate::http::{read_head, refuse, write_response};
 
 /// The largest request head read, in bytes.
 pub const MAX_HEAD_BYTES: usize = 16 * 1024;
