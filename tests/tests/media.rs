@@ -269,6 +269,26 @@ fn through_nats(mut bundle: TestBundle, servers: &[String]) -> TestBundle {
     bundle
 }
 
+/// Has media-peer `a` call `b` (in another runtime) on a channel named
+/// "far", with `extra` fields in the call command, until the offer is
+/// answered: the stubs connect and subscribe asynchronously, and a call
+/// that found no route yet reports `failed`. The caller's connection.
+fn call_through_nats(driver: &mut Driver, a: &Address, b: &Address, extra: Value) -> u64 {
+    let until = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut command = json!({ "op": "call", "peer": b.to_string(), "label": "far" });
+        command.as_object_mut().unwrap().extend(extra.as_object().cloned().unwrap_or_default());
+        let call = driver.command(a, command);
+        let pc = call["pc"].as_u64().unwrap_or_else(|| panic!("{call}"));
+        let signal = driver.media_report(a, 15, |v| v["signal"].is_string() && v["pc"] == pc);
+        if signal["signal"] == "answered" {
+            return pc;
+        }
+        driver.command(a, json!({ "op": "drop", "pc": pc }));
+        assert!(std::time::Instant::now() < until, "no answer through NATS: {signal}");
+    }
+}
+
 #[test]
 fn hyperties_of_two_runtimes_open_a_data_channel_signalling_through_nats() {
     let nats = Nats::start();
@@ -292,19 +312,7 @@ fn hyperties_of_two_runtimes_open_a_data_channel_signalling_through_nats() {
     let a = r1.lookup("alice.example", "a").unwrap();
     let b = r2.lookup("bob.example", "b").unwrap();
 
-    // The stubs connect and subscribe asynchronously: call until the offer
-    // is answered (a call that found no route yet reports `failed`).
-    let until = std::time::Instant::now() + Duration::from_secs(20);
-    let pc = loop {
-        let call = driver.command(&a, json!({ "op": "call", "peer": b.to_string(), "label": "far" }));
-        let pc = call["pc"].as_u64().unwrap_or_else(|| panic!("{call}"));
-        let signal = driver.media_report(&a, 15, |v| v["signal"].is_string() && v["pc"] == pc);
-        if signal["signal"] == "answered" {
-            break pc;
-        }
-        driver.command(&a, json!({ "op": "drop", "pc": pc }));
-        assert!(std::time::Instant::now() < until, "no answer through NATS: {signal}");
-    };
+    let pc = call_through_nats(&mut driver, &a, &b, json!({}));
     let ch = driver.media_report(&a, 10, |v| v["event"] == "channel-open" && v["pc"] == pc)["channel"].as_u64().unwrap();
     driver.media_report(&b, 10, |v| v["event"] == "channel-open" && v["label"] == "far");
     driver.command(&a, json!({ "op": "send", "pc": pc, "channel": ch, "text": "across runtimes" }));
@@ -906,19 +914,7 @@ fn identities_bound_in_two_runtimes_are_checked_across_nats() {
     let a = r1.lookup("alice.example", "a").unwrap();
     let b = r2.lookup("bob.example", "b").unwrap();
 
-    // The stubs connect and subscribe asynchronously: call until the offer
-    // is answered (a call that found no route yet reports `failed`).
-    let until = std::time::Instant::now() + Duration::from_secs(20);
-    let pc = loop {
-        let call = driver.command(&a, json!({ "op": "call", "peer": b.to_string(), "label": "far", "identity": true }));
-        let pc = call["pc"].as_u64().unwrap_or_else(|| panic!("{call}"));
-        let signal = driver.media_report(&a, 15, |v| v["signal"].is_string() && v["pc"] == pc);
-        if signal["signal"] == "answered" {
-            break pc;
-        }
-        driver.command(&a, json!({ "op": "drop", "pc": pc }));
-        assert!(std::time::Instant::now() < until, "no answer through NATS: {signal}");
-    };
+    let pc = call_through_nats(&mut driver, &a, &b, json!({ "identity": true }));
     let at_a = driver.media_report(&a, 10, |v| v["event"] == "connected" && v["pc"] == pc);
     assert_eq!(at_a["identity"], json!({ "user": "bob@idp.example", "idp": IDP }), "{at_a}");
     let at_b = driver.media_report(&b, 10, |v| v["event"] == "connected");
