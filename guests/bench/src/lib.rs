@@ -7,6 +7,13 @@
 //! - `oneway`: batches of `b` notifications, each batch closed by a request
 //!   whose response releases the next batch (flow control within the
 //!   receiver's inbox).
+//!
+//! The sink also checks the sequence: a driver numbers each run's messages
+//! 1, 2, 3…, so a message whose id is neither the previous one + 1 nor 1 (a
+//! new run) is lost, duplicated or reordered, and counted as an anomaly. An
+//! `execute` request to the sink answers `{"received": n, "anomalies": n,
+//! "identified": n}` (the soak test's ledger; `identified` counts messages
+//! that carried the sender's identity).
 
 use std::cell::RefCell;
 
@@ -42,6 +49,9 @@ struct State {
     me: String,
     sink: bool,
     received: u64,
+    anomalies: u64,
+    identified: u64,
+    last_id: u64,
     active: Option<Active>,
 }
 
@@ -61,7 +71,7 @@ impl Guest for Bench {
             "driver" => false,
             other => return Err(format!("unknown role {other:?}")),
         };
-        STATE.with(|s| *s.borrow_mut() = Some(State { me: address, sink, received: 0, active: None }));
+        STATE.with(|s| *s.borrow_mut() = Some(State { me: address, sink, received: 0, anomalies: 0, identified: 0, last_id: 0, active: None }));
         Ok(())
     }
 
@@ -70,7 +80,17 @@ impl Guest for Bench {
             let mut state = s.borrow_mut();
             let Some(state) = state.as_mut() else { return };
             if state.sink {
+                if msg.type_ == MessageType::Execute {
+                    let ledger = json!({ "received": state.received, "anomalies": state.anomalies, "identified": state.identified });
+                    let _ = bus::reply(&msg, 200, Some(&ledger.to_string()));
+                    return;
+                }
                 state.received += 1;
+                if msg.id != state.last_id + 1 && msg.id != 1 {
+                    state.anomalies += 1;
+                }
+                state.last_id = msg.id;
+                state.identified += u64::from(msg.identity.is_some());
                 // Only `read`s are requests here (the driver's); the
                 // `update`s of a one-way run are notifications: no answer.
                 if msg.type_ == MessageType::Read {
