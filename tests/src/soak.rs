@@ -98,7 +98,9 @@ impl Soak {
         let soak = Soak { runtimes: vec![r1, r2], harness, driver, sink, next_id: Cell::new(0), _bundles: vec![b1, b2] };
         // Until both stubs are connected and subscribed, the ledger request
         // is answered 503 or 408: ask until the sink answers.
-        crate::wait_until("the sink answers through NATS", || soak.ask(&soak.sink, json!({}), Duration::from_secs(5)).is_some());
+        crate::wait_until("the sink answers through NATS", || {
+            soak.ask(&soak.sink, json!({}), Duration::from_secs(5)).is_some_and(|a| a.body.code == Some(200))
+        });
         soak
     }
 
@@ -107,13 +109,14 @@ impl Soak {
     /// it reports them all through; panics with the driver's answer if not.
     pub fn send(&self, count: u64) {
         let command = json!({ "to": self.sink.to_string(), "count": count, "mode": "oneway", "batch": 64 });
-        let answer = self.ask(&self.driver, command, Duration::from_secs(600)).expect("the driver answers");
-        assert_eq!(answer.body.code, Some(200), "the soak run failed: {:?}", answer.body);
+        let answer = self.ask(&self.driver, command, Duration::from_secs(600)).expect("the driver answers within 10 minutes");
+        assert_eq!(answer.body.code, Some(200), "the soak run of {count} failed: {:?}", answer.body);
     }
 
     /// The sink's ledger.
     pub fn ledger(&self) -> Ledger {
         let answer = self.ask(&self.sink, json!({}), Duration::from_secs(60)).expect("the sink answers");
+        assert_eq!(answer.body.code, Some(200), "the sink's ledger: {:?}", answer.body);
         let value: Value = serde_json::from_str(answer.body.value.as_deref().unwrap_or("null")).unwrap();
         let field = |k: &str| value[k].as_u64().unwrap_or_else(|| panic!("no {k} in the sink's ledger {value}"));
         Ledger { received: field("received"), anomalies: field("anomalies"), identified: field("identified") }
@@ -129,14 +132,14 @@ impl Soak {
         self.runtimes.iter().map(|r| r.hyperties().len()).sum()
     }
 
-    /// An `execute` request to `to`, and its 200 answer within `within`
-    /// (`None` on another answer or none).
+    /// An `execute` request to `to`, and its answer within `within`.
     fn ask(&self, to: &Address, value: Value, within: Duration) -> Option<Message> {
-        self.next_id.set(self.next_id.get() + 1);
-        let msg = Message::new(self.next_id.get(), MessageType::Execute, self.harness.address().clone(), to.clone(), Some(value.to_string()));
+        let id = self.next_id.get() + 1;
+        self.next_id.set(id);
+        let msg = Message::new(id, MessageType::Execute, self.harness.address().clone(), to.clone(), Some(value.to_string()));
         self.harness.request(msg, None).ok()?;
-        let answer = self.harness.recv_timeout(within)?;
-        (answer.body.code == Some(200)).then_some(answer)
+        // An answer to an earlier ask that timed out may still come: skip it.
+        self.harness.recv_where(|m| m.id == id, within)
     }
 }
 
