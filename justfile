@@ -80,6 +80,39 @@ bench: setup nats
 soak: setup nats
     HYPERTY_SOAK_MESSAGES=10000000 HYPERTY_SOAK_NATS_MESSAGES=1000000 cargo test --release -p hyperty-tests --test soak -- --nocapture --test-threads 1
 
+# Fuzz every target (tests/fuzz/fuzz_targets) for `seconds` each: libFuzzer
+# through cargo-fuzz (installed when missing), on the stable toolchain
+# without a sanitizer (`-s none`: ASan needs nightly; the targets are safe
+# Rust, so what we look for is panics, hangs and unbounded growth, which
+# libFuzzer reports without one). New inputs go to a corpus outside the
+# clone, seeded from tests/fuzz/corpus; a crash is written to
+# tests/fuzz/artifacts/<target>/ and stops the run: minimise it
+# (`cargo fuzz tmin`), commit it under tests/fuzz/regressions/<target>/ with
+# the fix (`cargo test --test fuzz` replays it from then on).
+fuzz seconds="600": setup
+    #!/usr/bin/env bash
+    set -euo pipefail
+    export PATH="$HOME/.cargo/bin:$PATH"
+    command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
+    # Instrumented builds, grown corpora and logs: beside the target dir.
+    cache="${HYPERTY_FUZZ_DIR:-$(dirname "${CARGO_TARGET_DIR:-$HOME/.cache/hyperty-build/target}")/fuzz}"
+    fuzz="cargo fuzz run --fuzz-dir tests/fuzz -s none -O --target-dir $cache"
+    for t in $(cargo fuzz list --fuzz-dir tests/fuzz); do
+        mkdir -p "$cache/corpus/$t" "tests/fuzz/artifacts/$t"
+        echo "== fuzz $t for {{seconds}} s"
+        log="$cache/$t.log"
+        if ! $fuzz "$t" "$cache/corpus/$t" "tests/fuzz/corpus/$t" -- -max_total_time={{seconds}} \
+            -timeout=20 -rss_limit_mb=3072 -artifact_prefix="tests/fuzz/artifacts/$t/" -print_final_stats=1 >"$log" 2>&1; then
+            tail -60 "$log" >&2
+            echo "fuzz target $t failed; the input is in tests/fuzz/artifacts/$t/, the log in $log" >&2
+            exit 1
+        fi
+        grep -E '^Done [0-9]+ runs|stat::(number_of_executed_units|peak_rss_mb)|^#[0-9]+.*(INITED|DONE)' "$log" | sed 's/^/   /'
+    done
+
+# The bounded fuzzing CI runs: every target for 20 s on the committed corpus.
+fuzz-ci: (fuzz "20")
+
 # Build the guest components into guests/target/wasm32-wasip2/release.
 guests: setup
     cargo build -p hyperty-tests

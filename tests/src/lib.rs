@@ -873,3 +873,4 @@ pub fn host_log() -> String {
     String::from_utf8_lossy(&captured.0.lock().unwrap()).into_owned()
 }
 pub mod soak;
+pub mod fuzz;
