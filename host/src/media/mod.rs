@@ -25,6 +25,7 @@
 
 pub(crate) mod glue;
 pub(crate) mod identity;
+mod inbox;
 pub mod settings;
 mod track;
 
@@ -49,7 +50,7 @@ use crate::identity::Identities;
 use crate::message::{Identity, Message, MessageType};
 use crate::policy::cedar::CedarPolicies;
 use crate::policy::{Decision, Descriptor};
-use crate::sandbox::limits::RateLimiter;
+use crate::sandbox::limits::{DomainMemory, RateLimiter};
 
 /// The longest SDP text accepted from a hyperty, in bytes.
 pub const MAX_SDP_BYTES: usize = 64 << 10;
@@ -87,6 +88,10 @@ struct Held {
     bytes: Mutex<RateLimiter>,
     /// `media-bytes-per-second`.
     media: Mutex<RateLimiter>,
+    /// `opens-per-minute`: 60 tokens an open, `opens-per-minute` a second.
+    opens: Mutex<RateLimiter>,
+    /// Received frames waiting in the hyperty's inbox (`pending-frames`).
+    frames: inbox::InboxFrames,
 }
 
 /// A connection's place in its domain's `peer-connections`, given back
@@ -112,14 +117,31 @@ pub(crate) struct DomainMedia {
 }
 
 impl DomainMedia {
-    /// `settings`: the domain's `media` table, `None` when not granted.
-    pub fn new(domain: &str, settings: Option<MediaSettings>, policies: Arc<CedarPolicies>, identities: Arc<Identities>) -> DomainMedia {
+    /// `settings`: the domain's `media` table, `None` when not granted;
+    /// `memory`: the domain's, of which it may hold `total_memory` bytes
+    /// (`total-memory-mb`), charged with the frames waiting in its inbox.
+    pub fn new(
+        domain: &str,
+        settings: Option<MediaSettings>,
+        memory: Arc<DomainMemory>,
+        total_memory: usize,
+        policies: Arc<CedarPolicies>,
+        identities: Arc<Identities>,
+    ) -> DomainMedia {
         let rate = settings.as_ref().map_or(1, |s| s.bytes_per_second);
-        let media = RateLimiter::new(settings.as_ref().map_or(1, |s| s.media_bytes_per_second), settings.as_ref().map_or(1, |s| s.media_bytes_per_second));
+        let media = settings.as_ref().map_or(1, |s| s.media_bytes_per_second);
+        let opens = settings.as_ref().map_or(1, |s| s.opens_per_minute);
+        let held = Held {
+            open: Mutex::new(0),
+            bytes: Mutex::new(RateLimiter::new(rate, rate)),
+            media: Mutex::new(RateLimiter::new(media, media)),
+            opens: Mutex::new(RateLimiter::new(opens, opens.saturating_mul(60))),
+            frames: inbox::InboxFrames::new(memory, total_memory),
+        };
         DomainMedia {
             domain: domain.to_owned(),
             settings: settings.map(Arc::new),
-            held: Arc::new(Held { open: Mutex::new(0), bytes: Mutex::new(RateLimiter::new(rate, rate)), media: Mutex::new(media) }),
+            held: Arc::new(held),
             driver: Mutex::default(),
             policies,
             identities,
@@ -168,6 +190,14 @@ impl DomainMedia {
                 return Err(MediaError::LimitReached(format!(
                     "peer-connections: {} holds {open} open (peer-connections = {})",
                     self.domain, settings.peer_connections
+                )));
+            }
+            // Each connection may call the IdP proxy (an assertion, a remote
+            // identity): opening is what bounds how often.
+            if !self.held.opens.lock().unwrap_or_else(PoisonError::into_inner).take_n(60.0) {
+                return Err(MediaError::LimitReached(format!(
+                    "opens-per-minute: {} opens peer connections faster than {} a minute (opens-per-minute = {})",
+                    self.domain, settings.opens_per_minute, settings.opens_per_minute
                 )));
             }
             *open += 1;
@@ -221,6 +251,13 @@ impl DomainMedia {
     pub fn open_connections(&self) -> u32 {
         *self.held.open.lock().unwrap_or_else(PoisonError::into_inner)
     }
+
+    /// The sandbox took `message` from the domain's inbox (hook of its
+    /// loop): a connection's frames sent up to it no longer wait there.
+    pub fn taken(&self, message: &Message) {
+        self.held.frames.taken(message);
+    }
+
 
     /// The runtime of the domain's media thread, started on first use.
     fn driver(&self) -> Result<tokio::runtime::Handle, MediaError> {
@@ -771,6 +808,7 @@ async fn drive(conn: Arc<Conn>, socket: tokio::net::UdpSocket, mut sink: Sink, p
             () = conn.wake.notified() => {}
         }
     }
+    conn.held.frames.forget(&conn.address);
     drop(socket);
     drop(place);
 }
@@ -782,10 +820,24 @@ fn frame_of(event: &Value) -> Option<u32> {
 
 /// Hands the waiting events to the hyperty in order, stopping at the first
 /// its inbox has no room for (it is offered again after [`RETRY`]); a
-/// frame with no room is dropped and counted on its track instead.
+/// frame with no room (in the inbox, or among the connection's
+/// `pending-frames`, see [`inbox`]) is dropped and counted on its track
+/// instead.
 fn deliver(sink: &Sink, outbox: &mut VecDeque<(Message, Option<u32>)>, conn: &Conn) {
+    let frames = &conn.held.frames;
     while let Some((m, frame)) = outbox.pop_front() {
-        match sink.bus.send(m.clone(), None, Some(&sink.descriptor)) {
+        if let Some(track) = frame {
+            let bytes = m.body.value.as_ref().map_or(0, String::len);
+            if frames.reserve(&conn.address, m.id, bytes, conn.settings.pending_frames, conn.settings.pending_frame_bytes).is_err() {
+                conn.count_dropped(track);
+                continue;
+            }
+        }
+        let (id, sent) = (m.id, sink.bus.send(m.clone(), None, Some(&sink.descriptor)));
+        if sent.is_err() && frame.is_some() {
+            frames.unreserve(&conn.address, id);
+        }
+        match sent {
             Ok(()) => {}
             Err(SendError::InboxFull(_)) => match frame {
                 Some(track) => conn.count_dropped(track),

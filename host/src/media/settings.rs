@@ -48,6 +48,15 @@ pub struct MediaSettings {
     /// Media bytes a second the domain's connections send together,
     /// written by hyperties or forwarded in the host (also the burst).
     pub media_bytes_per_second: u32,
+    /// Received frames (`media` events) of one connection waiting in the
+    /// hyperty's inbox; one more is dropped and counted.
+    pub pending_frames: u32,
+    /// Bytes of those frames' events (base64 JSON) waiting in the inbox
+    /// for one connection, also charged to the domain's `total-memory-mb`.
+    pub pending_frame_bytes: u32,
+    /// Peer connections the domain may open a minute (also the burst):
+    /// each may call the domain's IdP proxy once each way.
+    pub opens_per_minute: u32,
 }
 
 /// The table as written, before its values are checked.
@@ -72,6 +81,12 @@ pub(crate) struct RawMedia {
     tracks: u32,
     #[serde(default = "defaults::media_bytes_per_second")]
     media_bytes_per_second: u32,
+    #[serde(default = "defaults::pending_frames")]
+    pending_frames: u32,
+    #[serde(default = "defaults::pending_frame_bytes")]
+    pending_frame_bytes: u32,
+    #[serde(default = "defaults::opens_per_minute")]
+    opens_per_minute: u32,
 }
 
 mod defaults {
@@ -95,6 +110,15 @@ mod defaults {
     }
     pub fn media_bytes_per_second() -> u32 {
         4 << 20
+    }
+    pub fn pending_frames() -> u32 {
+        64
+    }
+    pub fn pending_frame_bytes() -> u32 {
+        4 << 20
+    }
+    pub fn opens_per_minute() -> u32 {
+        120
     }
 }
 
@@ -127,6 +151,9 @@ impl RawMedia {
         check((1..=1_000_000).contains(&self.pending_events), "pending-events", "1..=1000000".into())?;
         check((1..=64).contains(&self.tracks), "tracks", "1..=64".into())?;
         check(self.media_bytes_per_second >= 1024, "media-bytes-per-second", "1024..".into())?;
+        check((1..=100_000).contains(&self.pending_frames), "pending-frames", "1..=100000".into())?;
+        check(self.pending_frame_bytes >= 1024, "pending-frame-bytes", "1024..".into())?;
+        check((1..=1_000_000).contains(&self.opens_per_minute), "opens-per-minute", "1..=1000000".into())?;
         Ok(MediaSettings {
             bind,
             ports,
@@ -138,6 +165,9 @@ impl RawMedia {
             pending_events: self.pending_events,
             tracks: self.tracks,
             media_bytes_per_second: self.media_bytes_per_second,
+            pending_frames: self.pending_frames,
+            pending_frame_bytes: self.pending_frame_bytes,
+            opens_per_minute: self.opens_per_minute,
         })
     }
 }
@@ -193,6 +223,9 @@ mod tests {
             ("bind = \"127.0.0.1\"\nports = \"1-2\"\npeer-connections = 0", "peer-connections"),
             ("bind = \"127.0.0.1\"\nports = \"1-2\"\ntracks = 65", "tracks"),
             ("bind = \"127.0.0.1\"\nports = \"1-2\"\nmedia-bytes-per-second = 10", "media-bytes-per-second"),
+            ("bind = \"127.0.0.1\"\nports = \"1-2\"\npending-frames = 0", "pending-frames"),
+            ("bind = \"127.0.0.1\"\nports = \"1-2\"\npending-frame-bytes = 10", "pending-frame-bytes"),
+            ("bind = \"127.0.0.1\"\nports = \"1-2\"\nopens-per-minute = 0", "opens-per-minute"),
         ] {
             let e = raw(bad).unwrap_err();
             assert!(e.contains(why), "{bad}: {e}");
