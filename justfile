@@ -45,7 +45,7 @@ js-guest file:
 # Run every test (builds the guest components first), with HOME pointed at
 # an empty directory that must still be empty afterwards: no test may write
 # into the home of whoever runs them (~/.local/share/hyperty, ~/.cache/hyperty).
-test: setup nats chromium
+test: setup nats chromium turnserver
     #!/usr/bin/env bash
     set -euo pipefail
     export CARGO_HOME="${CARGO_HOME:-$HOME/.cargo}" RUSTUP_HOME="${RUSTUP_HOME:-$HOME/.rustup}"
@@ -103,6 +103,16 @@ chromium:
     sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo -n"
     export DEBIAN_FRONTEND=noninteractive
     $sudo apt-get install -y -q chromium || { $sudo apt-get update -q && $sudo apt-get install -y -q chromium; }
+
+# Install Debian's coturn, whose `turnserver` the media tests run as a STUN
+# server on loopback.
+turnserver:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    command -v turnserver >/dev/null && exit 0
+    sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo -n"
+    export DEBIAN_FRONTEND=noninteractive
+    $sudo apt-get install -y -q coturn || { $sudo apt-get update -q && $sudo apt-get install -y -q coturn; }
 
 # Install what the recipes need: the wasm32-wasip2 standard library.
 setup:

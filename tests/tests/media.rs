@@ -894,6 +894,50 @@ fn opening_peer_connections_faster_than_opens_per_minute_is_refused_naming_the_s
     assert_eq!(e, "limit-reached: opens-per-minute: alice.example opens peer connections faster than 3 a minute (opens-per-minute = 3)");
 }
 
+#[test]
+fn a_stun_server_of_the_host_configuration_gives_each_connection_a_server_reflexive_candidate_and_calls_connect() {
+    // coturn behind a NAT (for its datagrams): it sees alice's socket as
+    // 127.0.0.3:<port>, a server-reflexive address unlike the host one.
+    let stun = StunServer::start();
+    let nat = StunNat::start(stun.addr);
+    let runtime = runtime(Duration::from_secs(5));
+    let mut driver = Driver::new(&runtime);
+    let bundle = TestBundle::new()
+        .hyperty("alice.example", "a", &guest("media-peer"), media_peer_config(false))
+        .domain("alice.example", media_domain(4, json!({ "stun": [nat.inside.to_string()] })))
+        .hyperty("bob.example", "b", &guest("media-peer"), media_peer_config(true))
+        .domain("bob.example", media_domain(4, json!({})));
+    runtime.deploy(&bundle.load()).expect("a domain with a STUN server deploys");
+    let [a, b] = [("alice.example", "a"), ("bob.example", "b")].map(|(d, n)| runtime.lookup(d, n).unwrap());
+
+    let pc = driver.command(&a, json!({ "op": "open" }))["pc"].as_u64().unwrap();
+    let learnt = driver.media_report(&a, 10, |v| v["event"] == "local-candidate" && v["pc"] == pc);
+    let srflx = learnt["candidate"].as_str().unwrap().to_owned();
+    let host = driver.command(&a, json!({ "op": "candidates", "pc": pc }))["candidates"][0].as_str().unwrap().to_owned();
+    // (str0m writes no related address: `raddr 0.0.0.0 rport 0`.)
+    assert!(srflx.contains(&format!(" 127.0.0.3 {} typ srflx", nat.outside.port())), "{srflx} (host {host})");
+    // It is among the local candidates, and in the SDP the connection makes.
+    assert_eq!(driver.command(&a, json!({ "op": "candidates", "pc": pc }))["candidates"], json!([host, srflx]));
+    driver.command(&a, json!({ "op": "channel", "pc": pc, "label": "x" }));
+    let offer = driver.command(&a, json!({ "op": "offer", "pc": pc }))["sdp"].as_str().unwrap().to_owned();
+    assert!(offer.contains(&format!("a={srflx}")), "{offer}");
+    // The STUN server's address and credentials never reach the guest: a
+    // call through such connections still connects and talks.
+    let call = driver.media_call(&a, &b, "chat");
+    driver.command(&a, json!({ "op": "send", "pc": call.caller.0, "channel": call.caller.1, "text": "through" }));
+    assert_eq!(driver.media_report(&a, 10, |v| v["event"] == "channel-data")["text"], "echo:through");
+}
+
+#[test]
+fn a_turn_relay_in_the_media_table_is_refused_as_not_supported_yet_naming_the_domain() {
+    let turn = json!({ "turn": [{ "url": "turn:127.0.0.1:3478", "username": "u", "credential": "secret" }] });
+    let bundle = TestBundle::new()
+        .hyperty("carol.example", "c", &guest("media-peer"), media_peer_config(false))
+        .domain("carol.example", media_domain(4, turn));
+    let e = hyperty_host::Bundle::load(bundle.write()).unwrap_err().to_string();
+    assert!(e.contains("carol.example") && e.contains("media: turn: TURN relays (RFC 8656) are not supported yet"), "{e}");
+}
+
 // Signalling through reTHINK's Connection data object (media-caller).
 
 /// The first line media-caller `at` said that contains `text`.

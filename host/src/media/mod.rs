@@ -27,6 +27,7 @@ pub(crate) mod glue;
 pub(crate) mod identity;
 mod inbox;
 pub mod settings;
+mod stun;
 mod track;
 
 use std::collections::{HashMap, VecDeque};
@@ -233,6 +234,7 @@ impl DomainMedia {
                 closed: None,
                 remote_identity: None,
                 local_assertion: None,
+                reflexive: Vec::new(),
             }),
             wake: tokio::sync::Notify::new(),
         });
@@ -377,6 +379,9 @@ struct State {
     /// This side's identity assertion: its text, when it was made and when
     /// it expires (Unix seconds).
     local_assertion: Option<(String, u64, u64)>,
+    /// Server-reflexive candidates learnt from the domain's STUN servers,
+    /// as SDP attribute values.
+    reflexive: Vec<String>,
 }
 
 impl State {
@@ -513,6 +518,55 @@ impl Conn {
         drop(state);
         self.wake.notify_one();
         Ok(())
+    }
+
+    /// The local candidates: the host one, then those learnt from STUN.
+    fn local_candidates(&self) -> Vec<String> {
+        let reflexive = self.state.lock().unwrap_or_else(PoisonError::into_inner).reflexive.clone();
+        std::iter::once(self.candidate.clone()).chain(reflexive).collect()
+    }
+
+    /// Adds the server-reflexive candidate `mapped` (a STUN server's view
+    /// of the socket at `local`); its SDP attribute value, `None` when str0m
+    /// finds it redundant (no NAT: it is the host candidate).
+    fn add_reflexive(&self, mapped: SocketAddr, local: SocketAddr) -> Option<String> {
+        let candidate = Candidate::server_reflexive(mapped, local, "udp").ok()?;
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let sdp = state.rtc.add_local_candidate(candidate)?.to_sdp_string();
+        state.reflexive.push(sdp.clone());
+        Some(sdp)
+    }
+
+    /// A datagram from `source` on the connection's socket at `local`: a
+    /// STUN server's answer to a Binding request (its event, if it gave a
+    /// new candidate), else a packet for str0m if `source` is among the
+    /// domain's `peers`.
+    fn received(&self, data: &[u8], source: SocketAddr, local: SocketAddr, bindings: &mut [stun::Binding]) -> Option<Value> {
+        if let Some(binding) = bindings.iter_mut().find(|b| b.server == source) {
+            match binding.answer(data) {
+                stun::Answer::NotOurs => {}
+                stun::Answer::Mapped(mapped) => {
+                    let Some(candidate) = self.add_reflexive(mapped, local) else {
+                        tracing::debug!(connection = %self.address, "STUN server {source} sees {mapped}: the host candidate already");
+                        return None;
+                    };
+                    tracing::info!(connection = %self.address, "server-reflexive candidate {mapped} learnt from STUN server {source}");
+                    return Some(json!({ "event": "local-candidate", "candidate": candidate }));
+                }
+                stun::Answer::Refused(why) => {
+                    tracing::info!(connection = %self.address, "{why}");
+                    return None;
+                }
+            }
+        }
+        if !self.settings.allows_peer(source.ip()) {
+            tracing::debug!(connection = %self.address, "datagram from {source}, outside the domain's peers, dropped");
+            return None;
+        }
+        if let Ok(contents) = data.try_into() {
+            self.input(Input::Receive(Instant::now(), Receive { proto: Protocol::Udp, source, destination: local, contents }));
+        }
+        None
     }
 
     fn add_remote_candidate(&self, text: &str) -> Result<(), MediaError> {
@@ -744,7 +798,20 @@ async fn drive(conn: Arc<Conn>, socket: tokio::net::UdpSocket, mut sink: Sink, p
     // Events waiting for room in the inbox, with the track of frames.
     let mut outbox: VecDeque<(Message, Option<u32>)> = VecDeque::new();
     let mut polled = Polled { transmits: Vec::new(), events: Vec::new(), relays: Vec::new(), deadline: Instant::now(), closed: None };
+    let mut bindings: Vec<stun::Binding> = conn.settings.stun.iter().map(|&server| stun::Binding::new(server)).collect();
     loop {
+        for binding in &mut bindings {
+            let server = binding.server;
+            match binding.poll(Instant::now()) {
+                Ok(Some(request)) => {
+                    if let Err(e) = socket.send_to(request, server).await {
+                        tracing::debug!(connection = %conn.address, "cannot send to STUN server {server}: {e}");
+                    }
+                }
+                Ok(None) => {}
+                Err(why) => tracing::info!(connection = %conn.address, "{why}"),
+            }
+        }
         conn.poll(&mut polled);
         for (to, data) in polled.transmits.drain(..) {
             if !conn.settings.allows_peer(to.ip()) {
@@ -794,14 +861,16 @@ async fn drive(conn: Arc<Conn>, socket: tokio::net::UdpSocket, mut sink: Sink, p
         if !outbox.is_empty() {
             wake_at = wake_at.min(Instant::now() + RETRY);
         }
+        if let Some(due) = bindings.iter().filter_map(|b| b.due).min() {
+            wake_at = wake_at.min(due);
+        }
         tokio::select! {
             received = socket.recv_from(&mut buf) => match received {
-                Ok((n, source)) if conn.settings.allows_peer(source.ip()) => {
-                    if let Ok(contents) = buf[..n].try_into() {
-                        conn.input(Input::Receive(Instant::now(), Receive { proto: Protocol::Udp, source, destination: local, contents }));
+                Ok((n, source)) => {
+                    if let Some(event) = conn.received(&buf[..n], source, local, &mut bindings) {
+                        outbox.push_back((sink.message(&conn.address, &event), None));
                     }
                 }
-                Ok((_, source)) => tracing::debug!(connection = %conn.address, "datagram from {source}, outside the domain's peers, dropped"),
                 Err(e) => tracing::debug!(connection = %conn.address, "receive error: {e}"),
             },
             () = tokio::time::sleep_until(tokio::time::Instant::from_std(wake_at)) => conn.input(Input::Timeout(Instant::now())),

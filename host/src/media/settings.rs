@@ -4,10 +4,10 @@
 //! ```toml
 //! [domains."alice.example"]
 //! grants = ["clocks", "random", "media"]
-//! media = { bind = "127.0.0.1", ports = "40000-40100", peers = ["127.0.0.0/8"], peer-connections = 8 }
+//! media = { bind = "127.0.0.1", ports = "40000-40100", peers = ["127.0.0.0/8"], peer-connections = 8, stun = ["127.0.0.1:3478"] }
 //! ```
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::ops::RangeInclusive;
 
 use ipnet::IpNet;
@@ -57,7 +57,16 @@ pub struct MediaSettings {
     /// Peer connections the domain may open a minute (also the burst):
     /// each may call the domain's IdP proxy once each way.
     pub opens_per_minute: u32,
+    /// STUN servers (`ip:port`, at most [`MAX_STUN_SERVERS`]) each
+    /// connection's socket asks for its server-reflexive address (RFC 8489
+    /// Binding): host configuration, never shown to guests. Reachable
+    /// whatever `peers` says.
+    pub stun: Vec<SocketAddr>,
 }
+
+/// The most STUN servers a domain's `stun` names (each connection sends a
+/// Binding request to every one).
+pub const MAX_STUN_SERVERS: usize = 4;
 
 /// The table as written, before its values are checked.
 #[derive(Deserialize)]
@@ -87,6 +96,11 @@ pub(crate) struct RawMedia {
     pending_frame_bytes: u32,
     #[serde(default = "defaults::opens_per_minute")]
     opens_per_minute: u32,
+    #[serde(default)]
+    stun: Vec<String>,
+    /// Refused for now: TURN relays are not supported yet.
+    #[serde(default)]
+    turn: Option<serde::de::IgnoredAny>,
 }
 
 mod defaults {
@@ -143,6 +157,17 @@ impl RawMedia {
                 })
                 .collect::<Result<_, _>>()?,
         };
+        if self.turn.is_some() {
+            return Err("turn: TURN relays (RFC 8656) are not supported yet: only `stun` servers (server-reflexive candidates) are".into());
+        }
+        if self.stun.len() > MAX_STUN_SERVERS {
+            return Err(format!("stun: {} servers, at most {MAX_STUN_SERVERS}", self.stun.len()));
+        }
+        let stun = self
+            .stun
+            .iter()
+            .map(|s| s.parse::<SocketAddr>().map_err(|_| format!("stun: {s:?} is not an ip:port (names are not resolved)")))
+            .collect::<Result<Vec<_>, _>>()?;
         let check = |ok: bool, field: &str, range: String| if ok { Ok(()) } else { Err(format!("{field} must be in {range}")) };
         check((1..=1000).contains(&self.peer_connections), "peer-connections", "1..=1000".into())?;
         check((1..=1024).contains(&self.channels), "channels", "1..=1024".into())?;
@@ -168,6 +193,7 @@ impl RawMedia {
             pending_frames: self.pending_frames,
             pending_frame_bytes: self.pending_frame_bytes,
             opens_per_minute: self.opens_per_minute,
+            stun,
         })
     }
 }
@@ -207,6 +233,9 @@ mod tests {
     #[test]
     fn the_table_is_checked_naming_the_field() {
         let ok = raw("bind = \"127.0.0.1\"\nports = \"40000-40002\"").unwrap();
+        assert!(ok.stun.is_empty());
+        let stun = raw("bind = \"127.0.0.1\"\nports = \"1-2\"\nstun = [\"127.0.0.1:3478\", \"[::1]:3478\"]").unwrap();
+        assert_eq!(stun.stun, ["127.0.0.1:3478".parse().unwrap(), "[::1]:3478".parse().unwrap()]);
         assert_eq!((ok.ports.clone(), ok.peers.len()), (40000..=40002, 1));
         assert!(ok.allows_peer("127.9.9.9".parse().unwrap()) && !ok.allows_peer("10.0.0.1".parse().unwrap()));
         let lan = raw("bind = \"10.200.0.1\"\nports = \"5000\"").unwrap();
@@ -226,6 +255,8 @@ mod tests {
             ("bind = \"127.0.0.1\"\nports = \"1-2\"\npending-frames = 0", "pending-frames"),
             ("bind = \"127.0.0.1\"\nports = \"1-2\"\npending-frame-bytes = 10", "pending-frame-bytes"),
             ("bind = \"127.0.0.1\"\nports = \"1-2\"\nopens-per-minute = 0", "opens-per-minute"),
+            ("bind = \"127.0.0.1\"\nports = \"1-2\"\nstun = [\"stun.example:3478\"]", "stun: \"stun.example:3478\" is not an ip:port"),
+            ("bind = \"127.0.0.1\"\nports = \"1-2\"\nturn = [{ url = \"turn:127.0.0.1\", username = \"u\", credential = \"c\" }]", "turn: TURN relays (RFC 8656) are not supported yet"),
         ] {
             let e = raw(bad).unwrap_err();
             assert!(e.contains(why), "{bad}: {e}");
