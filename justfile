@@ -35,6 +35,15 @@ call: setup
     cargo run --release -q -p hyperty-host -- pin guests/demo/call.toml
     cargo run --release -q -p hyperty-host -- run guests/demo/call.toml --exit-when-idle
 
+# The video demo: a page served by the app gateway calls the echo hyperty
+# over WebRTC with the browser's camera and shows the video it sends back
+# (guests/media-echo, guests/demo/video.toml).
+video: setup
+    cargo build --release -p hyperty-tests -p hyperty-host
+    cargo run --release -q -p hyperty-host -- pin guests/demo/video.toml
+    @echo "open http://127.0.0.1:8080/#domain=video.example&user=alice@video.example"
+    cargo run --release -q -p hyperty-host -- run guests/demo/video.toml
+
 # Build one JavaScript hyperty into a component of the `hyperty` world:
 # `just js-guest guests/js/pong/pong.js` writes guests/target/js/pong.wasm.
 # Installs the pinned npm packages (jco's QuickJS backend) outside the

@@ -633,6 +633,39 @@ fn chromium_media() {
     }
 }
 
+#[test]
+fn the_video_demo_page_calls_the_echo_hyperty_through_the_gateway_and_decodes_the_video_it_sends_back() {
+    // Its own thread: the namespace is the thread's (and its children's).
+    std::thread::spawn(video_demo).join().unwrap();
+}
+
+fn video_demo() {
+    if let Err(why) = enter_private_network() {
+        return eprintln!("SKIPPED: no private network namespace can be made here ({why})");
+    }
+    hyperty_tests::browser::ensure_chromium();
+    // The demo's own bundle (`just video`), its echo hyperty told to report
+    // to the test.
+    let path = repo().join("guests/demo/video.toml");
+    let mut bundle = hyperty_host::Bundle::load(&path).expect("the video bundle loads (re-pin it after changing a guest: `cargo run -p hyperty-host -- pin guests/demo/video.toml`)");
+    bundle.domains[0].hyperties[0].config = json!({ "observer": OBSERVER }).to_string();
+    let runtime = runtime(Duration::from_secs(10));
+    let driver = Driver::new(&runtime);
+    runtime.deploy(&bundle).expect("the video bundle deploys");
+    let echo = runtime.lookup("video.example", "echo").unwrap();
+    let config = hyperty_host::gateway::GatewayConfig::from_spec(bundle.gateway.as_ref().expect("the video bundle has a [gateway]"));
+    let gateway = runtime.serve_gateway("127.0.0.1:0".parse().unwrap(), config).expect("the gateway starts");
+    let url = format!("http://127.0.0.1:{}/#domain=video.example&user=alice@video.example", gateway.local_addr().port());
+    let _chromium = Chromium::start(&url).expect("Debian's chromium is installed");
+
+    let said = |text: &str| driver.media_report(&echo, 40, |v| v["said"].as_str().is_some_and(|s| s.contains(text)));
+    said("offer accepted, answer sent");
+    said("'s video is sent back to it (forwarded in the host)");
+    // The page decodes the video the hyperty sent back.
+    let decoded = driver.media_report(&echo, 60, |v| v["page"]["frames-decoded"].as_u64() > Some(5));
+    assert_eq!(decoded["page"]["state"], "connected", "{decoded}");
+}
+
 // WebRTC identity (W3C webrtc-identity, RFC 8827 §7): fingerprints bound to
 // users by the IdP proxy of each hyperty's domain.
 
