@@ -18,7 +18,10 @@
 //!   packets; beside it the floor, a bare str0m relay in this process
 //!   (receive, depacketise, write to the other connection, packetise,
 //!   send) fed at the same pace, its CPU measured around its own work
-//!   (`CLOCK_THREAD_CPUTIME_ID`).
+//!   (`CLOCK_THREAD_CPUTIME_ID`);
+//! - hyperty ↔ headless Chromium, inside a private network namespace as the
+//!   tests run it: time from the page's offer to its channel open, and the
+//!   MB/s a hyperty sends the page (1 KiB and 16 KiB messages).
 //!
 //! Run in the dev profile while developing (`cargo bench -p hyperty-tests
 //! --bench media --profile dev`); `just bench` builds it in release. The
@@ -131,6 +134,54 @@ fn main() {
     println!("  packets/s forwarded:          {:>8.0}      {:>8.0}", forwarded as f64 / window, floor.forwarded as f64 / floor.window);
     println!("  relay CPU per 1,000 packets:  {:>8.1} ms   {:>8.1} ms", cpu * 1e6 / forwarded.max(1) as f64, floor.cpu * 1e6 / floor.forwarded.max(1) as f64);
     println!("  of {FRAMES}: reached the relay {forwarded} / {}, reached bob {got} / {}", floor.forwarded, floor.received);
+
+    // Headless Chromium ↔ a hyperty, inside a private network namespace
+    // (its own thread: the namespace is the thread's and its children's).
+    std::thread::spawn(move || chromium_leg(media)).join().unwrap();
+}
+
+/// A page in Chromium offers a data channel to bob's hyperty (a fresh
+/// runtime in a private network namespace, as the tests do): the time from
+/// the page's offer to the channel open at the page (its clock: gathering,
+/// the offer's POST, the hyperty's answer, ICE, DTLS, SCTP), then MB/s the
+/// hyperty sends it (`blast`, 1 KiB and 16 KiB messages) until the page
+/// has counted [`TOTAL`] bytes more.
+fn chromium_leg(media: Value) {
+    hyperty_tests::browser::ensure_chromium();
+    let page = offering_page(
+        &format!(
+            r#"const t0 = performance.now();
+    const ch = pc.createDataChannel("bench");
+    ch.binaryType = "arraybuffer";
+    ch.onopen = () => post("/result", JSON.stringify({{ open_ms: performance.now() - t0 }}));
+    let got = 0, next = {TOTAL};
+    ch.onmessage = (e) => {{
+      got += e.data.byteLength ?? e.data.length;
+      if (got >= next) {{ post("/result", JSON.stringify({{ got }})); next += {TOTAL}; }}
+    }};"#
+        ),
+        "",
+    );
+    let mut call = match ChromiumCall::start(page, media_peer_config(false), media) {
+        Ok(call) => call,
+        Err(why) => return println!("  hyperty ↔ Chromium: SKIPPED, no private network namespace here ({why})"),
+    };
+    let open_ms = call.result()["open_ms"].as_f64().unwrap();
+    let (b, pc) = (call.b.clone(), call.pc);
+    let channel = call.driver.media_report(&b, 10, |v| v["event"] == "channel-open" && v["pc"] == pc)["channel"].as_u64().unwrap();
+    println!("  hyperty ↔ Chromium (network namespace):");
+    println!("  to a connected data channel (page's offer to open, one run): {open_ms:.1} ms");
+    for size in [1024usize, 16 << 10] {
+        let mut runs = Vec::new();
+        for _ in 0..RUNS {
+            let start = Instant::now();
+            let sent = call.driver.command(&b, json!({ "op": "blast", "pc": pc, "channel": channel, "size": size, "count": TOTAL / size }));
+            assert_eq!(sent, json!({ "ok": true }));
+            call.result();
+            runs.push(TOTAL as f64 / start.elapsed().as_secs_f64() / 1e6);
+        }
+        println!("  data channel to Chromium, {:>2} KiB messages: {:.1} MB/s (median of {RUNS})", size >> 10, median(runs));
+    }
 }
 
 /// Sleeps until the batch starting at frame `written` is due at [`RATE`].
