@@ -35,6 +35,15 @@ call: setup
     cargo run --release -q -p hyperty-host -- pin guests/demo/call.toml
     cargo run --release -q -p hyperty-host -- run guests/demo/call.toml --exit-when-idle
 
+# The video demo: a page served by the app gateway calls the echo hyperty
+# over WebRTC with the browser's camera and shows the video it sends back
+# (guests/media-echo, guests/demo/video.toml).
+video: setup
+    cargo build --release -p hyperty-tests -p hyperty-host
+    cargo run --release -q -p hyperty-host -- pin guests/demo/video.toml
+    @echo "open http://127.0.0.1:8080/#domain=video.example&user=alice@video.example"
+    cargo run --release -q -p hyperty-host -- run guests/demo/video.toml
+
 # Build one JavaScript hyperty into a component of the `hyperty` world:
 # `just js-guest guests/js/pong/pong.js` writes guests/target/js/pong.wasm.
 # Installs the pinned npm packages (jco's QuickJS backend) outside the
@@ -45,7 +54,7 @@ js-guest file:
 # Run every test (builds the guest components first), with HOME pointed at
 # an empty directory that must still be empty afterwards: no test may write
 # into the home of whoever runs them (~/.local/share/hyperty, ~/.cache/hyperty).
-test: setup nats chromium
+test: setup nats chromium turnserver
     #!/usr/bin/env bash
     set -euo pipefail
     export CARGO_HOME="${CARGO_HOME:-$HOME/.cargo}" RUSTUP_HOME="${RUSTUP_HOME:-$HOME/.rustup}"
@@ -144,6 +153,16 @@ chromium:
     sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo -n"
     export DEBIAN_FRONTEND=noninteractive
     $sudo apt-get install -y -q chromium || { $sudo apt-get update -q && $sudo apt-get install -y -q chromium; }
+
+# Install Debian's coturn, whose `turnserver` the media tests run as a STUN
+# server on loopback.
+turnserver:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    command -v turnserver >/dev/null && exit 0
+    sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo -n"
+    export DEBIAN_FRONTEND=noninteractive
+    $sudo apt-get install -y -q coturn || { $sudo apt-get update -q && $sudo apt-get install -y -q coturn; }
 
 # Install what the recipes need: the wasm32-wasip2 standard library.
 setup:

@@ -10,9 +10,18 @@
 //!   counting every byte (a hyperty: in its guest);
 //! - the in-host forward (two-party SFU): alice's hyperty writes 1000-byte
 //!   VP8 frames (one RTP packet each) to a relay hyperty, whose host
-//!   forwards them to bob's connection: packets forwarded per second over
-//!   the sending window, lost ones, and CPU time of the relay domain's
-//!   media thread (from `/proc/self/task/*/stat`) per 1,000 packets.
+//!   forwards them to bob's connection, paced at [`RATE`] frames a second
+//!   (batches of [`BATCH`]: a burst of 20,000 outran the loopback socket
+//!   buffers and measured their drops, not the forward): packets forwarded
+//!   per second over the sending window, lost ones, and CPU time of the
+//!   relay domain's media thread (from `/proc/self/task/*/stat`) per 1,000
+//!   packets; beside it the floor, a bare str0m relay in this process
+//!   (receive, depacketise, write to the other connection, packetise,
+//!   send) fed at the same pace, its CPU measured around its own work
+//!   (`CLOCK_THREAD_CPUTIME_ID`);
+//! - hyperty ↔ headless Chromium, inside a private network namespace as the
+//!   tests run it: time from the page's offer to its channel open, and the
+//!   MB/s a hyperty sends the page (1 KiB and 16 KiB messages).
 //!
 //! Run in the dev profile while developing (`cargo bench -p hyperty-tests
 //! --bench media --profile dev`); `just bench` builds it in release. The
@@ -32,9 +41,11 @@ use str0m::{Candidate, Event, Input, Output, Rtc};
 const RUNS: usize = 5;
 /// Bytes sent per throughput run.
 const TOTAL: usize = 8 << 20;
-/// Frames the SFU run forwards, written in batches of [`BATCH`].
+/// Frames the SFU run forwards, written in batches of [`BATCH`] at
+/// [`RATE`] frames a second (a 1000-byte frame each: ~33 Mbit/s).
 const FRAMES: u64 = 20_000;
-const BATCH: u64 = 100;
+const BATCH: u64 = 40;
+const RATE: u64 = 4_000;
 
 fn main() {
     let runtime = runtime(Duration::from_secs(10));
@@ -96,8 +107,9 @@ fn main() {
     let start = Instant::now();
     let mut written = 0;
     while written < FRAMES {
-        let at = written * 33_333;
-        let w = driver.command(&a, json!({ "op": "write", "pc": call_in.caller.0, "track": a_tracks[0], "frames": BATCH, "size": 1000, "at-us": at }));
+        pace(start, written);
+        let at = written * 1_000_000 / RATE;
+        let w = driver.command(&a, json!({ "op": "write", "pc": call_in.caller.0, "track": a_tracks[0], "frames": BATCH, "size": 1000, "at-us": at, "step-us": 1_000_000 / RATE }));
         assert_eq!(w, json!({ "written": BATCH }));
         written += BATCH;
     }
@@ -116,11 +128,141 @@ fn main() {
     let received = last(&driver, &b);
     let forwarded = relayed["forwarded"].as_u64().unwrap_or(0);
     let got = received["frames"].as_u64().unwrap_or(0);
-    println!(
-        "  SFU forward, 1000-byte frames (1 packet each): {:.0} packets/s forwarded over {window:.1} s; {forwarded} of {FRAMES} reached the relay, {got} reached bob",
-        forwarded as f64 / window
+    let floor = sfu_floor();
+    println!("  SFU forward, 1000-byte frames (1 packet each), paced at {RATE}/s:");
+    println!("                                  hyperties     bare str0m");
+    println!("  packets/s forwarded:          {:>8.0}      {:>8.0}", forwarded as f64 / window, floor.forwarded as f64 / floor.window);
+    println!("  relay CPU per 1,000 packets:  {:>8.1} ms   {:>8.1} ms", cpu * 1e6 / forwarded.max(1) as f64, floor.cpu * 1e6 / floor.forwarded.max(1) as f64);
+    println!("  of {FRAMES}: reached the relay {forwarded} / {}, reached bob {got} / {}", floor.forwarded, floor.received);
+
+    // Headless Chromium ↔ a hyperty, inside a private network namespace
+    // (its own thread: the namespace is the thread's and its children's).
+    std::thread::spawn(move || chromium_leg(media)).join().unwrap();
+}
+
+/// A page in Chromium offers a data channel to bob's hyperty (a fresh
+/// runtime in a private network namespace, as the tests do): the time from
+/// the page's offer to the channel open at the page (its clock: gathering,
+/// the offer's POST, the hyperty's answer, ICE, DTLS, SCTP), then MB/s the
+/// hyperty sends it (`blast`, 1 KiB and 16 KiB messages) until the page
+/// has counted [`TOTAL`] bytes more.
+fn chromium_leg(media: Value) {
+    hyperty_tests::browser::ensure_chromium();
+    let page = offering_page(
+        &format!(
+            r#"const t0 = performance.now();
+    const ch = pc.createDataChannel("bench");
+    ch.binaryType = "arraybuffer";
+    ch.onopen = () => post("/result", JSON.stringify({{ open_ms: performance.now() - t0 }}));
+    let got = 0, next = {TOTAL};
+    ch.onmessage = (e) => {{
+      got += e.data.byteLength ?? e.data.length;
+      if (got >= next) {{ post("/result", JSON.stringify({{ got }})); next += {TOTAL}; }}
+    }};"#
+        ),
+        "",
     );
-    println!("  relay's media thread CPU: {:.1} ms per 1,000 packets ({cpu:.2} s in all)", cpu * 1e6 / forwarded.max(1) as f64);
+    let mut call = match ChromiumCall::start(page, media_peer_config(false), media) {
+        Ok(call) => call,
+        Err(why) => return println!("  hyperty ↔ Chromium: SKIPPED, no private network namespace here ({why})"),
+    };
+    let open_ms = call.result()["open_ms"].as_f64().unwrap();
+    let (b, pc) = (call.b.clone(), call.pc);
+    let channel = call.driver.media_report(&b, 10, |v| v["event"] == "channel-open" && v["pc"] == pc)["channel"].as_u64().unwrap();
+    println!("  hyperty ↔ Chromium (network namespace):");
+    println!("  to a connected data channel (page's offer to open, one run): {open_ms:.1} ms");
+    for size in [1024usize, 16 << 10] {
+        let mut runs = Vec::new();
+        for _ in 0..RUNS {
+            let start = Instant::now();
+            let sent = call.driver.command(&b, json!({ "op": "blast", "pc": pc, "channel": channel, "size": size, "count": TOTAL / size }));
+            assert_eq!(sent, json!({ "ok": true }));
+            call.result();
+            runs.push(TOTAL as f64 / start.elapsed().as_secs_f64() / 1e6);
+        }
+        println!("  data channel to Chromium, {:>2} KiB messages: {:.1} MB/s (median of {RUNS})", size >> 10, median(runs));
+    }
+}
+
+/// Sleeps until the batch starting at frame `written` is due at [`RATE`].
+fn pace(start: Instant, written: u64) {
+    let due = start + Duration::from_micros(written * 1_000_000 / RATE);
+    if let Some(wait) = due.checked_duration_since(Instant::now()) {
+        std::thread::sleep(wait);
+    }
+}
+
+/// What the bare relay did: frames it forwarded, frames the receiver got,
+/// the sending window (s) and the relay's CPU seconds.
+struct Floor {
+    forwarded: u64,
+    received: u64,
+    window: f64,
+    cpu: f64,
+}
+
+/// The SFU floor: bare peers a → r_in, r_out → b in this process, r_in's
+/// frames written to r_out as the host's forward does (`match_params`),
+/// a's frames paced like the hyperty's; CPU counted around the relay's
+/// two peers only.
+fn sfu_floor() -> Floor {
+    let (mut inbound, mid_a) = Bare::media_pair();
+    let (mut outbound, mid_out) = Bare::media_pair();
+    let (mut forwarded, mut received, mut written, mut cpu) = (0u64, 0u64, 0u64, 0.0);
+    let frame = vec![1u8; 1000];
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs(120);
+    let mut last_frame = Instant::now();
+    // Until every frame is written and none has come for a second.
+    while written < FRAMES || last_frame.elapsed() < Duration::from_secs(1) {
+        assert!(Instant::now() < deadline, "the bare relay made no progress within 120 s");
+        let due = written < FRAMES && start + Duration::from_micros(written * 1_000_000 / RATE) <= Instant::now();
+        if due {
+            let vp8 = |p: &&str0m::format::PayloadParams| p.spec().codec == str0m::format::Codec::Vp8;
+            let pt = inbound.peers[0].rtc.writer(mid_a).unwrap().payload_params().find(vp8).unwrap().pt();
+            for n in written..written + BATCH {
+                let mut f = frame.clone();
+                f[0] = u8::from(n > 0);
+                let at = str0m::media::MediaTime::from_micros(n * 1_000_000 / RATE);
+                inbound.peers[0].rtc.writer(mid_a).unwrap().write(pt, Instant::now(), at, f).unwrap();
+                let _ = inbound.peers[0].rtc.handle_input(Input::Timeout(Instant::now()));
+                inbound.peers[0].poll(&mut inbound.events[0]);
+            }
+            written += BATCH;
+        }
+        let mut moved = inbound.peers[0].step(&mut inbound.events[0]);
+        let before = thread_cpu_now();
+        moved |= inbound.peers[1].step(&mut inbound.events[1]);
+        for e in inbound.events[1].drain(..) {
+            if let Event::MediaData(d) = e {
+                let w = outbound.peers[0].rtc.writer(mid_out).unwrap();
+                let pt = w.match_params(d.params).unwrap();
+                w.write(pt, d.network_time, d.time, d.data).unwrap();
+                let _ = outbound.peers[0].rtc.handle_input(Input::Timeout(Instant::now()));
+                outbound.peers[0].poll(&mut outbound.events[0]);
+                forwarded += 1;
+                last_frame = Instant::now();
+            }
+        }
+        moved |= outbound.peers[0].step(&mut outbound.events[0]);
+        cpu += thread_cpu_now() - before;
+        moved |= outbound.peers[1].step(&mut outbound.events[1]);
+        received += outbound.events[1].drain(..).filter(|e| matches!(e, Event::MediaData(_))).count() as u64;
+        outbound.events[0].clear();
+        inbound.events[0].clear();
+        if !moved && !due {
+            std::thread::sleep(Duration::from_micros(50));
+        }
+    }
+    Floor { forwarded, received, window: last_frame.duration_since(start).as_secs_f64(), cpu }
+}
+
+/// CPU seconds this thread has used (`CLOCK_THREAD_CPUTIME_ID`).
+fn thread_cpu_now() -> f64 {
+    let mut t = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: a valid clock id and a pointer to a timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut t) };
+    t.tv_sec as f64 + t.tv_nsec as f64 * 1e-9
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -182,9 +324,42 @@ impl Bare {
         pair.peers[0].rtc.channel(channel).unwrap().set_buffered_amount_low_threshold(64 << 10);
         (pair, channel, ms)
     }
+
+    /// Two bare peers connected with one video m-line (VP8 among its
+    /// codecs) sent by the offerer: the pair and that m-line's `Mid`.
+    fn media_pair() -> (Pair, str0m::media::Mid) {
+        let mut pair = Pair { peers: [Bare::new(), Bare::new()], events: [Vec::new(), Vec::new()] };
+        let mut api = pair.peers[0].rtc.sdp_api();
+        let mid = api.add_media(str0m::media::MediaKind::Video, str0m::media::Direction::SendOnly, None, None, None);
+        let (offer, pending) = api.apply().unwrap();
+        let answer = pair.peers[1].rtc.sdp_api().accept_offer(offer).unwrap();
+        pair.peers[0].rtc.sdp_api().accept_answer(pending, answer).unwrap();
+        let connected = |e: &Event| matches!(e, Event::Connected);
+        pair.pump(|p| p.events[0].iter().any(connected) && p.events[1].iter().any(connected));
+        pair.clear();
+        (pair, mid)
+    }
 }
 
 impl Bare {
+    /// Gives str0m the time and the datagrams waiting, sends what it says
+    /// and keeps its events; whether anything moved.
+    fn step(&mut self, events: &mut Vec<Event>) -> bool {
+        let mut buf = [0u8; 2048];
+        let _ = self.rtc.handle_input(Input::Timeout(Instant::now()));
+        let mut moved = self.poll(events);
+        // One datagram at a time, each followed by str0m's outputs (as the
+        // host does): its DTLS receive queue is bounded.
+        while let Ok((n, source)) = self.socket.recv_from(&mut buf) {
+            let contents = buf[..n].try_into().unwrap();
+            let input = Input::Receive(Instant::now(), Receive { proto: Protocol::Udp, source, destination: self.addr, contents });
+            self.rtc.handle_input(input).unwrap();
+            self.poll(events);
+            moved = true;
+        }
+        moved
+    }
+
     /// Sends what str0m says and keeps its events; whether anything came.
     fn poll(&mut self, events: &mut Vec<Event>) -> bool {
         let mut moved = false;
@@ -240,22 +415,11 @@ impl Pair {
     /// when nothing moved (this is a bench's loop, not the product's).
     fn pump(&mut self, mut done: impl FnMut(&mut Pair) -> bool) {
         let deadline = Instant::now() + Duration::from_secs(120);
-        let mut buf = vec![0u8; 2048];
         while !done(self) {
             assert!(Instant::now() < deadline, "the bare peers made no progress within 120 s");
             let mut moved = false;
             for (peer, events) in self.peers.iter_mut().zip(self.events.iter_mut()) {
-                let _ = peer.rtc.handle_input(Input::Timeout(Instant::now()));
-                moved |= peer.poll(events);
-                // One datagram at a time, each followed by str0m's outputs
-                // (as the host does): its DTLS receive queue is bounded.
-                while let Ok((n, source)) = peer.socket.recv_from(&mut buf) {
-                    let contents = buf[..n].try_into().unwrap();
-                    let input = Input::Receive(Instant::now(), Receive { proto: Protocol::Udp, source, destination: peer.addr, contents });
-                    peer.rtc.handle_input(input).unwrap();
-                    peer.poll(events);
-                    moved = true;
-                }
+                moved |= peer.step(events);
             }
             if !moved {
                 std::thread::sleep(Duration::from_micros(50));

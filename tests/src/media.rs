@@ -319,3 +319,80 @@ impl ChromiumCall {
         v
     }
 }
+
+/// Debian's coturn (`turnserver`) as a STUN server on 127.0.0.1 (`-S`:
+/// STUN only, no authentication, no TLS, no CLI), killed on drop. Panics
+/// if `turnserver` is missing (`just turnserver` installs it).
+pub struct StunServer {
+    pub addr: std::net::SocketAddr,
+    child: std::process::Child,
+}
+
+impl StunServer {
+    pub fn start() -> StunServer {
+        let port = UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let child = std::process::Command::new("turnserver")
+            .args(["-n", "-S", "-L", "127.0.0.1", "-p", &port.to_string(), "--no-tls", "--no-dtls", "--no-cli", "--log-file", "stdout"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start Debian's turnserver (`just turnserver` installs coturn): {e}"));
+        let server = StunServer { addr: ([127, 0, 0, 1], port).into(), child };
+        // Ready once it answers a Binding request (RFC 8489 §5: a bare
+        // header, class request, method Binding, the magic cookie).
+        let probe = UdpSocket::bind("127.0.0.1:0").unwrap();
+        probe.set_read_timeout(Some(std::time::Duration::from_millis(100))).unwrap();
+        let mut request = vec![0, 1, 0, 0, 0x21, 0x12, 0xA4, 0x42];
+        request.extend_from_slice(b"hyperty-test");
+        crate::wait_until("turnserver answers a STUN Binding request", || {
+            let _ = probe.send_to(&request, server.addr);
+            probe.recv_from(&mut [0; 512]).is_ok()
+        });
+        server
+    }
+}
+
+impl Drop for StunServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A NAT in front of a STUN server, for the datagrams sent to it:
+/// what reaches `inside` (127.0.0.2) is sent on to the server from
+/// `outside` (a socket on 127.0.0.3), and the server's answers go back to
+/// the last sender. The server thus sees, and answers, `outside`: the
+/// sender's server-reflexive address differs from its host address, as
+/// behind a real NAT. Stops with the test's process.
+pub struct StunNat {
+    pub inside: std::net::SocketAddr,
+    pub outside: std::net::SocketAddr,
+}
+
+impl StunNat {
+    pub fn start(server: std::net::SocketAddr) -> StunNat {
+        let inside = UdpSocket::bind("127.0.0.2:0").unwrap();
+        let outside = UdpSocket::bind("127.0.0.3:0").unwrap();
+        let nat = StunNat { inside: inside.local_addr().unwrap(), outside: outside.local_addr().unwrap() };
+        let last = std::sync::Arc::new(std::sync::Mutex::new(None));
+        let (inside2, outside2, last2) = (inside.try_clone().unwrap(), outside.try_clone().unwrap(), last.clone());
+        std::thread::spawn(move || {
+            let mut buf = [0; 2048];
+            while let Ok((n, from)) = inside2.recv_from(&mut buf) {
+                *last2.lock().unwrap() = Some(from);
+                let _ = outside2.send_to(&buf[..n], server);
+            }
+        });
+        std::thread::spawn(move || {
+            let mut buf = [0; 2048];
+            while let Ok((n, from)) = outside.recv_from(&mut buf) {
+                let to = *last.lock().unwrap();
+                if let (true, Some(to)) = (from == server, to) {
+                    let _ = inside.send_to(&buf[..n], to);
+                }
+            }
+        });
+        nat
+    }
+}

@@ -633,6 +633,39 @@ fn chromium_media() {
     }
 }
 
+#[test]
+fn the_video_demo_page_calls_the_echo_hyperty_through_the_gateway_and_decodes_the_video_it_sends_back() {
+    // Its own thread: the namespace is the thread's (and its children's).
+    std::thread::spawn(video_demo).join().unwrap();
+}
+
+fn video_demo() {
+    if let Err(why) = enter_private_network() {
+        return eprintln!("SKIPPED: no private network namespace can be made here ({why})");
+    }
+    hyperty_tests::browser::ensure_chromium();
+    // The demo's own bundle (`just video`), its echo hyperty told to report
+    // to the test.
+    let path = repo().join("guests/demo/video.toml");
+    let mut bundle = hyperty_host::Bundle::load(&path).expect("the video bundle loads (re-pin it after changing a guest: `cargo run -p hyperty-host -- pin guests/demo/video.toml`)");
+    bundle.domains[0].hyperties[0].config = json!({ "observer": OBSERVER }).to_string();
+    let runtime = runtime(Duration::from_secs(10));
+    let driver = Driver::new(&runtime);
+    runtime.deploy(&bundle).expect("the video bundle deploys");
+    let echo = runtime.lookup("video.example", "echo").unwrap();
+    let config = hyperty_host::gateway::GatewayConfig::from_spec(bundle.gateway.as_ref().expect("the video bundle has a [gateway]"));
+    let gateway = runtime.serve_gateway("127.0.0.1:0".parse().unwrap(), config).expect("the gateway starts");
+    let url = format!("http://127.0.0.1:{}/#domain=video.example&user=alice@video.example", gateway.local_addr().port());
+    let _chromium = Chromium::start(&url).expect("Debian's chromium is installed");
+
+    let said = |text: &str| driver.media_report(&echo, 40, |v| v["said"].as_str().is_some_and(|s| s.contains(text)));
+    said("offer accepted, answer sent");
+    said("'s video is sent back to it (forwarded in the host)");
+    // The page decodes the video the hyperty sent back.
+    let decoded = driver.media_report(&echo, 60, |v| v["page"]["frames-decoded"].as_u64() > Some(5));
+    assert_eq!(decoded["page"]["state"], "connected", "{decoded}");
+}
+
 // WebRTC identity (W3C webrtc-identity, RFC 8827 §7): fingerprints bound to
 // users by the IdP proxy of each hyperty's domain.
 
@@ -815,6 +848,127 @@ fn frames_never_wait_for_a_full_inbox_they_are_dropped_and_counted_and_the_call_
     // What b's hyperty saw and what was dropped add up to the frames received.
     let seen = driver.endpoint.take_set_aside(|m| m.from == b && reported(m)["event"] == "media").len() as u64;
     assert_eq!(seen + dropped, frames, "{stats}");
+}
+
+#[test]
+fn a_flood_of_frames_to_a_hyperty_that_does_not_read_is_capped_charged_to_its_domain_and_other_messages_still_arrive() {
+    // b's inbox holds 64 messages; the frames of one connection may take 16
+    // of them (and 64 KiB), charged to b's memory while they wait.
+    let runtime = runtime(Duration::from_secs(60));
+    let mut driver = Driver::new(&runtime);
+    let (cap, cap_bytes) = (16.0, f64::from(64 << 10));
+    let bundle = TestBundle::new()
+        .hyperty("alice.example", "a", &guest("media-peer"), media_peer_config(false))
+        .domain("alice.example", media_domain(4, json!({})))
+        .hyperty("bob.example", "b", &guest("media-peer"), media_peer_config(false))
+        .domain("bob.example", media_domain(4, json!({ "pending-frames": 16, "pending-frame-bytes": 64 << 10 })))
+        .domain("bob.example", json!({ "limits": { "inbox": 64, "call-timeout-ms": 60_000 } }));
+    runtime.deploy(&bundle.load()).expect("the pair deploys");
+    let [a, b] = [("alice.example", "a"), ("bob.example", "b")].map(|(d, n)| runtime.lookup(d, n).unwrap());
+    let (call, tracks) = driver.media_call_with_tracks(&a, &b, "control", json!([["video", "vp8"]]));
+    let (pc_a, pc_b) = (call.caller.0, call.callee.0);
+    let video_b = driver.media_track(&b, pc_b, "video")["track"].as_u64().unwrap();
+    let inbox = |runtime: &Runtime| hyperty_tests::metrics::Samples::parse(&runtime.metrics_text()).get("hyperty_inbox_messages", &[("domain", "bob.example")]);
+    wait_until("b has handled its events so far", || inbox(&runtime) == 0.0);
+
+    // b stops reading (it sleeps in its handler) while a floods it.
+    let stall = driver.endpoint.message(hyperty_host::MessageType::Execute, b.as_str()).value(json!({ "op": "stall", "ms": 5000 }).to_string()).build().unwrap();
+    let stall_id = stall.id;
+    driver.endpoint.request(stall, Some(Duration::from_secs(60))).unwrap();
+    driver.media_report(&b, 10, |v| v["stalling"] == 5000);
+    let memory_before = runtime.memory_used("bob.example").unwrap() as f64;
+    let sent = driver.command(&a, json!({ "op": "write", "pc": pc_a, "track": tracks[0], "frames": 600, "size": 1000, "step-us": 1000 }));
+    assert_eq!(sent, json!({ "written": 600 }));
+    // The stall command in hand, and the frames up to their cap.
+    wait_until("b's frames reach their cap in its inbox", || inbox(&runtime) > cap);
+    // Another message still finds room in b's inbox, and a's control event too.
+    let ping = driver.endpoint.message(hyperty_host::MessageType::Execute, b.as_str()).value(json!({ "op": "candidates", "pc": pc_b }).to_string()).build().unwrap();
+    let ping_id = ping.id;
+    driver.endpoint.request(ping, Some(Duration::from_secs(60))).expect("b's inbox has room while frames flood it");
+    driver.command(&a, json!({ "op": "send", "pc": pc_a, "channel": call.caller.1, "text": "still open" }));
+    // Until b reads again, its inbox never holds more than the capped frames
+    // (with the stall, the ping, a's text and a few track-stats), and the
+    // frames' bytes are charged to b's memory, within their cap.
+    let mut samples = 0;
+    while driver.find(|m| m.kind == hyperty_host::MessageType::Response && m.id == stall_id, Duration::from_millis(20)).is_none() {
+        let (queued, charged) = (inbox(&runtime), runtime.memory_used("bob.example").unwrap() as f64 - memory_before);
+        if samples == 0 {
+            assert!(charged > 0.0, "the waiting frames are charged to b's memory");
+        }
+        assert!(queued <= cap + 8.0, "b's inbox holds {queued} messages: frames past the cap of {cap}");
+        assert!(charged <= cap_bytes, "{charged} bytes of frames charged: past the cap of {cap_bytes}");
+        samples += 1;
+    }
+    assert!(samples > 0);
+    // b reads again: the ping's answer, a's text and the totals arrive.
+    driver.expect(|m| m.kind == hyperty_host::MessageType::Response && m.id == ping_id);
+    assert_eq!(driver.media_report(&b, 10, |v| v["event"] == "channel-data")["text"], "still open");
+    let is_stats = |v: &Value| v["event"] == "track-stats" && v["track"] == video_b;
+    let mut stats = driver.media_report(&b, 20, is_stats);
+    while let Some(m) = driver.find(|m| m.from == b && is_stats(&reported(m)), Duration::from_millis(2500)) {
+        stats = reported(&m);
+    }
+    let (frames, dropped) = (stats["frames"].as_u64().unwrap(), stats["dropped"].as_u64().unwrap());
+    let seen = driver.endpoint.take_set_aside(|m| m.from == b && reported(m)["event"] == "media").len() as u64;
+    assert_eq!(seen + dropped, frames, "{stats}");
+    assert!(dropped > 0, "a flood of 600 past a cap of 16 drops some: {stats}");
+}
+
+#[test]
+fn opening_peer_connections_faster_than_opens_per_minute_is_refused_naming_the_setting() {
+    // Each connection may call the IdP proxy (its assertion, the remote's):
+    // opening and closing in a loop would drive the proxy without bound.
+    let (_runtime, mut driver, _bundle, a, _b) = pair(json!({ "opens-per-minute": 3 }));
+    for i in 0..3 {
+        assert_eq!(driver.command(&a, json!({ "op": "open" }))["pc"], i);
+        assert_eq!(driver.command(&a, json!({ "op": "close", "pc": i })), json!({ "ok": true }));
+    }
+    let e = error_of(&driver.command(&a, json!({ "op": "open" })));
+    assert_eq!(e, "limit-reached: opens-per-minute: alice.example opens peer connections faster than 3 a minute (opens-per-minute = 3)");
+}
+
+#[test]
+fn a_stun_server_of_the_host_configuration_gives_each_connection_a_server_reflexive_candidate_and_calls_connect() {
+    // coturn behind a NAT (for its datagrams): it sees alice's socket as
+    // 127.0.0.3:<port>, a server-reflexive address unlike the host one.
+    let stun = StunServer::start();
+    let nat = StunNat::start(stun.addr);
+    let runtime = runtime(Duration::from_secs(5));
+    let mut driver = Driver::new(&runtime);
+    let bundle = TestBundle::new()
+        .hyperty("alice.example", "a", &guest("media-peer"), media_peer_config(false))
+        .domain("alice.example", media_domain(4, json!({ "stun": [nat.inside.to_string()] })))
+        .hyperty("bob.example", "b", &guest("media-peer"), media_peer_config(true))
+        .domain("bob.example", media_domain(4, json!({})));
+    runtime.deploy(&bundle.load()).expect("a domain with a STUN server deploys");
+    let [a, b] = [("alice.example", "a"), ("bob.example", "b")].map(|(d, n)| runtime.lookup(d, n).unwrap());
+
+    let pc = driver.command(&a, json!({ "op": "open" }))["pc"].as_u64().unwrap();
+    let learnt = driver.media_report(&a, 10, |v| v["event"] == "local-candidate" && v["pc"] == pc);
+    let srflx = learnt["candidate"].as_str().unwrap().to_owned();
+    let host = driver.command(&a, json!({ "op": "candidates", "pc": pc }))["candidates"][0].as_str().unwrap().to_owned();
+    // (str0m writes no related address: `raddr 0.0.0.0 rport 0`.)
+    assert!(srflx.contains(&format!(" 127.0.0.3 {} typ srflx", nat.outside.port())), "{srflx} (host {host})");
+    // It is among the local candidates, and in the SDP the connection makes.
+    assert_eq!(driver.command(&a, json!({ "op": "candidates", "pc": pc }))["candidates"], json!([host, srflx]));
+    driver.command(&a, json!({ "op": "channel", "pc": pc, "label": "x" }));
+    let offer = driver.command(&a, json!({ "op": "offer", "pc": pc }))["sdp"].as_str().unwrap().to_owned();
+    assert!(offer.contains(&format!("a={srflx}")), "{offer}");
+    // The STUN server's address and credentials never reach the guest: a
+    // call through such connections still connects and talks.
+    let call = driver.media_call(&a, &b, "chat");
+    driver.command(&a, json!({ "op": "send", "pc": call.caller.0, "channel": call.caller.1, "text": "through" }));
+    assert_eq!(driver.media_report(&a, 10, |v| v["event"] == "channel-data")["text"], "echo:through");
+}
+
+#[test]
+fn a_turn_relay_in_the_media_table_is_refused_as_not_supported_yet_naming_the_domain() {
+    let turn = json!({ "turn": [{ "url": "turn:127.0.0.1:3478", "username": "u", "credential": "secret" }] });
+    let bundle = TestBundle::new()
+        .hyperty("carol.example", "c", &guest("media-peer"), media_peer_config(false))
+        .domain("carol.example", media_domain(4, turn));
+    let e = hyperty_host::Bundle::load(bundle.write()).unwrap_err().to_string();
+    assert!(e.contains("carol.example") && e.contains("media: turn: TURN relays (RFC 8656) are not supported yet"), "{e}");
 }
 
 // Signalling through reTHINK's Connection data object (media-caller).

@@ -26,7 +26,9 @@
 //!   assertion when it got one) → `{"pc", "sdp", "assertion"?}`; `{"op":
 //!   "reoffer", "pc", "peer", "remote-pc"}` renegotiates a call (a new
 //!   offer to `peer` as `{"op": "accept-offer", "pc": remote-pc, "sdp"}`,
-//!   its answer accepted, reported as a call's); `{"op": "trap"}` panics.
+//!   its answer accepted, reported as a call's); `{"op": "trap"}` panics;
+//!   `{"op": "stall", "ms": n}` reports `{"stalling": n}` and then reads
+//!   nothing for n ms (it sleeps: a hyperty that does not keep up).
 //! - Tracks: `{"op": "add-track", "pc", "kind", "codec"}` → `{"track"}`;
 //!   `{"op": "write", "pc", "track", "frames": n, "size": bytes, "at-us",
 //!   "step-us"}` writes n frames (the first a VP8 keyframe, the others
@@ -222,6 +224,12 @@ impl State {
                 }
             }
             "trap" => panic!("ordered to trap"),
+            "stall" => {
+                let ms = c["ms"].as_u64().unwrap_or(0);
+                self.report(json!({ "stalling": ms }));
+                std::thread::sleep(std::time::Duration::from_millis(ms));
+                json!({ "ok": true })
+            }
             "sink" => {
                 self.sink = Some((c["messages"].as_u64().unwrap_or(1), 0, 0));
                 json!({ "ok": true })

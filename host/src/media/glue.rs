@@ -110,7 +110,7 @@ impl wit::HostPeerConnection for MediaState {
     }
 
     fn local_candidates(&mut self, pc: Resource<PeerConnection>) -> Vec<String> {
-        self.conn(&pc).map(|c| vec![c.candidate.clone()]).unwrap_or_default()
+        self.conn(&pc).map(super::Conn::local_candidates).unwrap_or_default()
     }
 
     fn open_channel(&mut self, pc: Resource<PeerConnection>, label: String, ordered: bool) -> Result<u32, wit::MediaError> {

@@ -25,7 +25,9 @@
 
 pub(crate) mod glue;
 pub(crate) mod identity;
+mod inbox;
 pub mod settings;
+mod stun;
 mod track;
 
 use std::collections::{HashMap, VecDeque};
@@ -49,7 +51,7 @@ use crate::identity::Identities;
 use crate::message::{Identity, Message, MessageType};
 use crate::policy::cedar::CedarPolicies;
 use crate::policy::{Decision, Descriptor};
-use crate::sandbox::limits::RateLimiter;
+use crate::sandbox::limits::{DomainMemory, RateLimiter};
 
 /// The longest SDP text accepted from a hyperty, in bytes.
 pub const MAX_SDP_BYTES: usize = 64 << 10;
@@ -87,6 +89,10 @@ struct Held {
     bytes: Mutex<RateLimiter>,
     /// `media-bytes-per-second`.
     media: Mutex<RateLimiter>,
+    /// `opens-per-minute`: 60 tokens an open, `opens-per-minute` a second.
+    opens: Mutex<RateLimiter>,
+    /// Received frames waiting in the hyperty's inbox (`pending-frames`).
+    frames: inbox::InboxFrames,
 }
 
 /// A connection's place in its domain's `peer-connections`, given back
@@ -112,14 +118,31 @@ pub(crate) struct DomainMedia {
 }
 
 impl DomainMedia {
-    /// `settings`: the domain's `media` table, `None` when not granted.
-    pub fn new(domain: &str, settings: Option<MediaSettings>, policies: Arc<CedarPolicies>, identities: Arc<Identities>) -> DomainMedia {
+    /// `settings`: the domain's `media` table, `None` when not granted;
+    /// `memory`: the domain's, of which it may hold `total_memory` bytes
+    /// (`total-memory-mb`), charged with the frames waiting in its inbox.
+    pub fn new(
+        domain: &str,
+        settings: Option<MediaSettings>,
+        memory: Arc<DomainMemory>,
+        total_memory: usize,
+        policies: Arc<CedarPolicies>,
+        identities: Arc<Identities>,
+    ) -> DomainMedia {
         let rate = settings.as_ref().map_or(1, |s| s.bytes_per_second);
-        let media = RateLimiter::new(settings.as_ref().map_or(1, |s| s.media_bytes_per_second), settings.as_ref().map_or(1, |s| s.media_bytes_per_second));
+        let media = settings.as_ref().map_or(1, |s| s.media_bytes_per_second);
+        let opens = settings.as_ref().map_or(1, |s| s.opens_per_minute);
+        let held = Held {
+            open: Mutex::new(0),
+            bytes: Mutex::new(RateLimiter::new(rate, rate)),
+            media: Mutex::new(RateLimiter::new(media, media)),
+            opens: Mutex::new(RateLimiter::new(opens, opens.saturating_mul(60))),
+            frames: inbox::InboxFrames::new(memory, total_memory),
+        };
         DomainMedia {
             domain: domain.to_owned(),
             settings: settings.map(Arc::new),
-            held: Arc::new(Held { open: Mutex::new(0), bytes: Mutex::new(RateLimiter::new(rate, rate)), media: Mutex::new(media) }),
+            held: Arc::new(held),
             driver: Mutex::default(),
             policies,
             identities,
@@ -170,6 +193,14 @@ impl DomainMedia {
                     self.domain, settings.peer_connections
                 )));
             }
+            // Each connection may call the IdP proxy (an assertion, a remote
+            // identity): opening is what bounds how often.
+            if !self.held.opens.lock().unwrap_or_else(PoisonError::into_inner).take_n(60.0) {
+                return Err(MediaError::LimitReached(format!(
+                    "opens-per-minute: {} opens peer connections faster than {} a minute (opens-per-minute = {})",
+                    self.domain, settings.opens_per_minute, settings.opens_per_minute
+                )));
+            }
             *open += 1;
             Place(self.held.clone())
         };
@@ -203,6 +234,7 @@ impl DomainMedia {
                 closed: None,
                 remote_identity: None,
                 local_assertion: None,
+                reflexive: Vec::new(),
             }),
             wake: tokio::sync::Notify::new(),
         });
@@ -221,6 +253,13 @@ impl DomainMedia {
     pub fn open_connections(&self) -> u32 {
         *self.held.open.lock().unwrap_or_else(PoisonError::into_inner)
     }
+
+    /// The sandbox took `message` from the domain's inbox (hook of its
+    /// loop): a connection's frames sent up to it no longer wait there.
+    pub fn taken(&self, message: &Message) {
+        self.held.frames.taken(message);
+    }
+
 
     /// The runtime of the domain's media thread, started on first use.
     fn driver(&self) -> Result<tokio::runtime::Handle, MediaError> {
@@ -340,6 +379,9 @@ struct State {
     /// This side's identity assertion: its text, when it was made and when
     /// it expires (Unix seconds).
     local_assertion: Option<(String, u64, u64)>,
+    /// Server-reflexive candidates learnt from the domain's STUN servers,
+    /// as SDP attribute values.
+    reflexive: Vec<String>,
 }
 
 impl State {
@@ -476,6 +518,55 @@ impl Conn {
         drop(state);
         self.wake.notify_one();
         Ok(())
+    }
+
+    /// The local candidates: the host one, then those learnt from STUN.
+    fn local_candidates(&self) -> Vec<String> {
+        let reflexive = self.state.lock().unwrap_or_else(PoisonError::into_inner).reflexive.clone();
+        std::iter::once(self.candidate.clone()).chain(reflexive).collect()
+    }
+
+    /// Adds the server-reflexive candidate `mapped` (a STUN server's view
+    /// of the socket at `local`); its SDP attribute value, `None` when str0m
+    /// finds it redundant (no NAT: it is the host candidate).
+    fn add_reflexive(&self, mapped: SocketAddr, local: SocketAddr) -> Option<String> {
+        let candidate = Candidate::server_reflexive(mapped, local, "udp").ok()?;
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let sdp = state.rtc.add_local_candidate(candidate)?.to_sdp_string();
+        state.reflexive.push(sdp.clone());
+        Some(sdp)
+    }
+
+    /// A datagram from `source` on the connection's socket at `local`: a
+    /// STUN server's answer to a Binding request (its event, if it gave a
+    /// new candidate), else a packet for str0m if `source` is among the
+    /// domain's `peers`.
+    fn received(&self, data: &[u8], source: SocketAddr, local: SocketAddr, bindings: &mut [stun::Binding]) -> Option<Value> {
+        if let Some(binding) = bindings.iter_mut().find(|b| b.server == source) {
+            match binding.answer(data) {
+                stun::Answer::NotOurs => {}
+                stun::Answer::Mapped(mapped) => {
+                    let Some(candidate) = self.add_reflexive(mapped, local) else {
+                        tracing::debug!(connection = %self.address, "STUN server {source} sees {mapped}: the host candidate already");
+                        return None;
+                    };
+                    tracing::info!(connection = %self.address, "server-reflexive candidate {mapped} learnt from STUN server {source}");
+                    return Some(json!({ "event": "local-candidate", "candidate": candidate }));
+                }
+                stun::Answer::Refused(why) => {
+                    tracing::info!(connection = %self.address, "{why}");
+                    return None;
+                }
+            }
+        }
+        if !self.settings.allows_peer(source.ip()) {
+            tracing::debug!(connection = %self.address, "datagram from {source}, outside the domain's peers, dropped");
+            return None;
+        }
+        if let Ok(contents) = data.try_into() {
+            self.input(Input::Receive(Instant::now(), Receive { proto: Protocol::Udp, source, destination: local, contents }));
+        }
+        None
     }
 
     fn add_remote_candidate(&self, text: &str) -> Result<(), MediaError> {
@@ -707,7 +798,20 @@ async fn drive(conn: Arc<Conn>, socket: tokio::net::UdpSocket, mut sink: Sink, p
     // Events waiting for room in the inbox, with the track of frames.
     let mut outbox: VecDeque<(Message, Option<u32>)> = VecDeque::new();
     let mut polled = Polled { transmits: Vec::new(), events: Vec::new(), relays: Vec::new(), deadline: Instant::now(), closed: None };
+    let mut bindings: Vec<stun::Binding> = conn.settings.stun.iter().map(|&server| stun::Binding::new(server)).collect();
     loop {
+        for binding in &mut bindings {
+            let server = binding.server;
+            match binding.poll(Instant::now()) {
+                Ok(Some(request)) => {
+                    if let Err(e) = socket.send_to(request, server).await {
+                        tracing::debug!(connection = %conn.address, "cannot send to STUN server {server}: {e}");
+                    }
+                }
+                Ok(None) => {}
+                Err(why) => tracing::info!(connection = %conn.address, "{why}"),
+            }
+        }
         conn.poll(&mut polled);
         for (to, data) in polled.transmits.drain(..) {
             if !conn.settings.allows_peer(to.ip()) {
@@ -757,20 +861,23 @@ async fn drive(conn: Arc<Conn>, socket: tokio::net::UdpSocket, mut sink: Sink, p
         if !outbox.is_empty() {
             wake_at = wake_at.min(Instant::now() + RETRY);
         }
+        if let Some(due) = bindings.iter().filter_map(|b| b.due).min() {
+            wake_at = wake_at.min(due);
+        }
         tokio::select! {
             received = socket.recv_from(&mut buf) => match received {
-                Ok((n, source)) if conn.settings.allows_peer(source.ip()) => {
-                    if let Ok(contents) = buf[..n].try_into() {
-                        conn.input(Input::Receive(Instant::now(), Receive { proto: Protocol::Udp, source, destination: local, contents }));
+                Ok((n, source)) => {
+                    if let Some(event) = conn.received(&buf[..n], source, local, &mut bindings) {
+                        outbox.push_back((sink.message(&conn.address, &event), None));
                     }
                 }
-                Ok((_, source)) => tracing::debug!(connection = %conn.address, "datagram from {source}, outside the domain's peers, dropped"),
                 Err(e) => tracing::debug!(connection = %conn.address, "receive error: {e}"),
             },
             () = tokio::time::sleep_until(tokio::time::Instant::from_std(wake_at)) => conn.input(Input::Timeout(Instant::now())),
             () = conn.wake.notified() => {}
         }
     }
+    conn.held.frames.forget(&conn.address);
     drop(socket);
     drop(place);
 }
@@ -782,10 +889,24 @@ fn frame_of(event: &Value) -> Option<u32> {
 
 /// Hands the waiting events to the hyperty in order, stopping at the first
 /// its inbox has no room for (it is offered again after [`RETRY`]); a
-/// frame with no room is dropped and counted on its track instead.
+/// frame with no room (in the inbox, or among the connection's
+/// `pending-frames`, see [`inbox`]) is dropped and counted on its track
+/// instead.
 fn deliver(sink: &Sink, outbox: &mut VecDeque<(Message, Option<u32>)>, conn: &Conn) {
+    let frames = &conn.held.frames;
     while let Some((m, frame)) = outbox.pop_front() {
-        match sink.bus.send(m.clone(), None, Some(&sink.descriptor)) {
+        if let Some(track) = frame {
+            let bytes = m.body.value.as_ref().map_or(0, String::len);
+            if frames.reserve(&conn.address, m.id, bytes, conn.settings.pending_frames, conn.settings.pending_frame_bytes).is_err() {
+                conn.count_dropped(track);
+                continue;
+            }
+        }
+        let (id, sent) = (m.id, sink.bus.send(m.clone(), None, Some(&sink.descriptor)));
+        if sent.is_err() && frame.is_some() {
+            frames.unreserve(&conn.address, id);
+        }
+        match sent {
             Ok(()) => {}
             Err(SendError::InboxFull(_)) => match frame {
                 Some(track) => conn.count_dropped(track),

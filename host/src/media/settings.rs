@@ -4,10 +4,10 @@
 //! ```toml
 //! [domains."alice.example"]
 //! grants = ["clocks", "random", "media"]
-//! media = { bind = "127.0.0.1", ports = "40000-40100", peers = ["127.0.0.0/8"], peer-connections = 8 }
+//! media = { bind = "127.0.0.1", ports = "40000-40100", peers = ["127.0.0.0/8"], peer-connections = 8, stun = ["127.0.0.1:3478"] }
 //! ```
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::ops::RangeInclusive;
 
 use ipnet::IpNet;
@@ -48,7 +48,25 @@ pub struct MediaSettings {
     /// Media bytes a second the domain's connections send together,
     /// written by hyperties or forwarded in the host (also the burst).
     pub media_bytes_per_second: u32,
+    /// Received frames (`media` events) of one connection waiting in the
+    /// hyperty's inbox; one more is dropped and counted.
+    pub pending_frames: u32,
+    /// Bytes of those frames' events (base64 JSON) waiting in the inbox
+    /// for one connection, also charged to the domain's `total-memory-mb`.
+    pub pending_frame_bytes: u32,
+    /// Peer connections the domain may open a minute (also the burst):
+    /// each may call the domain's IdP proxy once each way.
+    pub opens_per_minute: u32,
+    /// STUN servers (`ip:port`, at most [`MAX_STUN_SERVERS`]) each
+    /// connection's socket asks for its server-reflexive address (RFC 8489
+    /// Binding): host configuration, never shown to guests. Reachable
+    /// whatever `peers` says.
+    pub stun: Vec<SocketAddr>,
 }
+
+/// The most STUN servers a domain's `stun` names (each connection sends a
+/// Binding request to every one).
+pub const MAX_STUN_SERVERS: usize = 4;
 
 /// The table as written, before its values are checked.
 #[derive(Deserialize)]
@@ -72,6 +90,17 @@ pub(crate) struct RawMedia {
     tracks: u32,
     #[serde(default = "defaults::media_bytes_per_second")]
     media_bytes_per_second: u32,
+    #[serde(default = "defaults::pending_frames")]
+    pending_frames: u32,
+    #[serde(default = "defaults::pending_frame_bytes")]
+    pending_frame_bytes: u32,
+    #[serde(default = "defaults::opens_per_minute")]
+    opens_per_minute: u32,
+    #[serde(default)]
+    stun: Vec<String>,
+    /// Refused for now: TURN relays are not supported yet.
+    #[serde(default)]
+    turn: Option<serde::de::IgnoredAny>,
 }
 
 mod defaults {
@@ -96,6 +125,15 @@ mod defaults {
     pub fn media_bytes_per_second() -> u32 {
         4 << 20
     }
+    pub fn pending_frames() -> u32 {
+        64
+    }
+    pub fn pending_frame_bytes() -> u32 {
+        4 << 20
+    }
+    pub fn opens_per_minute() -> u32 {
+        120
+    }
 }
 
 impl RawMedia {
@@ -119,6 +157,17 @@ impl RawMedia {
                 })
                 .collect::<Result<_, _>>()?,
         };
+        if self.turn.is_some() {
+            return Err("turn: TURN relays (RFC 8656) are not supported yet: only `stun` servers (server-reflexive candidates) are".into());
+        }
+        if self.stun.len() > MAX_STUN_SERVERS {
+            return Err(format!("stun: {} servers, at most {MAX_STUN_SERVERS}", self.stun.len()));
+        }
+        let stun = self
+            .stun
+            .iter()
+            .map(|s| s.parse::<SocketAddr>().map_err(|_| format!("stun: {s:?} is not an ip:port (names are not resolved)")))
+            .collect::<Result<Vec<_>, _>>()?;
         let check = |ok: bool, field: &str, range: String| if ok { Ok(()) } else { Err(format!("{field} must be in {range}")) };
         check((1..=1000).contains(&self.peer_connections), "peer-connections", "1..=1000".into())?;
         check((1..=1024).contains(&self.channels), "channels", "1..=1024".into())?;
@@ -127,6 +176,9 @@ impl RawMedia {
         check((1..=1_000_000).contains(&self.pending_events), "pending-events", "1..=1000000".into())?;
         check((1..=64).contains(&self.tracks), "tracks", "1..=64".into())?;
         check(self.media_bytes_per_second >= 1024, "media-bytes-per-second", "1024..".into())?;
+        check((1..=100_000).contains(&self.pending_frames), "pending-frames", "1..=100000".into())?;
+        check(self.pending_frame_bytes >= 1024, "pending-frame-bytes", "1024..".into())?;
+        check((1..=1_000_000).contains(&self.opens_per_minute), "opens-per-minute", "1..=1000000".into())?;
         Ok(MediaSettings {
             bind,
             ports,
@@ -138,6 +190,10 @@ impl RawMedia {
             pending_events: self.pending_events,
             tracks: self.tracks,
             media_bytes_per_second: self.media_bytes_per_second,
+            pending_frames: self.pending_frames,
+            pending_frame_bytes: self.pending_frame_bytes,
+            opens_per_minute: self.opens_per_minute,
+            stun,
         })
     }
 }
@@ -177,6 +233,9 @@ mod tests {
     #[test]
     fn the_table_is_checked_naming_the_field() {
         let ok = raw("bind = \"127.0.0.1\"\nports = \"40000-40002\"").unwrap();
+        assert!(ok.stun.is_empty());
+        let stun = raw("bind = \"127.0.0.1\"\nports = \"1-2\"\nstun = [\"127.0.0.1:3478\", \"[::1]:3478\"]").unwrap();
+        assert_eq!(stun.stun, ["127.0.0.1:3478".parse().unwrap(), "[::1]:3478".parse().unwrap()]);
         assert_eq!((ok.ports.clone(), ok.peers.len()), (40000..=40002, 1));
         assert!(ok.allows_peer("127.9.9.9".parse().unwrap()) && !ok.allows_peer("10.0.0.1".parse().unwrap()));
         let lan = raw("bind = \"10.200.0.1\"\nports = \"5000\"").unwrap();
@@ -193,6 +252,11 @@ mod tests {
             ("bind = \"127.0.0.1\"\nports = \"1-2\"\npeer-connections = 0", "peer-connections"),
             ("bind = \"127.0.0.1\"\nports = \"1-2\"\ntracks = 65", "tracks"),
             ("bind = \"127.0.0.1\"\nports = \"1-2\"\nmedia-bytes-per-second = 10", "media-bytes-per-second"),
+            ("bind = \"127.0.0.1\"\nports = \"1-2\"\npending-frames = 0", "pending-frames"),
+            ("bind = \"127.0.0.1\"\nports = \"1-2\"\npending-frame-bytes = 10", "pending-frame-bytes"),
+            ("bind = \"127.0.0.1\"\nports = \"1-2\"\nopens-per-minute = 0", "opens-per-minute"),
+            ("bind = \"127.0.0.1\"\nports = \"1-2\"\nstun = [\"stun.example:3478\"]", "stun: \"stun.example:3478\" is not an ip:port"),
+            ("bind = \"127.0.0.1\"\nports = \"1-2\"\nturn = [{ url = \"turn:127.0.0.1\", username = \"u\", credential = \"c\" }]", "turn: TURN relays (RFC 8656) are not supported yet"),
         ] {
             let e = raw(bad).unwrap_err();
             assert!(e.contains(why), "{bad}: {e}");

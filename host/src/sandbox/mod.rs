@@ -172,7 +172,9 @@ impl SandboxHandle {
         let inbox = Inbox { tx, in_flight: Arc::default() };
         let memory = Arc::new(DomainMemory::default());
         let stopping = Arc::new(AtomicBool::new(false));
-        let media = Arc::new(crate::media::DomainMedia::new(domain, settings.media.clone(), shared.policies.clone(), shared.identities.clone()));
+        let total_memory = (settings.limits.total_memory_mb as usize) << 20;
+        let media = crate::media::DomainMedia::new(domain, settings.media.clone(), memory.clone(), total_memory, shared.policies.clone(), shared.identities.clone());
+        let media = Arc::new(media);
         let counted = shared.metrics.add_domain(domain);
         let read = Arc::downgrade(&memory);
         shared.metrics.read_at_scrape(&counted, Read::Memory, move || read.upgrade().map(|m| m.used()));
@@ -292,6 +294,7 @@ impl Sandbox {
             };
             match envelope {
                 Ok(Envelope::Deliver { instance, message }) => {
+                    self.media.taken(&message);
                     if !self.stopping.load(Ordering::Acquire) {
                         self.deliver(instance, message);
                     }
@@ -505,7 +508,7 @@ impl Sandbox {
 pub(crate) fn time_instantiation(shared: &Shared, pre: &HypertyPre<InstanceState>, n: u32) -> Result<std::time::Duration> {
     let sandbox = Sandbox {
         settings: SandboxSettings { limits: Limits::default(), restart: RestartPolicy::default(), grants: Vec::new(), media: None },
-        media: Arc::new(crate::media::DomainMedia::new("bench.example", None, shared.policies.clone(), shared.identities.clone())),
+        media: Arc::new(crate::media::DomainMedia::new("bench.example", None, Arc::default(), 0, shared.policies.clone(), shared.identities.clone())),
         shared: shared.clone(),
         memory: Arc::default(),
         slots: Vec::new(),
