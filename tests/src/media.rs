@@ -321,15 +321,39 @@ impl ChromiumCall {
 }
 
 /// Debian's coturn (`turnserver`) as a STUN server on 127.0.0.1 (`-S`:
-/// STUN only, no authentication, no TLS, no CLI), killed on drop. Panics
-/// if `turnserver` is missing (`just turnserver` installs it).
+/// STUN only, no authentication, no TLS, no CLI), killed on drop;
+/// installed first if missing ([`ensure_turnserver`]).
 pub struct StunServer {
     pub addr: std::net::SocketAddr,
     child: std::process::Child,
 }
 
+/// Installs Debian's `package` with apt-get (through `sudo -n` when not
+/// root), updating the package lists once if the first try fails; whether
+/// it worked.
+pub fn apt_get_install(package: &str) -> bool {
+    let root = std::process::Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout == b"0\n");
+    let apt = |args: &[&str]| {
+        let mut c = std::process::Command::new(if root { "apt-get" } else { "sudo" });
+        c.args(if root { &[][..] } else { &["-n", "apt-get"][..] });
+        c.args(args).env("DEBIAN_FRONTEND", "noninteractive").status().is_ok_and(|s| s.success())
+    };
+    apt(&["install", "-y", "-q", package]) || (apt(&["update", "-q"]) && apt(&["install", "-y", "-q", package]))
+}
+
+/// Installs Debian's coturn if `turnserver` is not on the machine (as the
+/// harness does for nats-server and chromium; `just turnserver` too).
+pub fn ensure_turnserver() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let works = || std::process::Command::new("turnserver").arg("--version").output().is_ok();
+        assert!(works() || (apt_get_install("coturn") && works()), "turnserver is missing and `apt-get install coturn` failed: the STUN tests need Debian's coturn");
+    });
+}
+
 impl StunServer {
     pub fn start() -> StunServer {
+        ensure_turnserver();
         let port = UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let child = std::process::Command::new("turnserver")
             .args(["-n", "-S", "-L", "127.0.0.1", "-p", &port.to_string(), "--no-tls", "--no-dtls", "--no-cli", "--log-file", "stdout"])

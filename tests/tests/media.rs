@@ -962,6 +962,43 @@ fn a_stun_server_of_the_host_configuration_gives_each_connection_a_server_reflex
 }
 
 #[test]
+fn a_stun_server_that_never_answers_gets_three_binding_requests_per_connection_and_calls_still_connect() {
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    silent.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let runtime = runtime(Duration::from_secs(5));
+    let mut driver = Driver::new(&runtime);
+    let bundle = TestBundle::new()
+        .hyperty("alice.example", "a", &guest("media-peer"), media_peer_config(false))
+        .domain("alice.example", media_domain(4, json!({ "stun": [silent.local_addr().unwrap().to_string()] })))
+        .hyperty("bob.example", "b", &guest("media-peer"), media_peer_config(true))
+        .domain("bob.example", media_domain(4, json!({})));
+    runtime.deploy(&bundle.load()).unwrap();
+    let [a, b] = [("alice.example", "a"), ("bob.example", "b")].map(|(d, n)| runtime.lookup(d, n).unwrap());
+    let host = driver.command(&a, json!({ "op": "open" }))["pc"].as_u64().unwrap();
+    // RFC 8489 Binding requests (class request, method Binding, the magic
+    // cookie), the same transaction sent again.
+    let mut buf = [0u8; 2048];
+    let mut transaction = None;
+    for _ in 0..3 {
+        let (n, _) = silent.recv_from(&mut buf).expect("a Binding request");
+        assert_eq!((&buf[..2], &buf[4..8]), (&[0u8, 1][..], &[0x21u8, 0x12, 0xA4, 0x42][..]), "{:?}", &buf[..n]);
+        let id = buf[8..20].to_vec();
+        assert_eq!(transaction.get_or_insert_with(|| id.clone()), &id, "one transaction, retransmitted");
+    }
+    // The call connects on host candidates all the same.
+    let call = driver.media_call(&a, &b, "chat");
+    driver.command(&a, json!({ "op": "send", "pc": call.caller.0, "channel": call.caller.1, "text": "hi" }));
+    assert_eq!(driver.media_report(&a, 10, |v| v["event"] == "channel-data")["text"], "echo:hi");
+    // No fourth request of the first connection (its RTO is 500 ms: wait
+    // past two of them); the call's own connection sends its own.
+    silent.set_read_timeout(Some(Duration::from_millis(1500))).unwrap();
+    while let Ok((_, _)) = silent.recv_from(&mut buf) {
+        assert_ne!(&buf[8..20], transaction.as_deref().unwrap(), "a fourth Binding request of one transaction");
+    }
+    assert_eq!(driver.command(&a, json!({ "op": "candidates", "pc": host }))["candidates"].as_array().unwrap().len(), 1);
+}
+
+#[test]
 fn a_turn_relay_in_the_media_table_is_refused_as_not_supported_yet_naming_the_domain() {
     let turn = json!({ "turn": [{ "url": "turn:127.0.0.1:3478", "username": "u", "credential": "secret" }] });
     let bundle = TestBundle::new()
