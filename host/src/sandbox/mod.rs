@@ -2,7 +2,7 @@
 //! and one wasmtime `Store` per hyperty instance of that domain.
 //!
 //! The domain's thread takes envelopes from the inbox in order: control
-//! (instantiate, init, remove, stop) from the runtime and messages from the
+//! (remove, stop) from the runtime and messages from the
 //! bus, each handed to the target instance's exported `handle`. Guest code
 //! runs synchronously under an epoch deadline (and, if configured, a fuel
 //! budget), so a runaway call traps instead of holding the thread; a thread
@@ -48,15 +48,15 @@ use glue::Hyperty;
 use crate::metrics::Read;
 use limits::{DomainMemory, Grant, InstanceLimiter, Limits, RestartPolicy};
 
-/// What a sandbox's inbox carries.
+/// What a sandbox's inbox carries. Deliveries, the common case, carry
+/// their message inline: boxing it would cost an allocation per message.
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum Envelope {
     Deliver { instance: u32, message: Message },
     Control(Control),
 }
 
 pub(crate) enum Control {
-    Instantiate { hyperty: NewHyperty, reply: flume::Sender<Result<u32>> },
-    Init { instance: u32, reply: flume::Sender<Result<()>> },
     Remove { instance: u32 },
     /// Nothing to do but look at the restarts again (a lent call trapped
     /// and scheduled one while the thread slept).
@@ -273,15 +273,29 @@ impl SandboxHandle {
     }
 
     pub fn instantiate(&self, hyperty: NewHyperty) -> Result<u32> {
-        let (reply, result) = flume::bounded(1);
-        self.inbox.control(Control::Instantiate { hyperty, reply })?;
-        result.recv().map_err(|_| anyhow!("the sandbox stopped"))?
+        self.run_here(|sandbox| sandbox.instantiate(hyperty))
     }
 
     pub fn init(&self, instance: u32) -> Result<()> {
-        let (reply, result) = flume::bounded(1);
-        self.inbox.control(Control::Init { instance, reply })?;
-        result.recv().map_err(|_| anyhow!("the sandbox stopped"))?
+        self.run_here(|sandbox| sandbox.init(instance))
+    }
+
+    /// Runs `work` on the sandbox from this thread (the runtime's, never a
+    /// domain's), holding the domain's run token: it waits for the call in
+    /// hand, if any, and the domain's thread waits for it. Instead of a
+    /// control envelope and its reply, two thread wake-ups per step of a
+    /// deployment.
+    fn run_here<R>(&self, work: impl FnOnce(&mut Sandbox) -> Result<R>) -> Result<R> {
+        let mut state = self.inbox.domain.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let sandbox = state.as_mut().ok_or_else(|| anyhow!("the sandbox stopped"))?;
+        let result = work(sandbox);
+        let restart = !sandbox.restarts.is_empty();
+        drop(state);
+        if restart {
+            // Its thread may sleep with no deadline: it must see the restart.
+            let _ = self.inbox.tx.try_send(Envelope::Control(Control::Wake));
+        }
+        result
     }
 
     pub fn remove(&self, instance: u32) {
@@ -384,12 +398,6 @@ impl Sandbox {
                     self.deliver(instance, message);
                 }
                 self.in_flight.fetch_sub(1, Ordering::Release);
-            }
-            Ok(Envelope::Control(Control::Instantiate { hyperty, reply })) => {
-                let _ = reply.send(self.instantiate(hyperty));
-            }
-            Ok(Envelope::Control(Control::Init { instance, reply })) => {
-                let _ = reply.send(self.init(instance));
             }
             Ok(Envelope::Control(Control::Remove { instance })) => {
                 if let Some(slot) = self.slots.get_mut(instance as usize)
