@@ -13,8 +13,16 @@
 //! The bus figures are measured side by side, interleaved, in two runtimes:
 //! one without policies and one with 50+ Cedar policies on each domain and
 //! on the bus (time windows, groups, forbids), plus the uncached decision
-//! cost. Each figure is the median of 5 runs; the machines are shared and
+//! cost; then again with four such pairs (`alice<i>.example` ->
+//! `bob<i>.example`) running at once, how the path scales with cores.
+//! Each figure is the median of 5 runs; the machines are shared and
 //! noisy: read the ratio, not the absolute numbers.
+//!
+//! For a profile (`valgrind --tool=callgrind`, `perf`), a fixed amount of
+//! work and nothing else: `HYPERTY_BUS_BENCH=<oneway|rr>:<count>[:policies]`
+//! runs one pair that many messages (or round trips) after a warm-up of
+//! 1,000; the difference between two counts, divided by the difference in
+//! count, is the cost of one.
 
 use std::time::{Duration, Instant};
 
@@ -34,20 +42,13 @@ const RUNS: usize = 5;
 /// set on both domains and the bus.
 fn main() {
     let dir = tempfile::tempdir().unwrap();
-    let plain = Bench::new(&dir, false);
-    let checked = Bench::new(&dir, true);
-
-    plain.run("oneway", 20_000); // warm-up
-    checked.run("oneway", 20_000);
-    let mut oneway = (Vec::new(), Vec::new());
-    let mut rr = (Vec::new(), Vec::new());
-    for _ in 0..RUNS {
-        oneway.0.push(plain.run("oneway", 200_000));
-        oneway.1.push(checked.run("oneway", 200_000));
-        rr.0.push(plain.run("rr", 50_000));
-        rr.1.push(checked.run("rr", 50_000));
+    if let Ok(spec) = std::env::var("HYPERTY_BUS_BENCH") {
+        return profile(&dir, &spec);
     }
-    let (o0, o1, r0, r1) = (median(oneway.0), median(oneway.1), median(rr.0), median(rr.1));
+    let plain = Bench::new(&dir, false, 1);
+    let checked = Bench::new(&dir, true, 1);
+
+    let [o0, o1, r0, r1] = side_by_side(&plain, &checked, 200_000, 50_000);
     println!("bus, alice.example -> bob.example, 64-byte JSON body (median of {RUNS}, interleaved):");
     println!("                        no policies     {POLICIES}+ Cedar policies   ratio");
     println!("  one-way msg/s:        {o0:>10.0}      {o1:>10.0}              {:.0}%", 100.0 * o1 / o0);
@@ -55,6 +56,15 @@ fn main() {
     println!("  round trip:           {:>10.2} µs   {:>10.2} µs", 1e6 / r0, 1e6 / r1);
     println!("uncached Cedar decision ({POLICIES}+ policies): {:.1} µs", checked.cold_decision_us());
     println!("cached decision of a whole path (3 points, from this thread's cache): {:.0} ns", checked.warm_path_ns());
+    drop(checked);
+
+    let (plain4, checked4) = (Bench::new(&dir, false, PAIRS), Bench::new(&dir, true, PAIRS));
+    let [f0, f1, q0, q1] = side_by_side(&plain4, &checked4, 100_000, 25_000);
+    println!("bus, {PAIRS} pairs alice<i>.example -> bob<i>.example at once, in all (median of {RUNS}; ratio to one pair):");
+    println!("                        no policies     {POLICIES}+ Cedar policies   ratio");
+    println!("  one-way msg/s:        {f0:>10.0} ({:.2}×) {f1:>10.0} ({:.2}×)      {:.0}%", f0 / o0, f1 / o1, 100.0 * f1 / f0);
+    println!("  request/response /s:  {q0:>10.0} ({:.2}×) {q1:>10.0} ({:.2}×)      {:.0}%", q0 / r0, q1 / r1, 100.0 * q1 / q0);
+    drop((plain4, checked4));
 
     let runtime = plain.runtime;
     let instantiate_us = median(
@@ -67,21 +77,62 @@ fn main() {
     println!("  {:>10.1} µs per hyperty", deploy_us);
 }
 
+/// One-way msg/s and round trips/s of `plain` and `checked`, interleaved,
+/// after a warm-up: `[one-way plain, one-way checked, rr plain, rr checked]`,
+/// each the median of [`RUNS`] of `oneway` messages and `rr` round trips
+/// per pair.
+fn side_by_side(plain: &Bench, checked: &Bench, oneway: u64, rr: u64) -> [f64; 4] {
+    plain.run("oneway", 20_000);
+    checked.run("oneway", 20_000);
+    let mut runs: [Vec<f64>; 4] = Default::default();
+    for _ in 0..RUNS {
+        runs[0].push(plain.run("oneway", oneway));
+        runs[1].push(checked.run("oneway", oneway));
+        runs[2].push(plain.run("rr", rr));
+        runs[3].push(checked.run("rr", rr));
+    }
+    runs.map(median)
+}
+
+/// `HYPERTY_BUS_BENCH=<mode>:<count>[:policies]`: one run of one pair.
+fn profile(dir: &tempfile::TempDir, spec: &str) {
+    let mut parts = spec.split(':');
+    let mode = parts.next().filter(|m| ["oneway", "rr"].contains(m)).expect("HYPERTY_BUS_BENCH=<oneway|rr>:<count>[:policies]");
+    let count: u64 = parts.next().and_then(|c| c.parse().ok()).expect("HYPERTY_BUS_BENCH=<oneway|rr>:<count>[:policies]");
+    let with_policies = parts.next() == Some("policies");
+    let bench = Bench::new(dir, with_policies, 1);
+    bench.run(mode, 1000);
+    let rate = bench.run(mode, count);
+    println!("{mode} × {count} (policies: {with_policies}): {rate:.0}/s");
+}
+
 /// Policies in each domain's set (the runtime's set has a few more).
 const POLICIES: usize = 50;
+
+/// Pairs in the "at once" figures.
+const PAIRS: usize = 4;
+
+/// The domains of pair `i`: `alice.example` and `bob.example` for the
+/// first, `alice<i>.example` and `bob<i>.example` for the others.
+fn pair_domains(i: usize) -> (String, String) {
+    match i {
+        0 => ("alice.example".into(), "bob.example".into()),
+        i => (format!("alice{i}.example"), format!("bob{i}.example")),
+    }
+}
 
 struct Bench {
     runtime: Runtime,
     policies: Arc<CedarPolicies>,
-    driver: Address,
-    sink: Address,
+    /// (driver, sink) of each pair.
+    pairs: Vec<(Address, Address)>,
     endpoint: Endpoint,
     next_id: std::cell::Cell<u64>,
     _bundle: TestBundle,
 }
 
 impl Bench {
-    fn new(dir: &tempfile::TempDir, with_policies: bool) -> Bench {
+    fn new(dir: &tempfile::TempDir, with_policies: bool, pairs: usize) -> Bench {
         let policies = Arc::new(CedarPolicies::new());
         let runtime = Runtime::new(RuntimeConfig {
             cache_dir: cache_dir(),
@@ -90,55 +141,77 @@ impl Bench {
             ..RuntimeConfig::default()
         })
         .unwrap();
-        let mut bundle = TestBundle::new()
-            .hyperty("alice.example", "driver", &guest("bench"), json!({ "role": "driver" }))
-            .hyperty("bob.example", "sink", &guest("bench"), json!({ "role": "sink" }))
-            .user("alice.example", "driver", "user0@idp.example")
-            .user("bob.example", "sink", "user1@idp.example")
-            // The bus is measured here, not the flood limiter.
-            .domain("alice.example", json!({ "limits": { "rate": 100_000_000, "burst": 1_000_000 } }));
+        let mut bundle = TestBundle::new();
+        for i in 0..pairs {
+            let (alice, bob) = pair_domains(i);
+            bundle = bundle
+                .hyperty(&alice, "driver", &guest("bench"), json!({ "role": "driver" }))
+                .hyperty(&bob, "sink", &guest("bench"), json!({ "role": "sink" }))
+                .user(&alice, "driver", &format!("user{}@idp.example", 2 * i))
+                .user(&bob, "sink", &format!("user{}@idp.example", 2 * i + 1))
+                // The bus is measured here, not the flood limiter.
+                .domain(&alice, json!({ "limits": { "rate": 100_000_000, "burst": 1_000_000 } }));
+        }
         if with_policies {
             let (alice, bob, bus) = (dir.path().join("alice.cedar"), dir.path().join("bob.cedar"), dir.path().join("bus.cedar"));
             std::fs::write(&alice, realistic_policies("alice")).unwrap();
             std::fs::write(&bob, realistic_policies("bob")).unwrap();
             std::fs::write(&bus, realistic_policies("bus")).unwrap();
-            bundle = bundle
-                .domain("alice.example", json!({ "policies": [alice.to_str().unwrap()] }))
-                .domain("bob.example", json!({ "policies": [bob.to_str().unwrap()] }));
+            for i in 0..pairs {
+                let (a, b) = pair_domains(i);
+                bundle = bundle
+                    .domain(&a, json!({ "policies": [alice.to_str().unwrap()] }))
+                    .domain(&b, json!({ "policies": [bob.to_str().unwrap()] }));
+            }
             policies.set_runtime_policies(&bus).unwrap();
             for g in 0..10 {
                 policies.set_group(&format!("team{g}"), (0..100).map(|u| format!("user{}@idp.example", u * 10 + g)));
             }
         }
         runtime.deploy(&bundle.load()).unwrap();
-        let driver = runtime.lookup("alice.example", "driver").unwrap();
-        let sink = runtime.lookup("bob.example", "sink").unwrap();
+        let pairs = (0..pairs)
+            .map(|i| {
+                let (alice, bob) = pair_domains(i);
+                (runtime.lookup(&alice, "driver").unwrap(), runtime.lookup(&bob, "sink").unwrap())
+            })
+            .collect();
         let endpoint = runtime.endpoint("hyperty://bench.example/harness", 16).unwrap();
-        Bench { runtime, policies, driver, sink, endpoint, next_id: Default::default(), _bundle: bundle }
+        Bench { runtime, policies, pairs, endpoint, next_id: Default::default(), _bundle: bundle }
     }
 
-    /// Messages (or round trips) per second for one run of `count`.
+    /// The first pair's (driver, sink).
+    fn first(&self) -> &(Address, Address) {
+        &self.pairs[0]
+    }
+
+    /// Messages (or round trips) per second, all pairs together, for one
+    /// run of `count` per pair, the pairs started at once.
     fn run(&self, mode: &str, count: u64) -> f64 {
-        self.next_id.set(self.next_id.get() + 1);
-        let command = json!({ "to": self.sink.to_string(), "count": count, "mode": mode, "batch": 64 });
-        let msg = Message::new(
-            self.next_id.get(),
-            MessageType::Execute,
-            self.endpoint.address().clone(),
-            self.driver.clone(),
-            Some(command.to_string()),
-        );
         let started = Instant::now();
-        self.endpoint.request(msg, None).unwrap();
-        let answer = self.endpoint.recv_timeout(Duration::from_secs(120)).expect("the driver answers");
+        for (driver, sink) in &self.pairs {
+            self.next_id.set(self.next_id.get() + 1);
+            let command = json!({ "to": sink.to_string(), "count": count, "mode": mode, "batch": 64 });
+            let msg = Message::new(
+                self.next_id.get(),
+                MessageType::Execute,
+                self.endpoint.address().clone(),
+                driver.clone(),
+                Some(command.to_string()),
+            );
+            self.endpoint.request(msg, None).unwrap();
+        }
+        for _ in &self.pairs {
+            let answer = self.endpoint.recv_timeout(Duration::from_secs(120)).expect("the driver answers");
+            assert_eq!(answer.body.code, Some(200), "bench run failed: {:?}", answer.body);
+        }
         let elapsed = started.elapsed();
-        assert_eq!(answer.body.code, Some(200), "bench run failed: {:?}", answer.body);
-        count as f64 / elapsed.as_secs_f64()
+        (count * self.pairs.len() as u64) as f64 / elapsed.as_secs_f64()
     }
 
     /// ns per three-point decision served by the thread's cache.
     fn warm_path_ns(&self) -> f64 {
-        let msg = Message::new(1, MessageType::Update, self.driver.clone(), self.sink.clone(), None);
+        let (driver, sink) = self.first();
+        let msg = Message::new(1, MessageType::Update, driver.clone(), sink.clone(), None);
         let sender = Descriptor { domain: "alice.example".into(), name: "driver".into(), user: Some("user0@idp.example".into()) };
         let target = Descriptor { domain: "bob.example".into(), name: "sink".into(), user: Some("user1@idp.example".into()) };
         let parties = Parties { sender: Some(&sender), target: Some(&target) };
@@ -157,7 +230,8 @@ impl Bench {
 
     /// µs per Cedar decision without the cache (bob.example's set, incoming).
     fn cold_decision_us(&self) -> f64 {
-        let msg = Message::new(1, MessageType::Update, self.driver.clone(), self.sink.clone(), None);
+        let (driver, sink) = self.first();
+        let msg = Message::new(1, MessageType::Update, driver.clone(), sink.clone(), None);
         let sender = Descriptor { domain: "alice.example".into(), name: "driver".into(), user: Some("user0@idp.example".into()) };
         let target = Descriptor { domain: "bob.example".into(), name: "sink".into(), user: Some("user1@idp.example".into()) };
         let parties = Parties { sender: Some(&sender), target: Some(&target) };
@@ -175,11 +249,14 @@ impl Bench {
 /// a group member, on weekdays or any day) and many rules that do not
 /// apply to it: other domains, time windows, groups, schemes, forbids.
 fn realistic_policies(owner: &str) -> String {
+    // The same set for one pair and for all: every pair's domains.
+    let senders: Vec<String> = (0..PAIRS).flat_map(|i| <[String; 2]>::from(pair_domains(i))).chain(["bench.example".into()]).collect();
+    let senders = serde_json::to_string(&senders).unwrap();
     let mut p = String::new();
     p.push_str(&format!(
         "@id(\"{owner}-bench\") permit (principal, action in [Rethink::Action::\"read\", Rethink::Action::\"update\", \
          Rethink::Action::\"response\", Rethink::Action::\"execute\", Rethink::Action::\"deploy\"], resource) \
-         when {{ [\"alice.example\", \"bob.example\", \"bench.example\"].contains(context.sender_domain) }};\n"
+         when {{ {senders}.contains(context.sender_domain) }};\n"
     ));
     for i in 0..POLICIES {
         let rule = match i % 5 {

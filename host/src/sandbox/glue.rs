@@ -145,10 +145,7 @@ impl InstanceState {
         if m.body.description.is_some() {
             return Err(SendError::Malformed("body.description: only the host sets it, on its own answers".into()));
         }
-        let from = Address::parse(m.from).map_err(|e| SendError::Malformed(format!("from: {e}")))?;
-        if from != self.address {
-            return Err(SendError::SpoofedFrom(format!("{from} is not this hyperty's address ({})", self.address)));
-        }
+        let from = self.own_address("from", m.from, |from| format!("{from} is not this hyperty's address ({})", self.address))?;
         let to = Address::parse(m.to).map_err(|e| SendError::Malformed(format!("to: {e}")))?;
         if let Some(claimed) = m.identity {
             return Err(SendError::SpoofedIdentity(format!(
@@ -179,15 +176,23 @@ impl InstanceState {
         if !(100..=599).contains(&code) {
             return Err(SendError::Malformed(format!("code {code} is not a status code (100..=599)")));
         }
-        let to = Address::parse(m.to).map_err(|e| SendError::Malformed(format!("to: {e}")))?;
-        if to != self.address {
-            return Err(SendError::SpoofedFrom(format!("cannot reply to a request addressed to {to}, not {}", self.address)));
-        }
+        let to = self.own_address("to", m.to, |to| format!("cannot reply to a request addressed to {to}, not {}", self.address))?;
         let from = Address::parse(m.from).map_err(|e| SendError::Malformed(format!("from: {e}")))?;
         // Not rate-limited: a reply is delivered only if it answers a pending
         // request, so replies cannot amplify a flood, and a flooder must
         // still be able to answer what it was asked.
         Ok(Message::new(m.id, m.type_.into(), from, to, None))
+    }
+
+    /// `text`, the message's `field`, which must be this hyperty's own
+    /// address (the stamp): then a copy of it, not parsed again; else
+    /// malformed, or spoofed as `spoofed` says of the address given.
+    fn own_address(&self, field: &str, text: String, spoofed: impl FnOnce(&Address) -> String) -> Result<Address, SendError> {
+        if text == self.address.as_str() {
+            return Ok(self.address.clone());
+        }
+        let other = Address::parse(text).map_err(|e| SendError::Malformed(format!("{field}: {e}")))?;
+        Err(SendError::SpoofedFrom(spoofed(&other)))
     }
 
     fn take_token(&mut self) -> Result<(), SendError> {

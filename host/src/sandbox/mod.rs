@@ -2,11 +2,14 @@
 //! and one wasmtime `Store` per hyperty instance of that domain.
 //!
 //! The domain's thread takes envelopes from the inbox in order: control
-//! (instantiate, init, remove, stop) from the runtime and messages from the
+//! (remove, stop) from the runtime and messages from the
 //! bus, each handed to the target instance's exported `handle`. Guest code
 //! runs synchronously under an epoch deadline (and, if configured, a fuel
 //! budget), so a runaway call traps instead of holding the thread; a thread
-//! per domain means a slow domain never delays another.
+//! per domain means a slow domain never delays another for long. A domain's
+//! thread that sends to an idle domain runs that delivery itself, without
+//! waking the other's thread: see [`handoff`] for when, and why the
+//! guarantees hold.
 //!
 //! Decision: a store per *instance*, not per domain. A trapped instance can
 //! never be entered again, and a store frees its instances' memory only when
@@ -22,10 +25,11 @@
 //! emitted as an [`Event`](crate::events::Event).
 
 pub(crate) mod glue;
+mod handoff;
 pub mod limits;
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, TryLockError};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
@@ -44,16 +48,19 @@ use glue::Hyperty;
 use crate::metrics::Read;
 use limits::{DomainMemory, Grant, InstanceLimiter, Limits, RestartPolicy};
 
-/// What a sandbox's inbox carries.
+/// What a sandbox's inbox carries. Deliveries, the common case, carry
+/// their message inline: boxing it would cost an allocation per message.
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum Envelope {
     Deliver { instance: u32, message: Message },
     Control(Control),
 }
 
 pub(crate) enum Control {
-    Instantiate { hyperty: NewHyperty, reply: flume::Sender<Result<u32>> },
-    Init { instance: u32, reply: flume::Sender<Result<()>> },
     Remove { instance: u32 },
+    /// Nothing to do but look at the restarts again (a lent call trapped
+    /// and scheduled one while the thread slept).
+    Wake,
     Stop,
 }
 
@@ -76,13 +83,40 @@ pub(crate) struct Inbox {
     /// Messages accepted but not yet handled: inbox length plus the one in
     /// hand, so "zero" means the domain is idle.
     in_flight: Arc<AtomicUsize>,
+    domain: Arc<Domain>,
+}
+
+/// A domain's run token: whoever holds `state` runs the domain's guests,
+/// its own thread or a sender's thread lending itself ([`handoff`]).
+struct Domain {
+    /// `None` once the sandbox has stopped.
+    state: Mutex<Option<Sandbox>>,
+    /// Its last call was short: it may be run on a sender's thread.
+    fast: AtomicBool,
 }
 
 impl Inbox {
-    /// A refusal hands the message back, for the bus to answer it.
+    /// Delivers `message` to `instance`: at once on this thread when it is
+    /// a domain's thread and this domain is idle ([`handoff`]), else into
+    /// the inbox. A refusal hands the message back, for the bus to answer it.
     #[allow(clippy::result_large_err)]
     pub fn deliver(&self, instance: u32, message: Message) -> Result<(), Refused> {
-        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        let counted = if handoff::may_lend() && self.domain.fast.load(Ordering::Relaxed) {
+            // From idle (0) to one in hand: nothing queued is overtaken.
+            if self.in_flight.compare_exchange(0, 1, Ordering::AcqRel, Ordering::Relaxed).is_ok() {
+                match self.lend(instance, message) {
+                    Ok(()) => return Ok(()),
+                    Err(message) => Some(message),
+                }
+            } else {
+                self.in_flight.fetch_add(1, Ordering::Relaxed);
+                Some(message)
+            }
+        } else {
+            self.in_flight.fetch_add(1, Ordering::Relaxed);
+            Some(message)
+        };
+        let message = counted.expect("a message to queue");
         self.tx.try_send(Envelope::Deliver { instance, message }).map_err(|e| {
             self.in_flight.fetch_sub(1, Ordering::Relaxed);
             match e {
@@ -91,6 +125,32 @@ impl Inbox {
                 _ => unreachable!("only deliveries are tried"),
             }
         })
+    }
+
+    /// Runs the delivery on this thread if the domain's run token is free
+    /// (never waiting for it); else the message comes back, still counted
+    /// in flight, to be queued.
+    #[allow(clippy::result_large_err)]
+    fn lend(&self, instance: u32, message: Message) -> Result<(), Message> {
+        let mut state = match self.domain.state.try_lock() {
+            Ok(state) => state,
+            Err(TryLockError::WouldBlock) => return Err(message),
+            Err(TryLockError::Poisoned(e)) => e.into_inner(),
+        };
+        let Some(sandbox) = state.as_mut().filter(|s| !s.stopping.load(Ordering::Acquire)) else {
+            return Err(message);
+        };
+        sandbox.media.taken(&message);
+        let ((), took) = handoff::lend(|| sandbox.deliver(instance, message));
+        self.domain.fast.store(took < handoff::LEND_MAX, Ordering::Relaxed);
+        let restart = !sandbox.restarts.is_empty();
+        drop(state);
+        self.in_flight.fetch_sub(1, Ordering::Release);
+        if restart {
+            // Its thread may sleep with no deadline: it must see the restart.
+            let _ = self.tx.try_send(Envelope::Control(Control::Wake));
+        }
+        Ok(())
     }
 
     pub fn in_flight(&self) -> usize {
@@ -169,7 +229,8 @@ impl SandboxHandle {
     /// Starts the sandbox of `domain` on its own thread.
     pub fn spawn(domain: &str, settings: SandboxSettings, shared: Shared) -> Result<SandboxHandle> {
         let (tx, rx) = flume::bounded(settings.limits.inbox);
-        let inbox = Inbox { tx, in_flight: Arc::default() };
+        let domain_state = Arc::new(Domain { state: Mutex::new(None), fast: AtomicBool::new(true) });
+        let inbox = Inbox { tx, in_flight: Arc::default(), domain: domain_state.clone() };
         let memory = Arc::new(DomainMemory::default());
         let stopping = Arc::new(AtomicBool::new(false));
         let total_memory = (settings.limits.total_memory_mb as usize) << 20;
@@ -192,9 +253,10 @@ impl SandboxHandle {
             call_ticks: crate::engine::ticks(std::time::Duration::from_millis(settings.limits.call_timeout_ms)),
             in_flight: inbox.in_flight.clone(),
         };
+        *domain_state.state.lock().unwrap() = Some(sandbox);
         let thread = std::thread::Builder::new()
             .name(format!("sandbox {domain}"))
-            .spawn(move || sandbox.run(rx))
+            .spawn(move || run(&domain_state, rx))
             .map_err(|e| anyhow!("cannot start the sandbox thread: {e}"))?;
         Ok(SandboxHandle { settings, memory, inbox, stopping, thread: Some(thread), media })
     }
@@ -214,15 +276,29 @@ impl SandboxHandle {
     }
 
     pub fn instantiate(&self, hyperty: NewHyperty) -> Result<u32> {
-        let (reply, result) = flume::bounded(1);
-        self.inbox.control(Control::Instantiate { hyperty, reply })?;
-        result.recv().map_err(|_| anyhow!("the sandbox stopped"))?
+        self.run_here(|sandbox| sandbox.instantiate(hyperty))
     }
 
     pub fn init(&self, instance: u32) -> Result<()> {
-        let (reply, result) = flume::bounded(1);
-        self.inbox.control(Control::Init { instance, reply })?;
-        result.recv().map_err(|_| anyhow!("the sandbox stopped"))?
+        self.run_here(|sandbox| sandbox.init(instance))
+    }
+
+    /// Runs `work` on the sandbox from this thread (the runtime's, never a
+    /// domain's), holding the domain's run token: it waits for the call in
+    /// hand, if any, and the domain's thread waits for it. Instead of a
+    /// control envelope and its reply, two thread wake-ups per step of a
+    /// deployment.
+    fn run_here<R>(&self, work: impl FnOnce(&mut Sandbox) -> Result<R>) -> Result<R> {
+        let mut state = self.inbox.domain.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let sandbox = state.as_mut().ok_or_else(|| anyhow!("the sandbox stopped"))?;
+        let result = work(sandbox);
+        let restart = !sandbox.restarts.is_empty();
+        drop(state);
+        if restart {
+            // Its thread may sleep with no deadline: it must see the restart.
+            let _ = self.inbox.tx.try_send(Envelope::Control(Control::Wake));
+        }
+        result
     }
 
     pub fn remove(&self, instance: u32) {
@@ -285,44 +361,63 @@ struct Sandbox {
     counted: Arc<crate::metrics::DomainMetrics>,
 }
 
-impl Sandbox {
-    fn run(mut self, inbox: flume::Receiver<Envelope>) {
-        loop {
-            let envelope = match self.next_restart() {
-                None => inbox.recv().map_err(|_| flume::RecvTimeoutError::Disconnected),
-                Some(at) => inbox.recv_deadline(at),
-            };
-            match envelope {
-                Ok(Envelope::Deliver { instance, message }) => {
-                    self.media.taken(&message);
-                    if !self.stopping.load(Ordering::Acquire) {
-                        self.deliver(instance, message);
-                    }
-                    self.in_flight.fetch_sub(1, Ordering::Release);
-                }
-                Ok(Envelope::Control(Control::Instantiate { hyperty, reply })) => {
-                    let _ = reply.send(self.instantiate(hyperty));
-                }
-                Ok(Envelope::Control(Control::Init { instance, reply })) => {
-                    let _ = reply.send(self.init(instance));
-                }
-                Ok(Envelope::Control(Control::Remove { instance })) => {
-                    if let Some(slot) = self.slots.get_mut(instance as usize)
-                        && slot.take().is_some()
-                    {
-                        self.counted.instances.dec();
-                    }
-                    self.restarts.retain(|&i| i != instance);
-                }
-                Ok(Envelope::Control(Control::Stop)) | Err(flume::RecvTimeoutError::Disconnected) => break,
-                Err(flume::RecvTimeoutError::Timeout) => {}
+/// The domain's thread: takes envelopes in order and handles each holding
+/// the domain's run token, until stopped; then the sandbox (its stores
+/// and their memory) is dropped.
+fn run(domain: &Domain, inbox: flume::Receiver<Envelope>) {
+    handoff::lender();
+    let mut next_restart = None;
+    loop {
+        let envelope = match next_restart {
+            None => inbox.recv().map_err(|_| flume::RecvTimeoutError::Disconnected),
+            Some(at) => inbox.recv_deadline(at),
+        };
+        let mut state = domain.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let Some(sandbox) = state.as_mut() else { break };
+        if let Ok(Envelope::Deliver { .. }) = &envelope {
+            let started = Instant::now();
+            sandbox.take(envelope);
+            domain.fast.store(started.elapsed() < handoff::LEND_MAX, Ordering::Relaxed);
+        } else if !sandbox.take(envelope) {
+            let sandbox = state.take();
+            drop(state);
+            if let Some(sandbox) = sandbox {
+                // The domain's instances stop with it.
+                sandbox.counted.instances.dec_by(sandbox.slots.iter().flatten().count() as i64);
             }
-            if !self.restarts.is_empty() && !self.stopping.load(Ordering::Acquire) {
-                self.restart_due();
-            }
+            break;
         }
-        // The domain's instances stop with it.
-        self.counted.instances.dec_by(self.slots.iter().flatten().count() as i64);
+        next_restart = sandbox.next_restart();
+    }
+}
+
+impl Sandbox {
+    /// Handles one envelope (or the restart deadline passing); false when
+    /// the sandbox is to stop.
+    fn take(&mut self, envelope: Result<Envelope, flume::RecvTimeoutError>) -> bool {
+        match envelope {
+            Ok(Envelope::Deliver { instance, message }) => {
+                self.media.taken(&message);
+                if !self.stopping.load(Ordering::Acquire) {
+                    self.deliver(instance, message);
+                }
+                self.in_flight.fetch_sub(1, Ordering::Release);
+            }
+            Ok(Envelope::Control(Control::Remove { instance })) => {
+                if let Some(slot) = self.slots.get_mut(instance as usize)
+                    && slot.take().is_some()
+                {
+                    self.counted.instances.dec();
+                }
+                self.restarts.retain(|&i| i != instance);
+            }
+            Ok(Envelope::Control(Control::Wake)) | Err(flume::RecvTimeoutError::Timeout) => {}
+            Ok(Envelope::Control(Control::Stop)) | Err(flume::RecvTimeoutError::Disconnected) => return false,
+        }
+        if !self.restarts.is_empty() && !self.stopping.load(Ordering::Acquire) {
+            self.restart_due();
+        }
+        true
     }
 
     /// A fresh store with `hyperty` instantiated in it.
@@ -339,7 +434,8 @@ impl Sandbox {
         );
         let mut store = Store::new(&self.shared.engine, state);
         store.limiter(|s| &mut s.limiter);
-        store.epoch_deadline_trap();
+        // Interrupted at the deadline, less the time its thread lent.
+        store.epoch_deadline_callback(|_| Ok(handoff::deadline()));
         arm(&mut store, self.call_ticks, &self.settings.limits);
         match hyperty.pre.instantiate(&mut store) {
             Ok(bindings) => Ok(Running { store, bindings }),
@@ -550,6 +646,7 @@ pub(crate) fn trap_reason(error: &wasmtime::Error, limits: &Limits) -> String {
 
 /// Sets the deadline and the fuel budget for the next call into `store`.
 fn arm(store: &mut Store<InstanceState>, call_ticks: u64, limits: &Limits) {
+    handoff::call_starts();
     crate::engine::arm(store, call_ticks, limits.fuel_per_call);
 }
 
