@@ -54,6 +54,18 @@ pub(crate) enum Control {
     Instantiate { hyperty: NewHyperty, reply: flume::Sender<Result<u32>> },
     Init { instance: u32, reply: flume::Sender<Result<()>> },
     Remove { instance: u32 },
+    /// Live update, first half: a fresh instance of `hyperty` (same
+    /// address), built under `limits` and initialised, is kept beside the
+    /// running one, which still takes the messages (see [`Slot::staged`]).
+    Stage { instance: u32, hyperty: NewHyperty, limits: Box<Limits>, reply: flume::Sender<Result<()>> },
+    /// Second half: the staged instance takes the slot, and with it every
+    /// message from the next one in the inbox on; the old one is dropped.
+    Commit { instance: u32 },
+    /// The domain's new settings, for instances started from now on (a
+    /// live update; the inbox's size and the media settings stay).
+    Configure { settings: Box<SandboxSettings> },
+    /// The staged instance is dropped; the running one never noticed.
+    Abort { instance: u32 },
     Stop,
 }
 
@@ -226,6 +238,45 @@ impl SandboxHandle {
     pub fn remove(&self, instance: u32) {
         let _ = self.inbox.control(Control::Remove { instance });
     }
+
+    /// Instantiates `hyperty` (the new version of `instance`, at its
+    /// address) under `limits` and calls its `init`, beside the running
+    /// instance ([`Control::Stage`]); the error says why it failed (nothing
+    /// changed then). Waits for the messages queued before it.
+    pub fn stage(&self, instance: u32, hyperty: NewHyperty, limits: &Limits) -> Result<()> {
+        let (reply, result) = flume::bounded(1);
+        self.inbox.control(Control::Stage { instance, hyperty, limits: Box::new(limits.clone()), reply })?;
+        result.recv().map_err(|_| anyhow!("the sandbox stopped"))?
+    }
+
+    /// Switches `instance` to its staged version ([`Control::Commit`]):
+    /// the messages queued before this call are handled by the old one,
+    /// the rest by the new one, in order.
+    pub fn commit(&self, instance: u32) {
+        let _ = self.inbox.control(Control::Commit { instance });
+    }
+
+    /// The domain's settings become `settings` ([`Control::Configure`]);
+    /// `limits.inbox` and `media` cannot change (the caller checks).
+    pub fn configure(&mut self, settings: SandboxSettings) {
+        self.settings = settings.clone();
+        let _ = self.inbox.control(Control::Configure { settings: Box::new(settings) });
+    }
+
+    /// Stops the sandbox after what its inbox holds now: unlike a drop,
+    /// queued messages are still handled (to a removed instance: answered
+    /// 404), so their senders are answered. Waits for the thread.
+    pub fn retire(mut self) {
+        let _ = self.inbox.control(Control::Stop);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+
+    /// Drops the staged version of `instance` ([`Control::Abort`]).
+    pub fn abort(&self, instance: u32) {
+        let _ = self.inbox.control(Control::Abort { instance });
+    }
 }
 
 impl Drop for SandboxHandle {
@@ -262,6 +313,8 @@ struct Slot {
     status: Status,
     /// Consecutive failures; reset by a successfully handled message.
     failures: u32,
+    /// A new version, initialised, waiting for its commit (live update).
+    staged: Option<(NewHyperty, Running)>,
 }
 
 /// The sandbox thread's state.
@@ -311,6 +364,19 @@ impl Sandbox {
                     }
                     self.restarts.retain(|&i| i != instance);
                 }
+                Ok(Envelope::Control(Control::Stage { instance, hyperty, limits, reply })) => {
+                    let _ = reply.send(self.stage(instance, hyperty, &limits));
+                }
+                Ok(Envelope::Control(Control::Commit { instance })) => self.commit(instance),
+                Ok(Envelope::Control(Control::Configure { settings })) => {
+                    self.call_ticks = ticks(&settings.limits);
+                    self.settings = *settings;
+                }
+                Ok(Envelope::Control(Control::Abort { instance })) => {
+                    if let Some(Some(slot)) = self.slots.get_mut(instance as usize) {
+                        slot.staged = None;
+                    }
+                }
                 Ok(Envelope::Control(Control::Stop)) | Err(flume::RecvTimeoutError::Disconnected) => break,
                 Err(flume::RecvTimeoutError::Timeout) => {}
             }
@@ -324,12 +390,17 @@ impl Sandbox {
 
     /// A fresh store with `hyperty` instantiated in it.
     fn start(&self, hyperty: &NewHyperty) -> Result<Running> {
-        let limiter = InstanceLimiter::new(&self.settings.limits, self.memory.clone());
+        self.start_with(hyperty, &self.settings.limits)
+    }
+
+    /// [`Sandbox::start`] under `limits` (a live update's new ones).
+    fn start_with(&self, hyperty: &NewHyperty, limits: &Limits) -> Result<Running> {
+        let limiter = InstanceLimiter::new(limits, self.memory.clone());
         let state = InstanceState::new(
             hyperty.address.clone(),
             hyperty.label.clone(),
             hyperty.descriptor.clone(),
-            &self.settings.limits,
+            limits,
             limiter,
             &self.shared,
             self.media.clone(),
@@ -337,10 +408,45 @@ impl Sandbox {
         let mut store = Store::new(&self.shared.engine, state);
         store.limiter(|s| &mut s.limiter);
         store.epoch_deadline_trap();
-        arm(&mut store, self.call_ticks, &self.settings.limits);
+        arm(&mut store, ticks(limits), limits);
         match hyperty.pre.instantiate(&mut store) {
             Ok(bindings) => Ok(Running { store, bindings }),
-            Err(e) => Err(anyhow!("instantiation failed: {}", explain(&e, &store, &self.settings.limits))),
+            Err(e) => Err(anyhow!("instantiation failed: {}", explain(&e, &store, limits))),
+        }
+    }
+
+    /// Builds and initialises the new version of `instance` beside it.
+    fn stage(&mut self, instance: u32, hyperty: NewHyperty, limits: &Limits) -> Result<()> {
+        if self.slots.get(instance as usize).and_then(Option::as_ref).is_none() {
+            return Err(anyhow!("no such instance"));
+        }
+        let mut running = self.start_with(&hyperty, limits)?;
+        arm(&mut running.store, ticks(limits), limits);
+        let address = hyperty.address.to_string();
+        match running.bindings.rethink_hyperty_handler().call_init(&mut running.store, &address, &hyperty.config) {
+            Ok(Ok(())) => {}
+            Ok(Err(reason)) => return Err(anyhow!("init refused: {reason}")),
+            Err(trap) => return Err(anyhow!("init trapped: {}", explain(&trap, &running.store, limits))),
+        }
+        let slot = self.slots[instance as usize].as_mut().expect("checked above");
+        slot.staged = Some((hyperty, running));
+        Ok(())
+    }
+
+    /// The staged version of `instance` takes its slot, live.
+    fn commit(&mut self, instance: u32) {
+        let Some(Some(slot)) = self.slots.get_mut(instance as usize) else { return };
+        let Some((hyperty, running)) = slot.staged.take() else { return };
+        let backlog = match std::mem::replace(&mut slot.status, Status::Live) {
+            Status::Instantiated { backlog } => backlog,
+            _ => Vec::new(),
+        };
+        slot.hyperty = hyperty;
+        slot.running = Some(running);
+        slot.failures = 0;
+        self.restarts.retain(|&i| i != instance);
+        for message in backlog {
+            self.deliver(instance, message);
         }
     }
 
@@ -357,6 +463,7 @@ impl Sandbox {
             running: Some(running),
             status: Status::Instantiated { backlog: Vec::new() },
             failures: 0,
+            staged: None,
         }));
         self.counted.instances.inc();
         Ok(id)
@@ -543,6 +650,11 @@ pub(crate) fn trap_reason(error: &wasmtime::Error, limits: &Limits) -> String {
         Some(other) => format!("trapped: {other}"),
         None => crate::engine::pool_exhausted(error).unwrap_or_else(|| format!("{error:#}")),
     }
+}
+
+/// A call's deadline under `limits`, in epoch ticks.
+fn ticks(limits: &Limits) -> u64 {
+    crate::engine::ticks(std::time::Duration::from_millis(limits.call_timeout_ms))
 }
 
 /// Sets the deadline and the fuel budget for the next call into `store`.
