@@ -143,6 +143,9 @@ fn parse_dev_user(text: &str) -> Result<(String, String), String> {
     }
 }
 
+/// How often `run` looks whether its bundle file changed.
+const WATCH_EVERY: Duration = Duration::from_millis(500);
+
 /// Where the gateway listens when neither the flag nor the bundle says.
 const DEFAULT_GATEWAY: &str = "127.0.0.1:8080";
 
@@ -308,8 +311,18 @@ fn run(
         runtime.wait_idle(Duration::MAX);
         tracing::info!("every hyperty is idle; stopping");
     } else {
-        tracing::info!("running; press Ctrl-C to stop");
-        tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(tokio::signal::ctrl_c())?;
+        tracing::info!("running; press Ctrl-C to stop; changes to {} are applied as they are saved", path.display());
+        // The watcher stops when `stop` is dropped.
+        let (stop, stopped) = flume::bounded::<()>(0);
+        std::thread::scope(|scope| {
+            scope.spawn(|| runtime.watch_bundle(path, WATCH_EVERY, &stopped));
+            let waited = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(anyhow::Error::from).and_then(|rt| {
+                rt.block_on(tokio::signal::ctrl_c())?;
+                Ok(())
+            });
+            drop(stop);
+            waited
+        })?;
         tracing::info!("Ctrl-C: stopping");
     }
     runtime.shutdown();

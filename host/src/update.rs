@@ -600,3 +600,47 @@ impl Runtime {
         });
     }
 }
+
+/// How [`Runtime::watch_bundle`] last saw the bundle file: modification
+/// time and length, then the digest of its content.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Seen {
+    modified: Option<std::time::SystemTime>,
+    len: u64,
+}
+
+impl Runtime {
+    /// Applies the bundle at `path` whenever its content changes, until
+    /// `stop` says so (or is dropped): its modification time and length
+    /// are read every `every`, and when they change its content's digest
+    /// decides. Each applied change is logged (info); a bundle that does not
+    /// load or apply (syntax error, bad pin, a component that does not fit,
+    /// a failing init) is logged as an error with every problem, and
+    /// nothing running changes. Re-applying a previous file rolls back.
+    pub fn watch_bundle(&self, path: &std::path::Path, every: Duration, stop: &flume::Receiver<()>) {
+        let seen = |path: &std::path::Path| std::fs::metadata(path).ok().map(|m| Seen { modified: m.modified().ok(), len: m.len() });
+        let digest = |path: &std::path::Path| std::fs::read(path).ok().map(|b| Digest::of(&b));
+        let mut last = (seen(path), digest(path));
+        while let Err(flume::RecvTimeoutError::Timeout) = stop.recv_timeout(every) {
+            let now = seen(path);
+            if now == last.0 {
+                continue;
+            }
+            let content = digest(path);
+            let changed = content != last.1;
+            last = (now, content);
+            if !changed {
+                continue;
+            }
+            let Some(_) = content else {
+                tracing::error!("bundle {}: cannot read it; what runs stays", path.display());
+                continue;
+            };
+            match Bundle::load(path).and_then(|bundle| self.apply(&bundle)) {
+                Ok(applied) if applied.is_empty() => tracing::info!("bundle {} changed: nothing to apply", path.display()),
+                Ok(applied) => tracing::info!("bundle {} applied ({} changes)", path.display(), applied.changes.len()),
+                Err(e) => tracing::error!("bundle {} not applied, nothing running changed: {e}", path.display()),
+            }
+        }
+    }
+}

@@ -103,3 +103,81 @@ pub fn collect(old: &Endpoint, new: &Endpoint, from: &Address, total: u64, mut f
     second.take(new, from, Duration::from_millis(300));
     (first.numbers, second.numbers)
 }
+
+/// `hyperty <args>` running in a child process (this test binary
+/// re-executed to run its ignored `cli_child` test, which calls the CLI
+/// with the arguments in `HYPERTY_CLI_ARGS`), its stdout and stderr in
+/// files; killed on drop.
+pub struct CliProcess {
+    child: std::process::Child,
+    dir: tempfile::TempDir,
+}
+
+impl CliProcess {
+    pub fn start(args: &[&str]) -> CliProcess {
+        let dir = tempfile::tempdir().unwrap();
+        let child = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "cli_child", "--ignored", "--nocapture", "--test-threads=1"])
+            .env("HYPERTY_CLI_ARGS", serde_json::to_string(args).unwrap())
+            .env("NO_COLOR", "1")
+            .stdout(std::fs::File::create(dir.path().join("stdout")).unwrap())
+            .stderr(std::fs::File::create(dir.path().join("stderr")).unwrap())
+            .spawn()
+            .unwrap();
+        CliProcess { child, dir }
+    }
+
+    /// What it wrote to stderr (its log) so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("stderr")).unwrap_or_default()
+    }
+
+    /// What it wrote to stdout so far.
+    pub fn stdout(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("stdout")).unwrap_or_default()
+    }
+
+    /// Waits (up to 60 s) until `text` appears `times` times in the log;
+    /// panics with the log if the process exits or the time passes.
+    pub fn wait_log(&mut self, text: &str, times: usize) -> String {
+        let until = Instant::now() + Duration::from_secs(60);
+        loop {
+            let log = self.log();
+            if log.matches(text).count() >= times {
+                return log;
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("the CLI exited ({status}) before logging {text:?} {times} times:\n{log}");
+            }
+            assert!(Instant::now() < until, "{text:?} not logged {times} times within 60 s:\n{log}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The metrics address it printed (`metrics: http://ADDR/metrics`),
+    /// waiting up to 60 s for it.
+    pub fn metrics_addr(&mut self) -> std::net::SocketAddr {
+        self.wait_log("metrics on http://", 1);
+        let log = self.log();
+        let at = log.find("metrics on http://").unwrap() + "metrics on http://".len();
+        log[at..].split('/').next().unwrap().parse().unwrap()
+    }
+}
+
+impl Drop for CliProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The body of the `cli_child` test of a binary using [`CliProcess`]:
+/// runs the CLI with the arguments in `HYPERTY_CLI_ARGS` (a JSON list) in
+/// private directories and exits with its code.
+pub fn cli_child() {
+    let Ok(args) = std::env::var("HYPERTY_CLI_ARGS") else { return };
+    let args: Vec<String> = serde_json::from_str(&args).unwrap();
+    let code = crate::CliDirs::new().cli(&args);
+    let code = [0u8, 2].into_iter().find(|c| code == std::process::ExitCode::from(*c)).unwrap_or(1);
+    std::process::exit(code.into());
+}

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use hyperty_host::runtime::Action;
 use hyperty_host::{Address, Digest, MessageType, Runtime};
-use hyperty_tests::update::{Reports, Sender, collect};
+use hyperty_tests::update::{CliProcess, Reports, Sender, collect};
 use hyperty_tests::*;
 use serde_json::json;
 
@@ -213,4 +213,46 @@ fn a_protostub_updated_with_messages_queued_delivers_each_once() {
     let applied = r1.apply(&alice().load()).unwrap();
     assert!(applied.to_string().contains("removed protostub of bob.example"), "{applied}");
     assert_eq!(read_code(&r1, &b), 404);
+}
+
+#[test]
+fn hyperty_run_applies_saved_edits_reports_bad_ones_and_rolls_back() {
+    let first = receiver(V1);
+    let path = first.write();
+    let original = std::fs::read_to_string(&path).unwrap();
+    let mut cli = CliProcess::start(&["run", path.to_str().unwrap()]);
+    cli.wait_log("changes to", 1);
+    let address = {
+        let log = cli.wait_log("deployed bob.example/b at ", 1);
+        let at = log.find("deployed bob.example/b at ").unwrap() + "deployed bob.example/b at ".len();
+        log[at..].split(' ').next().unwrap().to_owned()
+    };
+    // A syntax error: reported, nothing applied.
+    std::fs::write(&path, format!("{original}\n[domains.\"broken")).unwrap();
+    cli.wait_log("not applied, nothing running changed", 1);
+    // A bad pin: reported with the problem, nothing applied.
+    let pin = Digest::of(&std::fs::read(guest("puppet")).unwrap()).to_string();
+    std::fs::write(&path, original.replacen(&pin, &"0".repeat(64), 1)).unwrap();
+    let log = cli.wait_log("not applied, nothing running changed", 2);
+    assert!(log.contains("does not match its pin"), "{log}");
+    // A component that does not fit: the same.
+    let not_hyperty = receiver(V1).hyperty("bob.example", "c", &guest("not-a-hyperty"), json!({}));
+    std::fs::write(&path, std::fs::read_to_string(not_hyperty.write()).unwrap()).unwrap();
+    let log = cli.wait_log("not applied, nothing running changed", 3);
+    assert!(!log.contains("updated hyperty") && !log.contains("added hyperty"), "nothing was applied:\n{log}");
+    // A good edit: applied and logged in words, at the same address.
+    let second = receiver(V2);
+    std::fs::write(&path, std::fs::read_to_string(second.write()).unwrap()).unwrap();
+    cli.wait_log(&format!("updated hyperty bob.example/b at {address} (config)"), 1);
+    // Rollback: the previous file again.
+    std::fs::write(&path, &original).unwrap();
+    let log = cli.wait_log(&format!("updated hyperty bob.example/b at {address} (config)"), 2);
+    assert_eq!(log.matches("not applied").count(), 3, "{log}");
+}
+
+/// The child process of the CLI tests (see [`CliProcess`]).
+#[test]
+#[ignore = "run by the CLI tests in a child process"]
+fn cli_child() {
+    hyperty_tests::update::cli_child();
 }
