@@ -23,6 +23,9 @@
 //! | `hyperty_memory_bytes` | gauge | `domain`: linear memory its instances hold (read at each scrape) |
 //! | `hyperty_inbox_messages` | gauge | `domain`: messages queued or in hand in its sandbox (read at each scrape) |
 //! | `hyperty_stub_queue_messages` | gauge | `domain` (remote): messages in its protostub's queue (read at each scrape) |
+//! | `hyperty_stub_up` | gauge | `domain` (remote): 1 while its protostub is live (connected), else 0 (read at each scrape) |
+//! | `hyperty_data_objects` | gauge | `domain`: data objects its hyperties report (read at each scrape) |
+//! | `hyperty_data_object_subscribers` | gauge | `domain`: subscribers of those objects, summed (read at each scrape) |
 //! | `hyperty_gateway_connections` | gauge | none: the app gateways' open connections (read at each scrape) |
 //! | `hyperty_pending_requests` | gauge | none (read at each scrape) |
 //! | `hyperty_request_duration_seconds` | histogram | none: request to final response (or 408) |
@@ -84,6 +87,9 @@ pub(crate) struct DomainMetrics {
     memory: Gauge,
     inbox: Gauge,
     stub_queue: Gauge,
+    stub_up: Gauge,
+    data_objects: Gauge,
+    subscribers: Gauge,
 }
 
 /// Reads a gauge's value at a scrape; `None` once what it reads is gone.
@@ -97,6 +103,12 @@ pub(crate) enum Read {
     Inbox,
     /// Messages in a protostub's queue.
     StubQueue,
+    /// 1 while a protostub is live, else 0.
+    StubUp,
+    /// Data objects reported by the domain's hyperties.
+    DataObjects,
+    /// Subscribers of those objects.
+    Subscribers,
 }
 
 /// The runtime's metrics (see the module doc for the families).
@@ -132,6 +144,9 @@ impl Metrics {
         let memory = Family::<DomainLabels, Gauge>::default();
         let inbox = Family::<DomainLabels, Gauge>::default();
         let stub_queue = Family::<DomainLabels, Gauge>::default();
+        let stub_up = Family::<DomainLabels, Gauge>::default();
+        let data_objects = Family::<DomainLabels, Gauge>::default();
+        let subscribers = Family::<DomainLabels, Gauge>::default();
         let pending = Gauge::default();
         let gateway_connections = Gauge::default();
         // 0.5 ms to about 16 s, doubling.
@@ -144,6 +159,9 @@ impl Metrics {
         registry.register_with_unit("memory", "Linear memory held by a domain's instances", Unit::Bytes, memory.clone());
         registry.register("inbox_messages", "Messages queued or in hand in a domain's sandbox", inbox.clone());
         registry.register("stub_queue_messages", "Messages in the queue of a remote domain's protostub", stub_queue.clone());
+        registry.register("stub_up", "1 while the protostub of a remote domain is live (connected to its node), else 0", stub_up.clone());
+        registry.register("data_objects", "Data objects reported by a domain's hyperties", data_objects.clone());
+        registry.register("data_object_subscribers", "Subscribers of the data objects a domain's hyperties report", subscribers.clone());
         registry.register("pending_requests", "Requests waiting for their final response", pending.clone());
         registry.register("gateway_connections", "Connections open to the app gateway", gateway_connections.clone());
         registry.register_with_unit(
@@ -153,7 +171,7 @@ impl Metrics {
             durations.clone(),
         );
         let denials = POINTS.map(|point| denials_family.get_or_create_owned(&PointLabels { point }));
-        let families = Families { messages, instances, restarts, memory, inbox, stub_queue };
+        let families = Families { messages, instances, restarts, memory, inbox, stub_queue, stub_up, data_objects, subscribers };
         let other = families.resolve(OTHER_DOMAIN);
         Metrics {
             registry,
@@ -223,6 +241,9 @@ impl Metrics {
             Read::Memory => domain.memory.clone(),
             Read::Inbox => domain.inbox.clone(),
             Read::StubQueue => domain.stub_queue.clone(),
+            Read::StubUp => domain.stub_up.clone(),
+            Read::DataObjects => domain.data_objects.clone(),
+            Read::Subscribers => domain.subscribers.clone(),
         };
         self.readers.lock().unwrap().push((gauge, Box::new(read)));
     }
@@ -262,6 +283,9 @@ struct Families {
     memory: Family<DomainLabels, Gauge>,
     inbox: Family<DomainLabels, Gauge>,
     stub_queue: Family<DomainLabels, Gauge>,
+    stub_up: Family<DomainLabels, Gauge>,
+    data_objects: Family<DomainLabels, Gauge>,
+    subscribers: Family<DomainLabels, Gauge>,
 }
 
 impl Families {
@@ -277,6 +301,9 @@ impl Families {
             memory: self.memory.get_or_create_owned(&label),
             inbox: self.inbox.get_or_create_owned(&label),
             stub_queue: self.stub_queue.get_or_create_owned(&label),
+            stub_up: self.stub_up.get_or_create_owned(&label),
+            data_objects: self.data_objects.get_or_create_owned(&label),
+            subscribers: self.subscribers.get_or_create_owned(&label),
         })
     }
 }

@@ -471,8 +471,10 @@ impl Runtime {
             let spec = &bundle.protostubs[i];
             let context = self.stub_context(spec, pre);
             let stub = Stub::new(&spec.domain, spec.queue, Box::new(move |stub| protostub::spawn(stub, context)));
+            let (counted, weak) = (self.metrics.add_domain(&spec.domain), Arc::downgrade(&stub));
+            self.metrics.read_at_scrape(&counted, Read::StubQueue, move || weak.upgrade().map(|s| s.queued()));
             let weak = Arc::downgrade(&stub);
-            self.metrics.read_at_scrape(&self.metrics.add_domain(&spec.domain), Read::StubQueue, move || weak.upgrade().map(|s| s.queued()));
+            self.metrics.read_at_scrape(&counted, Read::StubUp, move || weak.upgrade().map(|s| usize::from(s.is_live())));
             self.registry.register(Registration {
                 address: stub.address.clone(),
                 kind: Kind::Protostub,

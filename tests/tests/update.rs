@@ -256,3 +256,43 @@ fn hyperty_run_applies_saved_edits_reports_bad_ones_and_rolls_back() {
 fn cli_child() {
     hyperty_tests::update::cli_child();
 }
+
+#[test]
+fn an_updated_hyperty_keeps_its_pending_requests_and_its_data_objects() {
+    let runtime = runtime(Duration::from_secs(30));
+    let mut driver = Driver::new(&runtime);
+    // a reports a data object and asks b, who does not answer yet.
+    let bundle = |version: u32| {
+        TestBundle::new()
+            .hyperty("alice.example", "a", &guest("puppet"), json!({ "observer": OBSERVER, "echo": true, "version": version }))
+            .hyperty("bob.example", "b", &guest("puppet"), puppet_config(false))
+    };
+    runtime.deploy(&bundle(1).load()).unwrap();
+    let a = runtime.lookup("alice.example", "a").unwrap();
+    let b = runtime.lookup("bob.example", "b").unwrap();
+    let url = hyperty_tests::rethink::create(&mut driver, &a, json!({ "n": 0 }));
+    let watcher = runtime.endpoint("hyperty://carol.example/watcher", 64).unwrap();
+    driver.command(&a, json!({ "op": "invite", "url": url, "observers": [watcher.address().to_string()] }));
+    watcher.recv_timeout(Duration::from_secs(10)).expect("an invitation");
+    let subscribe = hyperty_host::Message::new(1, MessageType::Subscribe, watcher.address().clone(), Address::parse(&url).unwrap(), None);
+    let subscribed = watcher.request_reply(subscribe, None).unwrap();
+    assert_eq!(subscribed.body.code, Some(200), "{subscribed:?}");
+    let id = driver.fresh_id();
+    let cmd = json!({ "op": "request", "message": { "id": id, "type": "read", "to": b.to_string() }, "timeout_ms": 30_000 });
+    assert_eq!(driver.command(&a, cmd), json!({ "ok": true }));
+    let request = driver.report(&b, |m| m["type"] == "read" && m["id"] == id);
+    // a is updated (another config) while its request is pending.
+    let applied = runtime.apply(&bundle(2).load()).unwrap();
+    assert!(applied.to_string().contains(&format!("updated hyperty alice.example/a at {a} (config)")), "{applied}");
+    assert_eq!(runtime.pending_requests(), 1, "a's request is still pending");
+    // b answers now: the new version of a gets the response.
+    assert_eq!(driver.command(&b, json!({ "op": "reply", "message": request })), json!({ "ok": true }));
+    let answer = driver.report(&a, |m| m["type"] == "response" && m["id"] == id);
+    assert_eq!(answer["code"], 200, "{answer}");
+    // The new version changes the object the old one created: its reporter
+    // is the address.
+    let patch = json!([{ "op": "replace", "path": "/n", "value": 1 }]);
+    assert_eq!(driver.command(&a, json!({ "op": "update", "url": url, "patch": patch }))["version"], 2);
+    let delta = watcher.recv_where(|m| m.kind == MessageType::Update, Duration::from_secs(10)).expect("the watcher hears the change");
+    assert_eq!(delta.from.as_str(), url);
+}

@@ -100,6 +100,11 @@ impl Stub {
         self.queue.state.lock().unwrap().items.len()
     }
 
+    /// Whether its last status is `live` (connected to its node).
+    pub fn is_live(&self) -> bool {
+        self.status.lock().unwrap()["status"] == "live"
+    }
+
     /// Starts the stub's thread if it is not running yet.
     pub fn ensure_started(self: &Arc<Self>) {
         let start = self.start.lock().unwrap().take();

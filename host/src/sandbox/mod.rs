@@ -190,6 +190,14 @@ impl SandboxHandle {
         shared.metrics.read_at_scrape(&counted, Read::Memory, move || read.upgrade().map(|m| m.used()));
         let read = Arc::downgrade(&inbox.in_flight);
         shared.metrics.read_at_scrape(&counted, Read::Inbox, move || read.upgrade().map(|n| n.load(Ordering::Relaxed)));
+        // The domain's data objects, counted while its sandbox runs.
+        for (what, pick) in [(Read::DataObjects, (|c: (usize, usize)| c.0) as fn(_) -> _), (Read::Subscribers, |c| c.1)] {
+            let (alive, syncher, name) = (Arc::downgrade(&memory), Arc::downgrade(&shared.syncher), domain.to_owned());
+            shared.metrics.read_at_scrape(&counted, what, move || {
+                alive.upgrade()?;
+                syncher.upgrade().map(|s| pick(s.census(&name)))
+            });
+        }
         let sandbox = Sandbox {
             counted,
             media: media.clone(),
