@@ -294,6 +294,7 @@ fn run(
     metrics: Option<std::net::SocketAddr>,
     gateway: GatewayFlags,
 ) -> anyhow::Result<()> {
+    let watch = crate::runtime::BundleWatch::new(path);
     let bundle = Bundle::load(path)?;
     let gateway = gateway.config(&bundle)?;
     let runtime = Runtime::new(config)?;
@@ -315,7 +316,7 @@ fn run(
         // The watcher stops when `stop` is dropped.
         let (stop, stopped) = flume::bounded::<()>(0);
         std::thread::scope(|scope| {
-            scope.spawn(|| runtime.watch_bundle(path, WATCH_EVERY, &stopped));
+            scope.spawn(|| runtime.watch_bundle(watch, WATCH_EVERY, &stopped));
             let waited = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(anyhow::Error::from).and_then(|rt| {
                 rt.block_on(tokio::signal::ctrl_c())?;
                 Ok(())

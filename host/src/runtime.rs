@@ -116,7 +116,7 @@ fn user_dir(own: &str, xdg: &str, home: &str, temp_name: &str) -> PathBuf {
 
 #[path = "update.rs"]
 mod update;
-pub use update::{Action, Applied, Change};
+pub use update::{Action, Applied, BundleWatch, Change};
 
 /// A hyperty deployed by this runtime.
 #[derive(Clone, Debug, PartialEq, Eq)]

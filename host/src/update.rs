@@ -609,24 +609,45 @@ struct Seen {
     len: u64,
 }
 
+/// A bundle file as it was when first seen, for [`Runtime::watch_bundle`]:
+/// take it before loading the bundle deployed first, so that no edit saved
+/// in between is missed.
+pub struct BundleWatch {
+    path: PathBuf,
+    last: (Option<Seen>, Option<Digest>),
+}
+
+impl BundleWatch {
+    pub fn new(path: &std::path::Path) -> BundleWatch {
+        BundleWatch { path: path.to_owned(), last: (seen(path), content_digest(path)) }
+    }
+}
+
+fn seen(path: &std::path::Path) -> Option<Seen> {
+    std::fs::metadata(path).ok().map(|m| Seen { modified: m.modified().ok(), len: m.len() })
+}
+
+fn content_digest(path: &std::path::Path) -> Option<Digest> {
+    std::fs::read(path).ok().map(|b| Digest::of(&b))
+}
+
 impl Runtime {
-    /// Applies the bundle at `path` whenever its content changes, until
+    /// Applies the bundle file of `watch` whenever its content changes, until
     /// `stop` says so (or is dropped): its modification time and length
     /// are read every `every`, and when they change its content's digest
     /// decides. Each applied change is logged (info); a bundle that does not
     /// load or apply (syntax error, bad pin, a component that does not fit,
     /// a failing init) is logged as an error with every problem, and
     /// nothing running changes. Re-applying a previous file rolls back.
-    pub fn watch_bundle(&self, path: &std::path::Path, every: Duration, stop: &flume::Receiver<()>) {
-        let seen = |path: &std::path::Path| std::fs::metadata(path).ok().map(|m| Seen { modified: m.modified().ok(), len: m.len() });
-        let digest = |path: &std::path::Path| std::fs::read(path).ok().map(|b| Digest::of(&b));
-        let mut last = (seen(path), digest(path));
+    pub fn watch_bundle(&self, watch: BundleWatch, every: Duration, stop: &flume::Receiver<()>) {
+        let BundleWatch { path, mut last } = watch;
+        let path = path.as_path();
         while let Err(flume::RecvTimeoutError::Timeout) = stop.recv_timeout(every) {
             let now = seen(path);
             if now == last.0 {
                 continue;
             }
-            let content = digest(path);
+            let content = content_digest(path);
             let changed = content != last.1;
             last = (now, content);
             if !changed {
