@@ -83,6 +83,13 @@ enum Command {
         group: String,
         user: String,
     },
+    /// Show what a running runtime runs (domains, hyperties, protostubs),
+    /// read from the status its `--metrics` endpoint serves.
+    Status {
+        /// The runtime's metrics address (as given to `run --metrics`).
+        #[arg(value_parser = parse_metrics_addr)]
+        metrics: std::net::SocketAddr,
+    },
     /// Check a bundle: manifest, component files, sha256 pins, and that each
     /// component fits its world. Lists every problem.
     Check { bundle: PathBuf },
@@ -212,6 +219,7 @@ where
             };
             setup_policies(&config, policies.as_deref(), groups.as_deref()).and_then(|()| run(&bundle, config, exit_when_idle, metrics, gateway))
         }
+        Command::Status { metrics } => crate::metrics::status::fetch(metrics).map(|status| print!("{}", crate::metrics::status::table(&status))),
         Command::Group { action, groups_file, group, user } => edit_group(&groups_file, &group, &user, action == "add"),
         Command::Check { bundle } => match (std::time::Instant::now(), check_file(&bundle, config)) {
             (started, Ok(b)) => {

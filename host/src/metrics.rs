@@ -31,8 +31,10 @@
 //! | `hyperty_request_duration_seconds` | histogram | none: request to final response (or 408) |
 
 pub mod serve;
+pub mod status;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -92,6 +94,33 @@ pub(crate) struct DomainMetrics {
     subscribers: Gauge,
 }
 
+/// What `hyperty status` shows of one hyperty instance, kept by its
+/// sandbox's thread (see [`Metrics::hyperty`]).
+#[derive(Default)]
+pub(crate) struct HypertyStats {
+    /// `<domain>/<name>`.
+    pub label: Mutex<String>,
+    /// [`HypertyStats::STARTING`] ... [`HypertyStats::STOPPED`].
+    pub status: AtomicU8,
+    /// Messages handed to it.
+    pub received: AtomicU64,
+    /// Messages it sent that the bus took.
+    pub sent: AtomicU64,
+    /// Its linear memory, in bytes, after its last call.
+    pub memory: AtomicUsize,
+}
+
+impl HypertyStats {
+    pub const STARTING: u8 = 0;
+    pub const LIVE: u8 = 1;
+    pub const RESTARTING: u8 = 2;
+    pub const STOPPED: u8 = 3;
+
+    fn status_name(&self) -> &'static str {
+        ["starting", "live", "restarting", "stopped"].get(usize::from(self.status.load(Ordering::Relaxed))).copied().unwrap_or("unknown")
+    }
+}
+
 /// Reads a gauge's value at a scrape; `None` once what it reads is gone.
 type Reader = Box<dyn Fn() -> Option<usize> + Send + Sync>;
 
@@ -125,7 +154,15 @@ pub struct Metrics {
     /// Domains that have labels of their own, by name.
     domains: RwLock<HashMap<String, Arc<DomainMetrics>>>,
     other: Arc<DomainMetrics>,
+    /// Each hyperty instance's, by address (as many as instances run).
+    hyperties: Mutex<BTreeMap<String, Arc<HypertyStats>>>,
+    /// Each protostub's status (`live`, `disconnected`...), by remote
+    /// domain, read when asked; `None` once the stub is gone.
+    stubs: Mutex<BTreeMap<String, StubReader>>,
 }
+
+/// Reads a protostub's status name.
+type StubReader = Box<dyn Fn() -> Option<String> + Send + Sync>;
 
 impl Default for Metrics {
     fn default() -> Metrics {
@@ -184,6 +221,8 @@ impl Metrics {
             readers: Mutex::default(),
             domains: RwLock::default(),
             other,
+            hyperties: Mutex::default(),
+            stubs: Mutex::default(),
         }
     }
 
@@ -254,9 +293,28 @@ impl Metrics {
         self.readers.lock().unwrap().push((self.gateway_connections.clone(), Box::new(read)));
     }
 
-    /// Every family in the OpenMetrics text format, ending `# EOF`; the
-    /// gauges read at scrapes are read first.
-    pub fn encode(&self) -> String {
+    /// The stats of the hyperty instance at `address` (`label`:
+    /// `<domain>/<name>`), kept until [`Metrics::forget_hyperty`]: a new
+    /// version at the same address (a live update, a restart) counts on.
+    pub(crate) fn hyperty(&self, address: &str, label: &str) -> Arc<HypertyStats> {
+        let stats = self.hyperties.lock().unwrap().entry(address.to_owned()).or_default().clone();
+        *stats.label.lock().unwrap() = label.to_owned();
+        stats
+    }
+
+    /// Forgets the instance at `address` (removed).
+    pub(crate) fn forget_hyperty(&self, address: &str) {
+        self.hyperties.lock().unwrap().remove(address);
+    }
+
+    /// Has the status of the protostub of `domain` read by `read` when
+    /// asked, until it returns `None`.
+    pub(crate) fn read_stub_status(&self, domain: &str, read: impl Fn() -> Option<String> + Send + Sync + 'static) {
+        self.stubs.lock().unwrap().insert(domain.to_owned(), Box::new(read));
+    }
+
+    /// Runs the readers of the gauges read at scrapes.
+    fn refresh(&self) {
         // A gauge may have several readers (two gateways, a domain's
         // stopped and new sandbox): their values add up.
         let mut readers = self.readers.lock().unwrap();
@@ -268,7 +326,12 @@ impl Metrics {
             gauge.inc_by(value.map_or(0, |v| i64::try_from(v).unwrap_or(i64::MAX)));
             value.is_some()
         });
-        drop(readers);
+    }
+
+    /// Every family in the OpenMetrics text format, ending `# EOF`; the
+    /// gauges read at scrapes are read first.
+    pub fn encode(&self) -> String {
+        self.refresh();
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &self.registry).expect("writing to a String cannot fail");
         text

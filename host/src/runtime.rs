@@ -475,6 +475,8 @@ impl Runtime {
             self.metrics.read_at_scrape(&counted, Read::StubQueue, move || weak.upgrade().map(|s| s.queued()));
             let weak = Arc::downgrade(&stub);
             self.metrics.read_at_scrape(&counted, Read::StubUp, move || weak.upgrade().map(|s| usize::from(s.is_live())));
+            let weak = Arc::downgrade(&stub);
+            self.metrics.read_stub_status(&spec.domain, move || weak.upgrade().map(|s| s.status_name()));
             self.registry.register(Registration {
                 address: stub.address.clone(),
                 kind: Kind::Protostub,
@@ -775,7 +777,8 @@ impl Runtime {
     }
 
     /// Serves the runtime's metrics on `addr` (`GET /metrics`, OpenMetrics
-    /// text; see [`crate::metrics`]) until the returned server is dropped.
+    /// text; see [`crate::metrics`]) and its status (`GET /status`, JSON;
+    /// see [`crate::metrics::status`]) until the returned server is dropped.
     /// Loopback is meant (a warning is logged otherwise). Errors: `addr`
     /// cannot be bound.
     pub fn serve_metrics(&self, addr: std::net::SocketAddr) -> Result<MetricsServer> {
@@ -785,7 +788,7 @@ impl Runtime {
                 metrics.set_pending(bus.pending_requests());
             }
         });
-        MetricsServer::serve(addr, self.metrics.clone(), refresh)
+        MetricsServer::serve(addr, self.metrics.clone(), refresh, self.address.to_string())
     }
 
     /// The runtime's metrics, in the OpenMetrics text format (what

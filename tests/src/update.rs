@@ -164,6 +164,20 @@ impl CliProcess {
     }
 }
 
+impl CliProcess {
+    /// Waits (up to 60 s) for it to exit; its exit status and stdout.
+    pub fn finish(mut self) -> (std::process::ExitStatus, String) {
+        let until = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return (status, self.stdout());
+            }
+            assert!(Instant::now() < until, "the CLI did not exit within 60 s:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
 impl Drop for CliProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();

@@ -102,7 +102,13 @@ impl Stub {
 
     /// Whether its last status is `live` (connected to its node).
     pub fn is_live(&self) -> bool {
-        self.status.lock().unwrap()["status"] == "live"
+        self.status_name() == "live"
+    }
+
+    /// Its last status: `created`, `in-progress`, `live`, `disconnected`
+    /// or `failed`.
+    pub fn status_name(&self) -> String {
+        self.status.lock().unwrap()["status"].as_str().unwrap_or_default().to_owned()
     }
 
     /// Starts the stub's thread if it is not running yet.

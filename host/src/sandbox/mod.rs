@@ -41,7 +41,7 @@ use crate::registry::{Registry, Status as RegistryStatus};
 
 pub(crate) use glue::{GuestLog, HypertyPre, InstanceState, check_grants, hyperty_linker, log_line, prepare};
 use glue::Hyperty;
-use crate::metrics::Read;
+use crate::metrics::{HypertyStats, Read};
 use limits::{DomainMemory, Grant, InstanceLimiter, Limits, RestartPolicy};
 
 /// What a sandbox's inbox carries.
@@ -323,6 +323,28 @@ struct Slot {
     failures: u32,
     /// A new version, initialised, waiting for its commit (live update).
     staged: Option<(NewHyperty, Running)>,
+    /// What `hyperty status` shows of it (shared with the metrics).
+    stats: Arc<HypertyStats>,
+}
+
+impl Slot {
+    fn set_status(&mut self, status: Status) {
+        let shown = match status {
+            Status::Instantiated { .. } => HypertyStats::STARTING,
+            Status::Live => HypertyStats::LIVE,
+            Status::Restarting { .. } => HypertyStats::RESTARTING,
+            Status::Stopped => HypertyStats::STOPPED,
+        };
+        self.stats.status.store(shown, Ordering::Relaxed);
+        self.status = status;
+    }
+}
+
+/// Copies what the last call into `running` changed into `stats`.
+fn observe(stats: &HypertyStats, running: &Running) {
+    let state = running.store.data();
+    stats.sent.store(state.sent, Ordering::Relaxed);
+    stats.memory.store(state.limiter.held(), Ordering::Relaxed);
 }
 
 /// The sandbox thread's state.
@@ -366,9 +388,10 @@ impl Sandbox {
                 }
                 Ok(Envelope::Control(Control::Remove { instance })) => {
                     if let Some(slot) = self.slots.get_mut(instance as usize)
-                        && slot.take().is_some()
+                        && let Some(removed) = slot.take()
                     {
                         self.counted.instances.dec();
+                        self.shared.metrics.forget_hyperty(removed.hyperty.address.as_str());
                     }
                     self.restarts.retain(|&i| i != instance);
                 }
@@ -394,6 +417,9 @@ impl Sandbox {
         }
         // The domain's instances stop with it.
         self.counted.instances.dec_by(self.slots.iter().flatten().count() as i64);
+        for slot in self.slots.iter().flatten() {
+            self.shared.metrics.forget_hyperty(slot.hyperty.address.as_str());
+        }
     }
 
     /// A fresh store with `hyperty` instantiated in it.
@@ -445,10 +471,12 @@ impl Sandbox {
     fn commit(&mut self, instance: u32) {
         let Some(Some(slot)) = self.slots.get_mut(instance as usize) else { return };
         let Some((hyperty, running)) = slot.staged.take() else { return };
+        observe(&slot.stats, &running);
         let backlog = match std::mem::replace(&mut slot.status, Status::Live) {
             Status::Instantiated { backlog } => backlog,
             _ => Vec::new(),
         };
+        slot.set_status(Status::Live);
         slot.hyperty = hyperty;
         slot.running = Some(running);
         slot.failures = 0;
@@ -466,12 +494,16 @@ impl Sandbox {
         }
         let running = self.start(&hyperty)?;
         let id = self.slots.len() as u32;
+        let stats = self.shared.metrics.hyperty(hyperty.address.as_str(), &hyperty.label);
+        stats.status.store(HypertyStats::STARTING, Ordering::Relaxed);
+        observe(&stats, &running);
         self.slots.push(Some(Slot {
             hyperty,
             running: Some(running),
             status: Status::Instantiated { backlog: Vec::new() },
             failures: 0,
             staged: None,
+            stats,
         }));
         self.counted.instances.inc();
         Ok(id)
@@ -488,6 +520,8 @@ impl Sandbox {
         let result = running.bindings.rethink_hyperty_handler().call_init(&mut running.store, &address, &slot.hyperty.config);
         let error = match result {
             Ok(Ok(())) => {
+                observe(&slot.stats, running);
+                slot.stats.status.store(HypertyStats::LIVE, Ordering::Relaxed);
                 if let Status::Instantiated { backlog } = std::mem::replace(&mut slot.status, Status::Live) {
                     for message in backlog {
                         self.deliver(instance, message);
@@ -499,7 +533,7 @@ impl Sandbox {
             Err(trap) => anyhow!("init trapped: {}", explain(&trap, &running.store, limits)),
         };
         slot.running = None;
-        slot.status = Status::Stopped;
+        slot.set_status(Status::Stopped);
         Err(error)
     }
 
@@ -526,7 +560,10 @@ impl Sandbox {
         arm(&mut running.store, self.call_ticks, &self.settings.limits);
         let kind = message.kind;
         let message = message.into();
-        match running.bindings.rethink_hyperty_handler().call_handle(&mut running.store, &message) {
+        let handled = running.bindings.rethink_hyperty_handler().call_handle(&mut running.store, &message);
+        slot.stats.received.fetch_add(1, Ordering::Relaxed);
+        observe(&slot.stats, running);
+        match handled {
             Ok(()) => slot.failures = 0,
             Err(trap) => {
                 let reason = explain(&trap, &running.store, &self.settings.limits);
@@ -559,14 +596,14 @@ impl Sandbox {
         match policy.backoff(slot.failures) {
             Some(delay) => {
                 tracing::info!(hyperty = %h.label, "restarting in {} ms (failure {})", delay.as_millis(), slot.failures);
-                slot.status = Status::Restarting { at: Instant::now() + delay };
+                slot.set_status(Status::Restarting { at: Instant::now() + delay });
                 self.restarts.push(instance);
             }
             None => {
                 tracing::warn!(hyperty = %h.label, "stopped (restart policy: stop); unregistered");
                 self.shared.registry.unregister(&h.descriptor.domain, &h.descriptor.name);
                 self.shared.events.emit(&h.label, &h.address, EventKind::Stopped { reason });
-                slot.status = Status::Stopped;
+                slot.set_status(Status::Stopped);
             }
         }
     }
@@ -596,7 +633,7 @@ impl Sandbox {
                 Ok(running) => {
                     let slot = self.slots[instance as usize].as_mut().expect("exists");
                     slot.running = Some(running);
-                    slot.status = Status::Instantiated { backlog: Vec::new() };
+                    slot.set_status(Status::Instantiated { backlog: Vec::new() });
                     match self.init(instance) {
                         Ok(()) => {
                             let slot = self.slots[instance as usize].as_ref().expect("exists");
