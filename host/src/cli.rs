@@ -322,9 +322,10 @@ fn run(
     } else {
         tracing::info!("running; press Ctrl-C to stop; changes to {} are applied as they are saved", path.display());
         // The watcher stops when `stop` is dropped.
-        let (stop, stopped) = flume::bounded::<()>(0);
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
         std::thread::scope(|scope| {
-            scope.spawn(|| runtime.watch_bundle(watch, WATCH_EVERY, &stopped));
+            let runtime = &runtime;
+            scope.spawn(move || runtime.watch_bundle(watch, WATCH_EVERY, stopped));
             let waited = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(anyhow::Error::from).and_then(|rt| {
                 rt.block_on(tokio::signal::ctrl_c())?;
                 Ok(())

@@ -639,10 +639,10 @@ impl Runtime {
     /// load or apply (syntax error, bad pin, a component that does not fit,
     /// a failing init) is logged as an error with every problem, and
     /// nothing running changes. Re-applying a previous file rolls back.
-    pub fn watch_bundle(&self, watch: BundleWatch, every: Duration, stop: &flume::Receiver<()>) {
+    pub fn watch_bundle(&self, watch: BundleWatch, every: Duration, stop: std::sync::mpsc::Receiver<()>) {
         let BundleWatch { path, mut last } = watch;
         let path = path.as_path();
-        while let Err(flume::RecvTimeoutError::Timeout) = stop.recv_timeout(every) {
+        while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(every) {
             let now = seen(path);
             if now == last.0 {
                 continue;
