@@ -71,6 +71,7 @@ bench: setup nats
     cargo bench -p hyperty-tests --bench js
     cargo bench -p hyperty-tests --bench media
     cargo bench -p hyperty-tests --bench scale
+    cargo bench -p hyperty-tests --bench update
 
 # Build the guest components into guests/target/wasm32-wasip2/release.
 guests: setup
