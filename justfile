@@ -80,6 +80,7 @@ bench: setup nats
     cargo bench -p hyperty-tests --bench js
     cargo bench -p hyperty-tests --bench media
     cargo bench -p hyperty-tests --bench scale
+    cargo bench -p hyperty-tests --bench update
 
 # The soak (#19): 10,000,000 cross-domain messages through the bus and
 # 1,000,000 between two runtimes through NATS, Cedar policies and identity

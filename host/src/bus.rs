@@ -243,6 +243,20 @@ impl Bus {
         true
     }
 
+    /// Routes `address`, already routed, to `destination` instead, in one
+    /// step: no message meets a missing route, its pending requests stay
+    /// pending and carriers keep listening (a live update); false if it was
+    /// not routed.
+    pub fn replace_route(&self, address: &Address, destination: Arc<dyn Destination>) -> bool {
+        match self.inner.routes.write().unwrap().get_mut(address) {
+            Some(route) => {
+                *route = destination;
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Removes a route and forgets the requests it was waiting on; every
     /// carrier is told.
     pub fn remove_route(&self, address: &Address) {

@@ -83,6 +83,13 @@ enum Command {
         group: String,
         user: String,
     },
+    /// Show what a running runtime runs (domains, hyperties, protostubs),
+    /// read from the status its `--metrics` endpoint serves.
+    Status {
+        /// The runtime's metrics address (as given to `run --metrics`).
+        #[arg(value_parser = parse_metrics_addr)]
+        metrics: std::net::SocketAddr,
+    },
     /// Check a bundle: manifest, component files, sha256 pins, and that each
     /// component fits its world. Lists every problem.
     Check { bundle: PathBuf },
@@ -142,6 +149,9 @@ fn parse_dev_user(text: &str) -> Result<(String, String), String> {
         _ => Err(format!("{text:?} is not DOMAIN=USER")),
     }
 }
+
+/// How often `run` looks whether its bundle file changed.
+const WATCH_EVERY: Duration = Duration::from_millis(500);
 
 /// Where the gateway listens when neither the flag nor the bundle says.
 const DEFAULT_GATEWAY: &str = "127.0.0.1:8080";
@@ -209,6 +219,7 @@ where
             };
             setup_policies(&config, policies.as_deref(), groups.as_deref()).and_then(|()| run(&bundle, config, exit_when_idle, metrics, gateway))
         }
+        Command::Status { metrics } => crate::metrics::status::fetch(metrics).map(|status| print!("{}", crate::metrics::status::table(&status))),
         Command::Group { action, groups_file, group, user } => edit_group(&groups_file, &group, &user, action == "add"),
         Command::Check { bundle } => match (std::time::Instant::now(), check_file(&bundle, config)) {
             (started, Ok(b)) => {
@@ -291,6 +302,7 @@ fn run(
     metrics: Option<std::net::SocketAddr>,
     gateway: GatewayFlags,
 ) -> anyhow::Result<()> {
+    let watch = crate::runtime::BundleWatch::new(path);
     let bundle = Bundle::load(path)?;
     let gateway = gateway.config(&bundle)?;
     let runtime = Runtime::new(config)?;
@@ -308,8 +320,19 @@ fn run(
         runtime.wait_idle(Duration::MAX);
         tracing::info!("every hyperty is idle; stopping");
     } else {
-        tracing::info!("running; press Ctrl-C to stop");
-        tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(tokio::signal::ctrl_c())?;
+        tracing::info!("running; press Ctrl-C to stop; changes to {} are applied as they are saved", path.display());
+        // The watcher stops when `stop` is dropped.
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        std::thread::scope(|scope| {
+            let runtime = &runtime;
+            scope.spawn(move || runtime.watch_bundle(watch, WATCH_EVERY, stopped));
+            let waited = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(anyhow::Error::from).and_then(|rt| {
+                rt.block_on(tokio::signal::ctrl_c())?;
+                Ok(())
+            });
+            drop(stop);
+            waited
+        })?;
         tracing::info!("Ctrl-C: stopping");
     }
     runtime.shutdown();

@@ -23,13 +23,18 @@
 //! | `hyperty_memory_bytes` | gauge | `domain`: linear memory its instances hold (read at each scrape) |
 //! | `hyperty_inbox_messages` | gauge | `domain`: messages queued or in hand in its sandbox (read at each scrape) |
 //! | `hyperty_stub_queue_messages` | gauge | `domain` (remote): messages in its protostub's queue (read at each scrape) |
+//! | `hyperty_stub_up` | gauge | `domain` (remote): 1 while its protostub is live (connected), else 0 (read at each scrape) |
+//! | `hyperty_data_objects` | gauge | `domain`: data objects its hyperties report (read at each scrape) |
+//! | `hyperty_data_object_subscribers` | gauge | `domain`: subscribers of those objects, summed (read at each scrape) |
 //! | `hyperty_gateway_connections` | gauge | none: the app gateways' open connections (read at each scrape) |
 //! | `hyperty_pending_requests` | gauge | none (read at each scrape) |
 //! | `hyperty_request_duration_seconds` | histogram | none: request to final response (or 408) |
 
 pub mod serve;
+pub mod status;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -84,6 +89,36 @@ pub(crate) struct DomainMetrics {
     memory: Gauge,
     inbox: Gauge,
     stub_queue: Gauge,
+    stub_up: Gauge,
+    data_objects: Gauge,
+    subscribers: Gauge,
+}
+
+/// What `hyperty status` shows of one hyperty instance, kept by its
+/// sandbox's thread (see [`Metrics::hyperty`]).
+#[derive(Default)]
+pub(crate) struct HypertyStats {
+    /// `<domain>/<name>`.
+    pub label: Mutex<String>,
+    /// [`HypertyStats::STARTING`] ... [`HypertyStats::STOPPED`].
+    pub status: AtomicU8,
+    /// Messages handed to it.
+    pub received: AtomicU64,
+    /// Messages it sent that the bus took.
+    pub sent: AtomicU64,
+    /// Its linear memory, in bytes, after its last call.
+    pub memory: AtomicUsize,
+}
+
+impl HypertyStats {
+    pub const STARTING: u8 = 0;
+    pub const LIVE: u8 = 1;
+    pub const RESTARTING: u8 = 2;
+    pub const STOPPED: u8 = 3;
+
+    fn status_name(&self) -> &'static str {
+        ["starting", "live", "restarting", "stopped"].get(usize::from(self.status.load(Ordering::Relaxed))).copied().unwrap_or("unknown")
+    }
 }
 
 /// Reads a gauge's value at a scrape; `None` once what it reads is gone.
@@ -97,6 +132,12 @@ pub(crate) enum Read {
     Inbox,
     /// Messages in a protostub's queue.
     StubQueue,
+    /// 1 while a protostub is live, else 0.
+    StubUp,
+    /// Data objects reported by the domain's hyperties.
+    DataObjects,
+    /// Subscribers of those objects.
+    Subscribers,
 }
 
 /// The runtime's metrics (see the module doc for the families).
@@ -113,7 +154,15 @@ pub struct Metrics {
     /// Domains that have labels of their own, by name.
     domains: RwLock<HashMap<String, Arc<DomainMetrics>>>,
     other: Arc<DomainMetrics>,
+    /// Each hyperty instance's, by address (as many as instances run).
+    hyperties: Mutex<BTreeMap<String, Arc<HypertyStats>>>,
+    /// Each protostub's status (`live`, `disconnected`...), by remote
+    /// domain, read when asked; `None` once the stub is gone.
+    stubs: Mutex<BTreeMap<String, StubReader>>,
 }
+
+/// Reads a protostub's status name.
+type StubReader = Box<dyn Fn() -> Option<String> + Send + Sync>;
 
 impl Default for Metrics {
     fn default() -> Metrics {
@@ -132,6 +181,9 @@ impl Metrics {
         let memory = Family::<DomainLabels, Gauge>::default();
         let inbox = Family::<DomainLabels, Gauge>::default();
         let stub_queue = Family::<DomainLabels, Gauge>::default();
+        let stub_up = Family::<DomainLabels, Gauge>::default();
+        let data_objects = Family::<DomainLabels, Gauge>::default();
+        let subscribers = Family::<DomainLabels, Gauge>::default();
         let pending = Gauge::default();
         let gateway_connections = Gauge::default();
         // 0.5 ms to about 16 s, doubling.
@@ -144,6 +196,9 @@ impl Metrics {
         registry.register_with_unit("memory", "Linear memory held by a domain's instances", Unit::Bytes, memory.clone());
         registry.register("inbox_messages", "Messages queued or in hand in a domain's sandbox", inbox.clone());
         registry.register("stub_queue_messages", "Messages in the queue of a remote domain's protostub", stub_queue.clone());
+        registry.register("stub_up", "1 while the protostub of a remote domain is live (connected to its node), else 0", stub_up.clone());
+        registry.register("data_objects", "Data objects reported by a domain's hyperties", data_objects.clone());
+        registry.register("data_object_subscribers", "Subscribers of the data objects a domain's hyperties report", subscribers.clone());
         registry.register("pending_requests", "Requests waiting for their final response", pending.clone());
         registry.register("gateway_connections", "Connections open to the app gateway", gateway_connections.clone());
         registry.register_with_unit(
@@ -153,7 +208,7 @@ impl Metrics {
             durations.clone(),
         );
         let denials = POINTS.map(|point| denials_family.get_or_create_owned(&PointLabels { point }));
-        let families = Families { messages, instances, restarts, memory, inbox, stub_queue };
+        let families = Families { messages, instances, restarts, memory, inbox, stub_queue, stub_up, data_objects, subscribers };
         let other = families.resolve(OTHER_DOMAIN);
         Metrics {
             registry,
@@ -166,6 +221,8 @@ impl Metrics {
             readers: Mutex::default(),
             domains: RwLock::default(),
             other,
+            hyperties: Mutex::default(),
+            stubs: Mutex::default(),
         }
     }
 
@@ -223,6 +280,9 @@ impl Metrics {
             Read::Memory => domain.memory.clone(),
             Read::Inbox => domain.inbox.clone(),
             Read::StubQueue => domain.stub_queue.clone(),
+            Read::StubUp => domain.stub_up.clone(),
+            Read::DataObjects => domain.data_objects.clone(),
+            Read::Subscribers => domain.subscribers.clone(),
         };
         self.readers.lock().unwrap().push((gauge, Box::new(read)));
     }
@@ -233,9 +293,28 @@ impl Metrics {
         self.readers.lock().unwrap().push((self.gateway_connections.clone(), Box::new(read)));
     }
 
-    /// Every family in the OpenMetrics text format, ending `# EOF`; the
-    /// gauges read at scrapes are read first.
-    pub fn encode(&self) -> String {
+    /// The stats of the hyperty instance at `address` (`label`:
+    /// `<domain>/<name>`), kept until [`Metrics::forget_hyperty`]: a new
+    /// version at the same address (a live update, a restart) counts on.
+    pub(crate) fn hyperty(&self, address: &str, label: &str) -> Arc<HypertyStats> {
+        let stats = self.hyperties.lock().unwrap().entry(address.to_owned()).or_default().clone();
+        *stats.label.lock().unwrap() = label.to_owned();
+        stats
+    }
+
+    /// Forgets the instance at `address` (removed).
+    pub(crate) fn forget_hyperty(&self, address: &str) {
+        self.hyperties.lock().unwrap().remove(address);
+    }
+
+    /// Has the status of the protostub of `domain` read by `read` when
+    /// asked, until it returns `None`.
+    pub(crate) fn read_stub_status(&self, domain: &str, read: impl Fn() -> Option<String> + Send + Sync + 'static) {
+        self.stubs.lock().unwrap().insert(domain.to_owned(), Box::new(read));
+    }
+
+    /// Runs the readers of the gauges read at scrapes.
+    fn refresh(&self) {
         // A gauge may have several readers (two gateways, a domain's
         // stopped and new sandbox): their values add up.
         let mut readers = self.readers.lock().unwrap();
@@ -247,7 +326,12 @@ impl Metrics {
             gauge.inc_by(value.map_or(0, |v| i64::try_from(v).unwrap_or(i64::MAX)));
             value.is_some()
         });
-        drop(readers);
+    }
+
+    /// Every family in the OpenMetrics text format, ending `# EOF`; the
+    /// gauges read at scrapes are read first.
+    pub fn encode(&self) -> String {
+        self.refresh();
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &self.registry).expect("writing to a String cannot fail");
         text
@@ -262,6 +346,9 @@ struct Families {
     memory: Family<DomainLabels, Gauge>,
     inbox: Family<DomainLabels, Gauge>,
     stub_queue: Family<DomainLabels, Gauge>,
+    stub_up: Family<DomainLabels, Gauge>,
+    data_objects: Family<DomainLabels, Gauge>,
+    subscribers: Family<DomainLabels, Gauge>,
 }
 
 impl Families {
@@ -277,6 +364,9 @@ impl Families {
             memory: self.memory.get_or_create_owned(&label),
             inbox: self.inbox.get_or_create_owned(&label),
             stub_queue: self.stub_queue.get_or_create_owned(&label),
+            stub_up: self.stub_up.get_or_create_owned(&label),
+            data_objects: self.data_objects.get_or_create_owned(&label),
+            subscribers: self.subscribers.get_or_create_owned(&label),
         })
     }
 }

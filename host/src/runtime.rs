@@ -114,6 +114,10 @@ fn user_dir(own: &str, xdg: &str, home: &str, temp_name: &str) -> PathBuf {
         .unwrap_or_else(|| std::env::temp_dir().join(temp_name))
 }
 
+#[path = "update.rs"]
+mod update;
+pub use update::{Action, Applied, BundleWatch, Change};
+
 /// A hyperty deployed by this runtime.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DeployedHyperty {
@@ -131,6 +135,8 @@ struct Running {
 struct Deployed {
     sandboxes: BTreeMap<String, SandboxHandle>,
     hyperties: Vec<Running>,
+    /// The entries of what runs, as deployed or last applied.
+    specs: update::Specs,
 }
 
 /// The hyperty runtime.
@@ -261,34 +267,13 @@ impl Runtime {
                 problems.push(bundle.problem(&spec.at, "component", format!("a protostub for {} already runs", spec.domain)));
                 continue;
             }
-            // The network comes with the world, limited to the entry's
-            // endpoints; nothing else beyond clocks and randomness.
-            let grants = [Grant::Clocks, Grant::Random, Grant::Sockets];
-            let pre = self.load(&mut files, bundle, &spec.at, &spec.component, spec.sha256, &grants, protostub::prepare);
-            // Its configuration too (init, no network), so a bad one is
-            // found here rather than in a restart loop later.
-            let checked = pre.and_then(|pre| {
-                protostub::check_config(&spec.domain, &self.stub_context(spec, pre.clone()))
-                    .map(|()| pre)
-                    .map_err(|e| bundle.problem(&spec.at, "config", format!("protostub {}: {e}", spec.domain)))
-            });
-            match checked {
+            match self.prepare_stub(&mut files, bundle, spec) {
                 Ok(pre) => stubs.push((i, pre)),
                 Err(problem) => problems.push(problem),
             }
         }
         for (d, domain) in bundle.domains.iter().enumerate() {
-            if let Some(idp) = &domain.idp
-                && !bundle.idps.iter().any(|i| &i.name == idp)
-                && !self.identities.has_proxy(idp)
-            {
-                problems.push(Problem {
-                    file: bundle.path.clone(),
-                    line: None,
-                    field: format!("domains.{:?}.idp", domain.name),
-                    message: format!("no IdP proxy for {idp}: add [idps.{idp:?}] to the bundle"),
-                });
-            }
+            problems.extend(self.check_domain(bundle, domain, &|idp| self.identities.has_proxy(idp)));
             let running = self.identities.domain(&domain.name);
             if deployed.sandboxes.contains_key(&domain.name) && running != domain_identity(domain) {
                 problems.push(Problem {
@@ -315,9 +300,6 @@ impl Runtime {
                 });
             }
             if !domain.policies.is_empty() {
-                if let Err(e) = self.policies.check_files(&domain.policies) {
-                    problems.extend(e.problems);
-                }
                 let current = self.policies.domain_policies(&domain.name);
                 if deployed.sandboxes.contains_key(&domain.name) && current != domain.policies {
                     problems.push(Problem {
@@ -337,39 +319,79 @@ impl Runtime {
                     problems.push(bundle.problem(&hyperty.at, "name", message));
                     continue;
                 }
-                let (bytes, digest) = match pinned(&mut files, bundle, &hyperty.at, &hyperty.component, hyperty.sha256) {
-                    Ok(file) => file,
-                    Err(problem) => {
-                        problems.push(problem);
-                        continue;
-                    }
-                };
-                if !domain.trusted_keys.is_empty() {
-                    let checked = std::fs::read_to_string(&hyperty.signature)
-                        .map_err(|e| format!("signature missing: cannot read {}: {e}", hyperty.signature.display()))
-                        .and_then(|sig| signing::verify(&sig, digest, &domain.trusted_keys));
-                    if let Err(e) = checked {
-                        problems.push(bundle.problem(&hyperty.at, "signature", format!("{} is refused: {e}", hyperty.component.display())));
-                        continue;
-                    }
-                }
-                let pre = match fitted.get(&digest) {
-                    Some(pre) => Ok(pre.clone()),
-                    None => self.compile(bundle, &hyperty.at, &hyperty.component, (bytes, digest), &domain.settings.grants, |_, c| {
-                        fits_limits(c, &domain.settings.limits)?;
-                        sandbox::prepare(&self.linker, c)
-                    }),
-                };
-                match pre {
-                    Ok(pre) => {
-                        fitted.entry(digest).or_insert_with(|| pre.clone());
-                        prepared.push(Prepared { domain: d, hyperty: h, pre });
-                    }
+                match self.prepare_hyperty(&mut files, &mut fitted, bundle, domain, hyperty) {
+                    Ok(pre) => prepared.push(Prepared { domain: d, hyperty: h, pre }),
                     Err(problem) => problems.push(problem),
                 }
             }
         }
         if problems.is_empty() { Ok(Plan { hyperties: prepared, idps, stubs }) } else { Err(BundleError { problems }) }
+    }
+
+    /// What `check` asks of a domain entry itself, whether it runs or not:
+    /// its IdP has a proxy (in the bundle, or one for which `has_proxy`),
+    /// its policy files parse.
+    fn check_domain(&self, bundle: &Bundle, domain: &DomainSpec, has_proxy: &dyn Fn(&str) -> bool) -> Vec<Problem> {
+        let mut problems = Vec::new();
+        if let Some(idp) = &domain.idp
+            && !bundle.idps.iter().any(|i| &i.name == idp)
+            && !has_proxy(idp)
+        {
+            problems.push(Problem {
+                file: bundle.path.clone(),
+                line: None,
+                field: format!("domains.{:?}.idp", domain.name),
+                message: format!("no IdP proxy for {idp}: add [idps.{idp:?}] to the bundle"),
+            });
+        }
+        if !domain.policies.is_empty()
+            && let Err(e) = self.policies.check_files(&domain.policies)
+        {
+            problems.extend(e.problems);
+        }
+        problems
+    }
+
+    /// Checks hyperty entry `hyperty` of `domain` (file, pin, signature if
+    /// the domain trusts keys, contract, grants, fit to the world and to
+    /// the domain's limits); `fitted` keeps what a domain's entries share.
+    fn prepare_hyperty(
+        &self,
+        files: &mut HashMap<PathBuf, (Vec<u8>, Digest)>,
+        fitted: &mut HashMap<Digest, HypertyPre<InstanceState>>,
+        bundle: &Bundle,
+        domain: &DomainSpec,
+        hyperty: &HypertySpec,
+    ) -> Result<HypertyPre<InstanceState>, Problem> {
+        let (bytes, digest) = pinned(files, bundle, &hyperty.at, &hyperty.component, hyperty.sha256)?;
+        if !domain.trusted_keys.is_empty() {
+            std::fs::read_to_string(&hyperty.signature)
+                .map_err(|e| format!("signature missing: cannot read {}: {e}", hyperty.signature.display()))
+                .and_then(|sig| signing::verify(&sig, digest, &domain.trusted_keys))
+                .map_err(|e| bundle.problem(&hyperty.at, "signature", format!("{} is refused: {e}", hyperty.component.display())))?;
+        }
+        if let Some(pre) = fitted.get(&digest) {
+            return Ok(pre.clone());
+        }
+        let pre = self.compile(bundle, &hyperty.at, &hyperty.component, (bytes, digest), &domain.settings.grants, |_, c| {
+            fits_limits(c, &domain.settings.limits)?;
+            sandbox::prepare(&self.linker, c)
+        })?;
+        fitted.insert(digest, pre.clone());
+        Ok(pre)
+    }
+
+    /// Checks protostub entry `spec`: file, pin, fit to its world, and its
+    /// configuration (init, no network), so a bad one is found here rather
+    /// than in a restart loop later.
+    fn prepare_stub(&self, files: &mut HashMap<PathBuf, (Vec<u8>, Digest)>, bundle: &Bundle, spec: &ProtostubSpec) -> Result<StubPre, Problem> {
+        // The network comes with the world, limited to the entry's
+        // endpoints; nothing else beyond clocks and randomness.
+        let grants = [Grant::Clocks, Grant::Random, Grant::Sockets];
+        let pre = self.load(files, bundle, &spec.at, &spec.component, spec.sha256, &grants, protostub::prepare)?;
+        protostub::check_config(&spec.domain, &self.stub_context(spec, pre.clone()))
+            .map_err(|e| bundle.problem(&spec.at, "config", format!("protostub {}: {e}", spec.domain)))?;
+        Ok(pre)
     }
 
     /// Reads the component of the entry at `at` and checks its pin, then
@@ -444,13 +466,17 @@ impl Runtime {
 
     /// Adds the bundle's protostubs to the bus (each starts when first
     /// needed, or now if preloaded or listening for hyperties here).
-    fn start_stubs(&self, bundle: &Bundle, stubs: Vec<(usize, StubPre)>, started: &mut Vec<String>) {
+    fn start_stubs(&self, bundle: &Bundle, stubs: Vec<(usize, StubPre)>, started: &mut Vec<Arc<Stub>>) {
         for (i, pre) in stubs {
             let spec = &bundle.protostubs[i];
             let context = self.stub_context(spec, pre);
             let stub = Stub::new(&spec.domain, spec.queue, Box::new(move |stub| protostub::spawn(stub, context)));
+            let (counted, weak) = (self.metrics.add_domain(&spec.domain), Arc::downgrade(&stub));
+            self.metrics.read_at_scrape(&counted, Read::StubQueue, move || weak.upgrade().map(|s| s.queued()));
             let weak = Arc::downgrade(&stub);
-            self.metrics.read_at_scrape(&self.metrics.add_domain(&spec.domain), Read::StubQueue, move || weak.upgrade().map(|s| s.queued()));
+            self.metrics.read_at_scrape(&counted, Read::StubUp, move || weak.upgrade().map(|s| usize::from(s.is_live())));
+            let weak = Arc::downgrade(&stub);
+            self.metrics.read_stub_status(&spec.domain, move || weak.upgrade().map(|s| s.status_name()));
             self.registry.register(Registration {
                 address: stub.address.clone(),
                 kind: Kind::Protostub,
@@ -463,7 +489,7 @@ impl Runtime {
             });
             self.bus.add_carrier(stub.carrier());
             self.bus.add_route(stub.address.clone(), stub.status_route());
-            started.push(spec.domain.clone());
+            started.push(stub.clone());
             if spec.preload || bundle.domains.iter().any(|d| d.name == spec.domain) {
                 stub.ensure_started();
             }
@@ -502,6 +528,13 @@ impl Runtime {
     pub fn deploy(&self, bundle: &Bundle) -> Result<Vec<DeployedHyperty>, BundleError> {
         let mut deployed = self.deployed.lock().unwrap();
         let plan = self.prepare(bundle, &deployed)?;
+        self.start_plan(bundle, plan, &mut deployed)
+    }
+
+    /// Starts what passed every check (IdP proxies, protostubs, hyperties
+    /// in their sandboxes), or nothing: on the first failure what it
+    /// started is stopped again.
+    fn start_plan(&self, bundle: &Bundle, plan: Plan, deployed: &mut Deployed) -> Result<Vec<DeployedHyperty>, BundleError> {
         let mut new_domains = Vec::new();
         let mut started: Vec<Running> = Vec::new();
         let mut started_idps = Vec::new();
@@ -510,23 +543,24 @@ impl Runtime {
             .start_idps(bundle, plan.idps, &mut started_idps)
             .and_then(|()| {
                 self.start_stubs(bundle, plan.stubs, &mut started_stubs);
-                self.start_all(bundle, plan.hyperties, &mut deployed, &mut new_domains, &mut started)
+                self.start_all(bundle, plan.hyperties, deployed, &mut new_domains, &mut started)
             });
         match result {
             Ok(()) => {
                 let hyperties = started.iter().map(|r| r.hyperty.clone()).collect();
                 deployed.hyperties.extend(started);
+                deployed.specs.record(bundle, started_stubs);
                 Ok(hyperties)
             }
             Err(problem) => {
                 for running in &started {
-                    self.stop(&deployed, running);
+                    self.stop(deployed, running);
                 }
                 for idp in &started_idps {
                     self.stop_idp(idp);
                 }
-                for domain in &started_stubs {
-                    self.stop_stub(domain);
+                for stub in &started_stubs {
+                    self.stop_stub(&stub.domain);
                 }
                 for domain in bundle.domains.iter().filter(|d| !deployed.sandboxes.contains_key(&d.name) || new_domains.contains(&d.name)) {
                     self.identities.remove_domain(&domain.name);
@@ -681,6 +715,7 @@ impl Runtime {
         };
         let running = deployed.hyperties.remove(i);
         self.stop(&deployed, &running);
+        deployed.specs.forget(domain, name);
         tracing::info!("undeployed {domain}/{name} from {}", running.hyperty.address);
         true
     }
@@ -742,7 +777,8 @@ impl Runtime {
     }
 
     /// Serves the runtime's metrics on `addr` (`GET /metrics`, OpenMetrics
-    /// text; see [`crate::metrics`]) until the returned server is dropped.
+    /// text; see [`crate::metrics`]) and its status (`GET /status`, JSON;
+    /// see [`crate::metrics::status`]) until the returned server is dropped.
     /// Loopback is meant (a warning is logged otherwise). Errors: `addr`
     /// cannot be bound.
     pub fn serve_metrics(&self, addr: std::net::SocketAddr) -> Result<MetricsServer> {
@@ -752,7 +788,7 @@ impl Runtime {
                 metrics.set_pending(bus.pending_requests());
             }
         });
-        MetricsServer::serve(addr, self.metrics.clone(), refresh)
+        MetricsServer::serve(addr, self.metrics.clone(), refresh, self.address.to_string())
     }
 
     /// The runtime's metrics, in the OpenMetrics text format (what
@@ -840,6 +876,7 @@ impl Runtime {
             self.stop(&deployed, &running);
         }
         deployed.sandboxes.clear();
+        deployed.specs = update::Specs::default();
         for domain in self.bus.carried_domains() {
             self.remove_stub(&domain);
         }

@@ -354,6 +354,23 @@ pub(crate) struct Syncher {
 }
 
 impl Syncher {
+    /// The data objects whose reporter is of `domain`, and their
+    /// subscribers summed (for the metrics, read at each scrape).
+    pub(crate) fn census(&self, domain: &str) -> (usize, usize) {
+        let objects = self.objects.read().unwrap();
+        let count = objects.per_domain.get(domain).copied().unwrap_or(0);
+        let reported: Vec<Arc<Mutex<Object>>> =
+            if count == 0 { Vec::new() } else { objects.by_url.values().cloned().collect() };
+        drop(objects);
+        let subscribers = reported
+            .iter()
+            .map(|o| o.lock().unwrap())
+            .filter(|o| o.reporter.domain() == domain)
+            .map(|o| o.subscribers.len())
+            .sum();
+        (count, subscribers)
+    }
+
     /// The syncher of `bus`; with a store, the objects kept there come back
     /// (routes included).
     pub fn new(bus: Bus, registry: Arc<Registry>, store: Option<Arc<Store>>) -> anyhow::Result<Arc<Syncher>> {

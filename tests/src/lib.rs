@@ -13,6 +13,7 @@ pub mod rethink;
 pub mod webid;
 pub mod metrics;
 pub mod scale;
+pub mod update;
 
 use hyperty_host::bundle::{BundleBuilder, Component, Domain, Hyperty, Idp, Protostub};
 use hyperty_host::events::RecvTimeoutError;

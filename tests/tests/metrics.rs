@@ -232,3 +232,39 @@ fn the_gateway_connections_gauge_follows_open_connections() {
     drop(reopened);
     assert_eq!(scrape(server.local_addr()).get("hyperty_gateway_connections", &[]), 0.0, "a stopped gateway counts no more");
 }
+
+#[test]
+fn data_objects_subscribers_and_stub_status_show_in_the_scrape() {
+    let nats = Nats::start();
+    let runtime = runtime_with(None);
+    let server = runtime.serve_metrics("127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = server.local_addr();
+    let mut driver = Driver::new(&runtime);
+    let closed = closed_port();
+    let bundle = TestBundle::new()
+        .hyperty("alice.example", "a", &guest("puppet"), puppet_config(true))
+        .protostub("bob.example", &[nats.endpoint()], json!({ "preload": true }))
+        .protostub("carol.example", &[format!("127.0.0.1:{}", closed.port)], json!({ "preload": true }));
+    runtime.deploy(&bundle.load()).unwrap();
+    let a = runtime.lookup("alice.example", "a").unwrap();
+    // Two objects; two subscribers to the first.
+    let url = hyperty_tests::rethink::create(&mut driver, &a, json!({ "n": 0 }));
+    hyperty_tests::rethink::create(&mut driver, &a, json!({ "n": 1 }));
+    let watchers: Vec<_> = ["hyperty://dave.example/w1", "hyperty://dave.example/w2"].map(|w| runtime.endpoint(w, 16).unwrap()).into();
+    for (i, watcher) in watchers.iter().enumerate() {
+        let to = hyperty_host::Address::parse(&url).unwrap();
+        let subscribe = Message::new(i as u64 + 1, MessageType::Subscribe, watcher.address().clone(), to, None);
+        assert_eq!(watcher.request_reply(subscribe, None).unwrap().body.code, Some(200));
+    }
+    let samples = scrape(addr);
+    assert_eq!(samples.get("hyperty_data_objects", &[("domain", "alice.example")]), 2.0);
+    assert_eq!(samples.get("hyperty_data_object_subscribers", &[("domain", "alice.example")]), 2.0);
+    // The stub that reaches its node is up; the one whose node is down is not.
+    let samples = scrape_when(addr, "hyperty_stub_up", &[("domain", "bob.example")], 1.0);
+    assert_eq!(samples.get("hyperty_stub_up", &[("domain", "carol.example")]), 0.0);
+    // The object deleted: counted no more.
+    assert_eq!(driver.command(&a, json!({ "op": "delete", "url": url })), json!({ "ok": true }));
+    let samples = scrape(addr);
+    assert_eq!(samples.get("hyperty_data_objects", &[("domain", "alice.example")]), 1.0);
+    assert_eq!(samples.get("hyperty_data_object_subscribers", &[("domain", "alice.example")]), 0.0);
+}

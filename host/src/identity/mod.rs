@@ -115,6 +115,14 @@ impl Identities {
         self.validated.write().unwrap().retain(|a, _| a.idp != name);
     }
 
+    /// Puts `proxy` in place of IdP `name`'s (a live update), in one step,
+    /// and forgets what the old one said (assertions issued and validated).
+    pub fn replace_proxy(&self, name: &str, proxy: Proxy) {
+        self.proxies.write().unwrap().insert(name.to_owned(), Arc::new(proxy));
+        self.issued.lock().unwrap().retain(|(idp, _), _| idp != name);
+        self.validated.write().unwrap().retain(|a, _| a.idp != name);
+    }
+
     pub fn has_proxy(&self, name: &str) -> bool {
         self.proxies.read().unwrap().contains_key(name)
     }

@@ -29,6 +29,10 @@ pub const MAX_CONNECTIONS: usize = 16;
 pub const TIMEOUT: Duration = Duration::from_secs(10);
 /// The path served.
 pub const PATH: &str = "/metrics";
+/// The path of the status (JSON, see [`super::status`]).
+pub const STATUS_PATH: &str = "/status";
+/// The Content-Type of the status.
+pub const STATUS_CONTENT_TYPE: &str = "application/json";
 /// The Content-Type of the answer (OpenMetrics 1.0 text).
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
@@ -49,7 +53,8 @@ pub struct MetricsServer {
 impl MetricsServer {
     /// Binds `addr` and serves `metrics` on a thread of its own (a
     /// single-threaded tokio runtime). Errors: `addr` cannot be bound.
-    pub(crate) fn serve(addr: SocketAddr, metrics: Arc<Metrics>, refresh: Refresh) -> Result<MetricsServer> {
+    /// `runtime`: the runtime's address, in the status.
+    pub(crate) fn serve(addr: SocketAddr, metrics: Arc<Metrics>, refresh: Refresh, runtime: String) -> Result<MetricsServer> {
         if !addr.ip().is_loopback() {
             tracing::warn!("metrics served on {addr}, not a loopback address: anyone who reaches it sees them");
         }
@@ -58,7 +63,7 @@ impl MetricsServer {
         let local_addr = listener.local_addr()?;
         let (stop, stopped) = watch::channel(false);
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-        let served = Arc::new((metrics, refresh));
+        let served = Arc::new(Served { metrics, refresh, runtime });
         let thread = std::thread::Builder::new().name("hyperty-metrics".into()).spawn(move || {
             rt.block_on(async move {
                 match TcpListener::from_std(listener) {
@@ -89,7 +94,14 @@ impl Drop for MetricsServer {
     }
 }
 
-async fn accept_loop(served: Arc<(Arc<Metrics>, Refresh)>, listener: TcpListener, mut stopped: watch::Receiver<bool>) {
+/// What the endpoint serves from.
+struct Served {
+    metrics: Arc<Metrics>,
+    refresh: Refresh,
+    runtime: String,
+}
+
+async fn accept_loop(served: Arc<Served>, listener: TcpListener, mut stopped: watch::Receiver<bool>) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
         let (mut stream, peer) = tokio::select! {
@@ -111,7 +123,7 @@ async fn accept_loop(served: Arc<(Arc<Metrics>, Refresh)>, listener: TcpListener
         };
         let served = served.clone();
         tokio::spawn(async move {
-            if tokio::time::timeout(TIMEOUT, answer(&served.0, &served.1, &mut stream)).await.is_err() {
+            if tokio::time::timeout(TIMEOUT, answer(&served, &mut stream)).await.is_err() {
                 tracing::debug!(%peer, "metrics: no request within {} s", TIMEOUT.as_secs());
             }
             drop(slot);
@@ -120,7 +132,7 @@ async fn accept_loop(served: Arc<(Arc<Metrics>, Refresh)>, listener: TcpListener
 }
 
 /// Reads one request head and answers it.
-async fn answer(metrics: &Metrics, refresh: &Refresh, stream: &mut TcpStream) {
+async fn answer(served: &Served, stream: &mut TcpStream) {
     let head = match read_head(stream, MAX_HEAD_BYTES).await {
         Ok(Some(head)) => head,
         Ok(None) => return,
@@ -130,17 +142,21 @@ async fn answer(metrics: &Metrics, refresh: &Refresh, stream: &mut TcpStream) {
         "GET" => true,
         "HEAD" => false,
         other => {
-            let why = format!("{other} is not served here: only GET and HEAD of {PATH}");
+            let why = format!("{other} is not served here: only GET and HEAD of {PATH} and {STATUS_PATH}");
             return refuse(stream, (StatusCode::METHOD_NOT_ALLOWED, why), "Allow: GET, HEAD\r\n").await;
         }
     };
     let path = head.target.split_once('?').map_or(head.target.as_str(), |(path, _)| path);
-    if path != PATH {
-        return refuse(stream, (StatusCode::NOT_FOUND, format!("nothing at {path:?}: the metrics are at {PATH}")), "").await;
-    }
-    refresh(metrics);
-    let body = metrics.encode();
-    if write_response(stream, StatusCode::OK, CONTENT_TYPE, body.len() as u64, "").await.is_ok() && get {
+    (served.refresh)(&served.metrics);
+    let (body, content_type) = match path {
+        PATH => (served.metrics.encode(), CONTENT_TYPE),
+        STATUS_PATH => (served.metrics.status(&served.runtime).to_string(), STATUS_CONTENT_TYPE),
+        _ => {
+            let why = format!("nothing at {path:?}: the metrics are at {PATH}, the status at {STATUS_PATH}");
+            return refuse(stream, (StatusCode::NOT_FOUND, why), "").await;
+        }
+    };
+    if write_response(stream, StatusCode::OK, content_type, body.len() as u64, "").await.is_ok() && get {
         let _ = stream.write_all(body.as_bytes()).await;
     }
     let _ = stream.shutdown().await;

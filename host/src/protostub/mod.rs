@@ -58,6 +58,8 @@ pub(crate) struct Stub {
     queue: Arc<StubQueue>,
     dedup: Mutex<Dedup>,
     start: Mutex<Option<Starter>>,
+    /// A new component or settings for the running thread (live update).
+    next: Mutex<Option<StubContext>>,
     stopped: AtomicBool,
     /// The last status reported, as JSON `{"status", "detail"}`.
     status: Mutex<Value>,
@@ -85,6 +87,7 @@ impl Stub {
             queue: Arc::new(StubQueue::new(capacity)),
             dedup: Mutex::default(),
             start: Mutex::new(Some(start)),
+            next: Mutex::default(),
             stopped: AtomicBool::new(false),
             status: Mutex::new(json!({ "status": "created", "detail": "not loaded yet" })),
             watchers: Mutex::default(),
@@ -95,6 +98,17 @@ impl Stub {
     /// Messages in its queue (waiting, or sent and not yet acknowledged).
     pub fn queued(&self) -> usize {
         self.queue.state.lock().unwrap().items.len()
+    }
+
+    /// Whether its last status is `live` (connected to its node).
+    pub fn is_live(&self) -> bool {
+        self.status_name() == "live"
+    }
+
+    /// Its last status: `created`, `in-progress`, `live`, `disconnected`
+    /// or `failed`.
+    pub fn status_name(&self) -> String {
+        self.status.lock().unwrap()["status"].as_str().unwrap_or_default().to_owned()
     }
 
     /// Starts the stub's thread if it is not running yet.
@@ -164,6 +178,23 @@ impl Stub {
         let why = format!("the protostub of {} cannot carry it: {why}", self.domain);
         tracing::warn!(id = message.id, from = %message.from, to = %message.to, "{why}");
         bus.answer_taken(&message, code, why);
+    }
+
+    /// Runs `context` (a new component or settings) instead, with a queue
+    /// of `capacity` (a live update): the queue, what it has in flight
+    /// (offered again), the listened addresses and the status watchers
+    /// stay. A running stub switches within one `poll` ([`POLL_WAIT_MS`]);
+    /// one not started yet will start with `context`.
+    pub fn update(&self, context: StubContext, capacity: usize) {
+        self.queue.capacity.store(capacity, Ordering::Relaxed);
+        let mut start = self.start.lock().unwrap();
+        if start.is_some() {
+            *start = Some(Box::new(move |stub| spawn(stub, context)));
+            return;
+        }
+        drop(start);
+        *self.next.lock().unwrap() = Some(context);
+        self.queue.notify.notify_one();
     }
 
     pub fn stop(&self) {
@@ -272,7 +303,8 @@ pub(crate) struct StubQueue {
     state: Mutex<QueueState>,
     /// Woken on new work (the stub's `work-ready` pollable waits on it).
     notify: tokio::sync::Notify,
-    capacity: usize,
+    /// Messages it holds at most (changed by a live update).
+    capacity: std::sync::atomic::AtomicUsize,
     /// This queue's id in envelopes: fresh for every queue, so a restarted
     /// runtime's sequence numbers are not taken for duplicates.
     origin: String,
@@ -283,15 +315,16 @@ impl StubQueue {
         StubQueue {
             state: Mutex::default(),
             notify: tokio::sync::Notify::new(),
-            capacity,
+            capacity: capacity.into(),
             origin: uuid::Uuid::new_v4().to_string(),
         }
     }
 
     fn push(&self, message: &Message, wait: Option<Duration>) -> Result<(), QueueError> {
         let mut s = self.state.lock().unwrap();
-        if s.items.len() >= self.capacity {
-            return Err(QueueError::Full(self.capacity));
+        let capacity = self.capacity.load(Ordering::Relaxed);
+        if s.items.len() >= capacity {
+            return Err(QueueError::Full(capacity));
         }
         s.next_seq += 1;
         let seq = s.next_seq;
@@ -594,11 +627,14 @@ pub(crate) fn spawn(stub: Arc<Stub>, context: StubContext) {
     }
 }
 
-fn run(stub: Arc<Stub>, context: StubContext) {
+fn run(stub: Arc<Stub>, mut context: StubContext) {
     let label = format!("protostub {}", stub.domain);
     let mut failures: u32 = 0;
     set_status(&stub, &context, glue::StubStatus::Created, "loaded");
     while !stub.is_stopped() {
+        if let Some(next) = stub.next.lock().unwrap().take() {
+            context = next;
+        }
         let failure = match glue::Instance::start(&stub, &context) {
             Ok(mut instance) => {
                 // What the last instance had in flight is offered again.
@@ -607,13 +643,21 @@ fn run(stub: Arc<Stub>, context: StubContext) {
                     if stub.is_stopped() {
                         return;
                     }
+                    if let Some(next) = stub.next.lock().unwrap().take() {
+                        context = next;
+                        break None;
+                    }
                     match instance.poll(POLL_WAIT_MS, POLL_DEADLINE) {
                         Ok(()) => failures = 0,
-                        Err(e) => break e,
+                        Err(e) => break Some(e),
                     }
                 }
             }
-            Err(e) => e,
+            Err(e) => Some(e),
+        };
+        let Some(failure) = failure else {
+            tracing::info!("{label}: updated, starting the new version");
+            continue;
         };
         failures += 1;
         tracing::warn!("{label} failed ({failures} in a row), restarting: {failure}");

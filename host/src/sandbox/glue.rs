@@ -93,6 +93,8 @@ pub(crate) struct InstanceState {
     misbehaviour_reported: Option<Instant>,
     /// Its peer connections (`media`), closed when the store is dropped.
     pub(crate) media: crate::media::glue::MediaState,
+    /// Messages it sent that the bus took (for `hyperty status`).
+    pub sent: u64,
 }
 
 impl InstanceState {
@@ -125,6 +127,7 @@ impl InstanceState {
             max_request_timeout: Duration::from_millis(limits.max_request_timeout_ms.into()),
             rate_reported: None,
             misbehaviour_reported: None,
+            sent: 0,
             media,
         }
     }
@@ -270,6 +273,7 @@ impl InstanceState {
     /// second; back-pressure errors are the normal course of things and are
     /// not reported.
     fn reported(&mut self, result: Result<(), SendError>) -> Result<(), SendError> {
+        self.sent += u64::from(result.is_ok());
         if let Err(
             e @ (SendError::SpoofedFrom(_)
             | SendError::SpoofedIdentity(_)

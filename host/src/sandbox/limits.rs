@@ -273,6 +273,11 @@ pub(crate) struct InstanceLimiter {
 }
 
 impl InstanceLimiter {
+    /// The linear memory its instance holds, in bytes.
+    pub fn held(&self) -> usize {
+        self.held
+    }
+
     pub fn new(limits: &Limits, domain: Arc<DomainMemory>) -> InstanceLimiter {
         InstanceLimiter {
             memory_per_instance: (limits.memory_mb as usize) << 20,

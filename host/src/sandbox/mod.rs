@@ -45,7 +45,7 @@ use crate::registry::{Registry, Status as RegistryStatus};
 
 pub(crate) use glue::{GuestLog, HypertyPre, InstanceState, check_grants, hyperty_linker, log_line, prepare};
 use glue::Hyperty;
-use crate::metrics::Read;
+use crate::metrics::{HypertyStats, Read};
 use limits::{DomainMemory, Grant, InstanceLimiter, Limits, RestartPolicy};
 
 /// What a sandbox's inbox carries. Deliveries, the common case, carry
@@ -61,6 +61,18 @@ pub(crate) enum Control {
     /// Nothing to do but look at the restarts again (a lent call trapped
     /// and scheduled one while the thread slept).
     Wake,
+    /// Live update, first half: a fresh instance of `hyperty` (same
+    /// address), built under `limits` and initialised, is kept beside the
+    /// running one, which still takes the messages (see [`Slot::staged`]).
+    Stage { instance: u32, hyperty: NewHyperty, limits: Box<Limits>, reply: flume::Sender<Result<()>> },
+    /// Second half: the staged instance takes the slot, and with it every
+    /// message from the next one in the inbox on; the old one is dropped.
+    Commit { instance: u32 },
+    /// The domain's new settings, for instances started from now on (a
+    /// live update; the inbox's size and the media settings stay).
+    Configure { settings: Box<SandboxSettings> },
+    /// The staged instance is dropped; the running one never noticed.
+    Abort { instance: u32 },
     Stop,
 }
 
@@ -241,6 +253,14 @@ impl SandboxHandle {
         shared.metrics.read_at_scrape(&counted, Read::Memory, move || read.upgrade().map(|m| m.used()));
         let read = Arc::downgrade(&inbox.in_flight);
         shared.metrics.read_at_scrape(&counted, Read::Inbox, move || read.upgrade().map(|n| n.load(Ordering::Relaxed)));
+        // The domain's data objects, counted while its sandbox runs.
+        for (what, pick) in [(Read::DataObjects, (|c: (usize, usize)| c.0) as fn(_) -> _), (Read::Subscribers, |c| c.1)] {
+            let (alive, syncher, name) = (Arc::downgrade(&memory), Arc::downgrade(&shared.syncher), domain.to_owned());
+            shared.metrics.read_at_scrape(&counted, what, move || {
+                alive.upgrade()?;
+                syncher.upgrade().map(|s| pick(s.census(&name)))
+            });
+        }
         let sandbox = Sandbox {
             counted,
             media: media.clone(),
@@ -304,6 +324,45 @@ impl SandboxHandle {
     pub fn remove(&self, instance: u32) {
         let _ = self.inbox.control(Control::Remove { instance });
     }
+
+    /// Instantiates `hyperty` (the new version of `instance`, at its
+    /// address) under `limits` and calls its `init`, beside the running
+    /// instance ([`Control::Stage`]); the error says why it failed (nothing
+    /// changed then). Waits for the messages queued before it.
+    pub fn stage(&self, instance: u32, hyperty: NewHyperty, limits: &Limits) -> Result<()> {
+        let (reply, result) = flume::bounded(1);
+        self.inbox.control(Control::Stage { instance, hyperty, limits: Box::new(limits.clone()), reply })?;
+        result.recv().map_err(|_| anyhow!("the sandbox stopped"))?
+    }
+
+    /// Switches `instance` to its staged version ([`Control::Commit`]):
+    /// the messages queued before this call are handled by the old one,
+    /// the rest by the new one, in order.
+    pub fn commit(&self, instance: u32) {
+        let _ = self.inbox.control(Control::Commit { instance });
+    }
+
+    /// The domain's settings become `settings` ([`Control::Configure`]);
+    /// `limits.inbox` and `media` cannot change (the caller checks).
+    pub fn configure(&mut self, settings: SandboxSettings) {
+        self.settings = settings.clone();
+        let _ = self.inbox.control(Control::Configure { settings: Box::new(settings) });
+    }
+
+    /// Stops the sandbox after what its inbox holds now: unlike a drop,
+    /// queued messages are still handled (to a removed instance: answered
+    /// 404), so their senders are answered. Waits for the thread.
+    pub fn retire(mut self) {
+        let _ = self.inbox.control(Control::Stop);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+
+    /// Drops the staged version of `instance` ([`Control::Abort`]).
+    pub fn abort(&self, instance: u32) {
+        let _ = self.inbox.control(Control::Abort { instance });
+    }
 }
 
 impl Drop for SandboxHandle {
@@ -340,6 +399,30 @@ struct Slot {
     status: Status,
     /// Consecutive failures; reset by a successfully handled message.
     failures: u32,
+    /// A new version, initialised, waiting for its commit (live update).
+    staged: Option<(NewHyperty, Running)>,
+    /// What `hyperty status` shows of it (shared with the metrics).
+    stats: Arc<HypertyStats>,
+}
+
+impl Slot {
+    fn set_status(&mut self, status: Status) {
+        let shown = match status {
+            Status::Instantiated { .. } => HypertyStats::STARTING,
+            Status::Live => HypertyStats::LIVE,
+            Status::Restarting { .. } => HypertyStats::RESTARTING,
+            Status::Stopped => HypertyStats::STOPPED,
+        };
+        self.stats.status.store(shown, Ordering::Relaxed);
+        self.status = status;
+    }
+}
+
+/// Copies what the last call into `running` changed into `stats`.
+fn observe(stats: &HypertyStats, running: &Running) {
+    let state = running.store.data();
+    stats.sent.store(state.sent, Ordering::Relaxed);
+    stats.memory.store(state.limiter.held(), Ordering::Relaxed);
 }
 
 /// The sandbox thread's state.
@@ -384,6 +467,9 @@ fn run(domain: &Domain, inbox: flume::Receiver<Envelope>) {
             if let Some(sandbox) = sandbox {
                 // The domain's instances stop with it.
                 sandbox.counted.instances.dec_by(sandbox.slots.iter().flatten().count() as i64);
+                for slot in sandbox.slots.iter().flatten() {
+                    sandbox.shared.metrics.forget_hyperty(slot.hyperty.address.as_str());
+                }
             }
             break;
         }
@@ -405,11 +491,25 @@ impl Sandbox {
             }
             Ok(Envelope::Control(Control::Remove { instance })) => {
                 if let Some(slot) = self.slots.get_mut(instance as usize)
-                    && slot.take().is_some()
+                    && let Some(removed) = slot.take()
                 {
                     self.counted.instances.dec();
+                    self.shared.metrics.forget_hyperty(removed.hyperty.address.as_str());
                 }
                 self.restarts.retain(|&i| i != instance);
+            }
+            Ok(Envelope::Control(Control::Stage { instance, hyperty, limits, reply })) => {
+                let _ = reply.send(self.stage(instance, hyperty, &limits));
+            }
+            Ok(Envelope::Control(Control::Commit { instance })) => self.commit(instance),
+            Ok(Envelope::Control(Control::Configure { settings })) => {
+                self.call_ticks = ticks(&settings.limits);
+                self.settings = *settings;
+            }
+            Ok(Envelope::Control(Control::Abort { instance })) => {
+                if let Some(Some(slot)) = self.slots.get_mut(instance as usize) {
+                    slot.staged = None;
+                }
             }
             Ok(Envelope::Control(Control::Wake)) | Err(flume::RecvTimeoutError::Timeout) => {}
             Ok(Envelope::Control(Control::Stop)) | Err(flume::RecvTimeoutError::Disconnected) => return false,
@@ -422,12 +522,17 @@ impl Sandbox {
 
     /// A fresh store with `hyperty` instantiated in it.
     fn start(&self, hyperty: &NewHyperty) -> Result<Running> {
-        let limiter = InstanceLimiter::new(&self.settings.limits, self.memory.clone());
+        self.start_with(hyperty, &self.settings.limits)
+    }
+
+    /// [`Sandbox::start`] under `limits` (a live update's new ones).
+    fn start_with(&self, hyperty: &NewHyperty, limits: &Limits) -> Result<Running> {
+        let limiter = InstanceLimiter::new(limits, self.memory.clone());
         let state = InstanceState::new(
             hyperty.address.clone(),
             hyperty.label.clone(),
             hyperty.descriptor.clone(),
-            &self.settings.limits,
+            limits,
             limiter,
             &self.shared,
             self.media.clone(),
@@ -436,10 +541,47 @@ impl Sandbox {
         store.limiter(|s| &mut s.limiter);
         // Interrupted at the deadline, less the time its thread lent.
         store.epoch_deadline_callback(|_| Ok(handoff::deadline()));
-        arm(&mut store, self.call_ticks, &self.settings.limits);
+        arm(&mut store, ticks(limits), limits);
         match hyperty.pre.instantiate(&mut store) {
             Ok(bindings) => Ok(Running { store, bindings }),
-            Err(e) => Err(anyhow!("instantiation failed: {}", explain(&e, &store, &self.settings.limits))),
+            Err(e) => Err(anyhow!("instantiation failed: {}", explain(&e, &store, limits))),
+        }
+    }
+
+    /// Builds and initialises the new version of `instance` beside it.
+    fn stage(&mut self, instance: u32, hyperty: NewHyperty, limits: &Limits) -> Result<()> {
+        if self.slots.get(instance as usize).and_then(Option::as_ref).is_none() {
+            return Err(anyhow!("no such instance"));
+        }
+        let mut running = self.start_with(&hyperty, limits)?;
+        arm(&mut running.store, ticks(limits), limits);
+        let address = hyperty.address.to_string();
+        match running.bindings.rethink_hyperty_handler().call_init(&mut running.store, &address, &hyperty.config) {
+            Ok(Ok(())) => {}
+            Ok(Err(reason)) => return Err(anyhow!("init refused: {reason}")),
+            Err(trap) => return Err(anyhow!("init trapped: {}", explain(&trap, &running.store, limits))),
+        }
+        let slot = self.slots[instance as usize].as_mut().expect("checked above");
+        slot.staged = Some((hyperty, running));
+        Ok(())
+    }
+
+    /// The staged version of `instance` takes its slot, live.
+    fn commit(&mut self, instance: u32) {
+        let Some(Some(slot)) = self.slots.get_mut(instance as usize) else { return };
+        let Some((hyperty, running)) = slot.staged.take() else { return };
+        observe(&slot.stats, &running);
+        let backlog = match std::mem::replace(&mut slot.status, Status::Live) {
+            Status::Instantiated { backlog } => backlog,
+            _ => Vec::new(),
+        };
+        slot.set_status(Status::Live);
+        slot.hyperty = hyperty;
+        slot.running = Some(running);
+        slot.failures = 0;
+        self.restarts.retain(|&i| i != instance);
+        for message in backlog {
+            self.deliver(instance, message);
         }
     }
 
@@ -451,11 +593,16 @@ impl Sandbox {
         }
         let running = self.start(&hyperty)?;
         let id = self.slots.len() as u32;
+        let stats = self.shared.metrics.hyperty(hyperty.address.as_str(), &hyperty.label);
+        stats.status.store(HypertyStats::STARTING, Ordering::Relaxed);
+        observe(&stats, &running);
         self.slots.push(Some(Slot {
             hyperty,
             running: Some(running),
             status: Status::Instantiated { backlog: Vec::new() },
             failures: 0,
+            staged: None,
+            stats,
         }));
         self.counted.instances.inc();
         Ok(id)
@@ -472,6 +619,8 @@ impl Sandbox {
         let result = running.bindings.rethink_hyperty_handler().call_init(&mut running.store, &address, &slot.hyperty.config);
         let error = match result {
             Ok(Ok(())) => {
+                observe(&slot.stats, running);
+                slot.stats.status.store(HypertyStats::LIVE, Ordering::Relaxed);
                 if let Status::Instantiated { backlog } = std::mem::replace(&mut slot.status, Status::Live) {
                     for message in backlog {
                         self.deliver(instance, message);
@@ -483,7 +632,7 @@ impl Sandbox {
             Err(trap) => anyhow!("init trapped: {}", explain(&trap, &running.store, limits)),
         };
         slot.running = None;
-        slot.status = Status::Stopped;
+        slot.set_status(Status::Stopped);
         Err(error)
     }
 
@@ -510,7 +659,10 @@ impl Sandbox {
         arm(&mut running.store, self.call_ticks, &self.settings.limits);
         let kind = message.kind;
         let message = message.into();
-        match running.bindings.rethink_hyperty_handler().call_handle(&mut running.store, &message) {
+        let handled = running.bindings.rethink_hyperty_handler().call_handle(&mut running.store, &message);
+        slot.stats.received.fetch_add(1, Ordering::Relaxed);
+        observe(&slot.stats, running);
+        match handled {
             Ok(()) => slot.failures = 0,
             Err(trap) => {
                 let reason = explain(&trap, &running.store, &self.settings.limits);
@@ -543,14 +695,14 @@ impl Sandbox {
         match policy.backoff(slot.failures) {
             Some(delay) => {
                 tracing::info!(hyperty = %h.label, "restarting in {} ms (failure {})", delay.as_millis(), slot.failures);
-                slot.status = Status::Restarting { at: Instant::now() + delay };
+                slot.set_status(Status::Restarting { at: Instant::now() + delay });
                 self.restarts.push(instance);
             }
             None => {
                 tracing::warn!(hyperty = %h.label, "stopped (restart policy: stop); unregistered");
                 self.shared.registry.unregister(&h.descriptor.domain, &h.descriptor.name);
                 self.shared.events.emit(&h.label, &h.address, EventKind::Stopped { reason });
-                slot.status = Status::Stopped;
+                slot.set_status(Status::Stopped);
             }
         }
     }
@@ -580,7 +732,7 @@ impl Sandbox {
                 Ok(running) => {
                     let slot = self.slots[instance as usize].as_mut().expect("exists");
                     slot.running = Some(running);
-                    slot.status = Status::Instantiated { backlog: Vec::new() };
+                    slot.set_status(Status::Instantiated { backlog: Vec::new() });
                     match self.init(instance) {
                         Ok(()) => {
                             let slot = self.slots[instance as usize].as_ref().expect("exists");
@@ -642,6 +794,11 @@ pub(crate) fn trap_reason(error: &wasmtime::Error, limits: &Limits) -> String {
         Some(other) => format!("trapped: {other}"),
         None => crate::engine::pool_exhausted(error).unwrap_or_else(|| format!("{error:#}")),
     }
+}
+
+/// A call's deadline under `limits`, in epoch ticks.
+fn ticks(limits: &Limits) -> u64 {
+    crate::engine::ticks(std::time::Duration::from_millis(limits.call_timeout_ms))
 }
 
 /// Sets the deadline and the fuel budget for the next call into `store`.
