@@ -6,8 +6,11 @@
 //! the runtime answered, so a test can check that an input reached it.
 //!
 //! The same functions serve `tests/fuzz` (libFuzzer through cargo-fuzz:
-//! `just fuzz`) and `tests/tests/fuzz.rs`, which replays every committed
-//! corpus and crash input in a plain `cargo test`. The targets that need a
+//! `just fuzz`, coverage-guided, for long runs) and `tests/tests/fuzz.rs`,
+//! which replays every committed corpus and crash input in a plain `cargo
+//! test` and then mutates the corpus for a bounded time ([`mutate`]): CI's
+//! fuzzing, run without the instrumented build (whose dependencies take
+//! longer to compile than CI's whole budget allows). The targets that need a
 //! runtime share one, built on first use ([`World`]): inputs reach it the
 //! way they would in production, through real components.
 //!
@@ -222,4 +225,104 @@ pub fn committed_inputs(target: &str) -> Vec<PathBuf> {
         .collect();
     files.sort();
     files
+}
+
+/// Runs `target` on mutations of its committed inputs for `duration`:
+/// bit flips, random bytes, insertions and deletions, repeated ranges,
+/// splices of two inputs and tokens that parsers trip on, from a fixed
+/// seed (the same run every time; `HYPERTY_FUZZ_SEED` picks another).
+/// Not coverage-guided: the bounded run CI can afford on the debug build.
+/// Returns how many inputs ran. A failing input is printed before the run
+/// (so a panic names it) when `HYPERTY_FUZZ_VERBOSE` is set.
+pub fn mutate<T>(target: &str, run: fn(&[u8]) -> T, duration: Duration) -> u64 {
+    let corpus: Vec<Vec<u8>> = committed_inputs(target).iter().map(|p| std::fs::read(p).unwrap()).collect();
+    assert!(!corpus.is_empty(), "no committed input for the fuzz target {target}");
+    let seed = std::env::var("HYPERTY_FUZZ_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0x4859_5045_5254_5921u64);
+    let verbose = std::env::var_os("HYPERTY_FUZZ_VERBOSE").is_some();
+    let mut rng = Rng(seed | 1);
+    let until = std::time::Instant::now() + duration;
+    let mut runs = 0;
+    while std::time::Instant::now() < until {
+        let mut input = corpus[rng.below(corpus.len())].clone();
+        for _ in 0..=rng.below(4) {
+            mutate_once(&mut input, &corpus, &mut rng);
+        }
+        input.truncate(64 * 1024);
+        if verbose {
+            eprintln!("{target}: {:?}", String::from_utf8_lossy(&input));
+        }
+        run(&input);
+        runs += 1;
+    }
+    runs
+}
+
+/// Tokens that JSON, TOML, Cedar and JWT parsers trip on.
+const TOKENS: &[&[u8]] = &[
+    b"{", b"}", b"[", b"]", b"\"", b"\\", b"\\u0000", b"\\ud800", b",", b":", b"=", b"\n", b"\0", b"null", b"-0", b"1e999",
+    b"18446744073709551616", b"-9223372036854775809", b"[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[", b"{\"a\":{\"a\":{\"a\":",
+    b"/~1/~0/-", b"\"op\":\"move\"", b"\"path\":\"\"", b"\xe2\x80\xae", b"\xff\xfe", b"hyperty://", b"..", b"permit(", b"forbid(",
+    b"when {", b"unless {", b"@id(\"", b"[[hyperties]]", b"[domains.\"", b"eyJ", b".", b"==",
+];
+
+fn mutate_once(input: &mut Vec<u8>, corpus: &[Vec<u8>], rng: &mut Rng) {
+    let at = |rng: &mut Rng, len: usize| rng.below(len + 1);
+    match rng.below(7) {
+        0 if !input.is_empty() => {
+            let i = rng.below(input.len());
+            input[i] ^= 1 << rng.below(8);
+        }
+        1 if !input.is_empty() => {
+            let i = rng.below(input.len());
+            input[i] = rng.next() as u8;
+        }
+        2 => {
+            let i = at(rng, input.len());
+            let token = TOKENS[rng.below(TOKENS.len())];
+            input.splice(i..i, token.iter().copied());
+        }
+        3 if !input.is_empty() => {
+            let i = rng.below(input.len());
+            let n = rng.below((input.len() - i).min(64)) + 1;
+            input.drain(i..i + n);
+        }
+        4 if !input.is_empty() => {
+            let i = rng.below(input.len());
+            let n = rng.below((input.len() - i).min(256)) + 1;
+            let copy: Vec<u8> = input[i..i + n].to_vec();
+            let j = at(rng, input.len());
+            for _ in 0..=rng.below(8) {
+                input.splice(j..j, copy.iter().copied());
+            }
+        }
+        5 => {
+            let other = &corpus[rng.below(corpus.len())];
+            let (i, j) = (at(rng, input.len()), at(rng, other.len()));
+            input.truncate(i);
+            input.extend_from_slice(&other[j..]);
+        }
+        _ => {
+            let i = at(rng, input.len());
+            let n = rng.below(16) + 1;
+            let bytes: Vec<u8> = (0..n).map(|_| rng.next() as u8).collect();
+            input.splice(i..i, bytes);
+        }
+    }
+}
+
+/// xorshift64*: a fixed, dependency-free sequence.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    /// Uniform enough in `0..n` (`n` > 0).
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
 }
