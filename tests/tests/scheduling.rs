@@ -114,3 +114,27 @@ fn messages_of_one_sender_reach_one_receiver_in_order_under_hand_off() {
     // Nothing more came: everything handled was reported above.
     assert!(driver.before_marker(&receiver).is_empty());
 }
+
+/// A guest that loops while lending a little work to a fast receiver at
+/// every epoch tick cannot buy itself time: its call is still stopped (the
+/// lent time is credited rounded down, and a call lends at most its own
+/// deadline). Found in review: a credit rounded up to a whole tick per
+/// deadline check let such a call run for as long as it kept sending.
+#[test]
+fn a_call_that_keeps_lending_to_a_fast_receiver_is_still_stopped_at_its_deadline() {
+    let runtime = runtime(Duration::from_secs(30));
+    let mut driver = Driver::new(&runtime);
+    let mut events = runtime.events();
+    let bundle = TestBundle::new()
+        .hyperty("sender.example", "flood", &guest("hostile"), json!({ "mode": "flood" }))
+        .domain("sender.example", json!({ "limits": { "call-timeout-ms": 100, "rate": 100_000_000, "burst": 1_000_000 } }))
+        .hyperty("sink.example", "sink", &guest("bench"), json!({ "role": "sink" }))
+        .domain("sink.example", json!({ "limits": { "rate": 100_000_000, "burst": 1_000_000 } }));
+    runtime.deploy(&bundle.load()).unwrap();
+    let (flooder, sink) = (runtime.lookup("sender.example", "flood").unwrap(), runtime.lookup("sink.example", "sink").unwrap());
+    // A hundred million notifications: hours, unless the deadline stops it.
+    start_flood(&mut driver, &flooder, &sink, 100_000_000);
+    let trapped = wait_event(&mut events, |e| e.address == flooder && matches!(e.kind, EventKind::Trapped { .. }));
+    assert!(matches!(&trapped.kind, EventKind::Trapped { reason } if reason.contains("ran past its call deadline")), "{trapped:?}");
+    drop(bundle);
+}

@@ -23,6 +23,12 @@
 //!   the time the sender's thread spent on lent calls is given back to the
 //!   sender's deadline ([`deadline`]), so the sender is never interrupted
 //!   for the receiver's time.
+//! - Only while the call in hand has lent less than its own deadline in
+//!   all: past that, its sends are queued. The credit is the lent time in
+//!   whole epoch ticks, rounded down with the remainder carried, so a call
+//!   lasts at most its deadline of its own, plus its deadline of lending,
+//!   plus one receiver's deadline — a guest that loops and lends a little
+//!   work every tick cannot buy itself time.
 
 use std::cell::Cell;
 use std::time::{Duration, Instant};
@@ -35,8 +41,13 @@ thread_local! {
     /// This thread is a domain's thread, running its own domain (not a
     /// lent call).
     static LENDER: Cell<bool> = const { Cell::new(false) };
-    /// Time this thread spent in lent calls during the call in hand.
+    /// Time this thread spent in lent calls during the call in hand, not
+    /// yet credited to its deadline.
     static LENT: Cell<Duration> = const { Cell::new(Duration::ZERO) };
+    /// Time this thread spent in lent calls during the call in hand, in all.
+    static LENT_TOTAL: Cell<Duration> = const { Cell::new(Duration::ZERO) };
+    /// How long the call in hand may lend in all: its own deadline.
+    static LEND_BUDGET: Cell<Duration> = const { Cell::new(Duration::ZERO) };
 }
 
 /// Marks the current thread as a domain's thread, which may lend itself.
@@ -46,7 +57,7 @@ pub(crate) fn lender() {
 
 /// Whether the current thread may run another domain's delivery now.
 pub(crate) fn may_lend() -> bool {
-    LENDER.get()
+    LENDER.get() && LENT_TOTAL.get() < LEND_BUDGET.get()
 }
 
 /// Runs `call` (a delivery to another domain) on this thread, as a lent
@@ -54,30 +65,38 @@ pub(crate) fn may_lend() -> bool {
 /// call in hand. Returns what `call` returns and how long it took.
 pub(crate) fn lend<R>(call: impl FnOnce() -> R) -> (R, Duration) {
     LENDER.set(false);
-    let credit = LENT.replace(Duration::ZERO);
+    // The lent call arms its own store: the caller's account is kept aside.
+    let (credit, total, budget) = (LENT.get(), LENT_TOTAL.get(), LEND_BUDGET.get());
     let started = Instant::now();
     let result = call();
     let took = started.elapsed();
     LENT.set(credit + took);
+    LENT_TOTAL.set(total + took);
+    LEND_BUDGET.set(budget);
     LENDER.set(true);
     (result, took)
 }
 
-/// A call starts on this thread: it has lent nothing yet.
-pub(crate) fn call_starts() {
+/// A call starts on this thread, with a deadline of `call_ticks` epoch
+/// ticks: it has lent nothing yet, and may lend as long as that deadline.
+pub(crate) fn call_starts(call_ticks: u64) {
     LENT.set(Duration::ZERO);
+    LENT_TOTAL.set(Duration::ZERO);
+    LEND_BUDGET.set(crate::engine::EPOCH_TICK * u32::try_from(call_ticks).unwrap_or(u32::MAX));
 }
 
 /// What a store does when its epoch deadline passes (installed with
-/// `Store::epoch_deadline_callback`): extend it by the time its thread
-/// spent on lent calls since the call started (or since the last
-/// extension), else interrupt the call ([`wasmtime::Trap::Interrupt`], as
-/// `epoch_deadline_trap` does).
+/// `Store::epoch_deadline_callback`): extend it by the whole epoch ticks
+/// its thread spent on lent calls not credited yet (the remainder is
+/// carried to the next time), else interrupt the call
+/// ([`wasmtime::Trap::Interrupt`], as `epoch_deadline_trap` does).
 pub(crate) fn deadline() -> wasmtime::UpdateDeadline {
-    let lent = LENT.replace(Duration::ZERO);
-    if lent.is_zero() {
-        wasmtime::UpdateDeadline::Interrupt
-    } else {
-        wasmtime::UpdateDeadline::Continue(crate::engine::ticks(lent))
+    let lent = LENT.get();
+    let tick = crate::engine::EPOCH_TICK;
+    let ticks = u32::try_from(lent.as_nanos() / tick.as_nanos()).unwrap_or(u32::MAX);
+    if ticks == 0 {
+        return wasmtime::UpdateDeadline::Interrupt;
     }
+    LENT.set(lent - tick * ticks);
+    wasmtime::UpdateDeadline::Continue(u64::from(ticks))
 }
