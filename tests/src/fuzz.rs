@@ -95,11 +95,13 @@ pub fn assertion(data: &[u8]) -> Option<u16> {
     let mut u = Unstructured::new(data);
     let (idp, token) = (u.arbitrary::<bool>().ok()?, u.arbitrary::<&str>().ok()?);
     let world = World::get();
-    let mut m = Message::new(0, MessageType::Read, world.carol.address().clone(), world.b.clone(), None);
-    m.id = world.carol.next_id();
+    // One request at a time: concurrent callers would take each other's answers.
+    let carol = world.carol.lock().unwrap();
+    let mut m = Message::new(0, MessageType::Read, carol.address().clone(), world.b.clone(), None);
+    m.id = carol.next_id();
     m.assertion = Some(hyperty_host::Assertion { idp: if idp { IDP.to_owned() } else { token.chars().take(8).collect() }, token: token.to_owned() });
-    world.carol.request(m, None).ok()?;
-    world.carol.recv_timeout(Duration::from_secs(30)).expect("an answer to every request").body.code
+    carol.request(m, None).ok()?;
+    carol.recv_timeout(Duration::from_secs(30)).expect("an answer to every request").body.code
 }
 
 /// A JSON Patch (RFC 6902) document alice.example/a applies to its data
@@ -108,7 +110,17 @@ pub fn assertion(data: &[u8]) -> Option<u16> {
 pub fn patch(data: &[u8]) -> Option<Value> {
     let patch = serde_json::from_slice::<Value>(data).ok()?;
     let world = World::get();
+    // Each input starts from the same data, so a failing input fails again
+    // on its own.
+    let reset = json!([{ "op": "replace", "path": "", "value": initial_data() }]);
+    let reset = world.command(&world.a, json!({ "op": "update", "url": world.object, "patch": reset }));
+    assert!(reset["version"].is_u64(), "the data object is reset: {reset}");
     Some(world.command(&world.a, json!({ "op": "update", "url": world.object, "patch": patch })))
+}
+
+/// The data object's data before each `patch` input.
+fn initial_data() -> Value {
+    json!({ "n": 0, "list": [1, 2, 3], "deep": { "a": { "b": [true, null, "x"] } } })
 }
 
 /// Type, id, from, to and body fields of a message, as the puppet takes
@@ -150,7 +162,7 @@ const IDP_KEY: [u8; 32] = [23; 32];
 pub struct World {
     runtime: Runtime,
     driver: Mutex<Driver>,
-    carol: hyperty_host::Endpoint,
+    carol: Mutex<hyperty_host::Endpoint>,
     a: Address,
     b: Address,
     forger: Address,
@@ -185,11 +197,11 @@ impl World {
         runtime.deploy(&bundle.load()).expect("the fuzz world deploys");
         let a = runtime.lookup("alice.example", "a").unwrap();
         let b = runtime.lookup("bob.example", "b").unwrap();
-        let created = driver.command(&a, json!({ "op": "create", "scheme": "comm", "data": { "n": 0, "list": [1, 2, 3] } }));
+        let created = driver.command(&a, json!({ "op": "create", "scheme": "comm", "data": initial_data() }));
         let object = created["url"].as_str().unwrap_or_else(|| panic!("the data object is created: {created}")).to_owned();
         let carol = runtime.endpoint("hyperty://carol.example/fuzz", 16).unwrap();
         let forger = Address::parse("hyperty://remote.example/forger").unwrap();
-        World { runtime, driver: Mutex::new(driver), carol, a, b, forger, object, _bundle: bundle }
+        World { runtime, driver: Mutex::new(driver), carol: Mutex::new(carol), a, b, forger, object, _bundle: bundle }
     }
 
     /// `command` to the puppet `to`, waiting for its answer, then
@@ -207,7 +219,8 @@ impl World {
         let driver = self.driver.lock().unwrap();
         while driver.endpoint.try_recv().is_some() {}
         driver.endpoint.take_set_aside(|_| true);
-        while self.carol.try_recv().is_some() {}
+        let carol = self.carol.lock().unwrap();
+        while carol.try_recv().is_some() {}
         let _ = &self.runtime;
     }
 }
