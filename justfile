@@ -61,6 +61,9 @@ test: setup nats chromium turnserver
     home="$(mktemp -d)"
     trap 'rm -rf "$home"' EXIT
     HOME="$home" XDG_DATA_HOME= XDG_CACHE_HOME= HYPERTY_DATA_DIR= HYPERTY_CACHE_DIR= cargo test --workspace
+    # A subset again, on the Pulley interpreter (see tests/src/engines.rs).
+    HOME="$home" XDG_DATA_HOME= XDG_CACHE_HOME= HYPERTY_DATA_DIR= HYPERTY_CACHE_DIR= HYPERTY_TEST_ENGINE=pulley \
+        cargo test --workspace --test backbone --test hostile --test policies --test syncher --test platforms
     if [ -n "$(ls -A "$home")" ]; then
         echo "the tests wrote into HOME:" >&2
         find "$home" >&2
@@ -71,7 +74,8 @@ test: setup nats chromium turnserver
 # runtime to runtime through NATS beside NATS's own client-to-client figures;
 # syncher subscribe latency and fan-out to 1, 100 and 10,000 observers;
 # JavaScript hyperties beside Rust ones (msg/s, instantiation, memory);
-# scale: deploying 1,000 hyperties, 10,000 in one runtime (RSS), checking them.
+# scale: deploying 1,000 hyperties, 10,000 in one runtime (RSS), checking them;
+# Pulley beside Cranelift (msg/s, a call, a CPU-bound loop, instantiation).
 bench: setup nats
     cargo bench -p hyperty-tests --bench bus
     cargo bench -p hyperty-tests --bench nats
@@ -81,6 +85,7 @@ bench: setup nats
     cargo bench -p hyperty-tests --bench media
     cargo bench -p hyperty-tests --bench scale
     cargo bench -p hyperty-tests --bench update
+    cargo bench -p hyperty-tests --bench pulley
 
 # The soak (#19): 10,000,000 cross-domain messages through the bus and
 # 1,000,000 between two runtimes through NATS, Cedar policies and identity
@@ -168,3 +173,73 @@ turnserver:
 # Install what the recipes need: the wasm32-wasip2 standard library.
 setup:
     @rustup target list --installed | grep -qx wasm32-wasip2 || rustup target add wasm32-wasip2
+
+# Install Debian packages when the command they provide is missing:
+# `just apt-need CMD:PACKAGE,PACKAGE...` (used by the cross recipes).
+[private]
+apt-need +needs:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    packages=()
+    for need in {{needs}}; do
+        list="${need#*:}"
+        command -v "${need%%:*}" >/dev/null || packages+=(${list//,/ })
+    done
+    [ ${#packages[@]} -eq 0 ] && exit 0
+    sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo -n"
+    export DEBIAN_FRONTEND=noninteractive
+    $sudo apt-get install -y -q --no-install-recommends "${packages[@]}" \
+        || { $sudo apt-get update -q && $sudo apt-get install -y -q --no-install-recommends "${packages[@]}"; }
+
+# aarch64 Linux (Raspberry Pi, Android-class boards): build the `hyperty`
+# binary with Debian's cross compiler (installed when missing; wasmtime,
+# cedar and aws-lc build C parts with it), then run the demo bundle under
+# qemu-aarch64 user-mode emulation on both engines; fails unless the log
+# shows every round of the ping-pong with its asserted identity. With 64
+# instances at most: each reserves 4 GiB of address space, and many aarch64
+# kernels (Raspberry Pi's) give a process 512 GiB (39-bit VA), not 128 TiB.
+cross-aarch64: setup guests
+    #!/usr/bin/env bash
+    set -euo pipefail
+    {{just_executable()}} apt-need aarch64-linux-gnu-gcc:gcc-aarch64-linux-gnu,libc6-dev-arm64-cross qemu-aarch64:qemu-user
+    rustup target list --installed | grep -qx aarch64-unknown-linux-gnu || rustup target add aarch64-unknown-linux-gnu
+    export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc
+    export CC_aarch64_unknown_linux_gnu=aarch64-linux-gnu-gcc AR_aarch64_unknown_linux_gnu=aarch64-linux-gnu-ar
+    cargo build -p hyperty-host --bin hyperty --target aarch64-unknown-linux-gnu
+    target="$(cargo metadata --format-version 1 --no-deps | jq -r .target_directory)"
+    work="$(mktemp -d)"
+    trap 'rm -rf "$work"' EXIT
+    for engine in cranelift pulley; do
+        started=$(date +%s%N)
+        qemu-aarch64 -L /usr/aarch64-linux-gnu "$target/aarch64-unknown-linux-gnu/debug/hyperty" \
+            --data-dir "$work/$engine/data" --cache-dir "$work/$engine/cache" \
+            run guests/demo/bundle.toml --engine "$engine" --max-instances 64 --exit-when-idle 2>&1 | tee "$work/$engine.log"
+        grep -q "($engine engine): deploying bundle" "$work/$engine.log"
+        for round in 1 2 3; do
+            grep -q "got \"ping $round\" from alice@idp.example (asserted by idp.example) at hyperty://alice.example/" "$work/$engine.log"
+            grep -q "answered \"pong $round\" (round $round of 3)" "$work/$engine.log"
+        done
+        grep -q "game over: every ping got its pong" "$work/$engine.log"
+        echo "aarch64 under qemu, $engine: the demo played every round in $(( ($(date +%s%N) - started) / 1000000 )) ms"
+    done
+
+# x86_64 Windows: `cargo check` of the host for x86_64-pc-windows-gnu with
+# Debian's MinGW-w64 (installed when missing; the C parts of wasmtime,
+# cedar and aws-lc are compiled by it).
+check-windows:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    {{just_executable()}} apt-need x86_64-w64-mingw32-gcc:gcc-mingw-w64-x86-64
+    rustup target list --installed | grep -qx x86_64-pc-windows-gnu || rustup target add x86_64-pc-windows-gnu
+    export CARGO_TARGET_X86_64_PC_WINDOWS_GNU_LINKER=x86_64-w64-mingw32-gcc
+    export CC_x86_64_pc_windows_gnu=x86_64-w64-mingw32-gcc AR_x86_64_pc_windows_gnu=x86_64-w64-mingw32-ar
+    cargo check -p hyperty-host --target x86_64-pc-windows-gnu
+
+# aarch64 iOS (Pulley: iOS forbids JIT): `cargo check` of the host as far as
+# it goes here; without Apple's SDK the C parts cannot be compiled
+# (ARCHITECTURE.md, "Platforms", names which). Lists every crate that fails.
+check-ios:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    rustup target list --installed | grep -qx aarch64-apple-ios || rustup target add aarch64-apple-ios
+    cargo check --keep-going -p hyperty-host --target aarch64-apple-ios

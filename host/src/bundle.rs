@@ -3,6 +3,7 @@
 //!
 //! ```toml
 //! name = "ping-pong"
+//! engine = "pulley"   # optional: how `hyperty run` executes it (default cranelift; --engine overrides)
 //!
 //! [domains."alice.example"]
 //! limits = { inbox = 256, memory-mb = 32 }         # see sandbox::limits::Limits
@@ -76,6 +77,9 @@ pub struct Bundle {
     pub components: BTreeMap<PathBuf, std::sync::Arc<[u8]>>,
     /// The `[gateway]` section, if any.
     pub gateway: Option<GatewaySpec>,
+    /// The engine `hyperty run` executes it on (`engine`; `None`: the
+    /// runtime's, Cranelift unless `--engine` says otherwise).
+    pub engine: Option<crate::EngineKind>,
 }
 
 /// The `[gateway]` section of a bundle: how `hyperty run` serves the app
@@ -243,6 +247,8 @@ struct RawBundle {
     protostubs: BTreeMap<Spanned<String>, RawProtostub>,
     #[serde(default)]
     gateway: Option<RawGateway>,
+    #[serde(default)]
+    engine: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -565,11 +571,14 @@ impl Bundle {
                 dev_users,
             }
         });
+        let engine = raw.engine.and_then(|e| {
+            e.get_ref().parse().map_err(|message| problems.push(problem(Some(e.span()), "engine".into(), message))).ok()
+        });
         if !problems.is_empty() {
             return Err(BundleError { problems });
         }
         let name = raw.name.unwrap_or_else(|| path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default());
-        Ok(Bundle { path: path.to_owned(), name, domains, idps, protostubs, components: BTreeMap::new(), gateway })
+        Ok(Bundle { path: path.to_owned(), name, domains, idps, protostubs, components: BTreeMap::new(), gateway, engine })
     }
 
     /// A problem about `field` of the entry at `at` (a hyperty or an IdP);

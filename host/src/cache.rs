@@ -4,24 +4,25 @@
 //! cached artifact is only used if it provably came from this runtime:
 //!
 //! - the cache directory is created owner-only (0700); if it is writable by
-//!   anyone else, or owned by another user, the disk cache is not used at
+//!   anyone else, or owned by another user, or on a platform where this
+//!   cannot be checked ([`crate::private`]), the disk cache is not used at
 //!   all (components are compiled in memory) and a warning says why;
-//! - each artifact `<digest>-<engine>.cwasm` has a sidecar `.mac`:
+//! - each artifact `<digest>-<kind>-<engine>.cwasm` has a sidecar `.mac`:
 //!   HMAC-SHA256, keyed by a secret only this runtime's user can read
 //!   (`mac.key`, 0600), over the artifact's name and bytes. A corrupted,
 //!   swapped or foreign artifact fails the check and is recompiled.
 //!
-//! Artifacts are keyed by the component's sha256 and the engine's
-//! compatibility hash, so a change of settings or wasmtime never reuses one.
+//! Artifacts are keyed by the component's sha256, the engine's kind
+//! (`cranelift`, `pulley`) and its compatibility hash, so neither another
+//! kind of engine nor a change of settings or wasmtime ever reuses one.
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
 use crate::engine::Digest;
-use crate::signing::write_private;
 
 /// A usable cache directory with its MAC key.
 pub(crate) struct DiskCache {
@@ -43,14 +44,13 @@ impl DiskCache {
     }
 
     fn try_open(dir: &Path) -> Result<DiskCache> {
-        create_private_dir(dir)?;
-        check_private_dir(dir)?;
+        crate::private::dir(dir)?;
         let key_path = dir.join("mac.key");
         if !key_path.exists() {
             let mut key = [0u8; 32];
             getrandom::getrandom(&mut key).context("no randomness for the cache key")?;
             // Another runtime may win the race to create it; then use theirs.
-            let _ = write_private(&key_path, &hex::encode(key));
+            let _ = crate::private::write_file(&key_path, &hex::encode(key));
         }
         let text = std::fs::read_to_string(&key_path).with_context(|| format!("cannot read {}", key_path.display()))?;
         let mut key = [0u8; 32];
@@ -95,32 +95,4 @@ impl DiskCache {
         std::fs::rename(&tmp, &path)?;
         Ok(())
     }
-}
-
-fn create_private_dir(dir: &Path) -> Result<()> {
-    let mut builder = std::fs::DirBuilder::new();
-    builder.recursive(true);
-    #[cfg(unix)]
-    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
-    builder.create(dir).with_context(|| format!("cannot create {}", dir.display()))
-}
-
-#[cfg(unix)]
-fn check_private_dir(dir: &Path) -> Result<()> {
-    use std::os::unix::fs::MetadataExt;
-    let meta = std::fs::metadata(dir)?;
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let me = unsafe { libc::geteuid() };
-    if meta.uid() != me {
-        bail!("it is owned by uid {}, not by this runtime's uid {me}", meta.uid());
-    }
-    if meta.mode() & 0o022 != 0 {
-        bail!("others can write to it (mode {:o}); it must be writable by its owner only", meta.mode() & 0o777);
-    }
-    Ok(())
-}
-
-#[cfg(not(unix))]
-fn check_private_dir(_: &Path) -> Result<()> {
-    Ok(())
 }

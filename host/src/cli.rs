@@ -68,6 +68,11 @@ enum Command {
         /// runtime holds at once; each reserves 4 GiB of address space.
         #[arg(long, default_value_t = crate::engine::DEFAULT_MAX_INSTANCES)]
         max_instances: u32,
+        /// How components are executed: `cranelift` (machine code, the
+        /// default) or `pulley` (wasmtime's interpreter, for hosts without
+        /// JIT; slower). Overrides the bundle's `engine`.
+        #[arg(long, value_name = "ENGINE")]
+        engine: Option<crate::EngineKind>,
         /// Serve Prometheus metrics (OpenMetrics text) at http://ADDR/metrics;
         /// a bare port means 127.0.0.1:PORT (see ARCHITECTURE.md, "Metrics").
         #[arg(long, value_name = "ADDR", value_parser = parse_metrics_addr)]
@@ -207,6 +212,7 @@ where
             serve_registry,
             registry_keep_alive_ms,
             max_instances,
+            engine,
             metrics,
             gateway,
         } => {
@@ -217,7 +223,8 @@ where
                 max_instances,
                 ..config
             };
-            setup_policies(&config, policies.as_deref(), groups.as_deref()).and_then(|()| run(&bundle, config, exit_when_idle, metrics, gateway))
+            setup_policies(&config, policies.as_deref(), groups.as_deref())
+                .and_then(|()| run(&bundle, config, engine, exit_when_idle, metrics, gateway))
         }
         Command::Status { metrics } => crate::metrics::status::fetch(metrics).map(|status| print!("{}", crate::metrics::status::table(&status))),
         Command::Group { action, groups_file, group, user } => edit_group(&groups_file, &group, &user, action == "add"),
@@ -298,6 +305,7 @@ fn edit_group(file: &Path, group: &str, user: &str, add: bool) -> anyhow::Result
 fn run(
     path: &std::path::Path,
     config: RuntimeConfig,
+    engine: Option<crate::EngineKind>,
     exit_when_idle: bool,
     metrics: Option<std::net::SocketAddr>,
     gateway: GatewayFlags,
@@ -305,12 +313,19 @@ fn run(
     let watch = crate::runtime::BundleWatch::new(path);
     let bundle = Bundle::load(path)?;
     let gateway = gateway.config(&bundle)?;
+    let config = RuntimeConfig { engine: engine.or(bundle.engine).unwrap_or(config.engine), ..config };
     let runtime = Runtime::new(config)?;
     let _metrics = metrics.map(|addr| runtime.serve_metrics(addr)).transpose()?;
     if let Some(metrics) = &_metrics {
         println!("metrics: http://{}/metrics", metrics.local_addr());
     }
-    tracing::info!("runtime {}: deploying bundle {:?} ({} domains)", runtime.address(), bundle.name, bundle.domains.len());
+    tracing::info!(
+        "runtime {} ({} engine): deploying bundle {:?} ({} domains)",
+        runtime.address(),
+        runtime.engine(),
+        bundle.name,
+        bundle.domains.len()
+    );
     runtime.deploy(&bundle)?;
     let _gateway = gateway.map(|(addr, config)| runtime.serve_gateway(addr, config)).transpose()?;
     if let Some(gateway) = &_gateway {

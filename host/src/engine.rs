@@ -6,6 +6,13 @@
 //! per-call deadlines and fuel for optional deterministic budgets (stores
 //! without a budget get `u64::MAX`). Components are compiled once and
 //! cached on disk ([`crate::cache`]) and in memory.
+//!
+//! Two kinds of engine ([`EngineKind`]), chosen per runtime: Cranelift
+//! compiles components to the host's machine code (the default), Pulley
+//! compiles them to the bytecode of wasmtime's portable interpreter, for
+//! platforms that forbid run-time code generation (iOS) or have no Cranelift
+//! backend (32-bit ARM). Deadlines, fuel, memory limits and traps hold the
+//! same on both; see ARCHITECTURE.md, "Engine", for what Pulley costs.
 
 use std::collections::HashMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
@@ -19,6 +26,65 @@ use sha2::{Digest as _, Sha256};
 
 use crate::cache::DiskCache;
 use wasmtime::component::Component;
+
+/// How components are executed: the one setting of the engine a runtime
+/// chooses ([`crate::RuntimeConfig::engine`], `hyperty run --engine`, a
+/// bundle's `engine`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum EngineKind {
+    /// Compiled by Cranelift to the host's machine code (a JIT: needs
+    /// executable memory at run time).
+    #[default]
+    Cranelift,
+    /// Compiled by Cranelift to Pulley bytecode and run by wasmtime's
+    /// interpreter: no executable memory, any host wasmtime builds for;
+    /// several times slower per instruction.
+    Pulley,
+}
+
+impl EngineKind {
+    /// Both kinds, Cranelift first.
+    pub const ALL: [EngineKind; 2] = [EngineKind::Cranelift, EngineKind::Pulley];
+
+    /// Its name as the command line and bundles spell it.
+    pub fn name(self) -> &'static str {
+        match self {
+            EngineKind::Cranelift => "cranelift",
+            EngineKind::Pulley => "pulley",
+        }
+    }
+
+    /// The compilation target wasmtime is given: the host's for Cranelift,
+    /// the Pulley flavour of the host's pointer width and byte order for
+    /// Pulley (wasmtime refuses any other).
+    fn target(self) -> Option<&'static str> {
+        match self {
+            EngineKind::Cranelift => None,
+            EngineKind::Pulley if cfg!(all(target_pointer_width = "64", target_endian = "little")) => Some("pulley64"),
+            EngineKind::Pulley if cfg!(target_pointer_width = "64") => Some("pulley64be"),
+            EngineKind::Pulley if cfg!(target_endian = "little") => Some("pulley32"),
+            EngineKind::Pulley => Some("pulley32be"),
+        }
+    }
+}
+
+impl std::fmt::Display for EngineKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for EngineKind {
+    type Err = String;
+
+    /// `cranelift` or `pulley`; anything else is refused, naming both.
+    fn from_str(text: &str) -> Result<EngineKind, String> {
+        EngineKind::ALL
+            .into_iter()
+            .find(|k| k.name() == text)
+            .ok_or_else(|| format!("{text:?} is not an engine: expected \"cranelift\" or \"pulley\""))
+    }
+}
 
 /// How often the epoch advances: the granularity of call deadlines.
 pub const EPOCH_TICK: Duration = Duration::from_millis(10);
@@ -129,28 +195,34 @@ impl std::fmt::Debug for Digest {
 /// The engine, its epoch ticker and the component cache.
 pub struct Engine {
     engine: wasmtime::Engine,
+    kind: EngineKind,
     cache: Option<DiskCache>,
-    /// Key of the engine settings, part of every cache file name.
+    /// Key of the engine settings, part of every cache file name: the
+    /// kind's name and wasmtime's compatibility hash (`pulley-0123…`), so
+    /// one kind never loads another's artifacts.
     engine_key: String,
     loaded: Mutex<HashMap<Digest, Component>>,
     ticker_stop: Arc<AtomicBool>,
 }
 
 impl Engine {
-    /// Creates the engine with an instance pool of `pool`'s size; compiled
-    /// components are cached under `cache_dir`.
-    pub fn new(cache_dir: &Path, pool: PoolLimits) -> Result<Engine> {
+    /// Creates an engine of `kind` with an instance pool of `pool`'s size;
+    /// compiled components are cached under `cache_dir`.
+    pub fn new(cache_dir: &Path, kind: EngineKind, pool: PoolLimits) -> Result<Engine> {
         let mut config = wasmtime::Config::new();
+        if let Some(target) = kind.target() {
+            config.target(target).map_err(|e| anyhow::anyhow!("cannot target {target}: {e:#}"))?;
+        }
         config
             .wasm_component_model(true)
             .epoch_interruption(true)
             .consume_fuel(true)
             .allocation_strategy(wasmtime::InstanceAllocationStrategy::Pooling(pool.config()));
-        let engine = wasmtime::Engine::new(&config).map_err(|e| anyhow::anyhow!("cannot create the wasmtime engine: {e:#}"))?;
+        let engine = wasmtime::Engine::new(&config).map_err(|e| anyhow::anyhow!("cannot create the {kind} engine: {e:#}"))?;
 
         let mut h = DefaultHasher::new();
         engine.precompile_compatibility_hash().hash(&mut h);
-        let engine_key = format!("{:016x}", h.finish());
+        let engine_key = format!("{kind}-{:016x}", h.finish());
 
         let cache = DiskCache::open(cache_dir);
 
@@ -163,11 +235,16 @@ impl Engine {
             }
         })?;
 
-        Ok(Engine { engine, cache, engine_key, loaded: Mutex::default(), ticker_stop })
+        Ok(Engine { engine, kind, cache, engine_key, loaded: Mutex::default(), ticker_stop })
     }
 
     pub fn wasmtime(&self) -> &wasmtime::Engine {
         &self.engine
+    }
+
+    /// How this engine executes components.
+    pub fn kind(&self) -> EngineKind {
+        self.kind
     }
 
     /// The component with these bytes (whose digest is `digest`): from

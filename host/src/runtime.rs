@@ -21,7 +21,7 @@ use crate::bundle::{Bundle, BundleError, DomainSpec, HypertySpec, Location, Prob
 use crate::bus::{Bus, BusConfig};
 use crate::contract;
 use crate::domain_registry::DomainRegistry;
-use crate::engine::{Digest, Engine, PoolLimits};
+use crate::engine::{Digest, Engine, EngineKind, PoolLimits};
 use crate::policy::cedar::CedarPolicies;
 use crate::policy::{Decision, Descriptor, PolicyDecisionPoint};
 use crate::registry::{Kind, Query, Registration, Registry, Status};
@@ -72,6 +72,10 @@ pub struct RuntimeConfig {
     /// address space; an idle hyperty is about 40 KiB resident. An
     /// instantiation past it is refused, naming this limit.
     pub max_instances: u32,
+    /// How components are executed: Cranelift's machine code (the default)
+    /// or Pulley's interpreter, for hosts without JIT (see
+    /// [`crate::EngineKind`]).
+    pub engine: EngineKind,
 }
 
 impl Default for RuntimeConfig {
@@ -88,6 +92,7 @@ impl Default for RuntimeConfig {
             policies: Arc::new(CedarPolicies::new()),
             custom_policy: None,
             max_instances: crate::engine::DEFAULT_MAX_INSTANCES,
+            engine: EngineKind::default(),
         }
     }
 }
@@ -189,7 +194,7 @@ struct Prepared {
 
 impl Runtime {
     pub fn new(config: RuntimeConfig) -> Result<Runtime> {
-        let engine = Engine::new(&config.cache_dir, PoolLimits { instances: config.max_instances })?;
+        let engine = Engine::new(&config.cache_dir, config.engine, PoolLimits { instances: config.max_instances })?;
         let linker = sandbox::hyperty_linker(engine.wasmtime())?;
         let store = config.data_dir.as_deref().map(Store::open).transpose()?.map(Arc::new);
         let new_runtime_address = || format!("runtime://{}/{}", config.domain, uuid::Uuid::new_v4());
@@ -686,6 +691,11 @@ impl Runtime {
         &self.address
     }
 
+    /// How this runtime executes components ([`RuntimeConfig::engine`]).
+    pub fn engine(&self) -> EngineKind {
+        self.engine.kind()
+    }
+
     /// A fresh address for `spec`, or the one it had before if it asks to
     /// keep it (and there is a data directory to keep it in).
     fn hyperty_address(&self, domain: &str, spec: &HypertySpec) -> Result<Address> {
@@ -939,9 +949,11 @@ fn pinned<'a>(
     Ok((bytes, *digest))
 }
 
-/// Reads the bundle at `path` and checks it with a throwaway runtime.
+/// Reads the bundle at `path` and checks it with a throwaway runtime, of
+/// the bundle's engine if it names one.
 pub fn check_file(path: &std::path::Path, config: RuntimeConfig) -> Result<Bundle, BundleError> {
     let bundle = Bundle::load(path)?;
+    let config = RuntimeConfig { engine: bundle.engine.unwrap_or(config.engine), ..config };
     let runtime = Runtime::new(config).map_err(|e| BundleError {
         problems: vec![Problem { file: path.to_owned(), line: None, field: String::new(), message: format!("{e:#}") }],
     })?;

@@ -69,7 +69,7 @@ pub fn keygen(secret_path: &Path) -> Result<PublicKey> {
     let mut seed = [0u8; 32];
     getrandom::getrandom(&mut seed).context("no randomness for the key")?;
     let key = SigningKey::from_bytes(&seed);
-    write_private(secret_path, &hex::encode(seed))?;
+    crate::private::write_file(secret_path, &hex::encode(seed))?;
     Ok(PublicKey(key.verifying_key()))
 }
 
@@ -111,20 +111,6 @@ pub fn verify(signature: &str, digest: Digest, trusted: &[PublicKey]) -> Result<
     key.0
         .verify(&signed_bytes(digest), &Signature::from_bytes(&sig))
         .map_err(|_| format!("the signature by {key} does not verify: the component or its signature was tampered with"))
-}
-
-/// Writes `text` to a new file readable and writable by its owner only.
-pub(crate) fn write_private(path: &Path, text: &str) -> Result<()> {
-    use std::io::Write;
-    #[cfg(unix)]
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create_new(true);
-    #[cfg(unix)]
-    options.mode(0o600);
-    let mut file = options.open(path).with_context(|| format!("cannot create {}", path.display()))?;
-    file.write_all(text.as_bytes())?;
-    Ok(())
 }
 
 #[cfg(test)]

@@ -36,14 +36,12 @@ pub(crate) struct Store {
 
 impl Store {
     /// Opens (creating) `<dir>/runtime.redb`. Fails at once, naming the
-    /// file, if another runtime (this process or another) has it open: redb
-    /// locks the file for its one writer.
+    /// directory, if it is not private to this runtime's user
+    /// ([`crate::private`]), and naming the file if another runtime (this
+    /// process or another) has it open: redb locks the file for its one
+    /// writer.
     pub fn open(dir: &Path) -> Result<Store> {
-        let mut builder = std::fs::DirBuilder::new();
-        builder.recursive(true);
-        #[cfg(unix)]
-        std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
-        builder.create(dir).with_context(|| format!("cannot create the data directory {}", dir.display()))?;
+        crate::private::dir(dir).context("refusing the data directory")?;
         let path = dir.join("runtime.redb");
         let db = Database::create(&path).map_err(|e| match e {
             redb::DatabaseError::DatabaseAlreadyOpen => anyhow::anyhow!(

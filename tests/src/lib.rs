@@ -14,6 +14,7 @@ pub mod webid;
 pub mod metrics;
 pub mod scale;
 pub mod update;
+pub mod engines;
 
 use hyperty_host::bundle::{BundleBuilder, Component, Domain, Hyperty, Idp, Protostub};
 use hyperty_host::events::RecvTimeoutError;
@@ -44,7 +45,7 @@ pub fn runtime(request_timeout: Duration) -> Runtime {
         .with_test_writer()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .try_init();
-    Runtime::new(RuntimeConfig { cache_dir: cache_dir(), request_timeout, ..RuntimeConfig::default() }).unwrap()
+    Runtime::new(RuntimeConfig { cache_dir: cache_dir(), request_timeout, ..engines::config() }).unwrap()
 }
 
 /// The component cache shared by the tests of one build.

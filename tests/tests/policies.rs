@@ -41,7 +41,7 @@ fn world(bob_policies: &str) -> World {
         cache_dir: cache_dir(),
         request_timeout: Duration::from_secs(60),
         policies: policies.clone(),
-        ..RuntimeConfig::default()
+        ..hyperty_tests::engines::config()
     })
     .unwrap();
     let driver = Driver::new(&runtime);
@@ -397,7 +397,7 @@ fn check_refuses_a_deep_policy_naming_file_and_line() {
     let bundle = TestBundle::new()
         .hyperty("carol.example", "c", &guest("puppet"), puppet_config(false))
         .domain("carol.example", json!({ "policies": [deep.to_str().unwrap()] }));
-    let config = RuntimeConfig { cache_dir: cache_dir(), ..RuntimeConfig::default() };
+    let config = RuntimeConfig { cache_dir: cache_dir(), ..hyperty_tests::engines::config() };
     let err = hyperty_host::runtime::check_file(&bundle.write(), config).unwrap_err();
     assert!(err.problems.iter().any(|p| p.file == deep && p.line == Some(2) && p.message.contains("too deep")), "{err}");
 }

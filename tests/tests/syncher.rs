@@ -199,7 +199,7 @@ fn start_kept(data: &std::path::Path) -> (Runtime, Driver, Address, TestBundle) 
         cache_dir: cache_dir(),
         data_dir: Some(data.to_owned()),
         request_timeout: Duration::from_secs(10),
-        ..RuntimeConfig::default()
+        ..hyperty_tests::engines::config()
     };
     let runtime = Runtime::new(config).unwrap();
     let driver = Driver::new(&runtime);

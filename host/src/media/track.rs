@@ -494,21 +494,8 @@ pub(super) const RECEIVE_BUFFER: usize = 2 << 20;
 
 /// Asks for [`RECEIVE_BUFFER`] on `socket`; a refusal leaves the default.
 pub(super) fn size_receive_buffer(socket: &std::net::UdpSocket) {
-    use std::os::fd::AsRawFd as _;
-    let size = RECEIVE_BUFFER as libc::c_int;
-    // SAFETY: a valid socket descriptor, and a pointer to a c_int of the
-    // length given, as SO_RCVBUF takes.
-    let set = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVBUF,
-            (&raw const size).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if set != 0 {
-        tracing::debug!("SO_RCVBUF not set on a media socket: {}", std::io::Error::last_os_error());
+    if let Err(e) = socket2::SockRef::from(socket).set_recv_buffer_size(RECEIVE_BUFFER) {
+        tracing::debug!("SO_RCVBUF not set on a media socket: {e}");
     }
 }
 
