@@ -34,6 +34,7 @@ use hyperty_host::{
 };
 use hyperty_tests::*;
 use hyperty_tests::scale::{self, median};
+use hyperty_tests::soak::{POLICIES, realistic_policies};
 use serde_json::json;
 
 const RUNS: usize = 5;
@@ -106,8 +107,6 @@ fn profile(dir: &tempfile::TempDir, spec: &str) {
     println!("{mode} × {count} (policies: {with_policies}): {rate:.0}/s");
 }
 
-/// Policies in each domain's set (the runtime's set has a few more).
-const POLICIES: usize = 50;
 
 /// Pairs in the "at once" figures.
 const PAIRS: usize = 4;
@@ -245,44 +244,6 @@ impl Bench {
     }
 }
 
-/// A realistic policy set for `owner`: permits for the bench traffic (from
-/// a group member, on weekdays or any day) and many rules that do not
-/// apply to it: other domains, time windows, groups, schemes, forbids.
-fn realistic_policies(owner: &str) -> String {
-    // The same set for one pair and for all: every pair's domains.
-    let senders: Vec<String> = (0..PAIRS).flat_map(|i| <[String; 2]>::from(pair_domains(i))).chain(["bench.example".into()]).collect();
-    let senders = serde_json::to_string(&senders).unwrap();
-    let mut p = String::new();
-    p.push_str(&format!(
-        "@id(\"{owner}-bench\") permit (principal, action in [Rethink::Action::\"read\", Rethink::Action::\"update\", \
-         Rethink::Action::\"response\", Rethink::Action::\"execute\", Rethink::Action::\"deploy\"], resource) \
-         when {{ {senders}.contains(context.sender_domain) }};\n"
-    ));
-    for i in 0..POLICIES {
-        let rule = match i % 5 {
-            0 => format!("forbid (principal, action, resource) when {{ context.sender_domain == \"blocked{i}.example\" }};"),
-            1 => format!(
-                "permit (principal, action == Rethink::Action::\"subscribe\", resource) \
-                 when {{ context.sender_user in Rethink::Group::\"team{}\" && context.resource_scheme == \"comm\" }};",
-                i % 10
-            ),
-            2 => format!(
-                "forbid (principal, action == Rethink::Action::\"create\", resource) \
-                 when {{ context.time.minute >= 1320 || context.time.minute < {} }};",
-                300 + i
-            ),
-            3 => format!(
-                "permit (principal, action == Rethink::Action::\"delete\", resource) \
-                 when {{ context.time.weekday <= 5 && context.sender_user == Rethink::User::\"admin{i}@idp.example\" }};"
-            ),
-            _ => format!(
-                "forbid (principal, action, resource) when {{ context.resource_type == \"type{i}\" && context.time.date < 20200101 }};"
-            ),
-        };
-        p.push_str(&format!("@id(\"{owner}-{i}\") {rule}\n"));
-    }
-    p
-}
 
 /// µs per hyperty to deploy a bundle of `n` into a fresh runtime.
 fn deploy_many(n: usize) -> f64 {
