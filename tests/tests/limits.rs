@@ -304,3 +304,36 @@ fn a_bundle_past_the_instance_pool_is_refused_naming_max_instances() {
     let answer = e.request_reply(ping, None).unwrap();
     assert_eq!(answer.body.code, Some(200), "{answer:?}");
 }
+
+#[test]
+fn messages_for_a_hyperty_whose_init_has_not_run_wait_at_most_its_inbox_and_the_rest_are_answered_503() {
+    // The greedy hyperty's init (run before b's: its domain comes first)
+    // sends 900 requests to b, instantiated and routed but not yet
+    // initialised; it sends each again while b's inbox is full, so all
+    // 900 are taken from b's inbox while b waits for its init.
+    let runtime = runtime(Duration::from_secs(30));
+    let mut driver = Driver::new(&runtime);
+    let target = "hyperty://b-starting.example/b";
+    let flood = json!({ "op": "pending", "to": target, "count": 900, "timeout_ms": 30_000, "retry_full": true });
+    let bundle = TestBundle::new()
+        .hyperty("a-flood.example", "g", &guest("greedy"), json!({ "observer": OBSERVER, "at_init": flood }))
+        .hyperty("b-starting.example", "b", &guest("puppet"), puppet_config(false))
+        .set("b-starting.example", "b", "address", json!(target))
+        .domain("b-starting.example", json!({ "limits": { "inbox": 16 } }));
+    runtime.deploy(&bundle.load()).expect("the bundle deploys");
+    let (g, b) = (runtime.lookup("a-flood.example", "g").unwrap(), runtime.lookup("b-starting.example", "b").unwrap());
+    let at_init = driver.command(&g, json!({ "op": "init" }));
+    assert_eq!((at_init["sent"].as_u64(), at_init["other"].as_u64()), (Some(900), Some(0)), "{at_init}");
+    // What waited for b's init (its backlog, at most `inbox`) and what was
+    // still in its inbox then (at most `inbox` again) reach b...
+    let reached = driver.before_marker(&b).iter().filter(|m| reported(m)["from"] == g.as_str()).count();
+    assert!(reached <= 32, "{reached} of 900 requests reached b: its backlog held more than its inbox (16)");
+    // ...and every other one was answered 503, naming why.
+    for _ in reached..900 {
+        let answer = driver.expect(|m| m.from == g && m.kind == MessageType::Forward);
+        let answer = reported(&answer);
+        assert_eq!(answer["code"], 503, "{answer}");
+        let why = answer["description"].as_str().unwrap();
+        assert!(why.contains("b-starting.example/b is starting and already holds 16 messages for after its init (inbox = 16)"), "{why}");
+    }
+}

@@ -3,8 +3,9 @@
 //! request's value `{"op": ...}` picks what it does, and is answered 200
 //! with what the host said:
 //!
-//! - `pending` `{"to", "count", "timeout_ms"}`: sends `count` `read`
-//!   requests with fresh ids to `to` (a sink that never answers) and counts
+//! - `pending` `{"to", "count", "timeout_ms", "retry_full"}`: sends `count` `read`
+//!   requests with fresh ids to `to` (a sink that never answers; with
+//!   `retry_full`, each refused `inbox-full` is sent again) and counts
 //!   how they were taken: `{"sent", "too_many_pending", "other", "errors"}`
 //!   (the first error of each kind);
 //! - `log` `{"count", "bytes"}` or `{"line"}`: writes `count` lines of
@@ -19,6 +20,10 @@
 //! - `busy` `{"ms"}`: keeps its domain's thread busy for `ms` milliseconds
 //!   (under its call deadline), then answers `{"busy": ms}`.
 //!
+//! With `"at_init": {"op": ...}` in its config it does that op during its
+//! own `init` (before the hyperties deployed after it are initialised),
+//! and the op `init` answers what it got then.
+//!
 //! Every response it gets (to its own requests) is forwarded to the
 //! observer as `{"id", "code", "description"}`.
 
@@ -31,6 +36,8 @@ struct State {
     me: String,
     observer: String,
     next_id: u64,
+    /// What its `at_init` op got.
+    at_init: Value,
 }
 
 thread_local! {
@@ -43,7 +50,11 @@ impl Guest for Greedy {
     fn init(address: String, config: String) -> Result<(), String> {
         let config: Value = serde_json::from_str(&config).map_err(|e| format!("bad config: {e}"))?;
         let observer = config["observer"].as_str().ok_or("config needs an observer")?.to_owned();
-        STATE.with(|s| *s.borrow_mut() = Some(State { me: address, observer, next_id: 1 << 32 }));
+        STATE.with(|s| *s.borrow_mut() = Some(State { me: address.clone(), observer, next_id: 1 << 32, at_init: Value::Null }));
+        if config["at_init"].is_object() {
+            let got = perform(&address, &config["at_init"], None);
+            STATE.with(|s| s.borrow_mut().as_mut().expect("set above").at_init = got);
+        }
         Ok(())
     }
 
@@ -55,16 +66,23 @@ impl Guest for Greedy {
             return;
         }
         let value: Value = msg.body.value.as_deref().and_then(|v| serde_json::from_str(v).ok()).unwrap_or(Value::Null);
-        let answer = match value["op"].as_str().unwrap_or_default() {
-            "pending" => pending(&me, &value),
-            "log" => log(&value),
-            "json" => bad_json(&me, &value, &msg),
-            "fields" => fields(&me, &value, &msg),
-            "address" => addresses(&me, &value),
-            "busy" => busy(&value),
-            other => json!({ "error": format!("unknown op {other:?}") }),
-        };
+        let answer = perform(&me, &value, Some(&msg));
         let _ = bus::reply(&msg, 200, Some(&answer.to_string()));
+    }
+}
+
+/// Does op `value`; `msg` is the request that asked for it (none at init:
+/// the ops that answer it are refused then).
+fn perform(me: &str, value: &Value, msg: Option<&Message>) -> Value {
+    match (value["op"].as_str().unwrap_or_default(), msg) {
+        ("pending", _) => pending(me, value),
+        ("log", _) => log(value),
+        ("json", Some(msg)) => bad_json(me, value, msg),
+        ("fields", Some(msg)) => fields(me, value, msg),
+        ("address", _) => addresses(me, value),
+        ("busy", _) => busy(value),
+        ("init", _) => STATE.with(|s| s.borrow().as_ref().map_or(Value::Null, |s| s.at_init.clone())),
+        (other, _) => json!({ "error": format!("unknown op {other:?} here") }),
     }
 }
 
@@ -90,8 +108,18 @@ fn pending(me: &str, value: &Value) -> Value {
     let timeout = value["timeout_ms"].as_u64().map(|t| t.min(u32::MAX.into()) as u32);
     let (mut sent, mut too_many, mut other) = (0u64, 0u64, 0u64);
     let mut errors = serde_json::Map::new();
+    // With `retry_full`, a request refused `inbox-full` is sent again
+    // (at most a million times): the back-pressure a patient sender obeys.
+    let retry_full = value["retry_full"] == true;
     for _ in 0..count {
-        match bus::request(&Message::new(fresh_id(), MessageType::Read, me, to, "{}"), timeout) {
+        let request = Message::new(fresh_id(), MessageType::Read, me, to, "{}");
+        let mut result = bus::request(&request, timeout);
+        let mut tries = 1;
+        while retry_full && tries < 1_000_000 && matches!(result, Err(hyperty_guest::SendError::InboxFull(_))) {
+            result = bus::request(&request, timeout);
+            tries += 1;
+        }
+        match result {
             Ok(()) => sent += 1,
             Err(e) => {
                 if matches!(e, hyperty_guest::SendError::TooManyPending(_)) {

@@ -428,7 +428,7 @@ fn cut(text: &str, max: usize) -> &str {
 /// character written as an escape (`\n`, `\u{202e}`, as `{:?}` writes
 /// them), so that text from a guest can neither forge a log line nor make
 /// one read differently than it is. Quotes and backslashes stay as they are.
-fn printable(text: &str) -> Cow<'_, str> {
+pub(crate) fn printable(text: &str) -> Cow<'_, str> {
     let hidden = |c: char| !matches!(c, '"' | '\'' | '\\') && c.escape_debug().nth(1).is_some();
     if !text.chars().any(hidden) {
         return Cow::Borrowed(text);

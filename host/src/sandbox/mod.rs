@@ -43,7 +43,7 @@ use crate::message::{Message, MessageType, code};
 use crate::policy::Descriptor;
 use crate::registry::{Registry, Status as RegistryStatus};
 
-pub(crate) use glue::{GuestLog, HypertyPre, InstanceState, check_grants, hyperty_linker, log_line, prepare};
+pub(crate) use glue::{GuestLog, HypertyPre, InstanceState, check_grants, hyperty_linker, log_line, prepare, printable};
 use glue::Hyperty;
 use crate::metrics::{HypertyStats, Read};
 use limits::{DomainMemory, Grant, InstanceLimiter, Limits, RestartPolicy};
@@ -175,9 +175,16 @@ impl Inbox {
         Arc::new(HypertyRoute { inbox: self.clone(), instance, descriptor })
     }
 
-    /// Sends a control envelope, waiting for room in the inbox.
+    /// Sends a control envelope, waiting for room in the inbox. It counts
+    /// in flight until taken, like a message: no later message is lent
+    /// past it (a message sent after a live update's `Commit` reaches the
+    /// new version, never the old one on a sender's thread).
     fn control(&self, control: Control) -> Result<()> {
-        self.tx.send(Envelope::Control(control)).map_err(|_| anyhow!("the sandbox has stopped"))
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.tx.send(Envelope::Control(control)).map_err(|_| {
+            self.in_flight.fetch_sub(1, Ordering::Relaxed);
+            anyhow!("the sandbox has stopped")
+        })
     }
 }
 
@@ -481,6 +488,13 @@ impl Sandbox {
     /// Handles one envelope (or the restart deadline passing); false when
     /// the sandbox is to stop.
     fn take(&mut self, envelope: Result<Envelope, flume::RecvTimeoutError>) -> bool {
+        // Controls sent through `Inbox::control` count in flight until
+        // here (`Wake` is sent bare: it is only a nudge).
+        if let Ok(Envelope::Control(control)) = &envelope
+            && !matches!(control, Control::Wake)
+        {
+            self.in_flight.fetch_sub(1, Ordering::Release);
+        }
         match envelope {
             Ok(Envelope::Deliver { instance, message }) => {
                 self.media.taken(&message);
@@ -569,7 +583,9 @@ impl Sandbox {
     /// The staged version of `instance` takes its slot, live.
     fn commit(&mut self, instance: u32) {
         let Some(Some(slot)) = self.slots.get_mut(instance as usize) else { return };
-        let Some((hyperty, running)) = slot.staged.take() else { return };
+        let Some((hyperty, mut running)) = slot.staged.take() else { return };
+        // The count goes on across versions (a Prometheus counter).
+        running.store.data_mut().sent += slot.stats.sent.load(Ordering::Relaxed);
         observe(&slot.stats, &running);
         let backlog = match std::mem::replace(&mut slot.status, Status::Live) {
             Status::Instantiated { backlog } => backlog,
@@ -632,6 +648,13 @@ impl Sandbox {
             Err(trap) => anyhow!("init trapped: {}", explain(&trap, &running.store, limits)),
         };
         slot.running = None;
+        // What waited for the init is answered, not dropped.
+        if let Status::Instantiated { backlog } = std::mem::replace(&mut slot.status, Status::Stopped) {
+            for message in backlog {
+                let why = format!("{} failed to start: {error:#}", message.to);
+                self.shared.bus.answer_taken(&message, code::UNAVAILABLE, why);
+            }
+        }
         slot.set_status(Status::Stopped);
         Err(error)
     }
@@ -643,7 +666,15 @@ impl Sandbox {
             return;
         };
         let running = match (&mut slot.status, slot.running.as_mut()) {
-            (Status::Instantiated { backlog }, _) => return backlog.push(message),
+            (Status::Instantiated { backlog }, _) if backlog.len() < self.settings.limits.inbox => return backlog.push(message),
+            (Status::Instantiated { .. }, _) => {
+                // Bounded like the inbox it came from: a deployment's
+                // instances wait for `init` with at most `inbox` each.
+                let max = self.settings.limits.inbox;
+                let why = format!("{} is starting and already holds {max} messages for after its init (inbox = {max}); try again later", message.to);
+                self.shared.bus.answer_taken(&message, code::UNAVAILABLE, why);
+                return;
+            }
             (Status::Live, Some(running)) => running,
             (Status::Restarting { .. }, _) | (Status::Live, None) => {
                 let why = format!("{} is restarting after a failure; try again later", message.to);
@@ -729,8 +760,10 @@ impl Sandbox {
         for instance in due {
             let slot = self.slots[instance as usize].as_ref().expect("restarting instance exists");
             match self.start(&slot.hyperty) {
-                Ok(running) => {
+                Ok(mut running) => {
                     let slot = self.slots[instance as usize].as_mut().expect("exists");
+                    // The count goes on across restarts (a Prometheus counter).
+                    running.store.data_mut().sent = slot.stats.sent.load(Ordering::Relaxed);
                     slot.running = Some(running);
                     slot.set_status(Status::Instantiated { backlog: Vec::new() });
                     match self.init(instance) {
@@ -814,5 +847,31 @@ fn explain(error: &wasmtime::Error, store: &Store<InstanceState>, limits: &Limit
     match &store.data().limiter.refused_growth {
         Some(limit) => format!("{what}; {limit}"),
         None => what,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A live update's `Commit` waits in the inbox like a message: a
+    /// sender finding the domain "idle" (in flight 0) would run its
+    /// message on the old version, past the `Commit` ([`Inbox::deliver`]
+    /// lends only from 0).
+    #[test]
+    fn a_queued_control_counts_in_flight_so_no_later_message_is_lent_past_it() {
+        let (tx, rx) = flume::bounded(4);
+        let domain = Arc::new(Domain { state: Mutex::new(None), fast: AtomicBool::new(true) });
+        let inbox = Inbox { tx, in_flight: Arc::default(), domain };
+        inbox.control(Control::Commit { instance: 0 }).unwrap();
+        assert_eq!(inbox.in_flight(), 1, "the queued Commit counts: the domain is not idle");
+        let message = Message::builder(1, MessageType::Update, "hyperty://a.example/x", "hyperty://b.example/y").build().unwrap();
+        inbox.deliver(0, message).map_err(|_| "refused").unwrap();
+        assert_eq!(inbox.in_flight(), 2);
+        assert!(matches!(rx.try_recv(), Ok(Envelope::Control(Control::Commit { instance: 0 }))));
+        assert!(matches!(rx.try_recv(), Ok(Envelope::Deliver { instance: 0, .. })));
+        // A bare `Wake` is only a nudge: it never counts.
+        inbox.tx.try_send(Envelope::Control(Control::Wake)).unwrap();
+        assert_eq!(inbox.in_flight(), 2);
     }
 }
