@@ -46,6 +46,30 @@ fn the_status_counts_each_hyperty_s_messages_in_and_out() {
     wait_until("b is gone from the status", || !status_of(server.local_addr()).contains(b.as_str()));
 }
 
+#[test]
+fn a_hyperty_s_messages_out_go_on_counting_across_its_restart() {
+    let runtime = Runtime::new(RuntimeConfig { cache_dir: cache_dir(), ..RuntimeConfig::default() }).unwrap();
+    let server = runtime.serve_metrics("127.0.0.1:0".parse().unwrap()).unwrap();
+    let mut events = runtime.events();
+    let mut driver = Driver::new(&runtime);
+    let bundle = TestBundle::new().hyperty("restarts.example", "h", &guest("hostile"), json!({ "mode": "hoard", "owner": OBSERVER, "secret": "s" }));
+    runtime.deploy(&bundle.load()).expect("deploys");
+    let h = runtime.lookup("restarts.example", "h").unwrap();
+    let hoard_nothing = json!({ "mb": 0 });
+    for _ in 0..3 {
+        assert_eq!(driver.command(&h, hoard_nothing.clone()), json!({ "held_mb": 0 }));
+    }
+    // It traps (the host answers that message 500), and is restarted.
+    assert_eq!(driver.ask(&h, json!({ "panic": true })).body.code, Some(500));
+    wait_event(&mut events, |e| e.address == h && matches!(e.kind, hyperty_host::EventKind::Restarted { .. }));
+    assert_eq!(driver.command(&h, hoard_nothing), json!({ "held_mb": 0 }));
+    let status = status(server.local_addr());
+    let hs = status["hyperties"].as_array().unwrap().iter().find(|x| x["address"] == h.as_str()).cloned().unwrap();
+    // 5 in; 4 answers out: 3 before the restart, 1 after (a counter that
+    // went back to 1 would read as a reset to whoever scrapes it).
+    assert_eq!((hs["messages_in"].as_u64(), hs["messages_out"].as_u64()), (Some(5), Some(4)), "{hs}");
+}
+
 fn status_of(addr: std::net::SocketAddr) -> String {
     status(addr).to_string()
 }

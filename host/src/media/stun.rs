@@ -83,10 +83,20 @@ impl Binding {
         // RFC 8489 §14.2: servers answer XOR-MAPPED-ADDRESS (the RFC 3489
         // MAPPED-ADDRESS alone is not read).
         match m.attribute::<XorMappedAddress>().map(|a| a.addr(self.id)) {
+            // An address no peer could send to is not a candidate (the
+            // server is host configuration, but the answer crossed a network).
+            Ok(addr) if !usable(addr) => Answer::Refused(format!("the STUN server {} answered an address no peer can reach ({addr})", self.server)),
             Ok(addr) => Answer::Mapped(addr),
             Err(_) => Answer::Refused(format!("the STUN server {} answered without an address", self.server)),
         }
     }
+}
+
+/// Whether a peer could send to `addr`: a unicast address and a port.
+fn usable(addr: SocketAddr) -> bool {
+    let ip = addr.ip();
+    let broadcast = matches!(ip, std::net::IpAddr::V4(v4) if v4.is_broadcast());
+    addr.port() != 0 && !ip.is_unspecified() && !ip.is_multicast() && !broadcast
 }
 
 #[cfg(test)]
@@ -114,6 +124,14 @@ mod tests {
         assert_eq!(b.answer(b"not stun"), Answer::NotOurs);
         assert_eq!(b.answer(&response(&request, mapped)), Answer::Mapped(mapped));
         assert_eq!(b.answer(&response(&request, mapped)), Answer::NotOurs, "answered once");
+        // An address no peer can reach is refused, naming it.
+        for unusable in ["0.0.0.0:40001", "224.0.0.1:40001", "255.255.255.255:40001", "203.0.113.7:0", "[::]:40001"] {
+            let mut b = Binding::new(server);
+            let request = b.poll(Instant::now()).unwrap().unwrap().to_vec();
+            let addr: SocketAddr = unusable.parse().unwrap();
+            let why = format!("the STUN server 127.0.0.1:3478 answered an address no peer can reach ({addr})");
+            assert_eq!(b.answer(&response(&request, addr)), Answer::Refused(why));
+        }
         // Unanswered: TRIES sends, then given up.
         let mut b = Binding::new(server);
         let now = Instant::now();

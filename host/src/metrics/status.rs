@@ -104,7 +104,7 @@ pub fn table(status: &Value) -> String {
         other => other.to_string(),
     };
     let kib = |v: &Value| v.as_u64().map_or("-".to_owned(), |b| format!("{} KiB", b.div_ceil(1024)));
-    let mut out = format!("runtime {}\n", text(&status["runtime"]));
+    let mut out = format!("runtime {}\n", crate::sandbox::printable(&text(&status["runtime"])));
     let domains: Vec<Vec<String>> =
         list("domains").iter().map(|d| vec![text(&d["name"]), text(&d["instances"]), kib(&d["memory_bytes"]), text(&d["inbox"])]).collect();
     out += &render(&["DOMAIN", "INSTANCES", "MEMORY", "INBOX"], &domains);
@@ -128,11 +128,11 @@ pub fn table(status: &Value) -> String {
 }
 
 /// One table: a blank line, the header, the rows (or `(none)`), columns
-/// padded to their widest cell. Control characters are shown escaped: the
-/// cells come from the runtime's guests' names and addresses.
+/// padded to their widest cell. Control, bidi and invisible characters are
+/// shown escaped (as guests' log lines are): the cells come from a process
+/// at the other end of a socket, and from its guests' names and addresses.
 fn render(header: &[&str], rows: &[Vec<String>]) -> String {
-    let clean = |s: &str| s.chars().flat_map(|c| if c.is_control() { c.escape_default().collect::<Vec<_>>() } else { vec![c] }).collect::<String>();
-    let rows: Vec<Vec<String>> = rows.iter().map(|r| r.iter().map(|c| clean(c)).collect()).collect();
+    let rows: Vec<Vec<String>> = rows.iter().map(|r| r.iter().map(|c| crate::sandbox::printable(c).into_owned()).collect()).collect();
     let widths: Vec<usize> =
         (0..header.len()).map(|i| rows.iter().map(|r| r[i].chars().count()).chain([header[i].len()]).max().unwrap_or(0)).collect();
     let line = |cells: Vec<&str>| {
@@ -147,4 +147,29 @@ fn render(header: &[&str], rows: &[Vec<String>]) -> String {
         out += &line(row.iter().map(String::as_str).collect());
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    /// `hyperty status` prints what a process at the other end of a socket
+    /// answered: a name with a terminal escape or a bidi override must not
+    /// repaint the operator's terminal or read differently than it is.
+    #[test]
+    fn the_table_shows_control_bidi_and_invisible_characters_escaped() {
+        let status = json!({
+            "runtime": "runtime://x.example/\u{1b}[2J",
+            "domains": [{ "name": "evil\u{202e}elpmaxe.", "instances": 1, "memory_bytes": 2048, "inbox": 0 }],
+            "hyperties": [{ "domain": "a.example", "name": "b\u{200b}", "address": "hyperty://a.example/\u{7}", "status": "live" }],
+            "stubs": [],
+        });
+        let table = super::table(&status);
+        for hidden in ['\u{1b}', '\u{202e}', '\u{200b}', '\u{7}'] {
+            assert!(!table.contains(hidden), "{hidden:?} shown raw in:\n{table}");
+        }
+        for shown in ["\\u{1b}[2J", "evil\\u{202e}elpmaxe.", "b\\u{200b}", "a.example/\\u{7}"] {
+            assert!(table.contains(shown), "{shown} missing from:\n{table}");
+        }
+    }
 }
