@@ -1089,7 +1089,8 @@ fn wrong_turn_credentials_close_a_relay_only_connection_naming_the_server_and_th
     let pc = driver.command(&a, json!({ "op": "open" }))["pc"].as_u64().unwrap();
     let closed = driver.media_report(&a, 10, |v| v["event"] == "closed" && v["pc"] == pc);
     let reason = closed["reason"].as_str().unwrap();
-    assert!(reason.contains(&format!("the TURN server {} refused the allocation: 401", turn.addr)), "{reason}");
+    let refused = format!("the TURN server {} refused the allocation: 401 Unauthorized twice: the username or credential is wrong", turn.addr);
+    assert!(reason.contains(&refused), "{reason}");
     assert!(reason.contains("ice-transport-policy is relay"), "{reason}");
     assert!(!reason.contains(TurnServer::USERNAME) && !reason.contains("not-the-credential"), "{reason}");
     let e = error_of(&driver.command(&a, json!({ "op": "channel", "pc": pc, "label": "x" })));
