@@ -43,6 +43,8 @@ pub const TRIES: u32 = super::stun::TRIES;
 pub const RTO: Duration = super::stun::RTO;
 /// The shortest wait between two polls of a client with nothing to do.
 const MIN_WAIT: Duration = Duration::from_millis(5);
+/// Rounds of one poll (each takes the client's events and datagrams).
+const MAX_ROUNDS: usize = 16;
 /// `turn-client-proto` spaces two requests by 50 ms.
 const REQUEST_CADENCE: Duration = Duration::from_millis(50);
 
@@ -129,7 +131,8 @@ impl Allocation {
         let client = self.client.as_mut()?;
         let mut step = None;
         let mut closed = false;
-        loop {
+        // Rounds of events and datagrams: bounded, whatever the client says.
+        for _ in 0..MAX_ROUNDS {
             let wait = match client.poll(at) {
                 TurnPollRet::WaitUntil(wait) => Some(wait),
                 TurnPollRet::Closed => {
