@@ -353,6 +353,21 @@ mod tests {
     }
 
     #[test]
+    fn an_allocation_permits_at_most_max_permissions_peers() {
+        let local: SocketAddr = "127.0.0.1:40000".parse().unwrap();
+        let mut allocation = Allocation::new(&server(), local);
+        let now = Instant::now();
+        for i in 0..40u8 {
+            allocation.permit(IpAddr::from([127, 0, 1, i]), now);
+            allocation.permit(IpAddr::from([127, 0, 1, i]), now);
+        }
+        assert_eq!(allocation.permitted.len(), MAX_PERMISSIONS);
+        assert_eq!(allocation.permitted[MAX_PERMISSIONS - 1], IpAddr::from([127, 0, 1, MAX_PERMISSIONS as u8 - 1]));
+        // Nothing to wrap before the allocation exists.
+        assert_eq!(allocation.wrap("127.0.0.1:5000".parse().unwrap(), b"x", now), None);
+    }
+
+    #[test]
     fn an_allocate_is_sent_three_times_then_the_silent_server_is_given_up() {
         let local: SocketAddr = "127.0.0.1:40000".parse().unwrap();
         let mut allocation = Allocation::new(&server(), local);
