@@ -274,15 +274,22 @@ impl Allocation {
         let mut client = self.client.take()?;
         self.relayed?;
         client.delete(at).ok()?;
-        // Sent now, whenever the last request went.
-        client.poll_transmit(at + REQUEST_CADENCE).map(|t| t.data.to_vec())
+        // The Refresh, past the client's spacing of requests and whatever
+        // requests wait before it (a channel bind...), which are dropped.
+        (1..=MAX_ROUNDS as u32)
+            .filter_map(|k| client.poll_transmit(at + REQUEST_CADENCE * k))
+            .map(|t| t.data.to_vec())
+            .find(|d| Message::from_bytes(d).is_ok_and(|m| m.has_method(turn_client_proto::types::message::REFRESH)))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use stun_types::attribute::{Nonce, Realm};
+    use stun_types::attribute::{AttributeWrite, Nonce, Realm, XorMappedAddress};
+    use turn_client_proto::types::attribute::{Data, Lifetime, XorPeerAddress, XorRelayedAddress};
+    use turn_client_proto::types::message::{CREATE_PERMISSION, REFRESH, SEND};
+    use turn_client_proto::types::transmit::DelayedMessage;
     use stun_types::message::{
         IntegrityAlgorithm, LongTermKeyCredentials, MessageIntegrityCredentials, MessageWrite, MessageWriteExt, MessageWriteVec,
     };
@@ -300,9 +307,25 @@ mod tests {
         write.add_attribute(&Realm::new("hyperty.test").unwrap()).unwrap();
         write.add_attribute(&Nonce::new("n0nce").unwrap()).unwrap();
         if signed {
-            let key = LongTermKeyCredentials::new("u".into(), "c".into(), "hyperty.test".into());
-            write.add_message_integrity(&MessageIntegrityCredentials::LongTerm(key), IntegrityAlgorithm::Sha1).unwrap();
+            write.add_message_integrity(&key(), IntegrityAlgorithm::Sha1).unwrap();
         }
+        write.finish()
+    }
+
+    /// The credentials' key, as the server signs with it.
+    fn key() -> MessageIntegrityCredentials {
+        MessageIntegrityCredentials::LongTerm(LongTermKeyCredentials::new("u".into(), "c".into(), "hyperty.test".into()))
+    }
+
+    /// The signed success response to `request` with the attributes `with`
+    /// makes (given the transaction id).
+    fn success(request: &[u8], with: impl Fn(TransactionId) -> Vec<Box<dyn AttributeWrite>>) -> Vec<u8> {
+        let request = Message::from_bytes(request).unwrap();
+        let mut write = Message::builder_success(&request, MessageWriteVec::new());
+        for attribute in with(request.transaction_id()) {
+            write.add_attribute(attribute.as_ref()).unwrap();
+        }
+        write.add_message_integrity(&key(), IntegrityAlgorithm::Sha1).unwrap();
         write.finish()
     }
 
@@ -350,6 +373,42 @@ mod tests {
             assert_eq!(step, Some(Step::Failed(format!("the TURN server 127.0.0.1:3478 refused the allocation: {code} {reason}"))));
             assert!(allocation.is_gone());
         }
+    }
+
+    #[test]
+    fn an_allocation_relays_both_ways_once_permitted_and_is_released_with_lifetime_0() {
+        let (local, relayed, peer): (SocketAddr, SocketAddr, SocketAddr) =
+            ("127.0.0.1:40000".parse().unwrap(), "127.0.0.9:50000".parse().unwrap(), "127.0.0.1:41000".parse().unwrap());
+        let now = Instant::now();
+        let (mut allocation, request) = challenged(local, now);
+        let allocated = success(&request, |id| {
+            vec![Box::new(XorRelayedAddress::new(relayed, id)), Box::new(Lifetime::new(600)), Box::new(XorMappedAddress::new(local, id))]
+        });
+        assert_eq!(allocation.received(&allocated, local, now), Ok(Received::Handled));
+        let later = now + REQUEST_CADENCE * 3;
+        assert_eq!(allocation.poll(later, &mut Vec::new()), Some(Step::Relayed(relayed)));
+        assert_eq!(allocation.relayed(), Some(relayed));
+        // No permission for the peer yet: nothing goes, one is asked for.
+        assert_eq!(allocation.wrap(peer, b"hello", later), None);
+        let asked = sent(&mut allocation, later + REQUEST_CADENCE);
+        assert_eq!(asked.len(), 1);
+        assert!(Message::from_bytes(&asked[0]).unwrap().has_method(CREATE_PERMISSION));
+        assert_eq!(allocation.received(&success(&asked[0], |_| Vec::new()), local, later), Ok(Received::Handled));
+        // Permitted: the data goes wrapped for the server, to the peer.
+        let wrapped = allocation.wrap(peer, b"hello", later).expect("wrapped once permitted");
+        let m = Message::from_bytes(&wrapped).unwrap();
+        assert!(m.has_method(SEND), "a Send indication (no channel bound yet)");
+        assert_eq!(m.attribute::<XorPeerAddress>().unwrap().addr(m.transaction_id()), peer);
+        assert_eq!(m.attribute::<Data>().unwrap().data(), b"hello");
+        // What the server relays from the peer comes back unwrapped.
+        let indication = DelayedMessage::for_client(peer, &b"back"[..]).build();
+        assert_eq!(allocation.received(&indication, local, later), Ok(Received::Peer(peer, b"back".to_vec())));
+        // Released: a Refresh with LIFETIME 0 (RFC 8656 §7), then gone.
+        let release = allocation.release(later).expect("a Refresh");
+        let m = Message::from_bytes(&release).unwrap();
+        assert!(m.has_method(REFRESH));
+        assert_eq!(m.attribute::<Lifetime>().unwrap().seconds(), 0);
+        assert!(allocation.is_gone() && allocation.relayed().is_none());
     }
 
     #[test]
