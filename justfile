@@ -164,8 +164,9 @@ chromium:
     export DEBIAN_FRONTEND=noninteractive
     $sudo apt-get install -y -q chromium || { $sudo apt-get update -q && $sudo apt-get install -y -q chromium; }
 
-# Install Debian's coturn, whose `turnserver` the media tests run as a STUN
-# server on loopback.
+# Install Debian's coturn, whose `turnserver` the media tests run on
+# loopback as a STUN server, and as a TURN server (long-term credentials,
+# realm hyperty.test, loopback peers allowed: see tests/src/media.rs).
 turnserver:
     #!/usr/bin/env bash
     set -euo pipefail

@@ -19,6 +19,10 @@
 //!   (receive, depacketise, write to the other connection, packetise,
 //!   send) fed at the same pace, its CPU measured around its own work
 //!   (`CLOCK_THREAD_CPUTIME_ID`);
+//! - through a TURN relay (Debian's coturn on loopback; the caller's domain
+//!   `ice-transport-policy = "relay"`) beside the same call direct, in one
+//!   fresh runtime: data-channel MB/s (16 KiB messages) and video frames a
+//!   second reaching the callee (1000-byte VP8 frames paced at [`RATE`]);
 //! - hyperty ↔ headless Chromium, inside a private network namespace as the
 //!   tests run it: time from the page's offer to its channel open, and the
 //!   MB/s a hyperty sends the page (1 KiB and 16 KiB messages).
@@ -46,6 +50,8 @@ const TOTAL: usize = 8 << 20;
 const FRAMES: u64 = 20_000;
 const BATCH: u64 = 40;
 const RATE: u64 = 4_000;
+/// Frames the TURN leg sends on each call (direct, relayed).
+const TURN_FRAMES: u64 = 8_000;
 
 fn main() {
     let runtime = runtime(Duration::from_secs(10));
@@ -114,18 +120,9 @@ fn main() {
         written += BATCH;
     }
     let window = start.elapsed().as_secs_f64();
-    // The totals come at most once a second: the last is the one after
-    // which none comes for 2.5 s.
-    let last = |driver: &Driver, peer: &hyperty_host::Address| {
-        let mut last = Value::Null;
-        while let Some(m) = driver.find(|m| &m.from == peer && reported(m)["event"] == "track-stats", Duration::from_millis(2500)) {
-            last = reported(&m);
-        }
-        last
-    };
-    let relayed = last(&driver, &r);
+    let relayed = last_stats(&driver, &r, |_| true);
     let cpu = thread_cpu("media relay.exa") - cpu_before;
-    let received = last(&driver, &b);
+    let received = last_stats(&driver, &b, |_| true);
     let forwarded = relayed["forwarded"].as_u64().unwrap_or(0);
     let got = received["frames"].as_u64().unwrap_or(0);
     let floor = sfu_floor();
@@ -135,9 +132,74 @@ fn main() {
     println!("  relay CPU per 1,000 packets:  {:>8.1} ms   {:>8.1} ms", cpu * 1e6 / forwarded.max(1) as f64, floor.cpu * 1e6 / floor.forwarded.max(1) as f64);
     println!("  of {FRAMES}: reached the relay {forwarded} / {}, reached bob {got} / {}", floor.forwarded, floor.received);
 
+    turn_leg(&media);
+
     // Headless Chromium ↔ a hyperty, inside a private network namespace
     // (its own thread: the namespace is the thread's and its children's).
     std::thread::spawn(move || chromium_leg(media)).join().unwrap();
+}
+
+/// The last `track-stats` event of `peer` matching `pred`: the totals come
+/// at most once a second, so the last is the one after which none comes
+/// for 2.5 s.
+fn last_stats(driver: &Driver, peer: &hyperty_host::Address, pred: impl Fn(&Value) -> bool) -> Value {
+    let mut last = Value::Null;
+    while let Some(m) = driver.find(|m| &m.from == peer && reported(m)["event"] == "track-stats" && pred(&reported(m)), Duration::from_millis(2500)) {
+        last = reported(&m);
+    }
+    last
+}
+
+/// The same call from alice (direct) and from carol (relay-only, through
+/// Debian's coturn on loopback) to bob, in a fresh runtime: data-channel
+/// MB/s of 16 KiB messages, then [`TURN_FRAMES`] 1000-byte VP8 frames
+/// paced at [`RATE`] and the frames a second that reached bob.
+fn turn_leg(media: &Value) {
+    let turn = TurnServer::start();
+    let runtime = runtime(Duration::from_secs(10));
+    let mut driver = Driver::new(&runtime);
+    let mut relayed = media.clone();
+    relayed["turn"] = json!([turn.entry(TurnServer::CREDENTIAL)]);
+    relayed["ice-transport-policy"] = json!("relay");
+    let mut bundle = TestBundle::new();
+    for (domain, name, settings) in [("alice.example", "a", media), ("carol.example", "c", &relayed), ("bob.example", "b", media)] {
+        bundle = bundle.hyperty(domain, name, &guest("media-peer"), media_peer_config(false)).domain(domain, media_domain(8, settings.clone()));
+    }
+    runtime.deploy(&bundle.load()).expect("the TURN leg deploys");
+    let [a, c, b] = [("alice.example", "a"), ("carol.example", "c"), ("bob.example", "b")].map(|(d, n)| runtime.lookup(d, n).unwrap());
+    let mut rows = Vec::new();
+    for caller in [&a, &c] {
+        let (call, tracks) = driver.media_call_with_tracks(caller, &b, "turn", json!([["video", "vp8"]]));
+        let (pc_b, size) = (call.callee.0, 16usize << 10);
+        let at_b = driver.media_track(&b, pc_b, "video")["track"].as_u64().unwrap();
+        driver.command(&b, json!({ "op": "deliver-frames", "pc": pc_b, "track": at_b, "on": false }));
+        driver.command(&b, json!({ "op": "sink", "messages": TOTAL / size }));
+        let start = Instant::now();
+        let sent = driver.command(caller, json!({ "op": "blast", "pc": call.caller.0, "channel": call.caller.1, "size": size, "count": TOTAL / size }));
+        assert_eq!(sent, json!({ "ok": true }));
+        driver.media_report(&b, 300, |v| v["sink"] == "done");
+        let mbps = TOTAL as f64 / start.elapsed().as_secs_f64() / 1e6;
+        let start = Instant::now();
+        let mut written = 0;
+        while written < TURN_FRAMES {
+            pace(start, written);
+            let at = written * 1_000_000 / RATE;
+            let w = driver.command(caller, json!({ "op": "write", "pc": call.caller.0, "track": tracks[0], "frames": BATCH, "size": 1000, "at-us": at, "step-us": 1_000_000 / RATE }));
+            assert_eq!(w, json!({ "written": BATCH }));
+            written += BATCH;
+        }
+        let window = start.elapsed().as_secs_f64();
+        let got = last_stats(&driver, &b, |v| v["pc"] == pc_b)["frames"].as_u64().unwrap_or(0);
+        rows.push((mbps, got as f64 / window, got));
+        driver.command(caller, json!({ "op": "close", "pc": call.caller.0 }));
+        driver.command(&b, json!({ "op": "close", "pc": pc_b }));
+    }
+    let [(dm, df, dg), (rm, rf, rg)] = [rows[0], rows[1]];
+    println!("  through a TURN relay (coturn, loopback; the caller relay-only):");
+    println!("                                  direct        relayed      ratio");
+    println!("  data channel, 16 KiB messages: {dm:>8.1} MB/s {rm:>8.1} MB/s  {:.0}%", 100.0 * rm / dm);
+    println!("  video frames/s reaching bob:  {df:>8.0}      {rf:>8.0}       {:.0}%", 100.0 * rf / df);
+    println!("  of {TURN_FRAMES} frames paced at {RATE}/s: reached bob {dg} direct, {rg} relayed");
 }
 
 /// A page in Chromium offers a data channel to bob's hyperty (a fresh

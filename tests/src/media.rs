@@ -353,26 +353,84 @@ pub fn ensure_turnserver() {
 
 impl StunServer {
     pub fn start() -> StunServer {
-        ensure_turnserver();
-        let port = UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let child = std::process::Command::new("turnserver")
-            .args(["-n", "-S", "-L", "127.0.0.1", "-p", &port.to_string(), "--no-tls", "--no-dtls", "--no-cli", "--log-file", "stdout"])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start Debian's turnserver (`just turnserver` installs coturn): {e}"));
-        let server = StunServer { addr: ([127, 0, 0, 1], port).into(), child };
-        // Ready once it answers a Binding request (RFC 8489 §5: a bare
-        // header, class request, method Binding, the magic cookie).
-        let probe = UdpSocket::bind("127.0.0.1:0").unwrap();
-        probe.set_read_timeout(Some(std::time::Duration::from_millis(100))).unwrap();
-        let mut request = vec![0, 1, 0, 0, 0x21, 0x12, 0xA4, 0x42];
-        request.extend_from_slice(b"hyperty-test");
-        crate::wait_until("turnserver answers a STUN Binding request", || {
-            let _ = probe.send_to(&request, server.addr);
-            probe.recv_from(&mut [0; 512]).is_ok()
-        });
-        server
+        let (addr, child) = coturn(&["-S"]);
+        StunServer { addr, child }
+    }
+}
+
+/// Starts Debian's coturn on 127.0.0.1 (no config file, no TLS, no CLI)
+/// with `args`, waiting until it answers a STUN Binding request; its
+/// address and process.
+fn coturn(args: &[&str]) -> (std::net::SocketAddr, std::process::Child) {
+    ensure_turnserver();
+    let port = UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let child = std::process::Command::new("turnserver")
+        .args(["-n", "-L", "127.0.0.1", "-p", &port.to_string(), "--no-tls", "--no-dtls", "--no-cli", "--log-file", "stdout"])
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start Debian's turnserver (`just turnserver` installs coturn): {e}"));
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    // Ready once it answers a Binding request (RFC 8489 §5: a bare
+    // header, class request, method Binding, the magic cookie).
+    let probe = UdpSocket::bind("127.0.0.1:0").unwrap();
+    probe.set_read_timeout(Some(std::time::Duration::from_millis(100))).unwrap();
+    let mut request = vec![0, 1, 0, 0, 0x21, 0x12, 0xA4, 0x42];
+    request.extend_from_slice(b"hyperty-test");
+    crate::wait_until("turnserver answers a STUN Binding request", || {
+        let _ = probe.send_to(&request, addr);
+        probe.recv_from(&mut [0; 512]).is_ok()
+    });
+    (addr, child)
+}
+
+/// Debian's coturn as a TURN server (RFC 8656) on 127.0.0.1: long-term
+/// credentials ([`TurnServer::USERNAME`], [`TurnServer::CREDENTIAL`]),
+/// realm `hyperty.test`, relayed addresses on 127.0.0.1 in `relay_ports`,
+/// loopback peers allowed; killed on drop.
+pub struct TurnServer {
+    pub addr: std::net::SocketAddr,
+    pub relay_ports: std::ops::RangeInclusive<u16>,
+    child: std::process::Child,
+}
+
+impl TurnServer {
+    pub const USERNAME: &'static str = "turn-user-7f3a";
+    pub const CREDENTIAL: &'static str = "turn-secret-9c1e";
+
+    pub fn start() -> TurnServer {
+        let ports = udp_ports(64);
+        let (min, max) = ports.split_once('-').unwrap();
+        let user = format!("{}:{}", Self::USERNAME, Self::CREDENTIAL);
+        let (addr, child) = coturn(&[
+            "--lt-cred-mech",
+            "--user",
+            &user,
+            "--realm",
+            "hyperty.test",
+            "--allow-loopback-peers",
+            "--relay-ip",
+            "127.0.0.1",
+            "--min-port",
+            min,
+            "--max-port",
+            max,
+            "--no-tcp-relay",
+        ]);
+        TurnServer { addr, relay_ports: min.parse().unwrap()..=max.parse().unwrap(), child }
+    }
+
+    /// The domain's `turn` entry for this server, with `credential`.
+    pub fn entry(&self, credential: &str) -> Value {
+        json!({ "server": self.addr.to_string(), "username": Self::USERNAME, "credential": credential })
+    }
+}
+
+impl Drop for TurnServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

@@ -975,16 +975,9 @@ fn a_stun_server_that_never_answers_gets_three_binding_requests_per_connection_a
     runtime.deploy(&bundle.load()).unwrap();
     let [a, b] = [("alice.example", "a"), ("bob.example", "b")].map(|(d, n)| runtime.lookup(d, n).unwrap());
     let host = driver.command(&a, json!({ "op": "open" }))["pc"].as_u64().unwrap();
-    // RFC 8489 Binding requests (class request, method Binding, the magic
-    // cookie), the same transaction sent again.
+    // RFC 8489 Binding requests, the same transaction sent again.
+    let transaction = one_request_three_times(&silent, 0x001);
     let mut buf = [0u8; 2048];
-    let mut transaction = None;
-    for _ in 0..3 {
-        let (n, _) = silent.recv_from(&mut buf).expect("a Binding request");
-        assert_eq!((&buf[..2], &buf[4..8]), (&[0u8, 1][..], &[0x21u8, 0x12, 0xA4, 0x42][..]), "{:?}", &buf[..n]);
-        let id = buf[8..20].to_vec();
-        assert_eq!(transaction.get_or_insert_with(|| id.clone()), &id, "one transaction, retransmitted");
-    }
     // The call connects on host candidates all the same.
     let call = driver.media_call(&a, &b, "chat");
     driver.command(&a, json!({ "op": "send", "pc": call.caller.0, "channel": call.caller.1, "text": "hi" }));
@@ -993,19 +986,175 @@ fn a_stun_server_that_never_answers_gets_three_binding_requests_per_connection_a
     // past two of them); the call's own connection sends its own.
     silent.set_read_timeout(Some(Duration::from_millis(1500))).unwrap();
     while let Ok((_, _)) = silent.recv_from(&mut buf) {
-        assert_ne!(&buf[8..20], transaction.as_deref().unwrap(), "a fourth Binding request of one transaction");
+        assert_ne!(&buf[8..20], transaction, "a fourth Binding request of one transaction");
     }
     assert_eq!(driver.command(&a, json!({ "op": "candidates", "pc": host }))["candidates"].as_array().unwrap().len(), 1);
 }
 
-#[test]
-fn a_turn_relay_in_the_media_table_is_refused_as_not_supported_yet_naming_the_domain() {
-    let turn = json!({ "turn": [{ "url": "turn:127.0.0.1:3478", "username": "u", "credential": "secret" }] });
+// TURN relays (RFC 8656), against Debian's coturn.
+
+/// alice.example/a with the media `extra` settings (a TURN server), and
+/// bob.example/b (echoing) with plain ones.
+fn turn_pair(alice: Value) -> (Runtime, Driver, TestBundle, Address, Address) {
+    let runtime = runtime(Duration::from_secs(5));
+    let driver = Driver::new(&runtime);
     let bundle = TestBundle::new()
-        .hyperty("carol.example", "c", &guest("media-peer"), media_peer_config(false))
-        .domain("carol.example", media_domain(4, turn));
-    let e = hyperty_host::Bundle::load(bundle.write()).unwrap_err().to_string();
-    assert!(e.contains("carol.example") && e.contains("media: turn: TURN relays (RFC 8656) are not supported yet"), "{e}");
+        .hyperty("alice.example", "a", &guest("media-peer"), media_peer_config(false))
+        .domain("alice.example", media_domain(4, alice))
+        .hyperty("bob.example", "b", &guest("media-peer"), media_peer_config(true))
+        .domain("bob.example", media_domain(4, json!({})));
+    runtime.deploy(&bundle.load()).expect("a domain with a TURN server deploys");
+    let [a, b] = [("alice.example", "a"), ("bob.example", "b")].map(|(d, n)| runtime.lookup(d, n).unwrap());
+    (runtime, driver, bundle, a, b)
+}
+
+/// The candidates of `peer`'s connection `pc`.
+fn candidates_of(driver: &mut Driver, peer: &Address, pc: u64) -> Vec<String> {
+    let got = driver.command(peer, json!({ "op": "candidates", "pc": pc }));
+    got["candidates"].as_array().unwrap_or_else(|| panic!("{got}")).iter().map(|c| c.as_str().unwrap().to_owned()).collect()
+}
+
+#[test]
+fn a_relay_only_hyperty_calls_through_coturn_and_data_and_video_flow_both_ways_over_the_relay() {
+    let turn = TurnServer::start();
+    let relay = json!({ "turn": [turn.entry(TurnServer::CREDENTIAL)], "ice-transport-policy": "relay" });
+    let (_runtime, mut driver, _bundle, a, b) = turn_pair(relay);
+
+    // A relay-only connection's one candidate is the relayed address coturn
+    // allocated (in its relay ports): no host candidate, so whatever it
+    // carries goes through the relay.
+    let pc = driver.command(&a, json!({ "op": "open" }))["pc"].as_u64().unwrap();
+    let learnt = driver.media_report(&a, 10, |v| v["event"] == "local-candidate" && v["pc"] == pc);
+    let relayed = learnt["candidate"].as_str().unwrap().to_owned();
+    let fields: Vec<&str> = relayed.split_whitespace().collect();
+    assert_eq!((fields[4], fields[6], fields[7]), ("127.0.0.1", "typ", "relay"), "{relayed}");
+    let port: u16 = fields[5].parse().unwrap();
+    assert!(turn.relay_ports.contains(&port), "{relayed}: not in coturn's relay ports {:?}", turn.relay_ports);
+    assert_eq!(candidates_of(&mut driver, &a, pc), std::slice::from_ref(&relayed));
+
+    // A call from it, with a video track: the channel opens, text goes both
+    // ways, and the caller's only candidate is a relayed one.
+    let (call, tracks) = driver.media_call_with_tracks(&a, &b, "chat", json!([["video", "vp8"]]));
+    let (pc_a, pc_b) = (call.caller.0, call.callee.0);
+    let at_a = candidates_of(&mut driver, &a, pc_a);
+    assert!(at_a.len() == 1 && at_a[0].contains(" typ relay "), "{at_a:?}");
+    driver.command(&a, json!({ "op": "send", "pc": pc_a, "channel": call.caller.1, "text": "via coturn" }));
+    assert_eq!(driver.media_report(&b, 10, |v| v["event"] == "channel-data")["text"], "via coturn");
+    assert_eq!(driver.media_report(&a, 10, |v| v["event"] == "channel-data")["text"], "echo:via coturn");
+    driver.command(&b, json!({ "op": "send", "pc": pc_b, "channel": call.callee.1, "text": "back" }));
+    assert_eq!(driver.media_report(&a, 10, |v| v["event"] == "channel-data")["text"], "back");
+
+    // Video a → b.
+    let video_b = driver.media_track(&b, pc_b, "video")["track"].as_u64().unwrap();
+    let sent = driver.command(&a, json!({ "op": "write", "pc": pc_a, "track": tracks[0], "frames": 10, "size": 3000, "step-us": 33_333 }));
+    assert_eq!(sent, json!({ "written": 10 }));
+    frames_until(&driver, &b, pc_b, video_b, 10, |v| assert_eq!(v["size"], 3000, "{v}"));
+    // Video b → a, on a track b adds by renegotiation.
+    let added = driver.command(&b, json!({ "op": "add-track", "pc": pc_b, "kind": "video", "codec": "vp8" }));
+    let track_b = added["track"].as_u64().unwrap_or_else(|| panic!("{added}"));
+    let reoffer = driver.command(&b, json!({ "op": "reoffer", "pc": pc_b, "peer": a.to_string(), "remote-pc": pc_a }));
+    assert_eq!(reoffer, json!({ "ok": true }));
+    assert_eq!(driver.media_report(&b, 10, |v| v["signal"].is_string() && v["pc"] == pc_b)["signal"], "answered");
+    let video_a = driver.media_track(&a, pc_a, "video")["track"].as_u64().unwrap();
+    let sent = driver.command(&b, json!({ "op": "write", "pc": pc_b, "track": track_b, "frames": 10, "size": 2000, "step-us": 33_333 }));
+    assert_eq!(sent, json!({ "written": 10 }));
+    frames_until(&driver, &a, pc_a, video_a, 10, |v| assert_eq!(v["size"], 2000, "{v}"));
+    // Still one candidate at a: its relayed address carried all of it.
+    assert_eq!(candidates_of(&mut driver, &a, pc_a).len(), 1);
+
+    // The TURN server's credentials never reached a guest: not in the
+    // SDP a connection makes, its candidates, nor any event either
+    // hyperty saw (each forwards every one to the observer).
+    driver.command(&a, json!({ "op": "channel", "pc": pc, "label": "x" }));
+    let offer = driver.command(&a, json!({ "op": "offer", "pc": pc }))["sdp"].as_str().unwrap().to_owned();
+    assert!(offer.contains(&format!("a={relayed}")), "{offer}");
+    let mut seen = vec![offer, relayed, learnt.to_string()];
+    for peer in [&a, &b] {
+        // A command's answer comes after the reports of what its hyperty
+        // handled before: those reached the observer, set aside.
+        candidates_of(&mut driver, peer, 0);
+        seen.extend(driver.endpoint.take_set_aside(|m| &m.from == peer).iter().map(|m| m.body.value.clone().unwrap_or_default()));
+    }
+    assert!(seen.len() > 20, "the events of the call: {}", seen.len());
+    for text in &seen {
+        assert!(!text.contains(TurnServer::USERNAME) && !text.contains(TurnServer::CREDENTIAL), "a guest saw the TURN credentials: {text}");
+    }
+}
+
+#[test]
+fn wrong_turn_credentials_close_a_relay_only_connection_naming_the_server_and_the_401_and_an_all_one_still_connects() {
+    let turn = TurnServer::start();
+    let wrong = json!({ "turn": [turn.entry("not-the-credential")], "ice-transport-policy": "relay" });
+    let (_runtime, mut driver, _bundle, a, _b) = turn_pair(wrong);
+    let pc = driver.command(&a, json!({ "op": "open" }))["pc"].as_u64().unwrap();
+    let closed = driver.media_report(&a, 10, |v| v["event"] == "closed" && v["pc"] == pc);
+    let reason = closed["reason"].as_str().unwrap();
+    let refused = format!("the TURN server {} refused the allocation: 401 Unauthorized twice: the username or credential is wrong", turn.addr);
+    assert!(reason.contains(&refused), "{reason}");
+    assert!(reason.contains("ice-transport-policy is relay"), "{reason}");
+    assert!(!reason.contains(TurnServer::USERNAME) && !reason.contains("not-the-credential"), "{reason}");
+    let e = error_of(&driver.command(&a, json!({ "op": "channel", "pc": pc, "label": "x" })));
+    assert!(e.starts_with("closed: no TURN relay is left"), "{e}");
+
+    // With `all`, the same refused server leaves the host candidate: calls
+    // connect over it.
+    let all = json!({ "turn": [turn.entry("not-the-credential")] });
+    let (_runtime2, mut driver, _bundle2, c, b2) = turn_pair(all);
+    let call = driver.media_call(&c, &b2, "chat");
+    driver.command(&c, json!({ "op": "send", "pc": call.caller.0, "channel": call.caller.1, "text": "direct" }));
+    assert_eq!(driver.media_report(&c, 10, |v| v["event"] == "channel-data")["text"], "echo:direct");
+    let at_c = candidates_of(&mut driver, &c, call.caller.0);
+    assert!(at_c.len() == 1 && at_c[0].contains(" typ host "), "{at_c:?}");
+}
+
+/// Three STUN requests (class request, `method`, the magic cookie) of one
+/// transaction that `silent` received: the transaction id.
+fn one_request_three_times(silent: &std::net::UdpSocket, method: u8) -> Vec<u8> {
+    let mut buf = [0u8; 2048];
+    let mut transaction = None;
+    for _ in 0..3 {
+        let (n, _) = silent.recv_from(&mut buf).expect("a request");
+        assert_eq!((&buf[..2], &buf[4..8]), (&[0u8, method][..], &[0x21u8, 0x12, 0xA4, 0x42][..]), "{:?}", &buf[..n]);
+        let id = buf[8..20].to_vec();
+        assert_eq!(transaction.get_or_insert_with(|| id.clone()), &id, "one transaction, retransmitted");
+    }
+    transaction.unwrap()
+}
+
+#[test]
+fn a_turn_server_that_never_answers_gets_three_allocate_requests_then_a_relay_only_connection_closes() {
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    silent.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let entry = json!({ "server": silent.local_addr().unwrap().to_string(), "username": "u", "credential": "c" });
+    let (_runtime, mut driver, _bundle, a, _b) = turn_pair(json!({ "turn": [entry], "ice-transport-policy": "relay" }));
+    let pc = driver.command(&a, json!({ "op": "open" }))["pc"].as_u64().unwrap();
+    // RFC 8656 Allocate requests, one transaction sent again.
+    one_request_three_times(&silent, 0x003);
+    let mut buf = [0u8; 2048];
+    let closed = driver.media_report(&a, 10, |v| v["event"] == "closed" && v["pc"] == pc);
+    let reason = closed["reason"].as_str().unwrap();
+    assert!(reason.contains(&format!("the TURN server {} gave no allocation", silent.local_addr().unwrap())), "{reason}");
+    // No fourth request: the socket closed with the connection.
+    silent.set_read_timeout(Some(Duration::from_millis(1500))).unwrap();
+    assert!(silent.recv_from(&mut buf).is_err(), "a fourth Allocate request");
+}
+
+#[test]
+fn turn_settings_are_checked_at_load_naming_the_domain_and_the_field() {
+    let entry = |server: &str| json!({ "server": server, "username": "u", "credential": "c" });
+    for (media, why) in [
+        (json!({ "turn": [entry("turn.example:3478")] }), "media: turn[0].server: \"turn.example:3478\" is not an ip:port"),
+        (json!({ "turn": (1..=5).map(|i| entry(&format!("127.0.0.{i}:3478"))).collect::<Vec<_>>() }), "media: turn: 5 servers, at most 4"),
+        (json!({ "turn": [{ "server": "127.0.0.1:3478", "credential": "c" }] }), "media: turn[0].username: missing"),
+        (json!({ "turn": [entry("127.0.0.1:3478"), { "server": "127.0.0.1:3479", "username": "u" }] }), "media: turn[1].credential: missing"),
+        (json!({ "ice-transport-policy": "relay" }), "media: ice-transport-policy: \"relay\" needs at least one `turn` server"),
+    ] {
+        let bundle = TestBundle::new()
+            .hyperty("carol.example", "c", &guest("media-peer"), media_peer_config(false))
+            .domain("carol.example", media_domain(4, media));
+        let e = hyperty_host::Bundle::load(bundle.write()).unwrap_err().to_string();
+        assert!(e.contains("carol.example") && e.contains(why), "{why}: {e}");
+    }
 }
 
 // Signalling through reTHINK's Connection data object (media-caller).

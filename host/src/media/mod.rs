@@ -10,6 +10,12 @@
 //! on its socket, str0m's next timeout and the hyperty's calls at once:
 //! no busy loop.
 //!
+//! Candidates: the socket's host one (unless the domain's
+//! `ice-transport-policy` is `relay`), a server-reflexive one per STUN
+//! server of its `stun` setting ([`stun`]) and a relayed one per TURN
+//! allocation on the servers of its `turn` setting ([`turn`]), whose
+//! datagrams the task wraps and unwraps.
+//!
 //! Decision: events reach the hyperty as messages from the connection's
 //! own address (`media://<domain>/<uuid>`), through the bus and the
 //! domain's one inbox, rather than through a second export. One inbox
@@ -29,9 +35,10 @@ mod inbox;
 pub mod settings;
 mod stun;
 mod track;
+mod turn;
 
 use std::collections::{HashMap, VecDeque};
-use std::net::{SocketAddr, UdpSocket};
+use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -210,15 +217,18 @@ impl DomainMedia {
             .set_crypto_provider(Arc::new(str0m::crypto::from_feature_flags()))
             .set_sctp_max_message_size(settings.message_bytes)
             .build(Instant::now());
-        let candidate = Candidate::host(local, "udp").map_err(|e| MediaError::Invalid(format!("no host candidate for {local}: {e}")))?;
-        let candidate = rtc.add_local_candidate(candidate).map(|c| c.to_sdp_string()).unwrap_or_default();
+        // `ice-transport-policy = "relay"`: no host candidate, only relayed ones.
+        let mut candidates = Vec::new();
+        if !settings.relay_only {
+            let host = Candidate::host(local, "udp").map_err(|e| MediaError::Invalid(format!("no host candidate for {local}: {e}")))?;
+            candidates.extend(rtc.add_local_candidate(host).map(|c| c.to_sdp_string()));
+        }
         let fingerprint = rtc.direct_api().local_dtls_fingerprint().to_string();
         let conn = Arc::new(Conn {
             address,
             remote: remote.map(str::to_owned),
             settings: settings.clone(),
             held: self.held.clone(),
-            candidate,
             fingerprint,
             state: Mutex::new(State {
                 rtc,
@@ -234,7 +244,8 @@ impl DomainMedia {
                 closed: None,
                 remote_identity: None,
                 local_assertion: None,
-                reflexive: Vec::new(),
+                candidates,
+                permit: Vec::new(),
             }),
             wake: tokio::sync::Notify::new(),
         });
@@ -345,8 +356,6 @@ struct Conn {
     remote: Option<String>,
     settings: Arc<MediaSettings>,
     held: Arc<Held>,
-    /// The local host candidate, as an SDP attribute value.
-    candidate: String,
     fingerprint: String,
     state: Mutex<State>,
     /// Tells the task that the state changed (a call, a close).
@@ -379,9 +388,13 @@ struct State {
     /// This side's identity assertion: its text, when it was made and when
     /// it expires (Unix seconds).
     local_assertion: Option<(String, u64, u64)>,
-    /// Server-reflexive candidates learnt from the domain's STUN servers,
-    /// as SDP attribute values.
-    reflexive: Vec<String>,
+    /// The local candidates as SDP attribute values: the host one (unless
+    /// relay-only), then those learnt from the domain's STUN and TURN
+    /// servers.
+    candidates: Vec<String>,
+    /// Remote IPs (within `peers`) the TURN allocations are to permit, for
+    /// the task; at most [`turn::MAX_PERMISSIONS`].
+    permit: Vec<IpAddr>,
 }
 
 impl State {
@@ -391,6 +404,19 @@ impl State {
 
     fn id_of(&self, cid: ChannelId) -> Option<u32> {
         self.open.iter().find(|(_, c)| **c == cid).map(|(id, _)| *id)
+    }
+
+    /// Asks the connection's TURN allocations to permit `ips` (remote
+    /// candidates' addresses, already within `peers`).
+    fn want_permissions(&mut self, settings: &MediaSettings, ips: impl IntoIterator<Item = IpAddr>) {
+        if settings.turn.is_empty() {
+            return;
+        }
+        for ip in ips {
+            if !self.permit.contains(&ip) && self.permit.len() < turn::MAX_PERMISSIONS {
+                self.permit.push(ip);
+            }
+        }
     }
 }
 
@@ -429,15 +455,16 @@ impl Conn {
     /// DTLS fingerprint, a data channel or media section), with the candidates
     /// outside the domain's `peers` (or not addresses, like mDNS names)
     /// left out.
-    fn checked_sdp(&self, text: &str) -> Result<String, MediaError> {
+    fn checked_sdp(&self, text: &str) -> Result<(String, Vec<IpAddr>), MediaError> {
         if text.len() > MAX_SDP_BYTES {
             return Err(MediaError::MalformedSdp(format!("{} bytes, the limit is {MAX_SDP_BYTES}", text.len())));
         }
         let mut kept = String::with_capacity(text.len());
+        let mut ips = Vec::new();
         for line in text.split_inclusive('\n') {
             if let Some(attr) = line.trim_end().strip_prefix("a=candidate:") {
                 match Candidate::from_sdp_string(&format!("candidate:{attr}")) {
-                    Ok(c) if self.settings.allows_peer(c.addr().ip()) => {}
+                    Ok(c) if self.settings.allows_peer(c.addr().ip()) => ips.push(c.addr().ip()),
                     Ok(c) => {
                         tracing::debug!(connection = %self.address, "candidate {} outside the domain's peers left out", c.addr());
                         continue;
@@ -460,7 +487,7 @@ impl Conn {
             (None, false) => Err(MediaError::MalformedSdp(
                 "it offers no usable transport: no data channel or media section (m=application ... UDP/DTLS/SCTP webrtc-datachannel, m=audio or m=video ... UDP/TLS/RTP/SAVPF)".into(),
             )),
-            (None, true) => Ok(kept),
+            (None, true) => Ok((kept, ips)),
         }
     }
 
@@ -488,7 +515,7 @@ impl Conn {
     }
 
     fn accept_offer(&self, text: &str) -> Result<String, MediaError> {
-        let text = self.checked_sdp(text)?;
+        let (text, ips) = self.checked_sdp(text)?;
         let offer = SdpOffer::from_sdp_string(&text).map_err(|e| MediaError::MalformedSdp(e.to_string()))?;
         let state = self.lock()?;
         if state.pending_offer.is_some() {
@@ -498,13 +525,14 @@ impl Conn {
         state.remote_sdp_seen = true;
         let answer = state.rtc.sdp_api().accept_offer(offer).map_err(|e| MediaError::MalformedSdp(e.to_string()))?;
         state.negotiated = true;
+        state.want_permissions(&self.settings, ips);
         drop(state);
         self.wake.notify_one();
         Ok(answer.to_sdp_string())
     }
 
     fn accept_answer(&self, text: &str) -> Result<(), MediaError> {
-        let text = self.checked_sdp(text)?;
+        let (text, ips) = self.checked_sdp(text)?;
         let answer = SdpAnswer::from_sdp_string(&text).map_err(|e| MediaError::MalformedSdp(e.to_string()))?;
         let state = self.lock()?;
         if state.pending_offer.is_none() {
@@ -515,26 +543,32 @@ impl Conn {
         state.remote_sdp_seen = true;
         state.rtc.sdp_api().accept_answer(pending, answer).map_err(|e| MediaError::MalformedSdp(e.to_string()))?;
         state.negotiated = true;
+        state.want_permissions(&self.settings, ips);
         drop(state);
         self.wake.notify_one();
         Ok(())
     }
 
-    /// The local candidates: the host one, then those learnt from STUN.
+    /// The local candidates: the host one (unless relay-only), then those
+    /// learnt from STUN and TURN servers.
     fn local_candidates(&self) -> Vec<String> {
-        let reflexive = self.state.lock().unwrap_or_else(PoisonError::into_inner).reflexive.clone();
-        std::iter::once(self.candidate.clone()).chain(reflexive).collect()
+        self.state.lock().unwrap_or_else(PoisonError::into_inner).candidates.clone()
     }
 
-    /// Adds the server-reflexive candidate `mapped` (a STUN server's view
-    /// of the socket at `local`); its SDP attribute value, `None` when str0m
-    /// finds it redundant (no NAT: it is the host candidate).
-    fn add_reflexive(&self, mapped: SocketAddr, local: SocketAddr) -> Option<String> {
-        let candidate = Candidate::server_reflexive(mapped, local, "udp").ok()?;
+    /// Adds a local `candidate` learnt from a server (a STUN server's view of
+    /// the socket, a TURN server's relayed address); its SDP attribute
+    /// value, `None` when str0m finds it redundant (no NAT: a
+    /// server-reflexive address that is the host candidate).
+    fn add_local(&self, candidate: Candidate) -> Option<String> {
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         let sdp = state.rtc.add_local_candidate(candidate)?.to_sdp_string();
-        state.reflexive.push(sdp.clone());
+        state.candidates.push(sdp.clone());
         Some(sdp)
+    }
+
+    /// The remote IPs the TURN allocations are to permit, taken.
+    fn take_permissions(&self) -> Vec<IpAddr> {
+        std::mem::take(&mut self.state.lock().unwrap_or_else(PoisonError::into_inner).permit)
     }
 
     /// A datagram from `source` on the connection's socket at `local`: a
@@ -546,7 +580,7 @@ impl Conn {
             match binding.answer(data) {
                 stun::Answer::NotOurs => {}
                 stun::Answer::Mapped(mapped) => {
-                    let Some(candidate) = self.add_reflexive(mapped, local) else {
+                    let Some(candidate) = Candidate::server_reflexive(mapped, local, "udp").ok().and_then(|c| self.add_local(c)) else {
                         tracing::debug!(connection = %self.address, "STUN server {source} sees {mapped}: the host candidate already");
                         return None;
                     };
@@ -563,10 +597,41 @@ impl Conn {
             tracing::debug!(connection = %self.address, "datagram from {source}, outside the domain's peers, dropped");
             return None;
         }
-        if let Ok(contents) = data.try_into() {
-            self.input(Input::Receive(Instant::now(), Receive { proto: Protocol::Udp, source, destination: local, contents }));
+        if self.settings.relay_only {
+            tracing::debug!(connection = %self.address, "datagram from {source} not through a TURN relay, dropped (ice-transport-policy = relay)");
+            return None;
         }
+        self.receive(data, source, local);
         None
+    }
+
+    /// Gives str0m `data`, received from `source` on the local candidate
+    /// `destination` (the socket's, or a relayed address).
+    fn receive(&self, data: &[u8], source: SocketAddr, destination: SocketAddr) {
+        if let Ok(contents) = data.try_into() {
+            self.input(Input::Receive(Instant::now(), Receive { proto: Protocol::Udp, source, destination, contents }));
+        }
+    }
+
+    /// What a TURN allocation of the socket at `local` told: a relayed
+    /// address (its `local-candidate` event), or that its server is given
+    /// up on (logged; a relay-only connection left with no allocation,
+    /// `none_left`, closes with the reason).
+    fn allocation_step(&self, step: turn::Step, local: SocketAddr, none_left: bool) -> Option<Value> {
+        match step {
+            turn::Step::Relayed(relayed) => {
+                let candidate = Candidate::relayed(relayed, local, "udp").ok().and_then(|c| self.add_local(c))?;
+                tracing::info!(connection = %self.address, "relayed candidate {relayed} allocated on a TURN server");
+                Some(json!({ "event": "local-candidate", "candidate": candidate }))
+            }
+            turn::Step::Failed(why) => {
+                tracing::info!(connection = %self.address, "{why}");
+                if self.settings.relay_only && none_left {
+                    self.close(&format!("no TURN relay is left and ice-transport-policy is relay: {why}"));
+                }
+                None
+            }
+        }
     }
 
     fn add_remote_candidate(&self, text: &str) -> Result<(), MediaError> {
@@ -579,7 +644,10 @@ impl Conn {
         if !self.settings.allows_peer(ip) {
             return Err(MediaError::NotGranted(format!("{ip} is outside the domain's media peers")));
         }
-        self.lock()?.rtc.add_remote_candidate(candidate);
+        let mut state = self.lock()?;
+        state.rtc.add_remote_candidate(candidate);
+        state.want_permissions(&self.settings, [ip]);
+        drop(state);
         self.wake.notify_one();
         Ok(())
     }
@@ -646,7 +714,7 @@ impl Conn {
                 None => state.rtc.poll_output(),
             };
             match output {
-                Ok(Output::Transmit(t)) => out.transmits.push((t.destination, Vec::from(t.contents))),
+                Ok(Output::Transmit(t)) => out.transmits.push((t.source, t.destination, Vec::from(t.contents))),
                 Ok(Output::Timeout(at)) => {
                     out.deadline = at;
                     break;
@@ -764,7 +832,8 @@ fn channel_bytes(id: u32, data: &[u8]) -> Value {
 
 /// What one poll of str0m gave.
 struct Polled {
-    transmits: Vec<(SocketAddr, Vec<u8>)>,
+    /// Datagrams: from (a local candidate), to, contents.
+    transmits: Vec<(SocketAddr, SocketAddr, Vec<u8>)>,
     events: Vec<Value>,
     /// Forwarded frames and keyframe requests between connections.
     relays: Vec<track::Relay>,
@@ -798,7 +867,11 @@ async fn drive(conn: Arc<Conn>, socket: tokio::net::UdpSocket, mut sink: Sink, p
     // Events waiting for room in the inbox, with the track of frames.
     let mut outbox: VecDeque<(Message, Option<u32>)> = VecDeque::new();
     let mut polled = Polled { transmits: Vec::new(), events: Vec::new(), relays: Vec::new(), deadline: Instant::now(), closed: None };
-    let mut bindings: Vec<stun::Binding> = conn.settings.stun.iter().map(|&server| stun::Binding::new(server)).collect();
+    // Relay-only: no server-reflexive candidate either.
+    let stun_servers = if conn.settings.relay_only { &[][..] } else { &conn.settings.stun[..] };
+    let mut bindings: Vec<stun::Binding> = stun_servers.iter().map(|&server| stun::Binding::new(server)).collect();
+    let mut allocations: Vec<turn::Allocation> = conn.settings.turn.iter().map(|server| turn::Allocation::new(server, local)).collect();
+    let mut to_server = Vec::new();
     loop {
         for binding in &mut bindings {
             let server = binding.server;
@@ -812,12 +885,39 @@ async fn drive(conn: Arc<Conn>, socket: tokio::net::UdpSocket, mut sink: Sink, p
                 Err(why) => tracing::info!(connection = %conn.address, "{why}"),
             }
         }
+        let now = Instant::now();
+        let permits = conn.take_permissions();
+        let mut steps = Vec::new();
+        for allocation in &mut allocations {
+            for &ip in &permits {
+                allocation.permit(ip, now);
+            }
+            steps.extend(allocation.poll(now, &mut to_server));
+            for data in to_server.drain(..) {
+                if let Err(e) = socket.send_to(&data, allocation.server).await {
+                    tracing::debug!(connection = %conn.address, "cannot send to TURN server {}: {e}", allocation.server);
+                }
+            }
+        }
+        let none_left = allocations.iter().all(turn::Allocation::is_gone);
+        for step in steps {
+            polled.events.extend(conn.allocation_step(step, local, none_left));
+        }
         conn.poll(&mut polled);
-        for (to, data) in polled.transmits.drain(..) {
+        for (from, to, data) in polled.transmits.drain(..) {
             if !conn.settings.allows_peer(to.ip()) {
                 tracing::debug!(connection = %conn.address, "nothing is sent to {to}, outside the domain's peers");
                 continue;
             }
+            // From a relayed candidate: through its TURN server, wrapped.
+            let (data, to) = match allocations.iter_mut().find(|a| a.relayed() == Some(from)) {
+                Some(allocation) => match allocation.wrap(to, &data, now) {
+                    Some(wrapped) => (wrapped, allocation.server),
+                    None => continue,
+                },
+                None if conn.settings.relay_only => continue,
+                None => (data, to),
+            };
             if let Err(e) = socket.send_to(&data, to).await {
                 tracing::debug!(connection = %conn.address, "cannot send to {to}: {e}");
             }
@@ -861,13 +961,17 @@ async fn drive(conn: Arc<Conn>, socket: tokio::net::UdpSocket, mut sink: Sink, p
         if !outbox.is_empty() {
             wake_at = wake_at.min(Instant::now() + RETRY);
         }
-        if let Some(due) = bindings.iter().filter_map(|b| b.due).min() {
+        if let Some(due) = bindings.iter().filter_map(|b| b.due).chain(allocations.iter().filter_map(|a| a.due)).min() {
             wake_at = wake_at.min(due);
         }
         tokio::select! {
             received = socket.recv_from(&mut buf) => match received {
                 Ok((n, source)) => {
-                    if let Some(event) = conn.received(&buf[..n], source, local, &mut bindings) {
+                    let event = match relayed_in(&conn, &mut allocations, &buf[..n], source, local) {
+                        Some(relayed) => relayed,
+                        None => conn.received(&buf[..n], source, local, &mut bindings),
+                    };
+                    if let Some(event) = event {
                         outbox.push_back((sink.message(&conn.address, &event), None));
                     }
                 }
@@ -877,9 +981,40 @@ async fn drive(conn: Arc<Conn>, socket: tokio::net::UdpSocket, mut sink: Sink, p
             () = conn.wake.notified() => {}
         }
     }
+    for allocation in &mut allocations {
+        if let Some(release) = allocation.release(Instant::now()) {
+            let _ = socket.send_to(&release, allocation.server).await;
+        }
+    }
     conn.held.frames.forget(&conn.address);
     drop(socket);
     drop(place);
+}
+
+/// A datagram from `source` on the socket at `local`, if it comes from
+/// one of the connection's TURN servers and is its allocation's: data a
+/// peer sent to the relayed address, given to str0m as received there
+/// (from the domain's `peers` only), or a response the allocation takes.
+/// `None` when it is not an allocation's; `Some(event)` when it was (with
+/// the event it gave, if any).
+fn relayed_in(conn: &Conn, allocations: &mut [turn::Allocation], data: &[u8], source: SocketAddr, local: SocketAddr) -> Option<Option<Value>> {
+    let allocation = allocations.iter_mut().find(|a| a.server == source && !a.is_gone())?;
+    let relayed = allocation.relayed();
+    match allocation.received(data, local, Instant::now()) {
+        Ok(turn::Received::NotOurs) => None,
+        Ok(turn::Received::Handled) => Some(None),
+        Ok(turn::Received::Peer(peer, data)) => {
+            match relayed {
+                Some(relayed) if conn.settings.allows_peer(peer.ip()) => conn.receive(&data, peer, relayed),
+                _ => tracing::debug!(connection = %conn.address, "relayed datagram from {peer}, outside the domain's peers, dropped"),
+            }
+            Some(None)
+        }
+        Err(step) => {
+            let none_left = allocations.iter().all(turn::Allocation::is_gone);
+            Some(conn.allocation_step(step, local, none_left))
+        }
+    }
 }
 
 /// The track of a `media` event (a received frame), which may be dropped.

@@ -5,6 +5,8 @@
 //! [domains."alice.example"]
 //! grants = ["clocks", "random", "media"]
 //! media = { bind = "127.0.0.1", ports = "40000-40100", peers = ["127.0.0.0/8"], peer-connections = 8, stun = ["127.0.0.1:3478"] }
+//! # A TURN relay (RFC 8656) with long-term credentials, and relayed candidates only:
+//! # media = { ..., turn = [{ server = "127.0.0.1:3478", username = "u", credential = "p" }], ice-transport-policy = "relay" }
 //! ```
 
 use std::net::{IpAddr, SocketAddr};
@@ -62,11 +64,43 @@ pub struct MediaSettings {
     /// Binding): host configuration, never shown to guests. Reachable
     /// whatever `peers` says.
     pub stun: Vec<SocketAddr>,
+    /// TURN servers (at most [`MAX_TURN_SERVERS`]) each connection's socket
+    /// allocates a relayed address on (RFC 8656, long-term credentials):
+    /// host configuration, never shown to guests nor logged. Reachable
+    /// whatever `peers` says.
+    pub turn: Vec<TurnServer>,
+    /// `ice-transport-policy` (W3C `RTCConfiguration.iceTransportPolicy`):
+    /// `relay` gives str0m and the hyperty relayed candidates only (no host
+    /// nor server-reflexive one), so every packet goes through a `turn`
+    /// server and the host's addresses stay hidden.
+    pub relay_only: bool,
 }
 
 /// The most STUN servers a domain's `stun` names (each connection sends a
 /// Binding request to every one).
 pub const MAX_STUN_SERVERS: usize = 4;
+/// The most TURN servers a domain's `turn` names (each connection holds an
+/// allocation on every one).
+pub const MAX_TURN_SERVERS: usize = 4;
+/// The longest TURN `username` and `credential`, in bytes (RFC 8489
+/// §14.3: a USERNAME is under 513 bytes).
+pub const MAX_TURN_SECRET_BYTES: usize = 512;
+
+/// A TURN server of the domain's `turn` setting and its long-term
+/// credentials (RFC 8489 §9.2). Its `Debug` hides the credentials.
+#[derive(Clone, PartialEq, Eq)]
+pub struct TurnServer {
+    /// `ip:port` (a name is not resolved).
+    pub server: SocketAddr,
+    pub username: String,
+    pub credential: String,
+}
+
+impl std::fmt::Debug for TurnServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TurnServer").field("server", &self.server).finish_non_exhaustive()
+    }
+}
 
 /// The table as written, before its values are checked.
 #[derive(Deserialize)]
@@ -98,9 +132,19 @@ pub(crate) struct RawMedia {
     opens_per_minute: u32,
     #[serde(default)]
     stun: Vec<String>,
-    /// Refused for now: TURN relays are not supported yet.
     #[serde(default)]
-    turn: Option<serde::de::IgnoredAny>,
+    turn: Vec<RawTurn>,
+    #[serde(default)]
+    ice_transport_policy: Option<String>,
+}
+
+/// One `turn` entry as written.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawTurn {
+    server: String,
+    username: Option<String>,
+    credential: Option<String>,
 }
 
 mod defaults {
@@ -157,9 +201,6 @@ impl RawMedia {
                 })
                 .collect::<Result<_, _>>()?,
         };
-        if self.turn.is_some() {
-            return Err("turn: TURN relays (RFC 8656) are not supported yet: only `stun` servers (server-reflexive candidates) are".into());
-        }
         if self.stun.len() > MAX_STUN_SERVERS {
             return Err(format!("stun: {} servers, at most {MAX_STUN_SERVERS}", self.stun.len()));
         }
@@ -168,6 +209,18 @@ impl RawMedia {
             .iter()
             .map(|s| s.parse::<SocketAddr>().map_err(|_| format!("stun: {s:?} is not an ip:port (names are not resolved)")))
             .collect::<Result<Vec<_>, _>>()?;
+        if self.turn.len() > MAX_TURN_SERVERS {
+            return Err(format!("turn: {} servers, at most {MAX_TURN_SERVERS}", self.turn.len()));
+        }
+        let turn = self.turn.into_iter().enumerate().map(|(i, t)| t.check(i)).collect::<Result<Vec<_>, _>>()?;
+        let relay_only = match self.ice_transport_policy.as_deref() {
+            None | Some("all") => false,
+            Some("relay") if turn.is_empty() => {
+                return Err("ice-transport-policy: \"relay\" needs at least one `turn` server (it gathers relayed candidates only)".into());
+            }
+            Some("relay") => true,
+            Some(other) => return Err(format!("ice-transport-policy: {other:?} is neither \"all\" nor \"relay\"")),
+        };
         let check = |ok: bool, field: &str, range: String| if ok { Ok(()) } else { Err(format!("{field} must be in {range}")) };
         check((1..=1000).contains(&self.peer_connections), "peer-connections", "1..=1000".into())?;
         check((1..=1024).contains(&self.channels), "channels", "1..=1024".into())?;
@@ -194,7 +247,28 @@ impl RawMedia {
             pending_frame_bytes: self.pending_frame_bytes,
             opens_per_minute: self.opens_per_minute,
             stun,
+            turn,
+            relay_only,
         })
+    }
+}
+
+impl RawTurn {
+    /// The checked entry `turn[i]`; the error names the field, never the
+    /// credentials' values.
+    fn check(self, i: usize) -> Result<TurnServer, String> {
+        let server = self
+            .server
+            .parse::<SocketAddr>()
+            .map_err(|_| format!("turn[{i}].server: {:?} is not an ip:port (names are not resolved)", self.server))?;
+        let secret = |field: &str, value: Option<String>| match value {
+            None => Err(format!("turn[{i}].{field}: missing (a TURN server takes long-term credentials)")),
+            Some(v) if v.is_empty() || v.len() > MAX_TURN_SECRET_BYTES => {
+                Err(format!("turn[{i}].{field}: {} bytes, it must have 1..={MAX_TURN_SECRET_BYTES}", v.len()))
+            }
+            Some(v) => Ok(v),
+        };
+        Ok(TurnServer { server, username: secret("username", self.username)?, credential: secret("credential", self.credential)? })
     }
 }
 
@@ -237,6 +311,16 @@ mod tests {
         let stun = raw("bind = \"127.0.0.1\"\nports = \"1-2\"\nstun = [\"127.0.0.1:3478\", \"[::1]:3478\"]").unwrap();
         assert_eq!(stun.stun, ["127.0.0.1:3478".parse().unwrap(), "[::1]:3478".parse().unwrap()]);
         assert_eq!((ok.ports.clone(), ok.peers.len()), (40000..=40002, 1));
+        assert!(ok.turn.is_empty() && !ok.relay_only);
+        let relay = raw("bind = \"127.0.0.1\"\nports = \"1-2\"\nice-transport-policy = \"relay\"\nturn = [{ server = \"127.0.0.1:3478\", username = \"u\", credential = \"s3cret\" }]").unwrap();
+        assert!(relay.relay_only);
+        assert_eq!(relay.turn, [TurnServer { server: "127.0.0.1:3478".parse().unwrap(), username: "u".into(), credential: "s3cret".into() }]);
+        // The credentials never reach a log line through `Debug`.
+        let shown = format!("{relay:?}");
+        assert!(shown.contains("127.0.0.1:3478") && !shown.contains("s3cret") && !shown.contains("\"u\""), "{shown}");
+        let five = (0..5).map(|i| format!("{{ server = \"127.0.0.{i}:3478\", username = \"u\", credential = \"c\" }}")).collect::<Vec<_>>();
+        let e = raw(&format!("bind = \"127.0.0.1\"\nports = \"1-2\"\nturn = [{}]", five.join(", "))).unwrap_err();
+        assert_eq!(e, "turn: 5 servers, at most 4");
         assert!(ok.allows_peer("127.9.9.9".parse().unwrap()) && !ok.allows_peer("10.0.0.1".parse().unwrap()));
         let lan = raw("bind = \"10.200.0.1\"\nports = \"5000\"").unwrap();
         assert!(lan.allows_peer("10.200.0.1".parse().unwrap()) && !lan.allows_peer("10.200.0.2".parse().unwrap()));
@@ -256,7 +340,13 @@ mod tests {
             ("bind = \"127.0.0.1\"\nports = \"1-2\"\npending-frame-bytes = 10", "pending-frame-bytes"),
             ("bind = \"127.0.0.1\"\nports = \"1-2\"\nopens-per-minute = 0", "opens-per-minute"),
             ("bind = \"127.0.0.1\"\nports = \"1-2\"\nstun = [\"stun.example:3478\"]", "stun: \"stun.example:3478\" is not an ip:port"),
-            ("bind = \"127.0.0.1\"\nports = \"1-2\"\nturn = [{ url = \"turn:127.0.0.1\", username = \"u\", credential = \"c\" }]", "turn: TURN relays (RFC 8656) are not supported yet"),
+            ("bind = \"127.0.0.1\"\nports = \"1-2\"\nturn = [{ url = \"turn:127.0.0.1\", username = \"u\", credential = \"c\" }]", "unknown field `url`"),
+            ("bind = \"127.0.0.1\"\nports = \"1-2\"\nturn = [{ server = \"turn.example:3478\", username = \"u\", credential = \"c\" }]", "turn[0].server: \"turn.example:3478\" is not an ip:port"),
+            ("bind = \"127.0.0.1\"\nports = \"1-2\"\nturn = [{ server = \"127.0.0.1:3478\", credential = \"c\" }]", "turn[0].username: missing"),
+            ("bind = \"127.0.0.1\"\nports = \"1-2\"\nturn = [{ server = \"127.0.0.1:3478\", username = \"u\" }]", "turn[0].credential: missing"),
+            ("bind = \"127.0.0.1\"\nports = \"1-2\"\nturn = [{ server = \"127.0.0.1:3478\", username = \"\", credential = \"c\" }]", "turn[0].username: 0 bytes"),
+            ("bind = \"127.0.0.1\"\nports = \"1-2\"\nice-transport-policy = \"relay\"", "ice-transport-policy: \"relay\" needs at least one `turn` server"),
+            ("bind = \"127.0.0.1\"\nports = \"1-2\"\nice-transport-policy = \"public\"", "ice-transport-policy: \"public\" is neither"),
         ] {
             let e = raw(bad).unwrap_err();
             assert!(e.contains(why), "{bad}: {e}");
