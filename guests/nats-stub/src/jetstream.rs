@@ -47,14 +47,16 @@ pub fn stream(domain: &str) -> String {
     format!("rethink_{}", domain.replace('.', "_"))
 }
 
-/// `$JS.API.STREAM.CREATE` request body for the stream of `domain`.
-pub fn stream_config(domain: &str) -> String {
+/// `$JS.API.STREAM.CREATE` request body for the stream of `domain`,
+/// keeping messages `max_age_ns` (the stub's `retention-hours`).
+pub fn stream_config(domain: &str, max_age_ns: u64) -> String {
     serde_json::json!({
         "name": stream(domain),
         "subjects": [format!("rethink.{}.>", domain.replace('.', "_"))],
         "retention": "limits",
         "storage": "file",
         "discard": "old",
+        "max_age": max_age_ns,
         "duplicate_window": DUPLICATE_WINDOW,
     })
     .to_string()
@@ -66,8 +68,10 @@ pub fn consumer(id: &str, prefix: &str) -> String {
     format!("{id}_{}", prefix.rsplit('.').next().unwrap_or_default())
 }
 
-/// `$JS.API.CONSUMER.DURABLE.CREATE` request body.
-pub fn consumer_config(stream: &str, name: &str, prefix: &str, ack_wait_ns: u64) -> String {
+/// `$JS.API.CONSUMER.DURABLE.CREATE` request body; the server removes a
+/// consumer nobody pulled from for `inactive_ns` (one of a runtime that
+/// went away, or of an address that is no more).
+pub fn consumer_config(stream: &str, name: &str, prefix: &str, ack_wait_ns: u64, inactive_ns: u64) -> String {
     serde_json::json!({
         "stream_name": stream,
         "config": {
@@ -79,6 +83,7 @@ pub fn consumer_config(stream: &str, name: &str, prefix: &str, ack_wait_ns: u64)
             "filter_subject": format!("{prefix}.*"),
             "max_ack_pending": MAX_ACK_PENDING,
             "replay_policy": "instant",
+            "inactive_threshold": inactive_ns,
         }
     })
     .to_string()

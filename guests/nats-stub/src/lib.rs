@@ -11,6 +11,7 @@
 //!            window = 1024,                  # messages in flight at most
 //!            ping-interval-ms = 120000,      # client PINGs on a live connection
 //!            max-pings-outstanding = 2,      # unanswered PINGs before it is stale
+//!            retention-hours = 168,          # durable: how long JetStream keeps a message
 //!            fault-injection = { trap-after-messages = 50 } }  # chaos testing only
 //! ```
 //!
@@ -148,6 +149,10 @@ struct Config {
     /// the domain (names its JetStream consumers).
     #[serde(default)]
     durable: Option<String>,
+    /// Durable delivery: how long the domain's stream keeps a message, and
+    /// a consumer nobody pulls from lives on the server.
+    #[serde(default = "default_retention_hours")]
+    retention_hours: u64,
 }
 
 #[derive(Deserialize)]
@@ -163,6 +168,10 @@ struct FaultInjection {
 
 fn default_ack_timeout() -> u64 {
     2000
+}
+
+fn default_retention_hours() -> u64 {
+    7 * 24
 }
 
 fn default_window() -> usize {
@@ -560,6 +569,9 @@ impl Stub {
         if config.ping_interval_ms == 0 {
             return Err("ping-interval-ms must be at least 1".into());
         }
+        if config.retention_hours == 0 {
+            return Err("retention-hours must be at least 1".into());
+        }
         let js = match &config.durable {
             Some(id) if id.is_empty() || !id.chars().all(|c| c.is_ascii_alphanumeric()) => {
                 return Err(format!("durable {id:?} is not an id of letters and digits"));
@@ -945,6 +957,11 @@ impl Stub {
         }
     }
 
+    /// `retention-hours` in ns.
+    fn retention(&self) -> u64 {
+        self.config.retention_hours.saturating_mul(3_600_000_000_000)
+    }
+
     /// Whether work may be taken from the host now (with JetStream: once
     /// the stream is confirmed on this connection).
     fn takes_work(&self) -> bool {
@@ -954,11 +971,13 @@ impl Stub {
     /// JetStream's housekeeping in a round: the stream, then each
     /// consumer's creation and its next pull.
     fn jetstream_round(&mut self, now: u64) {
+        let retention = self.retention();
         let (Some(js), Some(conn)) = (&mut self.js, &mut self.conn) else { return };
         if !js.ready {
             if now >= js.next_stream_try {
                 let api = format!("$JS.API.STREAM.CREATE.{}", js.stream);
-                conn.publish(&api, Some(&format!("{}.s", self.inbox)), jetstream::stream_config(&self.domain).as_bytes());
+                let body = jetstream::stream_config(&self.domain, retention);
+                conn.publish(&api, Some(&format!("{}.s", self.inbox)), body.as_bytes());
                 js.next_stream_try = now + CONNECT_TIMEOUT;
             }
             return;
@@ -968,7 +987,7 @@ impl Stub {
             if !c.created {
                 if now >= c.creating {
                     let api = format!("$JS.API.CONSUMER.DURABLE.CREATE.{}.{}", js.stream, c.name);
-                    let body = jetstream::consumer_config(&js.stream, &c.name, &c.prefix, ack_wait);
+                    let body = jetstream::consumer_config(&js.stream, &c.name, &c.prefix, ack_wait, retention);
                     conn.publish(&api, Some(&format!("{}.c{sid}", self.inbox)), body.as_bytes());
                     c.creating = now + CONNECT_TIMEOUT;
                 }
