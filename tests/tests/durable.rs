@@ -377,3 +377,17 @@ fn answers_that_are_no_pub_ack_of_the_stream_leave_the_message_queued() {
     assert_ne!(marker, first[0], "after the PubAck (twice) the next publish is the next message, not the first again");
     wait_until("the marker leaves the queue", || stub_queue(&sender, "bob.example") == 0);
 }
+
+/// `durable` cannot change while the stub runs: a live update that flips it
+/// is refused naming the field, and what runs goes on.
+#[test]
+fn durable_cannot_change_while_the_stub_runs() {
+    let data = tempfile::tempdir().unwrap();
+    let runtime = durable_runtime(data.path());
+    let servers = ["127.0.0.1:4222".to_owned()];
+    let plain = TestBundle::new().protostub("bob.example", &servers, json!({}));
+    runtime.deploy(&plain.load()).unwrap();
+    let durable = TestBundle::new().protostub("bob.example", &servers, json!({ "durable": true }));
+    let e = runtime.apply(&durable.load()).unwrap_err().to_string();
+    assert!(e.contains(".durable") && e.contains("cannot change while it runs"), "{e}");
+}
