@@ -100,10 +100,15 @@ fn address(text: &str) -> Address {
 
 /// Messages in the protostub queue of `domain` in `runtime` (its metric).
 fn stub_queue(runtime: &Runtime, domain: &str) -> u64 {
+    metric(runtime, "hyperty_stub_queue_messages", domain)
+}
+
+/// The value of metric `name` of `domain` in `runtime`.
+fn metric(runtime: &Runtime, name: &str, domain: &str) -> u64 {
     let text = runtime.metrics_text();
     let label = format!("domain=\"{domain}\"");
-    let line = text.lines().find(|l| l.starts_with("hyperty_stub_queue_messages{") && l.contains(&label));
-    line.and_then(|l| l.rsplit(' ').next()?.parse().ok()).unwrap_or_else(|| panic!("no queue metric of {domain}:\n{text}"))
+    let line = text.lines().find(|l| l.starts_with(&format!("{name}{{")) && l.contains(&label));
+    line.and_then(|l| l.rsplit(' ').next()?.parse().ok()).unwrap_or_else(|| panic!("no {name} of {domain}:\n{text}"))
 }
 
 /// Has the driver send the notifications `first..first + count` to the sink
@@ -390,4 +395,25 @@ fn durable_cannot_change_while_the_stub_runs() {
     let durable = TestBundle::new().protostub("bob.example", &servers, json!({ "durable": true }));
     let e = runtime.apply(&durable.load()).unwrap_err().to_string();
     assert!(e.contains(".durable") && e.contains("cannot change while it runs"), "{e}");
+}
+
+/// A node without JetStream: the durable stub says so in its status
+/// (`disconnected`, naming JetStream) instead of `live`, and keeps what it
+/// was given.
+#[test]
+fn a_node_without_jetstream_is_reported_and_what_is_queued_stays() {
+    let nats = Nats::start();
+    let data = tempfile::tempdir().unwrap();
+    let runtime = durable_runtime(data.path());
+    let mut events = runtime.events();
+    let bundle = TestBundle::new().protostub("bob.example", &[nats.endpoint()], json!({ "durable": true }));
+    runtime.deploy(&bundle.load()).unwrap();
+    let app = runtime.endpoint("hyperty://app.example/sender", 16).unwrap();
+    app.send(Message::new(1, MessageType::Update, app.address().clone(), address(SINK), None)).unwrap();
+    let said = |e: &hyperty_host::Event| {
+        matches!(&e.kind, hyperty_host::EventKind::StubStatus { status, detail } if status == "disconnected" && detail.contains("no JetStream"))
+    };
+    wait_event(&mut events, said);
+    assert_eq!(stub_queue(&runtime, "bob.example"), 1, "the message stays queued");
+    assert_eq!(metric(&runtime, "hyperty_stub_up", "bob.example"), 0, "the stub is not live");
 }

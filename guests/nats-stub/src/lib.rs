@@ -616,7 +616,11 @@ impl Stub {
             Ok(conn) => {
                 self.conn = Some(conn);
                 self.backoff = BACKOFF_MIN;
-                self.report(StubStatus::Live, &format!("connected to {addr}"));
+                match &self.js {
+                    // Live once the stream is confirmed.
+                    Some(js) => self.report(StubStatus::InProgress, &format!("connected to {addr}, asking for the JetStream stream {}", js.stream)),
+                    None => self.report(StubStatus::Live, &format!("connected to {addr}")),
+                }
                 // Listen again for every local address; offer again what was
                 // in flight on the last connection.
                 host::resume();
@@ -1014,24 +1018,44 @@ impl Stub {
     /// stream), `c<id>` (a consumer created), `p<id>` (a pull's status),
     /// `d` (a consumer deleted).
     fn jetstream_answer(&mut self, token: &str, headers: Option<&str>, payload: &[u8]) {
+        let was_ready = self.js.as_ref().is_some_and(|js| js.ready);
+        let stream_refused = self.jetstream_answer_to(token, headers, payload);
+        let addr = self.conn.as_ref().map(|c| c.addr.to_string()).unwrap_or_default();
+        let Some(js) = &self.js else { return };
+        if js.ready && !was_ready {
+            let detail = format!("connected to {addr}, JetStream stream {}", js.stream);
+            self.report(StubStatus::Live, &detail);
+        } else if let Some(why) = stream_refused {
+            // Connected, but nothing can be carried: not live.
+            self.report(StubStatus::Disconnected, &format!("{addr}: {why}"));
+        }
+    }
+
+    /// [`Stub::jetstream_answer`]'s reading of the answer: why the stream
+    /// was refused, if it was.
+    fn jetstream_answer_to(&mut self, token: &str, headers: Option<&str>, payload: &[u8]) -> Option<String> {
         let domain = self.domain.clone();
-        let Some(js) = &mut self.js else { return };
+        let Some(js) = &mut self.js else { return None };
         let no_responders = headers.is_some_and(|h| h.starts_with("NATS/1.0 503"));
         let sid = token[1..].parse::<u64>().ok();
-        match (&token[..1], sid) {
-            ("s", _) if no_responders => log(Level::Warn, &format!("{domain}: the NATS node has no JetStream (it answers no stream API)")),
+        let refused = match (&token[..1], sid) {
+            ("s", _) if no_responders => Some("the NATS node has no JetStream (nothing answers its stream API): durable delivery waits for it".to_owned()),
             ("s", _) => match jetstream::answer(payload, None) {
-                jetstream::Answer::Ok => js.ready = true,
+                jetstream::Answer::Ok => {
+                    js.ready = true;
+                    None
+                }
                 // 10058: the stream exists with another configuration
                 // (its operator's): it is used as it is.
-                jetstream::Answer::Error(_, 10058, _) => js.ready = true,
-                jetstream::Answer::Error(code, err_code, why) => {
-                    log(Level::Warn, &format!("{domain}: JetStream refused the stream {}: {code} ({err_code}) {why}", js.stream));
+                jetstream::Answer::Error(_, 10058, _) => {
+                    js.ready = true;
+                    None
                 }
-                jetstream::Answer::Malformed => log(Level::Warn, &format!("{domain}: a stream API answer that is not JSON")),
+                jetstream::Answer::Error(code, err_code, why) => Some(format!("JetStream refused the stream {}: {code} ({err_code}) {why}", js.stream)),
+                jetstream::Answer::Malformed => Some("an answer of JetStream's stream API that is not JSON".to_owned()),
             },
             ("c", Some(sid)) => {
-                let Some(c) = js.consumers.get_mut(&sid) else { return };
+                let c = js.consumers.get_mut(&sid)?;
                 match jetstream::answer(payload, None) {
                     jetstream::Answer::Ok => c.created = true,
                     // An existing consumer of another configuration is used as it is.
@@ -1041,14 +1065,20 @@ impl Stub {
                     }
                     jetstream::Answer::Malformed => log(Level::Warn, &format!("{domain}: a consumer API answer that is not JSON")),
                 }
+                None
             }
             ("p", Some(sid)) if jetstream::is_status(headers) => {
                 if let Some(c) = js.consumers.get_mut(&sid) {
                     c.remaining = 0;
                 }
+                None
             }
-            _ => {}
+            _ => None,
+        };
+        if let Some(why) = &refused {
+            log(Level::Warn, &format!("{domain}: {why}"));
         }
+        refused
     }
 
     /// A message a consumer pulled: into the host, then acknowledged on its
