@@ -119,3 +119,48 @@ impl Outbox {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open(store: &Arc<Store>, domain: &str) -> (Outbox, Kept) {
+        Outbox::open(store.clone(), domain).unwrap()
+    }
+
+    #[test]
+    fn what_is_kept_is_what_was_not_removed_and_sequence_numbers_go_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let (outbox, kept) = open(&store, "b.example");
+        assert_eq!((kept.envelopes.len(), kept.last_seq), (0, 0));
+        outbox.put(1, "one").unwrap();
+        outbox.put(2, "two").unwrap();
+        outbox.put(3, "three").unwrap();
+        outbox.remove(2).unwrap();
+        let (other, _) = open(&store, "c.example");
+        other.put(7, "another domain's").unwrap();
+        let (outbox, kept) = open(&store, "b.example");
+        assert_eq!(kept.envelopes, vec![(1, "one".to_owned()), (3, "three".to_owned())]);
+        outbox.remove(1).unwrap();
+        outbox.remove(3).unwrap();
+        // Emptied, it still knows the last number it gave.
+        let (_, kept) = open(&store, "b.example");
+        assert_eq!((kept.envelopes.len(), kept.last_seq), (0, 3));
+    }
+
+    #[test]
+    fn the_ids_taken_are_kept_for_the_last_window_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let (outbox, _) = open(&store, "b.example");
+        for n in 0..3 {
+            outbox.seen(n, "origin", 10 + n).unwrap();
+        }
+        // The (window + 1)-th forgets the one a window before it.
+        outbox.seen(SEEN_WINDOW + 1, "origin", 99).unwrap();
+        let (_, kept) = open(&store, "b.example");
+        assert_eq!(kept.seen, vec![("origin".to_owned(), 10), ("origin".to_owned(), 12), ("origin".to_owned(), 99)]);
+        assert_eq!(kept.seen_count, SEEN_WINDOW + 2);
+    }
+}
