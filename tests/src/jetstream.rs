@@ -1,8 +1,9 @@
 //! The durable-delivery tests' harness (issue #19): a JetStream-enabled
 //! nats-server whose store is kept in a temporary directory across its
 //! restarts, runtime processes (`hyperty run`: this test binary
-//! re-executed) that are killed with SIGKILL and started again on the same
-//! data directory, and JetStream's API asked through a plain client.
+//! re-executed) that are stopped (SIGSTOP), killed (SIGKILL) and started
+//! again on the same data directory, and JetStream's API asked through a
+//! plain connection.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -35,29 +36,6 @@ impl JetStream {
     /// `ip:port` of its client listener.
     pub fn endpoint(&self) -> String {
         self.nats.endpoint()
-    }
-
-    /// The server process's id (the one listening on its port, as `ss`
-    /// says).
-    fn pid(&self) -> i32 {
-        let out = std::process::Command::new("ss")
-            .args(["-Hltnp", &format!("sport = :{}", self.nats.port)])
-            .output()
-            .expect("ss (iproute2) runs");
-        let text = String::from_utf8_lossy(&out.stdout);
-        let pid = text.split("pid=").nth(1).and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok());
-        pid.unwrap_or_else(|| panic!("no process listens on port {}: {text}", self.nats.port))
-    }
-
-    /// Stops the server (SIGSTOP): it takes nothing and answers nothing,
-    /// as a stalled node.
-    pub fn pause(&self) {
-        signal(self.pid(), libc::SIGSTOP);
-    }
-
-    /// Lets a paused server go on (SIGCONT).
-    pub fn resume(&self) {
-        signal(self.pid(), libc::SIGCONT);
     }
 
     /// The answer to `body` published on `subject` with a reply subject,
@@ -117,8 +95,7 @@ impl JetStream {
 }
 
 fn signal(pid: i32, signal: i32) {
-    // SAFETY: kill(2) on a process id this test started (or found
-    // listening on its own server's port); no memory is involved.
+    // SAFETY: kill(2) on a child this test started; no memory is involved.
     let done = unsafe { libc::kill(pid, signal) };
     assert_eq!(done, 0, "kill({pid}, {signal}): {}", std::io::Error::last_os_error());
 }
@@ -202,10 +179,7 @@ impl RuntimeProcess {
 
 impl Drop for RuntimeProcess {
     fn drop(&mut self) {
-        if let Some(child) = &self.child {
-            // A stopped child dies of SIGKILL too; SIGCONT in case.
-            unsafe { libc::kill(child.id() as i32, libc::SIGCONT) };
-        }
+        // A stopped child dies of SIGKILL too.
         self.kill();
     }
 }
