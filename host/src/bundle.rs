@@ -118,6 +118,10 @@ pub struct ProtostubSpec {
     /// (a stub whose domain has hyperties here always starts at once: it
     /// listens for them).
     pub preload: bool,
+    /// Durable delivery (`durable = true`): the queue is kept in the data
+    /// directory until the far end acknowledged each message, and the stub
+    /// is told to use its node's durable delivery (JetStream for NATS).
+    pub durable: bool,
     pub at: Location,
 }
 
@@ -276,6 +280,8 @@ struct RawProtostub {
     queue: Option<Spanned<usize>>,
     #[serde(default)]
     preload: bool,
+    #[serde(default)]
+    durable: bool,
 }
 
 #[derive(Deserialize)]
@@ -531,6 +537,7 @@ impl Bundle {
                 endpoints,
                 queue,
                 preload: raw_stub.preload,
+                durable: raw_stub.durable,
                 at: Location {
                     field,
                     component_line: lines.line(raw_stub.component.span().start),

@@ -393,6 +393,10 @@ impl Runtime {
         // The network comes with the world, limited to the entry's
         // endpoints; nothing else beyond clocks and randomness.
         let grants = [Grant::Clocks, Grant::Random, Grant::Sockets];
+        if spec.durable && self.store.is_none() {
+            let why = format!("protostub {}: durable delivery keeps its queue in the data directory, and this runtime has none (RuntimeConfig::data_dir, hyperty run --data-dir)", spec.domain);
+            return Err(bundle.problem(&spec.at, "durable", why));
+        }
         let pre = self.load(files, bundle, &spec.at, &spec.component, spec.sha256, &grants, protostub::prepare)?;
         protostub::check_config(&spec.domain, &self.stub_context(spec, pre.clone()))
             .map_err(|e| bundle.problem(&spec.at, "config", format!("protostub {}: {e}", spec.domain)))?;
@@ -471,11 +475,16 @@ impl Runtime {
 
     /// Adds the bundle's protostubs to the bus (each starts when first
     /// needed, or now if preloaded or listening for hyperties here).
-    fn start_stubs(&self, bundle: &Bundle, stubs: Vec<(usize, StubPre)>, started: &mut Vec<Arc<Stub>>) {
+    fn start_stubs(&self, bundle: &Bundle, stubs: Vec<(usize, StubPre)>, started: &mut Vec<Arc<Stub>>) -> Result<(), Problem> {
         for (i, pre) in stubs {
             let spec = &bundle.protostubs[i];
             let context = self.stub_context(spec, pre);
-            let stub = Stub::new(&spec.domain, spec.queue, Box::new(move |stub| protostub::spawn(stub, context)));
+            let durable = match (&self.store, spec.durable) {
+                (Some(store), true) => Some(protostub::Durable { store: store.clone(), id: protostub::durable_id(&self.address, &spec.domain) }),
+                _ => None,
+            };
+            let stub = Stub::new(&spec.domain, spec.queue, durable, Box::new(move |stub| protostub::spawn(stub, context)))
+                .map_err(|e| bundle.problem(&spec.at, "durable", format!("protostub {}: {e}", spec.domain)))?;
             let (counted, weak) = (self.metrics.add_domain(&spec.domain), Arc::downgrade(&stub));
             self.metrics.read_at_scrape(&counted, Read::StubQueue, move || weak.upgrade().map(|s| s.queued()));
             let weak = Arc::downgrade(&stub);
@@ -495,17 +504,21 @@ impl Runtime {
             self.bus.add_carrier(stub.carrier());
             self.bus.add_route(stub.address.clone(), stub.status_route());
             started.push(stub.clone());
-            if spec.preload || bundle.domains.iter().any(|d| d.name == spec.domain) {
+            if spec.preload || spec.durable || bundle.domains.iter().any(|d| d.name == spec.domain) {
                 stub.ensure_started();
             }
         }
+        Ok(())
     }
 
     fn stub_context(&self, spec: &ProtostubSpec, pre: StubPre) -> StubContext {
         StubContext {
             engine: self.engine.wasmtime().clone(),
             pre,
-            settings: StubSettings { config: spec.config.clone(), endpoints: spec.endpoints.clone() },
+            settings: StubSettings {
+                config: if spec.durable { protostub::durable_config(&spec.config, &protostub::durable_id(&self.address, &spec.domain)) } else { spec.config.clone() },
+                endpoints: spec.endpoints.clone(),
+            },
             bus: self.bus.clone(),
             registry: self.registry.clone(),
             events: self.events.clone(),
@@ -547,7 +560,7 @@ impl Runtime {
         let result = self
             .start_idps(bundle, plan.idps, &mut started_idps)
             .and_then(|()| {
-                self.start_stubs(bundle, plan.stubs, &mut started_stubs);
+                self.start_stubs(bundle, plan.stubs, &mut started_stubs)?;
                 self.start_all(bundle, plan.hyperties, deployed, &mut new_domains, &mut started)
             });
         match result {

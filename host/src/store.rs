@@ -53,6 +53,12 @@ impl Store {
         Ok(Store { db })
     }
 
+    /// The database, for modules keeping tables of their own in it
+    /// (`protostub::outbox`).
+    pub(crate) fn database(&self) -> &Database {
+        &self.db
+    }
+
     /// The address stored under `key`, or the one `make` gives, stored
     /// first (one transaction, so concurrent callers agree).
     pub fn address(&self, key: &str, make: impl FnOnce() -> String) -> Result<String> {

@@ -274,6 +274,11 @@ impl Runtime {
         let mut changed_stubs = Vec::new();
         for (i, spec) in bundle.protostubs.iter().enumerate() {
             let details = match specs.stubs.get(&spec.domain) {
+                Some((old, _)) if old.durable != spec.durable => {
+                    let why = format!("the protostub of {} runs with durable = {}, which cannot change while it runs: remove the entry, apply, then add it back", spec.domain, old.durable);
+                    problems.push(bundle.problem(&spec.at, "durable", why));
+                    continue;
+                }
                 Some((old, _)) => stub_changes(old, spec),
                 None if self.bus.carries(&spec.domain) => {
                     problems.push(bundle.problem(&spec.at, "component", format!("a protostub for {} already runs", spec.domain)));

@@ -875,4 +875,5 @@ pub fn host_log() -> String {
     String::from_utf8_lossy(&captured.0.lock().unwrap()).into_owned()
 }
 pub mod soak;
+pub mod jetstream;
 pub mod fuzz;

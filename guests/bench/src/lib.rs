@@ -14,6 +14,14 @@
 //! `execute` request to the sink answers `{"received": n, "anomalies": n,
 //! "identified": n}` (the soak test's ledger; `identified` counts messages
 //! that carried the sender's identity).
+//!
+//! For the durable-delivery tests: a sink with `"ids": true` also keeps
+//! every id it saw and adds `"duplicates"` (ids seen before), `"lowest"`
+//! and `"highest"` to its ledger. A driver's `"mode": "notify"` run sends
+//! `count` notifications numbered from `"first"` (default 1) at once, and
+//! answers when every `send` returned; a driver's config may hold such a
+//! run as `"start"`, which it sends from `init` (and logs
+//! `notify run done: <n> sent` or why it stopped).
 
 use std::cell::RefCell;
 
@@ -24,6 +32,10 @@ use serde_json::json;
 #[derive(Deserialize)]
 struct Config {
     role: String,
+    #[serde(default)]
+    ids: bool,
+    #[serde(default)]
+    start: Option<Run>,
 }
 
 #[derive(Deserialize)]
@@ -33,6 +45,12 @@ struct Run {
     mode: String,
     #[serde(default = "default_batch")]
     batch: u64,
+    #[serde(default = "default_first")]
+    first: u64,
+}
+
+fn default_first() -> u64 {
+    1
 }
 
 fn default_batch() -> u64 {
@@ -53,6 +71,9 @@ struct State {
     identified: u64,
     last_id: u64,
     active: Option<Active>,
+    /// Ids seen (a sink with `ids`).
+    ids: Option<std::collections::BTreeSet<u64>>,
+    duplicates: u64,
 }
 
 thread_local! {
@@ -71,7 +92,17 @@ impl Guest for Bench {
             "driver" => false,
             other => return Err(format!("unknown role {other:?}")),
         };
-        STATE.with(|s| *s.borrow_mut() = Some(State { me: address, sink, received: 0, anomalies: 0, identified: 0, last_id: 0, active: None }));
+        let ids = config.ids.then(Default::default);
+        if let Some(run) = &config.start {
+            match notify(&address, run) {
+                Ok(n) => hyperty_guest::info(&format!("notify run done: {n} sent")),
+                Err(e) => hyperty_guest::warn(&format!("notify run stopped: {e}")),
+            }
+        }
+        STATE.with(|s| {
+            *s.borrow_mut() =
+                Some(State { me: address, sink, received: 0, anomalies: 0, identified: 0, last_id: 0, active: None, ids, duplicates: 0 })
+        });
         Ok(())
     }
 
@@ -81,11 +112,21 @@ impl Guest for Bench {
             let Some(state) = state.as_mut() else { return };
             if state.sink {
                 if msg.type_ == MessageType::Execute {
-                    let ledger = json!({ "received": state.received, "anomalies": state.anomalies, "identified": state.identified });
+                    let mut ledger = json!({ "received": state.received, "anomalies": state.anomalies, "identified": state.identified });
+                    if let Some(ids) = &state.ids {
+                        ledger["duplicates"] = state.duplicates.into();
+                        ledger["lowest"] = ids.first().copied().into();
+                        ledger["highest"] = ids.last().copied().into();
+                    }
                     let _ = bus::reply(&msg, 200, Some(&ledger.to_string()));
                     return;
                 }
                 state.received += 1;
+                if let Some(ids) = &mut state.ids
+                    && !ids.insert(msg.id)
+                {
+                    state.duplicates += 1;
+                }
                 if msg.id != state.last_id + 1 && msg.id != 1 {
                     state.anomalies += 1;
                 }
@@ -103,6 +144,13 @@ impl Guest for Bench {
                     let _ = bus::reply(&msg, 400, None);
                     return;
                 };
+                if run.mode == "notify" {
+                    let _ = match notify(&state.me, &run) {
+                        Ok(n) => bus::reply(&msg, 200, Some(&json!({ "sent": n }).to_string())),
+                        Err(e) => bus::reply(&msg, 500, Some(&json!({ "failed": e }).to_string())),
+                    };
+                    return;
+                }
                 state.active = Some(Active { run, command: msg, sent: 0 });
                 step(state);
             } else if msg.type_ == MessageType::Response {
@@ -116,6 +164,16 @@ impl Guest for Bench {
             }
         });
     }
+}
+
+/// Sends the notifications of a `notify` run from `me`: how many, or why
+/// not all.
+fn notify(me: &str, run: &Run) -> Result<u64, String> {
+    for id in run.first..run.first + run.count {
+        let m = Message::new(id, MessageType::Update, me, &run.to, PAYLOAD);
+        bus::send(&m).map_err(|e| format!("message {id}: {}", e.describe()))?;
+    }
+    Ok(run.count)
 }
 
 /// Sends the next request (rr) or batch (oneway), or reports completion.

@@ -11,13 +11,22 @@
 //!            window = 1024,                  # messages in flight at most
 //!            ping-interval-ms = 120000,      # client PINGs on a live connection
 //!            max-pings-outstanding = 2,      # unanswered PINGs before it is stale
+//!            retention-hours = 168,          # durable: how long JetStream keeps a message
 //!            fault-injection = { trap-after-messages = 50 } }  # chaos testing only
 //! ```
 //!
+//! With `durable = true` on the bundle entry the host adds `durable = "<id>"`
+//! (this runtime's stable id for the domain) and the stub carries messages
+//! through NATS JetStream instead: see [`jetstream`].
+//!
 //! `fault-injection` is for operators testing their deployment (and for
-//! our tests): the instance traps once that many of its messages were
-//! acknowledged, with whatever else it carries in flight, as a crashing
-//! stub would; the host restarts it and nothing queued is lost.
+//! our tests): with `trap-after-messages` the instance traps once that many
+//! of its messages were acknowledged, with whatever else it carries in
+//! flight, as a crashing stub would; the host restarts it and nothing
+//! queued is lost. With `drop-acks-after` (durable delivery) every PubAck
+//! after that many is ignored, as if lost on the way: what was published
+//! stays in the host's queue, published again at each ack timeout (and
+//! found a duplicate by JetStream).
 //!
 //! Addressing: a message to an address is published on the subject
 //! `rethink.<domain>.<first 32 hex digits of sha256(address)>.<sender's domain>`
@@ -80,6 +89,8 @@ use std::net::SocketAddr;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
+mod jetstream;
+
 wit_bindgen::generate!({
     path: "../../wit",
     world: "protostub",
@@ -134,16 +145,33 @@ struct Config {
     max_pings_outstanding: u32,
     #[serde(default)]
     fault_injection: Option<FaultInjection>,
+    /// Set by the host for a `durable` entry: this runtime's stable id for
+    /// the domain (names its JetStream consumers).
+    #[serde(default)]
+    durable: Option<String>,
+    /// Durable delivery: how long the domain's stream keeps a message, and
+    /// a consumer nobody pulls from lives on the server.
+    #[serde(default = "default_retention_hours")]
+    retention_hours: u64,
 }
 
 #[derive(Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 struct FaultInjection {
-    trap_after_messages: u64,
+    #[serde(default)]
+    trap_after_messages: Option<u64>,
+    /// Durable delivery: PubAcks after this many are ignored, as if lost
+    /// on the way (what was published stays in the host's queue).
+    #[serde(default)]
+    drop_acks_after: Option<u64>,
 }
 
 fn default_ack_timeout() -> u64 {
     2000
+}
+
+fn default_retention_hours() -> u64 {
+    7 * 24
 }
 
 fn default_window() -> usize {
@@ -176,6 +204,34 @@ struct Conn {
     next_ping: u64,
     /// PINGs sent and not answered yet.
     pings_outstanding: u32,
+}
+
+/// A durable consumer of a listened address (JetStream).
+struct Consumer {
+    name: String,
+    /// The address's subject prefix, `rethink.<domain>.<hash>`.
+    prefix: String,
+    /// The server confirmed it (this connection).
+    created: bool,
+    /// Its creation is asked and not answered yet (monotonic ns: until when).
+    creating: u64,
+    /// Messages the open pull may still bring.
+    remaining: u32,
+    /// When the open pull ends for sure (monotonic ns).
+    until: u64,
+}
+
+/// JetStream state (durable delivery).
+struct Js {
+    /// This runtime's id for the domain (from the host).
+    id: String,
+    stream: String,
+    /// The stream exists (confirmed on this connection).
+    ready: bool,
+    /// When to ask for the stream (again).
+    next_stream_try: u64,
+    /// Consumers by the listen id (`subs`).
+    consumers: HashMap<u64, Consumer>,
 }
 
 /// A message published and not answered yet.
@@ -214,6 +270,8 @@ struct Stub {
     carried: u64,
     /// Oks not yet sent, by the sender's inbox.
     acks: BTreeMap<String, Vec<String>>,
+    /// Durable delivery through JetStream, when the host asks for it.
+    js: Option<Js>,
 }
 
 thread_local! {
@@ -252,15 +310,22 @@ fn domain_of(address: &str) -> Option<&str> {
     Some(if scheme == "domain" { authority.split_once('.').map_or(authority, |(_, d)| d) } else { authority })
 }
 
-/// The sender's domain of an envelope (its `from`), as a subject token.
-fn sender_token(envelope: &str) -> Option<String> {
+/// The sender's domain of an envelope (its `from`), as a subject token,
+/// and the message's stable id (`<origin>.<seq>`, JetStream's
+/// `Nats-Msg-Id`).
+fn envelope_head(envelope: &str) -> Option<(String, String)> {
     #[derive(Deserialize)]
-    struct From<'a> {
+    struct Head<'a> {
         #[serde(borrow)]
         from: std::borrow::Cow<'a, str>,
+        #[serde(borrow)]
+        origin: std::borrow::Cow<'a, str>,
+        seq: u64,
     }
-    let from: From<'_> = serde_json::from_str(envelope).ok()?;
-    domain_of(&from.from).filter(|d| !d.is_empty() && !d.contains(['*', '>', ' '])).map(|d| d.replace('.', "_"))
+    let head: Head<'_> = serde_json::from_str(envelope).ok()?;
+    let sender = domain_of(&head.from).filter(|d| !d.is_empty() && !d.contains(['*', '>', ' '])).map(|d| d.replace('.', "_"))?;
+    let id = format!("{}.{}", head.origin, head.seq);
+    (!id.contains(|c: char| c.is_ascii_whitespace() || c.is_ascii_control())).then_some((sender, id))
 }
 
 fn ip_socket_address(addr: SocketAddr) -> (IpAddressFamily, IpSocketAddress) {
@@ -368,6 +433,16 @@ impl Conn {
             None => format!("PUB {subject} {}\r\n", payload.len()),
         };
         self.wbuf.extend_from_slice(line.as_bytes());
+        self.wbuf.extend_from_slice(payload);
+        self.wbuf.extend_from_slice(b"\r\n");
+    }
+
+    /// Buffers an `HPUB` of `payload` on `subject` with the header block
+    /// `headers` (a reply subject is required: JetStream answers there).
+    fn publish_with_headers(&mut self, subject: &str, reply: &str, headers: &str, payload: &[u8]) {
+        let total = headers.len() + payload.len();
+        self.wbuf.extend_from_slice(format!("HPUB {subject} {reply} {} {total}\r\n", headers.len()).as_bytes());
+        self.wbuf.extend_from_slice(headers.as_bytes());
         self.wbuf.extend_from_slice(payload);
         self.wbuf.extend_from_slice(b"\r\n");
     }
@@ -494,6 +569,16 @@ impl Stub {
         if config.ping_interval_ms == 0 {
             return Err("ping-interval-ms must be at least 1".into());
         }
+        if config.retention_hours == 0 {
+            return Err("retention-hours must be at least 1".into());
+        }
+        let js = match &config.durable {
+            Some(id) if id.is_empty() || !id.chars().all(|c| c.is_ascii_alphanumeric()) => {
+                return Err(format!("durable {id:?} is not an id of letters and digits"));
+            }
+            Some(id) => Some(Js { id: id.clone(), stream: jetstream::stream(&domain), ready: false, next_stream_try: 0, consumers: HashMap::new() }),
+            None => None,
+        };
         Ok(Stub {
             domain,
             config,
@@ -512,6 +597,7 @@ impl Stub {
             status: None,
             carried: 0,
             acks: BTreeMap::new(),
+            js,
         })
     }
 
@@ -530,7 +616,11 @@ impl Stub {
             Ok(conn) => {
                 self.conn = Some(conn);
                 self.backoff = BACKOFF_MIN;
-                self.report(StubStatus::Live, &format!("connected to {addr}"));
+                match &self.js {
+                    // Live once the stream is confirmed.
+                    Some(js) => self.report(StubStatus::InProgress, &format!("connected to {addr}, asking for the JetStream stream {}", js.stream)),
+                    None => self.report(StubStatus::Live, &format!("connected to {addr}")),
+                }
                 // Listen again for every local address; offer again what was
                 // in flight on the last connection.
                 host::resume();
@@ -583,7 +673,17 @@ impl Stub {
         self.in_flight.clear();
         self.sent_order.clear();
         self.deferred.clear();
+        self.reset_js();
         Ok(conn)
+    }
+
+    /// A new connection confirms the stream and the consumers again.
+    fn reset_js(&mut self) {
+        if let Some(js) = &mut self.js {
+            js.ready = false;
+            js.next_stream_try = 0;
+            js.consumers.clear();
+        }
     }
 
     fn disconnect(&mut self, why: &str) {
@@ -593,6 +693,7 @@ impl Stub {
         self.sent_order.clear();
         self.deferred.clear();
         self.acks.clear();
+        self.reset_js();
         self.next_connect = now() + self.backoff;
         log(Level::Warn, &format!("{}: connection lost: {why}", self.domain));
         self.report(StubStatus::Disconnected, why);
@@ -639,6 +740,7 @@ impl Stub {
             self.deferred.remove(&key);
             host::retry(key.1);
         }
+        self.jetstream_round(now);
         let timeout = self.config.ack_timeout_ms * MS;
         while let Some(&(sent, seq)) = self.sent_order.front() {
             if self.in_flight.get(&seq).map(|f| f.sent) != Some(sent) {
@@ -651,32 +753,39 @@ impl Stub {
                 break;
             }
         }
-        while self.in_flight.len() < self.config.window {
+        while self.in_flight.len() < self.config.window && self.takes_work() {
             let Some(work) = host::next_work() else { break };
             let conn = self.conn.as_mut().expect("connected");
             match work {
-                Work::Send(o) if o.envelope.len() > conn.max_payload => {
-                    // The server would close the connection for it.
-                    host::refuse(
-                        o.seq,
-                        &Refusal::TooLarge(format!(
-                            "the envelope is {} bytes, more than the {} bytes the NATS node {} takes (its max_payload)",
-                            o.envelope.len(),
-                            conn.max_payload,
-                            conn.addr
-                        )),
-                    );
-                }
                 Work::Send(o) => {
-                    let Some(sender) = sender_token(&o.envelope) else {
+                    let Some((sender, msg_id)) = envelope_head(&o.envelope) else {
                         // The host makes envelopes; one without a sender is a bug.
                         log(Level::Error, &format!("{}: message {} has no sender's domain; dropped", self.domain, o.seq));
                         host::delivered(o.seq);
                         continue;
                     };
+                    let headers = self.js.as_ref().map(|_| jetstream::msg_id_headers(&msg_id)).unwrap_or_default();
+                    if headers.len() + o.envelope.len() > conn.max_payload {
+                        // The server would close the connection for it.
+                        host::refuse(
+                            o.seq,
+                            &Refusal::TooLarge(format!(
+                                "the envelope is {} bytes, more than the {} bytes the NATS node {} takes (its max_payload)",
+                                headers.len() + o.envelope.len(),
+                                conn.max_payload,
+                                conn.addr
+                            )),
+                        );
+                        continue;
+                    }
                     let subject = format!("{}.{sender}", subject(&self.domain, &o.to));
                     let tag = random_hex();
-                    conn.publish(&subject, Some(&format!("{}.{}-{tag}", self.inbox, o.seq)), o.envelope.as_bytes());
+                    let reply = format!("{}.{}-{tag}", self.inbox, o.seq);
+                    if self.js.is_some() {
+                        conn.publish_with_headers(&subject, &reply, &headers, o.envelope.as_bytes());
+                    } else {
+                        conn.publish(&subject, Some(&reply), o.envelope.as_bytes());
+                    }
                     self.in_flight.insert(o.seq, InFlight { sent: now, subject, tag });
                     self.sent_order.push_back((now, o.seq));
                 }
@@ -684,13 +793,29 @@ impl Stub {
                     if !self.subs.contains_key(&address) {
                         let sid = self.next_sid;
                         self.next_sid += 1;
-                        conn.wbuf.extend_from_slice(format!("SUB {}.* {sid}\r\n", subject(&self.domain, &address)).as_bytes());
+                        let prefix = subject(&self.domain, &address);
+                        match &mut self.js {
+                            Some(js) => {
+                                let name = jetstream::consumer(&js.id, &prefix);
+                                let consumer = Consumer { name, prefix, created: false, creating: 0, remaining: 0, until: 0 };
+                                js.consumers.insert(sid, consumer);
+                            }
+                            None => conn.wbuf.extend_from_slice(format!("SUB {prefix}.* {sid}\r\n").as_bytes()),
+                        }
                         self.subs.insert(address, sid);
                     }
                 }
                 Work::Forget(address) => {
                     if let Some(sid) = self.subs.remove(&address) {
-                        conn.wbuf.extend_from_slice(format!("UNSUB {sid}\r\n").as_bytes());
+                        match self.js.as_mut().and_then(|js| js.consumers.remove(&sid).map(|c| (js.stream.clone(), c))) {
+                            // Its messages have nowhere to go any more.
+                            Some((stream, c)) => {
+                                let api = format!("$JS.API.CONSUMER.DELETE.{stream}.{}", c.name);
+                                conn.publish(&api, Some(&format!("{}.d", self.inbox)), b"");
+                            }
+                            None if self.js.is_none() => conn.wbuf.extend_from_slice(format!("UNSUB {sid}\r\n").as_bytes()),
+                            None => {}
+                        }
                     }
                 }
             }
@@ -713,6 +838,10 @@ impl Stub {
             Op::Other => {}
             Op::Msg { subject, reply, headers, payload } => {
                 if let Some(token) = subject.strip_prefix(&self.inbox).and_then(|s| s.strip_prefix('.')) {
+                    if self.js.is_some() && token.starts_with(['s', 'c', 'p', 'd']) {
+                        self.jetstream_answer(token, headers.as_deref(), &payload);
+                        return Ok(());
+                    }
                     if token == "ok" {
                         // Acknowledgements in bulk: "ok <seq>-<tag> ...".
                         let text = String::from_utf8_lossy(&payload).into_owned();
@@ -726,6 +855,10 @@ impl Stub {
                 }
                 // The sender's domain, as the node's permissions vouch for it.
                 let sender = subject.rsplit_once('.').map_or("", |(_, token)| token).replace('_', ".");
+                if self.js.is_some() {
+                    self.consume(&sender, reply.as_deref(), &payload);
+                    return Ok(());
+                }
                 let answer = match host::post_from(&sender, &String::from_utf8_lossy(&payload)) {
                     Ok(()) => "ok".to_owned(),
                     Err(e) if e.starts_with("busy") => e,
@@ -776,9 +909,37 @@ impl Stub {
         if self.in_flight.get(&seq).is_none_or(|f| f.tag != tag) {
             return;
         }
-        self.in_flight.remove(&seq);
         let no_responders = headers.is_some_and(|h| h.starts_with("NATS/1.0 503"));
+        if let (Some(js), false) = (&mut self.js, no_responders) {
+            match jetstream::answer(payload, Some(&js.stream)) {
+                jetstream::Answer::Ok if self.config.fault_injection.as_ref().and_then(|f| f.drop_acks_after).is_some_and(|n| self.carried >= n) => {
+                    return;
+                }
+                jetstream::Answer::Ok => {}
+                jetstream::Answer::Error(code, err_code, why) => {
+                    log(Level::Warn, &format!("{}: JetStream did not store message {seq}: {code} ({err_code}) {why}", self.domain));
+                    self.in_flight.remove(&seq);
+                    self.deferred.insert((now() + RETRY_PAUSE, seq), ());
+                    return;
+                }
+                // No acknowledgement: published again at the ack timeout.
+                jetstream::Answer::Malformed => {
+                    log(Level::Warn, &format!("{}: message {seq}: an answer that is not a PubAck of {}", self.domain, js.stream));
+                    return;
+                }
+            }
+        } else if let (Some(js), true) = (&mut self.js, no_responders) {
+            // No stream (yet, or any more): asked for again.
+            js.ready = false;
+        }
+        self.in_flight.remove(&seq);
         let text = String::from_utf8_lossy(payload);
+        if self.js.is_some() && !no_responders {
+            // A PubAck, checked above.
+            host::delivered(seq);
+            self.after_carried();
+            return;
+        }
         if no_responders || text.starts_with("busy") {
             self.deferred.insert((now() + RETRY_PAUSE, seq), ());
         } else {
@@ -786,12 +947,163 @@ impl Stub {
                 log(Level::Warn, &format!("{}: message {seq} {text}", self.domain));
             }
             host::delivered(seq);
-            self.carried += 1;
-            if let Some(f) = &self.config.fault_injection
-                && self.carried >= f.trap_after_messages
-            {
-                panic!("fault injection: trapping after {} messages", self.carried);
+            self.after_carried();
+        }
+    }
+
+    /// Counts a message the far end took (and traps there, if asked to).
+    fn after_carried(&mut self) {
+        self.carried += 1;
+        if let Some(f) = &self.config.fault_injection
+            && f.trap_after_messages.is_some_and(|n| self.carried >= n)
+        {
+            panic!("fault injection: trapping after {} messages", self.carried);
+        }
+    }
+
+    /// `retention-hours` in ns.
+    fn retention(&self) -> u64 {
+        self.config.retention_hours.saturating_mul(3_600_000_000_000)
+    }
+
+    /// Whether work may be taken from the host now (with JetStream: once
+    /// the stream is confirmed on this connection).
+    fn takes_work(&self) -> bool {
+        self.js.as_ref().is_none_or(|js| js.ready)
+    }
+
+    /// JetStream's housekeeping in a round: the stream, then each
+    /// consumer's creation and its next pull.
+    fn jetstream_round(&mut self, now: u64) {
+        let retention = self.retention();
+        let (Some(js), Some(conn)) = (&mut self.js, &mut self.conn) else { return };
+        if !js.ready {
+            if now >= js.next_stream_try {
+                let api = format!("$JS.API.STREAM.CREATE.{}", js.stream);
+                let body = jetstream::stream_config(&self.domain, retention);
+                conn.publish(&api, Some(&format!("{}.s", self.inbox)), body.as_bytes());
+                js.next_stream_try = now + CONNECT_TIMEOUT;
             }
+            return;
+        }
+        let ack_wait = self.config.ack_timeout_ms * MS;
+        for (sid, c) in &mut js.consumers {
+            if !c.created {
+                if now >= c.creating {
+                    let api = format!("$JS.API.CONSUMER.DURABLE.CREATE.{}.{}", js.stream, c.name);
+                    let body = jetstream::consumer_config(&js.stream, &c.name, &c.prefix, ack_wait, retention);
+                    conn.publish(&api, Some(&format!("{}.c{sid}", self.inbox)), body.as_bytes());
+                    c.creating = now + CONNECT_TIMEOUT;
+                }
+            } else if c.remaining == 0 || now >= c.until {
+                let api = format!("$JS.API.CONSUMER.MSG.NEXT.{}.{}", js.stream, c.name);
+                conn.publish(&api, Some(&format!("{}.p{sid}", self.inbox)), jetstream::pull().as_bytes());
+                c.remaining = jetstream::PULL_BATCH;
+                c.until = now + jetstream::PULL_EXPIRES + 1_000 * MS;
+            }
+        }
+    }
+
+    /// The earliest JetStream timer (a stream or consumer to ask for again,
+    /// a pull that ends).
+    fn jetstream_wake(&self) -> u64 {
+        let Some(js) = &self.js else { return u64::MAX };
+        if !js.ready {
+            return js.next_stream_try;
+        }
+        js.consumers.values().map(|c| if c.created { c.until } else { c.creating }).min().unwrap_or(u64::MAX)
+    }
+
+    /// An answer of the JetStream API on this stub's inbox: `s` (the
+    /// stream), `c<id>` (a consumer created), `p<id>` (a pull's status),
+    /// `d` (a consumer deleted).
+    fn jetstream_answer(&mut self, token: &str, headers: Option<&str>, payload: &[u8]) {
+        let was_ready = self.js.as_ref().is_some_and(|js| js.ready);
+        let stream_refused = self.jetstream_answer_to(token, headers, payload);
+        let addr = self.conn.as_ref().map(|c| c.addr.to_string()).unwrap_or_default();
+        let Some(js) = &self.js else { return };
+        if js.ready && !was_ready {
+            let detail = format!("connected to {addr}, JetStream stream {}", js.stream);
+            self.report(StubStatus::Live, &detail);
+        } else if let Some(why) = stream_refused {
+            // Connected, but nothing can be carried: not live.
+            self.report(StubStatus::Disconnected, &format!("{addr}: {why}"));
+        }
+    }
+
+    /// [`Stub::jetstream_answer`]'s reading of the answer: why the stream
+    /// was refused, if it was.
+    fn jetstream_answer_to(&mut self, token: &str, headers: Option<&str>, payload: &[u8]) -> Option<String> {
+        let domain = self.domain.clone();
+        let Some(js) = &mut self.js else { return None };
+        let no_responders = headers.is_some_and(|h| h.starts_with("NATS/1.0 503"));
+        let sid = token[1..].parse::<u64>().ok();
+        let refused = match (&token[..1], sid) {
+            ("s", _) if no_responders => Some("the NATS node has no JetStream (nothing answers its stream API): durable delivery waits for it".to_owned()),
+            ("s", _) => match jetstream::answer(payload, None) {
+                jetstream::Answer::Ok => {
+                    js.ready = true;
+                    None
+                }
+                // 10058: the stream exists with another configuration
+                // (its operator's): it is used as it is.
+                jetstream::Answer::Error(_, 10058, _) => {
+                    js.ready = true;
+                    None
+                }
+                jetstream::Answer::Error(code, err_code, why) => Some(format!("JetStream refused the stream {}: {code} ({err_code}) {why}", js.stream)),
+                jetstream::Answer::Malformed => Some("an answer of JetStream's stream API that is not JSON".to_owned()),
+            },
+            ("c", Some(sid)) => {
+                let c = js.consumers.get_mut(&sid)?;
+                match jetstream::answer(payload, None) {
+                    jetstream::Answer::Ok => c.created = true,
+                    // An existing consumer of another configuration is used as it is.
+                    jetstream::Answer::Error(_, _, why) if why.contains("already") => c.created = true,
+                    jetstream::Answer::Error(code, err_code, why) => {
+                        log(Level::Warn, &format!("{domain}: JetStream refused the consumer {}: {code} ({err_code}) {why}", c.name));
+                    }
+                    jetstream::Answer::Malformed => log(Level::Warn, &format!("{domain}: a consumer API answer that is not JSON")),
+                }
+                None
+            }
+            ("p", Some(sid)) if jetstream::is_status(headers) => {
+                if let Some(c) = js.consumers.get_mut(&sid) {
+                    c.remaining = 0;
+                }
+                None
+            }
+            _ => None,
+        };
+        if let Some(why) = &refused {
+            log(Level::Warn, &format!("{domain}: {why}"));
+        }
+        refused
+    }
+
+    /// A message a consumer pulled: into the host, then acknowledged on its
+    /// `$JS.ACK` subject (`+ACK`), or left for a redelivery after a pause
+    /// under back-pressure (`-NAK`), or dropped for good when the host
+    /// refuses it (`+TERM`).
+    fn consume(&mut self, sender: &str, reply: Option<&str>, payload: &[u8]) {
+        let Some(js) = &mut self.js else { return };
+        let Some((reply, consumer)) = reply.and_then(|r| Some((r, jetstream::acked_consumer(r)?))) else {
+            log(Level::Warn, &format!("{}: a message without a JetStream ack subject; ignored", self.domain));
+            return;
+        };
+        if let Some(c) = js.consumers.values_mut().find(|c| c.name == consumer) {
+            c.remaining = c.remaining.saturating_sub(1);
+        }
+        let answer = match host::post_from(sender, &String::from_utf8_lossy(payload)) {
+            Ok(()) => "+ACK".to_owned(),
+            Err(e) if e.starts_with("busy") => format!("-NAK {{\"delay\":{}}}", jetstream::NAK_DELAY),
+            Err(e) => {
+                log(Level::Warn, &format!("{}: refused by the host, not redelivered: {e}", self.domain));
+                "+TERM".to_owned()
+            }
+        };
+        if let Some(conn) = &mut self.conn {
+            conn.publish(reply, None, answer.as_bytes());
         }
     }
 
@@ -825,10 +1137,11 @@ impl Stub {
             if let Some((sent, _)) = self.sent_order.front() {
                 wake = wake.min(sent + self.config.ack_timeout_ms * MS);
             }
+            wake = wake.min(self.jetstream_wake());
             let early = (wake < deadline).then(|| monotonic_clock::subscribe_instant(wake.max(now)));
             let timer = early.as_ref().unwrap_or(&deadline_timer);
             match &self.conn {
-                Some(conn) if self.in_flight.len() < self.config.window => {
+                Some(conn) if self.in_flight.len() < self.config.window && self.takes_work() => {
                     poll::poll(&[timer, &conn.readable, &work]);
                 }
                 Some(conn) => {

@@ -23,15 +23,23 @@
 //! - its own store and thread, driven by calls to its `poll` export; a
 //!   trap drops the instance, which is started afresh with backoff.
 //!
+//! With `durable = true` on its entry the queue is also kept in the
+//! runtime's database ([`outbox`]) until each message is acknowledged, the
+//! envelopes' origin is stable across the runtime's restarts, the ids of
+//! envelopes taken are kept too (dedup across restarts), and the stub's
+//! config gets `"durable": "<id>"`, telling it to use its node's durable
+//! delivery (the NATS stub: JetStream).
+//!
 //! A stub is started when the first message for its domain is queued, or
 //! at deployment when its domain has hyperties here (it must listen for
-//! them) or its entry says `preload`. Every address routed here in the
+//! them) or its entry says `preload` or `durable`. Every address routed here in the
 //! stub's domain is listened for. Status changes (created, in-progress,
 //! live, disconnected, failed) go into the registry (announced on the bus
 //! like any registration change) and out as [`EventKind::StubStatus`]
 //! events.
 
 mod glue;
+mod outbox;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -48,6 +56,7 @@ use crate::bus::{Bus, Carrier, Destination, Refused};
 use crate::events::{EventKind, Events};
 use crate::message::{Assertion, Body, Message, MessageType, code};
 use crate::registry::{Registry, Status};
+use crate::store::Store;
 
 /// The protostub of a remote domain: on the bus, its domain's carrier
 /// ([`Stub::carrier`]) and its status address ([`Stub::status_route`]).
@@ -74,25 +83,78 @@ pub(crate) type Starter = Box<dyn FnOnce(Arc<Stub>) + Send>;
 
 /// Why the queue refused a message.
 pub(crate) enum QueueError {
+    /// It holds its capacity of messages.
     Full(usize),
+    /// A durable queue holds [`MAX_DURABLE_BYTES`] of envelopes.
+    Bytes(usize),
+    /// A durable queue could not write the message to disk.
+    Persist(String),
+}
+
+/// Envelope bytes a durable stub's queue holds at most (on disk, and in
+/// memory beside it); past that, senders are answered 503.
+pub(crate) const MAX_DURABLE_BYTES: usize = 64 << 20;
+
+/// Where a durable stub keeps its state: the runtime's database, and the
+/// runtime's stable id for the domain ([`durable_id`]).
+pub(crate) struct Durable {
+    pub store: Arc<Store>,
+    pub id: String,
+}
+
+/// The stable id of `runtime` (its address, kept in its data directory)
+/// for the stub of `domain`: 32 hex digits of SHA-256 over both. The origin
+/// of its envelopes, and what the stub names its durable consumers by.
+pub(crate) fn durable_id(runtime: &Address, domain: &str) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(format!("{runtime} {domain}").as_bytes());
+    hex::encode(&digest[..16])
+}
+
+/// The stub's `config` (a JSON object, or nothing) with `"durable": id`.
+pub(crate) fn durable_config(config: &str, id: &str) -> String {
+    let mut value: Value = serde_json::from_str(config).unwrap_or(Value::Null);
+    if !value.is_object() {
+        value = json!({});
+    }
+    value["durable"] = id.into();
+    value.to_string()
 }
 
 impl Stub {
-    /// A stub for `domain` with a queue of `capacity`; `start` spawns its
-    /// thread, once, when it is first needed.
-    pub fn new(domain: &str, capacity: usize, start: Starter) -> Arc<Stub> {
-        Arc::new(Stub {
+    /// A stub for `domain` with a queue of `capacity`, kept on disk when
+    /// `durable`; `start` spawns its thread, once, when it is first needed.
+    /// An error when the kept queue cannot be read.
+    pub fn new(domain: &str, capacity: usize, durable: Option<Durable>, start: Starter) -> Result<Arc<Stub>, String> {
+        let mut dedup = Dedup::default();
+        let queue = match durable {
+            None => StubQueue::new(capacity, uuid::Uuid::new_v4().to_string(), None),
+            Some(Durable { store, id }) => {
+                let (outbox, kept) = outbox::Outbox::open(store, domain).map_err(|e| format!("cannot read its kept queue: {e:#}"))?;
+                for (origin, seq) in &kept.seen {
+                    dedup.record(origin, *seq);
+                }
+                dedup.persisted = kept.seen_count;
+                let queue = StubQueue::new(capacity, id, Some(outbox));
+                if !kept.envelopes.is_empty() {
+                    tracing::info!(stub = domain, messages = kept.envelopes.len(), "durable queue kept: sending again what was not acknowledged");
+                }
+                queue.restore(kept.envelopes, kept.last_seq);
+                queue
+            }
+        };
+        Ok(Arc::new(Stub {
             domain: domain.to_owned(),
             address: stub_address(domain),
-            queue: Arc::new(StubQueue::new(capacity)),
-            dedup: Mutex::default(),
+            queue: Arc::new(queue),
+            dedup: Mutex::new(dedup),
             start: Mutex::new(Some(start)),
             next: Mutex::default(),
             stopped: AtomicBool::new(false),
             status: Mutex::new(json!({ "status": "created", "detail": "not loaded yet" })),
             watchers: Mutex::default(),
             refusals: Mutex::default(),
-        })
+        }))
     }
 
     /// Messages in its queue (waiting, or sent and not yet acknowledged).
@@ -216,6 +278,12 @@ impl Destination for Outbound {
         match self.0.push(&message, wait) {
             Ok(()) => Ok(()),
             Err(QueueError::Full(n)) => Err(Refused::Queue(message, format!("the protostub queue of {} is full ({n} messages)", self.0.domain))),
+            Err(QueueError::Bytes(n)) => {
+                Err(Refused::Queue(message, format!("the durable protostub queue of {} is full ({n} bytes of envelopes)", self.0.domain)))
+            }
+            Err(QueueError::Persist(why)) => {
+                Err(Refused::Queue(message, format!("the durable protostub queue of {} cannot keep it: {why}", self.0.domain)))
+            }
         }
     }
 }
@@ -296,6 +364,10 @@ struct QueueState {
     control: VecDeque<Work>,
     listening: BTreeSet<Address>,
     next_seq: u64,
+    /// Envelope bytes of the items, and of those being written to disk.
+    bytes: usize,
+    /// Items being written to disk (counted against the capacity).
+    writing: usize,
 }
 
 /// The host-side queue of one stub.
@@ -306,35 +378,89 @@ pub(crate) struct StubQueue {
     /// Messages it holds at most (changed by a live update).
     capacity: std::sync::atomic::AtomicUsize,
     /// This queue's id in envelopes: fresh for every queue, so a restarted
-    /// runtime's sequence numbers are not taken for duplicates.
+    /// runtime's sequence numbers are not taken for duplicates; for a
+    /// durable one, the same across restarts (its numbers are kept too).
     origin: String,
+    /// Where a durable queue keeps its items.
+    outbox: Option<outbox::Outbox>,
 }
 
 impl StubQueue {
-    fn new(capacity: usize) -> StubQueue {
-        StubQueue {
-            state: Mutex::default(),
-            notify: tokio::sync::Notify::new(),
-            capacity: capacity.into(),
-            origin: uuid::Uuid::new_v4().to_string(),
+    fn new(capacity: usize, origin: String, outbox: Option<outbox::Outbox>) -> StubQueue {
+        StubQueue { state: Mutex::default(), notify: tokio::sync::Notify::new(), capacity: capacity.into(), origin, outbox }
+    }
+
+    /// Queues again the envelopes a durable queue kept (the runtime
+    /// restarted); the next number given follows `last_seq`. A kept
+    /// envelope that no longer reads is dropped, logged.
+    fn restore(&self, envelopes: Vec<(u64, String)>, last_seq: u64) {
+        let mut s = self.state.lock().unwrap();
+        s.next_seq = last_seq;
+        for (seq, envelope) in envelopes {
+            match open_envelope(&envelope) {
+                Ok(Received { message: m, .. }) => {
+                    s.bytes += envelope.len();
+                    s.items.insert(seq, Item { id: m.id, kind: m.kind, from: m.from, to: m.to, envelope, in_flight: false });
+                    s.ready.insert(seq);
+                }
+                Err(e) => {
+                    tracing::error!(seq, "a kept envelope does not read and is dropped: {e}");
+                    self.forget(seq);
+                }
+            }
         }
     }
 
     fn push(&self, message: &Message, wait: Option<Duration>) -> Result<(), QueueError> {
         let mut s = self.state.lock().unwrap();
         let capacity = self.capacity.load(Ordering::Relaxed);
-        if s.items.len() >= capacity {
+        if s.items.len() + s.writing >= capacity {
             return Err(QueueError::Full(capacity));
         }
-        s.next_seq += 1;
-        let seq = s.next_seq;
+        let seq = s.next_seq + 1;
         let envelope = envelope(message, &self.origin, seq, wait);
+        if self.outbox.is_some() && s.bytes + envelope.len() > MAX_DURABLE_BYTES {
+            return Err(QueueError::Bytes(MAX_DURABLE_BYTES));
+        }
+        s.next_seq = seq;
         let item = Item { id: message.id, kind: message.kind, from: message.from.clone(), to: message.to.clone(), envelope, in_flight: false };
+        if let Some(outbox) = &self.outbox {
+            // On disk before the sender's call returns; not under the lock.
+            let len = item.envelope.len();
+            s.bytes += len;
+            s.writing += 1;
+            drop(s);
+            let written = outbox.put(seq, &item.envelope);
+            s = self.state.lock().unwrap();
+            s.writing -= 1;
+            if let Err(e) = written {
+                s.bytes -= len;
+                tracing::error!(seq, "durable protostub queue: cannot write a message: {e:#}");
+                return Err(QueueError::Persist(format!("{e:#}")));
+            }
+        }
         s.items.insert(seq, item);
         s.ready.insert(seq);
         drop(s);
         self.notify.notify_one();
         Ok(())
+    }
+
+    /// Removes `seq` from the disk of a durable queue.
+    fn forget(&self, seq: u64) {
+        if let Some(outbox) = &self.outbox
+            && let Err(e) = outbox.remove(seq)
+        {
+            tracing::error!(seq, "durable protostub queue: cannot remove a message (it will be sent again): {e:#}");
+        }
+    }
+
+    /// Takes item `seq` out of the state.
+    fn take(s: &mut QueueState, seq: u64) -> Option<Item> {
+        let item = s.items.remove(&seq)?;
+        s.ready.remove(&seq);
+        s.bytes = s.bytes.saturating_sub(item.envelope.len());
+        Some(item)
     }
 
     fn control(&self, address: &Address, listen: bool) {
@@ -365,9 +491,10 @@ impl StubQueue {
     }
 
     pub fn delivered(&self, seq: u64) {
-        let mut s = self.state.lock().unwrap();
-        s.items.remove(&seq);
-        s.ready.remove(&seq);
+        let taken = Self::take(&mut self.state.lock().unwrap(), seq);
+        if taken.is_some() {
+            self.forget(seq);
+        }
     }
 
     pub fn retry(&self, seq: u64) {
@@ -390,7 +517,9 @@ impl StubQueue {
         if !s.items.get(&seq).is_some_and(|i| i.in_flight) {
             return None;
         }
-        let item = s.items.remove(&seq)?;
+        let item = Self::take(&mut s, seq)?;
+        drop(s);
+        self.forget(seq);
         Some(Message::new(item.id, item.kind, item.from, item.to, None))
     }
 
@@ -512,6 +641,8 @@ pub(crate) fn open_envelope(text: &str) -> Result<Received, String> {
 #[derive(Default)]
 pub(crate) struct Dedup {
     seen: HashMap<String, BTreeSet<u64>>,
+    /// Envelopes recorded on disk so far (a durable stub's).
+    persisted: u64,
 }
 
 impl Dedup {
@@ -561,7 +692,20 @@ impl Stub {
         }
         match bus.send_inbound(received.message, &self.domain, received.wait) {
             Ok(()) => {
-                self.dedup.lock().unwrap().record(&received.origin, received.seq);
+                let n = {
+                    let mut dedup = self.dedup.lock().unwrap();
+                    dedup.record(&received.origin, received.seq);
+                    dedup.persisted += 1;
+                    dedup.persisted - 1
+                };
+                // Kept before the stub acknowledges it to the node, so a
+                // redelivery after this runtime restarts is dropped too.
+                if let Some(outbox) = &self.queue.outbox
+                    && let Err(e) = outbox.seen(n, &received.origin, received.seq)
+                {
+                    tracing::error!(stub = %self.domain, "cannot keep the id of an envelope taken (a redelivery after a restart would be taken again): {e:#}");
+                }
+                tracing::debug!(stub = %self.domain, origin = received.origin, seq = received.seq, "envelope taken");
                 Ok(())
             }
             Err(crate::bus::SendError::InboxFull(to)) => Err(format!("busy: inbox of {to} is full")),
@@ -608,7 +752,7 @@ pub(crate) struct StubContext {
 /// with the bundle's configuration, without connecting anywhere: a bad
 /// configuration is found at deployment, not in a restart loop later.
 pub(crate) fn check_config(domain: &str, context: &StubContext) -> Result<(), String> {
-    let probe = Stub::new(domain, 1, Box::new(|_| {}));
+    let probe = Stub::new(domain, 1, None, Box::new(|_| {}))?;
     glue::Instance::start(&probe, context).map(drop)
 }
 
