@@ -337,3 +337,14 @@ fn messages_for_a_hyperty_whose_init_has_not_run_wait_at_most_its_inbox_and_the_
         assert!(why.contains("b-starting.example/b is starting and already holds 16 messages for after its init (inbox = 16)"), "{why}");
     }
 }
+
+#[test]
+fn a_megabyte_long_init_error_is_cut_to_a_log_line_and_escaped() {
+    let runtime = runtime(Duration::from_secs(5));
+    let bundle = TestBundle::new().hyperty("refuses.example", "r", &guest("greedy"), json!({ "refuse_init_bytes": 1_000_000 }));
+    let e = runtime.deploy(&bundle.load()).expect_err("its init fails").to_string();
+    // It is said once, and what waited for that init (answered 503 with
+    // the same reason) is as short: never a megabyte per message.
+    assert!(e.contains("init refused: xxxx") && e.contains('…'), "{}", &e[..e.len().min(300)]);
+    assert!(e.len() < 5000, "the deploy error is {} bytes", e.len());
+}

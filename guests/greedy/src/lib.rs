@@ -20,7 +20,8 @@
 //! - `busy` `{"ms"}`: keeps its domain's thread busy for `ms` milliseconds
 //!   (under its call deadline), then answers `{"busy": ms}`.
 //!
-//! With `"at_init": {"op": ...}` in its config it does that op during its
+//! With `"refuse_init_bytes": n` its `init` fails with a reason of `n`
+//! bytes. With `"at_init": {"op": ...}` in its config it does that op during its
 //! own `init` (before the hyperties deployed after it are initialised),
 //! and the op `init` answers what it got then.
 //!
@@ -49,6 +50,10 @@ struct Greedy;
 impl Guest for Greedy {
     fn init(address: String, config: String) -> Result<(), String> {
         let config: Value = serde_json::from_str(&config).map_err(|e| format!("bad config: {e}"))?;
+        if let Some(n) = config["refuse_init_bytes"].as_u64() {
+            // An init error as long as asked (the host must cut it).
+            return Err("x".repeat(n as usize));
+        }
         let observer = config["observer"].as_str().ok_or("config needs an observer")?.to_owned();
         STATE.with(|s| *s.borrow_mut() = Some(State { me: address.clone(), observer, next_id: 1 << 32, at_init: Value::Null }));
         if config["at_init"].is_object() {

@@ -572,7 +572,7 @@ impl Sandbox {
         let address = hyperty.address.to_string();
         match running.bindings.rethink_hyperty_handler().call_init(&mut running.store, &address, &hyperty.config) {
             Ok(Ok(())) => {}
-            Ok(Err(reason)) => return Err(anyhow!("init refused: {reason}")),
+            Ok(Err(reason)) => return Err(anyhow!("init refused: {}", log_line(&reason))),
             Err(trap) => return Err(anyhow!("init trapped: {}", explain(&trap, &running.store, limits))),
         }
         let slot = self.slots[instance as usize].as_mut().expect("checked above");
@@ -644,14 +644,16 @@ impl Sandbox {
                 }
                 return Ok(());
             }
-            Ok(Err(reason)) => anyhow!("init refused: {reason}"),
+            Ok(Err(reason)) => anyhow!("init refused: {}", log_line(&reason)),
             Err(trap) => anyhow!("init trapped: {}", explain(&trap, &running.store, limits)),
         };
         slot.running = None;
         // What waited for the init is answered, not dropped.
         if let Status::Instantiated { backlog } = std::mem::replace(&mut slot.status, Status::Stopped) {
+            // The guest's part of `error` is cut to a log line's length.
+            let reason = format!("{error:#}");
             for message in backlog {
-                let why = format!("{} failed to start: {error:#}", message.to);
+                let why = format!("{} failed to start: {reason}", message.to);
                 self.shared.bus.answer_taken(&message, code::UNAVAILABLE, why);
             }
         }
