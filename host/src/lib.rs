@@ -149,6 +149,7 @@ pub mod metrics;
 pub mod policy;
 mod private;
 mod protostub;
+mod receipt;
 pub mod registry;
 pub mod runtime;
 mod sandbox;

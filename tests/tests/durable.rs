@@ -187,6 +187,20 @@ fn a_sender_killed_mid_stream_sends_again_what_was_not_acknowledged_and_nothing_
     assert_eq!(seen, Ids::exactly(1, n + 1), "every message once");
 }
 
+/// The sending runtime in this process (the driver, and the harness
+/// endpoint there, on a data directory of its own) and `sinks` in a
+/// runtime process, the sink answering.
+fn sender_and_receiver_process(servers: &[String], sinks: &TestBundle) -> ((Runtime, tempfile::TempDir), hyperty_host::Endpoint, Address, RuntimeProcess) {
+    let data = tempfile::tempdir().unwrap();
+    let sender = durable_runtime(data.path());
+    sender.deploy(&driver_bundle(servers, None, json!({})).load()).unwrap();
+    let harness = sender.endpoint(HARNESS, 1024).unwrap();
+    let sink = address(SINK);
+    let receiver = RuntimeProcess::start(&sinks.write());
+    ids(&harness, &sink);
+    ((sender, data), harness, sink, receiver)
+}
+
 /// The receiver is killed (SIGKILL) while it holds messages delivered and
 /// not acknowledged (it was stopped with SIGSTOP while a run was
 /// published) and started again: its durable consumer goes on from what
@@ -195,15 +209,8 @@ fn a_sender_killed_mid_stream_sends_again_what_was_not_acknowledged_and_nothing_
 fn a_receiver_killed_mid_stream_gets_what_it_held_again_and_nothing_it_had() {
     let js = JetStream::start();
     let servers = [js.endpoint()];
-    let data = tempfile::tempdir().unwrap();
-    let sender = durable_runtime(data.path());
-    let drivers = driver_bundle(&servers, None, json!({}));
-    sender.deploy(&drivers.load()).unwrap();
-    let harness = sender.endpoint(HARNESS, 1024).unwrap();
-    let sink = address(SINK);
     let sinks = sink_bundle(&servers);
-    let mut receiver = RuntimeProcess::start(&sinks.write());
-    ids(&harness, &sink);
+    let ((sender, _data), harness, sink, mut receiver) = sender_and_receiver_process(&servers, &sinks);
     notify(&harness, 1, 500);
     let seen = wait_ids(&harness, &sink, "the first run arrives", |i| i.received >= 500);
     assert_eq!(seen, Ids::exactly(1, 500));
@@ -219,6 +226,35 @@ fn a_receiver_killed_mid_stream_gets_what_it_held_again_and_nothing_it_had() {
     notify(&harness, 1501, 1);
     let all = wait_ids(&harness, &sink, "the marker arrives", |i| i.highest >= Some(1501) && i.received > 1000);
     assert_eq!(all, Ids::exactly(501, 1501), "the restarted receiver gets the second run once, and nothing of the first ({seen:?} before the marker)");
+}
+
+/// A durable receiver acknowledges an envelope only once its hyperty has
+/// handled it. Killed (SIGKILL) while envelopes wait in the sink's inbox
+/// behind a slow one, the restarted receiver gets every envelope not
+/// handled, and none that was: the sink logs each slow id it finished, so
+/// the test knows exactly where the crash fell.
+#[test]
+fn a_receiver_killed_while_envelopes_wait_in_a_hyperty_s_inbox_gets_them_again_and_none_it_handled() {
+    let js = JetStream::start();
+    let servers = [js.endpoint()];
+    // Ids 100..=104 take the sink a while each (~0.1-0.5 s).
+    let slow = json!({ "role": "sink", "ids": true, "slow": { "from": 100, "to": 104, "spin": 300_000_000 } });
+    let sinks = TestBundle::new()
+        .hyperty("bob.example", "sink", &guest("bench"), slow)
+        .set("bob.example", "sink", "address", json!(SINK))
+        .domain("bob.example", json!({ "limits": { "call-timeout-ms": 30_000 } }));
+    let sinks = durable_stubs(sinks, &servers, json!({}));
+    let (_sender, harness, sink, mut receiver) = sender_and_receiver_process(&servers, &sinks);
+    notify(&harness, 1, 300);
+    wait_until("the sink finished id 100", || receiver.log().contains("handled 100"));
+    receiver.pause();
+    let log = receiver.log();
+    let handled = log.lines().filter_map(|l| l.split("handled ").nth(1)?.trim().parse::<u64>().ok()).max().unwrap();
+    receiver.kill();
+    receiver.restart(&sinks.write());
+    notify(&harness, 301, 1);
+    let all = wait_ids(&harness, &sink, "what was not handled arrives", |i| i.highest >= Some(301) && i.received > 300 - handled);
+    assert_eq!(all, Ids::exactly(handled + 1, 301), "the restarted receiver gets exactly what was not handled before the crash (up to {handled})");
 }
 
 /// A receiving runtime keeps the ids of the envelopes it took: the same

@@ -21,7 +21,9 @@
 //! `count` notifications numbered from `"first"` (default 1) at once, and
 //! answers when every `send` returned; a driver's config may hold such a
 //! run as `"start"`, which it sends from `init` (and logs
-//! `notify run done: <n> sent` or why it stopped).
+//! `notify run done: <n> sent` or why it stopped). A sink with `"slow":
+//! {"from", "to", "spin"}` spins `spin` rounds on each id in `from..=to`,
+//! then logs `handled <id>`.
 
 use std::cell::RefCell;
 
@@ -36,6 +38,17 @@ struct Config {
     ids: bool,
     #[serde(default)]
     start: Option<Run>,
+    #[serde(default)]
+    slow: Option<Slow>,
+}
+
+/// Ids `from..=to` each cost the sink `spin` loop rounds, after which it
+/// logs `handled <id>` (a test knows what was handled before a crash).
+#[derive(Deserialize, Clone, Copy)]
+struct Slow {
+    from: u64,
+    to: u64,
+    spin: u64,
 }
 
 #[derive(Deserialize)]
@@ -74,6 +87,7 @@ struct State {
     /// Ids seen (a sink with `ids`).
     ids: Option<std::collections::BTreeSet<u64>>,
     duplicates: u64,
+    slow: Option<Slow>,
 }
 
 thread_local! {
@@ -101,7 +115,7 @@ impl Guest for Bench {
         }
         STATE.with(|s| {
             *s.borrow_mut() =
-                Some(State { me: address, sink, received: 0, anomalies: 0, identified: 0, last_id: 0, active: None, ids, duplicates: 0 })
+                Some(State { me: address, sink, received: 0, anomalies: 0, identified: 0, last_id: 0, active: None, ids, duplicates: 0, slow: config.slow })
         });
         Ok(())
     }
@@ -132,6 +146,14 @@ impl Guest for Bench {
                 }
                 state.last_id = msg.id;
                 state.identified += u64::from(msg.identity.is_some());
+                if let Some(slow) = state.slow.filter(|s| (s.from..=s.to).contains(&msg.id)) {
+                    let mut x = msg.id;
+                    for i in 0..slow.spin {
+                        x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(i));
+                    }
+                    std::hint::black_box(x);
+                    hyperty_guest::info(&format!("handled {}", msg.id));
+                }
                 // Only `read`s are requests here (the driver's); the
                 // `update`s of a one-way run are notifications: no answer.
                 if msg.type_ == MessageType::Read {

@@ -66,6 +66,10 @@ pub(crate) struct Stub {
     pub address: Address,
     queue: Arc<StubQueue>,
     dedup: Mutex<Dedup>,
+    /// A durable stub's envelopes given to a hyperty but not yet handled
+    /// when `post` stopped waiting, by (origin, seq): a redelivery of one
+    /// is `busy` until it is handled, then acknowledged.
+    handling: Mutex<HashMap<(String, u64), crate::receipt::Handled>>,
     start: Mutex<Option<Starter>>,
     /// A new component or settings for the running thread (live update).
     next: Mutex<Option<StubContext>>,
@@ -90,6 +94,14 @@ pub(crate) enum QueueError {
     /// A durable queue could not write the message to disk.
     Persist(String),
 }
+
+/// How long a durable stub's `post` waits for its hyperty to handle an
+/// envelope before it answers `busy` (the node offers it again later).
+const HANDLED_WAIT: Duration = Duration::from_secs(1);
+
+/// Envelopes of a durable stub given to hyperties and not yet handled when
+/// `post` stopped waiting; past this many, new ones are `busy`.
+const MAX_HANDLING: usize = 1024;
 
 /// Envelope bytes a durable stub's queue holds at most (on disk, and in
 /// memory beside it); past that, senders are answered 503.
@@ -148,6 +160,7 @@ impl Stub {
             address: stub_address(domain),
             queue: Arc::new(queue),
             dedup: Mutex::new(dedup),
+            handling: Mutex::default(),
             start: Mutex::new(Some(start)),
             next: Mutex::default(),
             stopped: AtomicBool::new(false),
@@ -690,26 +703,86 @@ impl Stub {
             tracing::debug!(stub = %self.domain, seq = received.seq, "duplicate dropped");
             return Ok(());
         }
-        match bus.send_inbound(received.message, &self.domain, received.wait) {
-            Ok(()) => {
-                let n = {
-                    let mut dedup = self.dedup.lock().unwrap();
-                    dedup.record(&received.origin, received.seq);
-                    dedup.persisted += 1;
-                    dedup.persisted - 1
-                };
-                // Kept before the stub acknowledges it to the node, so a
-                // redelivery after this runtime restarts is dropped too.
-                if let Some(outbox) = &self.queue.outbox
-                    && let Err(e) = outbox.seen(n, &received.origin, received.seq)
-                {
-                    tracing::error!(stub = %self.domain, "cannot keep the id of an envelope taken (a redelivery after a restart would be taken again): {e:#}");
+        let key = (received.origin.clone(), received.seq);
+        if self.queue.outbox.is_none() {
+            return match bus.send_inbound(received.message, &self.domain, received.wait) {
+                Ok(()) => {
+                    self.taken(&key);
+                    Ok(())
                 }
-                tracing::debug!(stub = %self.domain, origin = received.origin, seq = received.seq, "envelope taken");
+                Err(e) => Err(self.not_taken(e)),
+            };
+        }
+        // Durable: acknowledged (this returns Ok) only once its hyperty
+        // handled it, so a message still in an inbox when this process
+        // dies is delivered again ([`crate::receipt`]).
+        {
+            let mut handling = self.handling.lock().unwrap();
+            match handling.get(&key).map(|h| h.try_recv()) {
+                Some(Ok(())) => {
+                    handling.remove(&key);
+                    drop(handling);
+                    self.taken(&key);
+                    return Ok(());
+                }
+                Some(Err(flume::TryRecvError::Empty)) => return Err(format!("busy: envelope {} of {} is still being handled", key.1, key.0)),
+                // Dropped unhandled (its runtime was stopping): again.
+                Some(Err(flume::TryRecvError::Disconnected)) => drop(handling.remove(&key)),
+                None => {}
+            }
+            if handling.len() >= MAX_HANDLING {
+                // Forget the answered ones; what is left still waits.
+                handling.retain(|_, h| h.is_empty() && !h.is_disconnected());
+                if handling.len() >= MAX_HANDLING {
+                    return Err(format!("busy: {MAX_HANDLING} envelopes are still being handled"));
+                }
+            }
+        }
+        let (receipt, handled) = crate::receipt::Receipt::new(&received.message);
+        let (sent, taken) = crate::receipt::offer(receipt, || bus.send_inbound(received.message, &self.domain, received.wait));
+        if let Err(e) = sent {
+            return Err(self.not_taken(e));
+        }
+        if !taken {
+            self.taken(&key);
+            return Ok(());
+        }
+        match handled.recv_timeout(HANDLED_WAIT) {
+            Ok(()) => {
+                self.taken(&key);
                 Ok(())
             }
-            Err(crate::bus::SendError::InboxFull(to)) => Err(format!("busy: inbox of {to} is full")),
-            Err(e) => Err(self.refused(e.to_string())),
+            Err(flume::RecvTimeoutError::Timeout) => {
+                self.handling.lock().unwrap().insert(key.clone(), handled);
+                Err(format!("busy: envelope {} of {} is still being handled", key.1, key.0))
+            }
+            Err(flume::RecvTimeoutError::Disconnected) => Err(format!("busy: envelope {} of {} was dropped unhandled", key.1, key.0)),
+        }
+    }
+
+    /// Records envelope `key` (origin, seq) as taken, on disk too for a
+    /// durable stub before it acknowledges it to the node, so that a
+    /// redelivery, even after this runtime restarts, is dropped.
+    fn taken(&self, key: &(String, u64)) {
+        let n = {
+            let mut dedup = self.dedup.lock().unwrap();
+            dedup.record(&key.0, key.1);
+            dedup.persisted += 1;
+            dedup.persisted - 1
+        };
+        if let Some(outbox) = &self.queue.outbox
+            && let Err(e) = outbox.seen(n, &key.0, key.1)
+        {
+            tracing::error!(stub = %self.domain, "cannot keep the id of an envelope taken (a redelivery after a restart would be taken again): {e:#}");
+        }
+        tracing::debug!(stub = %self.domain, origin = key.0, seq = key.1, "envelope taken");
+    }
+
+    /// What the stub is told when the bus did not take an envelope.
+    fn not_taken(&self, e: crate::bus::SendError) -> String {
+        match e {
+            crate::bus::SendError::InboxFull(to) => format!("busy: inbox of {to} is full"),
+            e => self.refused(e.to_string()),
         }
     }
 

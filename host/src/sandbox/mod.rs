@@ -41,6 +41,7 @@ use crate::bus::{Bus, Destination, Refused};
 use crate::events::{EventKind, Events};
 use crate::message::{Message, MessageType, code};
 use crate::policy::Descriptor;
+use crate::receipt::{OnReturn, Receipt};
 use crate::registry::{Registry, Status as RegistryStatus};
 
 pub(crate) use glue::{GuestLog, HypertyPre, InstanceState, check_grants, hyperty_linker, log_line, prepare, printable};
@@ -52,7 +53,8 @@ use limits::{DomainMemory, Grant, InstanceLimiter, Limits, RestartPolicy};
 /// their message inline: boxing it would cost an allocation per message.
 #[allow(clippy::large_enum_variant)]
 pub(crate) enum Envelope {
-    Deliver { instance: u32, message: Message },
+    /// `receipt`: fired once the message is handled ([`crate::receipt`]).
+    Deliver { instance: u32, message: Message, receipt: Option<Receipt> },
     Control(Control),
 }
 
@@ -112,24 +114,24 @@ impl Inbox {
     /// a domain's thread and this domain is idle ([`handoff`]), else into
     /// the inbox. A refusal hands the message back, for the bus to answer it.
     #[allow(clippy::result_large_err)]
-    pub fn deliver(&self, instance: u32, message: Message) -> Result<(), Refused> {
+    pub fn deliver(&self, instance: u32, message: Message, receipt: Option<Receipt>) -> Result<(), Refused> {
         let counted = if handoff::may_lend() && self.domain.fast.load(Ordering::Relaxed) {
             // From idle (0) to one in hand: nothing queued is overtaken.
             if self.in_flight.compare_exchange(0, 1, Ordering::AcqRel, Ordering::Relaxed).is_ok() {
-                match self.lend(instance, message) {
+                match self.lend(instance, message, receipt) {
                     Ok(()) => return Ok(()),
-                    Err(message) => Some(message),
+                    Err((message, receipt)) => Some((message, receipt)),
                 }
             } else {
                 self.in_flight.fetch_add(1, Ordering::Relaxed);
-                Some(message)
+                Some((message, receipt))
             }
         } else {
             self.in_flight.fetch_add(1, Ordering::Relaxed);
-            Some(message)
+            Some((message, receipt))
         };
-        let message = counted.expect("a message to queue");
-        self.tx.try_send(Envelope::Deliver { instance, message }).map_err(|e| {
+        let (message, receipt) = counted.expect("a message to queue");
+        self.tx.try_send(Envelope::Deliver { instance, message, receipt }).map_err(|e| {
             self.in_flight.fetch_sub(1, Ordering::Relaxed);
             match e {
                 flume::TrySendError::Full(Envelope::Deliver { message, .. }) => Refused::Full(message),
@@ -143,17 +145,17 @@ impl Inbox {
     /// (never waiting for it); else the message comes back, still counted
     /// in flight, to be queued.
     #[allow(clippy::result_large_err)]
-    fn lend(&self, instance: u32, message: Message) -> Result<(), Message> {
+    fn lend(&self, instance: u32, message: Message, receipt: Option<Receipt>) -> Result<(), (Message, Option<Receipt>)> {
         let mut state = match self.domain.state.try_lock() {
             Ok(state) => state,
-            Err(TryLockError::WouldBlock) => return Err(message),
+            Err(TryLockError::WouldBlock) => return Err((message, receipt)),
             Err(TryLockError::Poisoned(e)) => e.into_inner(),
         };
         let Some(sandbox) = state.as_mut().filter(|s| !s.stopping.load(Ordering::Acquire)) else {
-            return Err(message);
+            return Err((message, receipt));
         };
         sandbox.media.taken(&message);
-        let ((), took) = handoff::lend(|| sandbox.deliver(instance, message));
+        let ((), took) = handoff::lend(|| sandbox.deliver(instance, message, receipt));
         self.domain.fast.store(took < handoff::LEND_MAX, Ordering::Relaxed);
         let restart = !sandbox.restarts.is_empty();
         drop(state);
@@ -197,7 +199,8 @@ struct HypertyRoute {
 
 impl Destination for HypertyRoute {
     fn deliver(&self, message: Message, _bus: &Bus, _wait: Option<std::time::Duration>) -> Result<(), Refused> {
-        self.inbox.deliver(self.instance, message)
+        let receipt = crate::receipt::take(&message);
+        self.inbox.deliver(self.instance, message, receipt)
     }
 
     fn descriptor(&self) -> Option<&Arc<Descriptor>> {
@@ -385,7 +388,7 @@ impl Drop for SandboxHandle {
 /// Lifecycle of an instance inside its sandbox.
 enum Status {
     /// Instantiated; messages wait in the backlog until `init` succeeds.
-    Instantiated { backlog: Vec<Message> },
+    Instantiated { backlog: Vec<(Message, Option<Receipt>)> },
     Live,
     /// Trapped; a fresh instance is due at `at`.
     Restarting { at: Instant },
@@ -496,10 +499,11 @@ impl Sandbox {
             self.in_flight.fetch_sub(1, Ordering::Release);
         }
         match envelope {
-            Ok(Envelope::Deliver { instance, message }) => {
+            Ok(Envelope::Deliver { instance, message, receipt }) => {
                 self.media.taken(&message);
+                // Stopping: dropped unhandled, and so is its receipt.
                 if !self.stopping.load(Ordering::Acquire) {
-                    self.deliver(instance, message);
+                    self.deliver(instance, message, receipt);
                 }
                 self.in_flight.fetch_sub(1, Ordering::Release);
             }
@@ -596,8 +600,8 @@ impl Sandbox {
         slot.running = Some(running);
         slot.failures = 0;
         self.restarts.retain(|&i| i != instance);
-        for message in backlog {
-            self.deliver(instance, message);
+        for (message, receipt) in backlog {
+            self.deliver(instance, message, receipt);
         }
     }
 
@@ -638,8 +642,8 @@ impl Sandbox {
                 observe(&slot.stats, running);
                 slot.stats.status.store(HypertyStats::LIVE, Ordering::Relaxed);
                 if let Status::Instantiated { backlog } = std::mem::replace(&mut slot.status, Status::Live) {
-                    for message in backlog {
-                        self.deliver(instance, message);
+                    for (message, receipt) in backlog {
+                        self.deliver(instance, message, receipt);
                     }
                 }
                 return Ok(());
@@ -652,7 +656,8 @@ impl Sandbox {
         if let Status::Instantiated { backlog } = std::mem::replace(&mut slot.status, Status::Stopped) {
             // The guest's part of `error` is cut to a log line's length.
             let reason = format!("{error:#}");
-            for message in backlog {
+            for (message, receipt) in backlog {
+                let _answered = OnReturn(receipt);
                 let why = format!("{} failed to start: {reason}", message.to);
                 self.shared.bus.answer_taken(&message, code::UNAVAILABLE, why);
             }
@@ -661,14 +666,17 @@ impl Sandbox {
         Err(error)
     }
 
-    fn deliver(&mut self, instance: u32, message: Message) {
+    /// Hands `message` to `instance` (or answers it in its place); its
+    /// `receipt` fires on the way out, unless it waits in the backlog.
+    fn deliver(&mut self, instance: u32, message: Message, receipt: Option<Receipt>) {
+        let mut receipt = OnReturn(receipt);
         let Some(slot) = self.slots.get_mut(instance as usize).and_then(Option::as_mut) else {
             let why = format!("{} has been removed", message.to);
             self.shared.bus.answer_taken(&message, code::NOT_FOUND, why);
             return;
         };
         let running = match (&mut slot.status, slot.running.as_mut()) {
-            (Status::Instantiated { backlog }, _) if backlog.len() < self.settings.limits.inbox => return backlog.push(message),
+            (Status::Instantiated { backlog }, _) if backlog.len() < self.settings.limits.inbox => return backlog.push((message, receipt.kept())),
             (Status::Instantiated { .. }, _) => {
                 // Bounded like the inbox it came from: a deployment's
                 // instances wait for `init` with at most `inbox` each.
@@ -868,7 +876,7 @@ mod tests {
         inbox.control(Control::Commit { instance: 0 }).unwrap();
         assert_eq!(inbox.in_flight(), 1, "the queued Commit counts: the domain is not idle");
         let message = Message::builder(1, MessageType::Update, "hyperty://a.example/x", "hyperty://b.example/y").build().unwrap();
-        inbox.deliver(0, message).map_err(|_| "refused").unwrap();
+        inbox.deliver(0, message, None).map_err(|_| "refused").unwrap();
         assert_eq!(inbox.in_flight(), 2);
         assert!(matches!(rx.try_recv(), Ok(Envelope::Control(Control::Commit { instance: 0 }))));
         assert!(matches!(rx.try_recv(), Ok(Envelope::Deliver { instance: 0, .. })));
