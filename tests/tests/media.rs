@@ -1139,6 +1139,92 @@ fn a_turn_server_that_never_answers_gets_three_allocate_requests_then_a_relay_on
     assert!(silent.recv_from(&mut buf).is_err(), "a fourth Allocate request");
 }
 
+/// A scripted TURN server on `server`: answers the first Allocate request
+/// 401 (REALM, NONCE) and returns the authenticated one that follows, and
+/// where it came from (other requests are not answered).
+fn authenticated_allocate(server: &std::net::UdpSocket) -> (Vec<u8>, std::net::SocketAddr) {
+    use stun_types::attribute::{ErrorCode, Nonce, Realm};
+    use stun_types::message::{Message, MessageWrite, MessageWriteExt, MessageWriteVec};
+    let mut buf = [0u8; 2048];
+    let mut challenged = None;
+    loop {
+        let (n, from) = server.recv_from(&mut buf).expect("an Allocate request");
+        let m = Message::from_bytes(&buf[..n]).expect("STUN");
+        if m.method().value() != 0x003 {
+            // An earlier connection's release, sent again.
+            continue;
+        }
+        match challenged {
+            Some(id) if id != m.transaction_id() => return (buf[..n].to_vec(), from),
+            Some(_) => {}
+            None => {
+                let mut e = Message::builder_error(&m, MessageWriteVec::new());
+                e.add_attribute(&ErrorCode::new(401, "Unauthorized").unwrap()).unwrap();
+                e.add_attribute(&Realm::new("hyperty.test").unwrap()).unwrap();
+                e.add_attribute(&Nonce::new("n0nce").unwrap()).unwrap();
+                server.send_to(&e.finish(), from).unwrap();
+                challenged = Some(m.transaction_id());
+            }
+        }
+    }
+}
+
+/// The signed success the scripted server answers `request` with (a
+/// relayed address, LIFETIME 600).
+fn allocated(request: &[u8], from: std::net::SocketAddr) -> Vec<u8> {
+    use stun_types::attribute::XorMappedAddress;
+    use stun_types::message::{
+        IntegrityAlgorithm, LongTermKeyCredentials, Message, MessageIntegrityCredentials, MessageWrite, MessageWriteExt, MessageWriteVec,
+    };
+    let m = Message::from_bytes(request).unwrap();
+    let mut w = Message::builder_success(&m, MessageWriteVec::new());
+    let id = m.transaction_id();
+    // XOR-RELAYED-ADDRESS (0x0016) is XOR-MAPPED-ADDRESS's encoding under another type.
+    let relayed = XorMappedAddress::new("127.0.0.1:50999".parse().unwrap(), id);
+    let value = stun_types::attribute::RawAttribute::from(&relayed).value.to_vec();
+    w.add_attribute(&stun_types::attribute::RawAttribute::new(0x0016.into(), &value)).unwrap();
+    w.add_attribute(&stun_types::attribute::RawAttribute::new(0x000D.into(), &600u32.to_be_bytes())).unwrap();
+    w.add_attribute(&XorMappedAddress::new(from, id)).unwrap();
+    let key = MessageIntegrityCredentials::LongTerm(LongTermKeyCredentials::new("u".into(), "c".into(), "hyperty.test".into()));
+    w.add_message_integrity(&key, IntegrityAlgorithm::Sha1).unwrap();
+    w.finish()
+}
+
+/// The LIFETIME of the next Refresh request the scripted server receives.
+fn refresh_lifetime(server: &std::net::UdpSocket) -> u32 {
+    let mut buf = [0u8; 2048];
+    loop {
+        let (n, _) = server.recv_from(&mut buf).expect("a Refresh request");
+        let m = stun_types::message::Message::from_bytes(&buf[..n]).expect("STUN");
+        if m.method().value() == 0x004 {
+            let lifetime = m.raw_attribute(0x000D.into()).expect("a LIFETIME");
+            return u32::from_be_bytes(lifetime.value.as_ref().try_into().unwrap());
+        }
+    }
+}
+
+#[test]
+fn an_allocation_still_in_flight_when_its_connection_closes_or_its_runtime_stops_is_released_once_granted() {
+    let server = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    server.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let entry = json!({ "server": server.local_addr().unwrap().to_string(), "username": "u", "credential": "c" });
+    let (runtime, mut driver, _bundle, a, _b) = turn_pair(json!({ "turn": [entry], "ice-transport-policy": "relay" }));
+    // Closed by its hyperty while the authenticated Allocate waits.
+    let pc = driver.command(&a, json!({ "op": "open" }))["pc"].as_u64().unwrap();
+    let (request, from) = authenticated_allocate(&server);
+    driver.command(&a, json!({ "op": "close", "pc": pc }));
+    driver.media_report(&a, 10, |v| v["event"] == "closed" && v["pc"] == pc);
+    server.send_to(&allocated(&request, from), from).unwrap();
+    assert_eq!(refresh_lifetime(&server), 0, "the late allocation released");
+    // The runtime stops (the domain's media thread with it) while another waits.
+    driver.command(&a, json!({ "op": "open" }));
+    let (request, from) = authenticated_allocate(&server);
+    let stopping = std::thread::spawn(move || drop(runtime));
+    server.send_to(&allocated(&request, from), from).unwrap();
+    assert_eq!(refresh_lifetime(&server), 0, "released as the runtime stops");
+    stopping.join().unwrap();
+}
+
 #[test]
 fn turn_settings_are_checked_at_load_naming_the_domain_and_the_field() {
     let entry = |server: &str| json!({ "server": server, "username": "u", "credential": "c" });

@@ -249,14 +249,14 @@ impl DomainMedia {
             }),
             wake: tokio::sync::Notify::new(),
         });
-        let handle = self.driver()?;
+        let (handle, shutdown) = self.driver()?;
         let socket = {
             let _entered = handle.enter();
             tokio::net::UdpSocket::from_std(socket).map_err(|e| MediaError::Invalid(format!("cannot drive the socket: {e}")))?
         };
         let sink = Sink { bus: bus.clone(), owner: owner.clone(), descriptor: descriptor.clone(), next_id: 0 };
         tracing::info!(domain = %self.domain, connection = %conn.address, %local, "peer connection opened for {owner}");
-        handle.spawn(drive(conn.clone(), socket, sink, place));
+        handle.spawn(drive(conn.clone(), socket, sink, place, shutdown));
         Ok(PeerConnection { conn })
     }
 
@@ -272,16 +272,16 @@ impl DomainMedia {
     }
 
 
-    /// The runtime of the domain's media thread, started on first use.
-    fn driver(&self) -> Result<tokio::runtime::Handle, MediaError> {
+    /// The runtime of the domain's media thread, started on first use,
+    /// and what tells a task that the thread stops.
+    fn driver(&self) -> Result<(tokio::runtime::Handle, Shutdown), MediaError> {
         let mut driver = self.driver.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(d) = driver.as_ref() {
-            return Ok(d.handle.clone());
+        if driver.is_none() {
+            let d = Driver::start(&self.domain).map_err(|e| MediaError::LimitReached(format!("cannot start the media thread: {e}")))?;
+            *driver = Some(d);
         }
-        let d = Driver::start(&self.domain).map_err(|e| MediaError::LimitReached(format!("cannot start the media thread: {e}")))?;
-        let handle = d.handle.clone();
-        *driver = Some(d);
-        Ok(handle)
+        let d = driver.as_ref().expect("started");
+        Ok((d.handle.clone(), d.shutdown.clone().expect("until dropped")))
     }
 }
 
@@ -304,28 +304,45 @@ fn bind(settings: &MediaSettings) -> Result<UdpSocket, MediaError> {
 }
 
 /// The domain's media thread: a current-thread tokio runtime that runs
-/// until the domain's sandbox goes away (then every connection's task is
-/// dropped with its socket).
+/// until the domain's sandbox goes away; then every connection is closed
+/// and its task given at most [`DRAIN`] to release its TURN allocations
+/// before it is dropped with its socket.
 struct Driver {
     handle: tokio::runtime::Handle,
+    /// Cloned into each task: changes when the thread stops; the thread
+    /// waits (at most [`DRAIN`]) until every clone is dropped.
+    shutdown: Option<Shutdown>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<JoinHandle<()>>,
 }
+
+/// What tells a connection's task that the domain's media thread stops.
+type Shutdown = tokio::sync::watch::Receiver<()>;
+
+/// The longest the media thread waits, once stopped, for its tasks to end
+/// (a closed connection releases its TURN allocations).
+const DRAIN: Duration = Duration::from_millis(turn::RELEASE_WITHIN.as_millis() as u64 + 500);
 
 impl Driver {
     fn start(domain: &str) -> std::io::Result<Driver> {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
         let handle = runtime.handle().clone();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let (tell, shutdown) = tokio::sync::watch::channel(());
         let thread = std::thread::Builder::new().name(format!("media {domain}")).spawn(move || {
-            let _ = runtime.block_on(stopped);
+            runtime.block_on(async move {
+                let _ = stopped.await;
+                let _ = tell.send(());
+                let _ = tokio::time::timeout(DRAIN, tell.closed()).await;
+            });
         })?;
-        Ok(Driver { handle, stop: Some(stop), thread: Some(thread) })
+        Ok(Driver { handle, shutdown: Some(shutdown), stop: Some(stop), thread: Some(thread) })
     }
 }
 
 impl Drop for Driver {
     fn drop(&mut self) {
+        drop(self.shutdown.take());
         drop(self.stop.take());
         if let Some(thread) = self.thread.take()
             && thread.thread().id() != std::thread::current().id()
@@ -861,7 +878,7 @@ impl Sink {
 /// domain's `peers` only) and the time, sends what it says, hands its
 /// events to the hyperty in order, and ends (freeing the socket and the
 /// domain's place) once the connection is closed.
-async fn drive(conn: Arc<Conn>, socket: tokio::net::UdpSocket, mut sink: Sink, place: Place) {
+async fn drive(conn: Arc<Conn>, socket: tokio::net::UdpSocket, mut sink: Sink, place: Place, mut shutdown: Shutdown) {
     let local = socket.local_addr().expect("a bound socket");
     let mut buf = vec![0u8; MAX_DATAGRAM];
     // Events waiting for room in the inbox, with the track of frames.
@@ -915,7 +932,8 @@ async fn drive(conn: Arc<Conn>, socket: tokio::net::UdpSocket, mut sink: Sink, p
                     Some(wrapped) => (wrapped, allocation.server),
                     None => continue,
                 },
-                None if conn.settings.relay_only => continue,
+                // A relayed candidate's, its allocation gone: never from the host's socket.
+                None if conn.settings.relay_only || from != local => continue,
                 None => (data, to),
             };
             if let Err(e) = socket.send_to(&data, to).await {
@@ -979,16 +997,46 @@ async fn drive(conn: Arc<Conn>, socket: tokio::net::UdpSocket, mut sink: Sink, p
             },
             () = tokio::time::sleep_until(tokio::time::Instant::from_std(wake_at)) => conn.input(Input::Timeout(Instant::now())),
             () = conn.wake.notified() => {}
+            Ok(()) = shutdown.changed() => conn.close("the domain's media stopped (its sandbox went away)"),
         }
     }
-    for allocation in &mut allocations {
-        if let Some(release) = allocation.release(Instant::now()) {
-            let _ = socket.send_to(&release, allocation.server).await;
-        }
-    }
+    release(&conn, &socket, &mut allocations, &mut buf).await;
     conn.held.frames.forget(&conn.address);
     drop(socket);
     drop(place);
+}
+
+/// Releases a closed connection's TURN `allocations` (those whose
+/// Allocate is in flight once it is answered), at most
+/// [`turn::RELEASE_WITHIN`]: only the servers' datagrams are read.
+async fn release(conn: &Conn, socket: &tokio::net::UdpSocket, allocations: &mut [turn::Allocation], buf: &mut [u8]) {
+    let Ok(local) = socket.local_addr() else { return };
+    let start = Instant::now();
+    let until = start + turn::RELEASE_WITHIN;
+    for allocation in allocations.iter_mut() {
+        allocation.release(start);
+    }
+    let mut out = Vec::new();
+    while !allocations.iter().all(turn::Allocation::is_gone) && Instant::now() < until {
+        for allocation in allocations.iter_mut() {
+            allocation.poll(Instant::now(), &mut out);
+            for data in out.drain(..) {
+                let _ = socket.send_to(&data, allocation.server).await;
+            }
+        }
+        let wake_at = allocations.iter().filter_map(|a| a.due).min().unwrap_or(until).min(until);
+        tokio::select! {
+            Ok((n, source)) = socket.recv_from(buf) => {
+                if let Some(allocation) = allocations.iter_mut().find(|a| a.server == source && !a.is_gone()) {
+                    let _ = allocation.received(&buf[..n], local, Instant::now());
+                }
+            }
+            () = tokio::time::sleep_until(tokio::time::Instant::from_std(wake_at)) => {}
+        }
+    }
+    if !allocations.iter().all(turn::Allocation::is_gone) {
+        tracing::info!(connection = %conn.address, "a TURN allocation not released within {:?}", turn::RELEASE_WITHIN);
+    }
 }
 
 /// A datagram from `source` on the socket at `local`, if it comes from

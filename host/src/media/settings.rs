@@ -207,12 +207,19 @@ impl RawMedia {
         let stun = self
             .stun
             .iter()
-            .map(|s| s.parse::<SocketAddr>().map_err(|_| format!("stun: {s:?} is not an ip:port (names are not resolved)")))
+            .map(|s| {
+                let server = s.parse::<SocketAddr>().map_err(|_| format!("stun: {s:?} is not an ip:port (names are not resolved)"))?;
+                same_family(bind, server).map_err(|e| format!("stun: {e}"))
+            })
             .collect::<Result<Vec<_>, _>>()?;
         if self.turn.len() > MAX_TURN_SERVERS {
             return Err(format!("turn: {} servers, at most {MAX_TURN_SERVERS}", self.turn.len()));
         }
-        let turn = self.turn.into_iter().enumerate().map(|(i, t)| t.check(i)).collect::<Result<Vec<_>, _>>()?;
+        let mut turn: Vec<TurnServer> = Vec::new();
+        for (i, t) in self.turn.into_iter().enumerate() {
+            let server = t.check(i, bind, &turn)?;
+            turn.push(server);
+        }
         let relay_only = match self.ice_transport_policy.as_deref() {
             None | Some("all") => false,
             Some("relay") if turn.is_empty() => {
@@ -254,13 +261,18 @@ impl RawMedia {
 }
 
 impl RawTurn {
-    /// The checked entry `turn[i]`; the error names the field, never the
-    /// credentials' values.
-    fn check(self, i: usize) -> Result<TurnServer, String> {
+    /// The checked entry `turn[i]`, for sockets on `bind` (the same
+    /// address family), a server none of the entries `before` names; the
+    /// error names the field, never the credentials' values.
+    fn check(self, i: usize, bind: IpAddr, before: &[TurnServer]) -> Result<TurnServer, String> {
         let server = self
             .server
             .parse::<SocketAddr>()
             .map_err(|_| format!("turn[{i}].server: {:?} is not an ip:port (names are not resolved)", self.server))?;
+        same_family(bind, server).map_err(|e| format!("turn[{i}].server: {e}"))?;
+        if let Some(j) = before.iter().position(|t| t.server == server) {
+            return Err(format!("turn[{i}].server: {server} is turn[{j}]'s already (one allocation per server)"));
+        }
         let secret = |field: &str, value: Option<String>| match value {
             None => Err(format!("turn[{i}].{field}: missing (a TURN server takes long-term credentials)")),
             Some(v) if v.is_empty() || v.len() > MAX_TURN_SECRET_BYTES => {
@@ -270,6 +282,16 @@ impl RawTurn {
         };
         Ok(TurnServer { server, username: secret("username", self.username)?, credential: secret("credential", self.credential)? })
     }
+}
+
+/// `server`, if of `bind`'s address family (a socket on `bind` reaches
+/// no other).
+fn same_family(bind: IpAddr, server: SocketAddr) -> Result<SocketAddr, String> {
+    let family = |ip: IpAddr| if ip.is_ipv4() { "IPv4" } else { "IPv6" };
+    if server.is_ipv4() == bind.is_ipv4() {
+        return Ok(server);
+    }
+    Err(format!("{server} is {} but bind {bind} is {}: a socket on bind reaches its own address family only", family(server.ip()), family(bind)))
 }
 
 /// `"40000-40100"` or `"40000"`: a non-empty range of non-zero ports.
@@ -308,8 +330,10 @@ mod tests {
     fn the_table_is_checked_naming_the_field() {
         let ok = raw("bind = \"127.0.0.1\"\nports = \"40000-40002\"").unwrap();
         assert!(ok.stun.is_empty());
-        let stun = raw("bind = \"127.0.0.1\"\nports = \"1-2\"\nstun = [\"127.0.0.1:3478\", \"[::1]:3478\"]").unwrap();
-        assert_eq!(stun.stun, ["127.0.0.1:3478".parse().unwrap(), "[::1]:3478".parse().unwrap()]);
+        let stun = raw("bind = \"127.0.0.1\"\nports = \"1-2\"\nstun = [\"127.0.0.1:3478\", \"127.0.0.2:3478\"]").unwrap();
+        assert_eq!(stun.stun, ["127.0.0.1:3478".parse().unwrap(), "127.0.0.2:3478".parse().unwrap()]);
+        let v6 = raw("bind = \"::1\"\nports = \"1-2\"\nstun = [\"[::1]:3478\"]\nturn = [{ server = \"[::1]:3478\", username = \"u\", credential = \"c\" }]").unwrap();
+        assert_eq!((v6.stun.len(), v6.turn.len()), (1, 1));
         assert_eq!((ok.ports.clone(), ok.peers.len()), (40000..=40002, 1));
         assert!(ok.turn.is_empty() && !ok.relay_only);
         let relay = raw("bind = \"127.0.0.1\"\nports = \"1-2\"\nice-transport-policy = \"relay\"\nturn = [{ server = \"127.0.0.1:3478\", username = \"u\", credential = \"s3cret\" }]").unwrap();
@@ -346,6 +370,12 @@ mod tests {
             ("bind = \"127.0.0.1\"\nports = \"1-2\"\nturn = [{ server = \"127.0.0.1:3478\", username = \"u\" }]", "turn[0].credential: missing"),
             ("bind = \"127.0.0.1\"\nports = \"1-2\"\nturn = [{ server = \"127.0.0.1:3478\", username = \"\", credential = \"c\" }]", "turn[0].username: 0 bytes"),
             ("bind = \"127.0.0.1\"\nports = \"1-2\"\nice-transport-policy = \"relay\"", "ice-transport-policy: \"relay\" needs at least one `turn` server"),
+            ("bind = \"127.0.0.1\"\nports = \"1-2\"\nstun = [\"[::1]:3478\"]", "stun: [::1]:3478 is IPv6 but bind 127.0.0.1 is IPv4"),
+            ("bind = \"::1\"\nports = \"1-2\"\nturn = [{ server = \"127.0.0.1:3478\", username = \"u\", credential = \"c\" }]", "turn[0].server: 127.0.0.1:3478 is IPv4 but bind ::1 is IPv6"),
+            (
+                "bind = \"127.0.0.1\"\nports = \"1-2\"\nturn = [{ server = \"127.0.0.1:3478\", username = \"u\", credential = \"c\" }, { server = \"127.0.0.1:3478\", username = \"v\", credential = \"d\" }]",
+                "turn[1].server: 127.0.0.1:3478 is turn[0]'s already",
+            ),
             ("bind = \"127.0.0.1\"\nports = \"1-2\"\nice-transport-policy = \"public\"", "ice-transport-policy: \"public\" is neither"),
         ] {
             let e = raw(bad).unwrap_err();

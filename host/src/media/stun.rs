@@ -93,7 +93,7 @@ impl Binding {
 }
 
 /// Whether a peer could send to `addr`: a unicast address and a port.
-fn usable(addr: SocketAddr) -> bool {
+pub(super) fn usable(addr: SocketAddr) -> bool {
     let ip = addr.ip();
     let broadcast = matches!(ip, std::net::IpAddr::V4(v4) if v4.is_broadcast());
     addr.port() != 0 && !ip.is_unspecified() && !ip.is_multicast() && !broadcast
