@@ -43,15 +43,7 @@ pub fn ensure_chromium() {
         if works() {
             return;
         }
-        let root = Command::new("id").arg("-u").output().map(|o| o.stdout == b"0\n").unwrap_or(false);
-        let apt = |args: &[&str]| {
-            let mut c = if root { Command::new("apt-get") } else { Command::new("sudo") };
-            if !root {
-                c.args(["-n", "apt-get"]);
-            }
-            c.args(args).env("DEBIAN_FRONTEND", "noninteractive").status().is_ok_and(|s| s.success())
-        };
-        let installed = apt(&["install", "-y", "-q", "chromium"]) || (apt(&["update", "-q"]) && apt(&["install", "-y", "-q", "chromium"]));
+        let installed = crate::apt_get_install("chromium");
         assert!(installed && works(), "Chromium is missing and `apt-get install chromium` failed: the browser tests need Debian's chromium");
     });
 }

@@ -461,21 +461,22 @@ pub fn closed_port() -> ClosedPort {
 pub fn ensure_nats_server() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
-        if std::process::Command::new("nats-server").arg("--version").output().is_ok() {
-            return;
-        }
-        let root = std::process::Command::new("id").arg("-u").output().map(|o| o.stdout == b"0\n").unwrap_or(false);
-        let apt = |args: &[&str]| {
-            let mut c = if root { std::process::Command::new("apt-get") } else { std::process::Command::new("sudo") };
-            if !root {
-                c.args(["-n", "apt-get"]);
-            }
-            c.args(args).env("DEBIAN_FRONTEND", "noninteractive").status()
-        };
-        let ok = apt(&["install", "-y", "-q", "nats-server"]).is_ok_and(|s| s.success())
-            || (apt(&["update", "-q"]).is_ok() && apt(&["install", "-y", "-q", "nats-server"]).is_ok_and(|s| s.success()));
-        assert!(ok, "nats-server is missing and could not be installed with apt-get");
+        let works = || std::process::Command::new("nats-server").arg("--version").output().is_ok();
+        assert!(works() || (apt_get_install("nats-server") && works()), "nats-server is missing and could not be installed with apt-get");
     });
+}
+
+/// Installs Debian's `package` with apt-get (through `sudo -n` when not
+/// root), updating the package lists once if the first try fails; whether
+/// it worked.
+pub fn apt_get_install(package: &str) -> bool {
+    let root = std::process::Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout == b"0\n");
+    let apt = |args: &[&str]| {
+        let mut c = std::process::Command::new(if root { "apt-get" } else { "sudo" });
+        c.args(if root { &[][..] } else { &["-n", "apt-get"][..] });
+        c.args(args).env("DEBIAN_FRONTEND", "noninteractive").status().is_ok_and(|s| s.success())
+    };
+    apt(&["install", "-y", "-q", package]) || (apt(&["update", "-q"]) && apt(&["install", "-y", "-q", package]))
 }
 
 impl Nats {

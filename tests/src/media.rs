@@ -328,26 +328,13 @@ pub struct StunServer {
     child: std::process::Child,
 }
 
-/// Installs Debian's `package` with apt-get (through `sudo -n` when not
-/// root), updating the package lists once if the first try fails; whether
-/// it worked.
-pub fn apt_get_install(package: &str) -> bool {
-    let root = std::process::Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout == b"0\n");
-    let apt = |args: &[&str]| {
-        let mut c = std::process::Command::new(if root { "apt-get" } else { "sudo" });
-        c.args(if root { &[][..] } else { &["-n", "apt-get"][..] });
-        c.args(args).env("DEBIAN_FRONTEND", "noninteractive").status().is_ok_and(|s| s.success())
-    };
-    apt(&["install", "-y", "-q", package]) || (apt(&["update", "-q"]) && apt(&["install", "-y", "-q", package]))
-}
-
 /// Installs Debian's coturn if `turnserver` is not on the machine (as the
 /// harness does for nats-server and chromium; `just turnserver` too).
 pub fn ensure_turnserver() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
         let works = || std::process::Command::new("turnserver").arg("--version").output().is_ok();
-        assert!(works() || (apt_get_install("coturn") && works()), "turnserver is missing and `apt-get install coturn` failed: the STUN tests need Debian's coturn");
+        assert!(works() || (crate::apt_get_install("coturn") && works()), "turnserver is missing and `apt-get install coturn` failed: the STUN tests need Debian's coturn");
     });
 }
 
