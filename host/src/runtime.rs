@@ -894,12 +894,17 @@ impl Runtime {
     /// not wait on them (nor send a 408 each).
     pub fn shutdown(&self) {
         self.bus.forget_pending();
-        let mut deployed = self.deployed.lock().unwrap();
-        for running in std::mem::take(&mut deployed.hyperties) {
-            self.stop(&deployed, &running);
-        }
-        deployed.sandboxes.clear();
-        deployed.specs = update::Specs::default();
+        let sandboxes = {
+            let mut deployed = self.deployed.lock().unwrap();
+            for running in std::mem::take(&mut deployed.hyperties) {
+                self.stop(&deployed, &running);
+            }
+            deployed.specs = update::Specs::default();
+            std::mem::take(&mut deployed.sandboxes)
+        };
+        // Stopped outside the lock: a sandbox waits for its call in hand,
+        // and its media thread for TURN releases (seconds at worst).
+        drop(sandboxes);
         for domain in self.bus.carried_domains() {
             self.remove_stub(&domain);
         }
