@@ -8,8 +8,8 @@
 //! `keep-alive` interval, which the remote registry uses to expire runtimes
 //! that went away), `delete`. They reach the domain's registry here when
 //! this runtime serves it ([`crate::domain_registry`]), else through the
-//! domain's protostub; with neither, the bus answers them 404, logged at
-//! debug.
+//! domain's protostub; with neither, none is sent (the bus would answer
+//! it 404), logged at debug.
 //!
 //! Hyperties are registered at deployment with what their bundle says of
 //! them (name, domain, user, hyperty types, data-object schemes), move
@@ -114,6 +114,12 @@ impl Announcer {
             return;
         }
         let Ok(to) = Address::parse(format!("domain://registry.{}", r.domain)) else { return };
+        if !self.bus.reaches(&to) {
+            // Neither served here nor carried: it would be answered 404
+            // (a deployment of many hyperties would pay that twice each).
+            tracing::debug!("registry announcement for {} not sent: no registry of {} is reachable", r.address, r.domain);
+            return;
+        }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut message = Message::new(id, kind, self.runtime.clone(), to, Some(value.to_string()));
         message.body.resource = Some(r.address.to_string());

@@ -24,8 +24,10 @@
 //! version by one, and each subscriber gets one small message per change
 //! from the object's URL (never the whole object). [`Replica`] is the
 //! observer side: apply in order, ignore what is stale, read again after a
-//! gap. Fan-out sends each delta through the bus like any message (so the
-//! receiver's policies, identity and back-pressure apply); a subscriber that
+//! gap. Fan-out serialises each delta once and sends it to every subscriber
+//! with [`Bus::send_each`]: each subscriber's copy passes the path of any
+//! message (its domain's policies, identity, its own inbox's back-pressure),
+//! with what all share done once per receiving domain; a subscriber that
 //! is away misses versions and resyncs with `read`.
 //!
 //! Bounds (the reporter's domain [`Limits`], charged to its [`Account`]):
@@ -241,23 +243,26 @@ impl Object {
         }
     }
 
-    /// One message per subscriber (and to `also`, the reporter when a
-    /// subscriber made the change), from the object's URL, about
-    /// `resource`, carrying `delta` with the (new) version.
-    fn deltas(&self, next_id: &AtomicU64, kind: MessageType, resource: String, mut delta: Map<String, Value>, also: Option<&Address>) -> Vec<Message> {
+    /// The delta of a change for each subscriber (and `also`, the
+    /// reporter when a subscriber made the change): one message from the
+    /// object's URL, about `resource`, carrying `delta` with the (new)
+    /// version, serialised once.
+    fn deltas(&self, next_id: &AtomicU64, kind: MessageType, resource: String, mut delta: Map<String, Value>, also: Option<&Address>) -> Deltas {
         delta.insert("version".into(), self.version.into());
-        let value = Value::Object(delta).to_string();
-        self.subscribers
-            .iter()
-            .chain(also.filter(|a| !self.subscribers.contains(*a)))
-            .map(|subscriber| {
-                let id = next_id.fetch_add(1, Ordering::Relaxed);
-                let mut m = Message::new(id, kind, self.url.clone(), subscriber.clone(), Some(value.clone()));
-                m.body.resource = Some(resource.clone());
-                m
-            })
-            .collect()
+        let to: Vec<Address> = self.subscribers.iter().chain(also.filter(|a| !self.subscribers.contains(*a))).cloned().collect();
+        let first_id = next_id.fetch_add(to.len() as u64, Ordering::Relaxed);
+        let mut message = Message::new(first_id, kind, self.url.clone(), self.url.clone(), Some(Value::Object(delta).to_string()));
+        message.body.resource = Some(resource);
+        Deltas { message, to, first_id }
     }
+}
+
+/// A change's delta and who gets it ([`Bus::send_each`]: `message` to each
+/// of `to`, numbered from `first_id`).
+struct Deltas {
+    message: Message,
+    to: Vec<Address>,
+    first_id: u64,
 }
 
 /// What a change sends its subscribers: the message type, what changed
@@ -438,6 +443,17 @@ impl Syncher {
             if let Err(e) = self.bus.send(m, None, sender.as_deref()) {
                 tracing::debug!(%to, "{} from a data object not delivered ({e}); a subscriber reads again", kind.as_str());
             }
+        }
+    }
+
+    /// Sends a change's delta to each of its subscribers, as `reporter`
+    /// (no syncher lock held): one message through the bus's fan-out, each
+    /// subscriber's copy checked and delivered into its own inbox.
+    fn send_deltas(&self, reporter: &Address, deltas: Deltas) {
+        let sender = self.bus.descriptor_of(reporter);
+        let kind = deltas.message.kind;
+        for e in self.bus.send_each(deltas.message, deltas.to, deltas.first_id, sender.as_deref()) {
+            tracing::debug!("{} from a data object not delivered ({e}); a subscriber reads again", kind.as_str());
         }
     }
 
@@ -683,7 +699,7 @@ impl Syncher {
         let deltas = o.deltas(&self.next_id, kind, resource, delta, also.as_ref());
         let (version, reporter) = (o.version, o.reporter.clone());
         drop(o);
-        self.send_all(&reporter, deltas);
+        self.send_deltas(&reporter, deltas);
         Ok(version)
     }
 
@@ -709,7 +725,7 @@ impl Syncher {
         {
             tracing::error!("cannot forget data object {url}: {e:#}");
         }
-        self.send_all(&reporter, deltas);
+        self.send_deltas(&reporter, deltas);
         // Subscriptions and reads its reporter was still asked about: the
         // reporter's answer (or the bus's 408) would come to a route that
         // no longer exists, so they are answered here, now.
