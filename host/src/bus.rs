@@ -621,12 +621,18 @@ impl Bus {
     /// [`SendError::InboxFull`], is back-pressure: that recipient misses
     /// the message); everything else is answered to `from` as
     /// [`Bus::send`] answers it.
-    pub fn send_each(&self, message: Message, recipients: Vec<Address>, first_id: u64, sender: Option<&Descriptor>) -> Vec<SendError> {
+    pub fn send_each(
+        &self,
+        message: Message,
+        recipients: impl IntoIterator<Item = Address>,
+        first_id: u64,
+        sender: Option<&Descriptor>,
+    ) -> Vec<SendError> {
         if message.kind == MessageType::Response {
             // A response answers one request: never sent to many.
             return vec![SendError::Malformed("a response goes to its requester alone".into())];
         }
-        tracing::debug!(id = first_id, kind = message.kind.as_str(), from = %message.from, recipients = recipients.len(), "message to each");
+        tracing::debug!(id = first_id, kind = message.kind.as_str(), from = %message.from, "message to each");
         let mut refused = Vec::new();
         // The identity established for the current group of recipients,
         // (domain, scheme, remote), and the message as it came out of it.

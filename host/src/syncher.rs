@@ -170,7 +170,9 @@ struct Object {
     /// Who created each child that the reporter did not (a subscriber):
     /// only it updates the child; it or the reporter removes it.
     creators: BTreeMap<String, Address>,
-    subscribers: BTreeSet<Address>,
+    /// Shared with the fan-outs in progress (changed copy-on-write), so a
+    /// change's delta goes out without copying the list.
+    subscribers: Arc<BTreeSet<Address>>,
     invited: BTreeSet<Address>,
     /// Subscriptions and reads waiting for the reporter's answer.
     asking: usize,
@@ -249,19 +251,20 @@ impl Object {
     /// version, serialised once.
     fn deltas(&self, next_id: &AtomicU64, kind: MessageType, resource: String, mut delta: Map<String, Value>, also: Option<&Address>) -> Deltas {
         delta.insert("version".into(), self.version.into());
-        let to: Vec<Address> = self.subscribers.iter().chain(also.filter(|a| !self.subscribers.contains(*a))).cloned().collect();
-        let first_id = next_id.fetch_add(to.len() as u64, Ordering::Relaxed);
+        let also = also.filter(|a| !self.subscribers.contains(*a)).cloned();
+        let first_id = next_id.fetch_add((self.subscribers.len() + usize::from(also.is_some())) as u64, Ordering::Relaxed);
         let mut message = Message::new(first_id, kind, self.url.clone(), self.url.clone(), Some(Value::Object(delta).to_string()));
         message.body.resource = Some(resource);
-        Deltas { message, to, first_id }
+        Deltas { message, to: self.subscribers.clone(), also, first_id }
     }
 }
 
 /// A change's delta and who gets it ([`Bus::send_each`]: `message` to each
-/// of `to`, numbered from `first_id`).
+/// of `to`, then `also`, numbered from `first_id`).
 struct Deltas {
     message: Message,
-    to: Vec<Address>,
+    to: Arc<BTreeSet<Address>>,
+    also: Option<Address>,
     first_id: u64,
 }
 
@@ -452,7 +455,8 @@ impl Syncher {
     fn send_deltas(&self, reporter: &Address, deltas: Deltas) {
         let sender = self.bus.descriptor_of(reporter);
         let kind = deltas.message.kind;
-        for e in self.bus.send_each(deltas.message, deltas.to, deltas.first_id, sender.as_deref()) {
+        let to = deltas.to.iter().cloned().chain(deltas.also);
+        for e in self.bus.send_each(deltas.message, to, deltas.first_id, sender.as_deref()) {
             tracing::debug!("{} from a data object not delivered ({e}); a subscriber reads again", kind.as_str());
         }
     }
@@ -478,7 +482,7 @@ impl Syncher {
             data,
             children: BTreeMap::new(),
             creators: BTreeMap::new(),
-            subscribers: BTreeSet::new(),
+            subscribers: Arc::default(),
             invited: BTreeSet::new(),
             asking: 0,
             data_bytes: bytes,
@@ -767,7 +771,7 @@ impl Syncher {
             MessageType::Subscribe | MessageType::Read => self.ask(&object, &m, &reporter),
             MessageType::Unsubscribe => {
                 let mut o = object.lock().unwrap();
-                let left = o.subscribers.remove(&m.from);
+                let left = o.subscribers.contains(&m.from) && Arc::make_mut(&mut o.subscribers).remove(&m.from);
                 if left {
                     self.persist_member(&o.url, &m.from, o.invited.contains(&m.from).then_some(Membership::Invited));
                 }
@@ -861,7 +865,7 @@ impl Syncher {
             return reply(code::FORBIDDEN, None, e.to_string());
         }
         if known {
-            if !read && o.subscribers.insert(m.from.clone()) {
+            if !read && !o.subscribers.contains(&m.from) && Arc::make_mut(&mut o.subscribers).insert(m.from.clone()) {
                 self.persist_member(&o.url, &m.from, Some(Membership::Subscribed));
             }
             let state = o.state().to_string();
@@ -906,7 +910,7 @@ impl Syncher {
         let (status, state, why) = if o.deleted {
             (code::NOT_FOUND, None, format!("no data object {}", asking.url))
         } else if response.body.code == Some(code::OK) {
-            if !read && o.subscribers.insert(asking.observer.clone()) {
+            if !read && !o.subscribers.contains(&asking.observer) && Arc::make_mut(&mut o.subscribers).insert(asking.observer.clone()) {
                 self.persist_member(&o.url, &asking.observer, Some(Membership::Subscribed));
             }
             (code::OK, Some(o.state().to_string()), String::new())
@@ -969,7 +973,7 @@ impl Syncher {
             data,
             children,
             creators,
-            subscribers: BTreeSet::new(),
+            subscribers: Arc::default(),
             invited: BTreeSet::new(),
             asking: 0,
             data_bytes,
@@ -983,7 +987,7 @@ impl Syncher {
                 continue; // kept before observers had to be hyperties; app connections do not outlive a runtime
             }
             match membership {
-                Membership::Subscribed => object.subscribers.insert(observer),
+                Membership::Subscribed => Arc::make_mut(&mut object.subscribers).insert(observer),
                 Membership::Invited => object.invited.insert(observer),
             };
         }
