@@ -107,7 +107,8 @@ struct Announcer {
 }
 
 impl Announcer {
-    fn announce(&self, kind: MessageType, r: &Registration, value: serde_json::Value) {
+    /// `value` is made only when the announcement goes out.
+    fn announce(&self, kind: MessageType, r: &Registration, value: impl FnOnce() -> serde_json::Value) {
         // Protostubs and IdP proxies are this runtime's own machinery, not
         // something its domain's registry lists.
         if matches!(r.kind, Kind::Protostub | Kind::IdpProxy) {
@@ -121,7 +122,7 @@ impl Announcer {
             return;
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let mut message = Message::new(id, kind, self.runtime.clone(), to, Some(value.to_string()));
+        let mut message = Message::new(id, kind, self.runtime.clone(), to, Some(value().to_string()));
         message.body.resource = Some(r.address.to_string());
         // On behalf of the registration's user: its assertion goes along,
         // for registries that want to know who announces.
@@ -196,7 +197,7 @@ impl Registry {
         // Sent after the lock is released: a send may call an IdP proxy.
         let all: Vec<Registration> = self.entries.read().unwrap().by_name.values().cloned().collect();
         for r in &all {
-            announcer.announce(MessageType::Update, r, json!({ "keep-alive": true, "status": r.status.as_str() }));
+            announcer.announce(MessageType::Update, r, || json!({ "keep-alive": true, "status": r.status.as_str() }));
         }
     }
 
@@ -211,7 +212,7 @@ impl Registry {
         entries.by_name.insert(key, registration.clone());
         drop(entries);
         if let Some(announcer) = self.announcer.get() {
-            announcer.announce(MessageType::Create, &registration, registration.to_json());
+            announcer.announce(MessageType::Create, &registration, || registration.to_json());
         }
         true
     }
@@ -229,7 +230,7 @@ impl Registry {
             removed
         };
         if let (Some(r), Some(announcer)) = (removed, self.announcer.get()) {
-            announcer.announce(MessageType::Delete, &r, json!({}));
+            announcer.announce(MessageType::Delete, &r, || json!({}));
         }
     }
 
@@ -247,7 +248,7 @@ impl Registry {
             }
         };
         if let (Some(r), Some(announcer)) = (changed, self.announcer.get()) {
-            announcer.announce(MessageType::Update, &r, json!({ "status": status.as_str() }));
+            announcer.announce(MessageType::Update, &r, || json!({ "status": status.as_str() }));
         }
     }
 
