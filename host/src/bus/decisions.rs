@@ -15,9 +15,11 @@
 //! is decided exactly as the decision point would decide it, without
 //! asking it: no hashing of the message, no lock shared by every route.
 //!
-//! Bounds: [`WAYS`] entries a route, replaced in turn; what one holds is
-//! the message's addresses, resource and identity (each within the bus's
-//! message size limit).
+//! Bounds: [`WAYS`] entries a route, replaced in turn; an entry shares the
+//! message's addresses and copies its resource and identity, kept only
+//! when those are at most [`KEPT_TEXT_BYTES`] together (a message with a
+//! longer resource is decided every time), so a route holds a few KiB at
+//! most whatever its senders send.
 
 use std::sync::Mutex;
 
@@ -30,6 +32,10 @@ use crate::policy::{Decision, Descriptor, EnforcementPoint, Parties, PolicyDecis
 
 /// The decisions a route keeps: the senders of a hot path are few.
 pub(super) const WAYS: usize = 4;
+
+/// The most resource and identity text an entry copies (a resource is an
+/// address-like URL; longer ones are not kept).
+pub(super) const KEPT_TEXT_BYTES: usize = crate::address::MAX_ADDRESS_LEN;
 
 /// A path's result: the first point that denied, and its decision.
 pub(super) type PathResult = Result<(), (usize, Decision)>;
@@ -104,7 +110,9 @@ impl Decisions {
         }
         let result = policy.decide_path(points, message, parties);
         let counter = metrics.message_counter(message.from.domain(), message.kind);
-        if policy.version() == Some(version)
+        let text = message.body.resource.as_ref().map_or(0, String::len) + message.identity.as_ref().map_or(0, |i| i.user.len() + i.idp.len());
+        if text <= KEPT_TEXT_BYTES
+            && policy.version() == Some(version)
             && let Ok(mut kept) = self.kept.try_lock()
         {
             let entry = Entry {
@@ -131,5 +139,57 @@ impl Decisions {
             }
         }
         (result, counter)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    use super::*;
+
+    /// Permits everything, counting the points it is asked, at the
+    /// generation the test sets.
+    #[derive(Default)]
+    struct Counting {
+        asked: AtomicU64,
+        generation: AtomicU64,
+    }
+
+    impl PolicyDecisionPoint for Counting {
+        fn decide(&self, _: EnforcementPoint, _: &str, _: &Message, _: Parties<'_>) -> Decision {
+            self.asked.fetch_add(1, Ordering::Relaxed);
+            Decision::Permit
+        }
+
+        fn version(&self) -> Option<Version> {
+            Some(Version { generation: self.generation.load(Ordering::Relaxed), minute: i64::MIN })
+        }
+    }
+
+    #[test]
+    fn a_kept_decision_serves_the_same_inputs_under_the_same_version_only() {
+        let (policy, metrics, decisions) = (Counting::default(), Metrics::new(), Decisions::default());
+        let message = |resource: &str| {
+            let (from, to) = (Address::parse("hyperty://a.example/x").unwrap(), Address::parse("hyperty://b.example/y").unwrap());
+            let mut m = Message::new(1, MessageType::Update, from, to, None);
+            m.body.resource = Some(resource.into());
+            m
+        };
+        let points = [(EnforcementPoint::Outgoing, "a.example"), (EnforcementPoint::BusAccess, "runtime.example"), (EnforcementPoint::Incoming, "b.example")];
+        // The points asked so far (a path is three).
+        let asked = |m: &Message| {
+            assert!(decisions.decide(&policy, &metrics, &points, m, Parties::default()).0.is_ok());
+            policy.asked.load(Ordering::Relaxed)
+        };
+        assert_eq!(asked(&message("r")), 3);
+        assert_eq!(asked(&message("r")), 3, "kept");
+        assert_eq!(asked(&message("other")), 6, "another resource is another input");
+        policy.generation.fetch_add(1, Ordering::Relaxed);
+        assert_eq!(asked(&message("r")), 9, "a new version decides again");
+        assert_eq!(asked(&message("r")), 9);
+        let long = "r".repeat(KEPT_TEXT_BYTES + 1);
+        assert_eq!(asked(&message(&long)), 12);
+        assert_eq!(asked(&message(&long)), 15, "a resource past KEPT_TEXT_BYTES is not kept");
     }
 }
