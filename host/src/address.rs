@@ -7,25 +7,28 @@
 //! normalises.
 
 use std::fmt;
+use std::sync::Arc;
 
 /// The longest address the bus accepts, in bytes.
 pub const MAX_ADDRESS_LEN: usize = 1024;
 
-/// A validated bus address.
+/// A validated bus address. Shared text: a clone (one per message that
+/// names it) copies no bytes, and two clones compare equal by pointer
+/// before their bytes are.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Address(String);
+pub struct Address(Arc<str>);
 
 impl Address {
     /// Validates `text` as an address.
     pub fn parse(text: impl Into<String>) -> Result<Address, String> {
         let text = text.into();
         validate(&text)?;
-        Ok(Address(text))
+        Ok(Address(text.into()))
     }
 
     /// A fresh hyperty address in `domain`: `hyperty://<domain>/<uuid>`.
     pub fn new_hyperty(domain: &str) -> Address {
-        Address(format!("hyperty://{domain}/{}", uuid::Uuid::new_v4()))
+        Address(format!("hyperty://{domain}/{}", uuid::Uuid::new_v4()).into())
     }
 
     pub fn as_str(&self) -> &str {
@@ -138,7 +141,7 @@ impl fmt::Debug for Address {
 
 impl From<Address> for String {
     fn from(a: Address) -> String {
-        a.0
+        a.0.to_string()
     }
 }
 

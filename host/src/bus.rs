@@ -27,6 +27,12 @@
 //! and the responder is told. A stopping runtime forgets them all at once,
 //! answering none.
 //!
+//! Per message, the bus hashes one address (the route lookup) and, when
+//! the route keeps the decision for the same inputs under the policies'
+//! current version ([`decisions`]), asks no decision point and looks up no
+//! counter. [`Bus::send_each`] sends one message to many recipients (a data
+//! object's delta) with the identity step done once per receiving domain.
+//!
 //! Layering: the bus imports only `address`, `message` and `policy`; the
 //! identity step is an [`IdentityPoint`] it is given. Every kind of receiver implements [`Destination`] (and a
 //! protostub, which carries a whole remote domain, [`Carrier`]) in its own
@@ -43,7 +49,9 @@ use crate::message::{Message, MessageType, code};
 use crate::metrics::Metrics;
 use crate::policy::{Decision, Descriptor, EnforcementPoint, Parties, PolicyDecisionPoint};
 
+mod decisions;
 mod inbound;
+use decisions::Decisions;
 use inbound::InboundRequests;
 
 /// Why the bus refused a message at the import; mirrors the WIT `send-error`.
@@ -102,6 +110,10 @@ pub(crate) trait IdentityPoint: Send + Sync {
     /// sending hyperty (`None` for an endpoint or what came through a
     /// carrier). Else the code (401: a missing or invalid assertion; 500:
     /// none can be made) and the reason the message is answered with.
+    /// What it sets, or refuses, depends only on the message's `from` and
+    /// assertion, the domain and scheme of its `to`, `sender` and
+    /// `crossing` ([`Bus::send_each`] establishes it once for the
+    /// recipients they share).
     fn establish(&self, message: &mut Message, sender: Option<&Descriptor>, crossing: Crossing) -> Result<(), (u16, String)>;
 }
 
@@ -186,10 +198,41 @@ pub(crate) struct Bus {
     inner: Arc<BusInner>,
 }
 
+/// A destination as the bus holds it: what it delivers to, and the
+/// decisions kept for messages to it (none for a carrier, which takes a
+/// whole domain's addresses; see [`decisions`]).
+struct Route {
+    destination: Arc<dyn Destination>,
+    decisions: Option<Decisions>,
+}
+
+impl Route {
+    fn new(destination: Arc<dyn Destination>) -> Arc<Route> {
+        Arc::new(Route { destination, decisions: Some(Decisions::default()) })
+    }
+}
+
+/// A carrier and its route (the same carrier, as a destination).
+struct Carried {
+    carrier: Arc<dyn Carrier>,
+    route: Arc<Route>,
+}
+
+/// The identity established once for a run of [`Bus::send_each`]'s
+/// recipients sharing a receiving domain, scheme and crossing: the message
+/// as it came out of the identity step, or its refusal.
+struct Group {
+    domain: String,
+    scheme: String,
+    remote: bool,
+    established: Result<Message, (u16, String)>,
+}
+
 struct BusInner {
-    routes: RwLock<HashMap<Address, Arc<dyn Destination>>>,
-    /// Carriers (protostubs) by the remote domain they carry messages to.
-    carriers: RwLock<HashMap<String, Arc<dyn Carrier>>>,
+    routes: RwLock<HashMap<Address, Arc<Route>>>,
+    /// Carriers (protostubs) by the remote domain they carry messages to,
+    /// and each one's route (the same carrier, as a destination).
+    carriers: RwLock<HashMap<String, Carried>>,
     policy: Arc<dyn PolicyDecisionPoint>,
     identities: Arc<dyn IdentityPoint>,
     metrics: Arc<Metrics>,
@@ -235,11 +278,11 @@ impl Bus {
             return false;
         }
         if destination.listened_for()
-            && let Some(carrier) = self.inner.carriers.read().unwrap().get(address.domain())
+            && let Some(carried) = self.inner.carriers.read().unwrap().get(address.domain())
         {
-            carrier.listen(&address);
+            carried.carrier.listen(&address);
         }
-        routes.insert(address, destination);
+        routes.insert(address, Route::new(destination));
         true
     }
 
@@ -250,7 +293,9 @@ impl Bus {
     pub fn replace_route(&self, address: &Address, destination: Arc<dyn Destination>) -> bool {
         match self.inner.routes.write().unwrap().get_mut(address) {
             Some(route) => {
-                *route = destination;
+                // A new route: decisions kept for the old receiver's
+                // descriptor go with it.
+                *route = Route::new(destination);
                 true
             }
             None => false,
@@ -261,8 +306,8 @@ impl Bus {
     /// carrier is told.
     pub fn remove_route(&self, address: &Address) {
         self.inner.routes.write().unwrap().remove(address);
-        for carrier in self.inner.carriers.read().unwrap().values() {
-            carrier.unrouted(address);
+        for carried in self.inner.carriers.read().unwrap().values() {
+            carried.carrier.unrouted(address);
         }
         self.inner.timer.forget_requester(address);
     }
@@ -275,18 +320,19 @@ impl Bus {
         if carriers.contains_key(carrier.domain()) {
             return false;
         }
-        for (address, _) in routes.iter().filter(|(a, d)| a.domain() == carrier.domain() && d.listened_for()) {
+        for (address, _) in routes.iter().filter(|(a, r)| a.domain() == carrier.domain() && r.destination.listened_for()) {
             carrier.listen(address);
         }
-        carriers.insert(carrier.domain().to_owned(), carrier);
+        let route = Arc::new(Route { destination: carrier.clone(), decisions: None });
+        carriers.insert(carrier.domain().to_owned(), Carried { carrier, route });
         true
     }
 
     /// Removes the carrier of `domain`, and stops it.
     pub fn remove_carrier(&self, domain: &str) {
         let removed = self.inner.carriers.write().unwrap().remove(domain);
-        if let Some(carrier) = removed {
-            carrier.stop();
+        if let Some(carried) = removed {
+            carried.carrier.stop();
         }
     }
 
@@ -306,6 +352,13 @@ impl Bus {
         self.inner.routes.read().unwrap().contains_key(address)
     }
 
+    /// Whether a message to `to` has somewhere to go: a route here (its
+    /// own, or its object's for a child) or its domain's carrier. Else
+    /// [`Bus::send`] would answer it 404.
+    pub fn reaches(&self, to: &Address) -> bool {
+        self.resolve(to).is_some()
+    }
+
     /// A handle that does not keep the bus alive (for threads the bus's
     /// routes lead to).
     pub fn downgrade(&self) -> WeakBus {
@@ -314,25 +367,25 @@ impl Bus {
 
     /// What the runtime knows of the hyperty at `address`, if one is here.
     pub fn descriptor_of(&self, address: &Address) -> Option<Arc<Descriptor>> {
-        self.inner.routes.read().unwrap().get(address).and_then(|d| d.descriptor().cloned())
+        self.inner.routes.read().unwrap().get(address).and_then(|r| r.destination.descriptor().cloned())
     }
 
     /// Where messages for `to` go, and whether that is a carrier (`to` is
     /// remote): its own route; for a child (`<url>/children/<name>`, no
     /// route of its own) the route of `<url>` if that [has
     /// children](Destination::has_children); else its domain's carrier.
-    /// The destination is cloned out: no lock is held while it is called.
-    fn resolve(&self, to: &Address) -> Option<(Arc<dyn Destination>, bool)> {
+    /// The route is cloned out: no lock is held while it is called.
+    fn resolve(&self, to: &Address) -> Option<(Arc<Route>, bool)> {
         let routes = self.inner.routes.read().unwrap();
-        if let Some(destination) = routes.get(to) {
-            return Some((destination.clone(), false));
+        if let Some(route) = routes.get(to) {
+            return Some((route.clone(), false));
         }
-        if let Some(parent) = to.child().and_then(|(url, _)| routes.get(&url)).filter(|d| d.has_children()) {
+        if let Some(parent) = to.child().and_then(|(url, _)| routes.get(&url)).filter(|r| r.destination.has_children()) {
             return Some((parent.clone(), false));
         }
         drop(routes);
-        let carrier = self.inner.carriers.read().unwrap().get(to.domain()).cloned();
-        carrier.map(|c| (c as Arc<dyn Destination>, true))
+        let carrier = self.inner.carriers.read().unwrap().get(to.domain()).map(|carried| carried.route.clone());
+        carrier.map(|route| (route, true))
     }
 
     /// Requests waiting for a response.
@@ -399,10 +452,7 @@ impl Bus {
             code = message.body.code,
             "message"
         );
-        if message.size() > inner.config.max_message_bytes {
-            let limit = inner.config.max_message_bytes;
-            return Err(SendError::TooLarge(format!("{} bytes, the limit is {limit}", message.size())));
-        }
+        self.check_size(&message)?;
         if message.kind == MessageType::Response && timeout.is_some() {
             return Err(SendError::Malformed("a response cannot be sent as a request".into()));
         }
@@ -416,7 +466,7 @@ impl Bus {
             let admitted = if remote {
                 Err((code::NOT_FOUND, format!("no hyperty or endpoint at {} here, and it came through the protostub of {origin}", message.to)))
             } else {
-                route.admit_remote(&message)
+                route.destination.admit_remote(&message)
             };
             if let Err((code, why)) = admitted {
                 self.answer(&message, code, why);
@@ -429,21 +479,57 @@ impl Bus {
             (None, false) => Crossing::Here,
         };
         if let Err((code, why)) = inner.identities.establish(&mut message, sender, crossing) {
-            tracing::info!(id = message.id, from = %message.from, to = %message.to, code, "{why}");
-            if message.kind == MessageType::Response {
-                self.refuse_response(&message, remote, code, &why);
-            } else {
-                self.deliver_answer(message.answer(code, why));
-            }
+            self.refuse_identity(&message, remote, code, &why);
             return Ok(());
         }
-        let parties = Parties { sender, target: route.descriptor().map(|d| &**d) };
+        self.pass(message, &route, remote, timeout, sender, came_through)
+    }
+
+    /// Refuses `message` for its identity (`code`: 401, 500): answered,
+    /// or, for a response, its request closed (see [`Bus::refuse_response`]).
+    fn refuse_identity(&self, message: &Message, remote: bool, code: u16, why: &str) {
+        tracing::info!(id = message.id, from = %message.from, to = %message.to, code, "{why}");
+        if message.kind == MessageType::Response {
+            self.refuse_response(message, remote, code, why);
+        } else {
+            self.deliver_answer(message.answer(code, why.to_owned()));
+        }
+    }
+
+    /// [`SendError::TooLarge`] past the bus's message size limit.
+    fn check_size(&self, message: &Message) -> Result<(), SendError> {
+        let limit = self.inner.config.max_message_bytes;
+        if message.size() > limit {
+            return Err(SendError::TooLarge(format!("{} bytes, the limit is {limit}", message.size())));
+        }
+        Ok(())
+    }
+
+    /// The rest of the path of `message`, whose route is found and whose
+    /// identity is established: the three enforcement points (kept
+    /// decisions beside the route when their inputs and the policies'
+    /// version are the same), correlation, delivery.
+    fn pass(
+        &self,
+        message: Message,
+        route: &Route,
+        remote: bool,
+        timeout: Option<Duration>,
+        sender: Option<&Descriptor>,
+        came_through: Option<Inbound<'_>>,
+    ) -> Result<(), SendError> {
+        let inner = &*self.inner;
+        let parties = Parties { sender, target: route.destination.descriptor().map(|d| &**d) };
         let points = [
             (EnforcementPoint::Outgoing, message.from.domain()),
             (EnforcementPoint::BusAccess, inner.config.runtime_domain.as_str()),
             (EnforcementPoint::Incoming, message.to.domain()),
         ];
-        if let Err((i, Decision::Deny { policies, reason })) = inner.policy.decide_path(&points, &message, parties) {
+        let (decided, counter) = match &route.decisions {
+            Some(decisions) => decisions.decide(&*inner.policy, &inner.metrics, &points, &message, parties),
+            None => (inner.policy.decide_path(&points, &message, parties), inner.metrics.message_counter(message.from.domain(), message.kind)),
+        };
+        if let Err((i, Decision::Deny { policies, reason })) = decided {
             let (point, domain) = points[i];
             inner.metrics.policy_denial(i);
             let why = format!("denied at the {point} enforcement point of {domain} by [{}]: {reason}", policies.join(", "));
@@ -493,8 +579,7 @@ impl Bus {
             }
             bus.undo_correlation(message, timeout, correlation);
         };
-        let counter = inner.metrics.message_counter(message.from.domain(), message.kind);
-        match route.deliver(message, self, timeout) {
+        match route.destination.deliver(message, self, timeout) {
             Ok(()) => {
                 if let Some(outstanding) = &correlation {
                     inner.metrics.request_finished(outstanding.sent.elapsed());
@@ -518,6 +603,74 @@ impl Bus {
                 Ok(())
             }
         }
+    }
+
+    /// Sends the notification `message` to each of `recipients` (a data
+    /// object's delta to its subscribers), its `to` set to the recipient
+    /// and its `id` to `first_id`, `first_id + 1`, ...: each copy passes
+    /// the path [`Bus::send`] would take it on (route, identity, the three
+    /// enforcement points, delivery into the recipient's own bounded
+    /// inbox), in the order given. What does not depend on the recipient
+    /// is done once per receiving domain (and scheme, and whether its
+    /// route is a carrier): the identity step, which reads only the
+    /// message's `from` and assertion, its receiver's domain and scheme,
+    /// the sender and the crossing (see [`IdentityPoint`]); the value is
+    /// made once, by the caller, and copied. Decisions come from beside
+    /// each recipient's route, as for any message. Returns the refusals at
+    /// the import, each naming its recipient (a full inbox,
+    /// [`SendError::InboxFull`], is back-pressure: that recipient misses
+    /// the message); everything else is answered to `from` as
+    /// [`Bus::send`] answers it.
+    pub fn send_each(
+        &self,
+        message: Message,
+        recipients: impl IntoIterator<Item = Address>,
+        first_id: u64,
+        sender: Option<&Descriptor>,
+    ) -> Vec<SendError> {
+        if message.kind == MessageType::Response {
+            // A response answers one request: never sent to many.
+            return vec![SendError::Malformed("a response goes to its requester alone".into())];
+        }
+        tracing::debug!(id = first_id, kind = message.kind.as_str(), from = %message.from, "message to each");
+        let mut refused = Vec::new();
+        // The identity established for the current group of recipients,
+        // (domain, scheme, remote), and the message as it came out of it.
+        let mut group: Option<Group> = None;
+        for (n, to) in recipients.into_iter().enumerate() {
+            let id = first_id.wrapping_add(n as u64);
+            let Some((route, remote)) = self.resolve(&to) else {
+                let m = copy(&message, id, to);
+                self.answer(&m, code::NOT_FOUND, format!("no hyperty or endpoint at {}", m.to));
+                continue;
+            };
+            let key = (to.domain(), to.scheme(), remote);
+            let established = match &mut group {
+                Some(g) if (g.domain.as_str(), g.scheme.as_str(), g.remote) == key => &g.established,
+                slot => {
+                    let mut m = copy(&message, id, to.clone());
+                    let crossing = if remote { Crossing::Leaving } else { Crossing::Here };
+                    let result = self.inner.identities.establish(&mut m, sender, crossing).map(|()| m);
+                    let g = Group { domain: key.0.to_owned(), scheme: key.1.to_owned(), remote, established: result };
+                    &slot.insert(g).established
+                }
+            };
+            let m = match established {
+                Ok(established) => copy(established, id, to),
+                Err((code, why)) => {
+                    self.refuse_identity(&copy(&message, id, to), remote, *code, why);
+                    continue;
+                }
+            };
+            if let Err(e) = self.check_size(&m) {
+                refused.push(SendError::TooLarge(format!("to {}: {e}", m.to)));
+                continue;
+            }
+            if let Err(e) = self.pass(m, &route, remote, None, sender, None) {
+                refused.push(e);
+            }
+        }
+        refused
     }
 
     /// After a failed delivery: a request is no longer pending; a response
@@ -588,13 +741,27 @@ impl Bus {
     pub fn deliver_answer(&self, answer: Message) {
         self.inner.metrics.host_answer(answer.to.domain(), answer.body.code.unwrap_or_default());
         let result = match self.resolve(&answer.to) {
-            Some((route, _)) => route.deliver(answer, self, None),
+            Some((route, _)) => route.destination.deliver(answer, self, None),
             None => Err(Refused::Closed(answer)),
         };
         if let Err(Refused::Full(m) | Refused::Closed(m) | Refused::Queue(m, _)) = result {
             tracing::warn!(id = m.id, to = %m.to, code = m.body.code, "cannot deliver the host's answer: {}",
                 m.body.description.as_deref().unwrap_or(""));
         }
+    }
+}
+
+/// `message` with `id` and `to` in place of its own (one copy of each
+/// other field).
+fn copy(message: &Message, id: u64, to: Address) -> Message {
+    Message {
+        id,
+        kind: message.kind,
+        from: message.from.clone(),
+        to,
+        body: message.body.clone(),
+        identity: message.identity.clone(),
+        assertion: message.assertion.clone(),
     }
 }
 
@@ -1091,6 +1258,28 @@ mod tests {
         assert!(far.unrouted.lock().unwrap().contains(&address("hyperty://bob.example/here")));
         bus.remove_carrier("bob.example");
         assert!(far.stopped.load(Ordering::Acquire) && !bus.carries("bob.example"));
+    }
+
+    #[test]
+    fn send_each_gives_each_recipient_its_copy_and_answers_or_returns_what_each_refused() {
+        let (bus, asker) = bus_and_asker();
+        let (taker, full) = (Arc::new(Probe::new()), Arc::new(Probe::new()));
+        *full.refuse.lock().unwrap() = Some(Refused::Full);
+        bus.add_route(address("hyperty://bob.example/taker"), taker.clone());
+        bus.add_route(address("hyperty://bob.example/full"), full.clone());
+        let from = address("hyperty://alice.example/asker");
+        let delta = Message::new(0, MessageType::Update, from.clone(), from.clone(), Some("{}".into()));
+        let recipients = ["hyperty://bob.example/taker", "hyperty://bob.example/full", "hyperty://carol.example/none"].map(address).to_vec();
+        let refused = bus.send_each(delta, recipients, 10, None);
+        assert_eq!(refused, [SendError::InboxFull("hyperty://bob.example/full".into())], "back-pressure, to the caller");
+        let got = taker.got();
+        assert_eq!((got.len(), got[0].0.id, got[0].0.to.as_str(), got[0].0.body.value.as_deref()), (1, 10, "hyperty://bob.example/taker", Some("{}")));
+        let answer = asker.try_recv().expect("the 404 of the recipient with no route");
+        assert_eq!((answer.id, answer.body.code), (12, Some(code::NOT_FOUND)));
+        assert!(asker.try_recv().is_err());
+        let response = Message::response(1, from.clone(), from, code::OK);
+        assert!(matches!(&bus.send_each(response, vec![address("hyperty://bob.example/taker")], 1, None)[..], [SendError::Malformed(_)]));
+        assert_eq!(taker.got().len(), 1, "a response is never sent to many");
     }
 
     #[test]

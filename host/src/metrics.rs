@@ -153,6 +153,8 @@ pub struct Metrics {
     readers: Mutex<Vec<(Gauge, Reader)>>,
     /// Domains that have labels of their own, by name.
     domains: RwLock<HashMap<String, Arc<DomainMetrics>>>,
+    /// Bumped whenever a domain gets labels of its own (see [`Metrics::version`]).
+    domains_version: AtomicU64,
     other: Arc<DomainMetrics>,
     /// Each hyperty instance's, by address (as many as instances run).
     hyperties: Mutex<BTreeMap<String, Arc<HypertyStats>>>,
@@ -220,6 +222,7 @@ impl Metrics {
             families,
             readers: Mutex::default(),
             domains: RwLock::default(),
+            domains_version: AtomicU64::new(0),
             other,
             hyperties: Mutex::default(),
             stubs: Mutex::default(),
@@ -233,7 +236,20 @@ impl Metrics {
             return d.clone();
         }
         let resolved = self.families.resolve(domain);
-        self.domains.write().unwrap().entry(domain.to_owned()).or_insert(resolved).clone()
+        let mut domains = self.domains.write().unwrap();
+        let d = domains.entry(domain.to_owned()).or_insert_with(|| {
+            self.domains_version.fetch_add(1, Ordering::Release);
+            resolved
+        });
+        d.clone()
+    }
+
+    /// Changes whenever a domain gets labels of its own: a counter handle
+    /// resolved (by [`Metrics::message_counter`]) under one version is the
+    /// one to use while the version stays (the bus keeps them beside its
+    /// routes).
+    pub(crate) fn version(&self) -> u64 {
+        self.domains_version.load(Ordering::Acquire)
     }
 
     /// The handles of `domain`, or of [`OTHER_DOMAIN`] if it was not added.

@@ -8,8 +8,8 @@
 //! `keep-alive` interval, which the remote registry uses to expire runtimes
 //! that went away), `delete`. They reach the domain's registry here when
 //! this runtime serves it ([`crate::domain_registry`]), else through the
-//! domain's protostub; with neither, the bus answers them 404, logged at
-//! debug.
+//! domain's protostub; with neither, none is sent (the bus would answer
+//! it 404), logged at debug.
 //!
 //! Hyperties are registered at deployment with what their bundle says of
 //! them (name, domain, user, hyperty types, data-object schemes), move
@@ -107,15 +107,22 @@ struct Announcer {
 }
 
 impl Announcer {
-    fn announce(&self, kind: MessageType, r: &Registration, value: serde_json::Value) {
+    /// `value` is made only when the announcement goes out.
+    fn announce(&self, kind: MessageType, r: &Registration, value: impl FnOnce() -> serde_json::Value) {
         // Protostubs and IdP proxies are this runtime's own machinery, not
         // something its domain's registry lists.
         if matches!(r.kind, Kind::Protostub | Kind::IdpProxy) {
             return;
         }
         let Ok(to) = Address::parse(format!("domain://registry.{}", r.domain)) else { return };
+        if !self.bus.reaches(&to) {
+            // Neither served here nor carried: it would be answered 404
+            // (a deployment of many hyperties would pay that twice each).
+            tracing::debug!("registry announcement for {} not sent: no registry of {} is reachable", r.address, r.domain);
+            return;
+        }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let mut message = Message::new(id, kind, self.runtime.clone(), to, Some(value.to_string()));
+        let mut message = Message::new(id, kind, self.runtime.clone(), to, Some(value().to_string()));
         message.body.resource = Some(r.address.to_string());
         // On behalf of the registration's user: its assertion goes along,
         // for registries that want to know who announces.
@@ -190,7 +197,7 @@ impl Registry {
         // Sent after the lock is released: a send may call an IdP proxy.
         let all: Vec<Registration> = self.entries.read().unwrap().by_name.values().cloned().collect();
         for r in &all {
-            announcer.announce(MessageType::Update, r, json!({ "keep-alive": true, "status": r.status.as_str() }));
+            announcer.announce(MessageType::Update, r, || json!({ "keep-alive": true, "status": r.status.as_str() }));
         }
     }
 
@@ -205,7 +212,7 @@ impl Registry {
         entries.by_name.insert(key, registration.clone());
         drop(entries);
         if let Some(announcer) = self.announcer.get() {
-            announcer.announce(MessageType::Create, &registration, registration.to_json());
+            announcer.announce(MessageType::Create, &registration, || registration.to_json());
         }
         true
     }
@@ -223,7 +230,7 @@ impl Registry {
             removed
         };
         if let (Some(r), Some(announcer)) = (removed, self.announcer.get()) {
-            announcer.announce(MessageType::Delete, &r, json!({}));
+            announcer.announce(MessageType::Delete, &r, || json!({}));
         }
     }
 
@@ -241,7 +248,7 @@ impl Registry {
             }
         };
         if let (Some(r), Some(announcer)) = (changed, self.announcer.get()) {
-            announcer.announce(MessageType::Update, &r, json!({ "status": status.as_str() }));
+            announcer.announce(MessageType::Update, &r, || json!({ "status": status.as_str() }));
         }
     }
 

@@ -24,8 +24,10 @@
 //! version by one, and each subscriber gets one small message per change
 //! from the object's URL (never the whole object). [`Replica`] is the
 //! observer side: apply in order, ignore what is stale, read again after a
-//! gap. Fan-out sends each delta through the bus like any message (so the
-//! receiver's policies, identity and back-pressure apply); a subscriber that
+//! gap. Fan-out serialises each delta once and sends it to every subscriber
+//! with [`Bus::send_each`]: each subscriber's copy passes the path of any
+//! message (its domain's policies, identity, its own inbox's back-pressure),
+//! with what all share done once per receiving domain; a subscriber that
 //! is away misses versions and resyncs with `read`.
 //!
 //! Bounds (the reporter's domain [`Limits`], charged to its [`Account`]):
@@ -168,7 +170,9 @@ struct Object {
     /// Who created each child that the reporter did not (a subscriber):
     /// only it updates the child; it or the reporter removes it.
     creators: BTreeMap<String, Address>,
-    subscribers: BTreeSet<Address>,
+    /// Shared with the fan-outs in progress (changed copy-on-write), so a
+    /// change's delta goes out without copying the list.
+    subscribers: Arc<BTreeSet<Address>>,
     invited: BTreeSet<Address>,
     /// Subscriptions and reads waiting for the reporter's answer.
     asking: usize,
@@ -241,23 +245,27 @@ impl Object {
         }
     }
 
-    /// One message per subscriber (and to `also`, the reporter when a
-    /// subscriber made the change), from the object's URL, about
-    /// `resource`, carrying `delta` with the (new) version.
-    fn deltas(&self, next_id: &AtomicU64, kind: MessageType, resource: String, mut delta: Map<String, Value>, also: Option<&Address>) -> Vec<Message> {
+    /// The delta of a change for each subscriber (and `also`, the
+    /// reporter when a subscriber made the change): one message from the
+    /// object's URL, about `resource`, carrying `delta` with the (new)
+    /// version, serialised once.
+    fn deltas(&self, next_id: &AtomicU64, kind: MessageType, resource: String, mut delta: Map<String, Value>, also: Option<&Address>) -> Deltas {
         delta.insert("version".into(), self.version.into());
-        let value = Value::Object(delta).to_string();
-        self.subscribers
-            .iter()
-            .chain(also.filter(|a| !self.subscribers.contains(*a)))
-            .map(|subscriber| {
-                let id = next_id.fetch_add(1, Ordering::Relaxed);
-                let mut m = Message::new(id, kind, self.url.clone(), subscriber.clone(), Some(value.clone()));
-                m.body.resource = Some(resource.clone());
-                m
-            })
-            .collect()
+        let also = also.filter(|a| !self.subscribers.contains(*a)).cloned();
+        let first_id = next_id.fetch_add((self.subscribers.len() + usize::from(also.is_some())) as u64, Ordering::Relaxed);
+        let mut message = Message::new(first_id, kind, self.url.clone(), self.url.clone(), Some(Value::Object(delta).to_string()));
+        message.body.resource = Some(resource);
+        Deltas { message, to: self.subscribers.clone(), also, first_id }
     }
+}
+
+/// A change's delta and who gets it ([`Bus::send_each`]: `message` to each
+/// of `to`, then `also`, numbered from `first_id`).
+struct Deltas {
+    message: Message,
+    to: Arc<BTreeSet<Address>>,
+    also: Option<Address>,
+    first_id: u64,
 }
 
 /// What a change sends its subscribers: the message type, what changed
@@ -441,6 +449,18 @@ impl Syncher {
         }
     }
 
+    /// Sends a change's delta to each of its subscribers, as `reporter`
+    /// (no syncher lock held): one message through the bus's fan-out, each
+    /// subscriber's copy checked and delivered into its own inbox.
+    fn send_deltas(&self, reporter: &Address, deltas: Deltas) {
+        let sender = self.bus.descriptor_of(reporter);
+        let kind = deltas.message.kind;
+        let to = deltas.to.iter().cloned().chain(deltas.also);
+        for e in self.bus.send_each(deltas.message, to, deltas.first_id, sender.as_deref()) {
+            tracing::debug!("{} from a data object not delivered ({e}); a subscriber reads again", kind.as_str());
+        }
+    }
+
     pub fn create(&self, account: &Arc<Account>, scheme: &str, data: &str) -> Result<String, SyncError> {
         let valid_scheme = !scheme.is_empty()
             && scheme.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
@@ -462,7 +482,7 @@ impl Syncher {
             data,
             children: BTreeMap::new(),
             creators: BTreeMap::new(),
-            subscribers: BTreeSet::new(),
+            subscribers: Arc::default(),
             invited: BTreeSet::new(),
             asking: 0,
             data_bytes: bytes,
@@ -683,7 +703,7 @@ impl Syncher {
         let deltas = o.deltas(&self.next_id, kind, resource, delta, also.as_ref());
         let (version, reporter) = (o.version, o.reporter.clone());
         drop(o);
-        self.send_all(&reporter, deltas);
+        self.send_deltas(&reporter, deltas);
         Ok(version)
     }
 
@@ -709,7 +729,7 @@ impl Syncher {
         {
             tracing::error!("cannot forget data object {url}: {e:#}");
         }
-        self.send_all(&reporter, deltas);
+        self.send_deltas(&reporter, deltas);
         // Subscriptions and reads its reporter was still asked about: the
         // reporter's answer (or the bus's 408) would come to a route that
         // no longer exists, so they are answered here, now.
@@ -751,7 +771,7 @@ impl Syncher {
             MessageType::Subscribe | MessageType::Read => self.ask(&object, &m, &reporter),
             MessageType::Unsubscribe => {
                 let mut o = object.lock().unwrap();
-                let left = o.subscribers.remove(&m.from);
+                let left = o.subscribers.contains(&m.from) && Arc::make_mut(&mut o.subscribers).remove(&m.from);
                 if left {
                     self.persist_member(&o.url, &m.from, o.invited.contains(&m.from).then_some(Membership::Invited));
                 }
@@ -845,7 +865,7 @@ impl Syncher {
             return reply(code::FORBIDDEN, None, e.to_string());
         }
         if known {
-            if !read && o.subscribers.insert(m.from.clone()) {
+            if !read && !o.subscribers.contains(&m.from) && Arc::make_mut(&mut o.subscribers).insert(m.from.clone()) {
                 self.persist_member(&o.url, &m.from, Some(Membership::Subscribed));
             }
             let state = o.state().to_string();
@@ -890,7 +910,7 @@ impl Syncher {
         let (status, state, why) = if o.deleted {
             (code::NOT_FOUND, None, format!("no data object {}", asking.url))
         } else if response.body.code == Some(code::OK) {
-            if !read && o.subscribers.insert(asking.observer.clone()) {
+            if !read && !o.subscribers.contains(&asking.observer) && Arc::make_mut(&mut o.subscribers).insert(asking.observer.clone()) {
                 self.persist_member(&o.url, &asking.observer, Some(Membership::Subscribed));
             }
             (code::OK, Some(o.state().to_string()), String::new())
@@ -953,7 +973,7 @@ impl Syncher {
             data,
             children,
             creators,
-            subscribers: BTreeSet::new(),
+            subscribers: Arc::default(),
             invited: BTreeSet::new(),
             asking: 0,
             data_bytes,
@@ -967,7 +987,7 @@ impl Syncher {
                 continue; // kept before observers had to be hyperties; app connections do not outlive a runtime
             }
             match membership {
-                Membership::Subscribed => object.subscribers.insert(observer),
+                Membership::Subscribed => Arc::make_mut(&mut object.subscribers).insert(observer),
                 Membership::Invited => object.invited.insert(observer),
             };
         }

@@ -9,6 +9,11 @@
 //!   fit to the world), as the CLI does it: a fresh throwaway runtime.
 //!
 //! Medians of 3 runs (RSS: of one run, it is not noise-bound).
+//!
+//! For a profile (`valgrind --tool=callgrind`, `perf`):
+//! `HYPERTY_SCALE_BENCH=deploy:<n>` deploys one bundle of `n` pongs into a
+//! fresh runtime and nothing else (compare two counts: the difference
+//! divided by the difference in `n` is the cost of one).
 
 use std::time::{Duration, Instant};
 
@@ -18,10 +23,17 @@ use hyperty_tests::*;
 
 const RUNS: usize = 3;
 
+/// Issue 17's target for one hyperty's deployment, in a bundle of 1,000.
+const DEPLOY_TARGET_US: f64 = 30.0;
+
 fn main() {
+    if let Some(n) = std::env::var("HYPERTY_SCALE_BENCH").ok().and_then(|s| s.strip_prefix("deploy:").and_then(|n| n.parse().ok())) {
+        println!("deploy of {n}: {:.1} µs per hyperty", deploy_many(n));
+        return;
+    }
     let deploy_us = median((0..RUNS).map(|_| deploy_many(1000)).collect());
     println!("scale: hyperty deployment (instantiate + route + register + init), 1,000 per bundle:");
-    println!("  {deploy_us:>10.1} µs per hyperty");
+    println!("  {deploy_us:>10.1} µs per hyperty ({:.2}× the target of {DEPLOY_TARGET_US:.0} µs)", deploy_us / DEPLOY_TARGET_US);
 
     let big = pongs(10, 1000);
     let path = big.write();

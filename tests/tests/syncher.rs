@@ -278,6 +278,57 @@ fn ten_thousand_observers_receive_every_update() {
     assert_eq!(lost, 0);
 }
 
+/// The version a delta carries.
+fn version_of(delta: &Message) -> u64 {
+    let value: Value = serde_json::from_str(delta.body.value.as_deref().unwrap()).unwrap();
+    value["version"].as_u64().unwrap_or_else(|| panic!("no version in {delta:?}"))
+}
+
+/// The fan-out (one delta, sent to each subscriber through the bus's
+/// `send_each`) keeps every observer's own path: its domain's incoming
+/// policies decide for each observer, not once for the domain (two
+/// observers of dave.example, one denied by its address); a reload takes
+/// effect on the next delta (the decision kept beside the route is not
+/// used again); an observer whose inbox is full misses the delta
+/// (back-pressure) while the others get it; and each gets its deltas in
+/// order, none lost.
+#[test]
+fn each_observer_of_a_fan_out_is_decided_and_bounded_on_its_own() {
+    let (runtime, mut driver, reporter, _observer, _bundle) = world(false);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("dave.cedar");
+    let open = "permit (principal, action, resource);";
+    let deny = r#"forbid (principal, action == Rethink::Action::"update", resource == Rethink::Hyperty::"hyperty://dave.example/denied") when { context.point == "incoming" };"#;
+    std::fs::write(&file, format!("{open}\n{deny}\n")).unwrap();
+    runtime.policies().set_domain_policies("dave.example", std::slice::from_ref(&file)).unwrap();
+    let url = create(&mut driver, &reporter, json!({ "n": 0 }));
+    let allowed = runtime.endpoint("hyperty://dave.example/allowed", 64).unwrap();
+    let denied = runtime.endpoint("hyperty://dave.example/denied", 64).unwrap();
+    let elsewhere = runtime.endpoint("hyperty://carol.example/elsewhere", 64).unwrap();
+    // Room for one message: the answer to its subscription, then one delta.
+    let full = runtime.endpoint("hyperty://carol.example/full", 1).unwrap();
+    for (i, e) in [&allowed, &denied, &elsewhere, &full].into_iter().enumerate() {
+        subscribe(e, &url, i as u64 + 1);
+    }
+    let update = |driver: &mut Driver, n: u64| {
+        let answer = driver.command(&reporter, json!({ "op": "update", "url": url, "patch": [{ "op": "replace", "path": "/n", "value": n }] }));
+        assert_eq!(answer["version"], n + 1, "{answer}");
+    };
+    let next = |e: &Endpoint| e.recv_timeout(Duration::from_secs(10)).map(|m| version_of(&m));
+    update(&mut driver, 1);
+    update(&mut driver, 2);
+    assert_eq!(next(&full), Some(2), "its one place held version 2; version 3 found it full");
+    // The forbid goes: the next delta reaches the observer it denied.
+    std::fs::write(&file, format!("{open}\n")).unwrap();
+    runtime.policies().reload().unwrap();
+    update(&mut driver, 3);
+    for e in [&allowed, &elsewhere] {
+        assert_eq!([next(e), next(e), next(e)], [Some(2), Some(3), Some(4)], "{}: every version, in order", e.address());
+    }
+    assert_eq!(next(&denied), Some(4), "denied versions 2 and 3 by its domain's policies, then allowed after the reload");
+    assert_eq!(next(&full), Some(4), "back-pressure cost it version 3 alone");
+}
+
 /// Runs `f` on a thread of its own and returns its result; fails naming
 /// `what` if it has not returned within 60 s (a deadlock). The thread keeps
 /// a handle on `runtime`, so a failing test never joins a hung domain

@@ -25,7 +25,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -36,7 +36,7 @@ use cedar_policy::{
 use miette::Diagnostic;
 
 use super::clock::{CivilTime, Clock, SystemClock};
-use super::{Decision, Descriptor, EnforcementPoint, Parties, PolicyDecisionPoint};
+use super::{Decision, Descriptor, EnforcementPoint, Parties, PolicyDecisionPoint, Version};
 use crate::address::Address;
 use crate::bundle::{Problem, line_of};
 use crate::message::{Identity, Message};
@@ -107,6 +107,11 @@ pub struct CedarPolicies {
     schema: Schema,
     clock: Arc<dyn Clock>,
     state: RwLock<Arc<State>>,
+    /// The generation of `state`, stored once it is in force (for
+    /// [`PolicyDecisionPoint::version`], read without the lock).
+    generation: AtomicU64,
+    /// Some policy of `state` reads the time.
+    timed: AtomicBool,
     /// Serialises changes (reloads, group edits).
     sources: Mutex<Sources>,
     /// Why the last [`reload`](CedarPolicies::reload) was refused, if it was.
@@ -130,6 +135,8 @@ impl CedarPolicies {
             schema,
             clock,
             state: RwLock::new(Arc::new(state)),
+            generation: AtomicU64::new(1),
+            timed: AtomicBool::new(false),
             sources: Mutex::default(),
             refused: Mutex::default(),
             apps: RwLock::default(),
@@ -315,7 +322,13 @@ impl CedarPolicies {
         *sources = next;
         let mut current = self.state.write().unwrap();
         state.generation = current.generation + 1;
+        let timed = state.runtime.iter().chain(state.domains.values()).any(|c| c.uses_time);
+        let generation = state.generation;
         *current = Arc::new(state);
+        // Published once the new state is in force: whoever reads the new
+        // generation finds the new state.
+        self.timed.store(timed, Ordering::Release);
+        self.generation.store(generation, Ordering::Release);
         Ok(())
     }
 
@@ -766,6 +779,15 @@ impl PolicyDecisionPoint for CedarPolicies {
             }
             Ok(())
         })
+    }
+
+    /// The state's generation and, when some policy reads the time, the
+    /// clock's minute: a reload, a group change or a new minute is a new
+    /// version.
+    fn version(&self) -> Option<Version> {
+        let generation = self.generation.load(Ordering::Acquire);
+        let minute = if self.timed.load(Ordering::Acquire) { self.clock.now().div_euclid(60) } else { i64::MIN };
+        Some(Version { generation, minute })
     }
 }
 

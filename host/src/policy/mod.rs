@@ -84,6 +84,29 @@ pub trait PolicyDecisionPoint: Send + Sync + 'static {
         }
         Ok(())
     }
+
+    /// The version its decisions are made under now: while it stays the
+    /// same, the same inputs (the points and their domains, the message's
+    /// `from`, `to`, type, `body.resource` and identity, both parties'
+    /// descriptors) get the same decision, so the bus may keep one beside
+    /// the receiver's route and use it again. An implementation must give
+    /// a new version whenever a decision could change for the same inputs
+    /// (a reload, a group change, a time boundary a policy reads), and the
+    /// new number only once the new policies are the ones in force. `None`
+    /// (the default): nothing may be kept, every message is decided.
+    fn version(&self) -> Option<Version> {
+        None
+    }
+}
+
+/// A version of a decision point's policies ([`PolicyDecisionPoint::version`]):
+/// its generation (a number that only grows, bumped by every change of the
+/// policies or of what they read) and, when some policy reads the time,
+/// the UTC minute (`i64::MIN` otherwise).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Version {
+    pub generation: u64,
+    pub minute: i64,
 }
 
 /// The default decision point: permits everything.
@@ -92,5 +115,10 @@ pub struct AllowAll;
 impl PolicyDecisionPoint for AllowAll {
     fn decide(&self, _: EnforcementPoint, _: &str, _: &Message, _: Parties<'_>) -> Decision {
         Decision::Permit
+    }
+
+    /// Never changes.
+    fn version(&self) -> Option<Version> {
+        Some(Version { generation: 0, minute: i64::MIN })
     }
 }
