@@ -51,6 +51,15 @@ fn sink_bundle(servers: &[String]) -> TestBundle {
     durable_stubs(sink, servers, json!({}))
 }
 
+/// The sink at [`SINK`] with `config`, its domain set up with `settings`.
+fn sink_bundle_with(servers: &[String], config: Value, settings: Value) -> TestBundle {
+    let sink = TestBundle::new()
+        .hyperty("bob.example", "sink", &guest("bench"), config)
+        .set("bob.example", "sink", "address", json!(SINK))
+        .domain("bob.example", settings);
+    durable_stubs(sink, servers, json!({}))
+}
+
 /// The driver, at [`DRIVER`]; `start`: the run (first id, count) it sends
 /// from `init`; `stub`: more config of its runtime's stubs.
 fn driver_bundle(servers: &[String], start: Option<(u64, u64)>, stub: Value) -> TestBundle {
@@ -239,11 +248,7 @@ fn a_receiver_killed_while_envelopes_wait_in_a_hyperty_s_inbox_gets_them_again_a
     let servers = [js.endpoint()];
     // Ids 100..=104 take the sink a while each (~0.1-0.5 s).
     let slow = json!({ "role": "sink", "ids": true, "slow": { "from": 100, "to": 104, "spin": 300_000_000 } });
-    let sinks = TestBundle::new()
-        .hyperty("bob.example", "sink", &guest("bench"), slow)
-        .set("bob.example", "sink", "address", json!(SINK))
-        .domain("bob.example", json!({ "limits": { "call-timeout-ms": 30_000 } }));
-    let sinks = durable_stubs(sinks, &servers, json!({}));
+    let sinks = sink_bundle_with(&servers, slow, json!({ "limits": { "call-timeout-ms": 30_000 } }));
     let (_sender, harness, sink, mut receiver) = sender_and_receiver_process(&servers, &sinks);
     notify(&harness, 1, 300);
     wait_until("the sink finished id 100", || receiver.log().contains("handled 100"));
@@ -255,6 +260,78 @@ fn a_receiver_killed_while_envelopes_wait_in_a_hyperty_s_inbox_gets_them_again_a
     notify(&harness, 301, 1);
     let all = wait_ids(&harness, &sink, "what was not handled arrives", |i| i.highest >= Some(301) && i.received > 300 - handled);
     assert_eq!(all, Ids::exactly(handled + 1, 301), "the restarted receiver gets exactly what was not handled before the crash (up to {handled})");
+}
+
+/// A runtime that undeploys a hyperty (or stops) stops pulling from its
+/// durable consumer but keeps it: deployed again, the hyperty takes up
+/// where it acknowledged instead of the stream's whole retention (which
+/// the kept ids would catch only for the last 65,536).
+#[test]
+fn an_undeployed_hyperty_s_durable_consumer_is_kept_for_when_it_comes_back() {
+    let js = JetStream::start();
+    let servers = [js.endpoint()];
+    let data = tempfile::tempdir().unwrap();
+    let (receiver, harness, _sinks) = receiving_runtime(&servers, data.path());
+    let sink = address(SINK);
+    let prefix = nats_subject("bob.example", SINK, "alice.example");
+    let again = TestBundle::new().hyperty("bob.example", "sink", &guest("bench"), json!({ "role": "sink", "ids": true })).set("bob.example", "sink", "address", json!(SINK));
+    let publish = |seq: u64| {
+        let envelope = json!({ "v": 1, "origin": "a-sender", "seq": seq, "id": seq, "type": "update", "from": "hyperty://alice.example/x", "to": SINK, "body": {} });
+        assert_eq!(js.api(&prefix, &envelope.to_string())["stream"], BOB_STREAM);
+    };
+    let created = || {
+        let consumer = js.consumers(BOB_STREAM).into_iter().find(|c| c["config"]["filter_subject"].as_str().is_some_and(|f| prefix.starts_with(f.trim_end_matches('*'))));
+        consumer.map(|c| c["created"].clone())
+    };
+    wait_until("the sink's consumer is made", || created().is_some());
+    publish(1);
+    wait_ids(&harness, &sink, "the first envelope arrives", |i| i.received >= 1);
+    let before = created();
+    assert!(receiver.undeploy("bob.example", "sink"));
+    receiver.deploy(&again.load()).expect("the sink deploys again, under the running stubs");
+    // Pulled again (the stub forgot, then listened again, in that order).
+    publish(2);
+    assert_eq!(wait_ids(&harness, &sink, "the second envelope arrives", |i| i.received >= 1), Ids::exactly(2, 2));
+    assert_eq!(created(), before, "the consumer was deleted and made again");
+}
+
+/// A hyperty slower than its messages arrive never makes its durable stub
+/// overrun its poll deadline (a stub's posts wait for hyperties within a
+/// budget of the poll, then answer `busy`): a slow sink gets every
+/// message once, and the stub never traps.
+#[test]
+fn a_slow_hyperty_behind_a_durable_stub_gets_everything_once_and_the_stub_never_traps() {
+    let js = JetStream::start();
+    let servers = [js.endpoint()];
+    // Ids 1..=30 take the sink a while each (~0.4 s): one pulled batch
+    // takes longer to handle than a stub's poll may last (10 s).
+    let slow = json!({ "role": "sink", "ids": true, "slow": { "from": 1, "to": 30, "spin": 400_000_000 } });
+    let sinks = sink_bundle_with(&servers, slow, json!({ "limits": { "call-timeout-ms": 30_000 } }));
+    let ((_sender, _data), harness, sink, receiver) = sender_and_receiver_process(&servers, &sinks);
+    notify(&harness, 1, 60);
+    let seen = wait_ids(&harness, &sink, "every message arrives", |i| i.received >= 60);
+    assert_eq!(seen, Ids::exactly(1, 60));
+    let log = receiver.log();
+    let failed: Vec<&str> = log.lines().filter(|l| l.contains("protostub bob.example: failed")).collect();
+    assert!(failed.is_empty(), "the stub failed: {}", failed.join("\n"));
+}
+
+/// Durable envelopes that arrive while their hyperty restarts after a trap
+/// are not answered 503 and acknowledged (gone), but offered again by the
+/// node and handled once the hyperty is back.
+#[test]
+fn durable_envelopes_arriving_while_their_hyperty_restarts_are_handled_after_the_restart() {
+    let js = JetStream::start();
+    let servers = [js.endpoint()];
+    let sinks = sink_bundle_with(&servers, json!({ "role": "sink", "ids": true, "trap_at": 10 }), json!({ "restart": { "initial-backoff-ms": 2000, "max-backoff-ms": 2000 } }));
+    let ((_sender, _data), harness, sink, _receiver) = sender_and_receiver_process(&servers, &sinks);
+    notify(&harness, 1, 100);
+    // Its ledger starts again at the restart: 10 trapped (answered 500),
+    // and 11..=100, which came during the 2 s backoff, after it (those
+    // offered again come back after later ones: order is not promised
+    // across a redelivery).
+    let seen = wait_ids(&harness, &sink, "what came during the restart arrives", |i| i.lowest > Some(9) && i.received >= 90);
+    assert_eq!(seen, Ids::exactly(11, 100));
 }
 
 /// A receiving runtime keeps the ids of the envelopes it took: the same

@@ -180,6 +180,14 @@ fn a_message_that_came_through_a_stub_never_goes_back_out_through_it() {
     // A malformed envelope is refused, and the stub goes on.
     let refused = nats_publish(nats.port, &nats_subject("alice.example", a.as_str(), "app.example"), "{\"v\":1,\"nonsense\":true}");
     assert!(refused.starts_with("refused: malformed envelope:"), "{refused}");
+    // So is an origin that is not a runtime's short plain id: every
+    // envelope taken keeps its origin (in memory, and on disk for a
+    // durable stub).
+    for origin in ["x".repeat(65), "a b".into(), String::new()] {
+        let envelope = json!({ "v": 1, "origin": origin, "seq": 3, "id": 9, "type": "update", "from": remote, "to": a.as_str(), "body": {} });
+        let refused = nats_publish(nats.port, &nats_subject("alice.example", a.as_str(), "app.example"), &envelope.to_string());
+        assert!(refused.starts_with("refused: malformed envelope: origin: not 1..=64 letters, digits or '-'"), "{origin:?}: {refused}");
+    }
     let envelope = json!({ "v": 1, "origin": "test", "seq": 2, "id": 8, "type": "read", "from": remote, "to": a.as_str(), "body": {} });
     nats_publish(nats.port, &nats_subject("alice.example", a.as_str(), "app.example"), &envelope.to_string());
     let report = observer.recv_timeout(Duration::from_secs(10)).expect("a's report");

@@ -23,7 +23,8 @@
 //! run as `"start"`, which it sends from `init` (and logs
 //! `notify run done: <n> sent` or why it stopped). A sink with `"slow":
 //! {"from", "to", "spin"}` spins `spin` rounds on each id in `from..=to`,
-//! then logs `handled <id>`.
+//! then logs `handled <id>`. A sink with `"trap_at": id` traps on that id
+//! (and starts again with an empty ledger).
 
 use std::cell::RefCell;
 
@@ -40,6 +41,9 @@ struct Config {
     start: Option<Run>,
     #[serde(default)]
     slow: Option<Slow>,
+    /// A sink traps (panics) on the message with this id.
+    #[serde(default)]
+    trap_at: Option<u64>,
 }
 
 /// Ids `from..=to` each cost the sink `spin` loop rounds, after which it
@@ -88,6 +92,7 @@ struct State {
     ids: Option<std::collections::BTreeSet<u64>>,
     duplicates: u64,
     slow: Option<Slow>,
+    trap_at: Option<u64>,
 }
 
 thread_local! {
@@ -115,7 +120,7 @@ impl Guest for Bench {
         }
         STATE.with(|s| {
             *s.borrow_mut() =
-                Some(State { me: address, sink, received: 0, anomalies: 0, identified: 0, last_id: 0, active: None, ids, duplicates: 0, slow: config.slow })
+                Some(State { me: address, sink, received: 0, anomalies: 0, identified: 0, last_id: 0, active: None, ids, duplicates: 0, slow: config.slow, trap_at: config.trap_at })
         });
         Ok(())
     }
@@ -134,6 +139,9 @@ impl Guest for Bench {
                     }
                     let _ = bus::reply(&msg, 200, Some(&ledger.to_string()));
                     return;
+                }
+                if state.trap_at == Some(msg.id) {
+                    panic!("asked to trap at id {}", msg.id);
                 }
                 state.received += 1;
                 if let Some(ids) = &mut state.ids

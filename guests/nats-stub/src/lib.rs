@@ -807,14 +807,15 @@ impl Stub {
                 }
                 Work::Forget(address) => {
                     if let Some(sid) = self.subs.remove(&address) {
-                        match self.js.as_mut().and_then(|js| js.consumers.remove(&sid).map(|c| (js.stream.clone(), c))) {
-                            // Its messages have nowhere to go any more.
-                            Some((stream, c)) => {
-                                let api = format!("$JS.API.CONSUMER.DELETE.{stream}.{}", c.name);
-                                conn.publish(&api, Some(&format!("{}.d", self.inbox)), b"");
-                            }
-                            None if self.js.is_none() => conn.wbuf.extend_from_slice(format!("UNSUB {sid}\r\n").as_bytes()),
-                            None => {}
+                        match self.js.as_mut() {
+                            // Pulled from no more, but kept: a runtime that
+                            // stops (or undeploys and deploys again) takes
+                            // up where it acknowledged, instead of the
+                            // stream's whole retention again; the server
+                            // removes a consumer nobody pulled from for
+                            // `retention-hours` (`inactive_threshold`).
+                            Some(js) => drop(js.consumers.remove(&sid)),
+                            None => conn.wbuf.extend_from_slice(format!("UNSUB {sid}\r\n").as_bytes()),
                         }
                     }
                 }

@@ -44,7 +44,7 @@ mod outbox;
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use serde_json::{Value, json};
@@ -70,6 +70,9 @@ pub(crate) struct Stub {
     /// when `post` stopped waiting, by (origin, seq): a redelivery of one
     /// is `busy` until it is handled, then acknowledged.
     handling: Mutex<HashMap<(String, u64), crate::receipt::Handled>>,
+    /// Until when the stub's `post` may wait for hyperties in the current
+    /// `poll` ([`POLL_WAIT_BUDGET`] from its start).
+    wait_until: Mutex<Instant>,
     start: Mutex<Option<Starter>>,
     /// A new component or settings for the running thread (live update).
     next: Mutex<Option<StubContext>>,
@@ -79,7 +82,7 @@ pub(crate) struct Stub {
     /// Local addresses subscribed to status changes.
     watchers: Mutex<BTreeSet<Address>>,
     /// When a refused envelope was last logged, and how many were not since.
-    refusals: Mutex<(Option<std::time::Instant>, u64)>,
+    refusals: Mutex<(Option<Instant>, u64)>,
 }
 
 /// Starts a stub's thread (once, when the stub is first needed).
@@ -98,6 +101,10 @@ pub(crate) enum QueueError {
 /// How long a durable stub's `post` waits for its hyperty to handle an
 /// envelope before it answers `busy` (the node offers it again later).
 const HANDLED_WAIT: Duration = Duration::from_secs(1);
+
+/// Of a stub's `poll` (its deadline is [`POLL_DEADLINE`]), how long its
+/// posts may wait for hyperties to handle what they posted, in all.
+const POLL_WAIT_BUDGET: Duration = Duration::from_secs(4);
 
 /// Envelopes of a durable stub given to hyperties and not yet handled when
 /// `post` stopped waiting; past this many, new ones are `busy`.
@@ -161,6 +168,7 @@ impl Stub {
             queue: Arc::new(queue),
             dedup: Mutex::new(dedup),
             handling: Mutex::default(),
+            wait_until: Mutex::new(Instant::now()),
             start: Mutex::new(Some(start)),
             next: Mutex::default(),
             stopped: AtomicBool::new(false),
@@ -645,8 +653,17 @@ pub(crate) fn open_envelope(text: &str) -> Result<Received, String> {
         None | Some(Value::Null) => None,
         Some(ms) => Some(Duration::from_millis(ms.as_u64().ok_or("timeout-ms is not a number of milliseconds")?)),
     };
-    Ok(Received { origin: str_field("origin")?.to_owned(), seq: u64_field("seq")?, message, wait })
+    let origin = str_field("origin")?;
+    // A runtime's origin is a UUID or 32 hex digits: kept in memory and on
+    // disk per envelope taken, so it is bounded and plain.
+    if origin.is_empty() || origin.len() > MAX_ORIGIN_BYTES || !origin.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+        return Err(format!("origin: not 1..={MAX_ORIGIN_BYTES} letters, digits or '-'"));
+    }
+    Ok(Received { origin: origin.to_owned(), seq: u64_field("seq")?, message, wait })
 }
+
+/// The longest envelope `origin` taken (a runtime's is 32 or 36 bytes).
+pub(crate) const MAX_ORIGIN_BYTES: usize = 64;
 
 /// Sequence numbers seen per origin, to drop what arrives twice (a resend
 /// after a lost acknowledgement). Bounded: the most recent
@@ -716,26 +733,28 @@ impl Stub {
         // Durable: acknowledged (this returns Ok) only once its hyperty
         // handled it, so a message still in an inbox when this process
         // dies is delivered again ([`crate::receipt`]).
-        {
+        // What was handled since the last post is recorded now (the crash
+        // window for a duplicate stays one commit long); what was dropped
+        // unhandled is forgotten, to be taken again when offered again.
+        let fired: Vec<(String, u64)> = {
             let mut handling = self.handling.lock().unwrap();
-            match handling.get(&key).map(|h| h.try_recv()) {
-                Some(Ok(())) => {
-                    handling.remove(&key);
-                    drop(handling);
-                    self.taken(&key);
-                    return Ok(());
-                }
-                Some(Err(flume::TryRecvError::Empty)) => return Err(format!("busy: envelope {} of {} is still being handled", key.1, key.0)),
-                // Dropped unhandled (its runtime was stopping): again.
-                Some(Err(flume::TryRecvError::Disconnected)) => drop(handling.remove(&key)),
-                None => {}
+            let fired = handling.iter().filter(|(_, h)| !h.is_empty()).map(|(k, _)| k.clone()).collect::<Vec<_>>();
+            handling.retain(|k, h| h.is_empty() && !h.is_disconnected() && !fired.contains(k));
+            fired
+        };
+        for handled in &fired {
+            self.taken(handled);
+        }
+        if fired.contains(&key) {
+            return Ok(());
+        }
+        {
+            let handling = self.handling.lock().unwrap();
+            if handling.contains_key(&key) {
+                return Err(format!("busy: envelope {} of {} is still being handled", key.1, key.0));
             }
             if handling.len() >= MAX_HANDLING {
-                // Forget the answered ones; what is left still waits.
-                handling.retain(|_, h| h.is_empty() && !h.is_disconnected());
-                if handling.len() >= MAX_HANDLING {
-                    return Err(format!("busy: {MAX_HANDLING} envelopes are still being handled"));
-                }
+                return Err(format!("busy: {MAX_HANDLING} envelopes are still being handled"));
             }
         }
         let (receipt, handled) = crate::receipt::Receipt::new(&received.message);
@@ -747,7 +766,10 @@ impl Stub {
             self.taken(&key);
             return Ok(());
         }
-        match handled.recv_timeout(HANDLED_WAIT) {
+        // Within the poll's budget: a stub's poll must end before its
+        // deadline however slow the hyperties it posts to.
+        let until = (Instant::now() + HANDLED_WAIT).min(*self.wait_until.lock().unwrap());
+        match handled.recv_deadline(until) {
             Ok(()) => {
                 self.taken(&key);
                 Ok(())
@@ -864,6 +886,7 @@ fn run(stub: Arc<Stub>, mut context: StubContext) {
                         context = next;
                         break None;
                     }
+                    *stub.wait_until.lock().unwrap() = Instant::now() + POLL_WAIT_BUDGET;
                     match instance.poll(POLL_WAIT_MS, POLL_DEADLINE) {
                         Ok(()) => failures = 0,
                         Err(e) => break Some(e),

@@ -135,7 +135,11 @@ impl Inbox {
             self.in_flight.fetch_sub(1, Ordering::Relaxed);
             match e {
                 flume::TrySendError::Full(Envelope::Deliver { message, .. }) => Refused::Full(message),
-                flume::TrySendError::Disconnected(Envelope::Deliver { message, .. }) => Refused::Closed(message),
+                // The bus answers it 503 in the sandbox's place: handled.
+                flume::TrySendError::Disconnected(Envelope::Deliver { message, receipt, .. }) => {
+                    drop(OnReturn(receipt));
+                    Refused::Closed(message)
+                }
                 _ => unreachable!("only deliveries are tried"),
             }
         })
@@ -677,6 +681,13 @@ impl Sandbox {
         };
         let running = match (&mut slot.status, slot.running.as_mut()) {
             (Status::Instantiated { backlog }, _) if backlog.len() < self.settings.limits.inbox => return backlog.push((message, receipt.kept())),
+            // A durable envelope (one with a receipt) is not answered but
+            // dropped unhandled: its node offers it again, for when the
+            // hyperty is back (a restart, or its init done).
+            (Status::Instantiated { .. } | Status::Restarting { .. }, _) if receipt.0.is_some() => {
+                drop(receipt.kept());
+                return;
+            }
             (Status::Instantiated { .. }, _) => {
                 // Bounded like the inbox it came from: a deployment's
                 // instances wait for `init` with at most `inbox` each.
