@@ -694,6 +694,12 @@ struct Cached {
 }
 
 impl Cached {
+    /// Bytes of `m`'s strings an entry for it would keep.
+    fn size(points: &[(EnforcementPoint, &str)], m: &Message) -> usize {
+        let user = m.identity.as_ref().map_or(0, |i| i.user.len() + i.idp.len());
+        points.iter().map(|(_, d)| d.len()).sum::<usize>() + m.from.as_str().len() + m.to.as_str().len() + m.body.resource.as_deref().map_or(0, str::len) + user
+    }
+
     fn new(points: &[(EnforcementPoint, &str)], m: &Message, minute: i64, result: PathResult) -> Cached {
         Cached {
             points: points.iter().map(|(p, d)| (*p, Box::<str>::from(*d))).collect(),
@@ -727,6 +733,8 @@ struct ThreadCache {
     /// Keyed by the request's hash, which is already a hash: no rehashing.
     entries: HashMap<u64, Vec<Cached>, std::hash::BuildHasherDefault<KeyHasher>>,
     len: usize,
+    /// Bytes of the entries' strings.
+    bytes: usize,
 }
 
 /// The identity "hasher" for keys that are hashes already.
@@ -749,6 +757,11 @@ impl Hasher for KeyHasher {
 
 /// Entries a thread keeps before starting afresh.
 const CACHE_CAPACITY: usize = 16_384;
+/// Bytes of strings a thread's entries keep before it starts afresh, and
+/// the most one entry keeps (a larger request is decided, not kept): a
+/// resource may be as long as a message.
+const CACHE_BYTES: usize = 4 << 20;
+const CACHE_ENTRY_BYTES: usize = 1 << 10;
 
 thread_local! {
     static CACHE: RefCell<ThreadCache> = RefCell::default();
@@ -835,14 +848,53 @@ impl CedarPolicies {
             return result;
         }
         let result = decide(now);
+        let size = Cached::size(points, message);
+        if size > CACHE_ENTRY_BYTES {
+            return result;
+        }
         CACHE.with(|cache| {
             let mut cache = cache.borrow_mut();
-            if cache.owner != self.id || cache.generation != generation || cache.len >= CACHE_CAPACITY {
+            if cache.owner != self.id || cache.generation != generation || cache.len >= CACHE_CAPACITY || cache.bytes + size > CACHE_BYTES {
                 *cache = ThreadCache { owner: self.id, generation, ..ThreadCache::default() };
             }
             cache.len += 1;
+            cache.bytes += size;
             cache.entries.entry(key).or_default().push(Cached::new(points, message, minute, result.clone()));
         });
         result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::MessageType;
+
+    fn kept_bytes() -> usize {
+        CACHE.with(|c| c.borrow().bytes)
+    }
+
+    /// A resource may be as long as a message: what a thread keeps of its
+    /// requests is bounded in bytes, and a long request is never kept.
+    #[test]
+    fn the_thread_cache_keeps_short_requests_only_and_at_most_cache_bytes() {
+        let policies = CedarPolicies::new();
+        policies.set_runtime_policies(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies/runtime.cedar")).unwrap();
+        let parties = Parties { sender: None, target: None };
+        let points = [(EnforcementPoint::BusAccess, "localhost")];
+        let request = |resource: String| {
+            Message::builder(1, MessageType::Read, "hyperty://a.example/x", "hyperty://b.example/y").resource(&resource).build().unwrap()
+        };
+        let _ = policies.decide_path(&points, &request("short".into()), parties);
+        let after_short = kept_bytes();
+        assert!(after_short > 0, "a short request is kept");
+        for i in 0..64 {
+            let _ = policies.decide_path(&points, &request(format!("{i}{}", "r".repeat(100 << 10))), parties);
+        }
+        assert_eq!(kept_bytes(), after_short, "a request over {CACHE_ENTRY_BYTES} bytes is never kept");
+        for i in 0..20_000 {
+            let _ = policies.decide_path(&points, &request(format!("{i}{}", "r".repeat(900))), parties);
+            assert!(kept_bytes() <= CACHE_BYTES);
+        }
     }
 }
