@@ -183,7 +183,8 @@ fn with_policies(mut bundle: TestBundle, policies: &CedarPolicies, domains: &[&s
 pub const POLICIES: usize = 50;
 
 /// A realistic policy set for `owner`: permits for the bench traffic (from
-/// alice.example, bob.example or the harness's bench.example) and
+/// alice.example, bob.example, the bus bench's alice<i>.example and
+/// bob<i>.example, or the harness's bench.example) and
 /// [`POLICIES`] rules that do not apply to it: other domains, time windows,
 /// groups, schemes, forbids.
 pub fn realistic_policies(owner: &str) -> String {
@@ -191,7 +192,8 @@ pub fn realistic_policies(owner: &str) -> String {
     p.push_str(&format!(
         "@id(\"{owner}-bench\") permit (principal, action in [Rethink::Action::\"read\", Rethink::Action::\"update\", \
          Rethink::Action::\"response\", Rethink::Action::\"execute\", Rethink::Action::\"deploy\"], resource) \
-         when {{ [\"alice.example\", \"bob.example\", \"bench.example\"].contains(context.sender_domain) }};\n"
+         when {{ context.sender_domain like \"alice*.example\" || context.sender_domain like \"bob*.example\" || \
+         context.sender_domain == \"bench.example\" }};\n"
     ));
     for i in 0..POLICIES {
         let rule = match i % 5 {
