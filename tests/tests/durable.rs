@@ -196,6 +196,36 @@ fn a_sender_killed_mid_stream_sends_again_what_was_not_acknowledged_and_nothing_
     assert_eq!(seen, Ids::exactly(1, n + 1), "every message once");
 }
 
+/// A sender whose durable queue emptied, then killed (SIGKILL) while idle,
+/// sends nothing again after its restart: the removal that emptied the
+/// queue was synced (the others are not, each resent after a crash would
+/// be dropped by the receiver's kept ids, but only within its window).
+#[test]
+fn a_sender_killed_idle_after_its_queue_emptied_sends_nothing_again() {
+    let js = JetStream::start();
+    let servers = [js.endpoint()];
+    let data = tempfile::tempdir().unwrap();
+    let (_receiver, harness, _sinks) = receiving_runtime(&servers, data.path());
+    let sink = address(SINK);
+    let first = driver_bundle(&servers, Some((1, 50)), json!({}));
+    let mut sender = RuntimeProcess::start(&first.write());
+    sender.wait_log("notify run done: 50 sent");
+    wait_ids(&harness, &sink, "the run arrives", |i| i.received >= 50);
+    let prefix = nats_subject("bob.example", SINK, "alice.example");
+    // The receiver acknowledged every envelope, so the server had stored
+    // each one and sent its PubAck to the sender long before (the sender's
+    // stub reads them as they come): its queue is empty.
+    js.wait_all_acknowledged(BOB_STREAM, prefix.rsplit_once('.').unwrap().0);
+    sender.kill();
+    let again = driver_bundle(&servers, Some((51, 1)), json!({}));
+    sender.restart(&again.write());
+    sender.wait_log("notify run done: 1 sent");
+    let seen = wait_ids(&harness, &sink, "the marker arrives", |i| i.highest >= Some(51));
+    assert_eq!(seen, Ids::exactly(1, 51));
+    let log = sender.log();
+    assert!(!log.contains("sending again what was not acknowledged"), "the restarted sender sent again what was delivered:\n{log}");
+}
+
 /// The sending runtime in this process (the driver, and the harness
 /// endpoint there, on a data directory of its own) and `sinks` in a
 /// runtime process, the sink answering.

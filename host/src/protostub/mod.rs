@@ -426,7 +426,7 @@ impl StubQueue {
                 }
                 Err(e) => {
                     tracing::error!(seq, "a kept envelope does not read and is dropped: {e}");
-                    self.forget(seq);
+                    self.forget(seq, false);
                 }
             }
         }
@@ -467,10 +467,11 @@ impl StubQueue {
         Ok(())
     }
 
-    /// Removes `seq` from the disk of a durable queue.
-    fn forget(&self, seq: u64) {
+    /// Removes `seq` from the disk of a durable queue (synced when the
+    /// queue is now `empty`).
+    fn forget(&self, seq: u64, empty: bool) {
         if let Some(outbox) = &self.outbox
-            && let Err(e) = outbox.remove(seq)
+            && let Err(e) = outbox.remove(seq, empty)
         {
             tracing::error!(seq, "durable protostub queue: cannot remove a message (it will be sent again): {e:#}");
         }
@@ -512,9 +513,12 @@ impl StubQueue {
     }
 
     pub fn delivered(&self, seq: u64) {
-        let taken = Self::take(&mut self.state.lock().unwrap(), seq);
-        if taken.is_some() {
-            self.forget(seq);
+        let (taken, empty) = {
+            let mut s = self.state.lock().unwrap();
+            (Self::take(&mut s, seq).is_some(), s.items.is_empty())
+        };
+        if taken {
+            self.forget(seq, empty);
         }
     }
 
@@ -539,8 +543,9 @@ impl StubQueue {
             return None;
         }
         let item = Self::take(&mut s, seq)?;
+        let empty = s.items.is_empty();
         drop(s);
-        self.forget(seq);
+        self.forget(seq, empty);
         Some(Message::new(item.id, item.kind, item.from, item.to, None))
     }
 

@@ -95,10 +95,15 @@ impl Outbox {
         Ok(())
     }
 
-    /// Removes envelope `seq` (not synced on its own).
-    pub fn remove(&self, seq: u64) -> Result<()> {
+    /// Removes envelope `seq`, synced only when `sync` (the queue is empty
+    /// now): a removal not synced is undone by a crash, and the envelope
+    /// sent again (the receiver's kept ids drop it), so syncing when the
+    /// queue empties bounds what an idle sender resends after a crash.
+    pub fn remove(&self, seq: u64, sync: bool) -> Result<()> {
         let mut write = self.store.database().begin_write()?;
-        write.set_durability(Durability::None).map_err(|e| anyhow::anyhow!("{e}"))?;
+        if !sync {
+            write.set_durability(Durability::None).map_err(|e| anyhow::anyhow!("{e}"))?;
+        }
         write.open_table(OUTBOX)?.remove((self.domain.as_str(), seq))?;
         write.commit()?;
         Ok(())
@@ -137,13 +142,13 @@ mod tests {
         outbox.put(1, "one").unwrap();
         outbox.put(2, "two").unwrap();
         outbox.put(3, "three").unwrap();
-        outbox.remove(2).unwrap();
+        outbox.remove(2, false).unwrap();
         let (other, _) = open(&store, "c.example");
         other.put(7, "another domain's").unwrap();
         let (outbox, kept) = open(&store, "b.example");
         assert_eq!(kept.envelopes, vec![(1, "one".to_owned()), (3, "three".to_owned())]);
-        outbox.remove(1).unwrap();
-        outbox.remove(3).unwrap();
+        outbox.remove(1, false).unwrap();
+        outbox.remove(3, true).unwrap();
         // Emptied, it still knows the last number it gave.
         let (_, kept) = open(&store, "b.example");
         assert_eq!((kept.envelopes.len(), kept.last_seq), (0, 3));
