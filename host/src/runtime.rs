@@ -614,8 +614,10 @@ impl Runtime {
                 message: e.to_string(),
             })?;
         }
-        // Where each of `started` is in the bundle (domain, hyperty).
-        let mut entries = Vec::with_capacity(prepared.len());
+        // Checked, addressed and described in bundle order, then grouped by
+        // domain: each domain's stores are instantiated together
+        // (`SandboxHandle::instantiate_all`, on several threads).
+        let mut groups: Vec<(usize, Vec<(usize, NewHyperty)>)> = Vec::new();
         for p in prepared {
             let domain = &bundle.domains[p.domain];
             let spec = &domain.hyperties[p.hyperty];
@@ -625,7 +627,6 @@ impl Runtime {
                 deployed.sandboxes.insert(domain.name.clone(), handle);
                 new_domains.push(domain.name.clone());
             }
-            let sandbox = &deployed.sandboxes[&domain.name];
             let field = if spec.address.is_some() { "address" } else { "name" };
             let address = self.hyperty_address(&domain.name, spec).map_err(|e| bundle.problem(&spec.at, field, format!("{e:#}")))?;
             let label: Arc<str> = format!("{}/{}", domain.name, spec.name).into();
@@ -640,38 +641,58 @@ impl Runtime {
             }
             let new = NewHyperty {
                 pre: p.pre,
-                address: address.clone(),
+                address,
                 label,
-                descriptor: descriptor.clone(),
+                descriptor,
                 config: spec.config.clone(),
             };
-            let instance = sandbox
-                .instantiate(new)
-                .map_err(|e| bundle.problem(&spec.at, "component", format!("{e:#}")))?;
-            let hyperty = DeployedHyperty { domain: domain.name.clone(), name: spec.name.clone(), address };
-            if !self.bus.add_route(hyperty.address.clone(), sandbox.inbox().route(instance, descriptor)) {
-                sandbox.remove(instance);
-                return Err(bundle.problem(&spec.at, field, format!("{} is taken: something in this runtime is at that address", hyperty.address)));
+            match groups.last_mut() {
+                Some((d, group)) if *d == p.domain => group.push((p.hyperty, new)),
+                _ => groups.push((p.domain, vec![(p.hyperty, new)])),
             }
-            self.registry.register(Registration {
-                address: hyperty.address.clone(),
-                kind: Kind::Hyperty,
-                name: hyperty.name.clone(),
-                domain: hyperty.domain.clone(),
-                user: spec.user.clone(),
-                hyperty_types: spec.types.clone(),
-                schemes: spec.schemes.clone(),
-                status: Status::Created,
-            });
-            tracing::info!(
-                "deployed {}/{} at {} ({})",
-                hyperty.domain,
-                hyperty.name,
-                hyperty.address,
-                spec.component.file_name().unwrap_or_default().to_string_lossy()
-            );
-            started.push(Running { hyperty, instance });
-            entries.push((p.domain, p.hyperty));
+        }
+        // Where each of `started` is in the bundle (domain, hyperty).
+        let mut entries = Vec::with_capacity(groups.iter().map(|(_, g)| g.len()).sum());
+        for (d, group) in groups {
+            let domain = &bundle.domains[d];
+            let sandbox = &deployed.sandboxes[&domain.name];
+            let (indices, news): (Vec<usize>, Vec<NewHyperty>) = group.into_iter().unzip();
+            let addressed: Vec<(Address, Arc<Descriptor>)> = news.iter().map(|n| (n.address.clone(), n.descriptor.clone())).collect();
+            let instances = sandbox.instantiate_all(news).map_err(|(at, e)| {
+                bundle.problem(&domain.hyperties[indices[at]].at, "component", format!("{e:#}"))
+            })?;
+            let mut adopted = indices.iter().zip(addressed).zip(instances.iter().copied());
+            while let Some(((&i, (address, descriptor)), instance)) = adopted.next() {
+                let spec = &domain.hyperties[i];
+                let hyperty = DeployedHyperty { domain: domain.name.clone(), name: spec.name.clone(), address };
+                if !self.bus.add_route(hyperty.address.clone(), sandbox.inbox().route(instance, descriptor)) {
+                    sandbox.remove(instance);
+                    for (_, rest) in adopted {
+                        sandbox.remove(rest);
+                    }
+                    let field = if spec.address.is_some() { "address" } else { "name" };
+                    return Err(bundle.problem(&spec.at, field, format!("{} is taken: something in this runtime is at that address", hyperty.address)));
+                }
+                self.registry.register(Registration {
+                    address: hyperty.address.clone(),
+                    kind: Kind::Hyperty,
+                    name: hyperty.name.clone(),
+                    domain: hyperty.domain.clone(),
+                    user: spec.user.clone(),
+                    hyperty_types: spec.types.clone(),
+                    schemes: spec.schemes.clone(),
+                    status: Status::Created,
+                });
+                tracing::info!(
+                    "deployed {}/{} at {} ({})",
+                    hyperty.domain,
+                    hyperty.name,
+                    hyperty.address,
+                    spec.component.file_name().unwrap_or_default().to_string_lossy()
+                );
+                started.push(Running { hyperty, instance });
+                entries.push((d, i));
+            }
         }
         for (running, &(d, i)) in started.iter().zip(&entries) {
             let h = &running.hyperty;

@@ -198,3 +198,44 @@ fn registry_lookup_resolves_bundle_names() {
     let missing = driver.command(&a, json!({ "op": "lookup", "domain": "bob.example", "name": "zz" }));
     assert_eq!(missing["address"], Value::Null);
 }
+
+/// A deployment large enough to be instantiated on several threads at
+/// once (`SandboxHandle::instantiate_all`) still routes every address to
+/// its own instance: each answers from the address it was asked at (a
+/// response from any other address would be dropped, and the request
+/// would end in 408).
+#[test]
+fn a_large_deployment_instantiated_side_by_side_routes_each_address_to_its_own_instance() {
+    let runtime = runtime(Duration::from_secs(5));
+    let bundle = hyperty_tests::scale::pongs(2, 48).load();
+    let deployed = runtime.deploy(&bundle).unwrap();
+    assert_eq!(deployed.len(), 96);
+    let endpoint = runtime.endpoint("hyperty://bench.example/harness", 16).unwrap();
+    for (id, hyperty) in (1..).zip(&deployed) {
+        let asked = Message::new(id, MessageType::Read, endpoint.address().clone(), hyperty.address.clone(), Some(r#"{"text":"ping"}"#.into()));
+        let answer = endpoint.request_reply(asked, None).unwrap();
+        assert_eq!((answer.body.code, &answer.from), (Some(200), &hyperty.address), "{}/{}", hyperty.domain, hyperty.name);
+    }
+}
+
+/// A large deployment whose 30th hyperty cannot be instantiated (past its
+/// domain's `instances`, one of which a running hyperty holds) is refused
+/// naming that entry, and leaves nothing behind in the domain, which goes
+/// on: the same bundle within the limit deploys afterwards.
+#[test]
+fn a_large_deployment_failing_midway_is_refused_naming_the_entry_and_leaves_nothing() {
+    let runtime = runtime(Duration::from_secs(5));
+    let limits = json!({ "limits": { "instances": 30, "total-memory-mb": 2048 } });
+    let first = TestBundle::new().hyperty("d0.example", "first", &guest("pong"), json!({})).domain("d0.example", limits.clone());
+    let first = runtime.deploy(&first.load()).unwrap();
+    let too_many = hyperty_tests::scale::pongs(1, 40).domain("d0.example", limits.clone());
+    let err = runtime.deploy(&too_many.load()).unwrap_err().to_string();
+    assert!(err.contains("the domain already holds 30 instances (instances = 30)"), "{err}");
+    assert!(err.contains(r#"domains."d0.example".hyperties[29].component"#), "the 30th entry is named: {err}");
+    assert_eq!(runtime.hyperties().len(), 1);
+    let fits = hyperty_tests::scale::pongs(1, 29).domain("d0.example", limits);
+    assert_eq!(runtime.deploy(&fits.load()).unwrap().len(), 29);
+    let endpoint = runtime.endpoint("hyperty://bench.example/harness", 16).unwrap();
+    let asked = Message::new(1, MessageType::Read, endpoint.address().clone(), first[0].address.clone(), Some(r#"{"text":"ping"}"#.into()));
+    assert_eq!(endpoint.request_reply(asked, None).unwrap().body.code, Some(200), "the running hyperty went on");
+}

@@ -244,6 +244,9 @@ pub(crate) struct Shared {
 /// the call in hand (`call-timeout-ms`), not for the inbox.
 pub(crate) struct SandboxHandle {
     pub settings: SandboxSettings,
+    /// For instantiating stores off the domain's run token
+    /// ([`SandboxHandle::instantiate_all`]).
+    shared: Shared,
     memory: Arc<DomainMemory>,
     inbox: Inbox,
     stopping: Arc<AtomicBool>,
@@ -280,7 +283,7 @@ impl SandboxHandle {
             media: media.clone(),
             stopping: stopping.clone(),
             settings: settings.clone(),
-            shared,
+            shared: shared.clone(),
             memory: memory.clone(),
             slots: Vec::new(),
             restarts: Vec::new(),
@@ -292,7 +295,7 @@ impl SandboxHandle {
             .name(format!("sandbox {domain}"))
             .spawn(move || run(&domain_state, rx))
             .map_err(|e| anyhow!("cannot start the sandbox thread: {e}"))?;
-        Ok(SandboxHandle { settings, memory, inbox, stopping, thread: Some(thread), media })
+        Ok(SandboxHandle { settings, shared, memory, inbox, stopping, thread: Some(thread), media })
     }
 
     pub fn inbox(&self) -> Inbox {
@@ -309,8 +312,70 @@ impl SandboxHandle {
         self.memory.used()
     }
 
-    pub fn instantiate(&self, hyperty: NewHyperty) -> Result<u32> {
-        self.run_here(|sandbox| sandbox.instantiate(hyperty))
+    /// Instantiates `hyperties` (a deployment's, in bundle order) and
+    /// returns their instance ids, in the same order; or the index of the
+    /// first that failed and why (then none of them was kept).
+    ///
+    /// Their stores are built off the domain's run token, on up to
+    /// [`DEPLOY_THREADS`] threads at once (most of an instantiation is the
+    /// kernel filling a fresh pool slot's pages at first touch, which the
+    /// cores do side by side); then each is added to the domain in order,
+    /// holding the token, under the domain's `instances` limit.
+    pub fn instantiate_all(&self, hyperties: Vec<NewHyperty>) -> Result<Vec<u32>, (usize, anyhow::Error)> {
+        let (limits, live) = self
+            .run_here(|sandbox| Ok((sandbox.settings.limits.clone(), sandbox.slots.iter().flatten().count())))
+            .map_err(|e| (0, e))?;
+        let room = (limits.instances as usize).saturating_sub(live);
+        let wanted = hyperties.len();
+        let mut hyperties = hyperties;
+        hyperties.truncate(room);
+        let starts = self.start_all(&hyperties, &limits);
+        let mut adopted = Vec::with_capacity(starts.len());
+        let mut failed = None;
+        for (i, (hyperty, start)) in hyperties.into_iter().zip(starts).enumerate() {
+            match start.and_then(|running| self.run_here(|sandbox| sandbox.adopt(hyperty, running))) {
+                Ok(id) => adopted.push(id),
+                Err(e) => {
+                    failed = Some((i, e));
+                    break;
+                }
+            }
+        }
+        if failed.is_none() && wanted > room {
+            let max = limits.instances;
+            failed = Some((room, anyhow!("the domain already holds {} instances (instances = {max})", live + room)));
+        }
+        match failed {
+            None => Ok(adopted),
+            Some(failure) => {
+                for id in adopted {
+                    self.remove(id);
+                }
+                Err(failure)
+            }
+        }
+    }
+
+    /// A fresh store for each of `hyperties`, in order, built on up to
+    /// [`DEPLOY_THREADS`] threads.
+    fn start_all(&self, hyperties: &[NewHyperty], limits: &Limits) -> Vec<Result<Running>> {
+        let start = |hyperty: &NewHyperty| start(&self.shared, &self.memory, &self.media, hyperty, limits);
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(DEPLOY_THREADS);
+        // Small deployments are not worth a thread's start.
+        let chunk = hyperties.len().div_ceil(threads).max(DEPLOY_CHUNK_MIN);
+        if hyperties.len() <= chunk {
+            return hyperties.iter().map(start).collect();
+        }
+        std::thread::scope(|scope| {
+            let mut chunks = hyperties.chunks(chunk);
+            let first = chunks.next().expect("more than one chunk");
+            let others: Vec<_> = chunks.map(|part| scope.spawn(move || part.iter().map(start).collect::<Vec<_>>())).collect();
+            let mut all: Vec<Result<Running>> = first.iter().map(start).collect();
+            for other in others {
+                all.extend(other.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)));
+            }
+            all
+        })
     }
 
     pub fn init(&self, instance: u32) -> Result<()> {
@@ -401,6 +466,38 @@ enum Status {
 }
 
 /// A running instance: its own store and the bindings of its exports.
+/// How many threads a deployment instantiates a domain's stores on, at
+/// most (fewer on a machine with fewer cores).
+pub(crate) const DEPLOY_THREADS: usize = 4;
+
+/// A deployment of fewer hyperties than this per thread instantiates them
+/// on fewer threads (a thread's start costs about one instantiation).
+const DEPLOY_CHUNK_MIN: usize = 16;
+
+/// A fresh store of the domain (its memory account, its media) with
+/// `hyperty` instantiated in it under `limits`; any thread may build one.
+fn start(shared: &Shared, memory: &Arc<DomainMemory>, media: &Arc<crate::media::DomainMedia>, hyperty: &NewHyperty, limits: &Limits) -> Result<Running> {
+    let limiter = InstanceLimiter::new(limits, memory.clone());
+    let state = InstanceState::new(
+        hyperty.address.clone(),
+        hyperty.label.clone(),
+        hyperty.descriptor.clone(),
+        limits,
+        limiter,
+        shared,
+        media.clone(),
+    );
+    let mut store = Store::new(&shared.engine, state);
+    store.limiter(|s| &mut s.limiter);
+    // Interrupted at the deadline, less the time its thread lent.
+    store.epoch_deadline_callback(|_| Ok(handoff::deadline()));
+    arm(&mut store, ticks(limits), limits);
+    match hyperty.pre.instantiate(&mut store) {
+        Ok(bindings) => Ok(Running { store, bindings }),
+        Err(e) => Err(anyhow!("instantiation failed: {}", explain(&e, &store, limits))),
+    }
+}
+
 struct Running {
     store: Store<InstanceState>,
     bindings: Hyperty,
@@ -549,25 +646,7 @@ impl Sandbox {
 
     /// [`Sandbox::start`] under `limits` (a live update's new ones).
     fn start_with(&self, hyperty: &NewHyperty, limits: &Limits) -> Result<Running> {
-        let limiter = InstanceLimiter::new(limits, self.memory.clone());
-        let state = InstanceState::new(
-            hyperty.address.clone(),
-            hyperty.label.clone(),
-            hyperty.descriptor.clone(),
-            limits,
-            limiter,
-            &self.shared,
-            self.media.clone(),
-        );
-        let mut store = Store::new(&self.shared.engine, state);
-        store.limiter(|s| &mut s.limiter);
-        // Interrupted at the deadline, less the time its thread lent.
-        store.epoch_deadline_callback(|_| Ok(handoff::deadline()));
-        arm(&mut store, ticks(limits), limits);
-        match hyperty.pre.instantiate(&mut store) {
-            Ok(bindings) => Ok(Running { store, bindings }),
-            Err(e) => Err(anyhow!("instantiation failed: {}", explain(&e, &store, limits))),
-        }
+        start(&self.shared, &self.memory, &self.media, hyperty, limits)
     }
 
     /// Builds and initialises the new version of `instance` beside it.
@@ -609,13 +688,14 @@ impl Sandbox {
         }
     }
 
-    fn instantiate(&mut self, hyperty: NewHyperty) -> Result<u32> {
+    /// Adds `running` (a fresh instance of `hyperty`) to the domain, under
+    /// its `instances` limit; its `init` is yet to be called.
+    fn adopt(&mut self, hyperty: NewHyperty, running: Running) -> Result<u32> {
         let live = self.slots.iter().flatten().count();
         let max = self.settings.limits.instances as usize;
         if live >= max {
             return Err(anyhow!("the domain already holds {live} instances (instances = {max})"));
         }
-        let running = self.start(&hyperty)?;
         let id = self.slots.len() as u32;
         let stats = self.shared.metrics.hyperty(hyperty.address.as_str(), &hyperty.label);
         stats.status.store(HypertyStats::STARTING, Ordering::Relaxed);
