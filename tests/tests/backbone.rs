@@ -203,7 +203,7 @@ fn registry_lookup_resolves_bundle_names() {
 /// once (`SandboxHandle::instantiate_all`) still routes every address to
 /// its own instance: each answers from the address it was asked at (a
 /// response from any other address would be dropped, and the request
-/// would end in 408).
+/// would end in 408). Several threads need at least 2 cores (CI has 2).
 #[test]
 fn a_large_deployment_instantiated_side_by_side_routes_each_address_to_its_own_instance() {
     let runtime = runtime(Duration::from_secs(5));

@@ -348,3 +348,20 @@ fn a_megabyte_long_init_error_is_cut_to_a_log_line_and_escaped() {
     assert!(e.contains("init refused: xxxx") && e.contains('…'), "{}", &e[..e.len().min(300)]);
     assert!(e.len() < 5000, "the deploy error is {} bytes", e.len());
 }
+
+/// The same with a deployment large enough to be instantiated on several
+/// threads (2 cores or more): the entry named is still the first past the
+/// pool, whichever thread took the last slot first (the stores after a
+/// failure are built again one by one).
+#[test]
+fn a_large_bundle_past_the_instance_pool_names_the_first_entry_past_it() {
+    let config = hyperty_host::RuntimeConfig { cache_dir: cache_dir(), max_instances: 30, ..Default::default() };
+    let runtime = Runtime::new(config).unwrap();
+    for _ in 0..3 {
+        let message = runtime.deploy(&hyperty_tests::scale::pongs(1, 48).load()).unwrap_err().to_string();
+        assert!(message.contains("instance pool is full"), "{message}");
+        assert!(message.contains("hyperties[30]"), "the first entry past the pool is named: {message}");
+        assert!(runtime.hyperties().is_empty(), "nothing of the refused bundle runs");
+    }
+    assert_eq!(runtime.deploy(&hyperty_tests::scale::pongs(1, 30).load()).unwrap().len(), 30);
+}

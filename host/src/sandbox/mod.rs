@@ -357,7 +357,14 @@ impl SandboxHandle {
     }
 
     /// A fresh store for each of `hyperties`, in order, built on up to
-    /// [`DEPLOY_THREADS`] threads.
+    /// [`DEPLOY_THREADS`] threads, up to the first that fails (the results
+    /// a sequential build would give). From the first failure on, the
+    /// threads' later stores are dropped and the rest is built again one
+    /// by one on this thread, stopping at a failure: when a shared bound (the pool's `max_instances`, the
+    /// domain's `total-memory-mb`) runs out, a later chunk may have taken
+    /// the room an earlier entry needed, and the entry named must not
+    /// depend on the race. A thread that cannot be started leaves its part
+    /// to this thread.
     fn start_all(&self, hyperties: &[NewHyperty], limits: &Limits) -> Vec<Result<Running>> {
         let start = |hyperty: &NewHyperty| start(&self.shared, &self.memory, &self.media, hyperty, limits);
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(DEPLOY_THREADS);
@@ -366,16 +373,33 @@ impl SandboxHandle {
         if hyperties.len() <= chunk {
             return hyperties.iter().map(start).collect();
         }
-        std::thread::scope(|scope| {
+        let mut all: Vec<Result<Running>> = std::thread::scope(|scope| {
             let mut chunks = hyperties.chunks(chunk);
             let first = chunks.next().expect("more than one chunk");
-            let others: Vec<_> = chunks.map(|part| scope.spawn(move || part.iter().map(start).collect::<Vec<_>>())).collect();
+            let others: Vec<_> = chunks
+                .map(|part| (part, std::thread::Builder::new().name("deploy".into()).spawn_scoped(scope, move || part.iter().map(start).collect::<Vec<_>>())))
+                .collect();
             let mut all: Vec<Result<Running>> = first.iter().map(start).collect();
-            for other in others {
-                all.extend(other.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)));
+            for (part, other) in others {
+                match other {
+                    Ok(thread) => all.extend(thread.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))),
+                    Err(_) => all.extend(part.iter().map(start)),
+                }
             }
             all
-        })
+        });
+        if let Some(failed) = all.iter().position(Result::is_err) {
+            all.truncate(failed);
+            for hyperty in &hyperties[failed..] {
+                let started = start(hyperty);
+                let stop = started.is_err();
+                all.push(started);
+                if stop {
+                    break;
+                }
+            }
+        }
+        all
     }
 
     pub fn init(&self, instance: u32) -> Result<()> {
@@ -465,7 +489,6 @@ enum Status {
     Stopped,
 }
 
-/// A running instance: its own store and the bindings of its exports.
 /// How many threads a deployment instantiates a domain's stores on, at
 /// most (fewer on a machine with fewer cores).
 pub(crate) const DEPLOY_THREADS: usize = 4;
@@ -498,6 +521,7 @@ fn start(shared: &Shared, memory: &Arc<DomainMemory>, media: &Arc<crate::media::
     }
 }
 
+/// A running instance: its own store and the bindings of its exports.
 struct Running {
     store: Store<InstanceState>,
     bindings: Hyperty,
