@@ -330,38 +330,44 @@ impl SandboxHandle {
         let mut hyperties = hyperties;
         hyperties.truncate(room);
         let starts = self.start_all(&hyperties, &limits);
-        let mut adopted = Vec::with_capacity(starts.len());
-        let mut failed = None;
-        for (i, (hyperty, start)) in hyperties.into_iter().zip(starts).enumerate() {
-            match start.and_then(|running| self.run_here(|sandbox| sandbox.adopt(hyperty, running))) {
-                Ok(id) => adopted.push(id),
-                Err(e) => {
-                    failed = Some((i, e));
-                    break;
+        // Adopted in one hold of the run token (no guest runs meanwhile);
+        // on a failure, what was adopted goes again at once: never routed,
+        // nothing can be waiting for it.
+        self.run_here(|sandbox| {
+            let mut adopted = Vec::with_capacity(starts.len());
+            let mut failed = None;
+            for (i, (hyperty, start)) in hyperties.into_iter().zip(starts).enumerate() {
+                match start.and_then(|running| sandbox.adopt(hyperty, running)) {
+                    Ok(id) => adopted.push(id),
+                    Err(e) => {
+                        failed = Some((i, e));
+                        break;
+                    }
                 }
             }
-        }
-        if failed.is_none() && wanted > room {
-            let max = limits.instances;
-            failed = Some((room, anyhow!("the domain already holds {} instances (instances = {max})", live + room)));
-        }
-        match failed {
-            None => Ok(adopted),
-            Some(failure) => {
-                for id in adopted {
-                    self.remove(id);
-                }
-                Err(failure)
+            if failed.is_none() && wanted > room {
+                let max = limits.instances;
+                failed = Some((room, anyhow!("the domain already holds {} instances (instances = {max})", live + room)));
             }
-        }
+            Ok(match failed {
+                None => Ok(adopted),
+                Some(failure) => {
+                    for id in adopted {
+                        sandbox.remove(id);
+                    }
+                    Err(failure)
+                }
+            })
+        })
+        .map_err(|e| (0, e))?
     }
 
     /// A fresh store for each of `hyperties`, in order, built on up to
     /// [`DEPLOY_THREADS`] threads, up to the first that fails (the results
     /// a sequential build would give). From the first failure on, the
     /// threads' later stores are dropped and the rest is built again one
-    /// by one on this thread, stopping at a failure: when a shared bound (the pool's `max_instances`, the
-    /// domain's `total-memory-mb`) runs out, a later chunk may have taken
+    /// by one on this thread, stopping at a failure: when a shared bound
+    /// (the pool's `max_instances`, the domain's `total-memory-mb`) runs out, a later chunk may have taken
     /// the room an earlier entry needed, and the entry named must not
     /// depend on the race. A thread that cannot be started leaves its part
     /// to this thread.
@@ -632,15 +638,7 @@ impl Sandbox {
                 }
                 self.in_flight.fetch_sub(1, Ordering::Release);
             }
-            Ok(Envelope::Control(Control::Remove { instance })) => {
-                if let Some(slot) = self.slots.get_mut(instance as usize)
-                    && let Some(removed) = slot.take()
-                {
-                    self.counted.instances.dec();
-                    self.shared.metrics.forget_hyperty(removed.hyperty.address.as_str());
-                }
-                self.restarts.retain(|&i| i != instance);
-            }
+            Ok(Envelope::Control(Control::Remove { instance })) => self.remove(instance),
             Ok(Envelope::Control(Control::Stage { instance, hyperty, limits, reply })) => {
                 let _ = reply.send(self.stage(instance, hyperty, &limits));
             }
@@ -710,6 +708,17 @@ impl Sandbox {
         for (message, receipt) in backlog {
             self.deliver(instance, message, receipt);
         }
+    }
+
+    /// Drops `instance` (its store, its memory) and forgets it.
+    fn remove(&mut self, instance: u32) {
+        if let Some(slot) = self.slots.get_mut(instance as usize)
+            && let Some(removed) = slot.take()
+        {
+            self.counted.instances.dec();
+            self.shared.metrics.forget_hyperty(removed.hyperty.address.as_str());
+        }
+        self.restarts.retain(|&i| i != instance);
     }
 
     /// Adds `running` (a fresh instance of `hyperty`) to the domain, under
