@@ -271,7 +271,10 @@ fn a_receiver_killed_mid_stream_gets_what_it_held_again_and_nothing_it_had() {
 /// handled it. Killed (SIGKILL) while envelopes wait in the sink's inbox
 /// behind a slow one, the restarted receiver gets every envelope not
 /// handled, and none that was: the sink logs each slow id it finished, so
-/// the test knows exactly where the crash fell.
+/// the test knows where the crash fell. The last id logged may come again:
+/// the one window of durable delivery (ARCHITECTURE.md) is a receiver
+/// killed between its hyperty's `handle` returning and the commit of the
+/// envelope's record, and the log line is written inside `handle`.
 #[test]
 fn a_receiver_killed_while_envelopes_wait_in_a_hyperty_s_inbox_gets_them_again_and_none_it_handled() {
     let js = JetStream::start();
@@ -288,8 +291,14 @@ fn a_receiver_killed_while_envelopes_wait_in_a_hyperty_s_inbox_gets_them_again_a
     receiver.kill();
     receiver.restart(&sinks.write());
     notify(&harness, 301, 1);
-    let all = wait_ids(&harness, &sink, "what was not handled arrives", |i| i.highest >= Some(301) && i.received > 300 - handled);
-    assert_eq!(all, Ids::exactly(handled + 1, 301), "the restarted receiver gets exactly what was not handled before the crash (up to {handled})");
+    let all = wait_ids(&harness, &sink, "what was not handled arrives", |i| {
+        i.highest >= Some(301) && i.lowest.is_some_and(|lowest| lowest <= handled + 1 && i.received > 301 - lowest)
+    });
+    let in_the_window = Ids::exactly(handled, 301);
+    assert!(
+        all == Ids::exactly(handled + 1, 301) || all == in_the_window,
+        "the restarted receiver gets exactly what was not handled before the crash (up to {handled}, the last perhaps again): {all:?}"
+    );
 }
 
 /// A runtime that undeploys a hyperty (or stops) stops pulling from its
