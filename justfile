@@ -60,13 +60,13 @@ test: setup nats chromium turnserver
     export CARGO_HOME="${CARGO_HOME:-$HOME/.cargo}" RUSTUP_HOME="${RUSTUP_HOME:-$HOME/.rustup}"
     home="$(mktemp -d)"
     trap 'rm -rf "$home"' EXIT
-    HOME="$home" XDG_DATA_HOME= XDG_CACHE_HOME= HYPERTY_DATA_DIR= HYPERTY_CACHE_DIR= cargo test --workspace
+    HOME="$home" XDG_DATA_HOME= XDG_CACHE_HOME= HYPERTY_DATA_DIR= HYPERTY_CACHE_DIR= cargo test --workspace --no-fail-fast
     # A subset again, on the Pulley interpreter (see tests/src/engines.rs).
     # Not the syncher's 3 s interleaving stress: its load is sized for
     # native code, and an interpreter ~10x slower fills the reporters'
     # inboxes, which answer with back-pressure (inbox full) as they must.
     HOME="$home" XDG_DATA_HOME= XDG_CACHE_HOME= HYPERTY_DATA_DIR= HYPERTY_CACHE_DIR= HYPERTY_TEST_ENGINE=pulley \
-        cargo test --workspace --test backbone --test hostile --test policies --test syncher --test platforms \
+        cargo test --workspace --no-fail-fast --test backbone --test hostile --test policies --test syncher --test platforms \
         -- --skip interleaved_writes_reads_and_subscriptions_all_return
     if [ -n "$(ls -A "$home")" ]; then
         echo "the tests wrote into HOME:" >&2
