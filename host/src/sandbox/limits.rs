@@ -244,14 +244,13 @@ impl DomainMemory {
     }
 
     /// Takes `bytes` more for the domain if that keeps it within `total`
-    /// bytes; false (nothing taken) otherwise.
+    /// bytes; false (nothing taken) otherwise. One compare-and-swap, so a
+    /// charge that does not fit never shows, even for a moment, to another
+    /// store charging at once (which would be refused for room it had).
     pub fn charge(&self, bytes: usize, total: usize) -> bool {
-        let before = self.used.fetch_add(bytes, Ordering::Relaxed);
-        if before.saturating_add(bytes) > total {
-            self.used.fetch_sub(bytes, Ordering::Relaxed);
-            return false;
-        }
-        true
+        self.used
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |used| used.checked_add(bytes).filter(|&after| after <= total))
+            .is_ok()
     }
 
     /// Gives back `bytes` taken with [`DomainMemory::charge`].
@@ -422,6 +421,37 @@ impl LogLimiter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A store whose growth does not fit is refused without taking room
+    /// from another growing at the same time: with 60 of 100 bytes held,
+    /// 30 more always fit, however many refused 50-byte charges race them.
+    #[test]
+    fn a_refused_charge_never_takes_room_from_one_that_fits() {
+        let memory = DomainMemory::default();
+        assert!(memory.charge(60, 100));
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        let refused = std::thread::scope(|s| {
+            s.spawn(|| {
+                while !stop.load(Ordering::Relaxed) {
+                    assert!(!memory.charge(50, 100));
+                }
+            });
+            let mut refused = 0;
+            for _ in 0..200_000 {
+                if memory.charge(30, 100) {
+                    memory.release(30);
+                } else {
+                    refused += 1;
+                }
+            }
+            stop.store(true, Ordering::Relaxed);
+            refused
+        });
+        assert_eq!(refused, 0, "30 bytes refused with 60 of 100 held");
+        assert_eq!(memory.used(), 60);
+        assert!(!memory.charge(usize::MAX, usize::MAX), "an overflowing charge is refused");
+        assert_eq!(memory.used(), 60);
+    }
 
     fn backoff_ms(policy: &RestartPolicy, failures: u32) -> Option<u128> {
         policy.backoff(failures).map(|d| d.as_millis())
