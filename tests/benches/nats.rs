@@ -13,6 +13,11 @@
 //!
 //! Both runtimes live in this process (each with its own stubs and NATS
 //! connections); the two-process path is exercised by the tests.
+//!
+//! For `perf stat`, the runtime-to-runtime work and nothing else:
+//! `HYPERTY_NATS_BENCH=<oneway|rr>:<count>` runs that many one-way messages
+//! (or round trips) after the warm-up; the difference between two counts,
+//! divided by the difference in count, is the cost of one.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -32,6 +37,16 @@ fn main() {
     let path = RuntimePath::new(&servers);
     path.round_trips(200); // warm-up: stubs loaded, subscriptions in place
     path.one_way(2_000);
+    if let Ok(spec) = std::env::var("HYPERTY_NATS_BENCH") {
+        let (kind, count) = spec.split_once(':').expect("HYPERTY_NATS_BENCH=<oneway|rr>:<count>");
+        let count: u64 = count.parse().expect("a count");
+        match kind {
+            "oneway" => println!("one-way: {:.0} msg/s", path.one_way(count)),
+            "rr" => println!("round trips: p50 {:.1} µs", percentiles(path.round_trips(count as usize)).0),
+            _ => panic!("HYPERTY_NATS_BENCH=<oneway|rr>:<count>, not {spec}"),
+        }
+        return;
+    }
     let mut raw = (Vec::new(), Vec::new(), Vec::new());
     let mut ours = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..RUNS {
