@@ -872,7 +872,17 @@ struct Pending {
     by_requester: HashMap<Address, HashMap<u64, Outstanding>>,
     by_deadline: BTreeMap<(Instant, u64), (Address, u64)>,
     next_seq: u64,
+    /// When the timer thread wakes next by itself (at the latest
+    /// [`TIMER_TICK`] after it went to sleep): a request due later needs no
+    /// wake-up, so one-at-a-time requests do not each wake the timer.
+    planned: Option<Instant>,
 }
+
+/// How long the bus timer sleeps at most, with nothing due before: a
+/// request whose deadline is further away than the timer's next wake-up
+/// does not wake it (one wake-up a second idle, instead of one per request
+/// sent while nothing else is pending).
+const TIMER_TICK: Duration = Duration::from_secs(1);
 
 impl Pending {
     fn add(&mut self, requester: Address, id: u64, o: Outstanding) {
@@ -910,7 +920,7 @@ impl Timer {
         let deadline = now.checked_add(timeout).unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 86_400));
         p.next_seq += 1;
         let seq = p.next_seq;
-        let earliest = p.by_deadline.first_key_value().is_none_or(|((first, _), _)| deadline < *first);
+        let earliest = p.planned.is_none_or(|planned| deadline < planned);
         let kept = Kept::of(request);
         p.add(request.from.clone(), request.id, Outstanding { responder: request.to.clone(), sent: now, deadline, seq, timeout, request: kept, provisional: 0 });
         drop(p);
@@ -1015,8 +1025,10 @@ impl Timer {
                 p = self.pending.lock().unwrap();
                 continue;
             }
-            let wait = p.by_deadline.first_key_value().map_or(Duration::from_secs(3600), |((d, _), _)| *d - now);
+            let wait = p.by_deadline.first_key_value().map_or(TIMER_TICK, |((d, _), _)| (*d - now).min(TIMER_TICK));
+            p.planned = Some(now + wait);
             p = self.wake.wait_timeout(p, wait).unwrap().0;
+            p.planned = None;
         }
     }
 }
