@@ -90,6 +90,27 @@ fn unanswered_request_gets_408_and_leaves_nothing_behind() {
     assert_eq!(runtime.pending_requests(), 0, "no map entry or timer outlives its request");
 }
 
+/// The bus timer sleeps up to a second when nothing is due sooner, and a
+/// request due before then wakes it: a 50 ms request sent just after the
+/// timer went back to sleep (it had just answered another one 408) is
+/// answered at its deadline, not at the timer's next tick.
+#[test]
+fn a_request_due_before_the_timer_wakes_is_answered_408_at_its_deadline() {
+    let runtime = runtime(Duration::from_secs(60));
+    let mut driver = Driver::new(&runtime);
+    let (_bundle, _a, b) = pair(&runtime, false); // b never answers
+    for round in 0..3 {
+        let id = driver.fresh_id();
+        let sent = std::time::Instant::now();
+        let msg = Message::new(id, MessageType::Read, driver.address().clone(), b.clone(), None);
+        driver.endpoint.request(msg, Some(Duration::from_millis(50))).unwrap();
+        let answer = driver.expect(|m| m.kind == MessageType::Response && m.id == id);
+        assert_eq!(answer.body.code, Some(408));
+        // Ten times its timeout: a wake-up missed would take ~1 s.
+        assert!(sent.elapsed() < Duration::from_millis(500), "round {round}: a 50 ms request answered 408 after {:?}", sent.elapsed());
+    }
+}
+
 #[test]
 fn answered_request_leaves_no_pending_entry() {
     let runtime = runtime(Duration::from_secs(60));
