@@ -885,9 +885,14 @@ struct Pending {
 const TIMER_TICK: Duration = Duration::from_secs(1);
 
 impl Pending {
-    fn add(&mut self, requester: Address, id: u64, o: Outstanding) {
+    /// Adds a pending request; true if it is due before the timer's
+    /// planned wake-up (the caller wakes the timer, with the lock dropped).
+    #[must_use]
+    fn add(&mut self, requester: Address, id: u64, o: Outstanding) -> bool {
+        let sooner = self.planned.is_none_or(|planned| o.deadline < planned);
         self.by_deadline.insert((o.deadline, o.seq), (requester.clone(), id));
         self.by_requester.entry(requester).or_default().insert(id, o);
+        sooner
     }
 
     fn remove(&mut self, requester: &Address, id: u64) -> Option<Outstanding> {
@@ -920,11 +925,10 @@ impl Timer {
         let deadline = now.checked_add(timeout).unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 86_400));
         p.next_seq += 1;
         let seq = p.next_seq;
-        let earliest = p.planned.is_none_or(|planned| deadline < planned);
         let kept = Kept::of(request);
-        p.add(request.from.clone(), request.id, Outstanding { responder: request.to.clone(), sent: now, deadline, seq, timeout, request: kept, provisional: 0 });
+        let sooner = p.add(request.from.clone(), request.id, Outstanding { responder: request.to.clone(), sent: now, deadline, seq, timeout, request: kept, provisional: 0 });
         drop(p);
-        if earliest {
+        if sooner {
             self.wake.notify_one();
         }
         Ok(())
@@ -963,7 +967,11 @@ impl Timer {
     }
 
     fn restore(&self, requester: Address, id: u64, o: Outstanding) {
-        self.pending.lock().unwrap().add(requester, id, o);
+        // The timer may have planned past its deadline meanwhile.
+        let sooner = self.pending.lock().unwrap().add(requester, id, o);
+        if sooner {
+            self.wake.notify_one();
+        }
     }
 
     fn forget_requester(&self, requester: &Address) {
@@ -1036,6 +1044,9 @@ impl Timer {
 impl Drop for BusInner {
     fn drop(&mut self) {
         self.timer.stopped.store(true, Ordering::Release);
+        // Taken and released so that the timer thread is either before its
+        // check of `stopped` or waiting: the notification is not lost.
+        drop(self.timer.pending.lock());
         self.timer.wake.notify_all();
     }
 }

@@ -106,8 +106,8 @@ fn a_request_due_before_the_timer_wakes_is_answered_408_at_its_deadline() {
         driver.endpoint.request(msg, Some(Duration::from_millis(50))).unwrap();
         let answer = driver.expect(|m| m.kind == MessageType::Response && m.id == id);
         assert_eq!(answer.body.code, Some(408));
-        // Ten times its timeout: a wake-up missed would take ~1 s.
-        assert!(sent.elapsed() < Duration::from_millis(500), "round {round}: a 50 ms request answered 408 after {:?}", sent.elapsed());
+        // A wake-up missed would take ~1 s (the slack is for a loaded CI).
+        assert!(sent.elapsed() < Duration::from_millis(800), "round {round}: a 50 ms request answered 408 after {:?}", sent.elapsed());
     }
 }
 
