@@ -25,7 +25,7 @@
 //! emitted as an [`Event`](crate::events::Event).
 
 pub(crate) mod glue;
-mod handoff;
+pub(crate) mod handoff;
 pub mod limits;
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
