@@ -67,49 +67,6 @@ fn two_runtimes_exchange_requests_and_responses_through_nats() {
     assert_eq!(r1.pending_requests() + r2.pending_requests(), 0);
 }
 
-/// A stub's thread runs what it posts to an idle hyperty of its domain
-/// (the hand-off). A hyperty looping there, with a call deadline longer
-/// than the stub's `poll` (10 s), is stopped at its own deadline; the
-/// stub is not (its poll's deadline is extended by what it lent), and
-/// carries the domain's messages again afterwards.
-#[test]
-fn a_hyperty_looping_on_a_stubs_thread_is_stopped_at_its_deadline_and_the_stub_goes_on() {
-    let nats = Nats::start();
-    let servers = [nats.endpoint()];
-    let (r1, r2) = (runtime(Duration::from_secs(10)), runtime(Duration::from_secs(10)));
-    let mut events = r2.events();
-    let mut driver = Driver::new(&r1);
-    let b1 = with_stubs(TestBundle::new().hyperty("alice.example", "a", &guest("puppet"), puppet_config(false)), &servers);
-    let b2 = with_stubs(
-        TestBundle::new()
-            .hyperty("bob.example", "b", &guest("puppet"), puppet_config(true))
-            .hyperty("bob.example", "loop", &guest("hostile"), json!({ "mode": "loop" })),
-        &servers,
-    )
-    .domain("bob.example", json!({ "limits": { "call-timeout-ms": 12_000 } }));
-    r1.deploy(&b1.load()).unwrap();
-    r2.deploy(&b2.load()).unwrap();
-    let (a, b, looper) = (r1.lookup("alice.example", "a").unwrap(), r2.lookup("bob.example", "b").unwrap(), r2.lookup("bob.example", "loop").unwrap());
-    // The stubs are live and bob.example's last call was short.
-    request_until_answered(&mut driver, &a, &b);
-    let cmd = json!({ "op": "send", "message": { "type": "update", "to": looper.to_string(), "value": "{}" } });
-    assert_eq!(driver.command(&a, cmd), json!({ "ok": true }));
-    let until = std::time::Instant::now() + Duration::from_secs(60);
-    let mut seen = Vec::new();
-    let trapped = loop {
-        let event = events.recv_timeout(until.saturating_duration_since(std::time::Instant::now())).expect("the looping hyperty is stopped within 60 s");
-        if event.address == looper && let hyperty_host::EventKind::Trapped { reason } = &event.kind {
-            break reason.clone();
-        }
-        seen.push(event);
-    };
-    assert!(trapped.contains("call deadline"), "{trapped}");
-    request_until_answered(&mut driver, &a, &b);
-    seen.extend(std::iter::from_fn(|| events.try_recv().ok()));
-    let failed: Vec<_> = seen.iter().filter(|e| e.hyperty.contains("protostub") && matches!(&e.kind, hyperty_host::EventKind::Trapped { .. })).collect();
-    assert!(failed.is_empty(), "a stub failed: {failed:?}");
-}
-
 /// Status events of protostub `domain`, in order, as they come within
 /// `within`, until `last` is seen.
 fn statuses_until(events: &mut hyperty_host::EventReceiver, domain: &str, last: &str) -> Vec<String> {

@@ -14,7 +14,6 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use super::{Stub, StubContext, StubQueue, Work};
 use crate::message::code;
-use crate::sandbox::handoff;
 use crate::sandbox::limits::{DomainMemory, InstanceLimiter, Limits};
 
 mod bindings {
@@ -166,9 +165,7 @@ impl Instance {
         };
         let mut store = Store::new(&context.engine, state);
         store.limiter(|s| &mut s.limiter);
-        // Interrupted at its deadline, extended by the time its thread
-        // spent running hyperties' deliveries it lent itself to.
-        store.epoch_deadline_callback(|_| Ok(handoff::deadline()));
+        store.epoch_deadline_trap();
         arm(&mut store, super::POLL_DEADLINE);
         let bindings = context.pre.0.instantiate(&mut store).map_err(|e| format!("instantiation failed: {e:#}"))?;
         bindings
@@ -189,12 +186,8 @@ impl Instance {
     }
 }
 
-/// Sets the deadline of the next call into `store`; what that call may
-/// lend to hyperties (on a stub's thread) starts from nothing.
 fn arm(store: &mut Store<StubState>, deadline: Duration) {
-    let ticks = crate::engine::ticks(deadline);
-    handoff::call_starts(ticks);
-    crate::engine::arm(store, ticks, None);
+    crate::engine::arm(store, crate::engine::ticks(deadline), None);
 }
 
 /// Longest text a stub's report or refusal puts into statuses and answers,

@@ -888,13 +888,6 @@ pub(crate) fn spawn(stub: Arc<Stub>, context: StubContext) {
 }
 
 fn run(stub: Arc<Stub>, mut context: StubContext) {
-    // What the stub posts to an idle hyperty runs on this thread, under
-    // the hand-off's rules ([`crate::sandbox::handoff`]). Not a durable
-    // stub's yet: its posts wait for the hyperty's receipt within a budget
-    // of the poll, and lending there is not measured.
-    if stub.queue.outbox.is_none() {
-        crate::sandbox::handoff::lender();
-    }
     let label = format!("protostub {}", stub.domain);
     let mut failures: u32 = 0;
     set_status(&stub, &context, glue::StubStatus::Created, "loaded");

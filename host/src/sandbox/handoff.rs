@@ -7,14 +7,10 @@
 //! requester's own inbox for the call in hand to end.
 //!
 //! Who may lend its thread, and when (the guarantees of the path hold):
-//! - Only a domain's own thread, while it runs its own guest, or a
-//!   non-durable protostub's thread, while its stub posts what came in
-//!   ([`lender`]): never an embedder's thread or the bus timer, and never a
-//!   thread already running a lent call (one level deep, so the native
-//!   stack holds at most two wasm stacks). A stub posts only to its own
-//!   domain's hyperties, so a hyperty that stalls the stub's thread stalls
-//!   what its own domain's thread would carry anyway; the stub's `poll`
-//!   deadline is extended by what it lent, like a hyperty call's.
+//! - Only a domain's own thread, while it runs its own guest ([`lender`]):
+//!   never an embedder's thread, the bus timer or a protostub's thread,
+//!   and never a thread already running a lent call (one level deep, so the
+//!   native stack holds at most two wasm stacks).
 //! - Only to a domain that is idle: nothing queued and nothing in hand
 //!   (its in-flight count goes from 0 to 1, so no earlier message of any
 //!   sender is overtaken) and its run token free (`try_lock`, never a

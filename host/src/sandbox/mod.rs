@@ -25,7 +25,7 @@
 //! emitted as an [`Event`](crate::events::Event).
 
 pub(crate) mod glue;
-pub(crate) mod handoff;
+mod handoff;
 pub mod limits;
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
