@@ -30,7 +30,9 @@ fn the_status_counts_each_hyperty_s_messages_in_and_out() {
         let text = json!({ "n": n }).to_string();
         driver.report(&b, |m| m["type"] == "update" && m["value"].as_str() == Some(text.as_str()));
     }
-    let status = status(server.local_addr());
+    let counted = |want_in: u64, want_out: u64| move |h: &Value| h["messages_in"].as_u64() >= Some(want_in) && h["messages_out"].as_u64() >= Some(want_out);
+    status_when(server.local_addr(), a.as_str(), counted(N, 2 * N));
+    let status = status_when(server.local_addr(), b.as_str(), counted(N, N));
     assert_eq!(status["runtime"], runtime.address().to_string());
     let of = |address: &hyperty_host::Address| status["hyperties"].as_array().unwrap().iter().find(|h| h["address"] == address.as_str()).cloned().unwrap();
     let (ha, hb) = (of(&a), of(&b));
@@ -63,11 +65,27 @@ fn a_hyperty_s_messages_out_go_on_counting_across_its_restart() {
     assert_eq!(driver.ask(&h, json!({ "panic": true })).body.code, Some(500));
     wait_event(&mut events, |e| e.address == h && matches!(e.kind, hyperty_host::EventKind::Restarted { .. }));
     assert_eq!(driver.command(&h, hoard_nothing), json!({ "held_mb": 0 }));
-    let status = status(server.local_addr());
+    let status = status_when(server.local_addr(), h.as_str(), |h| h["messages_in"].as_u64() >= Some(5) && h["messages_out"].as_u64() >= Some(4));
     let hs = status["hyperties"].as_array().unwrap().iter().find(|x| x["address"] == h.as_str()).cloned().unwrap();
     // 5 in; 4 answers out: 3 before the restart, 1 after (a counter that
     // went back to 1 would read as a reset to whoever scrapes it).
     assert_eq!((hs["messages_in"].as_u64(), hs["messages_out"].as_u64()), (Some(5), Some(4)), "{hs}");
+}
+
+/// The status once `address`'s entry satisfies `done` (a hyperty's counts
+/// are updated when its call returns, after what it sent in the call has
+/// reached the test), within 10 s; panics with the last entry if not.
+fn status_when(addr: std::net::SocketAddr, address: &str, done: impl Fn(&Value) -> bool) -> Value {
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let status = status(addr);
+        let entry = status["hyperties"].as_array().unwrap().iter().find(|h| h["address"] == address).cloned().unwrap_or(Value::Null);
+        if done(&entry) {
+            return status;
+        }
+        assert!(std::time::Instant::now() < until, "not within 10 s: {entry}");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
 }
 
 fn status_of(addr: std::net::SocketAddr) -> String {
