@@ -37,14 +37,19 @@ pub fn repo() -> PathBuf {
     PathBuf::from(env!("HYPERTY_REPO_DIR"))
 }
 
-/// A runtime for tests: a shared component cache and a short request
-/// timeout.
-pub fn runtime(request_timeout: Duration) -> Runtime {
-    // Logs go to the test's captured output (shown on failure), per RUST_LOG.
+/// Logs go to the test's captured output (shown on failure), per
+/// `RUST_LOG`; once per test process.
+pub fn test_log() {
     let _ = tracing_subscriber::fmt()
         .with_test_writer()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .try_init();
+}
+
+/// A runtime for tests: a shared component cache and a short request
+/// timeout.
+pub fn runtime(request_timeout: Duration) -> Runtime {
+    test_log();
     Runtime::new(RuntimeConfig { cache_dir: cache_dir(), request_timeout, ..engines::config() }).unwrap()
 }
 

@@ -146,8 +146,7 @@ impl Soak {
 /// A runtime with its own policy set, a 60 s request timeout and the flood
 /// limiter out of the way (the soak measures the path, not the limiter).
 fn checked_runtime() -> (Runtime, std::sync::Arc<CedarPolicies>) {
-    // Logs go to the test's captured output (shown on failure), per RUST_LOG.
-    let _ = tracing_subscriber::fmt().with_test_writer().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).try_init();
+    crate::test_log();
     let policies = std::sync::Arc::new(CedarPolicies::new());
     let runtime = Runtime::new(RuntimeConfig {
         cache_dir: cache_dir(),

@@ -74,18 +74,14 @@ fn a_hyperty_s_messages_out_go_on_counting_across_its_restart() {
 
 /// The status once `address`'s entry satisfies `done` (a hyperty's counts
 /// are updated when its call returns, after what it sent in the call has
-/// reached the test), within 10 s; panics with the last entry if not.
+/// reached the test), within 10 s.
 fn status_when(addr: std::net::SocketAddr, address: &str, done: impl Fn(&Value) -> bool) -> Value {
-    let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
-        let status = status(addr);
-        let entry = status["hyperties"].as_array().unwrap().iter().find(|h| h["address"] == address).cloned().unwrap_or(Value::Null);
-        if done(&entry) {
-            return status;
-        }
-        assert!(std::time::Instant::now() < until, "not within 10 s: {entry}");
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
+    let mut last = Value::Null;
+    wait_until(&format!("the status of {address} shows its counts"), || {
+        last = status(addr);
+        last["hyperties"].as_array().unwrap().iter().find(|h| h["address"] == address).is_some_and(&done)
+    });
+    last
 }
 
 fn status_of(addr: std::net::SocketAddr) -> String {

@@ -284,19 +284,7 @@ fn now() -> u64 {
 
 /// 128 random bits (`wasi:random`, cryptographically secure), in hex.
 fn random_hex() -> String {
-    hex(&random::get_random_bytes(16))
-}
-
-/// `bytes` in lower-case hexadecimal, two digits a byte (per message on the
-/// send path: no formatting machinery).
-fn hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut out = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        out.push(DIGITS[usize::from(b >> 4)] as char);
-        out.push(DIGITS[usize::from(b & 0xf)] as char);
-    }
-    out
+    hex::encode(random::get_random_bytes(16))
 }
 
 /// The NATS server's refusal of a publish: the subject of
@@ -310,7 +298,7 @@ fn publish_violation(err: &str) -> Option<&str> {
 /// messages to it go to `<prefix>.<sender's domain>`.
 fn subject(domain: &str, address: &str) -> String {
     let digest = Sha256::digest(address.as_bytes());
-    format!("rethink.{}.{}", domain.replace('.', "_"), hex(&digest[..16]))
+    format!("rethink.{}.{}", domain.replace('.', "_"), hex::encode(&digest[..16]))
 }
 
 /// The provider domain of an address as the host reads it: the authority,

@@ -661,13 +661,9 @@ impl Sandbox {
         true
     }
 
-    /// A fresh store with `hyperty` instantiated in it.
-    fn start(&self, hyperty: &NewHyperty) -> Result<Running> {
-        self.start_with(hyperty, &self.settings.limits)
-    }
-
-    /// [`Sandbox::start`] under `limits` (a live update's new ones).
-    fn start_with(&self, hyperty: &NewHyperty, limits: &Limits) -> Result<Running> {
+    /// A fresh store of this domain with `hyperty` instantiated in it,
+    /// under `limits` (the domain's, or a live update's new ones).
+    fn start(&self, hyperty: &NewHyperty, limits: &Limits) -> Result<Running> {
         start(&self.shared, &self.memory, &self.media, hyperty, limits)
     }
 
@@ -676,7 +672,7 @@ impl Sandbox {
         if self.slots.get(instance as usize).and_then(Option::as_ref).is_none() {
             return Err(anyhow!("no such instance"));
         }
-        let mut running = self.start_with(&hyperty, limits)?;
+        let mut running = self.start(&hyperty, limits)?;
         arm(&mut running.store, ticks(limits), limits);
         let address = hyperty.address.to_string();
         match running.bindings.rethink_hyperty_handler().call_init(&mut running.store, &address, &hyperty.config) {
@@ -893,7 +889,7 @@ impl Sandbox {
         self.restarts.retain(|i| !due.contains(i));
         for instance in due {
             let slot = self.slots[instance as usize].as_ref().expect("restarting instance exists");
-            match self.start(&slot.hyperty) {
+            match self.start(&slot.hyperty, &self.settings.limits) {
                 Ok(mut running) => {
                     let slot = self.slots[instance as usize].as_mut().expect("exists");
                     // The count goes on across restarts (a Prometheus counter).
@@ -943,7 +939,7 @@ pub(crate) fn time_instantiation(shared: &Shared, pre: &HypertyPre<InstanceState
     let mut total = std::time::Duration::ZERO;
     for _ in 0..n {
         let started = Instant::now();
-        let running = sandbox.start(&hyperty)?;
+        let running = sandbox.start(&hyperty, &sandbox.settings.limits)?;
         total += started.elapsed();
         drop(running);
     }
