@@ -422,7 +422,8 @@ impl Bus {
     /// is refused as [`SendError::SpoofedFrom`]. Its identity assertion is
     /// validated, and required where the receiving domain requires identity,
     /// even when it claims the receiver's own domain. It is delivered only
-    /// to what is routed here: never out through a stub (no relaying), nor
+    /// to what is routed here of `stub_domain` (a stub carries its own
+    /// domain's addresses; 404 for any other): never out through a stub (no relaying), nor
     /// to a stub's status address (local subscribers only), nor as a write
     /// to a data object (403: its reporter is here). A request is
     /// recorded, so that a response may leave through a stub to answer it.
@@ -462,8 +463,13 @@ impl Bus {
             return Ok(());
         };
         if let Some(Inbound { stub: origin, .. }) = came_through {
-            // No relaying: what came from a carrier goes to what is here.
-            let admitted = if remote {
+            // A carrier takes its own domain's addresses (it listens for
+            // those), and relays nothing: what came from it goes to what is
+            // here of that domain. Answered as a missing address, so that a
+            // node cannot probe what else is routed here.
+            let admitted = if message.to.domain() != origin {
+                Err((code::NOT_FOUND, format!("{} is not an address of {origin}, and it came through the protostub of {origin}", message.to)))
+            } else if remote {
                 Err((code::NOT_FOUND, format!("no hyperty or endpoint at {} here, and it came through the protostub of {origin}", message.to)))
             } else {
                 route.destination.admit_remote(&message)
@@ -1271,9 +1277,13 @@ mod tests {
         assert_eq!(local.got().len(), 1);
         inbound(3, "hyperty://bob.example/elsewhere");
         inbound(4, "domain://status.bob.example");
-        assert_eq!(far.probe.got().len(), 3, "two answers went back out through the carrier, not the relayed request");
+        // Nor to what is here of another domain: the carrier takes bob.example's.
+        inbound(5, "hyperty://alice.example/asker");
+        assert_eq!(far.probe.got().len(), 4, "three answers went back out through the carrier, not the relayed request");
         let answers: Vec<(u64, Option<u16>)> = far.probe.got()[1..].iter().map(|(m, _)| (m.id, m.body.code)).collect();
-        assert_eq!(answers, [(3, Some(code::NOT_FOUND)), (4, Some(code::FORBIDDEN))]);
+        assert_eq!(answers, [(3, Some(code::NOT_FOUND)), (4, Some(code::FORBIDDEN)), (5, Some(code::NOT_FOUND))]);
+        let why = far.probe.got()[3].0.body.description.clone().unwrap();
+        assert_eq!(why, "hyperty://alice.example/asker is not an address of bob.example, and it came through the protostub of bob.example");
         assert!(quiet.got().is_empty());
         assert!(asker.try_recv().is_err());
 

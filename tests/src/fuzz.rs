@@ -31,10 +31,11 @@ use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use arbitrary::Unstructured;
-use hyperty_host::{Address, Bundle, CedarPolicies, Descriptor, Digest, EnforcementPoint, Message, MessageType, Parties, Runtime};
+use hyperty_host::{Address, Bundle, CedarPolicies, Descriptor, EnforcementPoint, Message, MessageType, Parties, Runtime};
 use serde_json::{Value, json};
 
-use crate::{Driver, OBSERVER, TestBundle, guest, puppet_config, reported, runtime};
+use crate::forger::{Forger, with_forger};
+use crate::{Driver, TestBundle, guest, puppet_config, runtime};
 
 /// A bundle manifest (TOML) parsed and checked as `Bundle::parse` does.
 pub fn manifest(data: &[u8]) {
@@ -73,19 +74,13 @@ pub fn guest_message(data: &[u8]) -> Option<Value> {
 }
 
 /// A protostub envelope (any text) posted into the host by the protostub of
-/// remote.example. What the host's `post` returned: `ok` or its refusal.
+/// bob.example. What the host's `post` returned: `ok` or its refusal.
 pub fn envelope(data: &[u8]) -> Option<String> {
     let text = std::str::from_utf8(data).ok()?;
     let world = World::get();
-    let mut driver = world.driver.lock().unwrap();
-    let id = driver.fresh_id();
-    let order = json!({ "id": id, "envelope": text });
-    let m = Message::new(id, MessageType::Update, driver.address().clone(), world.forger.clone(), Some(order.to_string()));
-    driver.endpoint.send(m).expect("the order reaches the forger");
-    let report = driver.expect(|m| m.kind == MessageType::Forward && m.from == world.forger && reported(m)["posted"] == id);
-    drop(driver);
+    let result = world.forger.lock().unwrap().post(Value::String(text.to_owned()), None);
     world.settle();
-    reported(&report)["result"].as_str().map(str::to_owned)
+    Some(result)
 }
 
 /// An identity assertion (its IdP name and token from the bytes) on a
@@ -133,7 +128,7 @@ fn arbitrary_message(u: &mut Unstructured) -> arbitrary::Result<Value> {
     };
     let to = match u.int_in_range(0..=3)? {
         0 => "hyperty://bob.example/b".to_owned(),
-        1 => "hyperty://remote.example/x".to_owned(),
+        1 => "hyperty://bob.example/remote".to_owned(),
         2 => format!("hyperty://bob.example/{}", u.arbitrary::<&str>()?),
         _ => u.arbitrary::<String>()?,
     };
@@ -157,15 +152,17 @@ const IDP_KEY: [u8; 32] = [23; 32];
 /// One runtime for the targets that need one: the puppet alice.example/a
 /// (alice@idp.example, owning the data object `object`), the echoing puppet
 /// bob.example/b (requiring identity, validated by idp.example's `idp-jwt`
-/// proxy), `forging-stub` as remote.example's protostub, and the embedder
+/// proxy), `forging-stub` as bob.example's protostub (what comes in through
+/// a stub reaches only its own domain's addresses), and the embedder
 /// endpoints that drive them.
 pub struct World {
     runtime: Runtime,
     driver: Mutex<Driver>,
+    /// Its reports come asserted, as bob.example requires identity.
+    forger: Mutex<Forger>,
     carol: Mutex<hyperty_host::Endpoint>,
     a: Address,
     b: Address,
-    forger: Address,
     object: String,
     _bundle: TestBundle,
 }
@@ -180,28 +177,23 @@ impl World {
     fn new() -> World {
         let runtime = runtime(Duration::from_secs(2));
         let mut driver = Driver::new(&runtime);
-        let forger = guest("forging-stub");
-        let stub = json!({
-            "component": forger.display().to_string(),
-            "sha256": Digest::of(&std::fs::read(&forger).expect("forging-stub is built")).to_string(),
-            "endpoints": ["127.0.0.1:9"],
-            "config": { "report-to": OBSERVER },
-        });
         let bundle = TestBundle::new()
             .hyperty("alice.example", "a", &guest("puppet"), puppet_config(false))
             .hyperty("bob.example", "b", &guest("puppet"), puppet_config(true))
             .user("alice.example", "a", "alice@idp.example")
             .idp(IDP, IDP_KEY, &["alice.example", "bob.example"])
-            .domain("alice.example", json!({ "require-identity": false }))
-            .protostub("remote.example", &[], stub);
+            .domain("alice.example", json!({ "require-identity": false }));
+        // Valid for as long as a fuzzing run may go.
+        let token = crate::jwt(IDP_KEY, IDP, "forger@idp.example", crate::unix_now() + 90 * 24 * 3600);
+        let bundle = with_forger(bundle, "bob.example", Some(json!({ "idp": IDP, "token": token })));
         runtime.deploy(&bundle.load()).expect("the fuzz world deploys");
         let a = runtime.lookup("alice.example", "a").unwrap();
         let b = runtime.lookup("bob.example", "b").unwrap();
         let created = driver.command(&a, json!({ "op": "create", "scheme": "comm", "data": initial_data() }));
         let object = created["url"].as_str().unwrap_or_else(|| panic!("the data object is created: {created}")).to_owned();
         let carol = runtime.endpoint("hyperty://carol.example/fuzz", 16).unwrap();
-        let forger = Address::parse("hyperty://remote.example/forger").unwrap();
-        World { runtime, driver: Mutex::new(driver), carol: Mutex::new(carol), a, b, forger, object, _bundle: bundle }
+        let forger = Mutex::new(Forger::new(&runtime, "bob.example"));
+        World { runtime, driver: Mutex::new(driver), forger, carol: Mutex::new(carol), a, b, object, _bundle: bundle }
     }
 
     /// `command` to the puppet `to`, waiting for its answer, then
@@ -219,6 +211,9 @@ impl World {
         let driver = self.driver.lock().unwrap();
         while driver.endpoint.try_recv().is_some() {}
         driver.endpoint.take_set_aside(|_| true);
+        let forger = self.forger.lock().unwrap();
+        while forger.reports.endpoint.try_recv().is_some() {}
+        forger.reports.endpoint.take_set_aside(|_| true);
         let carol = self.carol.lock().unwrap();
         while carol.try_recv().is_some() {}
         let _ = &self.runtime;

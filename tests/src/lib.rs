@@ -166,7 +166,13 @@ pub struct Driver {
 
 impl Driver {
     pub fn new(runtime: &Runtime) -> Driver {
-        Driver { endpoint: runtime.endpoint(OBSERVER, 10_000).unwrap() }
+        Driver::at(runtime, OBSERVER)
+    }
+
+    /// A driver whose endpoint is `address` (an observer in another domain:
+    /// what comes in through a protostub reaches only the stub's domain).
+    pub fn at(runtime: &Runtime, address: &str) -> Driver {
+        Driver { endpoint: runtime.endpoint(address, 10_000).unwrap() }
     }
 
     pub fn address(&self) -> &Address {
@@ -883,3 +889,4 @@ pub fn host_log() -> String {
 pub mod soak;
 pub mod jetstream;
 pub mod fuzz;
+pub mod forger;

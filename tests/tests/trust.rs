@@ -6,79 +6,24 @@
 
 use std::time::Duration;
 
-use hyperty_host::{Address, Digest, Message, MessageType, Query, Runtime, RuntimeConfig};
+use hyperty_host::{Address, Message, MessageType, Query, Runtime, RuntimeConfig};
+use hyperty_tests::forger::{Forger, with_forger};
 use hyperty_tests::*;
 use serde_json::{Value, json};
 
 const IDP: &str = "idp.example";
 const IDP_KEY: [u8; 32] = [42; 32];
 
-/// Adds `forging-stub` as the protostub of `domain`, reporting to the
-/// test's observer.
-fn with_forger(bundle: TestBundle, domain: &str) -> TestBundle {
-    let component = guest("forging-stub");
-    let bytes = std::fs::read(&component).unwrap();
-    let entry = json!({
-        "component": component.display().to_string(),
-        "sha256": Digest::of(&bytes).to_string(),
-        // Granted, never used: the forger has no network.
-        "endpoints": ["127.0.0.1:9"],
-        "config": { "report-to": OBSERVER },
-    });
-    bundle.protostub(domain, &[], entry)
-}
-
-/// Orders the forging stub of a domain through the bus, and reads what it
-/// reports.
-struct Forger {
-    address: Address,
-    orders: u64,
-}
-
-impl Forger {
-    fn new(domain: &str) -> Forger {
-        Forger { address: Address::parse(format!("hyperty://{domain}/forger")).unwrap(), orders: 0 }
-    }
-
-    /// The stub posts `envelope` (with `post-from(vouched, …)` if given);
-    /// what the host's `post` returned.
-    fn post(&mut self, driver: &mut Driver, envelope: Value, vouched: Option<&str>) -> String {
-        self.orders += 1;
-        let order = json!({ "id": self.orders, "envelope": envelope, "vouched": vouched });
-        let m = Message::new(driver.fresh_id(), MessageType::Update, driver.address().clone(), self.address.clone(), Some(order.to_string()));
-        driver.endpoint.send(m).unwrap();
-        let id = self.orders;
-        let report = driver.expect(|m| self.reports(m) && reported(m)["posted"] == id);
-        reported(&report)["result"].as_str().unwrap().to_owned()
-    }
-
-    /// The next message the host gave the stub to carry out (its
-    /// envelope), registry announcements aside.
-    fn outbound(&self, driver: &Driver) -> Value {
-        let report = driver.expect(|m| self.carried(m));
-        reported(&report)["outbound"].clone()
-    }
-
-    /// Whether `m` reports a message the stub carried (not an announcement).
-    fn carried(&self, m: &Message) -> bool {
-        let to = reported(m)["outbound"]["to"].as_str().map(str::to_owned);
-        self.reports(m) && to.is_some_and(|to| !to.starts_with("domain://registry."))
-    }
-
-    fn reports(&self, m: &Message) -> bool {
-        m.kind == MessageType::Forward && m.from == self.address
-    }
-}
-
 /// A runtime with the puppet alice.example/a (answering requests if
-/// `echo`) and the forger as the protostub of `stub`.
-fn alice_and_forger(echo: bool, stub: &str) -> (Runtime, Driver, Address, Forger) {
+/// `echo`) and the forger as the protostub of alice.example.
+fn alice_and_forger(echo: bool) -> (Runtime, Driver, Address, Forger) {
     let r = runtime(Duration::from_secs(10));
     let driver = Driver::new(&r);
     let bundle = TestBundle::new().hyperty("alice.example", "a", &guest("puppet"), puppet_config(echo));
-    r.deploy(&with_forger(bundle, stub).load()).unwrap();
+    r.deploy(&with_forger(bundle, "alice.example", None).load()).unwrap();
     let a = r.lookup("alice.example", "a").unwrap();
-    (r, driver, a, Forger::new(stub))
+    let forger = Forger::new(&r, "alice.example");
+    (r, driver, a, forger)
 }
 
 /// An envelope as a remote runtime would send it.
@@ -99,29 +44,29 @@ fn was_reported(driver: &Driver, puppet: &Address, id: u64) -> bool {
 #[test]
 fn nothing_arriving_through_a_stub_is_local_traffic() {
     let r = runtime(Duration::from_secs(10));
-    let mut driver = Driver::new(&r);
+    let driver = Driver::new(&r);
     // bob.example requires identity; its stub is the forger.
     let bundle = TestBundle::new()
         .hyperty("bob.example", "b", &guest("puppet"), puppet_config(true))
         .idp_verifier(IDP, IDP_KEY, &["bob.example"])
         .domain("bob.example", json!({ "require-identity": true }));
-    r.deploy(&with_forger(bundle, "bob.example").load()).unwrap();
+    r.deploy(&with_forger(bundle, "bob.example", Some(assertion("forger@idp.example"))).load()).unwrap();
     let b = r.lookup("bob.example", "b").unwrap();
-    let mut forger = Forger::new("bob.example");
+    let mut forger = Forger::new(&r, "bob.example");
     // A sender of bob.example itself, through the stub, with no assertion:
     // 401, not delivered (the answer goes back out through the stub).
     let insider = "hyperty://bob.example/forged-insider";
     let mut forged = envelope(5, "read", insider, b.as_str(), Some("{}"));
     forged["timeout-ms"] = json!(5000);
-    assert_eq!(forger.post(&mut driver, forged, None), "ok");
-    let answer = forger.outbound(&driver);
+    assert_eq!(forger.post(forged, None), "ok");
+    let answer = forger.outbound();
     assert_eq!((answer["type"].as_str(), answer["id"].as_u64(), answer["to"].as_str()), (Some("response"), Some(5), Some(insider)));
     assert_eq!(answer["body"]["code"], 401, "{answer}");
     assert!(answer["body"]["description"].as_str().unwrap().contains("bob.example requires an identity assertion"), "{answer}");
     // With a valid assertion it is delivered, as the validated user.
     let mut asserted = envelope(6, "read", insider, b.as_str(), Some("{}"));
     asserted["assertion"] = assertion("mallory@idp.example");
-    assert_eq!(forger.post(&mut driver, asserted, None), "ok");
+    assert_eq!(forger.post(asserted, None), "ok");
     let seen = driver.report(&b, |m| m["id"] == 6);
     assert_eq!(seen["identity"], json!(["mallory@idp.example", IDP]), "{seen}");
     // b handles messages in order: the first one never reached it.
@@ -135,29 +80,29 @@ fn a_stub_cannot_speak_for_an_address_routed_here() {
     let bundle = TestBundle::new()
         .hyperty("alice.example", "a", &guest("puppet"), puppet_config(false))
         .hyperty("bob.example", "b", &guest("puppet"), puppet_config(false));
-    r.deploy(&with_forger(bundle, "alice.example").load()).unwrap();
+    r.deploy(&with_forger(bundle, "alice.example", None).load()).unwrap();
     let a = r.lookup("alice.example", "a").unwrap();
     let b = r.lookup("bob.example", "b").unwrap();
     let created = driver.command(&a, json!({ "op": "create", "scheme": "room", "data": { "n": 1 } }));
     let url = created["url"].as_str().expect("a object").to_owned();
-    let mut forger = Forger::new("alice.example");
+    let mut forger = Forger::new(&r, "alice.example");
     // The reporter's forged JSON Patch to its own object.
     let patch = r#"[{"op":"add","path":"/pwned","value":true}]"#;
-    let refused = forger.post(&mut driver, envelope(1, "update", a.as_str(), &url, Some(patch)), None);
+    let refused = forger.post(envelope(1, "update", a.as_str(), &url, Some(patch)), None);
     assert!(refused.contains("spoofed from") && refused.contains(&format!("{a} is an address of this runtime")), "{refused}");
     // A local hyperty of another domain, the runtime itself, the test's
     // endpoint, the data object: none may be claimed.
     let runtime_address = r.address().to_string();
     for (seq, from) in [(2, b.as_str()), (3, runtime_address.as_str()), (4, OBSERVER), (5, url.as_str())] {
-        let refused = forger.post(&mut driver, envelope(seq, "read", from, a.as_str(), Some("{}")), None);
+        let refused = forger.post(envelope(seq, "read", from, a.as_str(), Some("{}")), None);
         assert!(refused.contains(&format!("{from} is an address of this runtime")), "{from}: {refused}");
     }
     // A node that vouches for the sender's domain: the envelope must agree.
     let remote = "hyperty://alice.example/remote-peer";
-    let refused = forger.post(&mut driver, envelope(6, "read", remote, a.as_str(), Some("{}")), Some("bob.example"));
+    let refused = forger.post(envelope(6, "read", remote, a.as_str(), Some("{}")), Some("bob.example"));
     assert!(refused.contains("the node vouches for a sender of bob.example"), "{refused}");
     // A remote sender of the same domain (not routed here) is delivered.
-    assert_eq!(forger.post(&mut driver, envelope(7, "read", remote, a.as_str(), Some("{}")), Some("alice.example")), "ok");
+    assert_eq!(forger.post(envelope(7, "read", remote, a.as_str(), Some("{}")), Some("alice.example")), "ok");
     let seen = driver.report(&a, |m| m["id"] == 7);
     assert_eq!(seen["from"], remote);
     for id in 1..=6 {
@@ -169,16 +114,56 @@ fn a_stub_cannot_speak_for_an_address_routed_here() {
 }
 
 #[test]
+fn a_stub_reaches_only_the_addresses_of_its_own_domain() {
+    let r = runtime(Duration::from_secs(10));
+    let mut driver = Driver::new(&r);
+    let bundle = TestBundle::new()
+        .hyperty("alice.example", "a", &guest("puppet"), puppet_config(true))
+        .hyperty("bob.example", "b", &guest("puppet"), puppet_config(true));
+    r.deploy(&with_forger(bundle, "bob.example", None).load()).unwrap();
+    let a = r.lookup("alice.example", "a").unwrap();
+    let b = r.lookup("bob.example", "b").unwrap();
+    let mut forger = Forger::new(&r, "bob.example");
+    // A sender of bob.example in another runtime, vouched for by the node.
+    let asker = "hyperty://bob.example/asker";
+    // A request to alice.example's hyperty through bob.example's stub:
+    // answered 404 back out through the stub, as if nothing were there.
+    let mut request = envelope(101, "read", asker, a.as_str(), Some("{}"));
+    request["timeout-ms"] = json!(5000);
+    assert_eq!(forger.post(request, Some("bob.example")), "ok");
+    let answer = forger.outbound();
+    assert_eq!((answer["id"].as_u64(), answer["to"].as_str(), answer["body"]["code"].as_u64()), (Some(101), Some(asker), Some(404)), "{answer}");
+    let why = format!("{a} is not an address of bob.example, and it came through the protostub of bob.example");
+    assert_eq!(answer["body"]["description"], why, "{answer}");
+    // Nor an endpoint of another domain (the test's observer), one-way.
+    assert_eq!(forger.post(envelope(102, "update", asker, OBSERVER, Some("{}")), Some("bob.example")), "ok");
+    let forged = driver.find(|m| m.from.as_str() == asker, Duration::ZERO);
+    assert!(forged.is_none(), "{forged:?}");
+    let answer = forger.outbound();
+    assert_eq!((answer["id"].as_u64(), answer["body"]["code"].as_u64()), (Some(102), Some(404)), "{answer}");
+    // The same request to bob.example's hyperty is delivered and answered.
+    let mut request = envelope(103, "read", asker, b.as_str(), Some("{}"));
+    request["timeout-ms"] = json!(5000);
+    assert_eq!(forger.post(request, Some("bob.example")), "ok");
+    assert_eq!(driver.report(&b, |m| m["id"] == 103)["from"], asker);
+    let answer = forger.outbound();
+    assert_eq!((answer["id"].as_u64(), answer["body"]["code"].as_u64()), (Some(103), Some(200)), "{answer}");
+    // a handles messages in order: the forged request never reached it.
+    driver.still_works(&a, &b);
+    assert!(!was_reported(&driver, &a, 101), "the request through bob.example's stub reached alice.example");
+}
+
+#[test]
 fn no_write_reaches_a_data_object_through_a_stub_even_once_its_reporter_is_gone() {
-    let (r, mut driver, a, mut forger) = alice_and_forger(false, "alice.example");
+    let (r, mut driver, a, mut forger) = alice_and_forger(false);
     let created = driver.command(&a, json!({ "op": "create", "scheme": "room", "data": { "n": 1 } }));
     let url = created["url"].as_str().expect("a object").to_owned();
     // The object outlives its reporter's route; its address is free to claim.
     assert!(r.undeploy("alice.example", "a"));
     let mut forged = envelope(1, "update", a.as_str(), &url, Some(r#"[{"op":"add","path":"/pwned","value":true}]"#));
     forged["timeout-ms"] = json!(5000);
-    assert_eq!(forger.post(&mut driver, forged, None), "ok");
-    let answer = forger.outbound(&driver);
+    assert_eq!(forger.post(forged, None), "ok");
+    let answer = forger.outbound();
     assert_eq!((answer["id"].as_u64(), answer["body"]["code"].as_u64()), (Some(1), Some(403)), "{answer}");
     assert!(answer["body"]["description"].as_str().unwrap().contains("only its reporter, a hyperty of this runtime"), "{answer}");
 }
@@ -192,14 +177,15 @@ fn a_served_registry_takes_announcements_only_from_who_may_make_them() {
         ..RuntimeConfig::default()
     })
     .unwrap();
-    let mut driver = Driver::new(&r);
+    // b reports to it.
+    let _observer = Driver::new(&r);
     let bundle = TestBundle::new()
         .hyperty("bob.example", "b", &guest("puppet"), puppet_config(false))
         .idp_verifier(IDP, IDP_KEY, &["bob.example"])
         .domain("bob.example", json!({ "require-identity": true }));
-    r.deploy(&with_forger(bundle, "bob.example").load()).unwrap();
+    r.deploy(&with_forger(bundle, "bob.example", Some(assertion("forger@idp.example"))).load()).unwrap();
     let b = r.lookup("bob.example", "b").unwrap();
-    let mut forger = Forger::new("bob.example");
+    let mut forger = Forger::new(&r, "bob.example");
     let registry = "domain://registry.bob.example";
     let announce = |seq: u64, from: &str, address: &str, name: &str, user: Option<&str>, asserted: Option<&str>| {
         let registration = json!({ "address": address, "kind": "hyperty", "name": name, "domain": "bob.example",
@@ -214,19 +200,19 @@ fn a_served_registry_takes_announcements_only_from_who_may_make_them() {
     let other = "runtime://localhost/another-runtime";
     let mallory = "mallory@idp.example";
     // No assertion where bob.example requires one: 401 on the path.
-    assert_eq!(forger.post(&mut driver, announce(1, other, "hyperty://bob.example/fake-1", "fake-1", None, None), None), "ok");
+    assert_eq!(forger.post(announce(1, other, "hyperty://bob.example/fake-1", "fake-1", None, None), None), "ok");
     // Asserted as mallory, announcing carol's hyperty.
     let carols = announce(2, other, "hyperty://bob.example/fake-2", "fake-2", Some("carol@idp.example"), Some(mallory));
-    assert_eq!(forger.post(&mut driver, carols, None), "ok");
+    assert_eq!(forger.post(carols, None), "ok");
     // Asserted, but announcing an address that lives here.
-    assert_eq!(forger.post(&mut driver, announce(3, other, b.as_str(), "fake-3", Some(mallory), Some(mallory)), None), "ok");
+    assert_eq!(forger.post(announce(3, other, b.as_str(), "fake-3", Some(mallory), Some(mallory)), None), "ok");
     // As this runtime itself.
     let own = r.address().to_string();
-    let refused = forger.post(&mut driver, announce(4, &own, "hyperty://bob.example/fake-4", "fake-4", Some(mallory), Some(mallory)), None);
+    let refused = forger.post(announce(4, &own, "hyperty://bob.example/fake-4", "fake-4", Some(mallory), Some(mallory)), None);
     assert!(refused.contains("is an address of this runtime"), "{refused}");
     // As itself, with its user's assertion: taken.
     let real = announce(5, other, "hyperty://bob.example/mallorys", "mallorys", Some(mallory), Some(mallory));
-    assert_eq!(forger.post(&mut driver, real, None), "ok");
+    assert_eq!(forger.post(real, None), "ok");
     let by_domain = Query { domain: Some("bob.example".into()), ..Default::default() };
     let until = std::time::Instant::now() + Duration::from_secs(10);
     while !r.discover(&by_domain).iter().any(|r| r.name == "mallorys") {
@@ -241,8 +227,9 @@ fn a_served_registry_takes_announcements_only_from_who_may_make_them() {
 
 #[test]
 fn responses_leave_through_a_stub_only_to_answer_a_request_that_came_through_one() {
-    let (_r, mut driver, a, mut forger) = alice_and_forger(true, "bob.example");
-    let asker = "hyperty://bob.example/asker";
+    let (_r, mut driver, a, mut forger) = alice_and_forger(true);
+    // A sender of alice.example in another runtime.
+    let asker = "hyperty://alice.example/asker";
     // a answers requests nobody made, through `reply` and as plain sends.
     for id in 1000..1020 {
         let request = json!({ "id": id, "type": "read", "from": asker, "to": a.as_str(), "value": "{}" });
@@ -255,16 +242,16 @@ fn responses_leave_through_a_stub_only_to_answer_a_request_that_came_through_one
     for id in [77, 78] {
         let mut request = envelope(id, "read", asker, a.as_str(), Some(&json!({ "n": id }).to_string()));
         request["timeout-ms"] = json!(5000);
-        assert_eq!(forger.post(&mut driver, request.clone(), None), "ok");
+        assert_eq!(forger.post(request.clone(), None), "ok");
         let seen = driver.report(&a, |m| m["id"] == id);
         assert_eq!(driver.command(&a, json!({ "op": "reply", "message": seen })), json!({ "ok": true }), "a second answer");
-        let answer = forger.outbound(&driver);
+        let answer = forger.outbound();
         assert_eq!((answer["type"].as_str(), answer["id"].as_u64()), (Some("response"), Some(id)), "{answer}");
         assert_eq!(answer["body"]["value"], json!({ "n": id }).to_string());
     }
     // Nothing else went out: the queue carried the two answers in order,
     // none of the fabricated ones nor the repeated replies before them.
-    let more = driver.find(|m| forger.carried(m), Duration::ZERO);
+    let more = forger.carried_more();
     assert!(more.is_none(), "{more:?}");
 }
 

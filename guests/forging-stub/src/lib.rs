@@ -3,7 +3,11 @@
 //! no network; it posts into its host whatever envelopes the test orders,
 //! and tells the test what the host gives it to carry out.
 //!
-//! Configuration: `{"report-to": "<address>"}` (other keys are ignored).
+//! Configuration: `{"report-to": "<address>", "report-assertion": {"idp":
+//! "…", "token": "…"}}` (other keys are ignored). What comes in through the
+//! stub of a domain goes only to that domain's addresses, so `report-to` is
+//! an address of the stub's own domain; `report-assertion`, optional, is
+//! attached to every report (for a domain that requires identity).
 //!
 //! - A message the host queues for `hyperty://<domain>/forger` is an order:
 //!   its value is `{"id": n, "envelope": <envelope as JSON, or a string
@@ -37,6 +41,8 @@ struct Forger {
     /// `hyperty://<domain>/forger`: where orders go.
     address: String,
     report_to: String,
+    /// Attached to every report as its `assertion` (or `null`).
+    report_assertion: Value,
     /// The origin of this instance's reports (fresh per instance).
     origin: String,
     next: u64,
@@ -50,7 +56,8 @@ impl Forger {
     fn report(&mut self, value: Value) {
         self.next += 1;
         let envelope = json!({ "v": 1, "origin": self.origin, "seq": self.next, "id": self.next, "type": "forward",
-            "from": self.address, "to": self.report_to, "body": { "value": value.to_string() } });
+            "from": self.address, "to": self.report_to, "body": { "value": value.to_string() },
+            "assertion": self.report_assertion });
         if let Err(e) = host::post(&envelope.to_string()) {
             log(Level::Warn, &format!("report not taken: {e}"));
         }
@@ -88,6 +95,7 @@ impl Guest for ForgingStub {
         let forger = Forger {
             address: format!("hyperty://{domain}/forger"),
             report_to,
+            report_assertion: config["report-assertion"].clone(),
             origin: format!("forger-{}", monotonic_clock::now()),
             next: 0,
         };
