@@ -58,6 +58,12 @@ impl Forger {
         self.order(json!({ "envelope": envelope, "vouched": vouched }))
     }
 
+    /// The stub reports the status `live` `times` times, as fast as it can
+    /// (details `flood 0` …), then answers.
+    pub fn flood_status(&mut self, times: u64) {
+        assert_eq!(self.order(json!({ "status-flood": times })), "ok");
+    }
+
     /// Sends `order` (given its id) and waits for the stub's report of it:
     /// its `result`.
     fn order(&mut self, mut order: Value) -> String {

@@ -10,6 +10,7 @@ use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use hyperty_host::{Address, EventKind, Message, MessageType, Runtime};
+use hyperty_tests::forger::{Forger, with_forger};
 use hyperty_tests::*;
 use serde_json::{Value, json};
 
@@ -205,6 +206,28 @@ fn a_log_flood_is_rate_limited_and_said_once_when_it_resumes() {
     assert_eq!(logged("log lines suppressed").iter().filter(|l| l.contains(label)).count(), 1);
     assert!(!logged(&format!("{label}after the flood")).is_empty());
     c.driver.still_works(&c.a, &c.b);
+}
+
+#[test]
+fn a_stub_reporting_its_status_in_a_loop_is_logged_at_its_log_rate() {
+    capture_log();
+    let runtime = runtime(Duration::from_secs(5));
+    let driver = Driver::new(&runtime);
+    let domain = "status-flood.example";
+    let bundle = with_forger(TestBundle::new(), domain, None);
+    runtime.deploy(&bundle.load()).unwrap();
+    let mut forger = Forger::new(&runtime, domain);
+    let started = Instant::now();
+    forger.flood_status(2000);
+    let elapsed = started.elapsed().as_secs_f64();
+    // The stub's log rate: 100 lines a second, and as many at once.
+    let lines = logged(&format!("protostub {domain}: status live (flood ")).len();
+    assert!(lines >= 1 && lines as f64 <= 100.0 + 100.0 * elapsed + 1.0, "{lines} lines in {elapsed:.3} s");
+    // Each report is its status all the same: the last one holds.
+    let subscribe = driver.endpoint.message(MessageType::Subscribe, &format!("domain://protostub.{domain}")).build().unwrap();
+    let status = driver.endpoint.request_reply(subscribe, None).unwrap();
+    let status: Value = serde_json::from_str(status.body.value.as_deref().unwrap()).unwrap();
+    assert_eq!(status, json!({ "status": "live", "detail": "flood 1999" }));
 }
 
 #[test]

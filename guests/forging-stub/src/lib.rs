@@ -15,6 +15,9 @@
 //!   posts the envelope — with `post-from(vouched, …)` when `vouched` is
 //!   given, as a node with per-subject permissions would — and reports
 //!   `{"posted": n, "result": "ok" | "<the host's error>"}`.
+//! - An order `{"id": n, "status-flood": k}` reports the status `live` k
+//!   times (details `flood 0` … `flood k-1`), as fast as it can, then
+//!   reports `{"posted": n, "result": "ok"}`.
 //! - Any other message queued is reported as `{"outbound": <its envelope>}`.
 //!
 //! Reports are `forward` envelopes from `hyperty://<domain>/forger` to
@@ -73,6 +76,13 @@ impl Forger {
                 continue;
             }
             let order: Value = envelope["body"]["value"].as_str().and_then(|v| serde_json::from_str(v).ok()).unwrap_or(Value::Null);
+            if let Some(k) = order["status-flood"].as_u64() {
+                for i in 0..k {
+                    host::report_status(StubStatus::Live, &format!("flood {i}"));
+                }
+                self.report(json!({ "posted": order["id"], "result": "ok" }));
+                continue;
+            }
             let text = match &order["envelope"] {
                 Value::String(raw) => raw.clone(),
                 other => other.to_string(),

@@ -258,7 +258,11 @@ impl wit::Host for StubState {
 
     fn report_status(&mut self, status: StubStatus, detail: String) {
         let context = super::StatusSink { registry: &self.registry, events: &self.events, bus: &self.bus };
-        super::report(&self.stub, context, status, &cut(detail));
+        let detail = cut(detail);
+        let name = super::report(&self.stub, context, status, &detail);
+        // Through the stub's log rate, as its own lines: a stub reporting in
+        // a loop cannot flood the host's log.
+        self.log.write(wit_log::Level::Info, &format!("status {name} ({detail})"));
     }
 }
 

@@ -937,14 +937,17 @@ pub(crate) struct StatusSink<'a> {
     pub bus: &'a Bus,
 }
 
+/// A status the host gives the stub (loaded, failed: a few a run), logged.
 fn set_status(stub: &Stub, context: &StubContext, status: glue::StubStatus, detail: &str) {
-    report(stub, StatusSink { registry: &context.registry, events: &context.events, bus: &context.bus }, status, detail);
+    let name = report(stub, StatusSink { registry: &context.registry, events: &context.events, bus: &context.bus }, status, detail);
+    tracing::info!("protostub {}: {name} ({})", stub.domain, crate::sandbox::log_line(detail));
 }
 
 /// Records a status of the stub: in the registry, as an event for
 /// operators, and on the bus as an `update` from the stub's address to each
-/// local address that subscribed to it.
-pub(crate) fn report(stub: &Stub, sink: StatusSink<'_>, status: glue::StubStatus, detail: &str) {
+/// local address that subscribed to it. Returns the status's name; the
+/// caller logs it (a stub's own reports through its log's rate limit).
+pub(crate) fn report(stub: &Stub, sink: StatusSink<'_>, status: glue::StubStatus, detail: &str) -> &'static str {
     let (name, registry_status) = match status {
         glue::StubStatus::Created => ("created", Status::Created),
         glue::StubStatus::InProgress => ("in-progress", Status::Created),
@@ -952,7 +955,6 @@ pub(crate) fn report(stub: &Stub, sink: StatusSink<'_>, status: glue::StubStatus
         glue::StubStatus::Disconnected => ("disconnected", Status::Disconnected),
         glue::StubStatus::Failed => ("failed", Status::Failed),
     };
-    tracing::info!("protostub {}: {name} ({})", stub.domain, crate::sandbox::log_line(detail));
     sink.registry.set_status(&stub.address, registry_status);
     sink.events.emit(
         &format!("protostub {}", stub.domain),
@@ -970,6 +972,7 @@ pub(crate) fn report(stub: &Stub, sink: StatusSink<'_>, status: glue::StubStatus
             tracing::debug!("status of protostub {} not told: {e}", stub.domain);
         }
     }
+    name
 }
 
 /// Ids of status updates (notifications: nobody answers them).
