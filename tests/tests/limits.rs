@@ -208,26 +208,49 @@ fn a_log_flood_is_rate_limited_and_said_once_when_it_resumes() {
     c.driver.still_works(&c.a, &c.b);
 }
 
+/// A stub reporting its status in a loop: every report takes effect (the
+/// last one holds), but the host logs them at the stub's log rate (100
+/// lines a second) and tells them (events, updates to subscribers) at 20
+/// a second, the last one included.
 #[test]
-fn a_stub_reporting_its_status_in_a_loop_is_logged_at_its_log_rate() {
+fn a_stub_reporting_its_status_in_a_loop_is_logged_and_told_at_their_rates() {
     capture_log();
     let runtime = runtime(Duration::from_secs(5));
+    let mut events = runtime.events();
     let driver = Driver::new(&runtime);
     let domain = "status-flood.example";
+    let stub = format!("domain://protostub.{domain}");
     let bundle = with_forger(TestBundle::new(), domain, None);
     runtime.deploy(&bundle.load()).unwrap();
     let mut forger = Forger::new(&runtime, domain);
+    let subscribe = driver.endpoint.message(MessageType::Subscribe, &stub).build().unwrap();
+    assert_eq!(driver.endpoint.request_reply(subscribe, None).unwrap().body.code, Some(200));
     let started = Instant::now();
     forger.flood_status(2000);
     let elapsed = started.elapsed().as_secs_f64();
-    // The stub's log rate: 100 lines a second, and as many at once.
     let lines = logged(&format!("protostub {domain}: status live (flood ")).len();
     assert!(lines >= 1 && lines as f64 <= 100.0 + 100.0 * elapsed + 1.0, "{lines} lines in {elapsed:.3} s");
-    // Each report is its status all the same: the last one holds.
-    let subscribe = driver.endpoint.message(MessageType::Subscribe, &format!("domain://protostub.{domain}")).build().unwrap();
+    // Subscribers are told the last status, after fewer updates.
+    let last = json!({ "status": "live", "detail": "flood 1999" });
+    let mut updates = 0;
+    loop {
+        let m = driver.endpoint.recv_timeout(Duration::from_secs(10)).expect("the last status is told within 10 s");
+        assert_eq!(m.from.as_str(), stub, "{m:?}");
+        updates += 1;
+        if serde_json::from_str::<Value>(m.body.value.as_deref().unwrap()).unwrap() == last {
+            break;
+        }
+    }
+    let told = started.elapsed().as_secs_f64();
+    assert!(updates as f64 <= 20.0 + 20.0 * told + 1.0, "{updates} updates in {told:.3} s");
+    let flood = std::iter::from_fn(|| events.try_recv().ok())
+        .filter(|e| matches!(&e.kind, EventKind::StubStatus { detail, .. } if detail.starts_with("flood")))
+        .count();
+    assert!(flood >= 1 && flood as f64 <= 20.0 + 20.0 * told + 1.0, "{flood} events in {told:.3} s");
+    // And each report took effect: the last one holds.
+    let subscribe = driver.endpoint.message(MessageType::Subscribe, &stub).build().unwrap();
     let status = driver.endpoint.request_reply(subscribe, None).unwrap();
-    let status: Value = serde_json::from_str(status.body.value.as_deref().unwrap()).unwrap();
-    assert_eq!(status, json!({ "status": "live", "detail": "flood 1999" }));
+    assert_eq!(serde_json::from_str::<Value>(status.body.value.as_deref().unwrap()).unwrap(), last);
 }
 
 #[test]

@@ -81,6 +81,9 @@ pub(crate) struct Stub {
     status: Mutex<Value>,
     /// Local addresses subscribed to status changes.
     watchers: Mutex<BTreeSet<Address>>,
+    /// The rate of status notifications (events and updates to watchers),
+    /// and whether the last status is still untold.
+    told: Mutex<(crate::sandbox::limits::RateLimiter, bool)>,
     /// When a refused envelope was last logged, and how many were not since.
     refusals: Mutex<(Option<Instant>, u64)>,
 }
@@ -195,6 +198,7 @@ impl Stub {
             stopped: AtomicBool::new(false),
             status: Mutex::new(json!({ "status": "created", "detail": "not loaded yet" })),
             watchers: Mutex::default(),
+            told: Mutex::new((crate::sandbox::limits::RateLimiter::new(STATUS_NOTICES, STATUS_NOTICES), false)),
             refusals: Mutex::default(),
         }))
     }
@@ -908,7 +912,10 @@ fn run(stub: Arc<Stub>, mut context: StubContext) {
                         break None;
                     }
                     *stub.wait_until.lock().unwrap() = Instant::now() + POLL_WAIT_BUDGET;
-                    match instance.poll(POLL_WAIT_MS, POLL_DEADLINE) {
+                    let polled = instance.poll(POLL_WAIT_MS, POLL_DEADLINE);
+                    // A status reported past the notification rate.
+                    tell_status(&stub, StatusSink { registry: &context.registry, events: &context.events, bus: &context.bus });
+                    match polled {
                         Ok(()) => failures = 0,
                         Err(e) => break Some(e),
                     }
@@ -943,10 +950,13 @@ fn set_status(stub: &Stub, context: &StubContext, status: glue::StubStatus, deta
     tracing::info!("protostub {}: {name} ({})", stub.domain, crate::sandbox::log_line(detail));
 }
 
-/// Records a status of the stub: in the registry, as an event for
-/// operators, and on the bus as an `update` from the stub's address to each
-/// local address that subscribed to it. Returns the status's name; the
-/// caller logs it (a stub's own reports through its log's rate limit).
+/// Records a status of the stub: in the registry, and, at most
+/// [`STATUS_NOTICES`] a second, as an event for operators and on the bus as
+/// an `update` from the stub's address to each local address that
+/// subscribed to it; one past that rate is told when the rate allows
+/// ([`tell_status`], after each `poll`), so the last status always is.
+/// Returns the status's name; the caller logs it (a stub's own reports
+/// through its log's rate limit).
 pub(crate) fn report(stub: &Stub, sink: StatusSink<'_>, status: glue::StubStatus, detail: &str) -> &'static str {
     let (name, registry_status) = match status {
         glue::StubStatus::Created => ("created", Status::Created),
@@ -956,13 +966,29 @@ pub(crate) fn report(stub: &Stub, sink: StatusSink<'_>, status: glue::StubStatus
         glue::StubStatus::Failed => ("failed", Status::Failed),
     };
     sink.registry.set_status(&stub.address, registry_status);
+    *stub.status.lock().unwrap() = json!({ "status": name, "detail": detail });
+    stub.told.lock().unwrap().1 = true;
+    tell_status(stub, sink);
+    name
+}
+
+/// Tells the stub's last status (an event, and an `update` to each
+/// watcher) if it is untold and the rate allows.
+pub(crate) fn tell_status(stub: &Stub, sink: StatusSink<'_>) {
+    {
+        let mut told = stub.told.lock().unwrap();
+        if !told.1 || !told.0.take() {
+            return;
+        }
+        told.1 = false;
+    }
+    let value = stub.status.lock().unwrap().clone();
+    let (name, detail) = (value["status"].as_str().unwrap_or_default(), value["detail"].as_str().unwrap_or_default());
     sink.events.emit(
         &format!("protostub {}", stub.domain),
         &stub.address,
         EventKind::StubStatus { status: name.to_owned(), detail: detail.to_owned() },
     );
-    let value = json!({ "status": name, "detail": detail });
-    *stub.status.lock().unwrap() = value.clone();
     let watchers: Vec<Address> = stub.watchers.lock().unwrap().iter().cloned().collect();
     for watcher in watchers {
         let id = STATUS_IDS.fetch_add(1, Ordering::Relaxed);
@@ -972,8 +998,10 @@ pub(crate) fn report(stub: &Stub, sink: StatusSink<'_>, status: glue::StubStatus
             tracing::debug!("status of protostub {} not told: {e}", stub.domain);
         }
     }
-    name
 }
+
+/// Status notifications of a stub a second (and at once).
+const STATUS_NOTICES: u32 = 20;
 
 /// Ids of status updates (notifications: nobody answers them).
 static STATUS_IDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
