@@ -418,7 +418,8 @@ impl Bus {
     ///
     /// The trust boundary: what arrives through a stub is remote, whatever
     /// it claims. Its `from` must not be an address routed here (a local
-    /// hyperty, endpoint or data object, the runtime's own address): that
+    /// hyperty, endpoint or data object or a child of one, the runtime's
+    /// own address): that
     /// is refused as [`SendError::SpoofedFrom`]. Its identity assertion is
     /// validated, and required where the receiving domain requires identity,
     /// even when it claims the receiver's own domain. It is delivered only
@@ -428,7 +429,8 @@ impl Bus {
     /// to a data object (403: its reporter is here). A request is
     /// recorded, so that a response may leave through a stub to answer it.
     pub fn send_inbound(&self, message: Message, stub_domain: &str, wait: Option<Duration>) -> Result<(), SendError> {
-        if self.is_routed(&message.from) {
+        // Routed here: its own route, or a data object's for its child.
+        if self.resolve(&message.from).is_some_and(|(_, remote)| !remote) {
             return Err(SendError::SpoofedFrom(format!(
                 "{} is an address of this runtime; nothing arriving through the protostub of {stub_domain} may claim it",
                 message.from

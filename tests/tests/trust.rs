@@ -93,7 +93,9 @@ fn a_stub_cannot_speak_for_an_address_routed_here() {
     // A local hyperty of another domain, the runtime itself, the test's
     // endpoint, the data object: none may be claimed.
     let runtime_address = r.address().to_string();
-    for (seq, from) in [(2, b.as_str()), (3, runtime_address.as_str()), (4, OBSERVER), (5, url.as_str())] {
+    // Nor a child of the object (whose answers would go to the object).
+    let child = format!("{url}/children/x");
+    for (seq, from) in [(2, b.as_str()), (3, runtime_address.as_str()), (4, OBSERVER), (5, url.as_str()), (8, child.as_str())] {
         let refused = forger.post(envelope(seq, "read", from, a.as_str(), Some("{}")), None);
         assert!(refused.contains(&format!("{from} is an address of this runtime")), "{from}: {refused}");
     }
