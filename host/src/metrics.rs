@@ -20,6 +20,7 @@
 //! | `hyperty_policy_denials_total` | counter | `point` (`outgoing`, `bus-access`, `incoming`) |
 //! | `hyperty_instances` | gauge | `domain` |
 //! | `hyperty_restarts_total` | counter | `domain` |
+//! | `hyperty_handoffs_total` | counter | `domain` (the receiver's), `lender` (`domain`, `protostub`): deliveries run on the sender's thread (the hand-off) |
 //! | `hyperty_memory_bytes` | gauge | `domain`: linear memory its instances hold (read at each scrape) |
 //! | `hyperty_inbox_messages` | gauge | `domain`: messages queued or in hand in its sandbox (read at each scrape) |
 //! | `hyperty_stub_queue_messages` | gauge | `domain` (remote): messages in its protostub's queue (read at each scrape) |
@@ -76,6 +77,16 @@ struct DomainLabels {
     domain: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HandoffLabels {
+    domain: String,
+    lender: &'static str,
+}
+
+/// The `lender` label values of `hyperty_handoffs_total`, by index in
+/// [`DomainMetrics::handoffs`].
+const LENDERS: [&str; 2] = ["domain", "protostub"];
+
 /// A domain's counter handles, resolved once when the domain is added, so
 /// counting a message is a map lookup and an atomic add.
 pub(crate) struct DomainMetrics {
@@ -86,6 +97,9 @@ pub(crate) struct DomainMetrics {
     pub instances: Gauge,
     /// Instances restarted after a trap.
     pub restarts: Counter,
+    /// Deliveries to it run on a sender's thread: a domain's (0), a
+    /// protostub's (1).
+    pub handoffs: [Counter; 2],
     memory: Gauge,
     inbox: Gauge,
     stub_queue: Gauge,
@@ -180,6 +194,7 @@ impl Metrics {
         let denials_family = Family::<PointLabels, Counter>::default();
         let instances = Family::<DomainLabels, Gauge>::default();
         let restarts = Family::<DomainLabels, Counter>::default();
+        let handoffs = Family::<HandoffLabels, Counter>::default();
         let memory = Family::<DomainLabels, Gauge>::default();
         let inbox = Family::<DomainLabels, Gauge>::default();
         let stub_queue = Family::<DomainLabels, Gauge>::default();
@@ -195,6 +210,11 @@ impl Metrics {
         registry.register("policy_denials", "Messages denied by the policies, by enforcement point", denials_family.clone());
         registry.register("instances", "Live hyperty instances, by domain", instances.clone());
         registry.register("restarts", "Hyperty instances restarted after a failure, by domain", restarts.clone());
+        registry.register(
+            "handoffs",
+            "Deliveries run on the sender's thread (the hand-off), by the receiver's domain and the lending thread's kind",
+            handoffs.clone(),
+        );
         registry.register_with_unit("memory", "Linear memory held by a domain's instances", Unit::Bytes, memory.clone());
         registry.register("inbox_messages", "Messages queued or in hand in a domain's sandbox", inbox.clone());
         registry.register("stub_queue_messages", "Messages in the queue of a remote domain's protostub", stub_queue.clone());
@@ -210,7 +230,7 @@ impl Metrics {
             durations.clone(),
         );
         let denials = POINTS.map(|point| denials_family.get_or_create_owned(&PointLabels { point }));
-        let families = Families { messages, instances, restarts, memory, inbox, stub_queue, stub_up, data_objects, subscribers };
+        let families = Families { messages, instances, restarts, handoffs, memory, inbox, stub_queue, stub_up, data_objects, subscribers };
         let other = families.resolve(OTHER_DOMAIN);
         Metrics {
             registry,
@@ -359,6 +379,7 @@ struct Families {
     messages: Family<MessageLabels, Counter>,
     instances: Family<DomainLabels, Gauge>,
     restarts: Family<DomainLabels, Counter>,
+    handoffs: Family<HandoffLabels, Counter>,
     memory: Family<DomainLabels, Gauge>,
     inbox: Family<DomainLabels, Gauge>,
     stub_queue: Family<DomainLabels, Gauge>,
@@ -377,6 +398,7 @@ impl Families {
                 .map(|kind| self.messages.get_or_create_owned(&MessageLabels { domain: domain.to_owned(), r#type: kind.as_str() })),
             instances: self.instances.get_or_create_owned(&label),
             restarts: self.restarts.get_or_create_owned(&label),
+            handoffs: LENDERS.map(|lender| self.handoffs.get_or_create_owned(&HandoffLabels { domain: domain.to_owned(), lender })),
             memory: self.memory.get_or_create_owned(&label),
             inbox: self.inbox.get_or_create_owned(&label),
             stub_queue: self.stub_queue.get_or_create_owned(&label),

@@ -82,6 +82,129 @@ fn statuses_until(events: &mut hyperty_host::EventReceiver, domain: &str, last: 
     }
 }
 
+/// Deliveries to `domain` that a protostub's thread ran itself (the
+/// hand-off), as `runtime` counts them.
+fn stub_handoffs(runtime: &Runtime, domain: &str) -> f64 {
+    let samples = hyperty_tests::metrics::Samples::parse(&runtime.metrics_text());
+    samples.get("hyperty_handoffs_total", &[("domain", domain), ("lender", "protostub")])
+}
+
+/// a asks b once (b answers 200).
+fn ask_once(driver: &mut Driver, a: &Address, b: &Address) {
+    let id = driver.fresh_id();
+    let cmd = json!({ "op": "request", "message": { "id": id, "type": "read", "to": b.to_string(), "value": "{}" }, "timeout_ms": 5000 });
+    assert_eq!(driver.command(a, cmd), json!({ "ok": true }));
+    let answer = driver.report(a, |m| m["type"] == "response" && m["id"] == id);
+    assert_eq!(answer["code"], 200, "{answer}");
+}
+
+/// Runtime 1: alice.example/a and the observer; runtime 2: `hyperties` (of
+/// bob.example and slow.example, whose call deadline is 5 s). Stubs for
+/// those domains, and for alice.example and app.example, in both.
+fn stub_lending_runtimes(nats: &Nats, hyperties: &[(&str, &str, &str, serde_json::Value)]) -> (Runtime, Runtime, Driver, Address, TestBundle, TestBundle) {
+    let servers = [nats.endpoint()];
+    let (r1, r2) = (runtime(Duration::from_secs(10)), runtime(Duration::from_secs(10)));
+    let driver = Driver::new(&r1);
+    let stubs = |b: TestBundle| with_stubs(b, &servers).protostub("slow.example", &servers, json!({}));
+    let b1 = stubs(TestBundle::new().hyperty("alice.example", "a", &guest("puppet"), puppet_config(false)));
+    let mut b2 = stubs(TestBundle::new());
+    for (domain, name, component, config) in hyperties {
+        b2 = b2.hyperty(domain, name, &guest(component), config.clone());
+    }
+    if hyperties.iter().any(|(domain, ..)| *domain == "slow.example") {
+        b2 = b2.domain("slow.example", json!({ "limits": { "call-timeout-ms": 5000 } }));
+    }
+    r1.deploy(&b1.load()).unwrap();
+    r2.deploy(&b2.load()).unwrap();
+    let a = r1.lookup("alice.example", "a").unwrap();
+    (r1, r2, driver, a, b1, b2)
+}
+
+/// A stub's thread runs what it posts to an idle hyperty of its own domain
+/// (the hand-off: no wake-up of the domain's thread), but only where the
+/// domain's call deadline is at most 1 s: a hyperty of slow.example (5 s)
+/// is always run on its domain's thread.
+#[test]
+fn a_stub_runs_what_it_posts_on_its_own_thread_only_for_a_domain_with_a_short_deadline() {
+    let nats = Nats::start();
+    let hyperties = [
+        ("bob.example", "b", "puppet", puppet_config(true)),
+        ("slow.example", "s", "puppet", puppet_config(true)),
+    ];
+    let (_r1, r2, mut driver, a, _b1, _b2) = stub_lending_runtimes(&nats, &hyperties);
+    let (b, slow) = (r2.lookup("bob.example", "b").unwrap(), r2.lookup("slow.example", "s").unwrap());
+    request_until_answered(&mut driver, &a, &b);
+    request_until_answered(&mut driver, &a, &slow);
+    for _ in 0..20 {
+        ask_once(&mut driver, &a, &b);
+        ask_once(&mut driver, &a, &slow);
+    }
+    // One request at a time, each to an idle hyperty whose calls are short.
+    assert!(stub_handoffs(&r2, "bob.example") >= 1.0, "{}", r2.metrics_text());
+    assert_eq!(stub_handoffs(&r2, "slow.example"), 0.0, "{}", r2.metrics_text());
+}
+
+/// A hyperty looping on its stub's thread (its domain's deadline is the
+/// default 1 s, so the stub lends to it) is stopped at its deadline and the
+/// stub goes on. Having lent that second, the stub's thread lends nothing
+/// more until it has earned the time back (a quarter of its time: about
+/// 3 s), then lends again.
+#[test]
+fn a_hyperty_looping_on_a_stubs_thread_is_stopped_and_the_stub_lends_again_only_once_it_earned_the_time_back() {
+    let nats = Nats::start();
+    let hyperties = [
+        ("bob.example", "b", "puppet", puppet_config(true)),
+        ("bob.example", "loop", "hostile", json!({ "mode": "loop" })),
+    ];
+    let (_r1, r2, mut driver, a, _b1, _b2) = stub_lending_runtimes(&nats, &hyperties);
+    let mut events = r2.events();
+    let (b, looper) = (r2.lookup("bob.example", "b").unwrap(), r2.lookup("bob.example", "loop").unwrap());
+    request_until_answered(&mut driver, &a, &b);
+    // Until bob.example's last call was short, and the stub lends to it.
+    let before = stub_handoffs(&r2, "bob.example");
+    let until = std::time::Instant::now() + Duration::from_secs(20);
+    while stub_handoffs(&r2, "bob.example") == before {
+        assert!(std::time::Instant::now() < until, "the stub never ran a delivery of bob.example");
+        ask_once(&mut driver, &a, &b);
+    }
+    let lent = stub_handoffs(&r2, "bob.example");
+    let cmd = json!({ "op": "send", "message": { "type": "update", "to": looper.to_string(), "value": "{}" } });
+    assert_eq!(driver.command(&a, cmd), json!({ "ok": true }));
+    let mut seen = Vec::new();
+    let trapped = loop {
+        let event = events.recv_timeout(Duration::from_secs(30)).expect("the looping hyperty is stopped within 30 s");
+        if event.address == looper
+            && let hyperty_host::EventKind::Trapped { reason } = &event.kind
+        {
+            break reason.clone();
+        }
+        seen.push(event);
+    };
+    let stopped = std::time::Instant::now();
+    assert!(trapped.contains("call deadline"), "{trapped}");
+    assert_eq!(stub_handoffs(&r2, "bob.example"), lent + 1.0, "the loop ran on the stub's thread");
+    // The requests after it run on bob.example's thread: the first because
+    // the domain's last call was long, the others, which find it fast
+    // again, because the stub's allowance is spent (for about 3 s).
+    for _ in 0..5 {
+        ask_once(&mut driver, &a, &b);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(stub_handoffs(&r2, "bob.example"), lent + 1.0, "lent again at once");
+    let again = loop {
+        assert!(stopped.elapsed() < Duration::from_secs(20), "the stub never lent again");
+        std::thread::sleep(Duration::from_millis(200));
+        ask_once(&mut driver, &a, &b);
+        if stub_handoffs(&r2, "bob.example") > lent + 1.0 {
+            break stopped.elapsed();
+        }
+    };
+    assert!(again >= Duration::from_millis(1500), "lent again after {again:?}");
+    seen.extend(std::iter::from_fn(|| events.try_recv().ok()));
+    let failed: Vec<_> = seen.iter().filter(|e| e.hyperty.contains("protostub") && matches!(&e.kind, hyperty_host::EventKind::Trapped { .. })).collect();
+    assert!(failed.is_empty(), "a stub failed: {failed:?}");
+}
+
 #[test]
 fn a_stub_loads_on_the_first_message_for_its_domain_and_reports_its_status() {
     let mut nats = Nats::start();

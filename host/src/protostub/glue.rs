@@ -14,6 +14,7 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use super::{Stub, StubContext, StubQueue, Work};
 use crate::message::code;
+use crate::sandbox::handoff;
 use crate::sandbox::limits::{DomainMemory, InstanceLimiter, Limits};
 
 mod bindings {
@@ -165,7 +166,10 @@ impl Instance {
         };
         let mut store = Store::new(&context.engine, state);
         store.limiter(|s| &mut s.limiter);
-        store.epoch_deadline_trap();
+        // Interrupted at its deadline, extended by the time its thread
+        // spent running hyperties' deliveries it lent itself to (what it
+        // posts: `handoff::stub_post`).
+        store.epoch_deadline_callback(|_| Ok(handoff::deadline()));
         arm(&mut store, super::POLL_DEADLINE);
         let bindings = context.pre.0.instantiate(&mut store).map_err(|e| format!("instantiation failed: {e:#}"))?;
         bindings
@@ -186,8 +190,12 @@ impl Instance {
     }
 }
 
+/// Sets the deadline of the next call into `store`; what that call lends
+/// to hyperties starts from nothing.
 fn arm(store: &mut Store<StubState>, deadline: Duration) {
-    crate::engine::arm(store, crate::engine::ticks(deadline), None);
+    let ticks = crate::engine::ticks(deadline);
+    handoff::call_starts(ticks);
+    crate::engine::arm(store, ticks, None);
 }
 
 /// Longest text a stub's report or refusal puts into statuses and answers,

@@ -25,7 +25,7 @@
 //! emitted as an [`Event`](crate::events::Event).
 
 pub(crate) mod glue;
-mod handoff;
+pub(crate) mod handoff;
 pub mod limits;
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -155,10 +155,11 @@ impl Inbox {
             Err(TryLockError::WouldBlock) => return Err((message, receipt)),
             Err(TryLockError::Poisoned(e)) => e.into_inner(),
         };
-        let Some(sandbox) = state.as_mut().filter(|s| !s.stopping.load(Ordering::Acquire)) else {
+        let Some(sandbox) = state.as_mut().filter(|s| !s.stopping.load(Ordering::Acquire) && handoff::may_lend_to(&s.domain, s.call_ticks)) else {
             return Err((message, receipt));
         };
         sandbox.media.taken(&message);
+        sandbox.counted.handoffs[handoff::lender_kind()].inc();
         let ((), took) = handoff::lend(|| sandbox.deliver(instance, message, receipt));
         self.domain.fast.store(took < handoff::LEND_MAX, Ordering::Relaxed);
         let restart = !sandbox.restarts.is_empty();
@@ -279,6 +280,7 @@ impl SandboxHandle {
             });
         }
         let sandbox = Sandbox {
+            domain: domain.into(),
             counted,
             media: media.clone(),
             stopping: stopping.clone(),
@@ -568,6 +570,8 @@ fn observe(stats: &HypertyStats, running: &Running) {
 
 /// The sandbox thread's state.
 struct Sandbox {
+    /// The domain's name.
+    domain: Arc<str>,
     settings: SandboxSettings,
     shared: Shared,
     memory: Arc<DomainMemory>,
@@ -918,6 +922,7 @@ impl Sandbox {
 /// over `n` runs (for benchmarks).
 pub(crate) fn time_instantiation(shared: &Shared, pre: &HypertyPre<InstanceState>, n: u32) -> Result<std::time::Duration> {
     let sandbox = Sandbox {
+        domain: "bench.example".into(),
         settings: SandboxSettings { limits: Limits::default(), restart: RestartPolicy::default(), grants: Vec::new(), media: None },
         media: Arc::new(crate::media::DomainMedia::new("bench.example", None, Arc::default(), 0, shared.policies.clone(), shared.identities.clone())),
         shared: shared.clone(),
