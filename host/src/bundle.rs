@@ -187,6 +187,14 @@ pub struct HypertySpec {
     pub at: Location,
 }
 
+impl HypertySpec {
+    /// The manifest field its address comes from: `address` when it sets
+    /// one, else `name` (for problems about the address).
+    pub fn address_field(&self) -> &'static str {
+        if self.address.is_some() { "address" } else { "name" }
+    }
+}
+
 /// Where in the manifest an entry is: the field path and the lines of its
 /// `component` and `sha256` keys.
 #[derive(Clone, Debug)]

@@ -627,8 +627,7 @@ impl Runtime {
                 deployed.sandboxes.insert(domain.name.clone(), handle);
                 new_domains.push(domain.name.clone());
             }
-            let field = if spec.address.is_some() { "address" } else { "name" };
-            let address = self.hyperty_address(&domain.name, spec).map_err(|e| bundle.problem(&spec.at, field, format!("{e:#}")))?;
+            let address = self.hyperty_address(&domain.name, spec).map_err(|e| bundle.problem(&spec.at, spec.address_field(), format!("{e:#}")))?;
             let label: Arc<str> = format!("{}/{}", domain.name, spec.name).into();
             let descriptor = Arc::new(Descriptor {
                 domain: domain.name.clone(),
@@ -670,8 +669,7 @@ impl Runtime {
                     for (_, rest) in adopted {
                         sandbox.remove(rest);
                     }
-                    let field = if spec.address.is_some() { "address" } else { "name" };
-                    return Err(bundle.problem(&spec.at, field, format!("{} is taken: something in this runtime is at that address", hyperty.address)));
+                    return Err(bundle.problem(&spec.at, spec.address_field(), format!("{} is taken: something in this runtime is at that address", hyperty.address)));
                 }
                 self.registry.register(Registration {
                     address: hyperty.address.clone(),

@@ -239,7 +239,7 @@ impl Object {
         if !Arc::ptr_eq(&self.account, account) {
             if !Arc::ptr_eq(&self.account.memory, &account.memory) {
                 self.account.memory.release(self.bytes);
-                account.memory.charge(self.bytes, usize::MAX);
+                account.memory.take(self.bytes);
             }
             self.account = account.clone();
         }
@@ -963,7 +963,7 @@ impl Syncher {
         }
         let (memory, events) = &self.unclaimed;
         let account = Account::new(reporter.clone(), reporter.as_str().into(), &Limits::default(), memory.clone(), events.clone());
-        memory.charge(bytes, usize::MAX);
+        memory.take(bytes);
         let mut object = Object {
             url: Address::parse(url)?,
             reporter,

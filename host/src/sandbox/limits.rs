@@ -253,7 +253,17 @@ impl DomainMemory {
             .is_ok()
     }
 
-    /// Gives back `bytes` taken with [`DomainMemory::charge`].
+    /// Takes `bytes` whatever the total: what exists already and moves here
+    /// (a data object restored from disk, or its reporter's domain
+    /// redeployed) is counted, never dropped; a domain past its total then
+    /// takes nothing more through [`DomainMemory::charge`] until it gives
+    /// back. Saturates rather than wraps.
+    pub fn take(&self, bytes: usize) {
+        let _ = self.used.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |used| Some(used.saturating_add(bytes)));
+    }
+
+    /// Gives back `bytes` taken with [`DomainMemory::charge`] or
+    /// [`DomainMemory::take`].
     pub fn release(&self, bytes: usize) {
         self.used.fetch_sub(bytes, Ordering::Relaxed);
     }
@@ -451,6 +461,12 @@ mod tests {
         assert_eq!(memory.used(), 60);
         assert!(!memory.charge(usize::MAX, usize::MAX), "an overflowing charge is refused");
         assert_eq!(memory.used(), 60);
+        // What exists already is taken past the total; then nothing more fits.
+        memory.take(70);
+        assert_eq!(memory.used(), 130);
+        assert!(!memory.charge(1, 100));
+        memory.release(70);
+        assert!(memory.charge(1, 100));
     }
 
     fn backoff_ms(policy: &RestartPolicy, failures: u32) -> Option<u128> {
