@@ -922,7 +922,7 @@ fn run(stub: Arc<Stub>, mut context: StubContext) {
                     *stub.wait_until.lock().unwrap() = Instant::now() + POLL_WAIT_BUDGET;
                     let polled = instance.poll(POLL_WAIT_MS, POLL_DEADLINE);
                     // A status reported past the notification rate.
-                    tell_status(&stub, StatusSink { registry: &context.registry, events: &context.events, bus: &context.bus });
+                    tell_status(&stub, StatusSink { registry: &context.registry, events: &context.events, bus: &context.bus }, false);
                     match polled {
                         Ok(()) => failures = 0,
                         Err(e) => break Some(e),
@@ -954,18 +954,30 @@ pub(crate) struct StatusSink<'a> {
 
 /// A status the host gives the stub (loaded, failed: a few a run), logged.
 fn set_status(stub: &Stub, context: &StubContext, status: glue::StubStatus, detail: &str) {
-    let name = report(stub, StatusSink { registry: &context.registry, events: &context.events, bus: &context.bus }, status, detail);
+    let sink = StatusSink { registry: &context.registry, events: &context.events, bus: &context.bus };
+    let name = record_status(stub, &sink, status, detail);
+    // Told past the rate: the host's own (bounded by the restart backoff),
+    // so that a stub reporting in a loop until it fails cannot hide it.
+    tell_status(stub, sink, true);
     tracing::info!("protostub {}: {name} ({})", stub.domain, crate::sandbox::log_line(detail));
 }
 
-/// Records a status of the stub: in the registry, and, at most
+/// Records a status the stub reported: in the registry, and, at most
 /// [`STATUS_NOTICES`] a second, as an event for operators and on the bus as
 /// an `update` from the stub's address to each local address that
 /// subscribed to it; one past that rate is told when the rate allows
-/// ([`tell_status`], after each `poll`), so the last status always is.
-/// Returns the status's name; the caller logs it (a stub's own reports
-/// through its log's rate limit).
+/// ([`tell_status`], after each `poll`), and the host's own statuses
+/// (loaded, failed) are told at once, so the last status is told while the
+/// stub runs. Returns the status's name; the caller logs it (a stub's own
+/// reports through its log's rate limit).
 pub(crate) fn report(stub: &Stub, sink: StatusSink<'_>, status: glue::StubStatus, detail: &str) -> &'static str {
+    let name = record_status(stub, &sink, status, detail);
+    tell_status(stub, sink, false);
+    name
+}
+
+/// Records a status (registry, the stub's status), untold; its name.
+fn record_status(stub: &Stub, sink: &StatusSink<'_>, status: glue::StubStatus, detail: &str) -> &'static str {
     let (name, registry_status) = match status {
         glue::StubStatus::Created => ("created", Status::Created),
         glue::StubStatus::InProgress => ("in-progress", Status::Created),
@@ -976,16 +988,15 @@ pub(crate) fn report(stub: &Stub, sink: StatusSink<'_>, status: glue::StubStatus
     sink.registry.set_status(&stub.address, registry_status);
     *stub.status.lock().unwrap() = json!({ "status": name, "detail": detail });
     stub.told.lock().unwrap().1 = true;
-    tell_status(stub, sink);
     name
 }
 
 /// Tells the stub's last status (an event, and an `update` to each
-/// watcher) if it is untold and the rate allows.
-pub(crate) fn tell_status(stub: &Stub, sink: StatusSink<'_>) {
+/// watcher) if it is untold and the rate allows (or `anyway`).
+pub(crate) fn tell_status(stub: &Stub, sink: StatusSink<'_>, anyway: bool) {
     {
         let mut told = stub.told.lock().unwrap();
-        if !told.1 || !told.0.take() {
+        if !told.1 || !(told.0.take() || anyway) {
             return;
         }
         told.1 = false;

@@ -265,7 +265,7 @@ impl DomainMemory {
     /// Gives back `bytes` taken with [`DomainMemory::charge`] or
     /// [`DomainMemory::take`].
     pub fn release(&self, bytes: usize) {
-        self.used.fetch_sub(bytes, Ordering::Relaxed);
+        let _ = self.used.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |used| Some(used.saturating_sub(bytes)));
     }
 }
 
