@@ -757,7 +757,7 @@ impl Stub {
             // wait for the hyperty's receipt within a budget of the poll,
             // and with lent calls in that budget a durable test saw a
             // message handled twice (once in five runs; not understood).
-            let sent = crate::sandbox::handoff::stub_post(&self.domain, || bus.send_inbound(received.message, &self.domain, received.wait));
+            let sent = crate::sandbox::handoff::stub_post(|| bus.send_inbound(received.message, &self.domain, received.wait));
             return match sent {
                 Ok(()) => {
                     self.taken(&key);
@@ -899,7 +899,7 @@ pub(crate) fn spawn(stub: Arc<Stub>, context: StubContext) {
 
 fn run(stub: Arc<Stub>, mut context: StubContext) {
     // What the stub posts may run on this thread (the hand-off).
-    crate::sandbox::handoff::stub_thread();
+    crate::sandbox::handoff::stub_thread(&stub.domain);
     let label = format!("protostub {}", stub.domain);
     let mut failures: u32 = 0;
     set_status(&stub, &context, glue::StubStatus::Created, "loaded");

@@ -79,8 +79,8 @@ thread_local! {
     static STUB_THREAD: Cell<bool> = const { Cell::new(false) };
     /// This thread lends as a protostub's (in [`stub_post`]).
     static STUB_LENDER: Cell<bool> = const { Cell::new(false) };
-    /// The only domain this thread may run a delivery of (a stub's own, in
-    /// [`stub_post`]); any, when `None`.
+    /// The domain of the stub whose thread this is ([`stub_thread`]): in
+    /// [`stub_post`], the only one it may run a delivery of.
     static LEND_TO_DOMAIN: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
     /// A protostub thread's lending allowance in seconds (below zero after
     /// a long lent call) and when it was last earned.
@@ -106,25 +106,26 @@ pub(crate) fn lender_kind() -> usize {
 /// Whether this thread may run a delivery of `domain`, whose call deadline
 /// is `call_ticks` epoch ticks.
 pub(crate) fn may_lend_to(domain: &str, call_ticks: u64) -> bool {
-    call_ticks <= LEND_TO_TICKS.get() && LEND_TO_DOMAIN.with_borrow(|only| only.as_deref().is_none_or(|only| only == domain))
+    call_ticks <= LEND_TO_TICKS.get() && (!STUB_LENDER.get() || LEND_TO_DOMAIN.with_borrow(|only| only.as_deref() == Some(domain)))
 }
 
 /// Marks the current thread as a protostub's own: what its stub posts may
 /// run here ([`stub_post`]). Not the thread that checks a stub's
 /// configuration at deployment (an embedder's).
-pub(crate) fn stub_thread() {
+pub(crate) fn stub_thread(domain: &str) {
     STUB_THREAD.set(true);
+    LEND_TO_DOMAIN.set(Some(domain.to_owned()));
 }
 
-/// Runs `post` (a non-durable protostub of `domain` posting what came in)
+/// Runs `post` (a non-durable protostub posting what came in)
 /// with this thread, if it is the stub's own ([`stub_thread`]), lending
-/// itself to the idle hyperties of `domain` it posts to — and to no other
+/// itself to the idle hyperties of the stub's domain it posts to — and to no other
 /// domain's, such as the subscribers a data object of `domain` fans a
 /// delta out to — within the thread's allowance: a [`STUB_LEND_SHARE`] of
 /// its time, saved up to [`STUB_LEND_BURST`], and only where the call
 /// deadline is at most [`STUB_LEND_DEADLINE_MAX`]. What it lends is
 /// credited to the stub's own call deadline ([`deadline`]), as a domain's.
-pub(crate) fn stub_post<R>(domain: &str, post: impl FnOnce() -> R) -> R {
+pub(crate) fn stub_post<R>(post: impl FnOnce() -> R) -> R {
     if !STUB_THREAD.get() {
         return post();
     }
@@ -140,13 +141,11 @@ pub(crate) fn stub_post<R>(domain: &str, post: impl FnOnce() -> R) -> R {
     LENT_TOTAL.set(Duration::ZERO);
     LEND_BUDGET.set(Duration::from_secs_f64(allowance));
     LEND_TO_TICKS.set(crate::engine::ticks(STUB_LEND_DEADLINE_MAX));
-    LEND_TO_DOMAIN.set(Some(domain.to_owned()));
     STUB_LENDER.set(true);
     LENDER.set(true);
     let result = post();
     LENDER.set(false);
     STUB_LENDER.set(false);
-    LEND_TO_DOMAIN.set(None);
     LEND_TO_TICKS.set(u64::MAX);
     let lent = LENT_TOTAL.get();
     LENT_TOTAL.set(total + lent);
@@ -210,11 +209,11 @@ mod tests {
         std::thread::spawn(|| {
             let short = crate::engine::ticks(STUB_LEND_DEADLINE_MAX);
             // Not a stub's own thread (the deployer's, checking a config).
-            assert!(!stub_post("bob.example", may_lend));
-            stub_thread();
+            assert!(!stub_post(may_lend));
+            stub_thread("bob.example");
             call_starts(crate::engine::ticks(Duration::from_secs(10)));
             assert!(!may_lend(), "outside a post");
-            let lent = stub_post("bob.example", || {
+            let lent = stub_post(|| {
                 assert!(may_lend() && may_lend_to("bob.example", short));
                 assert!(!may_lend_to("alice.example", short), "another domain");
                 assert!(!may_lend_to("bob.example", short + 1), "a longer deadline");
@@ -227,13 +226,13 @@ mod tests {
                 _ => panic!("the stub's deadline was not extended by {lent:?}"),
             }
             // Past its allowance (250 ms saved up), it lends no more ...
-            let (_, more) = stub_post("bob.example", || lend(|| std::thread::sleep(STUB_LEND_BURST)));
+            let (_, more) = stub_post(|| lend(|| std::thread::sleep(STUB_LEND_BURST)));
             let spent = Instant::now();
-            assert!(!stub_post("bob.example", may_lend), "lends past its allowance");
+            assert!(!stub_post(may_lend), "lends past its allowance");
             // ... until it has earned back what it overdrew, at a quarter
             // of the time passing.
             let overdrawn = (lent + more).saturating_sub(STUB_LEND_BURST);
-            while !stub_post("bob.example", may_lend) {
+            while !stub_post(may_lend) {
                 assert!(spent.elapsed() < Duration::from_secs(10), "never earns it back");
                 std::thread::sleep(Duration::from_millis(5));
             }
