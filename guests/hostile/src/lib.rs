@@ -2,8 +2,6 @@
 //! what it does with every request it receives (responses are ignored):
 //!
 //! - `loop`: never returns (interrupted at the call deadline);
-//! - `sleep`: sleeps an hour in `wasi:io/poll` (`std::thread::sleep`), a
-//!   host call its epoch deadline does not interrupt;
 //! - `memory`: allocates until memory runs out;
 //! - `hoard`: allocates `mb` MiB (from the request value), touches and keeps
 //!   it, and answers with how many MiB it holds in all;
@@ -75,10 +73,6 @@ impl Guest for Hostile {
             "loop" => loop {
                 black_box(0);
             },
-            "sleep" => {
-                std::thread::sleep(std::time::Duration::from_secs(3600));
-                json!({ "slept": true })
-            }
             "memory" => {
                 let mut hoard: Vec<Vec<u8>> = Vec::new();
                 loop {

@@ -39,42 +39,9 @@ pub(crate) use bindings::{Hyperty, HypertyPre};
 pub(crate) fn hyperty_linker(engine: &wasmtime::Engine) -> Result<Linker<InstanceState>> {
     let mut linker = Linker::new(engine);
     wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(|e| anyhow!("{e:#}"))?;
-    clamp_sleeps(&mut linker)?;
     Hyperty::add_to_linker::<_, HasSelf<InstanceState>>(&mut linker, |s| s).map_err(|e| anyhow!("{e:#}"))?;
     crate::media::glue::add_to_linker(&mut linker, |s| &mut s.media)?;
     Ok(linker)
-}
-
-/// The WASI monotonic clock's interface, as `wasmtime-wasi` links it.
-const MONOTONIC_CLOCK: &str = "wasi:clocks/monotonic-clock@0.2.12";
-
-/// The call deadline (an epoch deadline) interrupts wasm code, not a host
-/// call: a guest sleeping in `wasi:io/poll` would hold its thread (or a
-/// lending one) for as long as it asked. So the two ways to make a timer,
-/// `subscribe-duration` and `subscribe-instant`, are linked again over
-/// `wasmtime-wasi`'s with the timer cut to the hyperty's call deadline
-/// (`call-timeout-ms`): a sleep ends by then, and the call traps at its
-/// deadline when it returns to wasm (so a sleeping call lasts at most about
-/// twice its deadline).
-fn clamp_sleeps(linker: &mut Linker<InstanceState>) -> Result<()> {
-    use wasmtime_wasi::clocks::WasiClocksView;
-    use wasmtime_wasi::p2::bindings::clocks::monotonic_clock::Host;
-    linker.allow_shadowing(true);
-    let mut clock = linker.instance(MONOTONIC_CLOCK)?;
-    clock.func_wrap("subscribe-duration", |mut store: wasmtime::StoreContextMut<'_, InstanceState>, (ns,): (u64,)| {
-        let cap = store.data().sleep_cap;
-        let pollable = store.data_mut().clocks().subscribe_duration(ns.min(cap))?;
-        Ok((pollable,))
-    })?;
-    clock.func_wrap("subscribe-instant", |mut store: wasmtime::StoreContextMut<'_, InstanceState>, (when,): (u64,)| {
-        let cap = store.data().sleep_cap;
-        let mut clocks = store.data_mut().clocks();
-        let now = clocks.now()?;
-        let pollable = clocks.subscribe_duration(when.saturating_sub(now).min(cap))?;
-        Ok((pollable,))
-    })?;
-    linker.allow_shadowing(false);
-    Ok(())
 }
 
 /// Refuses a component that imports a WASI package its domain was not
@@ -120,9 +87,6 @@ pub(crate) struct InstanceState {
     max_pending: usize,
     /// `max-request-timeout-ms` of the domain.
     max_request_timeout: Duration,
-    /// The longest timer it may make, in ns: its call deadline
-    /// (`call-timeout-ms`; see [`clamp_sleeps`]).
-    sleep_cap: u64,
     /// When a rate-limited event was last emitted (at most one a second).
     rate_reported: Option<Instant>,
     /// When a refused-message event was last emitted (at most one a second).
@@ -161,7 +125,6 @@ impl InstanceState {
             log: GuestLog::new(label, limits),
             max_pending: limits.max_pending as usize,
             max_request_timeout: Duration::from_millis(limits.max_request_timeout_ms.into()),
-            sleep_cap: limits.call_timeout_ms.saturating_mul(1_000_000),
             rate_reported: None,
             misbehaviour_reported: None,
             sent: 0,
