@@ -17,7 +17,7 @@
 use std::collections::HashMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -203,6 +203,25 @@ pub struct Engine {
     engine_key: String,
     loaded: Mutex<HashMap<Digest, Component>>,
     ticker_stop: Arc<AtomicBool>,
+    epoch: Epoch,
+}
+
+/// An engine's epoch as the host reads it: the ticks its ticker has made
+/// (wasmtime's own count cannot be read). It is advanced just after
+/// wasmtime's, so it is never ahead of it: once it reaches a store's
+/// deadline, a call into that store is past its deadline too.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Epoch(Arc<AtomicU64>);
+
+impl Epoch {
+    /// Ticks made so far.
+    pub fn now(&self) -> u64 {
+        self.0.load(Ordering::Acquire)
+    }
+
+    fn tick(&self) {
+        self.0.fetch_add(1, Ordering::Release);
+    }
 }
 
 impl Engine {
@@ -227,19 +246,26 @@ impl Engine {
         let cache = DiskCache::open(cache_dir);
 
         let ticker_stop = Arc::new(AtomicBool::new(false));
-        let (ticking, stop) = (engine.clone(), ticker_stop.clone());
+        let epoch = Epoch::default();
+        let (ticking, stop, counting) = (engine.clone(), ticker_stop.clone(), epoch.clone());
         std::thread::Builder::new().name("hyperty-epoch".into()).spawn(move || {
             while !stop.load(Ordering::Relaxed) {
                 std::thread::sleep(EPOCH_TICK);
                 ticking.increment_epoch();
+                counting.tick();
             }
         })?;
 
-        Ok(Engine { engine, kind, cache, engine_key, loaded: Mutex::default(), ticker_stop })
+        Ok(Engine { engine, kind, cache, engine_key, loaded: Mutex::default(), ticker_stop, epoch })
     }
 
     pub fn wasmtime(&self) -> &wasmtime::Engine {
         &self.engine
+    }
+
+    /// The epoch this engine's deadlines count in, as the host reads it.
+    pub(crate) fn epoch(&self) -> &Epoch {
+        &self.epoch
     }
 
     /// How this engine executes components.

@@ -887,6 +887,7 @@ impl Runtime {
             policies: self.policies.clone(),
             identities: self.identities.clone(),
             metrics: self.metrics.clone(),
+            epoch: self.engine.epoch().clone(),
         }
     }
 

@@ -72,6 +72,25 @@ fn infinite_loop_is_interrupted_at_the_deadline() {
 }
 
 #[test]
+fn a_sleep_within_the_call_deadline_lasts_its_time_and_one_past_it_is_stopped_there() {
+    // The epoch deadline does not interrupt a host call: a timer past the
+    // deadline ends there (`sandbox::timers`), and the call traps back in
+    // wasm, as a loop would.
+    let mut c = case("sleep", json!({ "limits": { "call-timeout-ms": 300 } }));
+    let evil = c.evil.clone();
+    let nap = |c: &mut Case| c.driver.command(&evil, json!({ "ms": 50 }))["slept_ms"].as_u64().unwrap();
+    assert!(nap(&mut c) >= 50, "a short sleep is not cut");
+    let (code, why) = c.poke(json!({ "ms": 3_600_000 }));
+    assert_eq!(code, 500);
+    assert!(why.contains("ran past its call deadline (call-timeout-ms = 300)"), "{why}");
+    assert!(c.trapped().contains("call deadline"));
+    c.restarted();
+    // The next call's timers end at its own deadline, not the last one's.
+    assert!(nap(&mut c) >= 50, "a short sleep after the restart is not cut");
+    c.driver.still_works(&c.a, &c.b);
+}
+
+#[test]
 fn fuel_budget_stops_a_loop_deterministically() {
     let mut c = case("loop", json!({ "limits": { "fuel-per-call": 1_000_000 } }));
     let (code, why) = c.poke(json!({}));

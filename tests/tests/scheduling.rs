@@ -68,6 +68,28 @@ fn a_hyperty_looping_in_handle_on_the_hand_off_path_is_stopped_at_its_deadline_a
 }
 
 #[test]
+fn a_hyperty_sleeping_in_a_host_call_on_the_hand_off_path_is_stopped_at_its_deadline() {
+    let runtime = runtime(Duration::from_secs(30));
+    let mut driver = Driver::new(&runtime);
+    let mut events = runtime.events();
+    let bundle = TestBundle::new()
+        .hyperty("sender.example", "flood", &guest("hostile"), json!({ "mode": "flood" }))
+        .hyperty("sender.example", "other", &guest("puppet"), puppet_config(true))
+        .hyperty("sleeper.example", "sleep", &guest("hostile"), json!({ "mode": "sleep" }))
+        .domain("sleeper.example", json!({ "limits": { "call-timeout-ms": 300 } }));
+    runtime.deploy(&bundle.load()).unwrap();
+    let (flooder, sleeper) = (runtime.lookup("sender.example", "flood").unwrap(), runtime.lookup("sleeper.example", "sleep").unwrap());
+    let id = start_flood(&mut driver, &flooder, &sleeper, 2);
+    let (code, result) = flood_result(&driver, id);
+    assert_eq!((code, &result["counts"]["sent"]), (200, &json!(2)), "{result}");
+    let trapped = wait_event(&mut events, |e| e.address == sleeper && matches!(e.kind, EventKind::Trapped { .. }));
+    assert!(matches!(&trapped.kind, EventKind::Trapped { reason } if reason.contains("ran past its call deadline (call-timeout-ms = 300)")), "{trapped:?}");
+    let other = runtime.lookup("sender.example", "other").unwrap();
+    assert_eq!(driver.read(&other).body.code, Some(200), "the sender's domain still answers");
+    drop(bundle);
+}
+
+#[test]
 fn messages_of_one_sender_reach_one_receiver_in_order_under_hand_off() {
     const SENDERS: usize = 6;
     const COUNT: u64 = 1000;

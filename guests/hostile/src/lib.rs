@@ -2,6 +2,10 @@
 //! what it does with every request it receives (responses are ignored):
 //!
 //! - `loop`: never returns (interrupted at the call deadline);
+//! - `sleep`: sleeps `ms` milliseconds (from the request value; an hour
+//!   without it) in `wasi:io/poll` (`std::thread::sleep`, a host call its
+//!   epoch deadline does not interrupt), and answers with how long it slept
+//!   by its monotonic clock;
 //! - `memory`: allocates until memory runs out;
 //! - `hoard`: allocates `mb` MiB (from the request value), touches and keeps
 //!   it, and answers with how many MiB it holds in all;
@@ -73,6 +77,11 @@ impl Guest for Hostile {
             "loop" => loop {
                 black_box(0);
             },
+            "sleep" => {
+                let started = std::time::Instant::now();
+                std::thread::sleep(std::time::Duration::from_millis(value["ms"].as_u64().unwrap_or(3_600_000)));
+                json!({ "slept_ms": started.elapsed().as_millis() as u64 })
+            }
             "memory" => {
                 let mut hoard: Vec<Vec<u8>> = Vec::new();
                 loop {

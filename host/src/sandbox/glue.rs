@@ -9,9 +9,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, anyhow};
-use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
+use wasmtime::component::{Component, HasSelf, Linker, Resource, ResourceTable};
+use wasmtime_wasi::clocks::WasiClocksView;
+use wasmtime_wasi::p2::DynPollable;
+use wasmtime_wasi::p2::bindings::clocks::monotonic_clock;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
+use super::timers::CallDeadline;
 use super::limits::{Grant, InstanceLimiter, Limits, LogLimiter, MAX_LOG_LINE, RateLimiter};
 use crate::address::Address;
 use crate::bus::{Bus, SendError};
@@ -39,6 +43,7 @@ pub(crate) use bindings::{Hyperty, HypertyPre};
 pub(crate) fn hyperty_linker(engine: &wasmtime::Engine) -> Result<Linker<InstanceState>> {
     let mut linker = Linker::new(engine);
     wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(|e| anyhow!("{e:#}"))?;
+    super::timers::link(&mut linker)?;
     Hyperty::add_to_linker::<_, HasSelf<InstanceState>>(&mut linker, |s| s).map_err(|e| anyhow!("{e:#}"))?;
     crate::media::glue::add_to_linker(&mut linker, |s| &mut s.media)?;
     Ok(linker)
@@ -95,6 +100,8 @@ pub(crate) struct InstanceState {
     pub(crate) media: crate::media::glue::MediaState,
     /// Messages it sent that the bus took (for `hyperty status`).
     pub sent: u64,
+    /// The deadline of the call in hand, where its timers end.
+    pub deadline: CallDeadline,
 }
 
 impl InstanceState {
@@ -129,7 +136,23 @@ impl InstanceState {
             misbehaviour_reported: None,
             sent: 0,
             media,
+            deadline: CallDeadline::new(shared.epoch.clone()),
         }
+    }
+
+    /// A timer of `ns` nanoseconds, ended at the call deadline
+    /// ([`super::timers`]); one of zero is `wasmtime-wasi`'s (ready at
+    /// once, after yielding to its I/O).
+    pub(crate) fn timer(&mut self, ns: u64) -> wasmtime::Result<Resource<DynPollable>> {
+        if ns == 0 {
+            return monotonic_clock::Host::subscribe_duration(&mut self.clocks(), 0);
+        }
+        super::timers::subscribe_timer(&mut self.table, ns, &self.deadline)
+    }
+
+    /// `wasi:clocks/monotonic-clock.now`, in nanoseconds.
+    pub(crate) fn monotonic_now(&mut self) -> wasmtime::Result<u64> {
+        monotonic_clock::Host::now(&mut self.clocks())
     }
 
     /// Converts a guest's message, checking every field, that `from` is

@@ -27,6 +27,7 @@
 pub(crate) mod glue;
 pub(crate) mod handoff;
 pub mod limits;
+mod timers;
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, TryLockError};
@@ -237,6 +238,8 @@ pub(crate) struct Shared {
     pub identities: Arc<crate::identity::Identities>,
     /// Instances and restarts are counted by domain.
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// The engine's epoch, which hyperties' timers read ([`timers`]).
+    pub epoch: crate::engine::Epoch,
 }
 
 /// The runtime's handle on a running sandbox. Dropping it stops the
@@ -521,7 +524,13 @@ fn start(shared: &Shared, memory: &Arc<DomainMemory>, media: &Arc<crate::media::
     let mut store = Store::new(&shared.engine, state);
     store.limiter(|s| &mut s.limiter);
     // Interrupted at the deadline, less the time its thread lent.
-    store.epoch_deadline_callback(|_| Ok(handoff::deadline()));
+    store.epoch_deadline_callback(|store| {
+        let update = handoff::deadline();
+        if let wasmtime::UpdateDeadline::Continue(ticks) = update {
+            store.data().deadline.arm(ticks);
+        }
+        Ok(update)
+    });
     arm(&mut store, ticks(limits), limits);
     match hyperty.pre.instantiate(&mut store) {
         Ok(bindings) => Ok(Running { store, bindings }),
@@ -972,6 +981,7 @@ fn ticks(limits: &Limits) -> u64 {
 /// Sets the deadline and the fuel budget for the next call into `store`.
 fn arm(store: &mut Store<InstanceState>, call_ticks: u64, limits: &Limits) {
     handoff::call_starts(call_ticks);
+    store.data().deadline.arm(call_ticks);
     crate::engine::arm(store, call_ticks, limits.fuel_per_call);
 }
 
