@@ -449,7 +449,7 @@ impl Runtime {
     fn start_idps(&self, bundle: &Bundle, idps: Vec<(usize, ProxyPre)>, started: &mut Vec<String>) -> Result<(), Problem> {
         for (i, pre) in idps {
             let spec = &bundle.idps[i];
-            let proxy = Proxy::start(&spec.name, pre, spec.config.clone())
+            let proxy = Proxy::start(&spec.name, pre, spec.config.clone(), self.engine.epoch().clone())
                 .map_err(|e| bundle.problem(&spec.at, "component", format!("IdP proxy {}: {e:#}", spec.name)))?;
             if !self.identities.add_proxy(&spec.name, proxy) {
                 return Err(bundle.problem(&spec.at, "component", format!("the IdP proxy of {} already runs", spec.name)));

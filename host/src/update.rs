@@ -408,7 +408,7 @@ impl Runtime {
         let mut proxies = Vec::new();
         for (i, pre, details) in changed_idps {
             let spec = &bundle.idps[i];
-            match Proxy::start(&spec.name, pre, spec.config.clone()) {
+            match Proxy::start(&spec.name, pre, spec.config.clone(), self.engine.epoch().clone()) {
                 Ok(proxy) => proxies.push((i, proxy, details)),
                 Err(e) => problems.push(bundle.problem(&spec.at, "component", format!("IdP proxy {}: the new version failed: {e:#}", spec.name))),
             }

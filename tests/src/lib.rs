@@ -128,8 +128,14 @@ impl TestBundle {
     }
 
     /// Adds the `idp-jwt` proxy of `idp` with `config`, the IdP of `domains`.
-    fn idp_with(mut self, idp: &str, config: Value, domains: &[&str]) -> TestBundle {
-        self.builder = self.builder.idp(idp, Idp::new(pinned_file(&guest("idp-jwt"))).config(config));
+    fn idp_with(self, idp: &str, config: Value, domains: &[&str]) -> TestBundle {
+        self.idp_guest(idp, "idp-jwt", config, domains)
+    }
+
+    /// Adds the proxy of `idp`, the guest component `name` with `config`,
+    /// and makes it the IdP of `domains`.
+    pub fn idp_guest(mut self, idp: &str, name: &str, config: Value, domains: &[&str]) -> TestBundle {
+        self.builder = self.builder.idp(idp, Idp::new(pinned_file(&guest(name))).config(config));
         for domain in domains {
             self.builder = self.builder.domain(domain, Domain::new().idp(idp));
         }

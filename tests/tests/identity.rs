@@ -170,6 +170,26 @@ fn validation_accepts_the_good_token_and_answers_401_to_bad_ones() {
 }
 
 #[test]
+fn an_idp_proxy_sleeping_in_a_host_call_is_stopped_at_its_call_deadline() {
+    // Its timers end at the call deadline (`sandbox::timers`), as a
+    // hyperty's: the thread that has an assertion validated (here the
+    // embedder's; as often a domain's) is held no longer than by a loop.
+    let runtime = runtime(Duration::from_secs(30));
+    let bundle = TestBundle::new()
+        .hyperty("victim.example", "v", &guest("puppet"), puppet_config(true))
+        .idp_guest("idp.hostile", "idp-hostile", json!({ "mode": "sleep" }), &["victim.example"]);
+    runtime.deploy(&bundle.load()).expect("the hostile IdP deploys");
+    let mallory = runtime.endpoint("hyperty://mallory.example/m", 16).unwrap();
+    let v = runtime.lookup("victim.example", "v").unwrap();
+    for id in [1, 2] {
+        let answer = request_with(&mallory, id, &v, Some(Assertion { idp: "idp.hostile".into(), token: "any".into() }));
+        let description = answer.body.description.clone().unwrap_or_default();
+        assert_eq!(answer.body.code, Some(401), "{answer:?}");
+        assert!(description.contains("the IdP proxy of idp.hostile trapped"), "{description}");
+    }
+}
+
+#[test]
 fn a_hyperty_cannot_set_or_forge_its_identity() {
     let mut w = world(None);
     let mut events = w.runtime.events();

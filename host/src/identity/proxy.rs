@@ -20,7 +20,9 @@ use wasmtime::Store;
 use wasmtime::component::{Component, HasSelf, Instance, InstancePre, Linker, ResourceTable};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
+use crate::engine::Epoch;
 use crate::sandbox::limits::{DomainMemory, InstanceLimiter, Limits};
+use crate::sandbox::timers::{CallDeadline, Timed};
 
 mod bindings {
     wasmtime::component::bindgen!({
@@ -66,6 +68,14 @@ struct ProxyState {
     table: ResourceTable,
     limiter: InstanceLimiter,
     log: crate::sandbox::GuestLog,
+    /// The deadline of the call in hand, where its timers end.
+    deadline: CallDeadline,
+}
+
+impl Timed for ProxyState {
+    fn deadline(&self) -> &CallDeadline {
+        &self.deadline
+    }
 }
 
 impl WasiView for ProxyState {
@@ -86,6 +96,7 @@ impl wit_log::Host for ProxyState {
 pub(crate) fn prepare(engine: &wasmtime::Engine, component: &Component) -> Result<ProxyPre> {
     let mut linker = Linker::new(engine);
     wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(|e| anyhow!("{e:#}"))?;
+    crate::sandbox::timers::link(&mut linker)?;
     Bindings::add_to_linker::<_, HasSelf<ProxyState>>(&mut linker, |s| s).map_err(|e| anyhow!("{e:#}"))?;
     let pre = linker.instantiate_pre(component).map_err(|e| anyhow!("does not fit the idp-proxy world: {e:#}"))?;
     let provider = wit::GuestIndices::new(&pre).map_err(|e| anyhow!("does not fit the idp-proxy world: {e:#}"))?;
@@ -117,19 +128,23 @@ pub(crate) struct Proxy {
     config: String,
     limits: Limits,
     memory: Arc<DomainMemory>,
+    /// The engine's epoch, which the proxy's timers read.
+    epoch: Epoch,
     running: Mutex<Option<(Store<ProxyState>, Exports)>>,
 }
 
 impl Proxy {
     /// Instantiates the proxy of IdP `name` and initialises it with
-    /// `config`; an error names what refused.
-    pub fn start(name: &str, pre: ProxyPre, config: String) -> Result<Proxy> {
+    /// `config`; an error names what refused. Its calls' deadlines count
+    /// in `epoch`, the engine's.
+    pub fn start(name: &str, pre: ProxyPre, config: String, epoch: Epoch) -> Result<Proxy> {
         let proxy = Proxy {
             name: name.into(),
             pre,
             config,
             limits: Limits::default(),
             memory: Arc::default(),
+            epoch,
             running: Mutex::new(None),
         };
         proxy.call(|_, _| Ok(()))?;
@@ -201,6 +216,7 @@ impl Proxy {
             table: ResourceTable::new(),
             limiter: InstanceLimiter::new(&self.limits, self.memory.clone()),
             log: crate::sandbox::GuestLog::new(format!("IdP proxy {}", self.name), &self.limits),
+            deadline: CallDeadline::new(self.epoch.clone()),
         };
         let prepared = &self.pre.0;
         let mut store = Store::new(prepared.pre.engine(), state);
@@ -224,5 +240,6 @@ impl Proxy {
     fn arm(&self, store: &mut Store<ProxyState>) {
         let deadline = crate::engine::ticks(std::time::Duration::from_millis(self.limits.call_timeout_ms));
         crate::engine::arm(store, deadline, self.limits.fuel_per_call);
+        store.data().deadline.arm(deadline);
     }
 }

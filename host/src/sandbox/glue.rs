@@ -9,13 +9,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, anyhow};
-use wasmtime::component::{Component, HasSelf, Linker, Resource, ResourceTable};
-use wasmtime_wasi::clocks::WasiClocksView;
-use wasmtime_wasi::p2::DynPollable;
-use wasmtime_wasi::p2::bindings::clocks::monotonic_clock;
+use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
-use super::timers::CallDeadline;
+use super::timers::{CallDeadline, Timed};
 use super::limits::{Grant, InstanceLimiter, Limits, LogLimiter, MAX_LOG_LINE, RateLimiter};
 use crate::address::Address;
 use crate::bus::{Bus, SendError};
@@ -140,21 +137,6 @@ impl InstanceState {
         }
     }
 
-    /// A timer of `ns` nanoseconds, ended at the call deadline
-    /// ([`super::timers`]); one of zero is `wasmtime-wasi`'s (ready at
-    /// once, after yielding to its I/O).
-    pub(crate) fn timer(&mut self, ns: u64) -> wasmtime::Result<Resource<DynPollable>> {
-        if ns == 0 {
-            return monotonic_clock::Host::subscribe_duration(&mut self.clocks(), 0);
-        }
-        super::timers::subscribe_timer(&mut self.table, ns, &self.deadline)
-    }
-
-    /// `wasi:clocks/monotonic-clock.now`, in nanoseconds.
-    pub(crate) fn monotonic_now(&mut self) -> wasmtime::Result<u64> {
-        monotonic_clock::Host::now(&mut self.clocks())
-    }
-
     /// Converts a guest's message, checking every field, that `from` is
     /// this hyperty's own address (the stamp), that it sets no field the
     /// host or a responder owns, and the rate limit. `request`: it is sent
@@ -245,6 +227,12 @@ fn check_json(value: String, max_bytes: usize) -> Result<String, SendError> {
     }
     crate::message::validate_value(&value).map_err(SendError::Malformed)?;
     Ok(value)
+}
+
+impl Timed for InstanceState {
+    fn deadline(&self) -> &CallDeadline {
+        &self.deadline
+    }
 }
 
 impl WasiView for InstanceState {

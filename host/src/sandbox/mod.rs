@@ -27,7 +27,7 @@
 pub(crate) mod glue;
 pub(crate) mod handoff;
 pub mod limits;
-mod timers;
+pub(crate) mod timers;
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, TryLockError};
