@@ -514,6 +514,7 @@ impl Runtime {
     fn stub_context(&self, spec: &ProtostubSpec, pre: StubPre) -> StubContext {
         StubContext {
             engine: self.engine.wasmtime().clone(),
+            epoch: self.engine.epoch().clone(),
             pre,
             settings: StubSettings {
                 config: if spec.durable { protostub::durable_config(&spec.config, &protostub::durable_id(&self.address, &spec.domain)) } else { spec.config.clone() },

@@ -14,12 +14,18 @@ use crate::{Driver, TestBundle, guest, reported};
 /// stub reaches only its own domain's addresses), with `assertion` on every
 /// report where `domain` requires identity.
 pub fn with_forger(bundle: TestBundle, domain: &str, assertion: Option<Value>) -> TestBundle {
-    let component = guest("forging-stub");
-    let bytes = std::fs::read(&component).unwrap();
     let mut config = json!({ "report-to": Forger::observer(domain) });
     if let Some(assertion) = assertion {
         config["report-assertion"] = assertion;
     }
+    with_forger_config(bundle, domain, config)
+}
+
+/// Adds `forging-stub` as the protostub of `domain` with `config` (see the
+/// guest's documentation).
+pub fn with_forger_config(bundle: TestBundle, domain: &str, config: Value) -> TestBundle {
+    let component = guest("forging-stub");
+    let bytes = std::fs::read(&component).unwrap();
     let entry = json!({
         "component": component.display().to_string(),
         "sha256": Digest::of(&bytes).to_string(),

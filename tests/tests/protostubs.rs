@@ -797,3 +797,25 @@ fn acknowledgements_in_bulk_fit_the_nodes_max_payload() {
     assert!(statuses.iter().all(|(s, _)| s != "disconnected"), "{statuses:?}");
     assert!(!nats.log().contains("Maximum Payload"), "{}", nats.log());
 }
+
+#[test]
+fn a_stub_sleeping_in_init_at_deployment_is_stopped_at_its_deadline() {
+    // The deployer's thread runs the stub's `init` to check its config,
+    // with no endpoint granted: a timer is all it can wait on, and it ends
+    // at the call deadline (`sandbox::timers`), so the deployment is
+    // refused instead of held for the hour the stub asks.
+    let runtime = std::sync::Arc::new(runtime(Duration::from_secs(30)));
+    let bundle = TestBundle::new().hyperty("sleepy.example", "p", &guest("puppet"), puppet_config(true));
+    let config = json!({ "report-to": "hyperty://sleepy.example/observer", "init-sleep-ms": 3_600_000 });
+    let bundle = hyperty_tests::forger::with_forger_config(bundle, "sleepy.example", config);
+    let (done, deployed) = std::sync::mpsc::channel();
+    let deploying = runtime.clone();
+    let loaded = bundle.load();
+    std::thread::spawn(move || done.send(deploying.deploy(&loaded).map(drop).map_err(|e| e.to_string())));
+    let refused = deployed.recv_timeout(Duration::from_secs(60)).expect("the deployment is not held for the stub's hour").unwrap_err();
+    assert!(refused.contains("init trapped") && refused.contains("sleepy.example"), "{refused}");
+    // Nothing was deployed, and the runtime deploys again.
+    assert!(runtime.lookup("sleepy.example", "p").is_none());
+    let healthy = TestBundle::new().hyperty("awake.example", "p", &guest("puppet"), puppet_config(true));
+    runtime.deploy(&healthy.load()).expect("the next deployment goes through");
+}

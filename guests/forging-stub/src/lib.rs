@@ -4,7 +4,8 @@
 //! and tells the test what the host gives it to carry out.
 //!
 //! Configuration: `{"report-to": "<address>", "report-assertion": {"idp":
-//! "…", "token": "…"}}` (other keys are ignored). What comes in through the
+//! "…", "token": "…"}, "init-sleep-ms": n}` (other keys are ignored;
+//! `init-sleep-ms`, optional, makes `init` sleep that long first). What comes in through the
 //! stub of a domain goes only to that domain's addresses, so `report-to` is
 //! an address of the stub's own domain; `report-assertion`, optional, is
 //! attached to every report (for a domain that requires identity).
@@ -101,6 +102,11 @@ struct ForgingStub;
 impl Guest for ForgingStub {
     fn init(domain: String, config: String) -> Result<(), String> {
         let config: Value = serde_json::from_str(&config).map_err(|e| format!("bad config: {e}"))?;
+        if let Some(ms) = config["init-sleep-ms"].as_u64() {
+            // A stub that hangs at deployment: the host runs `init` to check
+            // the config on the deployer's thread.
+            monotonic_clock::subscribe_duration(ms.saturating_mul(1_000_000)).block();
+        }
         let report_to = config["report-to"].as_str().ok_or("report-to is missing")?.to_owned();
         let forger = Forger {
             address: format!("hyperty://{domain}/forger"),

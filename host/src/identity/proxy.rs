@@ -216,7 +216,7 @@ impl Proxy {
             table: ResourceTable::new(),
             limiter: InstanceLimiter::new(&self.limits, self.memory.clone()),
             log: crate::sandbox::GuestLog::new(format!("IdP proxy {}", self.name), &self.limits),
-            deadline: CallDeadline::new(self.epoch.clone()),
+            deadline: CallDeadline::new(self.epoch.clone(), false),
         };
         let prepared = &self.pre.0;
         let mut store = Store::new(prepared.pre.engine(), state);

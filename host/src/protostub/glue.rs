@@ -16,6 +16,7 @@ use super::{Stub, StubContext, StubQueue, Work};
 use crate::message::code;
 use crate::sandbox::handoff;
 use crate::sandbox::limits::{DomainMemory, InstanceLimiter, Limits};
+use crate::sandbox::timers::{CallDeadline, Timed};
 
 mod bindings {
     wasmtime::component::bindgen!({
@@ -97,6 +98,7 @@ pub(crate) fn prepare(engine: &wasmtime::Engine, component: &Component) -> Resul
     check_imports(engine, component)?;
     let mut linker = Linker::new(engine);
     wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(|e| anyhow!("{e:#}"))?;
+    crate::sandbox::timers::link(&mut linker)?;
     wit::add_to_linker::<_, HasSelf<StubState>>(&mut linker, |s| s).map_err(|e| anyhow!("{e:#}"))?;
     wit_log::add_to_linker::<_, HasSelf<StubState>>(&mut linker, |s| s).map_err(|e| anyhow!("{e:#}"))?;
     let pre = linker.instantiate_pre(component).map_err(|e| anyhow!("does not fit the protostub world: {e:#}"))?;
@@ -113,6 +115,14 @@ pub(crate) struct StubState {
     registry: Arc<crate::registry::Registry>,
     events: crate::events::Events,
     log: crate::sandbox::GuestLog,
+    /// The deadline of the call in hand, where its timers end.
+    deadline: CallDeadline,
+}
+
+impl Timed for StubState {
+    fn deadline(&self) -> &CallDeadline {
+        &self.deadline
+    }
 }
 
 impl WasiView for StubState {
@@ -163,13 +173,14 @@ impl Instance {
             registry: context.registry.clone(),
             events: context.events.clone(),
             log: crate::sandbox::GuestLog::new(format!("protostub {}", stub.domain), &Limits::default()),
+            deadline: CallDeadline::new(context.epoch.clone(), true),
         };
         let mut store = Store::new(&context.engine, state);
         store.limiter(|s| &mut s.limiter);
         // Interrupted at its deadline, extended by the time its thread
         // spent running hyperties' deliveries it lent itself to (what it
         // posts: `handoff::stub_post`).
-        store.epoch_deadline_callback(|_| Ok(handoff::deadline()));
+        store.epoch_deadline_callback(crate::sandbox::timers::lending_deadline);
         arm(&mut store, super::POLL_DEADLINE);
         let bindings = context.pre.0.instantiate(&mut store).map_err(|e| format!("instantiation failed: {e:#}"))?;
         bindings
@@ -196,6 +207,7 @@ fn arm(store: &mut Store<StubState>, deadline: Duration) {
     let ticks = crate::engine::ticks(deadline);
     handoff::call_starts(ticks);
     crate::engine::arm(store, ticks, None);
+    store.data().deadline.arm(ticks);
 }
 
 /// Longest text a stub's report or refusal puts into statuses and answers,

@@ -867,6 +867,8 @@ pub(crate) struct StubSettings {
 #[derive(Clone)]
 pub(crate) struct StubContext {
     pub engine: wasmtime::Engine,
+    /// The engine's epoch, which the stub's timers read.
+    pub epoch: crate::engine::Epoch,
     pub pre: StubPre,
     pub settings: StubSettings,
     pub bus: Bus,
@@ -877,9 +879,15 @@ pub(crate) struct StubContext {
 /// Instantiates the stub's component for `domain` and calls its `init`
 /// with the bundle's configuration, without connecting anywhere: a bad
 /// configuration is found at deployment, not in a restart loop later.
+///
+/// It runs on the deployer's thread: the probe is granted no endpoint, so
+/// all it can wait on is a timer, which ends at its deadline
+/// ([`POLL_DEADLINE`]; `sandbox::timers`).
 pub(crate) fn check_config(domain: &str, context: &StubContext) -> Result<(), String> {
     let probe = Stub::new(domain, 1, None, Box::new(|_| {}))?;
-    glue::Instance::start(&probe, context).map(drop)
+    let mut context = context.clone();
+    context.settings.endpoints.clear();
+    glue::Instance::start(&probe, &context).map(drop)
 }
 
 /// How long one `poll` call may wait for work before it returns.

@@ -133,7 +133,7 @@ impl InstanceState {
             misbehaviour_reported: None,
             sent: 0,
             media,
-            deadline: CallDeadline::new(shared.epoch.clone()),
+            deadline: CallDeadline::new(shared.epoch.clone(), true),
         }
     }
 

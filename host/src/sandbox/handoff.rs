@@ -180,6 +180,15 @@ pub(crate) fn call_starts(call_ticks: u64) {
     LEND_BUDGET.set(crate::engine::EPOCH_TICK * u32::try_from(call_ticks).unwrap_or(u32::MAX));
 }
 
+/// Whole epoch ticks this thread lent during the call in hand that
+/// [`deadline`] has not yet credited to it: the call's deadline is that
+/// much later than its store's (a timer of the call waits for them too,
+/// `sandbox::timers`). The thread running the guest that waits is the
+/// thread the timer is polled on (`wasmtime-wasi` blocks on it there).
+pub(crate) fn credit_ticks() -> u64 {
+    (LENT.get().as_nanos() / crate::engine::EPOCH_TICK.as_nanos()) as u64
+}
+
 /// What a store does when its epoch deadline passes (installed with
 /// `Store::epoch_deadline_callback`): extend it by the whole epoch ticks
 /// its thread spent on lent calls not credited yet (the remainder is

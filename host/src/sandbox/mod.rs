@@ -524,13 +524,7 @@ fn start(shared: &Shared, memory: &Arc<DomainMemory>, media: &Arc<crate::media::
     let mut store = Store::new(&shared.engine, state);
     store.limiter(|s| &mut s.limiter);
     // Interrupted at the deadline, less the time its thread lent.
-    store.epoch_deadline_callback(|store| {
-        let update = handoff::deadline();
-        if let wasmtime::UpdateDeadline::Continue(ticks) = update {
-            store.data().deadline.arm(ticks);
-        }
-        Ok(update)
-    });
+    store.epoch_deadline_callback(crate::sandbox::timers::lending_deadline);
     arm(&mut store, ticks(limits), limits);
     match hyperty.pre.instantiate(&mut store) {
         Ok(bindings) => Ok(Running { store, bindings }),
@@ -981,8 +975,8 @@ fn ticks(limits: &Limits) -> u64 {
 /// Sets the deadline and the fuel budget for the next call into `store`.
 fn arm(store: &mut Store<InstanceState>, call_ticks: u64, limits: &Limits) {
     handoff::call_starts(call_ticks);
-    store.data().deadline.arm(call_ticks);
     crate::engine::arm(store, call_ticks, limits.fuel_per_call);
+    store.data().deadline.arm(call_ticks);
 }
 
 /// Why a call trapped, in words: the deadline, fuel, a refused memory or

@@ -8,25 +8,30 @@
 //! long as it asked: a hyperty, its domain's thread or, on the hand-off
 //! path, a lending domain's or protostub's; an IdP proxy, the thread of
 //! whoever has an assertion validated (and the others waiting for the
-//! proxy's one instance). So those two functions are linked over
+//! proxy's one instance); a protostub checked at deployment, the
+//! deployer's. So those two functions are linked over
 //! `wasmtime-wasi`'s (`Linker::allow_shadowing`) and make a [`Timer`]:
 //! ready at its time or once the engine's epoch has reached the deadline of
 //! the call in hand ([`CallDeadline`]), whichever comes first. Back in wasm,
 //! a call woken by its deadline traps at its next epoch check (a function
-//! entry or a loop), as if it had looped: "ran past its call deadline".
+//! entry or a loop header), as if it had looped: "ran past its call
+//! deadline"; one whose code returns from the export without meeting a
+//! check returns normally, late, its sleep cut short. Either way its thread
+//! is held no longer than by a loop (at most two ticks more).
 //!
 //! A timer is the only thing a hyperty or an IdP proxy can wait on: their
 //! WASI contexts open no directory, allow no socket address, and their
 //! stdin is empty and their stdout and stderr discard, so the other
 //! pollables and blocking stream calls have nothing to wait for. Whoever
-//! opens one of those to them must cut it to the deadline too. (A
-//! protostub, which must wait on its node's socket, is not cut: it runs on
-//! its own thread, and its `poll` has its own deadline.)
+//! opens one of those to them must cut it to the deadline too. A
+//! protostub's timers are cut as well (its `init` checked at deployment has
+//! no endpoint, so a timer is all it waits on there); its waits on its
+//! node's socket are not, and hold only its own thread (`host/SECURITY.md`).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use anyhow::{Result, anyhow};
+use anyhow::{Result, anyhow, bail};
 use wasmtime::StoreContextMut;
 use wasmtime::component::{Linker, Resource};
 use wasmtime_wasi::WasiView;
@@ -49,6 +54,12 @@ pub(crate) trait Timed: WasiView + 'static {
 /// [`MONOTONIC_CLOCK`] again, over `wasmtime-wasi`'s, to make [`Timer`]s;
 /// the linker must already hold `wasmtime-wasi`'s.
 pub(crate) fn link<T: Timed>(linker: &mut Linker<T>) -> Result<()> {
+    let mut clock = linker.instance(MONOTONIC_CLOCK).map_err(|e| anyhow!("{MONOTONIC_CLOCK}: {e:#}"))?;
+    // Were `wasmtime-wasi` to link another version, this would make a new
+    // instance beside it and cut nothing: refuse to start instead.
+    if clock.func_wrap("now", |_, (): ()| Ok((0u64,))).is_ok() {
+        bail!("wasmtime-wasi does not link {MONOTONIC_CLOCK}: update sandbox::timers::MONOTONIC_CLOCK, or guests' timers would not be cut");
+    }
     linker.allow_shadowing(true);
     let mut clock = linker.instance(MONOTONIC_CLOCK).map_err(|e| anyhow!("{MONOTONIC_CLOCK}: {e:#}"))?;
     clock.func_wrap("subscribe-duration", |mut store: StoreContextMut<'_, T>, (ns,): (u64,)| Ok((timer(store.data_mut(), ns)?,)))?;
@@ -59,6 +70,17 @@ pub(crate) fn link<T: Timed>(linker: &mut Linker<T>) -> Result<()> {
     })?;
     linker.allow_shadowing(false);
     Ok(())
+}
+
+/// The epoch deadline callback of a store whose thread may lend itself
+/// (a hyperty's, a protostub's): [`super::handoff::deadline`], with the
+/// store's [`CallDeadline`] moved by the ticks it extends the call by.
+pub(crate) fn lending_deadline<T: Timed>(store: StoreContextMut<'_, T>) -> wasmtime::Result<wasmtime::UpdateDeadline> {
+    let update = super::handoff::deadline();
+    if let wasmtime::UpdateDeadline::Continue(ticks) = update {
+        store.data().deadline().arm(ticks);
+    }
+    Ok(update)
 }
 
 /// A timer of `ns` nanoseconds from now, pushed to the guest's resource
@@ -83,25 +105,38 @@ fn timer<T: Timed>(state: &mut T, ns: u64) -> wasmtime::Result<Resource<DynPolla
 pub(crate) struct CallDeadline {
     epoch: Epoch,
     at: Arc<AtomicU64>,
+    /// Its store's deadline is extended by the time its thread lent
+    /// (a hyperty's: `handoff::deadline` is its deadline callback).
+    lends: bool,
 }
 
 impl CallDeadline {
-    /// No call in hand yet.
-    pub fn new(epoch: Epoch) -> CallDeadline {
-        CallDeadline { epoch, at: Arc::new(AtomicU64::new(u64::MAX)) }
+    /// No call in hand yet; `lends`: its store's deadline is extended by
+    /// the time its thread lends (`sandbox::handoff`).
+    pub fn new(epoch: Epoch, lends: bool) -> CallDeadline {
+        CallDeadline { epoch, at: Arc::new(AtomicU64::new(u64::MAX)), lends }
     }
 
-    /// The store's epoch deadline was set `ticks` ticks from now
-    /// (`Store::set_epoch_deadline`, `UpdateDeadline::Continue`). The host's
-    /// count of the epoch may be one tick behind wasmtime's, so the deadline
-    /// is kept one tick later: reaching it, the store is surely past its own.
+    /// The store's epoch deadline is set `ticks` ticks from now
+    /// (`Store::set_epoch_deadline`; `UpdateDeadline::Continue`, which
+    /// wasmtime applies just after the callback returns). The host's count
+    /// of the epoch may be one tick behind wasmtime's, and wasmtime may read
+    /// its own one tick later than this reads the host's, so the deadline
+    /// is kept two ticks later: reaching it, the store is surely past its
+    /// own.
     pub fn arm(&self, ticks: u64) {
-        self.at.store(self.epoch.now().saturating_add(ticks).saturating_add(1), Ordering::Relaxed);
+        self.at.store(self.epoch.now().saturating_add(ticks).saturating_add(2), Ordering::Relaxed);
     }
 
-    /// Whole epoch ticks until the deadline (0: it has passed).
+    /// Whole epoch ticks until the deadline (0: it has passed), counting,
+    /// where its store lends, the time this thread lent during the call in
+    /// hand and will be given back at the deadline (`handoff::deadline`): a
+    /// sender's own sleep is not cut for the time a receiver ran on its
+    /// thread.
     fn ticks_left(&self) -> u64 {
-        self.at.load(Ordering::Relaxed).saturating_sub(self.epoch.now())
+        let credit = if self.lends { super::handoff::credit_ticks() } else { 0 };
+        let at = self.at.load(Ordering::Relaxed).saturating_add(credit);
+        at.saturating_sub(self.epoch.now())
     }
 }
 
