@@ -15,9 +15,11 @@
 //! connections); the two-process path is exercised by the tests.
 //!
 //! For `perf stat`, the runtime-to-runtime work and nothing else:
-//! `HYPERTY_NATS_BENCH=<oneway|rr>:<count>` runs that many one-way messages
-//! (or round trips) after the warm-up; the difference between two counts,
-//! divided by the difference in count, is the cost of one.
+//! `HYPERTY_NATS_BENCH=<oneway|rr>:<count>[:policies]` runs that many
+//! one-way messages (or round trips) after the warm-up, with `policies` under
+//! the bus bench's realistic Cedar set on both domains and both runtimes'
+//! buses; the difference between two counts, divided by the difference in
+//! count, is the cost of one.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -34,16 +36,21 @@ const RUNS: usize = 3;
 fn main() {
     let nats = Nats::start();
     let servers = [nats.endpoint()];
-    let path = RuntimePath::new(&servers);
+    let spec = std::env::var("HYPERTY_NATS_BENCH").ok();
+    let usage = "HYPERTY_NATS_BENCH=<oneway|rr>:<count>[:policies]";
+    let policies = spec.as_deref().is_some_and(|s| s.ends_with(":policies"));
+    let policies_dir = tempfile::tempdir().unwrap();
+    let path = RuntimePath::new(&servers, policies.then_some(policies_dir.path()));
     path.round_trips(200); // warm-up: stubs loaded, subscriptions in place
     path.one_way(2_000);
-    if let Ok(spec) = std::env::var("HYPERTY_NATS_BENCH") {
-        let (kind, count) = spec.split_once(':').expect("HYPERTY_NATS_BENCH=<oneway|rr>:<count>");
-        let count: u64 = count.parse().expect("a count");
+    if let Some(spec) = spec {
+        let mut parts = spec.split(':');
+        let kind = parts.next().unwrap_or_default();
+        let count: u64 = parts.next().and_then(|c| c.parse().ok()).expect(usage);
         match kind {
             "oneway" => println!("one-way: {:.0} msg/s", path.one_way(count)),
             "rr" => println!("round trips: p50 {:.1} µs", percentiles(path.round_trips(count as usize)).0),
-            _ => panic!("HYPERTY_NATS_BENCH=<oneway|rr>:<count>, not {spec}"),
+            _ => panic!("{usage}, not {spec}"),
         }
         return;
     }
@@ -71,7 +78,8 @@ fn main() {
 
 /// Runtime 1 (bench driver in alice.example, the harness endpoint in
 /// bench.example) and runtime 2 (bench sink in bob.example), each with NATS
-/// stubs for the three domains.
+/// stubs for the three domains; with `policies` (a directory for their
+/// files), the bus bench's realistic Cedar set on both domains and buses.
 struct RuntimePath {
     r1: Runtime,
     _r2: Runtime,
@@ -83,7 +91,7 @@ struct RuntimePath {
 }
 
 impl RuntimePath {
-    fn new(servers: &[String]) -> RuntimePath {
+    fn new(servers: &[String], policies: Option<&std::path::Path>) -> RuntimePath {
         let stubs = |mut b: TestBundle| {
             for d in ["alice.example", "bob.example", "bench.example"] {
                 b = b.protostub(d, servers, json!({ "queue": 100_000 }));
@@ -91,12 +99,32 @@ impl RuntimePath {
             b
         };
         let unlimited = json!({ "limits": { "rate": 100_000_000, "burst": 1_000_000, "inbox": 65_536 } });
+        let files = policies.map(|dir| {
+            let file = |owner: &str| {
+                let path = dir.join(format!("{owner}.cedar"));
+                std::fs::write(&path, hyperty_tests::soak::realistic_policies(owner)).unwrap();
+                path.to_str().unwrap().to_owned()
+            };
+            (file("alice"), file("bob"), file("bus"))
+        });
+        // Each runtime has the policies of the domain it runs.
+        let checked = |b: TestBundle, domain: &str, file: Option<&String>| match file {
+            Some(file) => b.domain(domain, json!({ "policies": [file] })),
+            None => b,
+        };
         let b1 = stubs(TestBundle::new().hyperty("alice.example", "driver", &guest("bench"), json!({ "role": "driver" })))
             .domain("alice.example", unlimited.clone());
+        let b1 = checked(b1, "alice.example", files.as_ref().map(|f| &f.0));
         let b2 = stubs(TestBundle::new().hyperty("bob.example", "sink", &guest("bench"), json!({ "role": "sink" })))
             .domain("bob.example", unlimited);
+        let b2 = checked(b2, "bob.example", files.as_ref().map(|f| &f.1));
         let r1 = runtime(Duration::from_secs(60));
         let r2 = runtime(Duration::from_secs(60));
+        if let Some((_, _, bus)) = &files {
+            for r in [&r1, &r2] {
+                r.policies().set_runtime_policies(std::path::Path::new(bus)).unwrap();
+            }
+        }
         r1.deploy(&b1.load()).unwrap();
         r2.deploy(&b2.load()).unwrap();
         let harness = r1.endpoint("hyperty://bench.example/harness", 1024).unwrap();
