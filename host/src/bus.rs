@@ -199,16 +199,17 @@ pub(crate) struct Bus {
 }
 
 /// A destination as the bus holds it: what it delivers to, and the
-/// decisions kept for messages to it (none for a carrier, which takes a
-/// whole domain's addresses; see [`decisions`]).
+/// decisions kept for messages to it (for a carrier, which takes a whole
+/// domain's addresses, kept per receiver address like any input; see
+/// [`decisions`]).
 struct Route {
     destination: Arc<dyn Destination>,
-    decisions: Option<Decisions>,
+    decisions: Decisions,
 }
 
 impl Route {
     fn new(destination: Arc<dyn Destination>) -> Arc<Route> {
-        Arc::new(Route { destination, decisions: Some(Decisions::default()) })
+        Arc::new(Route { destination, decisions: Decisions::default() })
     }
 }
 
@@ -323,7 +324,7 @@ impl Bus {
         for (address, _) in routes.iter().filter(|(a, r)| a.domain() == carrier.domain() && r.destination.listened_for()) {
             carrier.listen(address);
         }
-        let route = Arc::new(Route { destination: carrier.clone(), decisions: None });
+        let route = Route::new(carrier.clone());
         carriers.insert(carrier.domain().to_owned(), Carried { carrier, route });
         true
     }
@@ -533,10 +534,7 @@ impl Bus {
             (EnforcementPoint::BusAccess, inner.config.runtime_domain.as_str()),
             (EnforcementPoint::Incoming, message.to.domain()),
         ];
-        let (decided, counter) = match &route.decisions {
-            Some(decisions) => decisions.decide(&*inner.policy, &inner.metrics, &points, &message, parties),
-            None => (inner.policy.decide_path(&points, &message, parties), inner.metrics.message_counter(message.from.domain(), message.kind)),
-        };
+        let (decided, counter) = route.decisions.decide(&*inner.policy, &inner.metrics, &points, &message, parties);
         if let Err((i, Decision::Deny { policies, reason })) = decided {
             let (point, domain) = points[i];
             inner.metrics.policy_denial(i);
@@ -1293,6 +1291,35 @@ mod tests {
         assert!(far.unrouted.lock().unwrap().contains(&address("hyperty://bob.example/here")));
         bus.remove_carrier("bob.example");
         assert!(far.stopped.load(Ordering::Acquire) && !bus.carries("bob.example"));
+    }
+
+    #[test]
+    fn a_carrier_keeps_decisions_per_receiver_under_the_same_policy_version_only() {
+        let config = BusConfig { runtime_domain: "runtime.example".into(), request_timeout: Duration::from_secs(60), max_message_bytes: 64 * 1024 };
+        let policy = Arc::new(decisions::tests::Counting::default());
+        let bus = Bus::new(config, policy.clone(), Arc::new(Anonymous), Arc::default());
+        let _asker = endpoint(&bus, "hyperty://alice.example/asker");
+        let far = Arc::new(FarAway {
+            domain: "bob.example".into(),
+            probe: Probe::new(),
+            listening: Mutex::default(),
+            unrouted: Mutex::default(),
+            stopped: AtomicBool::new(false),
+        });
+        assert!(bus.add_carrier(far.clone()));
+        // The points asked so far, after a notification to `to` (a path is three).
+        let asked = |id, to: &str| {
+            let message = Message::new(id, MessageType::Update, address("hyperty://alice.example/asker"), address(to), None);
+            bus.send(message, None, None).unwrap();
+            policy.asked.load(Ordering::Relaxed)
+        };
+        assert_eq!(asked(1, "hyperty://bob.example/x"), 3);
+        assert_eq!(asked(2, "hyperty://bob.example/x"), 3, "kept beside the carrier's route");
+        assert_eq!(asked(3, "hyperty://bob.example/y"), 6, "another receiver of the domain is another input");
+        assert_eq!(asked(4, "hyperty://bob.example/y"), 6);
+        policy.generation.fetch_add(1, Ordering::Relaxed);
+        assert_eq!(asked(5, "hyperty://bob.example/x"), 9, "a new version decides again");
+        assert_eq!(far.probe.got().len(), 5, "all carried");
     }
 
     #[test]

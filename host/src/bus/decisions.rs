@@ -8,7 +8,8 @@
 //! a group change and a time boundary are new versions; a point that
 //! reports none keeps nothing), and only for a message equal in every
 //! input a decision is made from: `from`, `to` (a child address comes to
-//! its object's route), the type, `body.resource`, the established
+//! its object's route, and every address of a remote domain to its
+//! carrier's), the type, `body.resource`, the established
 //! identity and the sender's descriptor. The points and their domains
 //! follow from `from` and `to`, and the receiver's descriptor from the
 //! route (a route whose destination changes is a new route). So a message
@@ -143,7 +144,7 @@ impl Decisions {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use std::sync::atomic::{AtomicU64, Ordering};
 
     use super::*;
@@ -151,9 +152,9 @@ mod tests {
     /// Permits everything, counting the points it is asked, at the
     /// generation the test sets.
     #[derive(Default)]
-    struct Counting {
-        asked: AtomicU64,
-        generation: AtomicU64,
+    pub(in crate::bus) struct Counting {
+        pub asked: AtomicU64,
+        pub generation: AtomicU64,
     }
 
     impl PolicyDecisionPoint for Counting {
