@@ -1151,6 +1151,12 @@ mod tests {
         stopped: AtomicBool,
     }
 
+    impl FarAway {
+        fn new(domain: &str) -> FarAway {
+            FarAway { domain: domain.into(), probe: Probe::new(), listening: Mutex::default(), unrouted: Mutex::default(), stopped: AtomicBool::new(false) }
+        }
+    }
+
     impl Destination for FarAway {
         fn deliver(&self, message: Message, bus: &Bus, wait: Option<Duration>) -> Result<(), Refused> {
             self.probe.deliver(message, bus, wait)
@@ -1247,13 +1253,7 @@ mod tests {
         bus.add_route(address("hyperty://bob.example/here"), local.clone());
         let quiet = Arc::new(Probe { listened: false, remote: Err((code::FORBIDDEN, "this runtime only".into())), ..Probe::new() });
         bus.add_route(address("domain://status.bob.example"), quiet.clone());
-        let far = Arc::new(FarAway {
-            domain: "bob.example".into(),
-            probe: Probe::new(),
-            listening: Mutex::default(),
-            unrouted: Mutex::default(),
-            stopped: AtomicBool::new(false),
-        });
+        let far = Arc::new(FarAway::new("bob.example"));
         assert!(bus.add_carrier(far.clone()));
         assert!(bus.carries("bob.example") && !bus.carries("carol.example"));
         assert_eq!(*far.listening.lock().unwrap(), [address("hyperty://bob.example/here")], "listens for what is routed here, and listened for");
@@ -1299,13 +1299,7 @@ mod tests {
         let policy = Arc::new(decisions::tests::Counting::default());
         let bus = Bus::new(config, policy.clone(), Arc::new(Anonymous), Arc::default());
         let _asker = endpoint(&bus, "hyperty://alice.example/asker");
-        let far = Arc::new(FarAway {
-            domain: "bob.example".into(),
-            probe: Probe::new(),
-            listening: Mutex::default(),
-            unrouted: Mutex::default(),
-            stopped: AtomicBool::new(false),
-        });
+        let far = Arc::new(FarAway::new("bob.example"));
         assert!(bus.add_carrier(far.clone()));
         // The points asked so far, after a notification to `to` (a path is three).
         let asked = |id, to: &str| {
