@@ -70,17 +70,29 @@ impl Forger {
         assert_eq!(self.order(json!({ "status-flood": times })), "ok");
     }
 
+    /// The stub reports the status `live` `times` times, as fast as it can,
+    /// then traps (and is restarted); returns at once.
+    pub fn flood_status_then_trap(&mut self, times: u64) {
+        self.send_order(json!({ "status-flood": times, "then-trap": true }));
+    }
+
     /// Sends `order` (given its id) and waits for the stub's report of it:
     /// its `result`.
-    fn order(&mut self, mut order: Value) -> String {
+    fn order(&mut self, order: Value) -> String {
+        let id = self.send_order(order);
+        let report = self.reports.expect(|m| self.is_report(m) && reported(m)["posted"] == id);
+        reported(&report)["result"].as_str().unwrap().to_owned()
+    }
+
+    /// Sends `order`, given the next id; that id.
+    fn send_order(&mut self, mut order: Value) -> u64 {
         self.orders += 1;
         let id = self.orders;
         order["id"] = json!(id);
         let from = self.reports.address().clone();
         let m = Message::new(self.reports.fresh_id(), MessageType::Update, from, self.address.clone(), Some(order.to_string()));
         self.reports.endpoint.send(m).unwrap();
-        let report = self.reports.expect(|m| self.is_report(m) && reported(m)["posted"] == id);
-        reported(&report)["result"].as_str().unwrap().to_owned()
+        id
     }
 
     /// The next message the host gave the stub to carry out (its

@@ -254,6 +254,31 @@ fn a_stub_reporting_its_status_in_a_loop_is_logged_and_told_at_their_rates() {
 }
 
 #[test]
+fn a_stub_that_fails_after_spending_its_status_rate_is_still_told_failed() {
+    // The host's own statuses (loaded, failed) are told past the rate, or
+    // a stub reporting in a loop until it traps would hide its failure: the
+    // restart's status would replace it before the rate told it.
+    let runtime = runtime(Duration::from_secs(5));
+    let driver = Driver::new(&runtime);
+    let domain = "fails-quietly.example";
+    let stub = format!("domain://protostub.{domain}");
+    let bundle = with_forger(TestBundle::new(), domain, None);
+    runtime.deploy(&bundle.load()).unwrap();
+    let mut forger = Forger::new(&runtime, domain);
+    let subscribe = driver.endpoint.message(MessageType::Subscribe, &stub).build().unwrap();
+    assert_eq!(driver.endpoint.request_reply(subscribe, None).unwrap().body.code, Some(200));
+    forger.flood_status_then_trap(2000);
+    loop {
+        let m = driver.endpoint.recv_timeout(Duration::from_secs(10)).expect("the failure is told within 10 s");
+        let status: Value = serde_json::from_str(m.body.value.as_deref().unwrap()).unwrap();
+        if status["status"] == "failed" {
+            assert!(status["detail"].as_str().unwrap().contains("panicked"), "{status}");
+            break;
+        }
+    }
+}
+
+#[test]
 fn json_values_too_deep_or_with_unbounded_numbers_are_refused_malformed() {
     let mut c = case("greedy-json.example", json!({}));
     let b = c.b.clone();

@@ -18,7 +18,8 @@
 //!   `{"posted": n, "result": "ok" | "<the host's error>"}`.
 //! - An order `{"id": n, "status-flood": k}` reports the status `live` k
 //!   times (details `flood 0` … `flood k-1`), as fast as it can, then
-//!   reports `{"posted": n, "result": "ok"}`.
+//!   reports `{"posted": n, "result": "ok"}` — or, with `"then-trap":
+//!   true`, panics instead.
 //! - Any other message queued is reported as `{"outbound": <its envelope>}`.
 //!
 //! Reports are `forward` envelopes from `hyperty://<domain>/forger` to
@@ -80,6 +81,9 @@ impl Forger {
             if let Some(k) = order["status-flood"].as_u64() {
                 for i in 0..k {
                     host::report_status(StubStatus::Live, &format!("flood {i}"));
+                }
+                if order["then-trap"] == json!(true) {
+                    panic!("the forging stub traps after its status flood, as ordered");
                 }
                 self.report(json!({ "posted": order["id"], "result": "ok" }));
                 continue;
