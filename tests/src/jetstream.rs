@@ -102,21 +102,41 @@ fn signal(pid: i32, signal: i32) {
 
 /// `hyperty run <bundle>` in a child process (this test binary re-executed
 /// to run its ignored `durable_child` test) on a data directory that stays
-/// across its restarts; each incarnation logs into its own file. Killed on
-/// drop.
+/// across its restarts, serving its metrics on loopback; each incarnation
+/// logs into its own file. Killed on drop.
 pub struct RuntimeProcess {
     child: Option<std::process::Child>,
     dir: tempfile::TempDir,
     incarnation: u32,
+    /// Its `--metrics` address (a port free when it was started).
+    metrics: std::net::SocketAddr,
 }
 
 impl RuntimeProcess {
     /// Starts `hyperty run bundle` on a fresh data directory.
     pub fn start(bundle: &Path) -> RuntimeProcess {
         let dir = tempfile::tempdir().unwrap();
-        let mut p = RuntimeProcess { child: None, dir, incarnation: 0 };
+        let metrics = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        let mut p = RuntimeProcess { child: None, dir, incarnation: 0, metrics };
         p.restart(bundle);
         p
+    }
+
+    /// Waits (up to 60 s) until the protostub of `domain` holds nothing,
+    /// its last removal on the disk included (`hyperty_stub_queue_messages`
+    /// at 0); panics with its log if not.
+    pub fn wait_stub_queue_empty(&self, domain: &str) {
+        let until = Instant::now() + Duration::from_secs(60);
+        loop {
+            let queued = std::net::TcpStream::connect(self.metrics)
+                .ok()
+                .and_then(|_| crate::metrics::scrape(self.metrics).find("hyperty_stub_queue_messages", &[("domain", domain)]));
+            if queued == Some(0.0) {
+                return;
+            }
+            assert!(Instant::now() < until, "the protostub queue of {domain} holds {queued:?} after 60 s:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     fn log_path(&self) -> PathBuf {
@@ -128,7 +148,7 @@ impl RuntimeProcess {
     pub fn restart(&mut self, bundle: &Path) {
         self.kill();
         self.incarnation += 1;
-        let args = json!([self.dir.path().join("data"), crate::cache_dir(), bundle]);
+        let args = json!([self.dir.path().join("data"), crate::cache_dir(), bundle, self.metrics.to_string()]);
         let child = std::process::Command::new(std::env::current_exe().unwrap())
             .args(["--exact", "durable_child", "--ignored", "--nocapture", "--test-threads=1"])
             .env("HYPERTY_DURABLE_CHILD", args.to_string())
@@ -189,7 +209,7 @@ impl Drop for RuntimeProcess {
 pub fn durable_child() {
     let Ok(args) = std::env::var("HYPERTY_DURABLE_CHILD") else { return };
     let paths: Vec<String> = serde_json::from_str(&args).unwrap();
-    let args = ["hyperty", "--data-dir", &paths[0], "--cache-dir", &paths[1], "run", &paths[2]];
+    let args = ["hyperty", "--data-dir", &paths[0], "--cache-dir", &paths[1], "run", "--metrics", &paths[3], &paths[2]];
     let code = hyperty_host::cli::main_with_args(args.iter().map(std::ffi::OsString::from));
     std::process::exit(if code == std::process::ExitCode::SUCCESS { 0 } else { 1 });
 }

@@ -213,9 +213,12 @@ fn a_sender_killed_idle_after_its_queue_emptied_sends_nothing_again() {
     wait_ids(&harness, &sink, "the run arrives", |i| i.received >= 50);
     let prefix = nats_subject("bob.example", SINK, "alice.example");
     // The receiver acknowledged every envelope, so the server had stored
-    // each one and sent its PubAck to the sender long before (the sender's
-    // stub reads them as they come): its queue is empty.
+    // each one and sent its PubAck to the sender.
     js.wait_all_acknowledged(BOB_STREAM, prefix.rsplit_once('.').unwrap().0);
+    // Stored and acknowledged by the server is not yet read by the sender:
+    // its stub takes a PubAck when it next reads, and removes the envelope
+    // from its disk after that (synced when the queue empties).
+    sender.wait_stub_queue_empty("bob.example");
     sender.kill();
     let again = driver_bundle(&servers, Some((51, 1)), json!({}));
     sender.restart(&again.write());

@@ -42,7 +42,7 @@ mod glue;
 mod outbox;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -205,7 +205,8 @@ impl Stub {
 
     /// Messages in its queue (waiting, or sent and not yet acknowledged).
     pub fn queued(&self) -> usize {
-        self.queue.state.lock().unwrap().items.len()
+        let s = self.queue.state.lock().unwrap();
+        s.items.len() + self.queue.forgetting.load(Ordering::Acquire)
     }
 
     /// Whether its last status is `live` (connected to its node).
@@ -429,11 +430,16 @@ pub(crate) struct StubQueue {
     origin: String,
     /// Where a durable queue keeps its items.
     outbox: Option<outbox::Outbox>,
+    /// Items of a durable queue taken out whose removal from the disk is
+    /// not done yet: still held, as far as a crash is concerned, so they
+    /// count in [`Stub::queued`] (counted under `state`'s lock as they are
+    /// taken, so the count never dips between the two).
+    forgetting: AtomicUsize,
 }
 
 impl StubQueue {
     fn new(capacity: usize, origin: String, outbox: Option<outbox::Outbox>) -> StubQueue {
-        StubQueue { state: Mutex::default(), notify: tokio::sync::Notify::new(), capacity: capacity.into(), origin, outbox }
+        StubQueue { state: Mutex::default(), notify: tokio::sync::Notify::new(), capacity: capacity.into(), origin, outbox, forgetting: AtomicUsize::new(0) }
     }
 
     /// Queues again the envelopes a durable queue kept (the runtime
@@ -451,6 +457,7 @@ impl StubQueue {
                 }
                 Err(e) => {
                     tracing::error!(seq, "a kept envelope does not read and is dropped: {e}");
+                    self.forgetting(true);
                     self.forget(seq, false);
                 }
             }
@@ -492,13 +499,24 @@ impl StubQueue {
         Ok(())
     }
 
+    /// An item of a durable queue was `taken` out (under `state`'s lock):
+    /// it counts as queued until [`StubQueue::forget`] removed it from the
+    /// disk.
+    fn forgetting(&self, taken: bool) {
+        if taken && self.outbox.is_some() {
+            self.forgetting.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+
     /// Removes `seq` from the disk of a durable queue (synced when the
-    /// queue is now `empty`).
+    /// queue is now `empty`), taken out of the queue with
+    /// [`StubQueue::forgetting`].
     fn forget(&self, seq: u64, empty: bool) {
-        if let Some(outbox) = &self.outbox
-            && let Err(e) = outbox.remove(seq, empty)
-        {
-            tracing::error!(seq, "durable protostub queue: cannot remove a message (it will be sent again): {e:#}");
+        if let Some(outbox) = &self.outbox {
+            if let Err(e) = outbox.remove(seq, empty) {
+                tracing::error!(seq, "durable protostub queue: cannot remove a message (it will be sent again): {e:#}");
+            }
+            self.forgetting.fetch_sub(1, Ordering::AcqRel);
         }
     }
 
@@ -540,7 +558,9 @@ impl StubQueue {
     pub fn delivered(&self, seq: u64) {
         let (taken, empty) = {
             let mut s = self.state.lock().unwrap();
-            (Self::take(&mut s, seq).is_some(), s.items.is_empty())
+            let taken = Self::take(&mut s, seq).is_some();
+            self.forgetting(taken);
+            (taken, s.items.is_empty())
         };
         if taken {
             self.forget(seq, empty);
@@ -568,6 +588,7 @@ impl StubQueue {
             return None;
         }
         let item = Self::take(&mut s, seq)?;
+        self.forgetting(true);
         let empty = s.items.is_empty();
         drop(s);
         self.forget(seq, empty);
