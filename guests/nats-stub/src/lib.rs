@@ -272,6 +272,8 @@ struct Stub {
     acks: BTreeMap<String, Vec<String>>,
     /// Durable delivery through JetStream, when the host asks for it.
     js: Option<Js>,
+    /// Subject prefixes of the addresses sent to lately.
+    subjects: HashMap<String, String>,
 }
 
 thread_local! {
@@ -299,6 +301,32 @@ fn publish_violation(err: &str) -> Option<&str> {
 fn subject(domain: &str, address: &str) -> String {
     let digest = Sha256::digest(address.as_bytes());
     format!("rethink.{}.{}", domain.replace('.', "_"), hex::encode(&digest[..16]))
+}
+
+/// Subject prefixes a stub keeps ([`cached_subject`]): the addresses it
+/// sends to lately.
+const SUBJECT_CACHE: usize = 4096;
+
+/// [`subject`], kept in `cache` (cleared when it holds [`SUBJECT_CACHE`]):
+/// the SHA-256 was the largest cost of a send (`perf` on the nats bench).
+fn cached_subject<'a>(cache: &'a mut HashMap<String, String>, domain: &str, address: &str) -> &'a str {
+    if !cache.contains_key(address) {
+        if cache.len() >= SUBJECT_CACHE {
+            cache.clear();
+        }
+        cache.insert(address.to_owned(), subject(domain, address));
+    }
+    &cache[address]
+}
+
+/// `bytes` as text: borrowed when they are UTF-8, as they almost always
+/// are (`str::from_utf8` checks a word at a time; `from_utf8_lossy`'s
+/// chunking goes byte by byte), else with U+FFFD for what is not.
+fn text(bytes: &[u8]) -> std::borrow::Cow<'_, str> {
+    match std::str::from_utf8(bytes) {
+        Ok(text) => std::borrow::Cow::Borrowed(text),
+        Err(_) => String::from_utf8_lossy(bytes),
+    }
 }
 
 /// The provider domain of an address as the host reads it: the authority,
@@ -450,7 +478,7 @@ impl Conn {
     fn read_line(&mut self, deadline: u64) -> Result<String, String> {
         loop {
             if let Some(end) = line_end(&self.rbuf)? {
-                let line = String::from_utf8_lossy(&self.rbuf[..end]).into_owned();
+                let line = text(&self.rbuf[..end]).into_owned();
                 self.rbuf.drain(..end + 2);
                 return Ok(line);
             }
@@ -501,7 +529,7 @@ enum Op {
 /// message larger than `max_payload` is a protocol error.
 fn parse(buf: &mut Vec<u8>, max_payload: usize) -> Result<Option<Op>, String> {
     let Some(end) = line_end(buf)? else { return Ok(None) };
-    let line = String::from_utf8_lossy(&buf[..end]).into_owned();
+    let line = text(&buf[..end]).into_owned();
     let words: Vec<&str> = line.split_ascii_whitespace().collect();
     let verb = words.first().map(|w| w.to_ascii_uppercase()).unwrap_or_default();
     let (header_len, total_len, reply) = match (verb.as_str(), words.len()) {
@@ -543,7 +571,7 @@ fn parse(buf: &mut Vec<u8>, max_payload: usize) -> Result<Option<Op>, String> {
     if buf.len() < start + total + 2 {
         return Ok(None);
     }
-    let headers = (header > 0).then(|| String::from_utf8_lossy(&buf[start..start + header]).into_owned());
+    let headers = (header > 0).then(|| text(&buf[start..start + header]).into_owned());
     let payload = buf[start + header..start + total].to_vec();
     let subject = words[1].to_owned();
     let reply = reply.map(str::to_owned);
@@ -597,6 +625,7 @@ impl Stub {
             carried: 0,
             acks: BTreeMap::new(),
             js,
+            subjects: HashMap::new(),
         })
     }
 
@@ -777,7 +806,7 @@ impl Stub {
                         );
                         continue;
                     }
-                    let subject = format!("{}.{sender}", subject(&self.domain, &o.to));
+                    let subject = format!("{}.{sender}", cached_subject(&mut self.subjects, &self.domain, &o.to));
                     let tag = random_hex();
                     let reply = format!("{}.{}-{tag}", self.inbox, o.seq);
                     if self.js.is_some() {
@@ -844,7 +873,7 @@ impl Stub {
                     }
                     if token == "ok" {
                         // Acknowledgements in bulk: "ok <seq>-<tag> ...".
-                        let text = String::from_utf8_lossy(&payload).into_owned();
+                        let text = text(&payload).into_owned();
                         for token in text.split_ascii_whitespace().skip(1) {
                             self.answered(token, None, b"ok");
                         }
@@ -859,7 +888,7 @@ impl Stub {
                     self.consume(&sender, reply.as_deref(), &payload);
                     return Ok(());
                 }
-                let answer = match host::post_from(&sender, &String::from_utf8_lossy(&payload)) {
+                let answer = match host::post_from(&sender, &text(&payload)) {
                     Ok(()) => "ok".to_owned(),
                     Err(e) if e.starts_with("busy") => e,
                     Err(e) => format!("refused: {e}"),
@@ -933,7 +962,7 @@ impl Stub {
             js.ready = false;
         }
         self.in_flight.remove(&seq);
-        let text = String::from_utf8_lossy(payload);
+        let text = text(payload);
         if self.js.is_some() && !no_responders {
             // A PubAck, checked above.
             host::delivered(seq);
@@ -1094,7 +1123,7 @@ impl Stub {
         if let Some(c) = js.consumers.values_mut().find(|c| c.name == consumer) {
             c.remaining = c.remaining.saturating_sub(1);
         }
-        let answer = match host::post_from(sender, &String::from_utf8_lossy(payload)) {
+        let answer = match host::post_from(sender, &text(payload)) {
             Ok(()) => "+ACK".to_owned(),
             Err(e) if e.starts_with("busy") => format!("-NAK {{\"delay\":{}}}", jetstream::NAK_DELAY),
             Err(e) => {
