@@ -673,7 +673,9 @@ fn envelope(m: &Message, origin: &str, seq: u64, wait: Option<Duration>) -> Stri
         timeout_ms: wait.map(|w| u64::try_from(w.as_millis()).unwrap_or(u64::MAX)),
     };
     // The fields' own lengths, and room for the names and escapes.
-    let mut out = Vec::with_capacity(192 + origin.len() + m.from.as_str().len() + m.to.as_str().len() + m.body.value.as_ref().map_or(0, String::len));
+    let texts = [&m.body.resource, &m.body.value, &m.body.description].iter().map(|t| t.as_ref().map_or(0, String::len)).sum::<usize>()
+        + m.assertion.as_ref().map_or(0, |a| a.idp.len() + a.token.len());
+    let mut out = Vec::with_capacity(192 + origin.len() + m.from.as_str().len() + m.to.as_str().len() + texts);
     serde_json::to_writer(&mut out, &envelope).expect("a message serialises");
     String::from_utf8(out).expect("serde_json writes UTF-8")
 }
