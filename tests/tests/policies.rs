@@ -423,3 +423,30 @@ fn a_schema_error_is_listed_once_named_by_file_and_line() {
     assert!(!shown.contains("policy1") && !shown.contains("policy0"), "named by file and line: {shown}");
     assert_eq!(shown.matches("carol.cedar:").count(), 1, "file:line once: {shown}");
 }
+
+#[test]
+fn a_decision_is_not_reused_for_another_hyperty_at_the_same_address() {
+    // Policies read the receiver's name (`target_name`): a hyperty at a
+    // fixed address replaced by one of another name must be decided anew.
+    let runtime = runtime(Duration::from_secs(30));
+    let mut driver = Driver::new(&runtime);
+    let dir = tempfile::tempdir().unwrap();
+    let policies = format!("{OUTGOING_OPEN}\n@id(\"not-beta\") permit (principal, action, resource) when {{ context.target_name != \"beta\" }};");
+    let file = write(dir.path(), "bob.cedar", &policies);
+    let fixed = "hyperty://bob.example/fixed";
+    let with = |name: &str| {
+        TestBundle::new()
+            .hyperty("bob.example", name, &guest("puppet"), puppet_config(true))
+            .set("bob.example", name, "address", json!(fixed))
+            .domain("bob.example", json!({ "policies": [file.to_str().unwrap()] }))
+    };
+    let to = Address::parse(fixed).unwrap();
+    let alpha = with("alpha");
+    runtime.deploy(&alpha.load()).unwrap();
+    assert_eq!(driver.read(&to).body.code, Some(200), "alpha is permitted");
+    // alpha goes (its address is free again), then beta comes to it.
+    assert!(runtime.undeploy("bob.example", "alpha"));
+    let beta = with("beta");
+    runtime.deploy(&beta.load()).unwrap();
+    assert_eq!(driver.read(&to).body.code, Some(403), "beta, at alpha's address, is not");
+}

@@ -10,8 +10,8 @@
 //!
 //! Cost: Cedar takes ~15 µs per request with tens of policies, so decisions
 //! are cached per thread (no lock on a hit), keyed on every input a request
-//! is built from (point, domain, from, to, message type, `body.resource`)
-//! plus, when any policy of the set mentions `time`, the current minute —
+//! is built from (point, domain, from, to, message type, `body.resource`,
+//! the sender's identity, the names of the two hyperties) plus, when any policy of the set mentions `time`, the current minute —
 //! the finest time a policy can read. A generation number, bumped by every
 //! reload and group change, empties the caches, so a cached decision is
 //! never used after what it depended on changed.
@@ -689,18 +689,23 @@ struct Cached {
     /// The sender's identity: user and IdP (an address's sender may act for
     /// different users: an endpoint, a gateway).
     user: Option<(Box<str>, Box<str>)>,
+    /// The bundle's names of the sender and the receiver, where they are
+    /// hyperties here (`sender_name`, `target_name`): an address may come
+    /// to another hyperty (a fixed `address` redeployed under another name).
+    names: (Option<Box<str>>, Option<Box<str>>),
     minute: i64,
     result: PathResult,
 }
 
 impl Cached {
     /// Bytes of `m`'s strings an entry for it would keep.
-    fn size(points: &[(EnforcementPoint, &str)], m: &Message) -> usize {
+    fn size(points: &[(EnforcementPoint, &str)], m: &Message, parties: Parties<'_>) -> usize {
         let user = m.identity.as_ref().map_or(0, |i| i.user.len() + i.idp.len());
-        points.iter().map(|(_, d)| d.len()).sum::<usize>() + m.from.as_str().len() + m.to.as_str().len() + m.body.resource.as_deref().map_or(0, str::len) + user
+        let names = [parties.sender, parties.target].iter().flatten().map(|d| d.name.len()).sum::<usize>();
+        points.iter().map(|(_, d)| d.len()).sum::<usize>() + m.from.as_str().len() + m.to.as_str().len() + m.body.resource.as_deref().map_or(0, str::len) + user + names
     }
 
-    fn new(points: &[(EnforcementPoint, &str)], m: &Message, minute: i64, result: PathResult) -> Cached {
+    fn new(points: &[(EnforcementPoint, &str)], m: &Message, parties: Parties<'_>, minute: i64, result: PathResult) -> Cached {
         Cached {
             points: points.iter().map(|(p, d)| (*p, Box::<str>::from(*d))).collect(),
             from: m.from.as_str().into(),
@@ -708,13 +713,16 @@ impl Cached {
             kind: m.kind,
             resource: m.body.resource.as_deref().map(Into::into),
             user: m.identity.as_ref().map(|i| (i.user.as_str().into(), i.idp.as_str().into())),
+            names: (parties.sender.map(|d| d.name.as_str().into()), parties.target.map(|d| d.name.as_str().into())),
             minute,
             result,
         }
     }
 
-    fn is_for(&self, points: &[(EnforcementPoint, &str)], m: &Message, minute: i64) -> bool {
+    fn is_for(&self, points: &[(EnforcementPoint, &str)], m: &Message, parties: Parties<'_>, minute: i64) -> bool {
         self.minute == minute
+            && self.names.0.as_deref() == parties.sender.map(|d| d.name.as_str())
+            && self.names.1.as_deref() == parties.target.map(|d| d.name.as_str())
             && self.kind == m.kind
             && &*self.from == m.from.as_str()
             && &*self.to == m.to.as_str()
@@ -770,7 +778,7 @@ thread_local! {
 impl PolicyDecisionPoint for CedarPolicies {
     fn decide(&self, point: EnforcementPoint, domain: &str, message: &Message, parties: Parties<'_>) -> Decision {
         let state = self.snapshot();
-        let result = self.cached(&state, &[(point, domain)], message, |now| {
+        let result = self.cached(&state, &[(point, domain)], message, parties, |now| {
             match self.evaluate(&state, point, domain, message, parties, now) {
                 Decision::Permit => Ok(()),
                 denied => Err((0, denied)),
@@ -783,7 +791,7 @@ impl PolicyDecisionPoint for CedarPolicies {
         // One version of the policies and one instant for the whole path,
         // and one cache lookup for it in the usual case.
         let state = self.snapshot();
-        self.cached(&state, points, message, |now| {
+        self.cached(&state, points, message, parties, |now| {
             for (i, (point, domain)) in points.iter().enumerate() {
                 match self.evaluate(&state, *point, domain, message, parties, now) {
                     Decision::Permit => {}
@@ -812,6 +820,7 @@ impl CedarPolicies {
         state: &State,
         points: &[(EnforcementPoint, &str)],
         message: &Message,
+        parties: Parties<'_>,
         decide: impl FnOnce(i64) -> PathResult,
     ) -> PathResult {
         let mut any = false;
@@ -842,13 +851,13 @@ impl CedarPolicies {
             if cache.owner != self.id || cache.generation != generation {
                 return None;
             }
-            cache.entries.get(&key)?.iter().find(|c| c.is_for(points, message, minute)).map(|c| c.result.clone())
+            cache.entries.get(&key)?.iter().find(|c| c.is_for(points, message, parties, minute)).map(|c| c.result.clone())
         });
         if let Some(result) = hit {
             return result;
         }
         let result = decide(now);
-        let size = Cached::size(points, message);
+        let size = Cached::size(points, message, parties);
         if size > CACHE_ENTRY_BYTES {
             return result;
         }
@@ -859,7 +868,7 @@ impl CedarPolicies {
             }
             cache.len += 1;
             cache.bytes += size;
-            cache.entries.entry(key).or_default().push(Cached::new(points, message, minute, result.clone()));
+            cache.entries.entry(key).or_default().push(Cached::new(points, message, parties, minute, result.clone()));
         });
         result
     }
@@ -872,6 +881,27 @@ mod tests {
 
     fn kept_bytes() -> usize {
         CACHE.with(|c| c.borrow().bytes)
+    }
+
+    /// Policies read the hyperties' names: a decision kept for one
+    /// receiver is not used for another at the same address (a fixed
+    /// `address` redeployed under another name), whatever the generation.
+    #[test]
+    fn the_thread_cache_keys_on_the_parties_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("runtime.cedar");
+        std::fs::write(&file, r#"permit (principal, action, resource) when { context.target_name != "beta" };"#).unwrap();
+        let policies = CedarPolicies::new();
+        policies.set_runtime_policies(&file).unwrap();
+        let points = [(EnforcementPoint::BusAccess, "localhost")];
+        let message = Message::builder(1, MessageType::Read, "hyperty://a.example/x", "hyperty://b.example/fixed").build().unwrap();
+        let described = |name: &str| Descriptor { domain: "b.example".into(), name: name.into(), user: None };
+        let (alpha, beta) = (described("alpha"), described("beta"));
+        let decide = |target: &Descriptor| policies.decide_path(&points, &message, Parties { sender: None, target: Some(target) }).is_ok();
+        assert!(decide(&alpha));
+        assert!(decide(&alpha), "kept");
+        assert!(!decide(&beta), "another receiver's name is another input");
+        assert!(decide(&alpha));
     }
 
     /// A resource may be as long as a message: what a thread keeps of its
