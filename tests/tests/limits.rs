@@ -208,6 +208,28 @@ fn a_log_flood_is_rate_limited_and_said_once_when_it_resumes() {
     c.driver.still_works(&c.a, &c.b);
 }
 
+/// A runtime running the forging stub of a domain, its [`Forger`], and a
+/// driver subscribed to the stub's status (`stub`).
+struct Watched {
+    runtime: Runtime,
+    driver: Driver,
+    forger: Forger,
+    stub: String,
+    _bundle: TestBundle,
+}
+
+fn watched_forger(domain: &str) -> Watched {
+    let runtime = runtime(Duration::from_secs(5));
+    let driver = Driver::new(&runtime);
+    let stub = format!("domain://protostub.{domain}");
+    let bundle = with_forger(TestBundle::new(), domain, None);
+    runtime.deploy(&bundle.load()).unwrap();
+    let forger = Forger::new(&runtime, domain);
+    let subscribe = driver.endpoint.message(MessageType::Subscribe, &stub).build().unwrap();
+    assert_eq!(driver.endpoint.request_reply(subscribe, None).unwrap().body.code, Some(200));
+    Watched { runtime, driver, forger, stub, _bundle: bundle }
+}
+
 /// A stub reporting its status in a loop: every report takes effect (the
 /// last one holds), but the host logs them at the stub's log rate (100
 /// lines a second) and tells them (events, updates to subscribers) at 20
@@ -215,16 +237,9 @@ fn a_log_flood_is_rate_limited_and_said_once_when_it_resumes() {
 #[test]
 fn a_stub_reporting_its_status_in_a_loop_is_logged_and_told_at_their_rates() {
     capture_log();
-    let runtime = runtime(Duration::from_secs(5));
-    let mut events = runtime.events();
-    let driver = Driver::new(&runtime);
     let domain = "status-flood.example";
-    let stub = format!("domain://protostub.{domain}");
-    let bundle = with_forger(TestBundle::new(), domain, None);
-    runtime.deploy(&bundle.load()).unwrap();
-    let mut forger = Forger::new(&runtime, domain);
-    let subscribe = driver.endpoint.message(MessageType::Subscribe, &stub).build().unwrap();
-    assert_eq!(driver.endpoint.request_reply(subscribe, None).unwrap().body.code, Some(200));
+    let Watched { runtime, driver, mut forger, stub, _bundle } = watched_forger(domain);
+    let mut events = runtime.events();
     let started = Instant::now();
     forger.flood_status(2000);
     let elapsed = started.elapsed().as_secs_f64();
@@ -258,15 +273,7 @@ fn a_stub_that_fails_after_spending_its_status_rate_is_still_told_failed() {
     // The host's own statuses (loaded, failed) are told past the rate, or
     // a stub reporting in a loop until it traps would hide its failure: the
     // restart's status would replace it before the rate told it.
-    let runtime = runtime(Duration::from_secs(5));
-    let driver = Driver::new(&runtime);
-    let domain = "fails-quietly.example";
-    let stub = format!("domain://protostub.{domain}");
-    let bundle = with_forger(TestBundle::new(), domain, None);
-    runtime.deploy(&bundle.load()).unwrap();
-    let mut forger = Forger::new(&runtime, domain);
-    let subscribe = driver.endpoint.message(MessageType::Subscribe, &stub).build().unwrap();
-    assert_eq!(driver.endpoint.request_reply(subscribe, None).unwrap().body.code, Some(200));
+    let Watched { runtime: _runtime, driver, mut forger, _bundle, .. } = watched_forger("fails-quietly.example");
     forger.flood_status_then_trap(2000);
     loop {
         let m = driver.endpoint.recv_timeout(Duration::from_secs(10)).expect("the failure is told within 10 s");
