@@ -802,8 +802,8 @@ fn acknowledgements_in_bulk_fit_the_nodes_max_payload() {
 fn a_stub_sleeping_in_init_at_deployment_is_stopped_at_its_deadline() {
     // The deployer's thread runs the stub's `init` to check its config,
     // with no endpoint granted: a timer is all it can wait on, and it ends
-    // at the call deadline (`sandbox::timers`), so the deployment is
-    // refused instead of held for the hour the stub asks.
+    // at the check's deadline, 1 s (`sandbox::timers`), so the deployment
+    // is refused instead of held for the hour the stub asks.
     let runtime = std::sync::Arc::new(runtime(Duration::from_secs(30)));
     let bundle = TestBundle::new().hyperty("sleepy.example", "p", &guest("puppet"), puppet_config(true));
     let config = json!({ "report-to": "hyperty://sleepy.example/observer", "init-sleep-ms": 3_600_000 });

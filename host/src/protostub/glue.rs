@@ -162,8 +162,8 @@ pub(crate) struct Instance {
 }
 
 impl Instance {
-    /// Instantiates the stub and calls `init`.
-    pub fn start(stub: &Arc<Stub>, context: &StubContext) -> Result<Instance, String> {
+    /// Instantiates the stub and calls `init`, under `deadline`.
+    pub fn start(stub: &Arc<Stub>, context: &StubContext, deadline: Duration) -> Result<Instance, String> {
         let state = StubState {
             wasi: wasi_ctx(&stub.domain, &context.settings.endpoints),
             table: ResourceTable::new(),
@@ -181,7 +181,7 @@ impl Instance {
         // spent running hyperties' deliveries it lent itself to (what it
         // posts: `handoff::stub_post`).
         store.epoch_deadline_callback(crate::sandbox::timers::lending_deadline);
-        arm(&mut store, super::POLL_DEADLINE);
+        arm(&mut store, deadline);
         let bindings = context.pre.0.instantiate(&mut store).map_err(|e| format!("instantiation failed: {e:#}"))?;
         bindings
             .rethink_hyperty_stub()

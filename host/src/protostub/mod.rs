@@ -935,15 +935,21 @@ pub(crate) struct StubContext {
 /// with the bundle's configuration, without connecting anywhere: a bad
 /// configuration is found at deployment, not in a restart loop later.
 ///
-/// It runs on the deployer's thread: the probe is granted no endpoint, so
-/// all it can wait on is a timer, which ends at its deadline
-/// ([`POLL_DEADLINE`]; `sandbox::timers`).
+/// It runs on the deployer's thread, while the runtime's deployments wait:
+/// the probe is granted no endpoint, so all it can wait on is a timer,
+/// which ends at its deadline ([`CONFIG_CHECK_DEADLINE`];
+/// `sandbox::timers`).
 pub(crate) fn check_config(domain: &str, context: &StubContext) -> Result<(), String> {
     let probe = Stub::new(domain, 1, None, Box::new(|_| {}))?;
     let mut context = context.clone();
     context.settings.endpoints.clear();
-    glue::Instance::start(&probe, &context).map(drop)
+    glue::Instance::start(&probe, &context, CONFIG_CHECK_DEADLINE).map(drop)
 }
+
+/// The deadline of a stub's `init` run to check its configuration at
+/// deployment (it reads its configuration and connects nowhere; the
+/// handshake is in `poll`).
+const CONFIG_CHECK_DEADLINE: Duration = Duration::from_secs(1);
 
 /// How long one `poll` call may wait for work before it returns.
 const POLL_WAIT_MS: u32 = 250;
@@ -970,7 +976,7 @@ fn run(stub: Arc<Stub>, mut context: StubContext) {
         if let Some(next) = stub.next.lock().unwrap().take() {
             context = next;
         }
-        let failure = match glue::Instance::start(&stub, &context) {
+        let failure = match glue::Instance::start(&stub, &context, POLL_DEADLINE) {
             Ok(mut instance) => {
                 // What the last instance had in flight is offered again.
                 stub.queue.resume();
