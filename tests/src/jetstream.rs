@@ -122,19 +122,17 @@ impl RuntimeProcess {
         p
     }
 
-    /// Waits (up to 60 s) until the protostub of `domain` holds nothing,
-    /// its last removal on the disk included (`hyperty_stub_queue_messages`
-    /// at 0); panics with its log if not.
-    pub fn wait_stub_queue_empty(&self, domain: &str) {
+    /// Waits (up to 60 s) until every protostub of it holds nothing, their
+    /// last removals on the disk included (`hyperty_stub_queue_messages`
+    /// all 0); panics with its log if not.
+    pub fn wait_stub_queues_empty(&self) {
         let until = Instant::now() + Duration::from_secs(60);
         loop {
-            let queued = std::net::TcpStream::connect(self.metrics)
-                .ok()
-                .and_then(|_| crate::metrics::scrape(self.metrics).find("hyperty_stub_queue_messages", &[("domain", domain)]));
-            if queued == Some(0.0) {
+            let queued = std::net::TcpStream::connect(self.metrics).ok().map(|_| crate::metrics::scrape(self.metrics).values("hyperty_stub_queue_messages"));
+            if queued.as_ref().is_some_and(|q| !q.is_empty() && q.iter().all(|n| *n == 0.0)) {
                 return;
             }
-            assert!(Instant::now() < until, "the protostub queue of {domain} holds {queued:?} after 60 s:\n{}", self.log());
+            assert!(Instant::now() < until, "its protostub queues hold {queued:?} after 60 s:\n{}", self.log());
             std::thread::sleep(Duration::from_millis(20));
         }
     }

@@ -77,6 +77,11 @@ impl Samples {
         self.find(name, labels).unwrap_or(0.0)
     }
 
+    /// The values of every sample of `name`, whatever its labels.
+    pub fn values(&self, name: &str) -> Vec<f64> {
+        self.0.iter().filter(|(n, _, _)| n == name).map(|(_, _, v)| *v).collect()
+    }
+
     /// The value of `name` with exactly `labels`, if there is one.
     pub fn find(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
         let wanted: BTreeMap<String, String> = labels.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();

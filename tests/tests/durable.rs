@@ -216,9 +216,11 @@ fn a_sender_killed_idle_after_its_queue_emptied_sends_nothing_again() {
     // each one and sent its PubAck to the sender.
     js.wait_all_acknowledged(BOB_STREAM, prefix.rsplit_once('.').unwrap().0);
     // Stored and acknowledged by the server is not yet read by the sender:
-    // its stub takes a PubAck when it next reads, and removes the envelope
-    // from its disk after that (synced when the queue empties).
-    sender.wait_stub_queue_empty("bob.example");
+    // its stubs take a PubAck when they next read, and remove the envelope
+    // from their disk after that (synced when the queue empties). Not only
+    // bob.example's: what the sender's runtime sends its own domain's
+    // services (registry announcements) waits in alice.example's.
+    sender.wait_stub_queues_empty();
     sender.kill();
     let again = driver_bundle(&servers, Some((51, 1)), json!({}));
     sender.restart(&again.write());
