@@ -95,8 +95,9 @@ pub(crate) fn ticks(deadline: Duration) -> u64 {
 }
 
 /// Sets the deadline (in epoch ticks) and the fuel budget (`None`: no
-/// budget) of the next call into `store`; every kind of component store is
-/// armed this way before each call.
+/// budget) of the next call into `store`; every kind of guest store is
+/// armed this way before each call, through `sandbox::timers::arm`, which
+/// also moves the deadline its timers end at.
 pub(crate) fn arm<T>(store: &mut wasmtime::Store<T>, deadline_ticks: u64, fuel: Option<u64>) {
     store.set_epoch_deadline(deadline_ticks);
     store.set_fuel(fuel.unwrap_or(u64::MAX)).expect("the engine consumes fuel");

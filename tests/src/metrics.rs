@@ -74,17 +74,12 @@ impl Samples {
 
     /// The value of `name` with exactly `labels`; 0 when absent.
     pub fn get(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
-        self.find(name, labels).unwrap_or(0.0)
+        let wanted: BTreeMap<String, String> = labels.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+        self.0.iter().find(|(n, l, _)| n == name && *l == wanted).map_or(0.0, |(_, _, v)| *v)
     }
 
     /// The values of every sample of `name`, whatever its labels.
     pub fn values(&self, name: &str) -> Vec<f64> {
         self.0.iter().filter(|(n, _, _)| n == name).map(|(_, _, v)| *v).collect()
-    }
-
-    /// The value of `name` with exactly `labels`, if there is one.
-    pub fn find(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-        let wanted: BTreeMap<String, String> = labels.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
-        self.0.iter().find(|(n, l, _)| n == name && *l == wanted).map(|(_, _, v)| *v)
     }
 }

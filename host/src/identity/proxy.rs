@@ -239,7 +239,6 @@ impl Proxy {
 
     fn arm(&self, store: &mut Store<ProxyState>) {
         let deadline = crate::engine::ticks(std::time::Duration::from_millis(self.limits.call_timeout_ms));
-        crate::engine::arm(store, deadline, self.limits.fuel_per_call);
-        store.data().deadline.arm(deadline);
+        crate::sandbox::timers::arm(store, deadline, self.limits.fuel_per_call);
     }
 }

@@ -206,8 +206,7 @@ impl Instance {
 fn arm(store: &mut Store<StubState>, deadline: Duration) {
     let ticks = crate::engine::ticks(deadline);
     handoff::call_starts(ticks);
-    crate::engine::arm(store, ticks, None);
-    store.data().deadline.arm(ticks);
+    crate::sandbox::timers::arm(store, ticks, None);
 }
 
 /// Longest text a stub's report or refusal puts into statuses and answers,

@@ -195,13 +195,11 @@ pub(crate) fn credit_ticks() -> u64 {
 /// carried to the next time), else interrupt the call
 /// ([`wasmtime::Trap::Interrupt`], as `epoch_deadline_trap` does).
 pub(crate) fn deadline() -> wasmtime::UpdateDeadline {
-    let lent = LENT.get();
-    let tick = crate::engine::EPOCH_TICK;
-    let ticks = u32::try_from(lent.as_nanos() / tick.as_nanos()).unwrap_or(u32::MAX);
+    let ticks = u32::try_from(credit_ticks()).unwrap_or(u32::MAX);
     if ticks == 0 {
         return wasmtime::UpdateDeadline::Interrupt;
     }
-    LENT.set(lent - tick * ticks);
+    LENT.set(LENT.get() - crate::engine::EPOCH_TICK * ticks);
     wasmtime::UpdateDeadline::Continue(u64::from(ticks))
 }
 

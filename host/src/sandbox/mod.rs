@@ -975,8 +975,7 @@ fn ticks(limits: &Limits) -> u64 {
 /// Sets the deadline and the fuel budget for the next call into `store`.
 fn arm(store: &mut Store<InstanceState>, call_ticks: u64, limits: &Limits) {
     handoff::call_starts(call_ticks);
-    crate::engine::arm(store, call_ticks, limits.fuel_per_call);
-    store.data().deadline.arm(call_ticks);
+    timers::arm(store, call_ticks, limits.fuel_per_call);
 }
 
 /// Why a call trapped, in words: the deadline, fuel, a refused memory or

@@ -72,6 +72,15 @@ pub(crate) fn link<T: Timed>(linker: &mut Linker<T>) -> Result<()> {
     Ok(())
 }
 
+/// Arms `store` for its next call: wasmtime's epoch deadline `ticks` ticks
+/// from now and the fuel budget (`crate::engine::arm`), then the store's
+/// [`CallDeadline`], in that order (see [`CallDeadline::arm`]). Every kind
+/// of guest store is armed here before each call.
+pub(crate) fn arm<T: Timed>(store: &mut wasmtime::Store<T>, ticks: u64, fuel: Option<u64>) {
+    crate::engine::arm(store, ticks, fuel);
+    store.data().deadline().arm(ticks);
+}
+
 /// The epoch deadline callback of a store whose thread may lend itself
 /// (a hyperty's, a protostub's): [`super::handoff::deadline`], with the
 /// store's [`CallDeadline`] moved by the ticks it extends the call by.
