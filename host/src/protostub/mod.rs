@@ -38,6 +38,7 @@
 //! like any registration change) and out as [`EventKind::StubStatus`]
 //! events.
 
+mod envelope;
 mod glue;
 mod outbox;
 
@@ -54,7 +55,7 @@ pub(crate) use glue::{StubPre, prepare};
 use crate::address::Address;
 use crate::bus::{Bus, Carrier, Destination, Refused};
 use crate::events::{EventKind, Events};
-use crate::message::{Assertion, Body, Message, MessageType, code};
+use crate::message::{Message, MessageType, code};
 use crate::registry::{Registry, Status};
 use crate::store::Store;
 
@@ -449,8 +450,8 @@ impl StubQueue {
         let mut s = self.state.lock().unwrap();
         s.next_seq = last_seq;
         for (seq, envelope) in envelopes {
-            match open_envelope(&envelope) {
-                Ok(Received { message: m, .. }) => {
+            match envelope::open(&envelope) {
+                Ok(envelope::Received { message: m, .. }) => {
                     s.bytes += envelope.len();
                     s.items.insert(seq, Item { id: m.id, kind: m.kind, from: m.from, to: m.to, envelope, in_flight: false });
                     s.ready.insert(seq);
@@ -471,7 +472,7 @@ impl StubQueue {
             return Err(QueueError::Full(capacity));
         }
         let seq = s.next_seq + 1;
-        let envelope = envelope(message, &self.origin, seq, wait);
+        let envelope = envelope::write(message, &self.origin, seq, wait);
         if self.outbox.is_some() && s.bytes + envelope.len() > MAX_DURABLE_BYTES {
             return Err(QueueError::Bytes(MAX_DURABLE_BYTES));
         }
@@ -622,133 +623,6 @@ impl StubQueue {
     }
 }
 
-/// The wire format: the message as JSON, with the queue's origin, the
-/// message's sequence number and, for a request, how long its sender waits
-/// for the response (`timeout-ms`) in it. Written from the message's own
-/// fields (no `Value` tree: it is made under the queue's lock, on every
-/// message to another runtime).
-fn envelope(m: &Message, origin: &str, seq: u64, wait: Option<Duration>) -> String {
-    #[derive(serde::Serialize)]
-    struct Envelope<'a> {
-        v: u8,
-        origin: &'a str,
-        seq: u64,
-        id: u64,
-        #[serde(rename = "type")]
-        kind: &'a str,
-        from: &'a str,
-        to: &'a str,
-        body: Body<'a>,
-        assertion: Option<Assertion<'a>>,
-        #[serde(rename = "timeout-ms")]
-        timeout_ms: Option<u64>,
-    }
-    #[derive(serde::Serialize)]
-    struct Body<'a> {
-        code: Option<u16>,
-        resource: Option<&'a str>,
-        value: Option<&'a str>,
-        description: Option<&'a str>,
-    }
-    #[derive(serde::Serialize)]
-    struct Assertion<'a> {
-        idp: &'a str,
-        token: &'a str,
-    }
-    let envelope = Envelope {
-        v: 1,
-        origin,
-        seq,
-        id: m.id,
-        kind: m.kind.as_str(),
-        from: m.from.as_str(),
-        to: m.to.as_str(),
-        body: Body {
-            code: m.body.code,
-            resource: m.body.resource.as_deref(),
-            value: m.body.value.as_deref(),
-            description: m.body.description.as_deref(),
-        },
-        assertion: m.assertion.as_ref().map(|a| Assertion { idp: &a.idp, token: &a.token }),
-        timeout_ms: wait.map(|w| u64::try_from(w.as_millis()).unwrap_or(u64::MAX)),
-    };
-    // The fields' own lengths, and room for the names and escapes.
-    let texts = [&m.body.resource, &m.body.value, &m.body.description].iter().map(|t| t.as_ref().map_or(0, String::len)).sum::<usize>()
-        + m.assertion.as_ref().map_or(0, |a| a.idp.len() + a.token.len());
-    let mut out = Vec::with_capacity(192 + origin.len() + m.from.as_str().len() + m.to.as_str().len() + texts);
-    serde_json::to_writer(&mut out, &envelope).expect("a message serialises");
-    String::from_utf8(out).expect("serde_json writes UTF-8")
-}
-
-/// A received envelope: the message and where it came from.
-pub(crate) struct Received {
-    pub origin: String,
-    pub seq: u64,
-    pub message: Message,
-    /// For a request: how long its sender waits for the response.
-    pub wait: Option<Duration>,
-}
-
-/// Reads an envelope from the network; every field is checked (it is
-/// untrusted input), the error names the field.
-pub(crate) fn open_envelope(text: &str) -> Result<Received, String> {
-    let v: Value = serde_json::from_str(text).map_err(|e| format!("not JSON: {e}"))?;
-    let str_field = |name: &str| v.get(name).and_then(Value::as_str).ok_or_else(|| format!("{name} is missing or not a string"));
-    let u64_field = |name: &str| v.get(name).and_then(Value::as_u64).ok_or_else(|| format!("{name} is missing or not a number"));
-    if v.get("v").and_then(Value::as_u64) != Some(1) {
-        return Err("unknown envelope version (v)".into());
-    }
-    let kind = str_field("type")?;
-    let kind = MessageType::parse(kind).ok_or_else(|| format!("type {kind:?} is not a message type"))?;
-    let from = Address::parse(str_field("from")?).map_err(|e| format!("from: {e}"))?;
-    let to = Address::parse(str_field("to")?).map_err(|e| format!("to: {e}"))?;
-    let body = v.get("body").ok_or("body is missing")?;
-    let opt = |name: &str| -> Result<Option<String>, String> {
-        match body.get(name) {
-            None | Some(Value::Null) => Ok(None),
-            Some(Value::String(s)) => Ok(Some(s.clone())),
-            Some(_) => Err(format!("body.{name} is not a string")),
-        }
-    };
-    let code = match body.get("code") {
-        None | Some(Value::Null) => None,
-        Some(c) => Some(c.as_u64().and_then(|c| u16::try_from(c).ok()).ok_or("body.code is not a status code")?),
-    };
-    let value = opt("value")?;
-    if let Some(value) = &value {
-        crate::message::validate_value(value)?;
-    }
-    let assertion = match v.get("assertion") {
-        None | Some(Value::Null) => None,
-        Some(a) => Some(Assertion {
-            idp: a.get("idp").and_then(Value::as_str).ok_or("assertion.idp is missing")?.to_owned(),
-            token: a.get("token").and_then(Value::as_str).ok_or("assertion.token is missing")?.to_owned(),
-        }),
-    };
-    let message = Message {
-        id: u64_field("id")?,
-        kind,
-        from,
-        to,
-        body: Body { code, resource: opt("resource")?, value, description: opt("description")? },
-        identity: None,
-        assertion,
-    };
-    let wait = match v.get("timeout-ms") {
-        None | Some(Value::Null) => None,
-        Some(ms) => Some(Duration::from_millis(ms.as_u64().ok_or("timeout-ms is not a number of milliseconds")?)),
-    };
-    let origin = str_field("origin")?;
-    // A runtime's origin is a UUID or 32 hex digits: kept in memory and on
-    // disk per envelope taken, so it is bounded and plain.
-    if origin.is_empty() || origin.len() > MAX_ORIGIN_BYTES || !origin.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
-        return Err(format!("origin: not 1..={MAX_ORIGIN_BYTES} letters, digits or '-'"));
-    }
-    Ok(Received { origin: origin.to_owned(), seq: u64_field("seq")?, message, wait })
-}
-
-/// The longest envelope `origin` taken (a runtime's is 32 or 36 bytes).
-pub(crate) const MAX_ORIGIN_BYTES: usize = 64;
 
 /// Sequence numbers seen per origin, to drop what arrives twice (a resend
 /// after a lost acknowledgement). Bounded: the most recent
@@ -791,7 +665,7 @@ impl Stub {
     /// [`Bus::send_inbound`]) is an error naming why, logged at most once a
     /// second per stub.
     pub(crate) fn post(&self, bus: &Bus, text: &str, vouched: Option<&str>) -> Result<(), String> {
-        let received = open_envelope(text).map_err(|e| format!("malformed envelope: {e}"))?;
+        let received = envelope::open(text).map_err(|e| format!("malformed envelope: {e}"))?;
         if let Some(domain) = vouched
             && received.message.from.domain() != domain
         {
@@ -1097,32 +971,6 @@ static STATUS_IDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// The envelope written from the message's fields is the JSON the
-    /// `Value` tree it replaced gave, byte for byte, and reads back.
-    #[test]
-    fn an_envelope_is_the_messages_json_and_reads_back() {
-        let (from, to) = (Address::parse("hyperty://alice.example/a").unwrap(), Address::parse("hyperty://bob.example/b").unwrap());
-        let plain = Message::new(7, MessageType::Update, from.clone(), to.clone(), None);
-        let mut full = Message::new(u64::MAX, MessageType::Response, from, to, Some(r#"{"quote":"\"\u0000é\n"}"#.into()));
-        full.body.code = Some(200);
-        full.body.resource = Some("comm://alice.example/r".into());
-        full.body.description = Some("tab\there".into());
-        full.assertion = Some(crate::message::Assertion { idp: "idp.example".into(), token: "a.b.c".into() });
-        for (m, wait) in [(&plain, None), (&full, Some(Duration::from_millis(1500)))] {
-            let tree = json!({
-                "v": 1, "origin": "origin-1", "seq": 3, "id": m.id, "type": m.kind.as_str(),
-                "from": m.from.as_str(), "to": m.to.as_str(),
-                "body": { "code": m.body.code, "resource": m.body.resource, "value": m.body.value, "description": m.body.description },
-                "assertion": m.assertion.as_ref().map(|a| json!({ "idp": a.idp, "token": a.token })),
-                "timeout-ms": wait.map(|w: Duration| w.as_millis() as u64),
-            });
-            let text = envelope(m, "origin-1", 3, wait);
-            assert_eq!(text, tree.to_string());
-            let back = open_envelope(&text).unwrap();
-            assert_eq!((back.origin.as_str(), back.seq, &back.message, back.wait), ("origin-1", 3, m, wait));
-        }
-    }
 
     /// Receipts fired by another thread while the stub sweeps: each one
     /// that fired is returned exactly once, none is lost unrecorded.
