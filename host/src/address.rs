@@ -14,44 +14,60 @@ pub const MAX_ADDRESS_LEN: usize = 1024;
 
 /// A validated bus address. Shared text: a clone (one per message that
 /// names it) copies no bytes, and two clones compare equal by pointer
-/// before their bytes are.
-#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Address(Arc<str>);
+/// before their bytes are. Its scheme and domain are found once, when it
+/// is parsed: they are read several times on every message's path
+/// (routing, identity, policies).
+#[derive(Clone)]
+pub struct Address {
+    text: Arc<str>,
+    /// Where the scheme ends (the first `:`).
+    scheme_end: u16,
+    /// The byte range of [`Address::domain`].
+    domain: (u16, u16),
+}
 
 impl Address {
     /// Validates `text` as an address.
     pub fn parse(text: impl Into<String>) -> Result<Address, String> {
         let text = text.into();
         validate(&text)?;
-        Ok(Address(text.into()))
+        Ok(Address::validated(text.into()))
     }
 
     /// A fresh hyperty address in `domain`: `hyperty://<domain>/<uuid>`.
     pub fn new_hyperty(domain: &str) -> Address {
-        Address(format!("hyperty://{domain}/{}", uuid::Uuid::new_v4()).into())
+        Address::validated(format!("hyperty://{domain}/{}", uuid::Uuid::new_v4()).into())
+    }
+
+    /// `text`, validated (at most [`MAX_ADDRESS_LEN`] bytes: the offsets
+    /// fit in `u16`), with its scheme and domain found.
+    fn validated(text: Arc<str>) -> Address {
+        let scheme_end = text.bytes().position(|b| b == b':').expect("validated");
+        let start = scheme_end + 3;
+        let end = text[start..].bytes().position(|b| b == b'/').map_or(text.len(), |i| start + i);
+        let authority = &text[start..end];
+        // `domain://<service>.<domain>`: the service label is not the domain.
+        let start = match (&text[..scheme_end], authority.bytes().position(|b| b == b'.')) {
+            ("domain", Some(dot)) => start + dot + 1,
+            _ => start,
+        };
+        let offset = |i: usize| u16::try_from(i).expect("an address is at most MAX_ADDRESS_LEN bytes");
+        Address { scheme_end: offset(scheme_end), domain: (offset(start), offset(end)), text }
     }
 
     pub fn as_str(&self) -> &str {
-        &self.0
+        &self.text
     }
 
     /// The URL scheme (`hyperty`, `runtime`, `domain`, a data-object scheme).
     pub fn scheme(&self) -> &str {
-        // A validated scheme has no ':', so its end is the first one: a
-        // byte search, not a substring search (this is on every message's
-        // path, several times).
-        &self.0[..self.0.bytes().position(|b| b == b':').expect("validated")]
+        &self.text[..usize::from(self.scheme_end)]
     }
 
     /// The provider domain that owns this address: the authority, except for
     /// `domain://<service>.<domain>` where the service label is dropped.
     pub fn domain(&self) -> &str {
-        let authority = self.authority();
-        if self.scheme() == "domain" {
-            authority.split_once('.').map_or(authority, |(_, domain)| domain)
-        } else {
-            authority
-        }
+        &self.text[usize::from(self.domain.0)..usize::from(self.domain.1)]
     }
 
     /// For a data object's child, `<url>/children/<name>` (reTHINK's
@@ -59,16 +75,11 @@ impl Address {
     /// letters, digits, `-`, `_`, `.`: [`valid_child_name`]); `None` for any
     /// other address.
     pub fn child(&self) -> Option<(Address, &str)> {
-        let (url, name) = self.0.rsplit_once("/children/")?;
+        let (url, name) = self.text.rsplit_once("/children/")?;
         if !valid_child_name(name) {
             return None;
         }
         Some((Address::parse(url).ok()?, name))
-    }
-
-    fn authority(&self) -> &str {
-        let rest = &self.0[self.scheme().len() + 3..];
-        rest.split_once('/').map_or(rest, |(authority, _)| authority)
     }
 }
 
@@ -127,21 +138,48 @@ fn validate(text: &str) -> Result<(), String> {
     Ok(())
 }
 
+// Equality, hashing and order are the text's (the offsets follow from it).
+impl PartialEq for Address {
+    fn eq(&self, other: &Address) -> bool {
+        self.text == other.text
+    }
+}
+
+impl Eq for Address {}
+
+impl std::hash::Hash for Address {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.text.hash(state);
+    }
+}
+
+impl PartialOrd for Address {
+    fn partial_cmp(&self, other: &Address) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Address {
+    fn cmp(&self, other: &Address) -> std::cmp::Ordering {
+        self.text.cmp(&other.text)
+    }
+}
+
 impl fmt::Display for Address {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(&self.text)
     }
 }
 
 impl fmt::Debug for Address {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Debug::fmt(&self.0, f)
+        fmt::Debug::fmt(&self.text, f)
     }
 }
 
 impl From<Address> for String {
     fn from(a: Address) -> String {
-        a.0.to_string()
+        a.text.to_string()
     }
 }
 
@@ -159,6 +197,15 @@ mod tests {
         let o = Address::parse("comm://bob.example/room/children/chat").unwrap();
         assert_eq!(o.domain(), "bob.example");
         assert_eq!(Address::new_hyperty("x.example").domain(), "x.example");
+        for (text, scheme, domain) in [
+            ("domain://registry", "domain", "registry"),
+            ("runtime://a.b", "runtime", "a.b"),
+            ("comm+x://a.b/", "comm+x", "a.b"),
+            ("domain://idp.a.b/x/y", "domain", "a.b"),
+        ] {
+            let a = Address::parse(text).unwrap();
+            assert_eq!((a.scheme(), a.domain()), (scheme, domain), "{text}");
+        }
     }
 
     #[test]
