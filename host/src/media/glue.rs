@@ -16,6 +16,8 @@ mod bindings {
     wasmtime::component::bindgen!({
         path: "../wit",
         world: "hyperty-media",
+        // As the hyperty world's (`sandbox::glue`), whose types it uses.
+        ownership: Borrowing { duplicate_if_necessary: true },
         with: {
             "rethink:hyperty/types": crate::sandbox::glue::bindings::rethink::hyperty::types,
             "rethink:hyperty/bus": crate::sandbox::glue::bindings::rethink::hyperty::bus,

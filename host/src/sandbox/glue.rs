@@ -26,6 +26,10 @@ pub(crate) mod bindings {
     wasmtime::component::bindgen!({
         path: "../wit",
         world: "hyperty",
+        // What `handle` is given borrows the host's message (`MessageParam`):
+        // lowered into the guest straight from it, no copy of its strings
+        // first (two allocations and copies a delivery less).
+        ownership: Borrowing { duplicate_if_necessary: true },
     });
 }
 
@@ -144,7 +148,7 @@ impl InstanceState {
     /// this hyperty's own address (the stamp), that it sets no field the
     /// host or a responder owns, and the rate limit. `request`: it is sent
     /// with `request`, else with `send`.
-    fn accept(&mut self, m: wit::Message, request: bool) -> Result<Message, SendError> {
+    fn accept(&mut self, m: wit::MessageResult, request: bool) -> Result<Message, SendError> {
         if request && m.type_ == wit::MessageType::Response {
             return Err(SendError::Malformed("a response cannot be sent as a request".into()));
         }
@@ -180,7 +184,7 @@ impl InstanceState {
 
     /// A request being replied to must be a request addressed to this
     /// hyperty; the code must be a status code (RFC 9110: 100..=599).
-    fn accept_request(&mut self, m: wit::Message, code: u16) -> Result<Message, SendError> {
+    fn accept_request(&mut self, m: wit::MessageResult, code: u16) -> Result<Message, SendError> {
         if m.type_ == wit::MessageType::Response {
             return Err(SendError::Malformed("cannot reply to a response".into()));
         }
@@ -261,12 +265,12 @@ impl WasiView for InstanceState {
 impl wit::Host for InstanceState {}
 
 impl wit_bus::Host for InstanceState {
-    fn send(&mut self, msg: wit::Message) -> Result<(), wit::SendError> {
+    fn send(&mut self, msg: wit::MessageResult) -> Result<(), wit::SendError> {
         let result = self.accept(msg, false).and_then(|msg| self.bus.send(msg, None, Some(&self.descriptor)));
         Ok(self.reported(result)?)
     }
 
-    fn request(&mut self, msg: wit::Message, timeout_ms: Option<u32>) -> Result<(), wit::SendError> {
+    fn request(&mut self, msg: wit::MessageResult, timeout_ms: Option<u32>) -> Result<(), wit::SendError> {
         let timeout = timeout_ms
             .map_or(self.bus.config().request_timeout, |ms| Duration::from_millis(ms.into()))
             .min(self.max_request_timeout);
@@ -285,7 +289,7 @@ impl wit_bus::Host for InstanceState {
         Ok(self.reported(result)?)
     }
 
-    fn reply(&mut self, request: wit::Message, code: u16, value: Option<String>) -> Result<(), wit::SendError> {
+    fn reply(&mut self, request: wit::MessageResult, code: u16, value: Option<String>) -> Result<(), wit::SendError> {
         let result = self.accept_request(request, code).and_then(|request| {
             let mut response = Message::response(request.id, request.to, request.from, code);
             response.body.value = value.map(|v| check_json(v, self.bus.config().max_message_bytes)).transpose()?;
@@ -525,20 +529,19 @@ impl From<MessageType> for wit::MessageType {
     }
 }
 
-impl From<Message> for wit::Message {
-    fn from(m: Message) -> wit::Message {
-        wit::Message {
-            id: m.id,
-            type_: m.kind.into(),
-            from: m.from.into(),
-            to: m.to.into(),
-            body: wit::Body {
-                code: m.body.code,
-                resource: m.body.resource,
-                value: m.body.value,
-                description: m.body.description,
-            },
-            identity: m.identity.map(|i| wit::Identity { user: i.user, idp: i.idp }),
-        }
+/// `m` as `handle` takes it, borrowed.
+pub(crate) fn message_param(m: &Message) -> wit::MessageParam<'_> {
+    wit::MessageParam {
+        id: m.id,
+        type_: m.kind.into(),
+        from: m.from.as_str(),
+        to: m.to.as_str(),
+        body: wit::BodyParam {
+            code: m.body.code,
+            resource: m.body.resource.as_deref(),
+            value: m.body.value.as_deref(),
+            description: m.body.description.as_deref(),
+        },
+        identity: m.identity.as_ref().map(|i| wit::IdentityParam { user: &i.user, idp: &i.idp }),
     }
 }

@@ -826,8 +826,7 @@ impl Sandbox {
         };
         arm(&mut running.store, self.call_ticks, &self.settings.limits);
         let kind = message.kind;
-        let message = message.into();
-        let handled = running.bindings.rethink_hyperty_handler().call_handle(&mut running.store, &message);
+        let handled = running.bindings.rethink_hyperty_handler().call_handle(&mut running.store, glue::message_param(&message));
         slot.stats.received.fetch_add(1, Ordering::Relaxed);
         observe(&slot.stats, running);
         match handled {
@@ -837,11 +836,9 @@ impl Sandbox {
                 // Status, event and restart first, so whoever gets the
                 // answer below sees them.
                 self.failed(instance, reason.clone());
-                if kind != MessageType::Response
-                    && let (Ok(from), Ok(to)) = (Address::parse(message.from), Address::parse(message.to))
-                {
+                if kind != MessageType::Response {
                     // The message that made it trap gets an answer, not silence.
-                    let mut answer = Message::response(message.id, to, from, code::INTERNAL_ERROR);
+                    let mut answer = Message::response(message.id, message.to, message.from, code::INTERNAL_ERROR);
                     answer.body.description = Some(format!("{} failed while handling this message: {reason}", answer.from));
                     self.shared.bus.deliver_final_answer(answer);
                 }
