@@ -35,8 +35,9 @@ impl Address {
     }
 
     /// A fresh hyperty address in `domain`: `hyperty://<domain>/<uuid>`.
-    pub fn new_hyperty(domain: &str) -> Address {
-        Address::validated(format!("hyperty://{domain}/{}", uuid::Uuid::new_v4()).into())
+    /// Errors: `domain` makes no valid address (see [`Address::parse`]).
+    pub fn new_hyperty(domain: &str) -> Result<Address, String> {
+        Address::parse(format!("hyperty://{domain}/{}", uuid::Uuid::new_v4()))
     }
 
     /// `text`, validated (at most [`MAX_ADDRESS_LEN`] bytes: the offsets
@@ -196,7 +197,9 @@ mod tests {
         assert_eq!(r.domain(), "alice.example");
         let o = Address::parse("comm://bob.example/room/children/chat").unwrap();
         assert_eq!(o.domain(), "bob.example");
-        assert_eq!(Address::new_hyperty("x.example").domain(), "x.example");
+        assert_eq!(Address::new_hyperty("x.example").unwrap().domain(), "x.example");
+        assert!(Address::new_hyperty(&"a".repeat(70_000)).is_err(), "too long for an address");
+        assert!(Address::new_hyperty("a b").is_err());
         for (text, scheme, domain) in [
             ("domain://registry", "domain", "registry"),
             ("runtime://a.b", "runtime", "a.b"),

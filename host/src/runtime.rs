@@ -736,12 +736,14 @@ impl Runtime {
             anyhow::ensure!(!self.bus.is_routed(address), "{address} is taken: something in this runtime is at that address");
             return Ok(address.clone());
         }
-        let fresh = || Address::new_hyperty(domain).into();
-        let text = match (&self.store, spec.keep_address) {
-            (Some(store), true) => store.address(&format!("hyperty/{domain}/{}", spec.name), fresh)?,
-            _ => fresh(),
-        };
-        Address::parse(text).map_err(anyhow::Error::msg)
+        let fresh = Address::new_hyperty(domain).map_err(anyhow::Error::msg)?;
+        match (&self.store, spec.keep_address) {
+            (Some(store), true) => {
+                let text = store.address(&format!("hyperty/{domain}/{}", spec.name), || fresh.into())?;
+                Address::parse(text).map_err(anyhow::Error::msg)
+            }
+            _ => Ok(fresh),
+        }
     }
 
     /// The registrations matching `query` (discovery).

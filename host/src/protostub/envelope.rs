@@ -94,7 +94,12 @@ pub(crate) const MAX_ORIGIN_BYTES: usize = 64;
 /// Read in one pass into borrowed fields, no `Value` tree: it runs on the
 /// receiving stub's thread for every message from another runtime.
 pub(crate) fn open(text: &str) -> Result<Received, String> {
-    let wire: Wire<'_> = serde_json::from_str(text).map_err(|e| if e.is_data() { e.to_string() } else { format!("not JSON: {e}") })?;
+    // Read as `Nested`, not as `Wire` itself: serde reads a struct from an
+    // array too, a form `write` never makes.
+    let wire: Nested<Wire<'_>> = serde_json::from_str(text).map_err(|e| if e.is_data() { e.to_string() } else { format!("not JSON: {e}") })?;
+    let Nested::Object(wire) = wire else {
+        return Err("an envelope is a JSON object".into());
+    };
     if !matches!(wire.v, Some(Loose::Number(1))) {
         return Err("unknown envelope version (v)".into());
     }
@@ -385,6 +390,12 @@ mod tests {
         assert!(open(&text[..text.len() - 1]).unwrap_err().starts_with("not JSON: "));
         let twice = text.replacen("\"id\":7", "\"id\":7,\"id\":8", 1);
         assert!(open(&twice).unwrap_err().starts_with("duplicate field `id`"), "{twice}");
+        // The fields in order as an array (serde's other form of a struct),
+        // or any other value, is not an envelope.
+        let array = r#"[1,"o",3,7,"update","hyperty://a.example/x","hyperty://b.example/y",{},null,null]"#;
+        for other in [array, "\"text\"", "7", "null"] {
+            assert_eq!(open(other).unwrap_err(), "an envelope is a JSON object", "{other}");
+        }
     }
 
     /// Strings with escapes (not borrowable) and unknown fields of any

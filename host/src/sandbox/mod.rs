@@ -936,7 +936,7 @@ pub(crate) fn time_instantiation(shared: &Shared, pre: &HypertyPre<InstanceState
     };
     let hyperty = NewHyperty {
         pre: pre.clone(),
-        address: Address::new_hyperty("bench.example"),
+        address: Address::new_hyperty("bench.example").expect("a valid domain"),
         label: "bench.example/bench".into(),
         descriptor: Arc::default(),
         config: "{}".into(),
