@@ -120,6 +120,9 @@ const INBOX_SID: u64 = 1;
 /// `connect_urls` is the longest there is; the server's own limit for
 /// client lines, `max_control_line`, is 4 KiB).
 const MAX_LINE: usize = 64 * 1024;
+/// The smallest and largest read the stub asks of its socket (bytes).
+const READ_MIN: usize = 4 * 1024;
+const READ_MAX: usize = 64 * 1024;
 /// `max_payload` when the server's `INFO` does not say (NATS's default).
 const DEFAULT_MAX_PAYLOAD: usize = 1024 * 1024;
 /// How long a write may wait for the node to take bytes.
@@ -195,6 +198,8 @@ struct Conn {
     output: OutputStream,
     _socket: tcp::TcpSocket,
     rbuf: Vec<u8>,
+    /// Bytes the next round's first read asks for (see `read_available`).
+    read_size: usize,
     wbuf: Vec<u8>,
     /// The node's `ip:port`.
     addr: SocketAddr,
@@ -401,6 +406,7 @@ impl Conn {
             output,
             _socket: socket,
             rbuf: Vec::new(),
+            read_size: READ_MIN,
             wbuf: Vec::new(),
             addr,
             max_payload: DEFAULT_MAX_PAYLOAD,
@@ -410,11 +416,28 @@ impl Conn {
     }
 
     /// Reads what is available; an error when the connection is gone.
+    ///
+    /// The host zero-fills a buffer of the size asked for at every read,
+    /// the last, empty one too (wasmtime-wasi's `TcpReader::read`): asking
+    /// 64 KiB each time cost two 64 KiB fills a round however little came.
+    /// So a read asks twice what the last one got when that filled it, and
+    /// [`READ_MIN`] after one that did not (the socket was drained, the next
+    /// read is likely the empty one); a round starts at the size the last
+    /// round's largest read needed.
     fn read_available(&mut self) -> Result<(), String> {
+        let mut size = self.read_size;
+        let mut largest = 0usize;
         loop {
-            match self.input.read(64 * 1024) {
-                Ok(bytes) if bytes.is_empty() => return Ok(()),
-                Ok(bytes) => self.rbuf.extend_from_slice(&bytes),
+            match self.input.read(size as u64) {
+                Ok(bytes) if bytes.is_empty() => {
+                    self.read_size = largest.next_power_of_two().clamp(READ_MIN, READ_MAX);
+                    return Ok(());
+                }
+                Ok(bytes) => {
+                    largest = largest.max(bytes.len());
+                    size = if bytes.len() == size { (size * 2).min(READ_MAX) } else { READ_MIN };
+                    self.rbuf.extend_from_slice(&bytes);
+                }
                 Err(StreamError::Closed) => return Err("the node closed the connection".into()),
                 Err(StreamError::LastOperationFailed(e)) => return Err(format!("read: {}", e.to_debug_string())),
             }
@@ -525,39 +548,45 @@ enum Op {
     Other,
 }
 
-/// Takes one whole operation from the front of `buf`, if there is one; a
-/// message larger than `max_payload` is a protocol error.
-fn parse(buf: &mut Vec<u8>, max_payload: usize) -> Result<Option<Op>, String> {
+/// Reads one whole operation from the front of `buf`, if there is one,
+/// and how many bytes it took; a message larger than `max_payload` is a
+/// protocol error. The caller drains what was read once a round, not per
+/// operation (each drain moves the rest of the buffer).
+fn parse(buf: &[u8], max_payload: usize) -> Result<Option<(Op, usize)>, String> {
     let Some(end) = line_end(buf)? else { return Ok(None) };
-    let line = text(&buf[..end]).into_owned();
-    let words: Vec<&str> = line.split_ascii_whitespace().collect();
-    let verb = words.first().map(|w| w.to_ascii_uppercase()).unwrap_or_default();
-    let (header_len, total_len, reply) = match (verb.as_str(), words.len()) {
-        ("MSG", 4) => (None, words[3], None),
-        ("MSG", 5) => (None, words[4], Some(words[3])),
-        ("HMSG", 5) => (Some(words[3]), words[4], None),
-        ("HMSG", 6) => (Some(words[4]), words[5], Some(words[3])),
-        ("PING", _) => {
-            buf.drain(..end + 2);
-            return Ok(Some(Op::Ping));
+    let line = text(&buf[..end]);
+    let mut words = line.split_ascii_whitespace();
+    let verb = words.next().unwrap_or_default();
+    let verb_is = |name: &str| verb.eq_ignore_ascii_case(name);
+    if !(verb_is("MSG") || verb_is("HMSG")) {
+        let op = if verb_is("PING") {
+            Op::Ping
+        } else if verb_is("PONG") {
+            Op::Pong
+        } else if verb_is("INFO") {
+            Op::Info(line.into_owned())
+        } else if verb_is("-ERR") {
+            Op::Err(line.into_owned())
+        } else {
+            Op::Other
+        };
+        return Ok(Some((op, end + 2)));
+    }
+    let mut args = [""; 5];
+    let mut count = 0;
+    for word in words {
+        if count == args.len() {
+            return Err(format!("malformed {line:?}"));
         }
-        ("PONG", _) => {
-            buf.drain(..end + 2);
-            return Ok(Some(Op::Pong));
-        }
-        ("INFO", _) => {
-            buf.drain(..end + 2);
-            return Ok(Some(Op::Info(line)));
-        }
-        ("-ERR", _) => {
-            buf.drain(..end + 2);
-            return Ok(Some(Op::Err(line)));
-        }
-        ("MSG" | "HMSG", _) => return Err(format!("malformed {line:?}")),
-        _ => {
-            buf.drain(..end + 2);
-            return Ok(Some(Op::Other));
-        }
+        args[count] = word;
+        count += 1;
+    }
+    let (subject, header_len, total_len, reply) = match (verb_is("HMSG"), count) {
+        (false, 3) => (args[0], None, args[2], None),
+        (false, 4) => (args[0], None, args[3], Some(args[2])),
+        (true, 4) => (args[0], Some(args[2]), args[3], None),
+        (true, 5) => (args[0], Some(args[3]), args[4], Some(args[2])),
+        _ => return Err(format!("malformed {line:?}")),
     };
     let total: usize = total_len.parse().map_err(|_| format!("bad size in {line:?}"))?;
     let header: usize = header_len.map(str::parse).transpose().map_err(|_| format!("bad header size in {line:?}"))?.unwrap_or(0);
@@ -573,10 +602,8 @@ fn parse(buf: &mut Vec<u8>, max_payload: usize) -> Result<Option<Op>, String> {
     }
     let headers = (header > 0).then(|| text(&buf[start..start + header]).into_owned());
     let payload = buf[start + header..start + total].to_vec();
-    let subject = words[1].to_owned();
-    let reply = reply.map(str::to_owned);
-    buf.drain(..start + total + 2);
-    Ok(Some(Op::Msg { subject, reply, headers, payload }))
+    let op = Op::Msg { subject: subject.to_owned(), reply: reply.map(str::to_owned), headers, payload };
+    Ok(Some((op, start + total + 2)))
 }
 
 impl Stub {
@@ -731,11 +758,15 @@ impl Stub {
     fn pump(&mut self) -> Result<(), String> {
         let conn = self.conn.as_mut().expect("connected");
         conn.read_available()?;
+        let mut used = 0;
         loop {
             let conn = self.conn.as_mut().expect("connected");
-            let Some(op) = parse(&mut conn.rbuf, conn.max_payload)? else { break };
+            let Some((op, n)) = parse(&conn.rbuf[used..], conn.max_payload)? else { break };
+            used += n;
             self.handle(op)?;
         }
+        // (On an error the connection, and what it read, is dropped.)
+        self.conn.as_mut().expect("connected").rbuf.drain(..used);
         let now = now();
         let conn = self.conn.as_mut().expect("connected");
         if now >= conn.next_ping {
