@@ -748,6 +748,108 @@ fn a_silent_node_is_found_stale_by_pings_and_the_stub_fails_over_to_the_next_ser
     assert_eq!(r1.pending_requests(), 0);
 }
 
+/// A node that greets, then sends PINGs without pause on every
+/// connection, and counts the PONGs it gets back (after the handshake's).
+struct FloodingNode {
+    port: u16,
+    pongs: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl FloodingNode {
+    fn start() -> FloodingNode {
+        use std::io::{BufRead, Write};
+        use std::sync::atomic::Ordering;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let pongs = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (counted, stopping) = (pongs.clone(), stop.clone());
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                if stopping.load(Ordering::Acquire) {
+                    return;
+                }
+                let Ok(mut stream) = stream else { continue };
+                let (counted, stopping) = (counted.clone(), stopping.clone());
+                std::thread::spawn(move || {
+                    let info = json!({ "server_id": "flood", "version": "2.9.10", "proto": 1, "host": "127.0.0.1", "port": port,
+                        "headers": true, "max_payload": 1_048_576 });
+                    let mut reader = std::io::BufReader::new(stream.try_clone().unwrap());
+                    if write!(stream, "INFO {info}\r\n").is_err() {
+                        return;
+                    }
+                    // The handshake: CONNECT, then PING, answered.
+                    let mut line = String::new();
+                    while reader.read_line(&mut line).is_ok_and(|n| n > 0) && line.trim_end() != "PING" {
+                        line.clear();
+                    }
+                    if stream.write_all(b"PONG\r\n").is_err() {
+                        return;
+                    }
+                    std::thread::spawn(move || {
+                        let mut line = String::new();
+                        while reader.read_line(&mut line).is_ok_and(|n| n > 0) {
+                            if line.trim_end() == "PONG" {
+                                counted.fetch_add(1, Ordering::Relaxed);
+                            }
+                            line.clear();
+                        }
+                    });
+                    let flood = b"PING\r\n".repeat(10_000);
+                    while !stopping.load(Ordering::Acquire) && stream.write_all(&flood).is_ok() {}
+                    let _ = stream.shutdown(std::net::Shutdown::Both);
+                });
+            }
+        });
+        FloodingNode { port, pongs, stop }
+    }
+
+    fn endpoint(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for FloodingNode {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Release);
+        let _ = std::net::TcpStream::connect(("127.0.0.1", self.port));
+    }
+}
+
+/// A node sending without pause does not keep its stub reading until its
+/// call deadline: the stub reads a bounded amount a round, answers what it
+/// read, and stays up (before, it read on, its buffer growing, answered
+/// nothing and was stopped at its deadline, again at every reconnection).
+#[test]
+fn a_node_flooding_its_stub_is_answered_as_it_floods_and_the_stub_stays_up() {
+    let flood = FloodingNode::start();
+    let r1 = runtime(Duration::from_secs(30));
+    let mut events = r1.events();
+    let mut driver = Driver::new(&r1);
+    let mut b1 = TestBundle::new().hyperty("alice.example", "a", &guest("puppet"), puppet_config(false));
+    for domain in DOMAINS {
+        b1 = b1.protostub(domain, &[flood.endpoint()], json!({}));
+    }
+    r1.deploy(&b1.load()).unwrap();
+    let a = r1.lookup("alice.example", "a").unwrap();
+    // A message for bob.example loads its stub, which connects to the flood.
+    let cmd = json!({ "op": "send", "message": { "id": 1, "type": "update", "to": "hyperty://bob.example/b", "value": "{}" } });
+    assert_eq!(driver.command(&a, cmd), json!({ "ok": true }));
+    let label = "protostub bob.example";
+    wait_event(&mut events, |e| e.hyperty == label && matches!(&e.kind, hyperty_host::EventKind::StubStatus { status, .. } if status == "live"));
+    // Answered while it floods: a million PINGs' worth of PONGs, long
+    // before a poll's deadline.
+    let started = std::time::Instant::now();
+    while flood.pongs.load(std::sync::atomic::Ordering::Relaxed) < 1_000_000 {
+        assert!(started.elapsed() < Duration::from_secs(60), "only {} PONGs in 60 s", flood.pongs.load(std::sync::atomic::Ordering::Relaxed));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Never trapped, never disconnected meanwhile.
+    let seen: Vec<_> = std::iter::from_fn(|| events.try_recv().ok()).filter(|e| e.hyperty == label).map(|e| format!("{:?}", e.kind)).collect();
+    assert!(seen.iter().all(|k| !k.contains("Trapped") && !k.contains("disconnected")), "{seen:?}");
+}
+
 #[test]
 fn the_nats_harness_waits_for_its_own_server_and_says_why_it_did_not_start() {
     let mut nats = Nats::start();

@@ -123,6 +123,8 @@ const MAX_LINE: usize = 64 * 1024;
 /// The smallest and largest read the stub asks of its socket (bytes).
 const READ_MIN: usize = 4 * 1024;
 const READ_MAX: usize = 64 * 1024;
+/// The most a stub reads of its socket in one round (bytes).
+const READ_ROUND_MAX: usize = 1024 * 1024;
 /// `max_payload` when the server's `INFO` does not say (NATS's default).
 const DEFAULT_MAX_PAYLOAD: usize = 1024 * 1024;
 /// How long a write may wait for the node to take bytes.
@@ -415,7 +417,10 @@ impl Conn {
         })
     }
 
-    /// Reads what is available; an error when the connection is gone.
+    /// Reads what is available, at most [`READ_ROUND_MAX`] bytes a round
+    /// (a node sending without pause would otherwise keep the stub reading,
+    /// its buffer growing, until its call deadline; the rest is read next
+    /// round); an error when the connection is gone.
     ///
     /// The host zero-fills a buffer of the size asked for at every read,
     /// the last, empty one too (wasmtime-wasi's `TcpReader::read`): asking
@@ -426,8 +431,8 @@ impl Conn {
     /// round's largest read needed.
     fn read_available(&mut self) -> Result<(), String> {
         let mut size = self.read_size;
-        let mut largest = 0usize;
-        loop {
+        let (mut largest, mut taken) = (0usize, 0usize);
+        while taken < READ_ROUND_MAX {
             match self.input.read(size as u64) {
                 Ok(bytes) if bytes.is_empty() => {
                     self.read_size = largest.next_power_of_two().clamp(READ_MIN, READ_MAX);
@@ -435,6 +440,7 @@ impl Conn {
                 }
                 Ok(bytes) => {
                     largest = largest.max(bytes.len());
+                    taken += bytes.len();
                     size = if bytes.len() == size { (size * 2).min(READ_MAX) } else { READ_MIN };
                     self.rbuf.extend_from_slice(&bytes);
                 }
@@ -442,6 +448,8 @@ impl Conn {
                 Err(StreamError::LastOperationFailed(e)) => return Err(format!("read: {}", e.to_debug_string())),
             }
         }
+        self.read_size = READ_MAX;
+        Ok(())
     }
 
     /// Writes everything buffered in as few writes as the stream permits
