@@ -845,9 +845,64 @@ fn a_node_flooding_its_stub_is_answered_as_it_floods_and_the_stub_stays_up() {
         assert!(started.elapsed() < Duration::from_secs(60), "only {} PONGs in 60 s", flood.pongs.load(std::sync::atomic::Ordering::Relaxed));
         std::thread::sleep(Duration::from_millis(20));
     }
-    // Never trapped, never disconnected meanwhile.
-    let seen: Vec<_> = std::iter::from_fn(|| events.try_recv().ok()).filter(|e| e.hyperty == label).map(|e| format!("{:?}", e.kind)).collect();
+    // No stub (each domain's is on the flood) trapped or disconnected
+    // meanwhile; every event is seen.
+    let mut seen = Vec::new();
+    loop {
+        match events.try_recv() {
+            Ok(e) if e.hyperty.starts_with("protostub ") => seen.push(format!("{} {:?}", e.hyperty, e.kind)),
+            Ok(_) => {}
+            Err(hyperty_host::events::TryRecvError::Empty) => break,
+            Err(e) => panic!("events lost: {e:?}"),
+        }
+    }
     assert!(seen.iter().all(|k| !k.contains("Trapped") && !k.contains("disconnected")), "{seen:?}");
+}
+
+/// A node that announces a `max_payload` of 10 GB, then sends a message
+/// header claiming 100 MB: the stub takes the announced limit only up to
+/// 64 MiB, so it drops the connection at the header, naming the limit,
+/// instead of holding what the node sends until its memory runs out.
+#[test]
+fn a_nodes_announced_max_payload_is_taken_up_to_64_mib() {
+    use std::io::{BufRead, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            std::thread::spawn(move || {
+                let info = json!({ "server_id": "huge", "version": "2.9.10", "proto": 1, "host": "127.0.0.1", "port": port,
+                    "headers": true, "max_payload": 10_000_000_000u64 });
+                let mut reader = std::io::BufReader::new(stream.try_clone().unwrap());
+                let _ = write!(stream, "INFO {info}\r\n");
+                let mut line = String::new();
+                while reader.read_line(&mut line).is_ok_and(|n| n > 0) && line.trim_end() != "PING" {
+                    line.clear();
+                }
+                let _ = stream.write_all(b"PONG\r\nMSG rethink.x 1 100000000\r\n");
+                // Then bytes of it, slowly, until the stub hangs up.
+                while stream.write_all(&[b'x'; 1024]).is_ok() {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            });
+        }
+    });
+    let r1 = runtime(Duration::from_secs(30));
+    let mut events = r1.events();
+    let mut driver = Driver::new(&r1);
+    let mut b1 = TestBundle::new().hyperty("alice.example", "a", &guest("puppet"), puppet_config(false));
+    for domain in DOMAINS {
+        b1 = b1.protostub(domain, &[format!("127.0.0.1:{port}")], json!({}));
+    }
+    r1.deploy(&b1.load()).unwrap();
+    let a = r1.lookup("alice.example", "a").unwrap();
+    let cmd = json!({ "op": "send", "message": { "id": 1, "type": "update", "to": "hyperty://bob.example/b", "value": "{}" } });
+    assert_eq!(driver.command(&a, cmd), json!({ "ok": true }));
+    let label = "protostub bob.example";
+    let e = wait_event(&mut events, |e| e.hyperty == label && matches!(&e.kind, hyperty_host::EventKind::StubStatus { status, .. } if status == "disconnected"));
+    let hyperty_host::EventKind::StubStatus { detail, .. } = e.kind else { unreachable!() };
+    assert!(detail.contains("100000000 bytes, above its own max_payload (67108864)"), "{detail}");
 }
 
 #[test]

@@ -121,12 +121,18 @@ const INBOX_SID: u64 = 1;
 /// client lines, `max_control_line`, is 4 KiB).
 const MAX_LINE: usize = 64 * 1024;
 /// The smallest and largest read the stub asks of its socket (bytes).
+/// `READ_MAX` is wasmtime-wasi's own largest read (`MAX_READ_SIZE_ALLOC`):
+/// above it no read would fill, and the sizes would stop doubling.
 const READ_MIN: usize = 4 * 1024;
 const READ_MAX: usize = 64 * 1024;
 /// The most a stub reads of its socket in one round (bytes).
 const READ_ROUND_MAX: usize = 1024 * 1024;
 /// `max_payload` when the server's `INFO` does not say (NATS's default).
 const DEFAULT_MAX_PAYLOAD: usize = 1024 * 1024;
+/// The largest `max_payload` taken from a node (nats-server refuses to
+/// start with more): a node announcing more could otherwise make the stub
+/// hold a message as large as it likes.
+const MAX_PAYLOAD_CAP: usize = 64 * 1024 * 1024;
 /// How long a write may wait for the node to take bytes.
 const WRITE_TIMEOUT: u64 = 5_000 * MS;
 
@@ -540,7 +546,7 @@ fn max_payload(info: &str) -> Result<usize, String> {
         Some(n) => n
             .as_u64()
             .filter(|n| *n > 0)
-            .map(|n| usize::try_from(n).unwrap_or(usize::MAX))
+            .map(|n| usize::try_from(n).unwrap_or(usize::MAX).min(MAX_PAYLOAD_CAP))
             .ok_or_else(|| format!("malformed INFO: max_payload is {n}, not a positive number")),
     }
 }
