@@ -59,18 +59,22 @@
 //! whose answer does not come within the ack timeout. Duplicates this may
 //! cause are dropped by the receiving host (envelopes carry sequence
 //! numbers). On a lost connection the stub reports `disconnected`,
-//! reconnects with backoff (50 ms doubling to 2 s, servers in turn) and
-//! asks the host to `resume`: listen again, offer again what was in flight.
+//! reconnects with backoff (50 ms doubling to 2 s, servers in turn; reset
+//! only by a connection that stayed up [`STABLE_AFTER`]) and asks the host
+//! to `resume`: listen again, offer again what was in flight.
 //!
 //! Limits the node sets and the stub keeps (as the NATS clients do):
 //! - `max_payload` from the server's `INFO` (at every connection, and again
-//!   when the server sends a new `INFO`): an envelope larger than it (in
+//!   when the server sends a new `INFO`; taken up to [`MAX_PAYLOAD_CAP`]):
+//!   an envelope larger than it (in
 //!   bytes on the wire, as published) is never sent, since the server
 //!   would close the connection for it; the stub `refuse`s it
 //!   (`too-large`, naming the limit) and the host answers its sender. Oks
 //!   in bulk are split, and answers cut, to fit it too. A
-//!   `MSG` from the node larger than that limit, or a protocol line longer
-//!   than [`MAX_LINE`], is a protocol error: the connection is dropped.
+//!   `MSG` from the node larger than that limit, one whose payload is not
+//!   ended by CRLF where its line says, or a protocol line longer than
+//!   [`MAX_LINE`], is a protocol error: the connection is dropped. At most
+//!   [`READ_ROUND_MAX`] is read a round.
 //! - Permissions: a node with per-subject permissions answers a publish it
 //!   refuses with `-ERR 'Permissions Violation for Publish to "<subject>"'`
 //!   and keeps the connection. Every message in flight on that subject is
@@ -81,7 +85,8 @@
 //!   unanswered and another is due, the connection is stale: reported
 //!   `disconnected`, and the stub reconnects to the next server. A node that
 //!   stops reading is found the same way: a write that cannot complete
-//!   within [`WRITE_TIMEOUT`] drops the connection.
+//!   within [`WRITE_TIMEOUT`], or a poll's writes not taken within
+//!   [`WRITES_WITHIN`] of its start, drops the connection.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -112,6 +117,11 @@ const MS: u64 = 1_000_000;
 const RETRY_PAUSE: u64 = 100 * MS;
 const BACKOFF_MIN: u64 = 50 * MS;
 const BACKOFF_MAX: u64 = 2_000 * MS;
+/// A connection lost after being up this long is reconnected to after
+/// [`BACKOFF_MIN`]; one lost sooner counts as a failure (the backoff
+/// doubles), so a node that hangs up after every handshake is not
+/// reconnected to at the minimum pause for ever.
+const STABLE_AFTER: u64 = 10_000 * MS;
 /// How long connecting and the handshake may take.
 const CONNECT_TIMEOUT: u64 = 2_000 * MS;
 /// The subscription id of this stub's inbox (acks, no-responder notices).
@@ -129,12 +139,20 @@ const READ_MAX: usize = 64 * 1024;
 const READ_ROUND_MAX: usize = 1024 * 1024;
 /// `max_payload` when the server's `INFO` does not say (NATS's default).
 const DEFAULT_MAX_PAYLOAD: usize = 1024 * 1024;
-/// The largest `max_payload` taken from a node (nats-server refuses to
-/// start with more): a node announcing more could otherwise make the stub
-/// hold a message as large as it likes.
-const MAX_PAYLOAD_CAP: usize = 64 * 1024 * 1024;
+/// The largest `max_payload` taken from a node: a node announcing more
+/// could otherwise make the stub hold a message as large as it likes. A
+/// message is held two or three times over while it is read (the read
+/// buffer, its payload, the text given to the host), so this sits well
+/// under a stub's 64 MiB of memory; it is 8 times NATS's default, and
+/// above what the host's default `max_message_bytes` (1 MiB) makes.
+const MAX_PAYLOAD_CAP: usize = 8 * 1024 * 1024;
 /// How long a write may wait for the node to take bytes.
 const WRITE_TIMEOUT: u64 = 5_000 * MS;
+/// A poll's writes end this long after the poll began, however the node
+/// takes them (a node taking a trickle at a time restarts
+/// [`WRITE_TIMEOUT`] at every bit): within the host's 10 s deadline of a
+/// poll, with its 4 s budget for posts and a 2 s handshake beside it.
+const WRITES_WITHIN: u64 = 8_000 * MS;
 
 #[derive(Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
@@ -278,6 +296,10 @@ struct Stub {
     deferred: BTreeMap<(u64, u64), ()>,
     next_connect: u64,
     backoff: u64,
+    /// When the connection in hand was made (monotonic ns).
+    connected_at: u64,
+    /// When the poll in hand began (monotonic ns).
+    poll_started: u64,
     status: Option<StubStatus>,
     /// Messages this instance carried (acknowledged by the far end).
     carried: u64,
@@ -462,22 +484,30 @@ impl Conn {
     /// (one, usually): WASI gives no TCP_NODELAY, so many small writes in a
     /// row would wait on Nagle's algorithm and the peer's delayed ACKs. A
     /// node that takes nothing for [`WRITE_TIMEOUT`] is an error.
-    fn flush(&mut self) -> Result<(), String> {
+    fn flush(&mut self, until: u64) -> Result<(), String> {
         let failed = |e: StreamError| match e {
             StreamError::Closed => "the node closed the connection".to_owned(),
             StreamError::LastOperationFailed(e) => format!("write: {}", e.to_debug_string()),
         };
         let mut written = 0;
-        let mut deadline = now() + WRITE_TIMEOUT;
+        let mut deadline = (now() + WRITE_TIMEOUT).min(until);
         while written < self.wbuf.len() {
             let permitted = self.output.check_write().map_err(failed)? as usize;
             if permitted == 0 {
                 if !wait_until(&self.output.subscribe(), deadline) {
+                    if now() >= until {
+                        return Err(format!(
+                            "{} took {written} of {} bytes within a poll ({} s): too slowly",
+                            self.addr,
+                            self.wbuf.len(),
+                            WRITES_WITHIN / 1_000_000_000
+                        ));
+                    }
                     return Err(format!("{} took nothing of what was sent for {} s", self.addr, WRITE_TIMEOUT / 1_000_000_000));
                 }
                 continue;
             }
-            deadline = now() + WRITE_TIMEOUT;
+            deadline = (now() + WRITE_TIMEOUT).min(until);
             let end = self.wbuf.len().min(written + permitted);
             self.output.write(&self.wbuf[written..end]).map_err(failed)?;
             written = end;
@@ -614,6 +644,9 @@ fn parse(buf: &[u8], max_payload: usize) -> Result<Option<(Op, usize)>, String> 
     if buf.len() < start + total + 2 {
         return Ok(None);
     }
+    if &buf[start + total..start + total + 2] != b"\r\n" {
+        return Err(format!("the node sent a message not ended by CRLF after the {total} bytes its line declares ({line:?})"));
+    }
     let headers = (header > 0).then(|| text(&buf[start..start + header]).into_owned());
     let payload = buf[start + header..start + total].to_vec();
     let op = Op::Msg { subject: subject.to_owned(), reply: reply.map(str::to_owned), headers, payload };
@@ -662,6 +695,8 @@ impl Stub {
             deferred: BTreeMap::new(),
             next_connect: 0,
             backoff: BACKOFF_MIN,
+            connected_at: 0,
+            poll_started: 0,
             status: None,
             carried: 0,
             acks: BTreeMap::new(),
@@ -684,7 +719,7 @@ impl Stub {
         match self.handshake(addr) {
             Ok(conn) => {
                 self.conn = Some(conn);
-                self.backoff = BACKOFF_MIN;
+                self.connected_at = now();
                 match &self.js {
                     // Live once the stream is confirmed.
                     Some(js) => self.report(StubStatus::InProgress, &format!("connected to {addr}, asking for the JetStream stream {}", js.stream)),
@@ -723,7 +758,7 @@ impl Stub {
             connect["auth_token"] = token.clone().into();
         }
         conn.wbuf.extend_from_slice(format!("CONNECT {connect}\r\nPING\r\n").as_bytes());
-        conn.flush()?;
+        conn.flush(deadline)?;
         loop {
             let line = conn.read_line(deadline)?;
             match line.as_str() {
@@ -737,7 +772,7 @@ impl Stub {
         self.incarnation += 1;
         self.inbox = format!("_INBOX.{}", random_hex());
         conn.wbuf.extend_from_slice(format!("SUB {}.* {INBOX_SID}\r\n", self.inbox).as_bytes());
-        conn.flush()?;
+        conn.flush(deadline)?;
         self.subs.clear();
         self.in_flight.clear();
         self.sent_order.clear();
@@ -763,7 +798,12 @@ impl Stub {
         self.deferred.clear();
         self.acks.clear();
         self.reset_js();
-        self.next_connect = now() + self.backoff;
+        let now = now();
+        if now.saturating_sub(self.connected_at) >= STABLE_AFTER {
+            self.backoff = BACKOFF_MIN;
+        }
+        self.next_connect = now + self.backoff;
+        self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
         log(Level::Warn, &format!("{}: connection lost: {why}", self.domain));
         self.report(StubStatus::Disconnected, why);
     }
@@ -894,7 +934,7 @@ impl Stub {
                 }
             }
         }
-        self.conn.as_mut().expect("connected").flush()
+        self.conn.as_mut().expect("connected").flush(self.poll_started + WRITES_WITHIN)
     }
 
     fn handle(&mut self, op: Op) -> Result<(), String> {
@@ -1182,7 +1222,8 @@ impl Stub {
     }
 
     fn poll(&mut self, wait_ms: u32) {
-        let deadline = now() + u64::from(wait_ms) * MS;
+        self.poll_started = now();
+        let deadline = self.poll_started + u64::from(wait_ms) * MS;
         // Made once per call and reused: pollables cost a host round trip.
         let deadline_timer = monotonic_clock::subscribe_instant(deadline);
         let work = host::work_ready();

@@ -99,10 +99,43 @@ pub(crate) fn prepare(engine: &wasmtime::Engine, component: &Component) -> Resul
     let mut linker = Linker::new(engine);
     wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(|e| anyhow!("{e:#}"))?;
     crate::sandbox::timers::link(&mut linker)?;
+    link_output_stream_drop(&mut linker)?;
     wit::add_to_linker::<_, HasSelf<StubState>>(&mut linker, |s| s).map_err(|e| anyhow!("{e:#}"))?;
     wit_log::add_to_linker::<_, HasSelf<StubState>>(&mut linker, |s| s).map_err(|e| anyhow!("{e:#}"))?;
     let pre = linker.instantiate_pre(component).map_err(|e| anyhow!("does not fit the protostub world: {e:#}"))?;
     ProtostubPre::new(pre).map(StubPre).map_err(|e| anyhow!("does not fit the protostub world: {e:#}"))
+}
+
+/// The WASI streams interface whose `output-stream` a stub drops at once.
+const STREAMS: &str = "wasi:io/streams@0.2.12";
+
+/// Links the drop of a stub's `output-stream` over wasmtime-wasi's, which
+/// waits for the stream's background writes to finish ("to prevent
+/// silently dropping data": `TcpWriter::cancel`), in a host call no epoch
+/// deadline interrupts. A node that stops reading then held the stub's
+/// thread for ever when the stub gave its connection up (its write
+/// timeout). Here the stream leaves the table and is dropped: its pending
+/// write is aborted (wasmtime-wasi's `AbortOnDropJoinHandle`). A stub that
+/// drops a stream has given up on what it had not seen taken anyway:
+/// what was not acknowledged is offered again on its next connection.
+fn link_output_stream_drop(linker: &mut Linker<StubState>) -> Result<()> {
+    use wasmtime::component::ResourceType;
+    use wasmtime_wasi::p2::DynOutputStream;
+    let mut streams = linker.instance(STREAMS).map_err(|e| anyhow!("{STREAMS}: {e:#}"))?;
+    // Were `wasmtime-wasi` to link another version, this would make a new
+    // instance beside it and replace nothing: refuse to start instead.
+    if streams.func_wrap("[method]output-stream.check-write", |_, (): ()| Ok((0u64,))).is_ok() {
+        anyhow::bail!("wasmtime-wasi does not link {STREAMS}: update protostub::glue::STREAMS");
+    }
+    linker.allow_shadowing(true);
+    let mut streams = linker.instance(STREAMS).map_err(|e| anyhow!("{STREAMS}: {e:#}"))?;
+    streams.resource("output-stream", ResourceType::host::<DynOutputStream>(), |mut store, rep| {
+        let stream: Resource<DynOutputStream> = Resource::new_own(rep);
+        store.data_mut().table.delete(stream)?;
+        Ok(())
+    })?;
+    linker.allow_shadowing(false);
+    Ok(())
 }
 
 /// The store data of a stub instance.
