@@ -114,8 +114,10 @@ const STREAMS: &str = "wasi:io/streams@0.2.12";
 /// silently dropping data": `TcpWriter::cancel`), in a host call no epoch
 /// deadline interrupts. A node that stops reading then held the stub's
 /// thread for ever when the stub gave its connection up (its write
-/// timeout). Here the stream leaves the table and is dropped: its pending
-/// write is aborted (wasmtime-wasi's `AbortOnDropJoinHandle`). A stub that
+/// timeout). Here the stream leaves the table and is dropped; its pending
+/// write is aborted once the socket, which shares it, is dropped too
+/// (wasmtime-wasi's `AbortOnDropJoinHandle`; `nats-stub` drops both at
+/// once). A stub that
 /// drops a stream has given up on what it had not seen taken anyway:
 /// what was not acknowledged is offered again on its next connection.
 fn link_output_stream_drop(linker: &mut Linker<StubState>) -> Result<()> {
@@ -124,6 +126,8 @@ fn link_output_stream_drop(linker: &mut Linker<StubState>) -> Result<()> {
     let mut streams = linker.instance(STREAMS).map_err(|e| anyhow!("{STREAMS}: {e:#}"))?;
     // Were `wasmtime-wasi` to link another version, this would make a new
     // instance beside it and replace nothing: refuse to start instead.
+    // (Only while shadowing is off, as `timers::link` leaves it: else this
+    // probe would replace `check-write`.)
     if streams.func_wrap("[method]output-stream.check-write", |_, (): ()| Ok((0u64,))).is_ok() {
         anyhow::bail!("wasmtime-wasi does not link {STREAMS}: update protostub::glue::STREAMS");
     }
