@@ -144,11 +144,79 @@ fn disconnected_within(events: &mut hyperty_host::EventReceiver, within: Duratio
     }
 }
 
+/// Counts in `counted` the PONGs the stub sends, until it hangs up.
+fn count_pongs(mut reader: BufReader<TcpStream>, counted: &AtomicUsize) {
+    let mut line = String::new();
+    while reader.read_line(&mut line).is_ok_and(|n| n > 0) {
+        if line.trim_end() == "PONG" {
+            counted.fetch_add(1, Ordering::Relaxed);
+        }
+        line.clear();
+    }
+}
+
 /// A port nothing listens on (bound, then freed): connections to it are
 /// refused at once.
 fn closed_port() -> String {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     format!("127.0.0.1:{}", listener.local_addr().unwrap().port())
+}
+
+/// A node sending without pause does not keep its stub reading until its
+/// call deadline: the stub reads a bounded amount a round, answers what it
+/// read, and stays up (before, it read on, its buffer growing, answered
+/// nothing and was stopped at its deadline, again at every reconnection).
+#[test]
+fn a_node_flooding_its_stub_is_answered_as_it_floods_and_the_stub_stays_up() {
+    let pongs = Arc::new(AtomicUsize::new(0));
+    let counted = pongs.clone();
+    let (port, _) = node(move |_, mut stream| {
+        let port = stream.local_addr().unwrap().port();
+        let Some(reader) = greet(&mut stream, port, json!(1_048_576)) else { return };
+        let counted = counted.clone();
+        std::thread::spawn(move || count_pongs(reader, &counted));
+        // Until the runtime is gone and the connection with it.
+        let flood = b"PING\r\n".repeat(10_000);
+        while stream.write_all(&flood).is_ok() {}
+    });
+    let (_r, _driver, _a, _b, mut events, _bundle) = runtime_on(&format!("127.0.0.1:{port}"), json!({}));
+    wait_event(&mut events, |e| e.hyperty == LABEL && matches!(&e.kind, EventKind::StubStatus { status, .. } if status == "live"));
+    // Answered while it floods: a million PINGs' worth of PONGs, long
+    // before a poll's deadline.
+    wait_for("a million PONGs", Duration::from_secs(60), || pongs.load(Ordering::Relaxed) >= 1_000_000);
+    // No stub (each domain's is on the flood) trapped or disconnected
+    // meanwhile; every event is seen.
+    let mut seen = Vec::new();
+    loop {
+        match events.try_recv() {
+            Ok(e) if e.hyperty.starts_with("protostub ") => seen.push(format!("{} {:?}", e.hyperty, e.kind)),
+            Ok(_) => {}
+            Err(hyperty_host::events::TryRecvError::Empty) => break,
+            Err(e) => panic!("events lost: {e:?}"),
+        }
+    }
+    assert!(seen.iter().all(|k| !k.contains("Trapped") && !k.contains("disconnected")), "{seen:?}");
+}
+
+/// A node that announces a `max_payload` of 10 GB, then sends a message
+/// header claiming 100 MB: the stub takes the announced limit only up to
+/// 8 MiB (a message is held two or three times over in a stub's 64 MiB),
+/// so it drops the connection at the header, naming the limit, instead of
+/// holding what the node sends until its memory runs out.
+#[test]
+fn a_nodes_announced_max_payload_is_taken_up_to_8_mib() {
+    let (port, _) = node(move |_, mut stream| {
+        let port = stream.local_addr().unwrap().port();
+        let Some(_reader) = greet(&mut stream, port, json!(10_000_000_000u64)) else { return };
+        let _ = stream.write_all(b"MSG rethink.x 1 100000000\r\n");
+        // Then bytes of it, slowly, until the stub hangs up.
+        while stream.write_all(&[b'x'; 1024]).is_ok() {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    });
+    let (_r, _driver, _a, _b, mut events, _bundle) = runtime_with(&format!("127.0.0.1:{port}"), &closed_port(), json!({}));
+    let why = disconnected_within(&mut events, Duration::from_secs(10));
+    assert!(why.contains("100000000 bytes, above its own max_payload (8388608)"), "{why}");
 }
 
 /// A node announcing a 64 MiB `max_payload` sends a message just under the
@@ -161,7 +229,7 @@ fn a_message_just_under_the_stubs_payload_cap_is_read_within_its_memory() {
     let counted = answered.clone();
     let (port, _) = node(move |_, mut stream| {
         let port = stream.local_addr().unwrap().port();
-        let Some(mut reader) = greet(&mut stream, port, json!(64 * 1024 * 1024)) else { return };
+        let Some(reader) = greet(&mut stream, port, json!(64 * 1024 * 1024)) else { return };
         let size = 8 * 1024 * 1024 - 1024;
         let mut msg = format!("MSG rethink.bob_example.x.alice_example 2 {size}\r\n").into_bytes();
         msg.extend(std::iter::repeat_n(b'x', size));
@@ -169,18 +237,12 @@ fn a_message_just_under_the_stubs_payload_cap_is_read_within_its_memory() {
         if stream.write_all(&msg).is_err() {
             return;
         }
-        let mut line = String::new();
-        while reader.read_line(&mut line).is_ok_and(|n| n > 0) {
-            if line.trim_end() == "PONG" {
-                counted.fetch_add(1, Ordering::SeqCst);
-            }
-            line.clear();
-        }
+        count_pongs(reader, &counted);
     });
     let (_r, _driver, _a, _b, mut events, _bundle) = runtime_with(&format!("127.0.0.1:{port}"), &closed_port(), json!({}));
     let mut seen = Vec::new();
     let until = Instant::now() + Duration::from_secs(30);
-    while answered.load(Ordering::SeqCst) == 0 {
+    while answered.load(Ordering::Relaxed) == 0 {
         assert!(Instant::now() < until, "the PING after the message was not answered in 30 s: {seen:?}");
         while let Ok(e) = events.try_recv() {
             if e.hyperty == LABEL {
