@@ -819,3 +819,65 @@ fn a_stub_sleeping_in_init_at_deployment_is_stopped_at_its_deadline() {
     let healthy = TestBundle::new().hyperty("awake.example", "p", &guest("puppet"), puppet_config(true));
     runtime.deploy(&healthy.load()).expect("the next deployment goes through");
 }
+
+/// A stub written in the blocking style (`blocking-stub`: `pollable.block`,
+/// `pollable.ready`, `blocking-write-and-flush`, `blocking-read`, never
+/// `poll`) is served on its thread's own I/O driver (`protostub::io`): each
+/// message it carries is written to a line-echo server and read back.
+#[test]
+fn a_stub_written_with_blocking_calls_is_served() {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let server = listener.local_addr().unwrap().to_string();
+    let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = lines.clone();
+    std::thread::spawn(move || {
+        let (stream, _) = listener.accept().unwrap();
+        let mut writer = stream.try_clone().unwrap();
+        for line in BufReader::new(stream).lines() {
+            let Ok(line) = line else { return };
+            seen.lock().unwrap().push(line.clone());
+            writer.write_all(format!("{line}\n").as_bytes()).unwrap();
+        }
+    });
+    let r = runtime(Duration::from_secs(10));
+    let mut events = r.events();
+    let mut driver = Driver::new(&r);
+    let bundle = TestBundle::new()
+        .hyperty("alice.example", "a", &guest("puppet"), puppet_config(false))
+        .protostub("echo.example", &[server], json!({ "component": guest("blocking-stub").to_str().unwrap() }));
+    r.deploy(&bundle.load()).unwrap();
+    let a = r.lookup("alice.example", "a").unwrap();
+    for n in 0..3 {
+        let value = json!({ "n": n, "pad": "x".repeat(5000 * n) }).to_string();
+        let cmd = json!({ "op": "send", "message": { "id": n + 1, "type": "update", "to": "hyperty://echo.example/x", "value": value } });
+        assert_eq!(driver.command(&a, cmd), json!({ "ok": true }));
+        let echoed = wait_event(&mut events, |e| {
+            matches!(&e.kind, hyperty_host::EventKind::StubStatus { detail, .. } if detail.starts_with("echoed"))
+        });
+        let hyperty_host::EventKind::StubStatus { detail, .. } = echoed.kind else { unreachable!() };
+        let line = lines.lock().unwrap().last().cloned().expect("the server read a line");
+        assert!(line.contains(&format!("\"n\\\":{n}")), "{line}");
+        assert_eq!(detail, format!("echoed {} bytes", line.len() + 1));
+    }
+}
+
+/// A hyperty run on a stub's thread (the hand-off) that sleeps wakes on
+/// time: its timer runs on `wasmtime-wasi`'s runtime, not on the stub's
+/// own I/O driver, which nobody drives while the stub lends its thread.
+#[test]
+fn a_hyperty_sleeping_on_a_stubs_thread_wakes_on_time() {
+    let nats = Nats::start();
+    let hyperties = [
+        ("bob.example", "b", "puppet", puppet_config(true)),
+        ("bob.example", "sleeper", "hostile", json!({ "mode": "sleep" })),
+    ];
+    let (_r1, r2, mut driver, a, _b1, _b2) = stub_lending_runtimes(&nats, &hyperties);
+    let (b, sleeper) = (r2.lookup("bob.example", "b").unwrap(), r2.lookup("bob.example", "sleeper").unwrap());
+    request_until_answered(&mut driver, &a, &b);
+    let lent = stub_handoffs(&r2, "bob.example");
+    let answer = request_value_until_answered(&mut driver, &a, &sleeper, "{\"ms\":50}");
+    let slept = answer["value"].as_str().and_then(|v| serde_json::from_str::<serde_json::Value>(v).ok()).expect("a value");
+    assert!(slept["slept_ms"].as_u64().is_some_and(|ms| (50..1000).contains(&ms)), "{answer}");
+    assert!(stub_handoffs(&r2, "bob.example") > lent, "the sleeper did not run on the stub's thread: {}", r2.metrics_text());
+}

@@ -100,6 +100,7 @@ pub(crate) fn prepare(engine: &wasmtime::Engine, component: &Component) -> Resul
     wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(|e| anyhow!("{e:#}"))?;
     crate::sandbox::timers::link(&mut linker)?;
     link_output_stream_drop(&mut linker)?;
+    super::io::link(&mut linker)?;
     wit::add_to_linker::<_, HasSelf<StubState>>(&mut linker, |s| s).map_err(|e| anyhow!("{e:#}"))?;
     wit_log::add_to_linker::<_, HasSelf<StubState>>(&mut linker, |s| s).map_err(|e| anyhow!("{e:#}"))?;
     let pre = linker.instantiate_pre(component).map_err(|e| anyhow!("does not fit the protostub world: {e:#}"))?;

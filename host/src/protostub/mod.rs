@@ -20,8 +20,9 @@
 //! - **the network** through WASI sockets, limited to exactly the
 //!   endpoints its bundle entry names: any other address is refused and
 //!   logged;
-//! - its own store and thread, driven by calls to its `poll` export; a
-//!   trap drops the instance, which is started afresh with backoff.
+//! - its own store and thread, driven by calls to its `poll` export, the
+//!   thread also driving its sockets ([`io`]); a trap drops the instance,
+//!   which is started afresh with backoff.
 //!
 //! With `durable = true` on its entry the queue is also kept in the
 //! runtime's database ([`outbox`]) until each message is acknowledged, the
@@ -40,6 +41,7 @@
 
 mod envelope;
 mod glue;
+mod io;
 mod outbox;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
@@ -686,7 +688,7 @@ impl Stub {
             // wait for the hyperty's receipt within a budget of the poll,
             // and with lent calls in that budget a durable test saw a
             // message handled twice (once in five runs; not understood).
-            let sent = crate::sandbox::handoff::stub_post(|| bus.send_inbound(received.message, &self.domain, received.wait));
+            let sent = io::outside(|| crate::sandbox::handoff::stub_post(|| bus.send_inbound(received.message, &self.domain, received.wait)));
             return match sent {
                 Ok(()) => {
                     self.taken(&key);
@@ -834,7 +836,7 @@ const POLL_DEADLINE: Duration = Duration::from_secs(10);
 /// Spawns the thread that runs `stub`'s component until it is stopped.
 pub(crate) fn spawn(stub: Arc<Stub>, context: StubContext) {
     let name = format!("hyperty-stub-{}", stub.domain);
-    let spawned = std::thread::Builder::new().name(name).spawn(move || run(stub, context));
+    let spawned = std::thread::Builder::new().name(name).spawn(move || io::drive_here(|| run(stub, context)));
     if let Err(e) = spawned {
         tracing::error!("cannot start a protostub thread: {e}");
     }
