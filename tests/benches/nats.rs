@@ -8,15 +8,20 @@
 //!   runtime 2 (endpoint → bus → protostub → NATS → protostub → bus →
 //!   hyperty, and back the same way, with acknowledged delivery each hop);
 //! - one-way messages/s: a raw publisher to a raw subscriber vs. the bench
-//!   driver hyperty (runtime 1) to the bench sink (runtime 2), batches of 64
-//!   closed by a request for flow control.
+//!   driver hyperty (runtime 1) to the bench sink (runtime 2), in windows
+//!   of [`WINDOW`] messages, each closed by a request whose response
+//!   releases the next (flow control); and again in windows of
+//!   [`DEEP_WINDOW`], half the sink's inbox (1024 by default), where the
+//!   path is bound by its CPU rather than by one round trip per 64
+//!   messages.
 //!
 //! Both runtimes live in this process (each with its own stubs and NATS
 //! connections); the two-process path is exercised by the tests.
 //!
 //! For `perf stat`, the runtime-to-runtime work and nothing else:
-//! `HYPERTY_NATS_BENCH=<oneway|rr>:<count>[:policies]` runs that many
-//! one-way messages (or round trips) after the warm-up, with `policies` under
+//! `HYPERTY_NATS_BENCH=<oneway|oneway-deep|rr>:<count>[:policies]` runs
+//! that many one-way messages (windows of 64 or 512) or round trips after
+//! the warm-up, with `policies` under
 //! the bus bench's realistic Cedar set on both domains and both runtimes'
 //! buses; the difference between two counts, divided by the difference in
 //! count, is the cost of one.
@@ -32,23 +37,28 @@ use serde_json::json;
 const ROUND_TRIPS: usize = 2000;
 const ONE_WAY: u64 = 20_000;
 const RUNS: usize = 3;
+/// Messages a one-way window: each closed by a request.
+const WINDOW: u64 = 64;
+/// A deeper window: half the sink domain's inbox.
+const DEEP_WINDOW: u64 = 512;
 
 fn main() {
     let nats = Nats::start();
     let servers = [nats.endpoint()];
     let spec = std::env::var("HYPERTY_NATS_BENCH").ok();
-    let usage = "HYPERTY_NATS_BENCH=<oneway|rr>:<count>[:policies]";
+    let usage = "HYPERTY_NATS_BENCH=<oneway|oneway-deep|rr>:<count>[:policies]";
     let policies = spec.as_deref().is_some_and(|s| s.ends_with(":policies"));
     let policies_dir = tempfile::tempdir().unwrap();
     let path = RuntimePath::new(&servers, policies.then_some(policies_dir.path()));
     path.round_trips(200); // warm-up: stubs loaded, subscriptions in place
-    path.one_way(2_000);
+    path.one_way(2_000, WINDOW);
     if let Some(spec) = spec {
         let mut parts = spec.split(':');
         let kind = parts.next().unwrap_or_default();
         let count: u64 = parts.next().and_then(|c| c.parse().ok()).expect(usage);
         match kind {
-            "oneway" => println!("one-way: {:.0} msg/s", path.one_way(count)),
+            "oneway" => println!("one-way: {:.0} msg/s", path.one_way(count, WINDOW)),
+            "oneway-deep" => println!("one-way, windows of {DEEP_WINDOW}: {:.0} msg/s", path.one_way(count, DEEP_WINDOW)),
             "rr" => println!("round trips: p50 {:.1} µs", percentiles(path.round_trips(count as usize)).0),
             _ => panic!("{usage}, not {spec}"),
         }
@@ -56,6 +66,7 @@ fn main() {
     }
     let mut raw = (Vec::new(), Vec::new(), Vec::new());
     let mut ours = (Vec::new(), Vec::new(), Vec::new());
+    let mut deep = Vec::new();
     for _ in 0..RUNS {
         let (p50, p99) = percentiles(raw_round_trips(nats.port, ROUND_TRIPS));
         raw.0.push(p50);
@@ -64,7 +75,8 @@ fn main() {
         let (p50, p99) = percentiles(path.round_trips(ROUND_TRIPS));
         ours.0.push(p50);
         ours.1.push(p99);
-        ours.2.push(path.one_way(ONE_WAY));
+        ours.2.push(path.one_way(ONE_WAY, WINDOW));
+        deep.push(path.one_way(ONE_WAY, DEEP_WINDOW));
     }
     println!("through NATS (one nats-server on loopback, same run, median of {RUNS}):");
     println!("                            NATS client-to-client   runtime-to-runtime (hyperty stubs)   ratio");
@@ -72,8 +84,9 @@ fn main() {
     println!("  request/response p50:     {a:>10.1} µs           {b:>10.1} µs                        {:.1}x", b / a);
     let (a, b) = (median(raw.1), median(ours.1));
     println!("  request/response p99:     {a:>10.1} µs           {b:>10.1} µs                        {:.1}x", b / a);
-    let (a, b) = (median(raw.2), median(ours.2));
+    let (a, b, c) = (median(raw.2), median(ours.2), median(deep));
     println!("  one-way msg/s:            {a:>10.0}              {b:>10.0}                           {:.0}%", 100.0 * b / a);
+    println!("  one-way, windows of {DEEP_WINDOW}:                           {c:>10.0}                           {:.0}%", 100.0 * c / a);
 }
 
 /// Runtime 1 (bench driver in alice.example, the harness endpoint in
@@ -157,9 +170,10 @@ impl RuntimePath {
         times
     }
 
-    /// Messages/s from the driver (runtime 1) to the sink (runtime 2).
-    fn one_way(&self, count: u64) -> f64 {
-        let command = json!({ "to": self.sink.to_string(), "count": count, "mode": "oneway", "batch": 64 });
+    /// Messages/s from the driver (runtime 1) to the sink (runtime 2), in
+    /// windows of `window`.
+    fn one_way(&self, count: u64, window: u64) -> f64 {
+        let command = json!({ "to": self.sink.to_string(), "count": count, "mode": "oneway", "batch": window });
         let msg = Message::new(self.id(), MessageType::Execute, self.harness.address().clone(), self.driver.clone(), Some(command.to_string()));
         let started = Instant::now();
         self.harness.request(msg, None).unwrap();
