@@ -321,7 +321,20 @@ fn now() -> u64 {
 
 /// 128 random bits (`wasi:random`, cryptographically secure), in hex.
 fn random_hex() -> String {
-    hex::encode(random::get_random_bytes(16))
+    thread_local! {
+        /// Random bytes from the host, fetched 1 KiB at a time: a reply tag
+        /// each publish would otherwise cost a host call each.
+        static POOL: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    POOL.with_borrow_mut(|pool| {
+        if pool.len() < 16 {
+            *pool = random::get_random_bytes(1024);
+        }
+        let at = pool.len() - 16;
+        let hex = hex::encode(&pool[at..]);
+        pool.truncate(at);
+        hex
+    })
 }
 
 /// The NATS server's refusal of a publish: the subject of
@@ -372,22 +385,58 @@ fn domain_of(address: &str) -> Option<&str> {
     Some(if scheme == "domain" { authority.split_once('.').map_or(authority, |(_, d)| d) } else { authority })
 }
 
-/// The sender's domain of an envelope (its `from`), as a subject token,
-/// and the message's stable id (`<origin>.<seq>`, JetStream's
-/// `Nats-Msg-Id`).
-fn envelope_head(envelope: &str) -> Option<(String, String)> {
-    #[derive(Deserialize)]
-    struct Head<'a> {
-        #[serde(borrow)]
-        from: std::borrow::Cow<'a, str>,
-        #[serde(borrow)]
-        origin: std::borrow::Cow<'a, str>,
-        seq: u64,
+/// What the stub reads of an envelope it sends: who sent it (`from`) and
+/// its queue's `origin` and `seq` (JetStream's `Nats-Msg-Id` is
+/// `<origin>.<seq>`).
+#[derive(Deserialize)]
+struct Head<'a> {
+    #[serde(borrow)]
+    from: std::borrow::Cow<'a, str>,
+    #[serde(borrow)]
+    origin: std::borrow::Cow<'a, str>,
+    seq: u64,
+}
+
+impl Head<'_> {
+    /// The sender's domain as a subject token (dots as `_`).
+    fn sender(&self) -> Option<String> {
+        domain_of(&self.from).filter(|d| !d.is_empty() && !d.contains(['*', '>', ' '])).map(|d| d.replace('.', "_"))
     }
-    let head: Head<'_> = serde_json::from_str(envelope).ok()?;
-    let sender = domain_of(&head.from).filter(|d| !d.is_empty() && !d.contains(['*', '>', ' '])).map(|d| d.replace('.', "_"))?;
-    let id = format!("{}.{}", head.origin, head.seq);
-    (!id.contains(|c: char| c.is_ascii_whitespace() || c.is_ascii_control())).then_some((sender, id))
+
+    /// JetStream's `Nats-Msg-Id`, if it is one NATS takes in a header.
+    fn msg_id(&self) -> Option<String> {
+        let id = format!("{}.{}", self.origin, self.seq);
+        (!id.contains(|c: char| c.is_ascii_whitespace() || c.is_ascii_control())).then_some(id)
+    }
+}
+
+/// The head of an envelope: read by position as the host writes it
+/// ([`head_as_written`]), else with serde.
+fn envelope_head(envelope: &str) -> Option<Head<'_>> {
+    head_as_written(envelope).or_else(|| serde_json::from_str(envelope).ok())
+}
+
+/// The head of an envelope as the host writes it (`protostub::envelope::write`
+/// in the host, whose test `the_head_comes_first_as_the_stub_reads_it`
+/// keeps this form): `{"v":1,"origin":"…","seq":n,"id":n,"type":"…","from":"…"`
+/// first, without escapes in those strings. Anything else is `None`, and
+/// read with serde: this only spares a JSON parse of the whole envelope
+/// on every message sent.
+fn head_as_written(envelope: &str) -> Option<Head<'_>> {
+    fn number(text: &str) -> Option<(u64, &str)> {
+        let end = text.find(|c: char| !c.is_ascii_digit())?;
+        Some((text[..end].parse().ok()?, &text[end..]))
+    }
+    let rest = envelope.strip_prefix(r#"{"v":1,"origin":""#)?;
+    let (origin, rest) = rest.split_once('"')?;
+    let (seq, rest) = number(rest.strip_prefix(r#","seq":"#)?)?;
+    let (_, rest) = number(rest.strip_prefix(r#","id":"#)?)?;
+    let (_, rest) = rest.strip_prefix(r#","type":""#)?.split_once('"')?;
+    let (from, _) = rest.strip_prefix(r#","from":""#)?.split_once('"')?;
+    if origin.contains('\\') || from.contains('\\') {
+        return None;
+    }
+    Some(Head { from: from.into(), origin: origin.into(), seq })
 }
 
 fn ip_socket_address(addr: SocketAddr) -> (IpAddressFamily, IpSocketAddress) {
@@ -871,9 +920,15 @@ impl Stub {
             let conn = self.conn.as_mut().expect("connected");
             match work {
                 Work::Send(o) => {
-                    let Some((sender, msg_id)) = envelope_head(&o.envelope) else {
+                    let head = envelope_head(&o.envelope);
+                    // Only a durable stub sends the id (in a header).
+                    let msg_id = match (&head, &self.js) {
+                        (Some(head), Some(_)) => head.msg_id(),
+                        _ => Some(String::new()),
+                    };
+                    let (Some(sender), Some(msg_id)) = (head.as_ref().and_then(Head::sender), msg_id) else {
                         // The host makes envelopes; one without a sender is a bug.
-                        log(Level::Error, &format!("{}: message {} has no sender's domain; dropped", self.domain, o.seq));
+                        log(Level::Error, &format!("{}: message {} has no sender's domain or a bad origin; dropped", self.domain, o.seq));
                         host::delivered(o.seq);
                         continue;
                     };

@@ -352,6 +352,19 @@ mod tests {
     }
 
     /// Each malformed field is refused with an error naming it.
+    /// `nats-stub` reads the head of every envelope it sends by position
+    /// (`head_as_written`): `v`, `origin`, `seq`, `id`, `type` and `from`
+    /// first, in that order, unescaped. It reads any other form with serde,
+    /// so a change here costs it speed, not correctness.
+    #[test]
+    fn the_head_comes_first_as_the_stub_reads_it() {
+        let (from, to) = (Address::parse("hyperty://alice.example/a").unwrap(), Address::parse("hyperty://bob.example/b").unwrap());
+        let m = Message::new(7, MessageType::Update, from, to, Some(r#"{"k":"\"v\""}"#.into()));
+        let text = write(&m, "o-1", 42, None);
+        let head = r#"{"v":1,"origin":"o-1","seq":42,"id":7,"type":"update","from":"hyperty://alice.example/a","#;
+        assert!(text.starts_with(head), "{text}");
+    }
+
     #[test]
     fn a_malformed_field_is_named() {
         let good = json!({
