@@ -867,17 +867,96 @@ fn a_stub_written_with_blocking_calls_is_served() {
 /// own I/O driver, which nobody drives while the stub lends its thread.
 #[test]
 fn a_hyperty_sleeping_on_a_stubs_thread_wakes_on_time() {
-    let nats = Nats::start();
-    let hyperties = [
-        ("bob.example", "b", "puppet", puppet_config(true)),
-        ("bob.example", "sleeper", "hostile", json!({ "mode": "sleep" })),
-    ];
-    let (_r1, r2, mut driver, a, _b1, _b2) = stub_lending_runtimes(&nats, &hyperties);
-    let (b, sleeper) = (r2.lookup("bob.example", "b").unwrap(), r2.lookup("bob.example", "sleeper").unwrap());
-    request_until_answered(&mut driver, &a, &b);
-    let lent = stub_handoffs(&r2, "bob.example");
-    let answer = request_value_until_answered(&mut driver, &a, &sleeper, "{\"ms\":50}");
-    let slept = answer["value"].as_str().and_then(|v| serde_json::from_str::<serde_json::Value>(v).ok()).expect("a value");
-    assert!(slept["slept_ms"].as_u64().is_some_and(|ms| (50..1000).contains(&ms)), "{answer}");
-    assert!(stub_handoffs(&r2, "bob.example") > lent, "the sleeper did not run on the stub's thread: {}", r2.metrics_text());
+    watchdog(Duration::from_secs(90), || {
+        let nats = Nats::start();
+        let hyperties = [
+            ("bob.example", "b", "puppet", puppet_config(true)),
+            ("bob.example", "sleeper", "hostile", json!({ "mode": "sleep" })),
+        ];
+        let (_r1, r2, mut driver, a, _b1, _b2) = stub_lending_runtimes(&nats, &hyperties);
+        let (b, sleeper) = (r2.lookup("bob.example", "b").unwrap(), r2.lookup("bob.example", "sleeper").unwrap());
+        request_until_answered(&mut driver, &a, &b);
+        let lent = stub_handoffs(&r2, "bob.example");
+        let answer = request_value_until_answered(&mut driver, &a, &sleeper, "{\"ms\":50}");
+        let slept = answer["value"].as_str().and_then(|v| serde_json::from_str::<serde_json::Value>(v).ok()).expect("a value");
+        assert!(slept["slept_ms"].as_u64().is_some_and(|ms| (50..1000).contains(&ms)), "{answer}");
+        assert!(stub_handoffs(&r2, "bob.example") > lent, "the sleeper did not run on the stub's thread: {}", r2.metrics_text());
+    });
+}
+
+/// Runs `test`, aborting the whole process if it has not returned within
+/// `limit`: a stub's thread hung in a host call may hold a domain's run
+/// token, and dropping the runtime would then wait for it for ever.
+fn watchdog(limit: Duration, test: impl FnOnce()) {
+    let (done, wait) = std::sync::mpsc::channel::<()>();
+    std::thread::spawn(move || {
+        if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = wait.recv_timeout(limit) {
+            eprintln!("the test did not end within {limit:?}: a thread is hung; aborting");
+            std::process::abort();
+        }
+    });
+    test();
+    let _ = done.send(());
+}
+
+/// An order to `forging-stub` of bob.example: `flood` statuses, then a
+/// report posted back (carrying its configured assertion).
+fn order(observer: &hyperty_host::Endpoint, id: u64, flood: u64) {
+    let to = Address::parse("hyperty://bob.example/forger").unwrap();
+    let value = json!({ "id": id, "status-flood": flood }).to_string();
+    let m = hyperty_host::Message::new(1000 + id, hyperty_host::MessageType::Update, observer.address().clone(), to, Some(value));
+    observer.send(m).unwrap();
+}
+
+/// What a stub posts may make an IdP proxy validate an assertion on the
+/// stub's thread; a proxy that sleeps is stopped at its call deadline and
+/// the stub goes on, durable or not (its timer runs outside the stub's
+/// I/O driver, `protostub::io`), and another thread's validation with that
+/// proxy is not held for ever.
+#[test]
+fn a_stub_whose_post_meets_a_sleeping_idp_proxy_goes_on() {
+    for durable in [false, true] {
+        watchdog(Duration::from_secs(90), || {
+            let data = tempfile::tempdir().unwrap();
+            let r = Runtime::new(hyperty_host::RuntimeConfig {
+                cache_dir: cache_dir(),
+                data_dir: Some(data.path().to_owned()),
+                request_timeout: Duration::from_secs(10),
+                ..hyperty_tests::engines::config()
+            })
+            .unwrap();
+            let mut events = r.events();
+            let component = guest("forging-stub");
+            let mut entry = json!({
+                "component": component.to_str().unwrap(),
+                "config": { "report-to": "hyperty://bob.example/observer", "report-assertion": { "idp": "idp.hostile", "token": "any" } },
+            });
+            if durable {
+                entry["durable"] = json!(true);
+            }
+            let bundle = TestBundle::new()
+                .hyperty("alice.example", "a", &guest("puppet"), puppet_config(false))
+                .idp_guest("idp.hostile", "idp-hostile", json!({ "mode": "sleep" }), &[])
+                .protostub("bob.example", &["127.0.0.1:9".to_owned()], entry);
+            r.deploy(&bundle.load()).unwrap();
+            let observer = r.endpoint("hyperty://bob.example/observer", 100).unwrap();
+            let flooded = |events: &mut hyperty_host::EventReceiver, n: u64| {
+                let detail = format!("flood {n}");
+                wait_event(events, |e| matches!(&e.kind, hyperty_host::EventKind::StubStatus { detail: d, .. } if *d == detail));
+            };
+            // The stub posts its report of order 1 with the sleeping IdP's assertion.
+            order(&observer, 1, 2);
+            flooded(&mut events, 1);
+            // Another thread has that IdP validate meanwhile: answered.
+            let mallory = r.endpoint("hyperty://mallory.example/m", 16).unwrap();
+            let mut m = hyperty_host::Message::new(77, hyperty_host::MessageType::Read, mallory.address().clone(), r.lookup("alice.example", "a").unwrap(), None);
+            m.assertion = Some(hyperty_host::Assertion { idp: "idp.hostile".into(), token: "other".into() });
+            mallory.request(m, None).unwrap();
+            let answer = mallory.recv_timeout(Duration::from_secs(20)).expect("an answer to a request whose IdP sleeps");
+            assert_eq!(answer.body.code, Some(401), "durable {durable}: {:?}", answer.body);
+            // The stub came back from its post and takes its next order.
+            order(&observer, 2, 3);
+            flooded(&mut events, 2);
+        });
+    }
 }

@@ -298,7 +298,10 @@ impl wit::Host for StubState {
             wit::Refusal::TooLarge(why) => (code::PAYLOAD_TOO_LARGE, why),
             wit::Refusal::Forbidden(why) => (code::FORBIDDEN, why),
         };
-        self.stub.refuse(&self.bus, seq, code, &cut(why));
+        // Everything a stub sends to the bus runs outside its I/O driver:
+        // a guest it reaches (a hyperty lent this thread, an IdP proxy
+        // validating an assertion) waits through wasmtime-wasi's runtime.
+        super::io::outside(|| self.stub.refuse(&self.bus, seq, code, &cut(why)));
     }
 
     fn resume(&mut self) {
@@ -306,17 +309,17 @@ impl wit::Host for StubState {
     }
 
     fn post(&mut self, envelope: String) -> Result<(), String> {
-        self.stub.post(&self.bus, &envelope, None)
+        super::io::outside(|| self.stub.post(&self.bus, &envelope, None))
     }
 
     fn post_from(&mut self, domain: String, envelope: String) -> Result<(), String> {
-        self.stub.post(&self.bus, &envelope, Some(&domain))
+        super::io::outside(|| self.stub.post(&self.bus, &envelope, Some(&domain)))
     }
 
     fn report_status(&mut self, status: StubStatus, detail: String) {
         let context = super::StatusSink { registry: &self.registry, events: &self.events, bus: &self.bus };
         let detail = cut(detail);
-        let name = super::report(&self.stub, context, status, &detail);
+        let name = super::io::outside(|| super::report(&self.stub, context, status, &detail));
         // Through the stub's log rate, as its own lines: a stub reporting in
         // a loop cannot flood the host's log.
         self.log.write(wit_log::Level::Info, &format!("status {name} ({detail})"));

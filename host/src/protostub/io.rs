@@ -18,11 +18,24 @@
 //! I/O and spawned work move on even when what is waited on is ready at once
 //! (`wasmtime-wasi` does the same in `in_tokio`).
 //!
-//! A stub's thread also runs hyperties of its domain: what it posts, lent
-//! (`sandbox::handoff::stub_post`). Their own WASI waits (a timer) go through
-//! `wasmtime-wasi`'s `in_tokio`, which would block on the stub's runtime
-//! without driving it, never waking; so they run with `wasmtime-wasi`'s
-//! runtime entered again ([`outside`]), as on any other thread.
+//! A stub's thread also runs other guests: hyperties of its domain, what it
+//! posts, lent (`sandbox::handoff::stub_post`), and IdP proxies, validating
+//! the assertion of what it posts or making one for what a data object
+//! reports. Their own WASI waits (a timer) go through `wasmtime-wasi`'s
+//! `in_tokio`, which would block on the stub's runtime without driving it,
+//! never waking, holding the proxy's one instance for every other thread;
+//! so whatever a stub's import hands to the bus (`post`, `post-from`,
+//! `refuse`, `report-status`) runs with `wasmtime-wasi`'s runtime entered
+//! again ([`outside`]), as on any other thread.
+//!
+//! What a stub must do: wait through `wasi:io` (`poll`, `block`, `ready`
+//! or a blocking stream call), as wasi-libc and Rust's std do. Its sockets
+//! move on only while it waits: one that spins on `finish-connect`,
+//! `check-write` or `read` without ever waiting no longer sees them become
+//! ready (wasmtime-wasi's worker threads drove them in the background
+//! before), and is stopped at its poll's deadline. Likewise a write
+//! aborted with its stream (`glue::link_output_stream_drop`) is dropped,
+//! and its socket closed, at the thread's next wait, not at once.
 //!
 //! On any other thread (a stub's `init` checked at deployment runs on the
 //! deployer's) these waits are `wasmtime-wasi`'s own.

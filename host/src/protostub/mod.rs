@@ -688,7 +688,7 @@ impl Stub {
             // wait for the hyperty's receipt within a budget of the poll,
             // and with lent calls in that budget a durable test saw a
             // message handled twice (once in five runs; not understood).
-            let sent = io::outside(|| crate::sandbox::handoff::stub_post(|| bus.send_inbound(received.message, &self.domain, received.wait)));
+            let sent = crate::sandbox::handoff::stub_post(|| bus.send_inbound(received.message, &self.domain, received.wait));
             return match sent {
                 Ok(()) => {
                     self.taken(&key);
