@@ -24,15 +24,23 @@ pub fn with_forger(bundle: TestBundle, domain: &str, assertion: Option<Value>) -
 /// Adds `forging-stub` as the protostub of `domain` with `config` (see the
 /// guest's documentation).
 pub fn with_forger_config(bundle: TestBundle, domain: &str, config: Value) -> TestBundle {
+    with_forger_entry(bundle, domain, config, json!({}))
+}
+
+/// The same, with `more` keys on the stub's bundle entry (`durable`).
+pub fn with_forger_entry(bundle: TestBundle, domain: &str, config: Value, more: Value) -> TestBundle {
     let component = guest("forging-stub");
     let bytes = std::fs::read(&component).unwrap();
-    let entry = json!({
+    let mut entry = json!({
         "component": component.display().to_string(),
         "sha256": Digest::of(&bytes).to_string(),
         // Granted, never used: the forger has no network.
         "endpoints": ["127.0.0.1:9"],
         "config": config,
     });
+    for (k, v) in more.as_object().into_iter().flatten() {
+        entry[k] = v.clone();
+    }
     bundle.protostub(domain, &[], entry)
 }
 
@@ -84,8 +92,9 @@ impl Forger {
         reported(&report)["result"].as_str().unwrap().to_owned()
     }
 
-    /// Sends `order`, given the next id; that id.
-    fn send_order(&mut self, mut order: Value) -> u64 {
+    /// Sends `order`, given the next id, without waiting for its report;
+    /// that id.
+    pub fn send_order(&mut self, mut order: Value) -> u64 {
         self.orders += 1;
         let id = self.orders;
         order["id"] = json!(id);

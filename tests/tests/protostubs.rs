@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use hyperty_host::{Address, Runtime};
 use hyperty_tests::*;
+use hyperty_tests::forger::{Forger, with_forger_entry};
 use serde_json::json;
 
 /// The domains each runtime reaches through NATS: its own (to listen) and
@@ -899,15 +900,6 @@ fn watchdog(limit: Duration, test: impl FnOnce()) {
     let _ = done.send(());
 }
 
-/// An order to `forging-stub` of bob.example: `flood` statuses, then a
-/// report posted back (carrying its configured assertion).
-fn order(observer: &hyperty_host::Endpoint, id: u64, flood: u64) {
-    let to = Address::parse("hyperty://bob.example/forger").unwrap();
-    let value = json!({ "id": id, "status-flood": flood }).to_string();
-    let m = hyperty_host::Message::new(1000 + id, hyperty_host::MessageType::Update, observer.address().clone(), to, Some(value));
-    observer.send(m).unwrap();
-}
-
 /// What a stub posts may make an IdP proxy validate an assertion on the
 /// stub's thread; a proxy that sleeps is stopped at its call deadline and
 /// the stub goes on, durable or not (its timer runs outside the stub's
@@ -926,26 +918,19 @@ fn a_stub_whose_post_meets_a_sleeping_idp_proxy_goes_on() {
             })
             .unwrap();
             let mut events = r.events();
-            let component = guest("forging-stub");
-            let mut entry = json!({
-                "component": component.to_str().unwrap(),
-                "config": { "report-to": "hyperty://bob.example/observer", "report-assertion": { "idp": "idp.hostile", "token": "any" } },
-            });
-            if durable {
-                entry["durable"] = json!(true);
-            }
+            let config = json!({ "report-to": Forger::observer("bob.example"), "report-assertion": { "idp": "idp.hostile", "token": "any" } });
             let bundle = TestBundle::new()
                 .hyperty("alice.example", "a", &guest("puppet"), puppet_config(false))
-                .idp_guest("idp.hostile", "idp-hostile", json!({ "mode": "sleep" }), &[])
-                .protostub("bob.example", &["127.0.0.1:9".to_owned()], entry);
+                .idp_guest("idp.hostile", "idp-hostile", json!({ "mode": "sleep" }), &[]);
+            let bundle = with_forger_entry(bundle, "bob.example", config, json!({ "durable": durable }));
             r.deploy(&bundle.load()).unwrap();
-            let observer = r.endpoint("hyperty://bob.example/observer", 100).unwrap();
+            let mut forger = Forger::new(&r, "bob.example");
             let flooded = |events: &mut hyperty_host::EventReceiver, n: u64| {
                 let detail = format!("flood {n}");
                 wait_event(events, |e| matches!(&e.kind, hyperty_host::EventKind::StubStatus { detail: d, .. } if *d == detail));
             };
-            // The stub posts its report of order 1 with the sleeping IdP's assertion.
-            order(&observer, 1, 2);
+            // The stub posts its report of this order with the sleeping IdP's assertion.
+            forger.send_order(json!({ "status-flood": 2 }));
             flooded(&mut events, 1);
             // Another thread has that IdP validate meanwhile: answered.
             let mallory = r.endpoint("hyperty://mallory.example/m", 16).unwrap();
@@ -955,7 +940,7 @@ fn a_stub_whose_post_meets_a_sleeping_idp_proxy_goes_on() {
             let answer = mallory.recv_timeout(Duration::from_secs(20)).expect("an answer to a request whose IdP sleeps");
             assert_eq!(answer.body.code, Some(401), "durable {durable}: {:?}", answer.body);
             // The stub came back from its post and takes its next order.
-            order(&observer, 2, 3);
+            forger.send_order(json!({ "status-flood": 3 }));
             flooded(&mut events, 2);
         });
     }

@@ -351,7 +351,6 @@ mod tests {
         }
     }
 
-    /// Each malformed field is refused with an error naming it.
     /// `nats-stub` reads the head of every envelope it sends by position
     /// (`head_as_written`): `v`, `origin`, `seq`, `id`, `type` and `from`
     /// first, in that order, unescaped. It reads any other form with serde,
@@ -365,6 +364,7 @@ mod tests {
         assert!(text.starts_with(head), "{text}");
     }
 
+    /// Each malformed field is refused with an error naming it.
     #[test]
     fn a_malformed_field_is_named() {
         let good = json!({

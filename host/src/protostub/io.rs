@@ -88,15 +88,16 @@ pub(crate) fn drive_here<R>(thread: impl FnOnce() -> R) -> R {
     result
 }
 
-/// Runs `lent` (hyperties run on a stub's thread) with `wasmtime-wasi`'s
-/// runtime entered, not the stub's: see the module's doc.
-pub(crate) fn outside<R>(lent: impl FnOnce() -> R) -> R {
+/// Runs `to_bus` (what a stub's import hands to the bus, which may run
+/// other guests on this thread) with `wasmtime-wasi`'s runtime entered, not
+/// the stub's: see the module's doc.
+pub(crate) fn outside<R>(to_bus: impl FnOnce() -> R) -> R {
     match AMBIENT.with_borrow(Clone::clone) {
         Some(ambient) => {
             let _entered = ambient.enter();
-            lent()
+            to_bus()
         }
-        None => lent(),
+        None => to_bus(),
     }
 }
 
