@@ -335,6 +335,44 @@ fn a_msg_not_ended_by_crlf_is_a_protocol_error() {
     assert!(taken.is_none(), "taken: {taken:?}");
 }
 
+/// A message on a subject that is not UTF-8 (a node's subjects may hold
+/// any bytes; no runtime publishes on one) is skipped whole, and a `-ERR`
+/// line with a lone CR in it is read as one line: the connection stays, and
+/// the message after them is taken and acknowledged in the bulk ok.
+#[test]
+fn a_subject_that_is_not_utf8_is_skipped_and_the_connection_kept() {
+    let writer: Arc<Mutex<Option<TcpStream>>> = Arc::default();
+    let lines: Arc<Mutex<Vec<String>>> = Arc::default();
+    let (w, l) = (writer.clone(), lines.clone());
+    let (port, _) = node(move |_, mut stream| {
+        let port = stream.local_addr().unwrap().port();
+        let Some(reader) = greet(&mut stream, port, json!(1_048_576)) else { return };
+        drain_bob(reader, l.clone(), stream, w.clone());
+    });
+    let (_r, driver, _a, b, mut events, _bundle) = runtime_with(&format!("127.0.0.1:{port}"), &closed_port(), json!({}));
+    let sub = nats_subject("bob.example", b.as_str(), "*");
+    wait_for("the stub subscribes for b", Duration::from_secs(15), || lines.lock().unwrap().iter().any(|l| l.starts_with(&format!("SUB {sub} "))));
+    let subject = nats_subject("bob.example", b.as_str(), "alice.example");
+    let bad = envelope("o", 1, "hyperty://alice.example/x", &b, "not-utf8");
+    let good = envelope("o", 2, "hyperty://alice.example/x", &b, "after");
+    let mut bytes = format!("MSG {subject}").into_bytes();
+    bytes.extend_from_slice(b"\xff\xfe");
+    bytes.extend_from_slice(format!(" 2 _INBOX.node.1-x {}\r\n{bad}\r\n", bad.len()).as_bytes());
+    bytes.extend_from_slice(b"-ERR 'a lone\rCR'\r\n");
+    bytes.extend_from_slice(format!("MSG {subject} 2 _INBOX.node.2-y {}\r\n{good}\r\n", good.len()).as_bytes());
+    writer.lock().unwrap().as_mut().unwrap().write_all(&bytes).unwrap();
+    let taken = driver.find(|m| m.kind == hyperty_host::MessageType::Forward && m.from == b && reported(m)["resource"] == "after", Duration::from_secs(15));
+    assert!(taken.is_some(), "the message after them is taken");
+    wait_for("the bulk ok for it", Duration::from_secs(15), || lines.lock().unwrap().iter().any(|l| l == "ok 2-y"));
+    let skipped = driver.find(|m| m.kind == hyperty_host::MessageType::Forward && m.from == b && reported(m)["resource"] == "not-utf8", Duration::ZERO);
+    assert!(skipped.is_none(), "taken: {skipped:?}");
+    assert!(!lines.lock().unwrap().iter().any(|l| l.contains("1-x")), "the skipped message is not answered");
+    while let Ok(e) = events.try_recv() {
+        let kind = format!("{:?}", e.kind);
+        assert!(e.hyperty != LABEL || !(kind.contains("Trapped") || kind.contains("disconnected")), "{kind}");
+    }
+}
+
 /// Bad greetings, one per connection: max_payload 0, -1, a string; no
 /// INFO at all; closed right after INFO; -ERR to CONNECT; an INFO in 40
 /// slow pieces; then a good one. The stub names each, backs off, and ends

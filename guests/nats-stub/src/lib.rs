@@ -73,8 +73,9 @@
 //!   in bulk are split, and answers cut, to fit it too. A
 //!   `MSG` from the node larger than that limit, one whose payload is not
 //!   ended by CRLF where its line says, or a protocol line longer than
-//!   [`MAX_LINE`], is a protocol error: the connection is dropped. At most
-//!   [`READ_ROUND_MAX`] is read a round.
+//!   [`MAX_LINE`], is a protocol error: the connection is dropped. A
+//!   message on a subject that is not UTF-8 (none a runtime publishes on)
+//!   is skipped, unanswered. At most [`READ_ROUND_MAX`] is read a round.
 //! - Permissions: a node with per-subject permissions answers a publish it
 //!   refuses with `-ERR 'Permissions Violation for Publish to "<subject>"'`
 //!   and keeps the connection. Every message in flight on that subject is
@@ -265,6 +266,19 @@ struct Js {
     consumers: HashMap<u64, Consumer>,
 }
 
+/// The reply subject of a message sent: `<inbox>.<seq>-<tag>`.
+struct ReplyTo<'a> {
+    inbox: &'a str,
+    seq: u64,
+    tag: &'a Tag,
+}
+
+impl std::fmt::Display for ReplyTo<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}-{}", self.inbox, self.seq, tag_text(self.tag))
+    }
+}
+
 /// A message published and not answered yet.
 struct InFlight {
     /// When it was published (monotonic ns).
@@ -273,7 +287,7 @@ struct InFlight {
     subject: String,
     /// The random tag of its reply subject (`<inbox>.<seq>-<tag>`): only an
     /// answer with it counts.
-    tag: String,
+    tag: Tag,
 }
 
 struct Stub {
@@ -303,8 +317,11 @@ struct Stub {
     status: Option<StubStatus>,
     /// Messages this instance carried (acknowledged by the far end).
     carried: u64,
-    /// Oks not yet sent, by the sender's inbox.
-    acks: BTreeMap<String, Vec<String>>,
+    /// Oks not yet sent, by the sender's inbox: the last tokens of their
+    /// reply subjects, separated by spaces.
+    acks: BTreeMap<String, String>,
+    /// The last sender's subject token and its domain (dots for `_`).
+    last_sender: (String, std::rc::Rc<str>),
     /// Durable delivery through JetStream, when the host asks for it.
     js: Option<Js>,
     /// Subject prefixes of the addresses sent to lately.
@@ -321,6 +338,18 @@ fn now() -> u64 {
 
 /// 128 random bits (`wasi:random`, cryptographically secure), in hex.
 fn random_hex() -> String {
+    tag_text(&random_tag()).to_owned()
+}
+
+/// A reply tag: 128 random bits (`wasi:random`, cryptographically
+/// secure) as 32 hex digits, held inline (one a message sent).
+type Tag = [u8; 32];
+
+fn tag_text(tag: &Tag) -> &str {
+    std::str::from_utf8(tag).expect("hex digits are ASCII")
+}
+
+fn random_tag() -> Tag {
     thread_local! {
         /// Random bytes from the host, fetched 1 KiB at a time: a reply tag
         /// each publish would otherwise cost a host call each.
@@ -331,9 +360,10 @@ fn random_hex() -> String {
             *pool = random::get_random_bytes(1024);
         }
         let at = pool.len() - 16;
-        let hex = hex::encode(&pool[at..]);
+        let mut tag = [0; 32];
+        hex::encode_to_slice(&pool[at..], &mut tag).expect("16 bytes are 32 hex digits");
         pool.truncate(at);
-        hex
+        tag
     })
 }
 
@@ -355,16 +385,29 @@ fn subject(domain: &str, address: &str) -> String {
 /// sends to lately.
 const SUBJECT_CACHE: usize = 4096;
 
-/// [`subject`], kept in `cache` (cleared when it holds [`SUBJECT_CACHE`]):
-/// the SHA-256 was the largest cost of a send (`perf` on the nats bench).
-fn cached_subject<'a>(cache: &'a mut HashMap<String, String>, domain: &str, address: &str) -> &'a str {
-    if !cache.contains_key(address) {
-        if cache.len() >= SUBJECT_CACHE {
-            cache.clear();
+/// The subject a message from the domain `sender` ([`Head::sender`]) to
+/// `address` of `domain` is published on: `<prefix>.<sender>` (its dots
+/// as `_`), the prefix ([`subject`]) kept in `cache` (cleared when it
+/// holds [`SUBJECT_CACHE`]): the SHA-256 was the largest cost of a send
+/// (`perf` on the nats bench).
+fn subject_to(cache: &mut HashMap<String, String>, domain: &str, address: &str, sender: &str) -> String {
+    let mut out = String::with_capacity(96);
+    match cache.get(address) {
+        Some(prefix) => out.push_str(prefix),
+        None => {
+            let prefix = subject(domain, address);
+            out.push_str(&prefix);
+            if cache.len() >= SUBJECT_CACHE {
+                cache.clear();
+            }
+            cache.insert(address.to_owned(), prefix);
         }
-        cache.insert(address.to_owned(), subject(domain, address));
     }
-    &cache[address]
+    for (i, label) in sender.split('.').enumerate() {
+        out.push(if i == 0 { '.' } else { '_' });
+        out.push_str(label);
+    }
+    out
 }
 
 /// `bytes` as text: borrowed when they are UTF-8, as they almost always
@@ -398,9 +441,10 @@ struct Head<'a> {
 }
 
 impl Head<'_> {
-    /// The sender's domain as a subject token (dots as `_`).
-    fn sender(&self) -> Option<String> {
-        domain_of(&self.from).filter(|d| !d.is_empty() && !d.contains(['*', '>', ' '])).map(|d| d.replace('.', "_"))
+    /// The sender's domain, if it can be a subject token (written with
+    /// dots as `_`, [`subject_to`]).
+    fn sender(&self) -> Option<&str> {
+        domain_of(&self.from).filter(|d| !d.is_empty() && !d.contains(['*', '>', ' ']))
     }
 
     /// JetStream's `Nats-Msg-Id`, if it is one NATS takes in a header.
@@ -580,6 +624,26 @@ impl Conn {
         self.wbuf.extend_from_slice(b"\r\n");
     }
 
+    /// Buffers a `PUB` of `payload` on `subject` with the reply subject
+    /// `reply`, written in place (one a message sent: no `format!`).
+    fn publish_to(&mut self, subject: &str, reply: &ReplyTo<'_>, payload: &[u8]) {
+        let mut number = itoa::Buffer::new();
+        let w = &mut self.wbuf;
+        w.extend_from_slice(b"PUB ");
+        w.extend_from_slice(subject.as_bytes());
+        w.push(b' ');
+        w.extend_from_slice(reply.inbox.as_bytes());
+        w.push(b'.');
+        w.extend_from_slice(number.format(reply.seq).as_bytes());
+        w.push(b'-');
+        w.extend_from_slice(reply.tag);
+        w.push(b' ');
+        w.extend_from_slice(number.format(payload.len()).as_bytes());
+        w.extend_from_slice(b"\r\n");
+        w.extend_from_slice(payload);
+        w.extend_from_slice(b"\r\n");
+    }
+
     /// Buffers an `HPUB` of `payload` on `subject` with the header block
     /// `headers` (a reply subject is required: JetStream answers there).
     fn publish_with_headers(&mut self, subject: &str, reply: &str, headers: &str, payload: &[u8]) {
@@ -609,7 +673,17 @@ impl Conn {
 /// Where the first protocol line in `buf` ends (its CRLF), if it is whole;
 /// an error when it is longer than [`MAX_LINE`].
 fn line_end(buf: &[u8]) -> Result<Option<usize>, String> {
-    match buf.windows(2).position(|w| w == b"\r\n") {
+    // A CR is found a word at a time (`memchr`); one not followed by LF
+    // (not in NATS's protocol lines, but not excluded) is stepped over.
+    let mut from = 0;
+    let found = loop {
+        match memchr::memchr(b'\r', &buf[from..buf.len().min(MAX_LINE + 2)]) {
+            Some(at) if buf.get(from + at + 1) == Some(&b'\n') => break Some(from + at),
+            Some(at) => from += at + 1,
+            None => break None,
+        }
+    };
+    match found {
         Some(end) if end <= MAX_LINE => Ok(Some(end)),
         None if buf.len() <= MAX_LINE + 1 => Ok(None),
         _ => Err(format!("the node sent a protocol line longer than {MAX_LINE} bytes")),
@@ -630,9 +704,10 @@ fn max_payload(info: &str) -> Result<usize, String> {
     }
 }
 
-/// One protocol operation from the node.
-enum Op {
-    Msg { subject: String, reply: Option<String>, headers: Option<String>, payload: Vec<u8> },
+/// One protocol operation from the node; a message's parts are borrowed
+/// from the read buffer.
+enum Op<'a> {
+    Msg { subject: &'a str, reply: Option<&'a str>, headers: Option<std::borrow::Cow<'a, str>>, payload: &'a [u8] },
     Ping,
     Pong,
     /// A new `INFO` (its JSON), as a server sends when its cluster changes.
@@ -645,9 +720,33 @@ enum Op {
 /// and how many bytes it took; a message larger than `max_payload` is a
 /// protocol error. The caller drains what was read once a round, not per
 /// operation (each drain moves the rest of the buffer).
-fn parse(buf: &[u8], max_payload: usize) -> Result<Option<(Op, usize)>, String> {
+fn parse(buf: &[u8], max_payload: usize) -> Result<Option<(Op<'_>, usize)>, String> {
     let Some(end) = line_end(buf)? else { return Ok(None) };
-    let line = text(&buf[..end]);
+    match std::str::from_utf8(&buf[..end]) {
+        Ok(line) => parse_line(line, buf, end, max_payload),
+        // Not a line a NATS server writes, but a subject may hold such
+        // bytes: a message on one is skipped whole (it cannot be from a
+        // runtime); any other line is read as text.
+        Err(_) => {
+            let line = String::from_utf8_lossy(&buf[..end]).into_owned();
+            let detached = |op: Op<'_>| match op {
+                Op::Msg { subject, .. } => {
+                    log(Level::Warn, &format!("a message on a subject that is not UTF-8 ({subject:?}) is skipped"));
+                    Op::Other
+                }
+                Op::Ping => Op::Ping,
+                Op::Pong => Op::Pong,
+                Op::Info(info) => Op::Info(info),
+                Op::Err(e) => Op::Err(e),
+                Op::Other => Op::Other,
+            };
+            Ok(parse_line(&line, buf, end, max_payload)?.map(|(op, n)| (detached(op), n)))
+        }
+    }
+}
+
+/// [`parse`] of the operation whose line is `line` (`buf[..end]`).
+fn parse_line<'a>(line: &'a str, buf: &'a [u8], end: usize, max_payload: usize) -> Result<Option<(Op<'a>, usize)>, String> {
     let mut words = line.split_ascii_whitespace();
     let verb = words.next().unwrap_or_default();
     let verb_is = |name: &str| verb.eq_ignore_ascii_case(name);
@@ -657,9 +756,9 @@ fn parse(buf: &[u8], max_payload: usize) -> Result<Option<(Op, usize)>, String> 
         } else if verb_is("PONG") {
             Op::Pong
         } else if verb_is("INFO") {
-            Op::Info(line.into_owned())
+            Op::Info(line.to_owned())
         } else if verb_is("-ERR") {
-            Op::Err(line.into_owned())
+            Op::Err(line.to_owned())
         } else {
             Op::Other
         };
@@ -696,9 +795,9 @@ fn parse(buf: &[u8], max_payload: usize) -> Result<Option<(Op, usize)>, String> 
     if &buf[start + total..start + total + 2] != b"\r\n" {
         return Err(format!("the node sent a message not ended by CRLF after the {total} bytes its line declares ({line:?})"));
     }
-    let headers = (header > 0).then(|| text(&buf[start..start + header]).into_owned());
-    let payload = buf[start + header..start + total].to_vec();
-    let op = Op::Msg { subject: subject.to_owned(), reply: reply.map(str::to_owned), headers, payload };
+    let headers = (header > 0).then(|| text(&buf[start..start + header]));
+    let payload = &buf[start + header..start + total];
+    let op = Op::Msg { subject, reply, headers, payload };
     Ok(Some((op, start + total + 2)))
 }
 
@@ -749,6 +848,7 @@ impl Stub {
             status: None,
             carried: 0,
             acks: BTreeMap::new(),
+            last_sender: (String::new(), "".into()),
             js,
             subjects: HashMap::new(),
         })
@@ -861,15 +961,20 @@ impl Stub {
     fn pump(&mut self) -> Result<(), String> {
         let conn = self.conn.as_mut().expect("connected");
         conn.read_available()?;
+        // Out of the connection while its operations (borrowed from it)
+        // are handled; on an error the connection, and what it read, is
+        // dropped.
+        let mut rbuf = std::mem::take(&mut self.conn.as_mut().expect("connected").rbuf);
         let mut used = 0;
         loop {
-            let conn = self.conn.as_mut().expect("connected");
-            let Some((op, n)) = parse(&conn.rbuf[used..], conn.max_payload)? else { break };
+            // (An `INFO` may change it from one operation to the next.)
+            let max_payload = self.conn.as_ref().expect("connected").max_payload;
+            let Some((op, n)) = parse(&rbuf[used..], max_payload)? else { break };
             used += n;
             self.handle(op)?;
         }
-        // (On an error the connection, and what it read, is dropped.)
-        self.conn.as_mut().expect("connected").rbuf.drain(..used);
+        rbuf.drain(..used);
+        self.conn.as_mut().expect("connected").rbuf = rbuf;
         let now = now();
         let conn = self.conn.as_mut().expect("connected");
         if now >= conn.next_ping {
@@ -884,16 +989,16 @@ impl Stub {
             conn.next_ping = now + self.config.ping_interval_ms * MS;
         }
         // Oks in bulk, in as few messages as the node's max_payload allows.
-        for (inbox, seqs) in std::mem::take(&mut self.acks) {
+        for (inbox, tokens) in std::mem::take(&mut self.acks) {
             let subject = format!("{inbox}.ok");
             let mut payload = String::from("ok");
-            for seq in seqs {
+            for seq in tokens.split(' ') {
                 if payload.len() > 2 && payload.len() + 1 + seq.len() > conn.max_payload {
                     conn.publish(&subject, None, payload.as_bytes());
                     payload.truncate(2);
                 }
                 payload.push(' ');
-                payload.push_str(&seq);
+                payload.push_str(seq);
             }
             conn.publish(&subject, None, payload.as_bytes());
         }
@@ -946,13 +1051,13 @@ impl Stub {
                         );
                         continue;
                     }
-                    let subject = format!("{}.{sender}", cached_subject(&mut self.subjects, &self.domain, &o.to));
-                    let tag = random_hex();
-                    let reply = format!("{}.{}-{tag}", self.inbox, o.seq);
+                    let subject = subject_to(&mut self.subjects, &self.domain, &o.to, sender);
+                    let tag = random_tag();
+                    let reply = ReplyTo { inbox: &self.inbox, seq: o.seq, tag: &tag };
                     if self.js.is_some() {
-                        conn.publish_with_headers(&subject, &reply, &headers, o.envelope.as_bytes());
+                        conn.publish_with_headers(&subject, &reply.to_string(), &headers, o.envelope.as_bytes());
                     } else {
-                        conn.publish(&subject, Some(&reply), o.envelope.as_bytes());
+                        conn.publish_to(&subject, &reply, o.envelope.as_bytes());
                     }
                     self.in_flight.insert(o.seq, InFlight { sent: now, subject, tag });
                     self.sent_order.push_back((now, o.seq));
@@ -1008,45 +1113,54 @@ impl Stub {
             Op::Msg { subject, reply, headers, payload } => {
                 if let Some(token) = subject.strip_prefix(&self.inbox).and_then(|s| s.strip_prefix('.')) {
                     if self.js.is_some() && token.starts_with(['s', 'c', 'p', 'd']) {
-                        self.jetstream_answer(token, headers.as_deref(), &payload);
+                        self.jetstream_answer(token, headers.as_deref(), payload);
                         return Ok(());
                     }
                     if token == "ok" {
                         // Acknowledgements in bulk: "ok <seq>-<tag> ...".
-                        let text = text(&payload).into_owned();
-                        for token in text.split_ascii_whitespace().skip(1) {
+                        for token in text(payload).split_ascii_whitespace().skip(1) {
                             self.answered(token, None, b"ok");
                         }
                     } else {
-                        self.answered(token, headers.as_deref(), &payload);
+                        self.answered(token, headers.as_deref(), payload);
                     }
                     return Ok(());
                 }
-                // The sender's domain, as the node's permissions vouch for it.
-                let sender = subject.rsplit_once('.').map_or("", |(_, token)| token).replace('_', ".");
+                // The sender's domain, as the node's permissions vouch for it
+                // (the last sender's kept: most messages come from the same).
+                let token = subject.rsplit_once('.').map_or("", |(_, token)| token);
+                if self.last_sender.0 != token {
+                    self.last_sender = (token.to_owned(), token.replace('_', ".").into());
+                }
+                let sender = self.last_sender.1.clone();
                 if self.js.is_some() {
-                    self.consume(&sender, reply.as_deref(), &payload);
+                    self.consume(&sender, reply, payload);
                     return Ok(());
                 }
-                let answer = match host::post_from(&sender, &text(&payload)) {
-                    Ok(()) => "ok".to_owned(),
-                    Err(e) if e.starts_with("busy") => e,
-                    Err(e) => format!("refused: {e}"),
+                let refused = match host::post_from(&sender, &text(payload)) {
+                    Ok(()) => None,
+                    Err(e) if e.starts_with("busy") => Some(e),
+                    Err(e) => Some(format!("refused: {e}")),
                 };
                 let Some(reply) = reply else { return Ok(()) };
                 // Oks to one sender are gathered and sent once per round
                 // (`<its inbox>.ok`, with the last token of each reply
                 // subject); anything else is answered at once.
-                if let (true, Some((inbox, token))) = (answer == "ok", reply.rsplit_once('.'))
-                    && !token.is_empty()
-                    && token != "ok"
-                {
-                    self.acks.entry(inbox.to_owned()).or_default().push(token.to_owned());
-                } else {
-                    let conn = self.conn.as_mut().expect("connected");
-                    // Within the node's max_payload, as everything sent.
-                    let end = (0..=answer.len().min(conn.max_payload)).rev().find(|i| answer.is_char_boundary(*i)).unwrap_or(0);
-                    conn.publish(&reply, None, &answer.as_bytes()[..end]);
+                match (refused, reply.rsplit_once('.')) {
+                    (None, Some((inbox, token))) if !token.is_empty() && token != "ok" => match self.acks.get_mut(inbox) {
+                        Some(tokens) => {
+                            tokens.push(' ');
+                            tokens.push_str(token);
+                        }
+                        None => drop(self.acks.insert(inbox.to_owned(), token.to_owned())),
+                    },
+                    (refused, _) => {
+                        let answer = refused.unwrap_or_else(|| "ok".to_owned());
+                        let conn = self.conn.as_mut().expect("connected");
+                        // Within the node's max_payload, as everything sent.
+                        let end = (0..=answer.len().min(conn.max_payload)).rev().find(|i| answer.is_char_boundary(*i)).unwrap_or(0);
+                        conn.publish(reply, None, &answer.as_bytes()[..end]);
+                    }
                 }
             }
         }
@@ -1075,7 +1189,7 @@ impl Stub {
         let Some((seq, tag)) = token.split_once('-').and_then(|(seq, tag)| Some((seq.parse::<u64>().ok()?, tag))) else {
             return;
         };
-        if self.in_flight.get(&seq).is_none_or(|f| f.tag != tag) {
+        if self.in_flight.get(&seq).is_none_or(|f| f.tag != tag.as_bytes()) {
             return;
         }
         let no_responders = headers.is_some_and(|h| h.starts_with("NATS/1.0 503"));
