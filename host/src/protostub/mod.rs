@@ -627,34 +627,88 @@ impl StubQueue {
 
 
 /// Sequence numbers seen per origin, to drop what arrives twice (a resend
-/// after a lost acknowledgement). Bounded: the most recent
-/// [`Dedup::WINDOW`] numbers per origin, [`Dedup::ORIGINS`] origins.
+/// after a lost acknowledgement). Bounded: per origin, which of the
+/// [`Dedup::WINDOW`] numbers up to the highest it sent were seen (a
+/// bitmap of 8 KiB), for at most [`Dedup::ORIGINS`] origins (the table
+/// cleared when full): 32 MiB at most per stub domain, whatever its node
+/// sends. (A set of numbers per origin, before, could grow to gigabytes
+/// under envelopes of thousands of made-up origins.)
 #[derive(Default)]
 pub(crate) struct Dedup {
-    seen: HashMap<String, BTreeSet<u64>>,
+    seen: HashMap<String, Window>,
     /// Envelopes recorded on disk so far (a durable stub's).
     persisted: u64,
 }
 
 impl Dedup {
-    const WINDOW: usize = 65_536;
+    const WINDOW: u64 = 65_536;
     const ORIGINS: usize = 4_096;
 
-    /// Whether `seq` of `origin` was not seen (one older than the window
-    /// counts as new: a rare duplicate rather than a loss).
+    /// Whether `seq` of `origin` was not seen (one more than
+    /// [`Dedup::WINDOW`] below the highest seen counts as new: a rare
+    /// duplicate rather than a loss).
     fn is_new(&self, origin: &str, seq: u64) -> bool {
-        self.seen.get(origin).is_none_or(|s| !s.contains(&seq))
+        self.seen.get(origin).is_none_or(|w| !w.seen(seq))
     }
 
     fn record(&mut self, origin: &str, seq: u64) {
-        if self.seen.len() >= Self::ORIGINS && !self.seen.contains_key(origin) {
+        if let Some(window) = self.seen.get_mut(origin) {
+            window.record(seq);
+            return;
+        }
+        if self.seen.len() >= Self::ORIGINS {
             self.seen.clear();
         }
-        let set = self.seen.entry(origin.to_owned()).or_default();
-        set.insert(seq);
-        while set.len() > Self::WINDOW {
-            set.pop_first();
+        let mut window = Window { highest: 0, bits: vec![0; (Self::WINDOW / 64) as usize].into_boxed_slice() };
+        window.record(seq);
+        self.seen.insert(origin.to_owned(), window);
+    }
+}
+
+/// The numbers of one origin seen, within [`Dedup::WINDOW`] of the highest.
+struct Window {
+    highest: u64,
+    /// Bit `n % WINDOW` stands for `n` in `highest - WINDOW + 1 ..= highest`.
+    bits: Box<[u64]>,
+}
+
+impl Window {
+    fn bit(seq: u64) -> (usize, u64) {
+        let i = seq % Dedup::WINDOW;
+        ((i / 64) as usize, 1 << (i % 64))
+    }
+
+    fn seen(&self, seq: u64) -> bool {
+        let (word, bit) = Self::bit(seq);
+        seq <= self.highest && self.highest - seq < Dedup::WINDOW && self.bits[word] & bit != 0
+    }
+
+    fn record(&mut self, seq: u64) {
+        if seq > self.highest {
+            // The numbers between come into the window unseen: their bits
+            // are cleared a word at a time (a node jumping ahead by almost
+            // the window at every envelope costs ~1,000 words, not 65,536
+            // bits).
+            let gap = seq - self.highest;
+            if gap >= Dedup::WINDOW {
+                self.bits.fill(0);
+            } else {
+                let (mut at, mut left) = ((self.highest + 1) % Dedup::WINDOW, gap);
+                while left > 0 {
+                    let offset = at % 64;
+                    let n = left.min(64 - offset);
+                    let mask = if n == 64 { u64::MAX } else { ((1u64 << n) - 1) << offset };
+                    self.bits[(at / 64) as usize] &= !mask;
+                    at = (at + n) % Dedup::WINDOW;
+                    left -= n;
+                }
+            }
+            self.highest = seq;
+        } else if self.highest - seq >= Dedup::WINDOW {
+            return;
         }
+        let (word, bit) = Self::bit(seq);
+        self.bits[word] |= bit;
     }
 }
 
@@ -973,6 +1027,51 @@ static STATUS_IDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What was taken is a duplicate within the window of its origin's
+    /// highest number, out of order too; one older than the window, or of
+    /// another origin, is new.
+    #[test]
+    fn the_dedup_window_drops_what_was_taken_and_no_more() {
+        let mut d = Dedup::default();
+        for seq in [1, 2, 3, 5, 4, 70_000, 69_999] {
+            assert!(d.is_new("a", seq), "{seq} is new");
+            d.record("a", seq);
+            assert!(!d.is_new("a", seq), "{seq} is a duplicate once taken");
+        }
+        assert!(d.is_new("b", 4), "another origin's number is its own");
+        // 4 is now more than the window below 70,000: taken as new.
+        assert!(d.is_new("a", 4));
+        assert!(!d.is_new("a", 69_999) && !d.is_new("a", 70_000));
+        // Within the window and never taken.
+        assert!(d.is_new("a", 69_000) && d.is_new("a", 70_000 - Dedup::WINDOW + 1));
+        // A jump ahead by less than the window clears what comes into it,
+        // across a word and the bitmap's wrap.
+        d.record("a", 70_000 + Dedup::WINDOW - 10);
+        for seq in 70_001..70_000 + Dedup::WINDOW - 10 {
+            assert!(d.is_new("a", seq), "{seq} came into the window unseen");
+        }
+        assert!(!d.is_new("a", 69_999) && !d.is_new("a", 70_000), "still within the window");
+        d.record("a", 70_000 + Dedup::WINDOW);
+        assert!(d.is_new("a", 70_000), "now below it");
+    }
+
+    /// The table holds [`Dedup::ORIGINS`] origins of 8 KiB each: the next
+    /// one clears it (the bound on what a node's envelopes make the host
+    /// hold).
+    #[test]
+    fn the_dedup_table_is_bounded_in_origins() {
+        let mut d = Dedup::default();
+        for i in 0..Dedup::ORIGINS {
+            d.record(&format!("o{i}"), 1);
+        }
+        assert_eq!(d.seen.len(), Dedup::ORIGINS);
+        assert!(d.seen.values().all(|w| w.bits.len() * 8 == 8 * 1024));
+        assert!(!d.is_new("o0", 1));
+        d.record("one-more", 1);
+        assert_eq!(d.seen.len(), 1);
+        assert!(d.is_new("o0", 1), "forgotten with the table");
+    }
 
     /// Receipts fired by another thread while the stub sweeps: each one
     /// that fired is returned exactly once, none is lost unrecorded.
