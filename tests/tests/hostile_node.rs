@@ -336,11 +336,15 @@ fn a_msg_not_ended_by_crlf_is_a_protocol_error() {
 }
 
 /// A message on a subject that is not UTF-8 (a node's subjects may hold
-/// any bytes; no runtime publishes on one) is skipped whole, and a `-ERR`
-/// line with a lone CR in it is read as one line: the connection stays, and
-/// the message after them is taken and acknowledged in the bulk ok.
+/// any bytes; no runtime publishes on one) is read as text (U+FFFD for
+/// the rest), as before the stub borrowed what it reads: refused and
+/// answered so, its payload read whole (a `PING` line inside it is no
+/// command). A `-ERR` with a lone CR in it is
+/// one line (a `PING` after the CR is no command either). The connection
+/// stays, and the message after them is taken and acknowledged in the
+/// bulk ok.
 #[test]
-fn a_subject_that_is_not_utf8_is_skipped_and_the_connection_kept() {
+fn a_subject_that_is_not_utf8_is_refused_and_the_connection_kept() {
     let writer: Arc<Mutex<Option<TcpStream>>> = Arc::default();
     let lines: Arc<Mutex<Vec<String>>> = Arc::default();
     let (w, l) = (writer.clone(), lines.clone());
@@ -353,20 +357,23 @@ fn a_subject_that_is_not_utf8_is_skipped_and_the_connection_kept() {
     let sub = nats_subject("bob.example", b.as_str(), "*");
     wait_for("the stub subscribes for b", Duration::from_secs(15), || lines.lock().unwrap().iter().any(|l| l.starts_with(&format!("SUB {sub} "))));
     let subject = nats_subject("bob.example", b.as_str(), "alice.example");
-    let bad = envelope("o", 1, "hyperty://alice.example/x", &b, "not-utf8");
+    let bad = format!("{}\r\nPING", envelope("o", 1, "hyperty://alice.example/x", &b, "not-utf8"));
     let good = envelope("o", 2, "hyperty://alice.example/x", &b, "after");
     let mut bytes = format!("MSG {subject}").into_bytes();
     bytes.extend_from_slice(b"\xff\xfe");
     bytes.extend_from_slice(format!(" 2 _INBOX.node.1-x {}\r\n{bad}\r\n", bad.len()).as_bytes());
-    bytes.extend_from_slice(b"-ERR 'a lone\rCR'\r\n");
+    bytes.extend_from_slice(b"-ERR a lone\rXPING\r\n");
     bytes.extend_from_slice(format!("MSG {subject} 2 _INBOX.node.2-y {}\r\n{good}\r\n", good.len()).as_bytes());
     writer.lock().unwrap().as_mut().unwrap().write_all(&bytes).unwrap();
     let taken = driver.find(|m| m.kind == hyperty_host::MessageType::Forward && m.from == b && reported(m)["resource"] == "after", Duration::from_secs(15));
     assert!(taken.is_some(), "the message after them is taken");
     wait_for("the bulk ok for it", Duration::from_secs(15), || lines.lock().unwrap().iter().any(|l| l == "ok 2-y"));
-    let skipped = driver.find(|m| m.kind == hyperty_host::MessageType::Forward && m.from == b && reported(m)["resource"] == "not-utf8", Duration::ZERO);
-    assert!(skipped.is_none(), "taken: {skipped:?}");
-    assert!(!lines.lock().unwrap().iter().any(|l| l.contains("1-x")), "the skipped message is not answered");
+    let refused = driver.find(|m| m.kind == hyperty_host::MessageType::Forward && m.from == b && reported(m)["resource"] == "not-utf8", Duration::ZERO);
+    assert!(refused.is_none(), "taken: {refused:?}");
+    let lines = lines.lock().unwrap().clone();
+    let answer = lines.iter().position(|l| l.starts_with("PUB _INBOX.node.1-x ")).map(|i| &lines[i + 1]);
+    assert!(answer.is_some_and(|a| a.starts_with("refused: ")), "the message is answered refused: {lines:?}");
+    assert!(!lines.iter().any(|l| l == "PONG"), "a PING inside a payload or after a lone CR was taken as a command: {lines:?}");
     while let Ok(e) = events.try_recv() {
         let kind = format!("{:?}", e.kind);
         assert!(e.hyperty != LABEL || !(kind.contains("Trapped") || kind.contains("disconnected")), "{kind}");

@@ -73,9 +73,8 @@
 //!   in bulk are split, and answers cut, to fit it too. A
 //!   `MSG` from the node larger than that limit, one whose payload is not
 //!   ended by CRLF where its line says, or a protocol line longer than
-//!   [`MAX_LINE`], is a protocol error: the connection is dropped. A
-//!   message on a subject that is not UTF-8 (none a runtime publishes on)
-//!   is skipped, unanswered. At most [`READ_ROUND_MAX`] is read a round.
+//!   [`MAX_LINE`], is a protocol error: the connection is dropped. At most
+//!   [`READ_ROUND_MAX`] is read a round.
 //! - Permissions: a node with per-subject permissions answers a publish it
 //!   refuses with `-ERR 'Permissions Violation for Publish to "<subject>"'`
 //!   and keeps the connection. Every message in flight on that subject is
@@ -89,6 +88,7 @@
 //!   within [`WRITE_TIMEOUT`], or a poll's writes not taken within
 //!   [`WRITES_WITHIN`] of its start, drops the connection.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
 
@@ -705,9 +705,9 @@ fn max_payload(info: &str) -> Result<usize, String> {
 }
 
 /// One protocol operation from the node; a message's parts are borrowed
-/// from the read buffer.
+/// from the read buffer (owned only for a line that is not UTF-8).
 enum Op<'a> {
-    Msg { subject: &'a str, reply: Option<&'a str>, headers: Option<std::borrow::Cow<'a, str>>, payload: &'a [u8] },
+    Msg { subject: Cow<'a, str>, reply: Option<Cow<'a, str>>, headers: Option<Cow<'a, str>>, payload: Cow<'a, [u8]> },
     Ping,
     Pong,
     /// A new `INFO` (its JSON), as a server sends when its cluster changes.
@@ -725,15 +725,17 @@ fn parse(buf: &[u8], max_payload: usize) -> Result<Option<(Op<'_>, usize)>, Stri
     match std::str::from_utf8(&buf[..end]) {
         Ok(line) => parse_line(line, buf, end, max_payload),
         // Not a line a NATS server writes, but a subject may hold such
-        // bytes: a message on one is skipped whole (it cannot be from a
-        // runtime); any other line is read as text.
+        // bytes: read as text (U+FFFD for what is not UTF-8), as the rest,
+        // and owned.
         Err(_) => {
             let line = String::from_utf8_lossy(&buf[..end]).into_owned();
             let detached = |op: Op<'_>| match op {
-                Op::Msg { subject, .. } => {
-                    log(Level::Warn, &format!("a message on a subject that is not UTF-8 ({subject:?}) is skipped"));
-                    Op::Other
-                }
+                Op::Msg { subject, reply, headers, payload } => Op::Msg {
+                    subject: Cow::Owned(subject.into_owned()),
+                    reply: reply.map(|r| Cow::Owned(r.into_owned())),
+                    headers: headers.map(|h| Cow::Owned(h.into_owned())),
+                    payload: Cow::Owned(payload.into_owned()),
+                },
                 Op::Ping => Op::Ping,
                 Op::Pong => Op::Pong,
                 Op::Info(info) => Op::Info(info),
@@ -797,7 +799,7 @@ fn parse_line<'a>(line: &'a str, buf: &'a [u8], end: usize, max_payload: usize) 
     }
     let headers = (header > 0).then(|| text(&buf[start..start + header]));
     let payload = &buf[start + header..start + total];
-    let op = Op::Msg { subject, reply, headers, payload };
+    let op = Op::Msg { subject: Cow::Borrowed(subject), reply: reply.map(Cow::Borrowed), headers, payload: Cow::Borrowed(payload) };
     Ok(Some((op, start + total + 2)))
 }
 
@@ -1111,6 +1113,7 @@ impl Stub {
             },
             Op::Other => {}
             Op::Msg { subject, reply, headers, payload } => {
+                let (reply, payload) = (reply.as_deref(), &*payload);
                 if let Some(token) = subject.strip_prefix(&self.inbox).and_then(|s| s.strip_prefix('.')) {
                     if self.js.is_some() && token.starts_with(['s', 'c', 'p', 'd']) {
                         self.jetstream_answer(token, headers.as_deref(), payload);

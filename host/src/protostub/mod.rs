@@ -631,8 +631,14 @@ impl StubQueue {
 /// [`Dedup::WINDOW`] numbers up to the highest it sent were seen (a
 /// bitmap of 8 KiB), for at most [`Dedup::ORIGINS`] origins (the table
 /// cleared when full): 32 MiB at most per stub domain, whatever its node
-/// sends. (A set of numbers per origin, before, could grow to gigabytes
-/// under envelopes of thousands of made-up origins.)
+/// sends. (A set of the last 65,536 numbers taken per origin, before,
+/// could grow to gigabytes under envelopes of thousands of made-up
+/// origins.) The window is a range of numbers, not a count of them: a
+/// runtime that gets only some of a queue's numbers (the queue also
+/// carries its domain's messages to other runtimes) keeps fewer, and one
+/// envelope with an origin's id and a made-up high number moves that
+/// origin's window past its real numbers (before, flushing the table took
+/// 4,097 made-up origins): see SECURITY.md, known limits.
 #[derive(Default)]
 pub(crate) struct Dedup {
     seen: HashMap<String, Window>,
@@ -1054,6 +1060,23 @@ mod tests {
         assert!(!d.is_new("a", 69_999) && !d.is_new("a", 70_000), "still within the window");
         d.record("a", 70_000 + Dedup::WINDOW);
         assert!(d.is_new("a", 70_000), "now below it");
+        // Numbers that come into the window by a jump are new even where
+        // the bitmap held older ones (every bit of the window set first).
+        let mut d = Dedup::default();
+        for seq in 1..=Dedup::WINDOW {
+            d.record("c", seq);
+        }
+        d.record("c", Dedup::WINDOW + 10);
+        for seq in Dedup::WINDOW + 1..Dedup::WINDOW + 10 {
+            assert!(d.is_new("c", seq), "{seq} came into the window unseen");
+        }
+        assert!(!d.is_new("c", 11) && d.is_new("c", 10), "the window moved by 10");
+        // The ends of the numbers.
+        let mut d = Dedup::default();
+        d.record("d", 0);
+        assert!(!d.is_new("d", 0) && d.is_new("d", 1));
+        d.record("d", u64::MAX);
+        assert!(!d.is_new("d", u64::MAX) && d.is_new("d", u64::MAX - 1) && d.is_new("d", 0));
     }
 
     /// The table holds [`Dedup::ORIGINS`] origins of 8 KiB each: the next
