@@ -15,6 +15,10 @@
 //!   path is bound by its CPU rather than by one round trip per 64
 //!   messages.
 //!
+//! Then the CPU each costs, this process's and nats-server's together:
+//! rates on a shared machine move with its other tenants, CPU time much
+//! less.
+//!
 //! Both runtimes live in this process (each with its own stubs and NATS
 //! connections); the two-process path is exercised by the tests.
 //!
@@ -67,16 +71,27 @@ fn main() {
     let mut raw = (Vec::new(), Vec::new(), Vec::new());
     let mut ours = (Vec::new(), Vec::new(), Vec::new());
     let mut deep = Vec::new();
+    // CPU (µs) a round trip and a one-way message: raw, ours, ours deep.
+    let mut cpu = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let server = nats.pid().expect("the bench's own nats-server");
     for _ in 0..RUNS {
-        let (p50, p99) = percentiles(raw_round_trips(nats.port, ROUND_TRIPS));
+        let ((p50, p99), used) = on_cpu(server, || percentiles(raw_round_trips(nats.port, ROUND_TRIPS)));
         raw.0.push(p50);
         raw.1.push(p99);
-        raw.2.push(raw_one_way(nats.port, ONE_WAY));
-        let (p50, p99) = percentiles(path.round_trips(ROUND_TRIPS));
+        cpu.0.push(used / ROUND_TRIPS as f64);
+        let (rate, used) = on_cpu(server, || raw_one_way(nats.port, ONE_WAY));
+        raw.2.push(rate);
+        cpu.1.push(used / ONE_WAY as f64);
+        let ((p50, p99), used) = on_cpu(server, || percentiles(path.round_trips(ROUND_TRIPS)));
         ours.0.push(p50);
         ours.1.push(p99);
-        ours.2.push(path.one_way(ONE_WAY, WINDOW));
-        deep.push(path.one_way(ONE_WAY, DEEP_WINDOW));
+        cpu.2.push(used / ROUND_TRIPS as f64);
+        let (rate, used) = on_cpu(server, || path.one_way(ONE_WAY, WINDOW));
+        ours.2.push(rate);
+        cpu.3.push(used / ONE_WAY as f64);
+        let (rate, used) = on_cpu(server, || path.one_way(ONE_WAY, DEEP_WINDOW));
+        deep.push(rate);
+        cpu.4.push(used / ONE_WAY as f64);
     }
     println!("through NATS (one nats-server on loopback, same run, median of {RUNS}):");
     println!("                            NATS client-to-client   runtime-to-runtime (hyperty stubs)   ratio");
@@ -87,6 +102,40 @@ fn main() {
     let (a, b, c) = (median(raw.2), median(ours.2), median(deep));
     println!("  one-way msg/s:            {a:>10.0}              {b:>10.0}                           {:.0}%", 100.0 * b / a);
     println!("  one-way, windows of {DEEP_WINDOW}:                           {c:>10.0}                           {:.0}%", 100.0 * c / a);
+    // CPU, less disturbed than rates by whatever else the machine runs.
+    println!("CPU used (this process and nats-server, µs; median of {RUNS}):");
+    let (a, b) = (median(cpu.0), median(cpu.2));
+    println!("  a round trip:             {a:>10.1}              {b:>10.1}                           {:.1}x", b / a);
+    let (a, b, c) = (median(cpu.1), median(cpu.3), median(cpu.4));
+    println!("  a one-way message:        {a:>10.2}              {b:>10.2}                           {:.1}x", b / a);
+    println!("  a one-way message, windows of {DEEP_WINDOW}:               {c:>10.2}                           {:.1}x", c / a);
+}
+
+/// Runs `work`: what it returns and the CPU time (µs) this process and
+/// process `server` used meanwhile. This process's comes from
+/// `getrusage` (threads that ended count too), the server's from the
+/// scheduler's per-thread run time (`/proc/<pid>/task/*/schedstat`, ns;
+/// Linux: elsewhere it counts 0).
+fn on_cpu<R>(server: u32, work: impl FnOnce() -> R) -> (R, f64) {
+    fn ours() -> f64 {
+        // SAFETY: getrusage fills the struct it is given.
+        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+        assert_eq!(unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) }, 0);
+        let us = |t: libc::timeval| t.tv_sec as f64 * 1e6 + t.tv_usec as f64;
+        us(usage.ru_utime) + us(usage.ru_stime)
+    }
+    fn theirs(pid: u32) -> f64 {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return 0.0 };
+        let ns: u64 = tasks
+            .flatten()
+            .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+            .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+            .sum();
+        ns as f64 / 1e3
+    }
+    let before = ours() + theirs(server);
+    let result = work();
+    (result, ours() + theirs(server) - before)
 }
 
 /// Runtime 1 (bench driver in alice.example, the harness endpoint in

@@ -525,6 +525,11 @@ impl Nats {
         nats
     }
 
+    /// The running server's process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(std::process::Child::id)
+    }
+
     /// `ip:port` of the client listener.
     pub fn endpoint(&self) -> String {
         format!("127.0.0.1:{}", self.port)
