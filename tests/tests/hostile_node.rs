@@ -155,6 +155,35 @@ fn count_pongs(mut reader: BufReader<TcpStream>, counted: &AtomicUsize) {
     }
 }
 
+/// A runtime whose bob.example stub is on a scripted node that greets it
+/// and keeps what it sends (`lines`) and its connection (`writer`), the
+/// other stubs on a closed port; made once the stub subscribed for b.
+struct ScriptedBob {
+    writer: Arc<Mutex<Option<TcpStream>>>,
+    lines: Arc<Mutex<Vec<String>>>,
+    driver: Driver,
+    b: Address,
+    events: hyperty_host::EventReceiver,
+    _runtime: (Runtime, TestBundle),
+}
+
+impl ScriptedBob {
+    fn subscribed() -> ScriptedBob {
+        let writer: Arc<Mutex<Option<TcpStream>>> = Arc::default();
+        let lines: Arc<Mutex<Vec<String>>> = Arc::default();
+        let (w, l) = (writer.clone(), lines.clone());
+        let (port, _) = node(move |_, mut stream| {
+            let port = stream.local_addr().unwrap().port();
+            let Some(reader) = greet(&mut stream, port, json!(1_048_576)) else { return };
+            drain_bob(reader, l.clone(), stream, w.clone());
+        });
+        let (r, driver, _a, b, events, bundle) = runtime_with(&format!("127.0.0.1:{port}"), &closed_port(), json!({}));
+        let sub = nats_subject("bob.example", b.as_str(), "*");
+        wait_for("the stub subscribes for b", Duration::from_secs(15), || lines.lock().unwrap().iter().any(|l| l.starts_with(&format!("SUB {sub} "))));
+        ScriptedBob { writer, lines, driver, b, events, _runtime: (r, bundle) }
+    }
+}
+
 /// A port nothing listens on (bound, then freed): connections to it are
 /// refused at once.
 fn closed_port() -> String {
@@ -314,17 +343,7 @@ fn a_node_hanging_up_after_each_handshake_is_reconnected_to_with_backoff() {
 /// framed, the two bytes after it skipped unread.
 #[test]
 fn a_msg_not_ended_by_crlf_is_a_protocol_error() {
-    let writer: Arc<Mutex<Option<TcpStream>>> = Arc::default();
-    let lines: Arc<Mutex<Vec<String>>> = Arc::default();
-    let (w, l) = (writer.clone(), lines.clone());
-    let (port, _) = node(move |_, mut stream| {
-        let port = stream.local_addr().unwrap().port();
-        let Some(reader) = greet(&mut stream, port, json!(1_048_576)) else { return };
-        drain_bob(reader, l.clone(), stream, w.clone());
-    });
-    let (_r, driver, _a, b, mut events, _bundle) = runtime_with(&format!("127.0.0.1:{port}"), &closed_port(), json!({}));
-    let sub = nats_subject("bob.example", b.as_str(), "*");
-    wait_for("the stub subscribes for b", Duration::from_secs(15), || lines.lock().unwrap().iter().any(|l| l.starts_with(&format!("SUB {sub} "))));
+    let ScriptedBob { writer, lines: _, driver, b, mut events, _runtime } = ScriptedBob::subscribed();
     let subject = nats_subject("bob.example", b.as_str(), "alice.example");
     let e = envelope("o", 1, "hyperty://alice.example/x", &b, "unframed");
     let msg = format!("MSG {subject} 2 _INBOX.node.1 {}\r\n{e}ZZPING\r\n", e.len());
@@ -345,17 +364,7 @@ fn a_msg_not_ended_by_crlf_is_a_protocol_error() {
 /// bulk ok.
 #[test]
 fn a_subject_that_is_not_utf8_is_refused_and_the_connection_kept() {
-    let writer: Arc<Mutex<Option<TcpStream>>> = Arc::default();
-    let lines: Arc<Mutex<Vec<String>>> = Arc::default();
-    let (w, l) = (writer.clone(), lines.clone());
-    let (port, _) = node(move |_, mut stream| {
-        let port = stream.local_addr().unwrap().port();
-        let Some(reader) = greet(&mut stream, port, json!(1_048_576)) else { return };
-        drain_bob(reader, l.clone(), stream, w.clone());
-    });
-    let (_r, driver, _a, b, mut events, _bundle) = runtime_with(&format!("127.0.0.1:{port}"), &closed_port(), json!({}));
-    let sub = nats_subject("bob.example", b.as_str(), "*");
-    wait_for("the stub subscribes for b", Duration::from_secs(15), || lines.lock().unwrap().iter().any(|l| l.starts_with(&format!("SUB {sub} "))));
+    let ScriptedBob { writer, lines, driver, b, mut events, _runtime } = ScriptedBob::subscribed();
     let subject = nats_subject("bob.example", b.as_str(), "alice.example");
     let bad = format!("{}\r\nPING", envelope("o", 1, "hyperty://alice.example/x", &b, "not-utf8"));
     let good = envelope("o", 2, "hyperty://alice.example/x", &b, "after");
