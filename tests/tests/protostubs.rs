@@ -68,6 +68,63 @@ fn two_runtimes_exchange_requests_and_responses_through_nats() {
     assert_eq!(r1.pending_requests() + r2.pending_requests(), 0);
 }
 
+/// A backlog of large messages to another runtime, more than a stub's
+/// 64 MiB of memory holds at once, is carried once the node is back: 80
+/// messages of ~900 KB from a to b queued while the node is down. The
+/// queue takes 64 MiB of envelopes (`MAX_QUEUE_BYTES`) and answers the
+/// rest 503 naming that; what it took reaches b, and b's report of each
+/// (as large) comes back. (The stub took the whole backlog into one write
+/// and ran out of memory, restarted and did it again, for ever; the queue
+/// held any number of bytes up to its count of messages.)
+#[test]
+fn a_backlog_larger_than_a_stubs_memory_is_carried_and_the_queue_bounded_in_bytes() {
+    let mut nats = Nats::start();
+    let servers = [nats.endpoint()];
+    let (r1, r2, mut driver, a, b, _b1, _b2) = two_runtimes(&servers, &servers);
+    request_until_answered(&mut driver, &a, &b);
+    let (mut events1, mut events2) = (r1.events(), r2.events());
+    nats.kill();
+    let value = json!({ "pad": "x".repeat(900_000) }).to_string();
+    const COUNT: usize = 80;
+    for i in 0..COUNT {
+        let id = driver.fresh_id();
+        let cmd = json!({ "op": "send", "message": { "id": id, "type": "update", "to": b.to_string(), "resource": format!("big-{i}"), "value": value } });
+        assert_eq!(driver.command(&a, cmd), json!({ "ok": true }), "message {i} sent");
+    }
+    let mut refused = 0;
+    while let Some(m) = driver.find(|m| m.kind == hyperty_host::MessageType::Forward && m.from == a && reported(m)["code"] == 503, Duration::from_secs(2)) {
+        let why = reported(&m)["description"].as_str().unwrap_or_default().to_owned();
+        assert!(why.contains("protostub queue of bob.example is full (67108864 bytes of envelopes)"), "{why}");
+        refused += 1;
+    }
+    assert!((1..=10).contains(&refused), "{refused} of {COUNT} refused: the queue takes 64 MiB of them");
+    nats.restart();
+    let mut seen = std::collections::BTreeSet::new();
+    let until = std::time::Instant::now() + Duration::from_secs(60);
+    while seen.len() < COUNT - refused {
+        let left = until.saturating_duration_since(std::time::Instant::now());
+        let Some(m) = driver.find(|m| m.kind == hyperty_host::MessageType::Forward && m.from == b, left) else {
+            let mut happened = Vec::new();
+            for events in [&mut events1, &mut events2] {
+                while let Ok(e) = events.try_recv() {
+                    happened.push(format!("{} {:?}", e.hyperty, e.kind));
+                }
+            }
+            panic!("{} of {} large messages carried within 60 s; events: {happened:#?}", seen.len(), COUNT - refused);
+        };
+        let report = reported(&m);
+        if let Some(resource) = report["resource"].as_str() {
+            assert_eq!(report["value"].as_str().map(str::len), Some(value.len()), "{resource} whole");
+            seen.insert(resource.to_owned());
+        }
+    }
+    for events in [&mut events1, &mut events2] {
+        while let Ok(e) = events.try_recv() {
+            assert!(!matches!(e.kind, hyperty_host::EventKind::Trapped { .. }), "{} trapped: {:?}", e.hyperty, e.kind);
+        }
+    }
+}
+
 /// Status events of protostub `domain`, in order, as they come within
 /// `within`, until `last` is seen.
 fn statuses_until(events: &mut hyperty_host::EventReceiver, domain: &str, last: &str) -> Vec<String> {

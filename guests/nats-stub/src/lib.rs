@@ -74,7 +74,8 @@
 //!   `MSG` from the node larger than that limit, one whose payload is not
 //!   ended by CRLF where its line says, or a protocol line longer than
 //!   [`MAX_LINE`], is a protocol error: the connection is dropped. At most
-//!   [`READ_ROUND_MAX`] is read a round.
+//!   [`READ_ROUND_MAX`] is read a round, and at most [`WRITE_ROUND_MAX`]
+//!   of messages (one at least) taken to write.
 //! - Permissions: a node with per-subject permissions answers a publish it
 //!   refuses with `-ERR 'Permissions Violation for Publish to "<subject>"'`
 //!   and keeps the connection. Every message in flight on that subject is
@@ -138,6 +139,11 @@ const READ_MIN: usize = 4 * 1024;
 const READ_MAX: usize = 64 * 1024;
 /// The most a stub reads of its socket in one round (bytes).
 const READ_ROUND_MAX: usize = 1024 * 1024;
+/// The most a round takes from the host to write (bytes; at least one
+/// message is taken, whatever its size): a backlog of large messages
+/// (after a node's outage, say) is written a round at a time, instead of
+/// all of it buffered at once past the stub's memory.
+const WRITE_ROUND_MAX: usize = 1024 * 1024;
 /// `max_payload` when the server's `INFO` does not say (NATS's default).
 const DEFAULT_MAX_PAYLOAD: usize = 1024 * 1024;
 /// The largest `max_payload` taken from a node: a node announcing more
@@ -1022,7 +1028,10 @@ impl Stub {
                 break;
             }
         }
-        while self.in_flight.len() < self.config.window && self.takes_work() {
+        while self.in_flight.len() < self.config.window
+            && self.takes_work()
+            && self.conn.as_ref().is_some_and(|c| c.wbuf.len() < WRITE_ROUND_MAX)
+        {
             let Some(work) = host::next_work() else { break };
             let conn = self.conn.as_mut().expect("connected");
             match work {

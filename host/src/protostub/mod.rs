@@ -98,7 +98,7 @@ pub(crate) type Starter = Box<dyn FnOnce(Arc<Stub>) + Send>;
 pub(crate) enum QueueError {
     /// It holds its capacity of messages.
     Full(usize),
-    /// A durable queue holds [`MAX_DURABLE_BYTES`] of envelopes.
+    /// It holds [`MAX_QUEUE_BYTES`] of envelopes.
     Bytes(usize),
     /// A durable queue could not write the message to disk.
     Persist(String),
@@ -116,9 +116,11 @@ const POLL_WAIT_BUDGET: Duration = Duration::from_secs(4);
 /// `post` stopped waiting; past this many, new ones are `busy`.
 const MAX_HANDLING: usize = 1024;
 
-/// Envelope bytes a durable stub's queue holds at most (on disk, and in
-/// memory beside it); past that, senders are answered 503.
-pub(crate) const MAX_DURABLE_BYTES: usize = 64 << 20;
+/// Envelope bytes a stub's queue holds at most (in memory, and a durable
+/// one's on disk too); past that, senders are answered 503. Its count of
+/// messages (`queue`) alone would let 1,000 messages of 1 MiB wait for a
+/// node that is down.
+pub(crate) const MAX_QUEUE_BYTES: usize = 64 << 20;
 
 /// Takes out of `handling` the envelopes whose receipt fired (returned,
 /// to be recorded) and those dropped unhandled (forgotten, to be taken
@@ -329,7 +331,8 @@ impl Destination for Outbound {
             Ok(()) => Ok(()),
             Err(QueueError::Full(n)) => Err(Refused::Queue(message, format!("the protostub queue of {} is full ({n} messages)", self.0.domain))),
             Err(QueueError::Bytes(n)) => {
-                Err(Refused::Queue(message, format!("the durable protostub queue of {} is full ({n} bytes of envelopes)", self.0.domain)))
+                let durable = if self.0.queue.outbox.is_some() { "durable " } else { "" };
+                Err(Refused::Queue(message, format!("the {durable}protostub queue of {} is full ({n} bytes of envelopes)", self.0.domain)))
             }
             Err(QueueError::Persist(why)) => {
                 Err(Refused::Queue(message, format!("the durable protostub queue of {} cannot keep it: {why}", self.0.domain)))
@@ -475,15 +478,15 @@ impl StubQueue {
         }
         let seq = s.next_seq + 1;
         let envelope = envelope::write(message, &self.origin, seq, wait);
-        if self.outbox.is_some() && s.bytes + envelope.len() > MAX_DURABLE_BYTES {
-            return Err(QueueError::Bytes(MAX_DURABLE_BYTES));
+        if s.bytes + envelope.len() > MAX_QUEUE_BYTES {
+            return Err(QueueError::Bytes(MAX_QUEUE_BYTES));
         }
         s.next_seq = seq;
         let item = Item { id: message.id, kind: message.kind, from: message.from.clone(), to: message.to.clone(), envelope, in_flight: false };
+        let len = item.envelope.len();
+        s.bytes += len;
         if let Some(outbox) = &self.outbox {
             // On disk before the sender's call returns; not under the lock.
-            let len = item.envelope.len();
-            s.bytes += len;
             s.writing += 1;
             drop(s);
             let written = outbox.put(seq, &item.envelope);
