@@ -383,6 +383,50 @@ async fn a_client_that_does_not_read_is_disconnected() {
     }
 }
 
+/// A client that does not read is disconnected once the bytes waiting for
+/// it reach `send_queue_bytes`, long before its count of frames: 60 KB
+/// messages with a 1 MiB bound and room for 2,000 frames. (Without the
+/// bound in bytes, a page asking for large answers and reading none made
+/// the host hold `send_queue` of them: here 120 MB.)
+#[tokio::test]
+async fn a_client_that_does_not_read_is_disconnected_at_its_bytes_bound() {
+    let w = world(GatewayConfig { send_queue: 2_000, send_queue_bytes: 1 << 20, ..dev() }, false);
+    let slow = login(&w.gateway).await;
+    let app = Address::parse(slow.address.clone()).unwrap();
+    let pad = json!({ "pad": "x".repeat(60_000) }).to_string();
+    let mut id = 1_000;
+    let mut sent = 0;
+    let mut gone = false;
+    while sent < 2_000 {
+        id += 1;
+        let m = Message::new(id, MessageType::Update, w.driver.address().clone(), app.clone(), Some(pad.clone()));
+        match w.driver.endpoint.send(m) {
+            Ok(()) => sent += 1,
+            Err(hyperty_host::SendError::InboxFull(_)) => {}
+            Err(e) => panic!("{e}"),
+        }
+        if let Some(m) = w.driver.endpoint.try_recv()
+            && (m.kind, m.body.code) == (MessageType::Response, Some(404))
+        {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_micros(200)).await;
+    }
+    // The kernel's socket buffers on loopback take ~10 MB (~170 of
+    // these) before anything waits in the queue.
+    assert!(gone && sent < 1_000, "disconnected: {gone}, after {sent} messages of 60 KB");
+    wait_until("the connection is gone", || w.gateway.connections() == 0);
+    let mut slow = slow;
+    while let Ok(Some(Ok(frame))) = tokio::time::timeout(WAIT, slow.ws.next()).await {
+        if let WsMessage::Close(Some(close)) = frame {
+            assert_eq!(u16::from(close.code), CLOSE_SEND_QUEUE_FULL, "{close:?}");
+            assert!(close.reason.as_str().contains("(1048576 bytes)"), "{close:?}");
+            break;
+        }
+    }
+}
+
 #[tokio::test]
 async fn a_connection_dropped_mid_request_leaves_nothing_pending() {
     let w = world(dev(), false);

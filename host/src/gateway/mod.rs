@@ -45,7 +45,8 @@
 //!   `spoofed-from`, `malformed`, `too-large`, `duplicate-id`, `inbox-full`.
 //! - **Closing**: a frame over [`GatewayConfig::max_frame_bytes`] closes
 //!   with 1009; a client that does not read, so that its send queue
-//!   ([`GatewayConfig::send_queue`] frames) fills, with 4008. Closing
+//!   ([`GatewayConfig::send_queue`] frames or
+//!   [`GatewayConfig::send_queue_bytes`]) fills, with 4008. Closing
 //!   removes the route, forgets the requests it was waiting on, unsubscribes
 //!   from every data object it subscribed to and drops its `App` entity.
 //! - **Data objects**: `subscribe`, `read` and `unsubscribe` frames to an
@@ -140,6 +141,12 @@ pub struct GatewayConfig {
     /// Frames waiting to be written to a client; a client that lets it
     /// fill is disconnected (close code [`CLOSE_SEND_QUEUE_FULL`]).
     pub send_queue: usize,
+    /// Bytes of the frames waiting to be written to a client (default
+    /// 4 MiB): a client that does not read is disconnected when either
+    /// bound is reached ([`CLOSE_SEND_QUEUE_FULL`]). Without it a page that
+    /// asks an echoing hyperty for 1 MiB answers and reads none would make
+    /// the host hold `send_queue` of them.
+    pub send_queue_bytes: usize,
     /// From accepting the TCP connection to a successful login.
     pub login_timeout: Duration,
     /// Requests of one connection waiting for their response at once
@@ -164,6 +171,7 @@ impl Default for GatewayConfig {
             max_connections: 1024,
             max_connections_per_ip: 64,
             send_queue: 256,
+            send_queue_bytes: 4 << 20,
             login_timeout: Duration::from_secs(10),
             max_pending: 100,
             max_subscriptions: 256,
@@ -216,9 +224,11 @@ impl Gateway {
         if config.max_frame_bytes > bus_max {
             bail!("gateway max-frame-bytes {} is over the bus's largest message ({bus_max} bytes)", config.max_frame_bytes);
         }
-        let sizes = [config.max_connections, config.max_connections_per_ip, config.send_queue, config.max_pending, config.max_subscriptions];
+        let sizes = [config.max_connections, config.max_connections_per_ip, config.send_queue, config.send_queue_bytes, config.max_pending, config.max_subscriptions];
         if config.rate == 0 || config.burst == 0 || sizes.contains(&0) {
-            bail!("gateway rate, burst, max-connections, max-connections-per-ip, send-queue, max-pending and max-subscriptions must be at least 1");
+            bail!(
+                "gateway rate, burst, max-connections, max-connections-per-ip, send-queue, send-queue-bytes, max-pending and max-subscriptions must be at least 1"
+            );
         }
         if config.max_head_bytes < 256 {
             bail!("gateway max-head-bytes {} is too small for any request head (at least 256)", config.max_head_bytes);
@@ -422,18 +432,36 @@ async fn connection(shared: Arc<Shared>, mut stream: TcpStream, _slot: Slot) {
     let accepted = tokio::time::timeout_at(deadline, tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(ws_config)));
     let Ok(Ok(ws)) = accepted.await else { return };
     let (sink, mut frames) = ws.split();
-    let (queue, queued) = mpsc::channel(shared.config.send_queue);
+    let (frames_tx, queued) = mpsc::channel(shared.config.send_queue);
+    let queue = SendQueue { frames: frames_tx, bytes: Arc::default(), max_bytes: shared.config.send_queue_bytes };
     let (close, closing) = watch::channel(None);
-    let writer = tokio::spawn(write_loop(sink, queued, closing));
+    let writer = tokio::spawn(write_loop(sink, queued, queue.bytes.clone(), closing));
     let reason = serve(&shared, &mut frames, &queue, deadline, origin).await;
     tracing::debug!("gateway: closing a connection: {reason:?}");
     let _ = close.send(Some(reason));
     let _ = writer.await;
 }
 
+/// The frames waiting to be written to a client, bounded in count (the
+/// channel's, [`GatewayConfig::send_queue`]) and in bytes
+/// ([`GatewayConfig::send_queue_bytes`]).
+struct SendQueue {
+    frames: mpsc::Sender<WsMessage>,
+    /// Bytes of the frames queued and not yet written ([`write_loop`]
+    /// takes each off once the sink took it).
+    bytes: Arc<std::sync::atomic::AtomicUsize>,
+    max_bytes: usize,
+}
+
 /// Writes queued frames until closing; then the close frame, if the client
-/// still takes it.
-async fn write_loop(mut sink: Sink, mut queued: mpsc::Receiver<WsMessage>, mut closing: watch::Receiver<Option<CloseFrame>>) {
+/// still takes it. `queued_bytes`: the [`SendQueue`]'s count, taken down
+/// as each frame is written.
+async fn write_loop(
+    mut sink: Sink,
+    mut queued: mpsc::Receiver<WsMessage>,
+    queued_bytes: Arc<std::sync::atomic::AtomicUsize>,
+    mut closing: watch::Receiver<Option<CloseFrame>>,
+) {
     loop {
         let frame = tokio::select! {
             biased;
@@ -443,10 +471,12 @@ async fn write_loop(mut sink: Sink, mut queued: mpsc::Receiver<WsMessage>, mut c
                 None => break,
             },
         };
+        let len = frame.len();
         tokio::select! {
             sent = sink.send(frame) => if sent.is_err() { return },
             _ = closing.changed() => break,
         }
+        queued_bytes.fetch_sub(len, std::sync::atomic::Ordering::AcqRel);
     }
     let frame = closing.borrow().clone();
     if let Some(frame) = frame {
@@ -455,18 +485,27 @@ async fn write_loop(mut sink: Sink, mut queued: mpsc::Receiver<WsMessage>, mut c
     let _ = tokio::time::timeout(CLOSE_GRACE, sink.close()).await;
 }
 
-/// Queues `frame` for the client; a full queue means the client does not
-/// read: the connection closes with [`CLOSE_SEND_QUEUE_FULL`].
-fn enqueue(queue: &mpsc::Sender<WsMessage>, frame: Value) -> Result<(), CloseFrame> {
-    queue.try_send(WsMessage::text(frame.to_string())).map_err(|_| {
-        let why = format!("send queue full ({} frames): the client does not read", queue.max_capacity());
-        close_frame(CloseCode::from(CLOSE_SEND_QUEUE_FULL), &why)
+/// Queues `frame` for the client; a full queue (in frames or in bytes)
+/// means the client does not read: the connection closes with
+/// [`CLOSE_SEND_QUEUE_FULL`].
+fn enqueue(queue: &SendQueue, frame: Value) -> Result<(), CloseFrame> {
+    use std::sync::atomic::Ordering;
+    let text = frame.to_string();
+    let len = text.len();
+    let full = |why: String| close_frame(CloseCode::from(CLOSE_SEND_QUEUE_FULL), &format!("send queue full ({why}): the client does not read"));
+    if queue.bytes.fetch_add(len, Ordering::AcqRel) + len > queue.max_bytes {
+        queue.bytes.fetch_sub(len, Ordering::AcqRel);
+        return Err(full(format!("{} bytes", queue.max_bytes)));
+    }
+    queue.frames.try_send(WsMessage::text(text)).map_err(|_| {
+        queue.bytes.fetch_sub(len, Ordering::AcqRel);
+        full(format!("{} frames", queue.frames.max_capacity()))
     })
 }
 
 /// Runs one connection after its handshake: login, then messages both
 /// ways; returns how to close it.
-async fn serve(shared: &Arc<Shared>, frames: &mut Frames, queue: &mpsc::Sender<WsMessage>, deadline: Instant, origin: String) -> CloseFrame {
+async fn serve(shared: &Arc<Shared>, frames: &mut Frames, queue: &SendQueue, deadline: Instant, origin: String) -> CloseFrame {
     // `_app` is dropped after `endpoint`: the entity outlives the route.
     let (_app, endpoint) = match login(shared, frames, deadline, origin).await {
         Ok((app, endpoint)) => (app, Arc::new(endpoint)),
