@@ -389,6 +389,7 @@ fn messages_for_a_hyperty_whose_init_has_not_run_wait_at_most_its_inbox_and_the_
     // sends 900 requests to b, instantiated and routed but not yet
     // initialised; it sends each again while b's inbox is full, so all
     // 900 are taken from b's inbox while b waits for its init.
+    capture_log();
     let runtime = runtime(Duration::from_secs(30));
     let mut driver = Driver::new(&runtime);
     let target = "hyperty://b-starting.example/b";
@@ -416,8 +417,40 @@ fn messages_for_a_hyperty_whose_init_has_not_run_wait_at_most_its_inbox_and_the_
     }
 }
 
+/// The same bound in bytes (`inbox-bytes`): 10 KB requests wait for b's
+/// init at most 64 KiB of them, however many fit the count (`inbox`, 1,024
+/// here); every other one is answered 503 naming `inbox-bytes`.
+#[test]
+fn messages_for_a_hyperty_whose_init_has_not_run_wait_at_most_its_inbox_bytes() {
+    capture_log();
+    let runtime = runtime(Duration::from_secs(30));
+    let mut driver = Driver::new(&runtime);
+    let target = "hyperty://b-starting.example/b";
+    let flood = json!({ "op": "pending", "to": target, "count": 200, "timeout_ms": 30_000, "retry_full": true, "pad": 10_000 });
+    let bundle = TestBundle::new()
+        .hyperty("a-flood.example", "g", &guest("greedy"), json!({ "observer": OBSERVER, "at_init": flood }))
+        .hyperty("b-starting.example", "b", &guest("puppet"), puppet_config(false))
+        .set("b-starting.example", "b", "address", json!(target))
+        .domain("b-starting.example", json!({ "limits": { "inbox-bytes": 65_536 } }));
+    runtime.deploy(&bundle.load()).expect("the bundle deploys");
+    let (g, b) = (runtime.lookup("a-flood.example", "g").unwrap(), runtime.lookup("b-starting.example", "b").unwrap());
+    let at_init = driver.command(&g, json!({ "op": "init" }));
+    assert_eq!((at_init["sent"].as_u64(), at_init["other"].as_u64()), (Some(200), Some(0)), "{at_init}");
+    // Its backlog and then its inbox each held at most 64 KiB: 6 of them.
+    let reached = driver.before_marker(&b).iter().filter(|m| reported(m)["from"] == g.as_str()).count();
+    assert!(reached <= 14, "{reached} of 200 requests of 10 KB reached b: more than two inboxes of 64 KiB");
+    for _ in reached..200 {
+        let answer = driver.expect(|m| m.from == g && m.kind == MessageType::Forward);
+        let answer = reported(&answer);
+        assert_eq!(answer["code"], 503, "{answer}");
+        let why = answer["description"].as_str().unwrap();
+        assert!(why.contains("b-starting.example/b is starting and already holds") && why.contains("up to its inbox-bytes (65536)"), "{why}");
+    }
+}
+
 #[test]
 fn a_megabyte_long_init_error_is_cut_to_a_log_line_and_escaped() {
+    capture_log();
     let runtime = runtime(Duration::from_secs(5));
     let bundle = TestBundle::new().hyperty("refuses.example", "r", &guest("greedy"), json!({ "refuse_init_bytes": 1_000_000 }));
     let e = runtime.deploy(&bundle.load()).expect_err("its init fails").to_string();
@@ -442,4 +475,53 @@ fn a_large_bundle_past_the_instance_pool_names_the_first_entry_past_it() {
         assert!(runtime.hyperties().is_empty(), "nothing of the refused bundle runs");
     }
     assert_eq!(runtime.deploy(&hyperty_tests::scale::pongs(1, 30).load()).unwrap().len(), 30);
+}
+
+/// A domain's inbox is bounded in bytes too (`inbox-bytes`): while its
+/// hyperty is busy, 100 KB messages wait until 1 MiB of them does, then
+/// senders get `inbox-full`, far below the inbox's 1,024 messages; once
+/// what waited was handled, the inbox takes messages again. (Before, 1,024
+/// messages of up to 1 MiB could wait for one slow domain.)
+#[test]
+fn a_domains_inbox_is_bounded_in_bytes() {
+    capture_log();
+    let runtime = runtime(Duration::from_secs(30));
+    let mut driver = Driver::new(&runtime);
+    let bundle = TestBundle::new()
+        .hyperty("slow.example", "s", &guest("hostile"), json!({ "mode": "sleep" }))
+        .domain("slow.example", json!({ "limits": { "inbox-bytes": 1 << 20, "call-timeout-ms": 10_000 } }));
+    runtime.deploy(&bundle.load()).expect("the bundle deploys");
+    let s = runtime.lookup("slow.example", "s").unwrap();
+    // Busy for 2 s: what comes meanwhile waits in the domain's inbox.
+    let id = driver.fresh_id();
+    let busy = Message::new(id, MessageType::Read, driver.address().clone(), s.clone(), Some(r#"{"ms":2000}"#.into()));
+    driver.endpoint.request(busy, None).unwrap();
+    let big = |id: u64| {
+        let value = json!({ "ms": 1, "pad": "x".repeat(100_000) }).to_string();
+        Message::new(id, MessageType::Update, driver.address().clone(), s.clone(), Some(value))
+    };
+    let mut waiting = 0;
+    loop {
+        match driver.endpoint.send(big(10_000 + waiting)) {
+            Ok(()) => waiting += 1,
+            Err(hyperty_host::SendError::InboxFull(to)) => {
+                assert!(to.contains(s.as_str()), "the full inbox is the slow domain's: {to}");
+                break;
+            }
+            Err(e) => panic!("{e}"),
+        }
+        assert!(waiting <= 1024, "1,024 messages of 100 KB waited: the inbox is not bounded in bytes");
+    }
+    assert!((9..=11).contains(&waiting), "{waiting} messages of 100 KB waited in an inbox of 1 MiB");
+    let answer = driver.expect(|m| m.kind == MessageType::Response && m.id == id);
+    assert_eq!(answer.body.code, Some(200), "{answer:?}");
+    // What waited is handled (1 ms each), and its bytes are taken off.
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        match driver.endpoint.send(big(20_000)) {
+            Ok(()) => break,
+            Err(hyperty_host::SendError::InboxFull(_)) if Instant::now() < until => std::thread::sleep(Duration::from_millis(20)),
+            Err(e) => panic!("the inbox takes nothing once what waited was handled: {e}"),
+        }
+    }
 }

@@ -3,9 +3,10 @@
 //! request's value `{"op": ...}` picks what it does, and is answered 200
 //! with what the host said:
 //!
-//! - `pending` `{"to", "count", "timeout_ms", "retry_full"}`: sends `count` `read`
+//! - `pending` `{"to", "count", "timeout_ms", "retry_full", "pad"}`: sends `count` `read`
 //!   requests with fresh ids to `to` (a sink that never answers; with
-//!   `retry_full`, each refused `inbox-full` is sent again) and counts
+//!   `retry_full`, each refused `inbox-full` is sent again; with `pad`, each
+//!   carries that many bytes more) and counts
 //!   how they were taken: `{"sent", "too_many_pending", "other", "errors"}`
 //!   (the first error of each kind);
 //! - `log` `{"count", "bytes"}` or `{"line"}`: writes `count` lines of
@@ -116,8 +117,10 @@ fn pending(me: &str, value: &Value) -> Value {
     // With `retry_full`, a request refused `inbox-full` is sent again
     // (at most a million times): the back-pressure a patient sender obeys.
     let retry_full = value["retry_full"] == true;
+    // With `pad`, each request carries that many bytes more.
+    let body = value["pad"].as_u64().map_or_else(|| "{}".to_owned(), |n| json!({ "pad": "x".repeat(n as usize) }).to_string());
     for _ in 0..count {
-        let request = Message::new(fresh_id(), MessageType::Read, me, to, "{}");
+        let request = Message::new(fresh_id(), MessageType::Read, me, to, &body);
         let mut result = bus::request(&request, timeout);
         let mut tries = 1;
         while retry_full && tries < 1_000_000 && matches!(result, Err(hyperty_guest::SendError::InboxFull(_))) {

@@ -11,7 +11,7 @@
 //! | `table-elements` | table growth as a memory bomb |
 //! | `call-timeout-ms` (epoch deadline) | infinite loops: the call traps at the deadline |
 //! | `fuel-per-call` (optional) | the same with a deterministic instruction budget |
-//! | `inbox` | unbounded queues: senders get `inbox-full` (back-pressure) |
+//! | `inbox`, `inbox-bytes` | unbounded queues (in messages, and in bytes of messages whose size senders choose): senders get `inbox-full` (back-pressure) |
 //! | `rate` / `burst` (per hyperty) | floods: sends beyond the rate get `rate-limited` |
 //! | `max-pending` (per hyperty) | requests that are never answered: one more gets `too-many-pending` |
 //! | `max-request-timeout-ms` | requests held for ever: a longer `timeout-ms` is clamped |
@@ -37,6 +37,10 @@ pub const MAX_LOG_LINE: usize = 4096;
 pub struct Limits {
     /// Messages the domain's inbox holds before senders get `inbox-full`.
     pub inbox: usize,
+    /// Bytes of messages (`Message::size`) the domain's inbox holds before
+    /// senders get `inbox-full`: without it, `inbox` messages of the bus's
+    /// largest size (1 MiB) could wait for a slow domain.
+    pub inbox_bytes: usize,
     /// Linear memory per instance, in MiB.
     pub memory_mb: u32,
     /// Linear memory of all the domain's instances together, in MiB.
@@ -90,6 +94,7 @@ impl Default for Limits {
     fn default() -> Limits {
         Limits {
             inbox: 1024,
+            inbox_bytes: 64 << 20,
             memory_mb: 64,
             total_memory_mb: 512,
             table_elements: 20_000,
@@ -118,6 +123,7 @@ impl Limits {
         let max_mb = (MAX_MEMORY_BYTES >> 20) as u32;
         let check = |ok: bool, field: &str, range: String| if ok { Ok(()) } else { Err(format!("{field} must be in {range}")) };
         check((1..=1_000_000).contains(&self.inbox), "inbox", "1..=1000000".into())?;
+        check((1..=1 << 32).contains(&self.inbox_bytes), "inbox-bytes", "1..=4294967296".into())?;
         check((1..=max_mb).contains(&self.memory_mb), "memory-mb", format!("1..={max_mb}"))?;
         check(self.total_memory_mb >= 1, "total-memory-mb", "1..".into())?;
         check((1..=10_000_000).contains(&self.table_elements), "table-elements", "1..=10000000".into())?;

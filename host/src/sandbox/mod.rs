@@ -98,6 +98,10 @@ pub(crate) struct Inbox {
     /// Messages accepted but not yet handled: inbox length plus the one in
     /// hand, so "zero" means the domain is idle.
     in_flight: Arc<AtomicUsize>,
+    /// Bytes of the messages waiting in the inbox (`Message::size`), at
+    /// most `max_bytes` (`inbox-bytes`) unless it is one message alone.
+    queued_bytes: Arc<AtomicUsize>,
+    max_bytes: usize,
     domain: Arc<Domain>,
 }
 
@@ -132,7 +136,19 @@ impl Inbox {
             Some((message, receipt))
         };
         let (message, receipt) = counted.expect("a message to queue");
+        // Bytes as well as messages: past `inbox-bytes`, the sender gets
+        // back-pressure as for a full inbox (one message alone always fits).
+        let size = message.size();
+        let before = self.queued_bytes.fetch_add(size, Ordering::AcqRel);
+        if before > 0 && before + size > self.max_bytes {
+            self.queued_bytes.fetch_sub(size, Ordering::AcqRel);
+            self.in_flight.fetch_sub(1, Ordering::Relaxed);
+            // Not taken, as from a full inbox: its receipt is not fired.
+            drop(receipt);
+            return Err(Refused::Full(message));
+        }
         self.tx.try_send(Envelope::Deliver { instance, message, receipt }).map_err(|e| {
+            self.queued_bytes.fetch_sub(size, Ordering::AcqRel);
             self.in_flight.fetch_sub(1, Ordering::Relaxed);
             match e {
                 flume::TrySendError::Full(Envelope::Deliver { message, .. }) => Refused::Full(message),
@@ -263,7 +279,7 @@ impl SandboxHandle {
     pub fn spawn(domain: &str, settings: SandboxSettings, shared: Shared) -> Result<SandboxHandle> {
         let (tx, rx) = flume::bounded(settings.limits.inbox);
         let domain_state = Arc::new(Domain { state: Mutex::new(None), fast: AtomicBool::new(true) });
-        let inbox = Inbox { tx, in_flight: Arc::default(), domain: domain_state.clone() };
+        let inbox = Inbox { tx, in_flight: Arc::default(), queued_bytes: Arc::default(), max_bytes: settings.limits.inbox_bytes, domain: domain_state.clone() };
         let memory = Arc::new(DomainMemory::default());
         let stopping = Arc::new(AtomicBool::new(false));
         let total_memory = (settings.limits.total_memory_mb as usize) << 20;
@@ -294,6 +310,7 @@ impl SandboxHandle {
             restarts: Vec::new(),
             call_ticks: crate::engine::ticks(std::time::Duration::from_millis(settings.limits.call_timeout_ms)),
             in_flight: inbox.in_flight.clone(),
+            queued_bytes: inbox.queued_bytes.clone(),
         };
         *domain_state.state.lock().unwrap() = Some(sandbox);
         let thread = std::thread::Builder::new()
@@ -584,6 +601,9 @@ struct Sandbox {
     restarts: Vec<u32>,
     call_ticks: u64,
     in_flight: Arc<AtomicUsize>,
+    /// The inbox's bytes waiting ([`Inbox`]): taken down as each message
+    /// is taken out.
+    queued_bytes: Arc<AtomicUsize>,
     /// The domain's peer connections (`media`).
     media: Arc<crate::media::DomainMedia>,
     /// Set when the sandbox is being stopped: queued messages are dropped.
@@ -638,6 +658,7 @@ impl Sandbox {
         }
         match envelope {
             Ok(Envelope::Deliver { instance, message, receipt }) => {
+                self.queued_bytes.fetch_sub(message.size(), Ordering::AcqRel);
                 self.media.taken(&message);
                 // Stopping: dropped unhandled, and so is its receipt.
                 if !self.stopping.load(Ordering::Acquire) {
@@ -795,8 +816,14 @@ impl Sandbox {
             self.shared.bus.answer_taken(&message, code::NOT_FOUND, why);
             return;
         };
+        let limits = &self.settings.limits;
         let running = match (&mut slot.status, slot.running.as_mut()) {
-            (Status::Instantiated { backlog }, _) if backlog.len() < self.settings.limits.inbox => return backlog.push((message, receipt.kept())),
+            (Status::Instantiated { backlog }, _)
+                if backlog.len() < limits.inbox
+                    && (backlog.is_empty() || backlog.iter().map(|(m, _)| m.size()).sum::<usize>() + message.size() <= limits.inbox_bytes) =>
+            {
+                return backlog.push((message, receipt.kept()));
+            }
             // A durable envelope (one with a receipt) is not answered but
             // dropped unhandled: its node offers it again, for when the
             // hyperty is back (a restart, or its init done).
@@ -804,11 +831,17 @@ impl Sandbox {
                 drop(receipt.kept());
                 return;
             }
-            (Status::Instantiated { .. }, _) => {
+            (Status::Instantiated { backlog }, _) => {
                 // Bounded like the inbox it came from: a deployment's
-                // instances wait for `init` with at most `inbox` each.
-                let max = self.settings.limits.inbox;
-                let why = format!("{} is starting and already holds {max} messages for after its init (inbox = {max}); try again later", message.to);
+                // instances wait for `init` with at most `inbox` messages
+                // and `inbox-bytes` of them each.
+                let (max, held) = (limits.inbox, backlog.len());
+                let why = if held >= max {
+                    format!("{} is starting and already holds {max} messages for after its init (inbox = {max}); try again later", message.to)
+                } else {
+                    let bytes = limits.inbox_bytes;
+                    format!("{} is starting and already holds {held} messages for after its init, up to its inbox-bytes ({bytes}); try again later", message.to)
+                };
                 self.shared.bus.answer_taken(&message, code::UNAVAILABLE, why);
                 return;
             }
@@ -931,6 +964,7 @@ pub(crate) fn time_instantiation(shared: &Shared, pre: &HypertyPre<InstanceState
         restarts: Vec::new(),
         call_ticks: 100,
         in_flight: Arc::default(),
+        queued_bytes: Arc::default(),
         stopping: Arc::default(),
         counted: shared.metrics.domain("bench.example"),
     };
@@ -997,7 +1031,7 @@ mod tests {
     fn a_queued_control_counts_in_flight_so_no_later_message_is_lent_past_it() {
         let (tx, rx) = flume::bounded(4);
         let domain = Arc::new(Domain { state: Mutex::new(None), fast: AtomicBool::new(true) });
-        let inbox = Inbox { tx, in_flight: Arc::default(), domain };
+        let inbox = Inbox { tx, in_flight: Arc::default(), queued_bytes: Arc::default(), max_bytes: usize::MAX, domain };
         inbox.control(Control::Commit { instance: 0 }).unwrap();
         assert_eq!(inbox.in_flight(), 1, "the queued Commit counts: the domain is not idle");
         let message = Message::builder(1, MessageType::Update, "hyperty://a.example/x", "hyperty://b.example/y").build().unwrap();
