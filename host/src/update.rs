@@ -31,8 +31,8 @@
 //!
 //! What cannot change on a running entry is a problem of step 1: a
 //! hyperty's explicit `address` (remove it, apply, add it back), a domain's
-//! `limits.inbox` and `media` (the sandbox's queue and media engine are
-//! made at its start: remove the domain and add it back).
+//! `limits.inbox`, `limits.inbox-bytes` and `media` (the sandbox's queue and
+//! media engine are made at its start: remove the domain and add it back).
 
 use std::fmt;
 
@@ -307,7 +307,8 @@ impl Runtime {
             let old_domain = specs.domains.get(&domain.name).filter(|_| deployed.sandboxes.contains_key(&domain.name));
             let domain_details = old_domain.map(|old| domain_changes(old, domain)).unwrap_or_default();
             if let Some(old) = old_domain {
-                if old.settings.limits.inbox != domain.settings.limits.inbox || old.settings.media != domain.settings.media {
+                let (old_limits, new_limits) = (&old.settings.limits, &domain.settings.limits);
+                if (old_limits.inbox, old_limits.inbox_bytes) != (new_limits.inbox, new_limits.inbox_bytes) || old.settings.media != domain.settings.media {
                     let message = format!(
                         "{} runs with another inbox size or media settings, which cannot change while it runs: remove the domain, apply, then add it back",
                         domain.name

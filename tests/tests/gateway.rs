@@ -417,6 +417,9 @@ async fn a_client_that_does_not_read_is_disconnected_at_its_bytes_bound() {
     // these) before anything waits in the queue.
     assert!(gone && sent < 1_000, "disconnected: {gone}, after {sent} messages of 60 KB");
     wait_until("the connection is gone", || w.gateway.connections() == 0);
+    // The close that says why, if the client gets it at all (its writer
+    // is stuck behind frames the client does not take, and gives up
+    // after a grace period).
     let mut slow = slow;
     while let Ok(Some(Ok(frame))) = tokio::time::timeout(WAIT, slow.ws.next()).await {
         if let WsMessage::Close(Some(close)) = frame {
@@ -425,6 +428,16 @@ async fn a_client_that_does_not_read_is_disconnected_at_its_bytes_bound() {
             break;
         }
     }
+}
+
+/// One frame alone always fits the send queue, however small its bound in
+/// bytes (a frame may be larger than the message it carries): a client
+/// that reads is never disconnected for one large frame.
+#[tokio::test]
+async fn one_frame_alone_always_fits_the_send_queue() {
+    let w = world(GatewayConfig { send_queue_bytes: 1, ..dev() }, false);
+    let mut c = login(&w.gateway).await;
+    c.still_works(1, &w.echo).await;
 }
 
 #[tokio::test]

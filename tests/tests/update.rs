@@ -144,6 +144,10 @@ fn bad_bundles_are_refused_with_every_problem_and_change_nothing() {
     let inbox = receiver(V1).domain("bob.example", json!({ "limits": { "inbox": 7 } }));
     let e = runtime.apply(&inbox.load()).expect_err("refused");
     assert!(e.to_string().contains("bob.example runs with another inbox size"), "{e}");
+    // Nor its size in bytes (the inbox takes it at its start).
+    let inbox_bytes = receiver(V1).domain("bob.example", json!({ "limits": { "inbox-bytes": 65_536 } }));
+    let e = runtime.apply(&inbox_bytes.load()).expect_err("refused");
+    assert!(e.to_string().contains("bob.example runs with another inbox size"), "{e}");
 }
 
 #[test]

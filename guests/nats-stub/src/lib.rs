@@ -1028,10 +1028,12 @@ impl Stub {
                 break;
             }
         }
+        let mut taken = 0;
         while self.in_flight.len() < self.config.window
             && self.takes_work()
-            && self.conn.as_ref().is_some_and(|c| c.wbuf.len() < WRITE_ROUND_MAX)
+            && (taken == 0 || self.conn.as_ref().is_some_and(|c| c.wbuf.len() < WRITE_ROUND_MAX))
         {
+            taken += 1;
             let Some(work) = host::next_work() else { break };
             let conn = self.conn.as_mut().expect("connected");
             match work {

@@ -142,8 +142,8 @@ pub struct GatewayConfig {
     /// fill is disconnected (close code [`CLOSE_SEND_QUEUE_FULL`]).
     pub send_queue: usize,
     /// Bytes of the frames waiting to be written to a client (default
-    /// 4 MiB): a client that does not read is disconnected when either
-    /// bound is reached ([`CLOSE_SEND_QUEUE_FULL`]). Without it a page that
+    /// 4 MiB; one frame alone always fits): a client that does not read is
+    /// disconnected when either bound is reached ([`CLOSE_SEND_QUEUE_FULL`]). Without it a page that
     /// asks an echoing hyperty for 1 MiB answers and reads none would make
     /// the host hold `send_queue` of them.
     pub send_queue_bytes: usize,
@@ -493,7 +493,10 @@ fn enqueue(queue: &SendQueue, frame: Value) -> Result<(), CloseFrame> {
     let text = frame.to_string();
     let len = text.len();
     let full = |why: String| close_frame(CloseCode::from(CLOSE_SEND_QUEUE_FULL), &format!("send queue full ({why}): the client does not read"));
-    if queue.bytes.fetch_add(len, Ordering::AcqRel) + len > queue.max_bytes {
+    // One frame alone always fits (a frame may be larger than the bound:
+    // `to_frame` writes the message again, escapes and all).
+    let before = queue.bytes.fetch_add(len, Ordering::AcqRel);
+    if before > 0 && before + len > queue.max_bytes {
         queue.bytes.fetch_sub(len, Ordering::AcqRel);
         return Err(full(format!("{} bytes", queue.max_bytes)));
     }

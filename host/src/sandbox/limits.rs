@@ -123,7 +123,7 @@ impl Limits {
         let max_mb = (MAX_MEMORY_BYTES >> 20) as u32;
         let check = |ok: bool, field: &str, range: String| if ok { Ok(()) } else { Err(format!("{field} must be in {range}")) };
         check((1..=1_000_000).contains(&self.inbox), "inbox", "1..=1000000".into())?;
-        check((1..=1 << 32).contains(&self.inbox_bytes), "inbox-bytes", "1..=4294967296".into())?;
+        check((1..=1u64 << 32).contains(&(self.inbox_bytes as u64)), "inbox-bytes", "1..=4294967296".into())?;
         check((1..=max_mb).contains(&self.memory_mb), "memory-mb", format!("1..={max_mb}"))?;
         check(self.total_memory_mb >= 1, "total-memory-mb", "1..".into())?;
         check((1..=10_000_000).contains(&self.table_elements), "table-elements", "1..=10000000".into())?;

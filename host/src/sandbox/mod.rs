@@ -508,8 +508,9 @@ impl Drop for SandboxHandle {
 
 /// Lifecycle of an instance inside its sandbox.
 enum Status {
-    /// Instantiated; messages wait in the backlog until `init` succeeds.
-    Instantiated { backlog: Vec<(Message, Option<Receipt>)> },
+    /// Instantiated; messages wait in the backlog until `init` succeeds
+    /// (`bytes`: theirs, by `Message::size`).
+    Instantiated { backlog: Vec<(Message, Option<Receipt>)>, bytes: usize },
     Live,
     /// Trapped; a fresh instance is due at `at`.
     Restarting { at: Instant },
@@ -721,7 +722,7 @@ impl Sandbox {
         running.store.data_mut().sent += slot.stats.sent.load(Ordering::Relaxed);
         observe(&slot.stats, &running);
         let backlog = match std::mem::replace(&mut slot.status, Status::Live) {
-            Status::Instantiated { backlog } => backlog,
+            Status::Instantiated { backlog, .. } => backlog,
             _ => Vec::new(),
         };
         slot.set_status(Status::Live);
@@ -760,7 +761,7 @@ impl Sandbox {
         self.slots.push(Some(Slot {
             hyperty,
             running: Some(running),
-            status: Status::Instantiated { backlog: Vec::new() },
+            status: Status::Instantiated { backlog: Vec::new(), bytes: 0 },
             failures: 0,
             staged: None,
             stats,
@@ -782,7 +783,7 @@ impl Sandbox {
             Ok(Ok(())) => {
                 observe(&slot.stats, running);
                 slot.stats.status.store(HypertyStats::LIVE, Ordering::Relaxed);
-                if let Status::Instantiated { backlog } = std::mem::replace(&mut slot.status, Status::Live) {
+                if let Status::Instantiated { backlog, .. } = std::mem::replace(&mut slot.status, Status::Live) {
                     for (message, receipt) in backlog {
                         self.deliver(instance, message, receipt);
                     }
@@ -794,7 +795,7 @@ impl Sandbox {
         };
         slot.running = None;
         // What waited for the init is answered, not dropped.
-        if let Status::Instantiated { backlog } = std::mem::replace(&mut slot.status, Status::Stopped) {
+        if let Status::Instantiated { backlog, .. } = std::mem::replace(&mut slot.status, Status::Stopped) {
             // The guest's part of `error` is cut to a log line's length.
             let reason = format!("{error:#}");
             for (message, receipt) in backlog {
@@ -818,10 +819,10 @@ impl Sandbox {
         };
         let limits = &self.settings.limits;
         let running = match (&mut slot.status, slot.running.as_mut()) {
-            (Status::Instantiated { backlog }, _)
-                if backlog.len() < limits.inbox
-                    && (backlog.is_empty() || backlog.iter().map(|(m, _)| m.size()).sum::<usize>() + message.size() <= limits.inbox_bytes) =>
+            (Status::Instantiated { backlog, bytes }, _)
+                if backlog.len() < limits.inbox && (backlog.is_empty() || *bytes + message.size() <= limits.inbox_bytes) =>
             {
+                *bytes += message.size();
                 return backlog.push((message, receipt.kept()));
             }
             // A durable envelope (one with a receipt) is not answered but
@@ -831,7 +832,7 @@ impl Sandbox {
                 drop(receipt.kept());
                 return;
             }
-            (Status::Instantiated { backlog }, _) => {
+            (Status::Instantiated { backlog, .. }, _) => {
                 // Bounded like the inbox it came from: a deployment's
                 // instances wait for `init` with at most `inbox` messages
                 // and `inbox-bytes` of them each.
@@ -932,7 +933,7 @@ impl Sandbox {
                     // The count goes on across restarts (a Prometheus counter).
                     running.store.data_mut().sent = slot.stats.sent.load(Ordering::Relaxed);
                     slot.running = Some(running);
-                    slot.set_status(Status::Instantiated { backlog: Vec::new() });
+                    slot.set_status(Status::Instantiated { backlog: Vec::new(), bytes: 0 });
                     match self.init(instance) {
                         Ok(()) => {
                             let slot = self.slots[instance as usize].as_ref().expect("exists");
