@@ -97,7 +97,7 @@ use crate::policy::Descriptor;
 use crate::policy::cedar::{AppPrincipal, CedarPolicies};
 use crate::registry::Registry;
 use crate::runtime::Endpoint;
-use crate::sandbox::limits::RateLimiter;
+use crate::sandbox::limits::{QueuedBytes, RateLimiter};
 
 /// The close code for a client whose send queue filled because it does not
 /// read (application range of RFC 6455 §7.4.2).
@@ -449,7 +449,7 @@ struct SendQueue {
     frames: mpsc::Sender<WsMessage>,
     /// Bytes of the frames queued and not yet written ([`write_loop`]
     /// takes each off once the sink took it).
-    bytes: Arc<std::sync::atomic::AtomicUsize>,
+    bytes: Arc<QueuedBytes>,
     max_bytes: usize,
 }
 
@@ -459,7 +459,7 @@ struct SendQueue {
 async fn write_loop(
     mut sink: Sink,
     mut queued: mpsc::Receiver<WsMessage>,
-    queued_bytes: Arc<std::sync::atomic::AtomicUsize>,
+    queued_bytes: Arc<QueuedBytes>,
     mut closing: watch::Receiver<Option<CloseFrame>>,
 ) {
     loop {
@@ -476,7 +476,7 @@ async fn write_loop(
             sent = sink.send(frame) => if sent.is_err() { return },
             _ = closing.changed() => break,
         }
-        queued_bytes.fetch_sub(len, std::sync::atomic::Ordering::AcqRel);
+        queued_bytes.give_back(len);
     }
     let frame = closing.borrow().clone();
     if let Some(frame) = frame {
@@ -489,19 +489,16 @@ async fn write_loop(
 /// means the client does not read: the connection closes with
 /// [`CLOSE_SEND_QUEUE_FULL`].
 fn enqueue(queue: &SendQueue, frame: Value) -> Result<(), CloseFrame> {
-    use std::sync::atomic::Ordering;
     let text = frame.to_string();
     let len = text.len();
     let full = |why: String| close_frame(CloseCode::from(CLOSE_SEND_QUEUE_FULL), &format!("send queue full ({why}): the client does not read"));
     // One frame alone always fits (a frame may be larger than the bound:
     // `to_frame` writes the message again, escapes and all).
-    let before = queue.bytes.fetch_add(len, Ordering::AcqRel);
-    if before > 0 && before + len > queue.max_bytes {
-        queue.bytes.fetch_sub(len, Ordering::AcqRel);
+    if !queue.bytes.take(len, queue.max_bytes) {
         return Err(full(format!("{} bytes", queue.max_bytes)));
     }
     queue.frames.try_send(WsMessage::text(text)).map_err(|_| {
-        queue.bytes.fetch_sub(len, Ordering::AcqRel);
+        queue.bytes.give_back(len);
         full(format!("{} frames", queue.frames.max_capacity()))
     })
 }

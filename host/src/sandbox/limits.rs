@@ -275,6 +275,33 @@ impl DomainMemory {
     }
 }
 
+/// Bytes of what waits in a queue (a domain's inbox, a gateway client's
+/// send queue) within a bound that one item alone may pass: an empty queue
+/// takes anything, so nothing is refused for its size alone (the bus bounds
+/// that). One compare-and-swap, as [`DomainMemory::charge`]: an item that
+/// does not fit never shows to another taking at once.
+#[derive(Debug, Default)]
+pub(crate) struct QueuedBytes(AtomicUsize);
+
+impl QueuedBytes {
+    /// Takes `bytes` if the queue holds nothing yet or they keep it within
+    /// `max`; false (nothing taken) otherwise.
+    pub fn take(&self, bytes: usize, max: usize) -> bool {
+        self.0
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |queued| {
+                let after = queued.saturating_add(bytes);
+                (queued == 0 || after <= max).then_some(after)
+            })
+            .is_ok()
+    }
+
+    /// Gives back `bytes` taken with [`QueuedBytes::take`] (the item left
+    /// the queue).
+    pub fn give_back(&self, bytes: usize) {
+        self.0.fetch_sub(bytes, Ordering::AcqRel);
+    }
+}
+
 /// The `ResourceLimiter` of one instance's store: its own limits and its
 /// share of the domain's total memory, released when the store is dropped.
 pub(crate) struct InstanceLimiter {

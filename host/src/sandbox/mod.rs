@@ -48,7 +48,7 @@ use crate::registry::{Registry, Status as RegistryStatus};
 pub(crate) use glue::{GuestLog, HypertyPre, InstanceState, check_grants, hyperty_linker, log_line, prepare, printable};
 use glue::Hyperty;
 use crate::metrics::{HypertyStats, Read};
-use limits::{DomainMemory, Grant, InstanceLimiter, Limits, RestartPolicy};
+use limits::{DomainMemory, Grant, InstanceLimiter, Limits, QueuedBytes, RestartPolicy};
 
 /// What a sandbox's inbox carries. Deliveries, the common case, carry
 /// their message inline: boxing it would cost an allocation per message.
@@ -100,7 +100,7 @@ pub(crate) struct Inbox {
     in_flight: Arc<AtomicUsize>,
     /// Bytes of the messages waiting in the inbox (`Message::size`), at
     /// most `max_bytes` (`inbox-bytes`) unless it is one message alone.
-    queued_bytes: Arc<AtomicUsize>,
+    queued_bytes: Arc<QueuedBytes>,
     max_bytes: usize,
     domain: Arc<Domain>,
 }
@@ -139,16 +139,14 @@ impl Inbox {
         // Bytes as well as messages: past `inbox-bytes`, the sender gets
         // back-pressure as for a full inbox (one message alone always fits).
         let size = message.size();
-        let before = self.queued_bytes.fetch_add(size, Ordering::AcqRel);
-        if before > 0 && before + size > self.max_bytes {
-            self.queued_bytes.fetch_sub(size, Ordering::AcqRel);
+        if !self.queued_bytes.take(size, self.max_bytes) {
             self.in_flight.fetch_sub(1, Ordering::Relaxed);
             // Not taken, as from a full inbox: its receipt is not fired.
             drop(receipt);
             return Err(Refused::Full(message));
         }
         self.tx.try_send(Envelope::Deliver { instance, message, receipt }).map_err(|e| {
-            self.queued_bytes.fetch_sub(size, Ordering::AcqRel);
+            self.queued_bytes.give_back(size);
             self.in_flight.fetch_sub(1, Ordering::Relaxed);
             match e {
                 flume::TrySendError::Full(Envelope::Deliver { message, .. }) => Refused::Full(message),
@@ -604,7 +602,7 @@ struct Sandbox {
     in_flight: Arc<AtomicUsize>,
     /// The inbox's bytes waiting ([`Inbox`]): taken down as each message
     /// is taken out.
-    queued_bytes: Arc<AtomicUsize>,
+    queued_bytes: Arc<QueuedBytes>,
     /// The domain's peer connections (`media`).
     media: Arc<crate::media::DomainMedia>,
     /// Set when the sandbox is being stopped: queued messages are dropped.
@@ -659,7 +657,7 @@ impl Sandbox {
         }
         match envelope {
             Ok(Envelope::Deliver { instance, message, receipt }) => {
-                self.queued_bytes.fetch_sub(message.size(), Ordering::AcqRel);
+                self.queued_bytes.give_back(message.size());
                 self.media.taken(&message);
                 // Stopping: dropped unhandled, and so is its receipt.
                 if !self.stopping.load(Ordering::Acquire) {
