@@ -13,7 +13,11 @@
 //!   releases the next (flow control); and again in windows of
 //!   [`DEEP_WINDOW`], half the sink's inbox (1024 by default), where the
 //!   path is bound by its CPU rather than by one round trip per 64
-//!   messages.
+//!   messages; and with [`SLIDING`] windows of [`DEEP_WINDOW`] in flight
+//!   at once (a sliding window, as TCP's: each response releases the next
+//!   window, so the path does not drain and refill at every window's edge,
+//!   while at most 1,024 messages are on their way). The raw publisher has
+//!   no flow control at all.
 //!
 //! Then the CPU each costs, this process's and nats-server's together:
 //! rates on a shared machine move with its other tenants, CPU time much
@@ -23,8 +27,9 @@
 //! connections); the two-process path is exercised by the tests.
 //!
 //! For `perf stat`, the runtime-to-runtime work and nothing else:
-//! `HYPERTY_NATS_BENCH=<oneway|oneway-deep|rr>:<count>[:policies]` runs
-//! that many one-way messages (windows of 64 or 512) or round trips after
+//! `HYPERTY_NATS_BENCH=<oneway|oneway-deep|oneway-sliding|rr>:<count>[:policies]`
+//! runs that many one-way messages (windows of 64, 512, or two of 512 in
+//! flight) or round trips after
 //! the warm-up, with `policies` under
 //! the bus bench's realistic Cedar set on both domains and both runtimes'
 //! buses; the difference between two counts, divided by the difference in
@@ -45,24 +50,30 @@ const RUNS: usize = 3;
 const WINDOW: u64 = 64;
 /// A deeper window: half the sink domain's inbox.
 const DEEP_WINDOW: u64 = 512;
+/// Windows in flight at once on the sliding run: the next is sent as the
+/// oldest one's response comes back, so at most 1024 messages (the sink
+/// domain's default inbox) are on their way and the path never drains
+/// between windows.
+const SLIDING: u64 = 2;
 
 fn main() {
     let nats = Nats::start();
     let servers = [nats.endpoint()];
     let spec = std::env::var("HYPERTY_NATS_BENCH").ok();
-    let usage = "HYPERTY_NATS_BENCH=<oneway|oneway-deep|rr>:<count>[:policies]";
+    let usage = "HYPERTY_NATS_BENCH=<oneway|oneway-deep|oneway-sliding|rr>:<count>[:policies]";
     let policies = spec.as_deref().is_some_and(|s| s.ends_with(":policies"));
     let policies_dir = tempfile::tempdir().unwrap();
     let path = RuntimePath::new(&servers, policies.then_some(policies_dir.path()));
     path.round_trips(200); // warm-up: stubs loaded, subscriptions in place
-    path.one_way(2_000, WINDOW);
+    path.one_way(2_000, WINDOW, 1);
     if let Some(spec) = spec {
         let mut parts = spec.split(':');
         let kind = parts.next().unwrap_or_default();
         let count: u64 = parts.next().and_then(|c| c.parse().ok()).expect(usage);
         match kind {
-            "oneway" => println!("one-way: {:.0} msg/s", path.one_way(count, WINDOW)),
-            "oneway-deep" => println!("one-way, windows of {DEEP_WINDOW}: {:.0} msg/s", path.one_way(count, DEEP_WINDOW)),
+            "oneway" => println!("one-way: {:.0} msg/s", path.one_way(count, WINDOW, 1)),
+            "oneway-deep" => println!("one-way, windows of {DEEP_WINDOW}: {:.0} msg/s", path.one_way(count, DEEP_WINDOW, 1)),
+            "oneway-sliding" => println!("one-way, {SLIDING} windows of {DEEP_WINDOW} in flight: {:.0} msg/s", path.one_way(count, DEEP_WINDOW, SLIDING)),
             "rr" => println!("round trips: p50 {:.1} µs", percentiles(path.round_trips(count as usize)).0),
             _ => panic!("{usage}, not {spec}"),
         }
@@ -70,9 +81,10 @@ fn main() {
     }
     let mut raw = (Vec::new(), Vec::new(), Vec::new());
     let mut ours = (Vec::new(), Vec::new(), Vec::new());
-    let mut deep = Vec::new();
-    // CPU (µs) a round trip and a one-way message: raw, ours, ours deep.
-    let mut cpu = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut deep, mut sliding) = (Vec::new(), Vec::new());
+    // CPU (µs) a round trip and a one-way message: raw, ours, ours deep,
+    // ours sliding.
+    let mut cpu = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let server = nats.pid().expect("the bench's own nats-server");
     for _ in 0..RUNS {
         let ((p50, p99), used) = on_cpu(server, || percentiles(raw_round_trips(nats.port, ROUND_TRIPS)));
@@ -86,12 +98,15 @@ fn main() {
         ours.0.push(p50);
         ours.1.push(p99);
         cpu.2.push(used / ROUND_TRIPS as f64);
-        let (rate, used) = on_cpu(server, || path.one_way(ONE_WAY, WINDOW));
+        let (rate, used) = on_cpu(server, || path.one_way(ONE_WAY, WINDOW, 1));
         ours.2.push(rate);
         cpu.3.push(used / ONE_WAY as f64);
-        let (rate, used) = on_cpu(server, || path.one_way(ONE_WAY, DEEP_WINDOW));
+        let (rate, used) = on_cpu(server, || path.one_way(ONE_WAY, DEEP_WINDOW, 1));
         deep.push(rate);
         cpu.4.push(used / ONE_WAY as f64);
+        let (rate, used) = on_cpu(server, || path.one_way(ONE_WAY, DEEP_WINDOW, SLIDING));
+        sliding.push(rate);
+        cpu.5.push(used / ONE_WAY as f64);
     }
     println!("through NATS (one nats-server on loopback, same run, median of {RUNS}):");
     println!("                            NATS client-to-client   runtime-to-runtime (hyperty stubs)   ratio");
@@ -102,6 +117,8 @@ fn main() {
     let (a, b, c) = (median(raw.2), median(ours.2), median(deep));
     println!("  one-way msg/s:            {a:>10.0}              {b:>10.0}                           {:.0}%", 100.0 * b / a);
     println!("  one-way, windows of {DEEP_WINDOW}:                           {c:>10.0}                           {:.0}%", 100.0 * c / a);
+    let c = median(sliding);
+    println!("  one-way, {SLIDING} windows of {DEEP_WINDOW} in flight:               {c:>10.0}                           {:.0}%", 100.0 * c / a);
     // CPU, less disturbed than rates by whatever else the machine runs.
     println!("CPU used (this process and nats-server, µs; median of {RUNS}):");
     let (a, b) = (median(cpu.0), median(cpu.2));
@@ -109,6 +126,8 @@ fn main() {
     let (a, b, c) = (median(cpu.1), median(cpu.3), median(cpu.4));
     println!("  a one-way message:        {a:>10.2}              {b:>10.2}                           {:.1}x", b / a);
     println!("  a one-way message, windows of {DEEP_WINDOW}:               {c:>10.2}                           {:.1}x", c / a);
+    let c = median(cpu.5);
+    println!("  a one-way message, {SLIDING} windows of {DEEP_WINDOW} in flight:   {c:>10.2}                           {:.1}x", c / a);
 }
 
 /// Runs `work`: what it returns and the CPU time (µs) this process and
@@ -220,9 +239,9 @@ impl RuntimePath {
     }
 
     /// Messages/s from the driver (runtime 1) to the sink (runtime 2), in
-    /// windows of `window`.
-    fn one_way(&self, count: u64, window: u64) -> f64 {
-        let command = json!({ "to": self.sink.to_string(), "count": count, "mode": "oneway", "batch": window });
+    /// windows of `window` messages, `windows` of them in flight at once.
+    fn one_way(&self, count: u64, window: u64, windows: u64) -> f64 {
+        let command = json!({ "to": self.sink.to_string(), "count": count, "mode": "oneway", "batch": window, "windows": windows });
         let msg = Message::new(self.id(), MessageType::Execute, self.harness.address().clone(), self.driver.clone(), Some(command.to_string()));
         let started = Instant::now();
         self.harness.request(msg, None).unwrap();

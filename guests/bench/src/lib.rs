@@ -6,7 +6,8 @@
 //! - `rr`: one request at a time, the next sent when the response arrives;
 //! - `oneway`: batches of `b` notifications, each batch closed by a request
 //!   whose response releases the next batch (flow control within the
-//!   receiver's inbox).
+//!   receiver's inbox); with `"windows": w`, `w` batches are in flight at
+//!   once (a sliding window: each response releases one more).
 //!
 //! The sink also checks the sequence: a driver numbers each run's messages
 //! 1, 2, 3…, so a message whose id is neither the previous one + 1 nor 1 (a
@@ -64,6 +65,14 @@ struct Run {
     batch: u64,
     #[serde(default = "default_first")]
     first: u64,
+    /// `oneway`: batches in flight at once (each closed by its request; the
+    /// next sent as a response comes back). Default 1.
+    #[serde(default = "default_windows")]
+    windows: u64,
+}
+
+fn default_windows() -> u64 {
+    1
 }
 
 fn default_first() -> u64 {
@@ -78,6 +87,8 @@ struct Active {
     run: Run,
     command: Message,
     sent: u64,
+    /// Requests sent and not yet answered.
+    outstanding: u64,
 }
 
 struct State {
@@ -181,14 +192,20 @@ impl Guest for Bench {
                     };
                     return;
                 }
-                state.active = Some(Active { run, command: msg, sent: 0 });
-                step(state);
+                let windows = if run.mode == "oneway" { run.windows.max(1) } else { 1 };
+                state.active = Some(Active { run, command: msg, sent: 0, outstanding: 0 });
+                for _ in 0..windows {
+                    step(state);
+                }
             } else if msg.type_ == MessageType::Response {
                 if msg.body.code != Some(200) {
                     if let Some(active) = state.active.take() {
                         let _ = bus::reply(&active.command, 500, Some(&json!({ "failed": msg.body.code }).to_string()));
                     }
                     return;
+                }
+                if let Some(active) = state.active.as_mut() {
+                    active.outstanding = active.outstanding.saturating_sub(1);
                 }
                 step(state);
             }
@@ -210,6 +227,9 @@ fn notify(me: &str, run: &Run) -> Result<u64, String> {
 fn step(state: &mut State) {
     let Some(active) = state.active.as_mut() else { return };
     if active.sent >= active.run.count {
+        if active.outstanding > 0 {
+            return;
+        }
         let done = json!({ "sent": active.sent }).to_string();
         let _ = bus::reply(&active.command, 200, Some(&done));
         state.active = None;
@@ -230,8 +250,9 @@ fn step(state: &mut State) {
     if fail.is_none() {
         active.sent += 1;
         let m = Message::new(active.sent, MessageType::Read, &state.me, &active.run.to, PAYLOAD);
-        if let Err(e) = bus::request(&m, None) {
-            fail = Some(e.describe());
+        match bus::request(&m, None) {
+            Ok(_) => active.outstanding += 1,
+            Err(e) => fail = Some(e.describe()),
         }
     }
     if let Some(e) = fail {
