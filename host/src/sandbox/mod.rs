@@ -637,10 +637,35 @@ fn run(domain: &Domain, inbox: flume::Receiver<Envelope>) {
                 for slot in sandbox.slots.iter().flatten() {
                     sandbox.shared.metrics.forget_hyperty(slot.hyperty.address.as_str());
                 }
+                drop_queued(&inbox, &sandbox.queued_bytes, &sandbox.in_flight);
             }
             break;
         }
         next_restart = sandbox.next_restart();
+    }
+}
+
+/// Empties a stopped sandbox's inbox: what was queued after its `Stop`
+/// is dropped unhandled, as a stopping sandbox drops what it takes (its
+/// receipts with it; a control's reply channel closes), and its bytes and
+/// count are given back. Otherwise those messages would stay held until
+/// the last sender let go of the inbox, and a sender still holding it
+/// would meet a full inbox (`inbox-full`) rather than a closed one (503,
+/// "has stopped"). One sent between this drain and the receiver's drop a
+/// moment later stays held until then; later ones find the inbox closed.
+fn drop_queued(inbox: &flume::Receiver<Envelope>, queued_bytes: &QueuedBytes, in_flight: &AtomicUsize) {
+    for envelope in inbox.drain() {
+        match envelope {
+            Envelope::Deliver { message, .. } => {
+                queued_bytes.give_back(message.size());
+                in_flight.fetch_sub(1, Ordering::Release);
+            }
+            // Sent bare: never counted.
+            Envelope::Control(Control::Wake) => {}
+            Envelope::Control(_) => {
+                in_flight.fetch_sub(1, Ordering::Release);
+            }
+        }
     }
 }
 
@@ -1041,5 +1066,32 @@ mod tests {
         // A bare `Wake` is only a nudge: it never counts.
         inbox.tx.try_send(Envelope::Control(Control::Wake)).unwrap();
         assert_eq!(inbox.in_flight(), 2);
+    }
+
+    /// What waits behind a `Stop` is dropped with its bytes and count
+    /// given back: a sender still holding the inbox then meets a closed
+    /// inbox (503), not a full one, and nothing stays held.
+    #[test]
+    fn what_is_queued_after_a_stop_is_dropped_and_given_back() {
+        let (tx, rx) = flume::bounded(8);
+        let domain = Arc::new(Domain { state: Mutex::new(None), fast: AtomicBool::new(false) });
+        let big = format!("\"{}\"", "x".repeat(10_000));
+        let message = |id| Message::builder(id, MessageType::Update, "hyperty://a.example/x", "hyperty://b.example/y").value(&big).build().unwrap();
+        let max_bytes = 2 * message(0).size();
+        let inbox = Inbox { tx, in_flight: Arc::default(), queued_bytes: Arc::default(), max_bytes, domain };
+        inbox.control(Control::Stop).unwrap();
+        inbox.deliver(0, message(1), None).map_err(|_| "refused").unwrap();
+        inbox.deliver(0, message(2), None).map_err(|_| "refused").unwrap();
+        inbox.control(Control::Remove { instance: 0 }).unwrap();
+        assert!(matches!(inbox.deliver(0, message(3), None), Err(Refused::Full(_))), "the inbox's bytes are taken");
+        // The sandbox's thread takes the Stop, then empties what is left.
+        assert!(matches!(rx.recv(), Ok(Envelope::Control(Control::Stop))));
+        inbox.in_flight.fetch_sub(1, Ordering::Release); // as `Sandbox::take` does
+        drop_queued(&rx, &inbox.queued_bytes, &inbox.in_flight);
+        assert_eq!(inbox.in_flight(), 0);
+        assert!(rx.is_empty());
+        drop(rx);
+        assert!(matches!(inbox.deliver(0, message(4), None), Err(Refused::Closed(_))), "closed, not full");
+        assert_eq!(inbox.in_flight(), 0);
     }
 }
