@@ -4,6 +4,10 @@
 //! "resource","value","description"},"assertion":{"idp","token"},
 //! "timeout-ms"}`; `origin` and `seq` name it for the receiver's
 //! duplicate check, `timeout-ms` is how long a request's sender waits.
+//! A field with no value (`body.code`, `resource`, `value`, `description`,
+//! `assertion`, `timeout-ms`) is left out when written; read, absent and
+//! `null` are the same, so envelopes written with the `null`s (before
+//! 2026-12-03) are read as before.
 
 use std::borrow::Cow;
 use std::fmt;
@@ -32,15 +36,21 @@ pub(super) fn write(m: &Message, origin: &str, seq: u64, wait: Option<Duration>)
         from: &'a str,
         to: &'a str,
         body: Body<'a>,
+        #[serde(skip_serializing_if = "Option::is_none")]
         assertion: Option<Assertion<'a>>,
-        #[serde(rename = "timeout-ms")]
+        #[serde(rename = "timeout-ms", skip_serializing_if = "Option::is_none")]
         timeout_ms: Option<u64>,
     }
+    // A field that is `None` is left out: read back, absent is `null`.
     #[derive(serde::Serialize)]
     struct Body<'a> {
+        #[serde(skip_serializing_if = "Option::is_none")]
         code: Option<u16>,
+        #[serde(skip_serializing_if = "Option::is_none")]
         resource: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
         value: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
         description: Option<&'a str>,
     }
     #[derive(serde::Serialize)]
@@ -344,11 +354,27 @@ mod tests {
                 "assertion": m.assertion.as_ref().map(|a| json!({ "idp": a.idp, "token": a.token })),
                 "timeout-ms": wait.map(|w: Duration| w.as_millis() as u64),
             });
+            // Written without the fields that have no value.
+            fn without_nulls(v: &mut serde_json::Value) {
+                if let Some(fields) = v.as_object_mut() {
+                    fields.retain(|_, f| !f.is_null());
+                    fields.values_mut().for_each(without_nulls);
+                }
+            }
+            let mut bare = tree.clone();
+            without_nulls(&mut bare);
             let text = write(m, "origin-1", 3, wait);
-            assert_eq!(text, tree.to_string());
+            assert_eq!(text, bare.to_string());
             let back = open(&text).unwrap();
             assert_eq!((back.origin.as_str(), back.seq, &back.message, back.wait), ("origin-1", 3, m, wait));
+            // As written before 2026-12-03, with the nulls: read the same.
+            let back = open(&tree.to_string()).unwrap();
+            assert_eq!((back.origin.as_str(), back.seq, &back.message, back.wait), ("origin-1", 3, m, wait));
         }
+        assert_eq!(
+            write(&plain, "origin-1", 3, None),
+            r#"{"v":1,"origin":"origin-1","seq":3,"id":7,"type":"update","from":"hyperty://alice.example/a","to":"hyperty://bob.example/b","body":{}}"#
+        );
     }
 
     /// `nats-stub` reads the head of every envelope it sends by position
