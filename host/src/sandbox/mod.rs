@@ -136,6 +136,12 @@ impl Inbox {
             Some((message, receipt))
         };
         let (message, receipt) = counted.expect("a message to queue");
+        if self.tx.is_disconnected() {
+            // Stopped: whatever bytes are still counted, it is 503.
+            self.in_flight.fetch_sub(1, Ordering::Relaxed);
+            drop(OnReturn(receipt));
+            return Err(Refused::Closed(message));
+        }
         // Bytes as well as messages: past `inbox-bytes`, the sender gets
         // back-pressure as for a full inbox (one message alone always fits).
         let size = message.size();
@@ -632,12 +638,15 @@ fn run(domain: &Domain, inbox: flume::Receiver<Envelope>) {
             let sandbox = state.take();
             drop(state);
             if let Some(sandbox) = sandbox {
+                // What waits behind the Stop goes first, then the inbox
+                // closes (senders meet 503), then the stores are dropped.
+                drop_queued(&inbox, &sandbox.queued_bytes, &sandbox.in_flight);
+                drop(inbox);
                 // The domain's instances stop with it.
                 sandbox.counted.instances.dec_by(sandbox.slots.iter().flatten().count() as i64);
                 for slot in sandbox.slots.iter().flatten() {
                     sandbox.shared.metrics.forget_hyperty(slot.hyperty.address.as_str());
                 }
-                drop_queued(&inbox, &sandbox.queued_bytes, &sandbox.in_flight);
             }
             break;
         }
@@ -649,10 +658,13 @@ fn run(domain: &Domain, inbox: flume::Receiver<Envelope>) {
 /// is dropped unhandled, as a stopping sandbox drops what it takes (its
 /// receipts with it; a control's reply channel closes), and its bytes and
 /// count are given back. Otherwise those messages would stay held until
-/// the last sender let go of the inbox, and a sender still holding it
-/// would meet a full inbox (`inbox-full`) rather than a closed one (503,
-/// "has stopped"). One sent between this drain and the receiver's drop a
-/// moment later stays held until then; later ones find the inbox closed.
+/// the last sender let go of the inbox (flume frees a queue only then),
+/// and a sender still holding it would meet a full inbox (`inbox-full`)
+/// rather than a closed one (503, "has stopped"). The receiver is dropped
+/// right after (`run`): a delivery that slips in between those two steps
+/// stays unhandled and held until the last sender lets go (its request is
+/// answered 408), but cannot make a later sender meet a full inbox, since
+/// [`Inbox::deliver`] looks for a closed inbox before counting bytes.
 fn drop_queued(inbox: &flume::Receiver<Envelope>, queued_bytes: &QueuedBytes, in_flight: &AtomicUsize) {
     for envelope in inbox.drain() {
         match envelope {
@@ -1093,5 +1105,20 @@ mod tests {
         drop(rx);
         assert!(matches!(inbox.deliver(0, message(4), None), Err(Refused::Closed(_))), "closed, not full");
         assert_eq!(inbox.in_flight(), 0);
+    }
+
+    /// A delivery that slipped in between the drain and the receiver's
+    /// drop stays counted, but later senders still meet a closed inbox.
+    #[test]
+    fn a_closed_inbox_is_closed_whatever_bytes_it_still_counts() {
+        let (tx, rx) = flume::bounded(8);
+        let domain = Arc::new(Domain { state: Mutex::new(None), fast: AtomicBool::new(false) });
+        let big = format!("\"{}\"", "x".repeat(10_000));
+        let message = |id| Message::builder(id, MessageType::Update, "hyperty://a.example/x", "hyperty://b.example/y").value(&big).build().unwrap();
+        let inbox = Inbox { tx, in_flight: Arc::default(), queued_bytes: Arc::default(), max_bytes: message(0).size() + 10, domain };
+        inbox.deliver(0, message(1), None).map_err(|_| "refused").unwrap();
+        drop(rx);
+        assert!(matches!(inbox.deliver(0, message(2), None), Err(Refused::Closed(_))), "closed, not full");
+        assert_eq!(inbox.in_flight(), 1, "only the one that slipped in");
     }
 }
