@@ -54,9 +54,9 @@ const WINDOW: u64 = 64;
 /// A deeper window: half the sink domain's inbox.
 const DEEP_WINDOW: u64 = 512;
 /// Windows in flight at once on the sliding run: the next is sent as the
-/// oldest one's response comes back, so at most 1024 messages (the sink
-/// domain's default inbox) are on their way and the path never drains
-/// between windows.
+/// oldest one's response comes back, so at most 1,024 messages (what a
+/// domain's default inbox holds; this bench's sink has a larger one) are
+/// on their way and the path never drains between windows.
 const SLIDING: u64 = 2;
 
 fn main() {

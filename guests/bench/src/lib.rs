@@ -7,7 +7,9 @@
 //! - `oneway`: batches of `b` notifications, each batch closed by a request
 //!   whose response releases the next batch (flow control within the
 //!   receiver's inbox); with `"windows": w`, `w` batches are in flight at
-//!   once (a sliding window: each response releases one more).
+//!   once (a sliding window: each response releases one more). An answer
+//!   other than 200, or a refused send, stops the run: it answers 500
+//!   once every request it sent is answered.
 //!
 //! The sink also checks the sequence: a driver numbers each run's messages
 //! 1, 2, 3…, so a message whose id is neither the previous one + 1 nor 1 (a
@@ -89,6 +91,10 @@ struct Active {
     sent: u64,
     /// Requests sent and not yet answered.
     outstanding: u64,
+    /// The code of the first answer that was not 200: nothing more is
+    /// sent, and the run fails once every request it sent is answered
+    /// (so no answer of it reaches a later run).
+    failed: Option<serde_json::Value>,
 }
 
 struct State {
@@ -193,19 +199,18 @@ impl Guest for Bench {
                     return;
                 }
                 let windows = if run.mode == "oneway" { run.windows.max(1) } else { 1 };
-                state.active = Some(Active { run, command: msg, sent: 0, outstanding: 0 });
+                state.active = Some(Active { run, command: msg, sent: 0, outstanding: 0, failed: None });
                 for _ in 0..windows {
                     step(state);
+                    if state.active.as_ref().is_none_or(|a| a.sent >= a.run.count || a.failed.is_some()) {
+                        break;
+                    }
                 }
             } else if msg.type_ == MessageType::Response {
-                if msg.body.code != Some(200) {
-                    if let Some(active) = state.active.take() {
-                        let _ = bus::reply(&active.command, 500, Some(&json!({ "failed": msg.body.code }).to_string()));
-                    }
-                    return;
-                }
-                if let Some(active) = state.active.as_mut() {
-                    active.outstanding = active.outstanding.saturating_sub(1);
+                let Some(active) = state.active.as_mut() else { return };
+                active.outstanding = active.outstanding.saturating_sub(1);
+                if msg.body.code != Some(200) && active.failed.is_none() {
+                    active.failed = Some(json!(msg.body.code));
                 }
                 step(state);
             }
@@ -226,6 +231,13 @@ fn notify(me: &str, run: &Run) -> Result<u64, String> {
 /// Sends the next request (rr) or batch (oneway), or reports completion.
 fn step(state: &mut State) {
     let Some(active) = state.active.as_mut() else { return };
+    if let Some(why) = &active.failed {
+        if active.outstanding == 0 {
+            let _ = bus::reply(&active.command, 500, Some(&json!({ "failed": why }).to_string()));
+            state.active = None;
+        }
+        return;
+    }
     if active.sent >= active.run.count {
         if active.outstanding > 0 {
             return;
@@ -256,8 +268,8 @@ fn step(state: &mut State) {
         }
     }
     if let Some(e) = fail {
-        let _ = bus::reply(&active.command, 500, Some(&json!({ "failed": e }).to_string()));
-        state.active = None;
+        active.failed = Some(json!(e));
+        step(state);
     }
 }
 
