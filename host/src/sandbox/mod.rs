@@ -1059,15 +1059,27 @@ fn explain(error: &wasmtime::Error, store: &Store<InstanceState>, limits: &Limit
 mod tests {
     use super::*;
 
+    /// An inbox of `capacity` envelopes and `max_bytes`, with no sandbox
+    /// behind it (`fast`: it may be lent to), and its receiving end.
+    fn inbox(capacity: usize, max_bytes: usize, fast: bool) -> (Inbox, flume::Receiver<Envelope>) {
+        let (tx, rx) = flume::bounded(capacity);
+        let domain = Arc::new(Domain { state: Mutex::new(None), fast: AtomicBool::new(fast) });
+        (Inbox { tx, in_flight: Arc::default(), queued_bytes: Arc::default(), max_bytes, domain }, rx)
+    }
+
+    /// A message of ~10 KB numbered `id`.
+    fn big(id: u64) -> Message {
+        let value = format!("\"{}\"", "x".repeat(10_000));
+        Message::builder(id, MessageType::Update, "hyperty://a.example/x", "hyperty://b.example/y").value(value).build().unwrap()
+    }
+
     /// A live update's `Commit` waits in the inbox like a message: a
     /// sender finding the domain "idle" (in flight 0) would run its
     /// message on the old version, past the `Commit` ([`Inbox::deliver`]
     /// lends only from 0).
     #[test]
     fn a_queued_control_counts_in_flight_so_no_later_message_is_lent_past_it() {
-        let (tx, rx) = flume::bounded(4);
-        let domain = Arc::new(Domain { state: Mutex::new(None), fast: AtomicBool::new(true) });
-        let inbox = Inbox { tx, in_flight: Arc::default(), queued_bytes: Arc::default(), max_bytes: usize::MAX, domain };
+        let (inbox, rx) = inbox(4, usize::MAX, true);
         inbox.control(Control::Commit { instance: 0 }).unwrap();
         assert_eq!(inbox.in_flight(), 1, "the queued Commit counts: the domain is not idle");
         let message = Message::builder(1, MessageType::Update, "hyperty://a.example/x", "hyperty://b.example/y").build().unwrap();
@@ -1085,17 +1097,12 @@ mod tests {
     /// inbox (503), not a full one, and nothing stays held.
     #[test]
     fn what_is_queued_after_a_stop_is_dropped_and_given_back() {
-        let (tx, rx) = flume::bounded(8);
-        let domain = Arc::new(Domain { state: Mutex::new(None), fast: AtomicBool::new(false) });
-        let big = format!("\"{}\"", "x".repeat(10_000));
-        let message = |id| Message::builder(id, MessageType::Update, "hyperty://a.example/x", "hyperty://b.example/y").value(&big).build().unwrap();
-        let max_bytes = 2 * message(0).size();
-        let inbox = Inbox { tx, in_flight: Arc::default(), queued_bytes: Arc::default(), max_bytes, domain };
+        let (inbox, rx) = inbox(8, 2 * big(0).size(), false);
         inbox.control(Control::Stop).unwrap();
-        inbox.deliver(0, message(1), None).map_err(|_| "refused").unwrap();
-        inbox.deliver(0, message(2), None).map_err(|_| "refused").unwrap();
+        inbox.deliver(0, big(1), None).map_err(|_| "refused").unwrap();
+        inbox.deliver(0, big(2), None).map_err(|_| "refused").unwrap();
         inbox.control(Control::Remove { instance: 0 }).unwrap();
-        assert!(matches!(inbox.deliver(0, message(3), None), Err(Refused::Full(_))), "the inbox's bytes are taken");
+        assert!(matches!(inbox.deliver(0, big(3), None), Err(Refused::Full(_))), "the inbox's bytes are taken");
         // The sandbox's thread takes the Stop, then empties what is left.
         assert!(matches!(rx.recv(), Ok(Envelope::Control(Control::Stop))));
         inbox.in_flight.fetch_sub(1, Ordering::Release); // as `Sandbox::take` does
@@ -1103,7 +1110,7 @@ mod tests {
         assert_eq!(inbox.in_flight(), 0);
         assert!(rx.is_empty());
         drop(rx);
-        assert!(matches!(inbox.deliver(0, message(4), None), Err(Refused::Closed(_))), "closed, not full");
+        assert!(matches!(inbox.deliver(0, big(4), None), Err(Refused::Closed(_))), "closed, not full");
         assert_eq!(inbox.in_flight(), 0);
     }
 
@@ -1111,14 +1118,10 @@ mod tests {
     /// drop stays counted, but later senders still meet a closed inbox.
     #[test]
     fn a_closed_inbox_is_closed_whatever_bytes_it_still_counts() {
-        let (tx, rx) = flume::bounded(8);
-        let domain = Arc::new(Domain { state: Mutex::new(None), fast: AtomicBool::new(false) });
-        let big = format!("\"{}\"", "x".repeat(10_000));
-        let message = |id| Message::builder(id, MessageType::Update, "hyperty://a.example/x", "hyperty://b.example/y").value(&big).build().unwrap();
-        let inbox = Inbox { tx, in_flight: Arc::default(), queued_bytes: Arc::default(), max_bytes: message(0).size() + 10, domain };
-        inbox.deliver(0, message(1), None).map_err(|_| "refused").unwrap();
+        let (inbox, rx) = inbox(8, big(0).size() + 10, false);
+        inbox.deliver(0, big(1), None).map_err(|_| "refused").unwrap();
         drop(rx);
-        assert!(matches!(inbox.deliver(0, message(2), None), Err(Refused::Closed(_))), "closed, not full");
+        assert!(matches!(inbox.deliver(0, big(2), None), Err(Refused::Closed(_))), "closed, not full");
         assert_eq!(inbox.in_flight(), 1, "only the one that slipped in");
     }
 }
