@@ -243,14 +243,31 @@ impl RuntimePath {
 
     /// Messages/s from the driver (runtime 1) to the sink (runtime 2), in
     /// windows of `window` messages, `windows` of them in flight at once.
+    /// Every message reaches the sink once and in order: what it received
+    /// grows by `count`, its anomalies (an id neither the last + 1 nor 1)
+    /// not at all.
     fn one_way(&self, count: u64, window: u64, windows: u64) -> f64 {
+        let before = self.ledger();
         let command = json!({ "to": self.sink.to_string(), "count": count, "mode": "oneway", "batch": window, "windows": windows });
         let msg = Message::new(self.id(), MessageType::Execute, self.harness.address().clone(), self.driver.clone(), Some(command.to_string()));
         let started = Instant::now();
         self.harness.request(msg, None).unwrap();
         let answer = self.harness.recv_timeout(Duration::from_secs(120)).expect("the driver answers");
+        let elapsed = started.elapsed();
         assert_eq!(answer.body.code, Some(200), "{:?}", answer.body);
-        count as f64 / started.elapsed().as_secs_f64()
+        let after = self.ledger();
+        assert_eq!((after.0 - before.0, after.1 - before.1), (count, 0), "received and anomalies at the sink");
+        count as f64 / elapsed.as_secs_f64()
+    }
+
+    /// The sink's ledger: messages received and anomalies.
+    fn ledger(&self) -> (u64, u64) {
+        let msg = Message::new(self.id(), MessageType::Execute, self.harness.address().clone(), self.sink.clone(), Some("{}".into()));
+        self.harness.request(msg, None).unwrap();
+        let answer = self.harness.recv_timeout(Duration::from_secs(60)).expect("the sink answers");
+        assert_eq!(answer.body.code, Some(200), "{:?}", answer.body);
+        let ledger: serde_json::Value = serde_json::from_str(answer.body.value.as_deref().unwrap_or("null")).unwrap();
+        (ledger["received"].as_u64().unwrap(), ledger["anomalies"].as_u64().unwrap())
     }
 }
 
