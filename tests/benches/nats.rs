@@ -82,55 +82,56 @@ fn main() {
         }
         return;
     }
-    let mut raw = (Vec::new(), Vec::new(), Vec::new());
-    let mut ours = (Vec::new(), Vec::new(), Vec::new());
-    let (mut deep, mut sliding) = (Vec::new(), Vec::new());
-    // CPU (µs) a round trip and a one-way message: raw, ours, ours deep,
-    // ours sliding.
-    let mut cpu = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    // Runtime to runtime, one-way: (window, windows in flight).
+    let kinds = [(WINDOW, 1), (DEEP_WINDOW, 1), (DEEP_WINDOW, SLIDING)];
+    let label = |(window, windows): (u64, u64)| match windows {
+        1 if window == WINDOW => String::new(),
+        1 => format!(", windows of {window}"),
+        n => format!(", {n} windows of {window} in flight"),
+    };
+    // Medians' samples: p50, p99 (µs) and CPU (µs) a round trip, raw and
+    // ours; rate and CPU (µs) a message, raw one-way and each kind.
+    let (mut raw_rr, mut ours_rr) = ((Vec::new(), Vec::new(), Vec::new()), (Vec::new(), Vec::new(), Vec::new()));
+    let mut raw_one = (Vec::new(), Vec::new());
+    let mut ours_one = kinds.map(|_| (Vec::new(), Vec::new()));
     let server = nats.pid().expect("the bench's own nats-server");
     for _ in 0..RUNS {
         let ((p50, p99), used) = on_cpu(server, || percentiles(raw_round_trips(nats.port, ROUND_TRIPS)));
-        raw.0.push(p50);
-        raw.1.push(p99);
-        cpu.0.push(used / ROUND_TRIPS as f64);
+        raw_rr.0.push(p50);
+        raw_rr.1.push(p99);
+        raw_rr.2.push(used / ROUND_TRIPS as f64);
         let (rate, used) = on_cpu(server, || raw_one_way(nats.port, ONE_WAY));
-        raw.2.push(rate);
-        cpu.1.push(used / ONE_WAY as f64);
+        raw_one.0.push(rate);
+        raw_one.1.push(used / ONE_WAY as f64);
         let ((p50, p99), used) = on_cpu(server, || percentiles(path.round_trips(ROUND_TRIPS)));
-        ours.0.push(p50);
-        ours.1.push(p99);
-        cpu.2.push(used / ROUND_TRIPS as f64);
-        let (rate, used) = on_cpu(server, || path.one_way(ONE_WAY, WINDOW, 1));
-        ours.2.push(rate);
-        cpu.3.push(used / ONE_WAY as f64);
-        let (rate, used) = on_cpu(server, || path.one_way(ONE_WAY, DEEP_WINDOW, 1));
-        deep.push(rate);
-        cpu.4.push(used / ONE_WAY as f64);
-        let (rate, used) = on_cpu(server, || path.one_way(ONE_WAY, DEEP_WINDOW, SLIDING));
-        sliding.push(rate);
-        cpu.5.push(used / ONE_WAY as f64);
+        ours_rr.0.push(p50);
+        ours_rr.1.push(p99);
+        ours_rr.2.push(used / ROUND_TRIPS as f64);
+        for ((window, windows), samples) in kinds.iter().zip(&mut ours_one) {
+            let (rate, used) = on_cpu(server, || path.one_way(ONE_WAY, *window, *windows));
+            samples.0.push(rate);
+            samples.1.push(used / ONE_WAY as f64);
+        }
     }
+    let ours_one = ours_one.map(|(rates, cpu)| (median(rates), median(cpu)));
+    let (raw_rate, raw_cpu) = (median(raw_one.0), median(raw_one.1));
+    let row = |what: &str, raw: &str, ours: &str, ratio: &str| println!("  {what:<46}{raw:>12}   {ours:>18}   {ratio:>5}");
     println!("through NATS (one nats-server on loopback, same run, median of {RUNS}):");
-    println!("                            NATS client-to-client   runtime-to-runtime (hyperty stubs)   ratio");
-    let (a, b) = (median(raw.0), median(ours.0));
-    println!("  request/response p50:     {a:>10.1} µs           {b:>10.1} µs                        {:.1}x", b / a);
-    let (a, b) = (median(raw.1), median(ours.1));
-    println!("  request/response p99:     {a:>10.1} µs           {b:>10.1} µs                        {:.1}x", b / a);
-    let (a, b, c) = (median(raw.2), median(ours.2), median(deep));
-    println!("  one-way msg/s:            {a:>10.0}              {b:>10.0}                           {:.0}%", 100.0 * b / a);
-    println!("  one-way, windows of {DEEP_WINDOW}:                           {c:>10.0}                           {:.0}%", 100.0 * c / a);
-    let c = median(sliding);
-    println!("  one-way, {SLIDING} windows of {DEEP_WINDOW} in flight:               {c:>10.0}                           {:.0}%", 100.0 * c / a);
+    row("", "raw NATS", "runtime to runtime", "ratio");
+    let (a, b) = (median(raw_rr.0), median(ours_rr.0));
+    row("request/response p50 (µs)", &format!("{a:.1}"), &format!("{b:.1}"), &format!("{:.1}x", b / a));
+    let (a, b) = (median(raw_rr.1), median(ours_rr.1));
+    row("request/response p99 (µs)", &format!("{a:.1}"), &format!("{b:.1}"), &format!("{:.1}x", b / a));
+    for (kind, (rate, _)) in kinds.iter().zip(&ours_one) {
+        row(&format!("one-way msg/s{}", label(*kind)), &format!("{raw_rate:.0}"), &format!("{rate:.0}"), &format!("{:.0}%", 100.0 * rate / raw_rate));
+    }
     // CPU, less disturbed than rates by whatever else the machine runs.
     println!("CPU used (this process and nats-server, µs; median of {RUNS}):");
-    let (a, b) = (median(cpu.0), median(cpu.2));
-    println!("  a round trip:             {a:>10.1}              {b:>10.1}                           {:.1}x", b / a);
-    let (a, b, c) = (median(cpu.1), median(cpu.3), median(cpu.4));
-    println!("  a one-way message:        {a:>10.2}              {b:>10.2}                           {:.1}x", b / a);
-    println!("  a one-way message, windows of {DEEP_WINDOW}:               {c:>10.2}                           {:.1}x", c / a);
-    let c = median(cpu.5);
-    println!("  a one-way message, {SLIDING} windows of {DEEP_WINDOW} in flight:   {c:>10.2}                           {:.1}x", c / a);
+    let (a, b) = (median(raw_rr.2), median(ours_rr.2));
+    row("a round trip", &format!("{a:.1}"), &format!("{b:.1}"), &format!("{:.1}x", b / a));
+    for (kind, (_, cpu)) in kinds.iter().zip(&ours_one) {
+        row(&format!("a one-way message{}", label(*kind)), &format!("{raw_cpu:.2}"), &format!("{cpu:.2}"), &format!("{:.1}x", cpu / raw_cpu));
+    }
 }
 
 /// Runs `work`: what it returns and the CPU time (µs) this process and

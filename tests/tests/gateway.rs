@@ -116,6 +116,23 @@ async fn closed(ws: &mut Ws) -> CloseFrame {
     }
 }
 
+/// What still reaches a client that did not read ends with the close for
+/// a full send queue, its reason containing `why`, if the client gets it
+/// at all (the kernel may drop it after a reset, and the gateway's writer,
+/// stuck behind frames the client does not take, gives up after a grace
+/// period); the frames before it are skipped.
+async fn closed_for_not_reading(ws: &mut Ws, why: &str) {
+    while let Ok(Some(Ok(frame))) = tokio::time::timeout(WAIT, ws.next()).await {
+        if let WsMessage::Close(close) = frame {
+            if let Some(close) = close {
+                assert_eq!(u16::from(close.code), CLOSE_SEND_QUEUE_FULL, "{close:?}");
+                assert!(close.reason.as_str().contains(why), "{close:?}");
+            }
+            return;
+        }
+    }
+}
+
 /// Connects from the gateway's own origin and logs in with `login`.
 async fn login_with(gateway: &Gateway, login: Value) -> Client {
     let mut ws = open(gateway, Some(&own_origin(gateway)), "/").await.expect("the handshake succeeds");
@@ -334,22 +351,24 @@ async fn connection_limits_answer_503() {
     c.still_works(2, &w.echo).await;
 }
 
-#[tokio::test]
-async fn a_client_that_does_not_read_is_disconnected() {
-    let w = world(GatewayConfig { send_queue: 8, ..dev() }, false);
-    let slow = login(&w.gateway).await;
-    let mut fine = login(&w.gateway).await;
-    let app = Address::parse(slow.address.clone()).unwrap();
+/// Sends messages of 60 KB from the driver to the client at `app` until
+/// the gateway gives up on it (its route goes: the host answers 404), or
+/// `max` were taken (those refused `inbox-full` are not counted; at most
+/// 100 × `max` tries), pausing `pause` between tries (else yielding).
+/// Returns how many were taken and whether it went.
+async fn send_until_gone(w: &World, app: &Address, max: usize, pause: Option<Duration>) -> (usize, bool) {
     let pad = json!({ "pad": "x".repeat(60_000) }).to_string();
-    // Messages for the slow client until the gateway gives up on it: its
-    // route goes (the host answers 404), nothing piles up meanwhile.
     let mut id = 1_000;
-    let mut gone = false;
-    for _ in 0..100_000 {
+    let mut sent = 0;
+    for _ in 0..100 * max {
+        if sent == max {
+            break;
+        }
         id += 1;
         let m = Message::new(id, MessageType::Update, w.driver.address().clone(), app.clone(), Some(pad.clone()));
         match w.driver.endpoint.send(m) {
-            Ok(()) | Err(hyperty_host::SendError::InboxFull(_)) => {}
+            Ok(()) => sent += 1,
+            Err(hyperty_host::SendError::InboxFull(_)) => {}
             Err(e) => panic!("{e}"),
         }
         // Once its route is gone the host answers 404 (stop there: each
@@ -357,11 +376,25 @@ async fn a_client_that_does_not_read_is_disconnected() {
         if let Some(m) = w.driver.endpoint.try_recv()
             && (m.kind, m.body.code) == (MessageType::Response, Some(404))
         {
-            gone = true;
-            break;
+            return (sent, true);
         }
-        std::thread::yield_now();
+        match pause {
+            Some(pause) => tokio::time::sleep(pause).await,
+            None => std::thread::yield_now(),
+        }
     }
+    (sent, false)
+}
+
+#[tokio::test]
+async fn a_client_that_does_not_read_is_disconnected() {
+    let w = world(GatewayConfig { send_queue: 8, ..dev() }, false);
+    let slow = login(&w.gateway).await;
+    let mut fine = login(&w.gateway).await;
+    let app = Address::parse(slow.address.clone()).unwrap();
+    // Messages for the slow client until the gateway gives up on it: its
+    // route goes (the host answers 404), nothing piles up meanwhile.
+    let (_, gone) = send_until_gone(&w, &app, 100_000, None).await;
     assert!(gone, "the client that does not read is still connected");
     wait_until("the connection is gone", || w.gateway.connections() == 1);
     fine.still_works(1, &w.echo).await;
@@ -374,13 +407,7 @@ async fn a_client_that_does_not_read_is_disconnected() {
     // What reached the slow client ends with the close that says why
     // (if the kernel still delivers it after the reset).
     let mut slow = slow;
-    while let Ok(Some(Ok(frame))) = tokio::time::timeout(WAIT, slow.ws.next()).await {
-        if let WsMessage::Close(Some(close)) = frame {
-            assert_eq!(u16::from(close.code), CLOSE_SEND_QUEUE_FULL, "{close:?}");
-            assert!(close.reason.as_str().contains("does not read"), "{close:?}");
-            break;
-        }
-    }
+    closed_for_not_reading(&mut slow.ws, "does not read").await;
 }
 
 /// A client that does not read is disconnected once the bytes waiting for
@@ -393,41 +420,14 @@ async fn a_client_that_does_not_read_is_disconnected_at_its_bytes_bound() {
     let w = world(GatewayConfig { send_queue: 2_000, send_queue_bytes: 1 << 20, ..dev() }, false);
     let slow = login(&w.gateway).await;
     let app = Address::parse(slow.address.clone()).unwrap();
-    let pad = json!({ "pad": "x".repeat(60_000) }).to_string();
-    let mut id = 1_000;
-    let mut sent = 0;
-    let mut gone = false;
-    while sent < 2_000 {
-        id += 1;
-        let m = Message::new(id, MessageType::Update, w.driver.address().clone(), app.clone(), Some(pad.clone()));
-        match w.driver.endpoint.send(m) {
-            Ok(()) => sent += 1,
-            Err(hyperty_host::SendError::InboxFull(_)) => {}
-            Err(e) => panic!("{e}"),
-        }
-        if let Some(m) = w.driver.endpoint.try_recv()
-            && (m.kind, m.body.code) == (MessageType::Response, Some(404))
-        {
-            gone = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_micros(200)).await;
-    }
+    let (sent, gone) = send_until_gone(&w, &app, 2_000, Some(Duration::from_micros(200))).await;
     // The kernel's socket buffers on loopback take ~10 MB (~170 of
     // these) before anything waits in the queue.
     assert!(gone && sent < 1_000, "disconnected: {gone}, after {sent} messages of 60 KB");
     wait_until("the connection is gone", || w.gateway.connections() == 0);
-    // The close that says why, if the client gets it at all (its writer
-    // is stuck behind frames the client does not take, and gives up
-    // after a grace period).
+    // The close that says why, if the client gets it at all.
     let mut slow = slow;
-    while let Ok(Some(Ok(frame))) = tokio::time::timeout(WAIT, slow.ws.next()).await {
-        if let WsMessage::Close(Some(close)) = frame {
-            assert_eq!(u16::from(close.code), CLOSE_SEND_QUEUE_FULL, "{close:?}");
-            assert!(close.reason.as_str().contains("(1048576 bytes)"), "{close:?}");
-            break;
-        }
-    }
+    closed_for_not_reading(&mut slow.ws, "(1048576 bytes)").await;
 }
 
 /// One frame alone always fits the send queue, however small its bound in

@@ -383,38 +383,54 @@ fn a_bundle_past_the_instance_pool_is_refused_naming_max_instances() {
     assert_eq!(answer.body.code, Some(200), "{answer:?}");
 }
 
+/// A greedy hyperty g (a-flood.example) whose init sends `count`
+/// requests (with `pad` bytes more each, and each refused `inbox-full`
+/// sent again) to b (b-starting.example, under `b_domain`), instantiated and routed but
+/// not yet initialised; every one of `count` is taken. Then each of them
+/// that did not reach b is answered 503 with a description containing
+/// each of `why`. Returns how many reached b (what waited for its init,
+/// then what its inbox held).
+fn flood_a_starting_hyperty(count: usize, pad: Option<u64>, b_domain: Value, why: &[&str]) -> usize {
+    capture_log();
+    let runtime = runtime(Duration::from_secs(30));
+    let mut driver = Driver::new(&runtime);
+    let target = "hyperty://b-starting.example/b";
+    let mut flood = json!({ "op": "pending", "to": target, "count": count, "timeout_ms": 30_000, "retry_full": true });
+    if let Some(pad) = pad {
+        flood["pad"] = pad.into();
+    }
+    let bundle = TestBundle::new()
+        .hyperty("a-flood.example", "g", &guest("greedy"), json!({ "observer": OBSERVER, "at_init": flood }))
+        .hyperty("b-starting.example", "b", &guest("puppet"), puppet_config(false))
+        .set("b-starting.example", "b", "address", json!(target))
+        .domain("b-starting.example", b_domain);
+    runtime.deploy(&bundle.load()).expect("the bundle deploys");
+    let (g, b) = (runtime.lookup("a-flood.example", "g").unwrap(), runtime.lookup("b-starting.example", "b").unwrap());
+    let at_init = driver.command(&g, json!({ "op": "init" }));
+    assert_eq!((at_init["sent"].as_u64(), at_init["other"].as_u64()), (Some(count as u64), Some(0)), "{at_init}");
+    let reached = driver.before_marker(&b).iter().filter(|m| reported(m)["from"] == g.as_str()).count();
+    for _ in reached.min(count)..count {
+        let answer = driver.expect(|m| m.from == g && m.kind == MessageType::Forward);
+        let answer = reported(&answer);
+        assert_eq!(answer["code"], 503, "{answer}");
+        let description = answer["description"].as_str().unwrap();
+        assert!(why.iter().all(|w| description.contains(w)), "{description}");
+    }
+    reached
+}
+
 #[test]
 fn messages_for_a_hyperty_whose_init_has_not_run_wait_at_most_its_inbox_and_the_rest_are_answered_503() {
     // The greedy hyperty's init (run before b's: its domain comes first)
     // sends 900 requests to b, instantiated and routed but not yet
     // initialised; it sends each again while b's inbox is full, so all
-    // 900 are taken from b's inbox while b waits for its init.
-    capture_log();
-    let runtime = runtime(Duration::from_secs(30));
-    let mut driver = Driver::new(&runtime);
-    let target = "hyperty://b-starting.example/b";
-    let flood = json!({ "op": "pending", "to": target, "count": 900, "timeout_ms": 30_000, "retry_full": true });
-    let bundle = TestBundle::new()
-        .hyperty("a-flood.example", "g", &guest("greedy"), json!({ "observer": OBSERVER, "at_init": flood }))
-        .hyperty("b-starting.example", "b", &guest("puppet"), puppet_config(false))
-        .set("b-starting.example", "b", "address", json!(target))
-        .domain("b-starting.example", json!({ "limits": { "inbox": 16 } }));
-    runtime.deploy(&bundle.load()).expect("the bundle deploys");
-    let (g, b) = (runtime.lookup("a-flood.example", "g").unwrap(), runtime.lookup("b-starting.example", "b").unwrap());
-    let at_init = driver.command(&g, json!({ "op": "init" }));
-    assert_eq!((at_init["sent"].as_u64(), at_init["other"].as_u64()), (Some(900), Some(0)), "{at_init}");
-    // What waited for b's init (its backlog, at most `inbox`) and what was
-    // still in its inbox then (at most `inbox` again) reach b...
-    let reached = driver.before_marker(&b).iter().filter(|m| reported(m)["from"] == g.as_str()).count();
+    // 900 are taken from b's inbox while b waits for its init. What
+    // waited for b's init (its backlog, at most `inbox`) and what was
+    // still in its inbox then (at most `inbox` again) reach b, and every
+    // other one is answered 503, naming why.
+    let why = ["b-starting.example/b is starting and already holds 16 messages for after its init (inbox = 16)"];
+    let reached = flood_a_starting_hyperty(900, None, json!({ "limits": { "inbox": 16 } }), &why);
     assert!(reached <= 32, "{reached} of 900 requests reached b: its backlog held more than its inbox (16)");
-    // ...and every other one was answered 503, naming why.
-    for _ in reached..900 {
-        let answer = driver.expect(|m| m.from == g && m.kind == MessageType::Forward);
-        let answer = reported(&answer);
-        assert_eq!(answer["code"], 503, "{answer}");
-        let why = answer["description"].as_str().unwrap();
-        assert!(why.contains("b-starting.example/b is starting and already holds 16 messages for after its init (inbox = 16)"), "{why}");
-    }
 }
 
 /// The same bound in bytes (`inbox-bytes`): 10 KB requests wait for b's
@@ -422,30 +438,10 @@ fn messages_for_a_hyperty_whose_init_has_not_run_wait_at_most_its_inbox_and_the_
 /// here); every other one is answered 503 naming `inbox-bytes`.
 #[test]
 fn messages_for_a_hyperty_whose_init_has_not_run_wait_at_most_its_inbox_bytes() {
-    capture_log();
-    let runtime = runtime(Duration::from_secs(30));
-    let mut driver = Driver::new(&runtime);
-    let target = "hyperty://b-starting.example/b";
-    let flood = json!({ "op": "pending", "to": target, "count": 200, "timeout_ms": 30_000, "retry_full": true, "pad": 10_000 });
-    let bundle = TestBundle::new()
-        .hyperty("a-flood.example", "g", &guest("greedy"), json!({ "observer": OBSERVER, "at_init": flood }))
-        .hyperty("b-starting.example", "b", &guest("puppet"), puppet_config(false))
-        .set("b-starting.example", "b", "address", json!(target))
-        .domain("b-starting.example", json!({ "limits": { "inbox-bytes": 65_536 } }));
-    runtime.deploy(&bundle.load()).expect("the bundle deploys");
-    let (g, b) = (runtime.lookup("a-flood.example", "g").unwrap(), runtime.lookup("b-starting.example", "b").unwrap());
-    let at_init = driver.command(&g, json!({ "op": "init" }));
-    assert_eq!((at_init["sent"].as_u64(), at_init["other"].as_u64()), (Some(200), Some(0)), "{at_init}");
+    let why = ["b-starting.example/b is starting and already holds", "up to its inbox-bytes (65536)"];
+    let reached = flood_a_starting_hyperty(200, Some(10_000), json!({ "limits": { "inbox-bytes": 65_536 } }), &why);
     // Its backlog and then its inbox each held at most 64 KiB: 6 of them.
-    let reached = driver.before_marker(&b).iter().filter(|m| reported(m)["from"] == g.as_str()).count();
     assert!(reached <= 14, "{reached} of 200 requests of 10 KB reached b: more than two inboxes of 64 KiB");
-    for _ in reached..200 {
-        let answer = driver.expect(|m| m.from == g && m.kind == MessageType::Forward);
-        let answer = reported(&answer);
-        assert_eq!(answer["code"], 503, "{answer}");
-        let why = answer["description"].as_str().unwrap();
-        assert!(why.contains("b-starting.example/b is starting and already holds") && why.contains("up to its inbox-bytes (65536)"), "{why}");
-    }
 }
 
 #[test]
