@@ -23,6 +23,14 @@
 //! rates on a shared machine move with its other tenants, CPU time much
 //! less.
 //!
+//! Last, the round trips again, raw and ours, with this process and its
+//! nats-server pinned to one core (a child run of this bench,
+//! `HYPERTY_NATS_BENCH=rr-one-core:<count>`): there no thread is woken on
+//! another core. On a VM a wake-up that crosses cores costs what an idle
+//! virtual CPU takes to resume (30–36 µs on the 2-core VM this project is
+//! measured on, against a few µs on one core), so the two rows tell the
+//! wake-ups a round trip crosses from the work it does.
+//!
 //! Both runtimes live in this process (each with its own stubs and NATS
 //! connections); the two-process path is exercised by the tests.
 //!
@@ -60,15 +68,26 @@ const DEEP_WINDOW: u64 = 512;
 const SLIDING: u64 = 2;
 
 fn main() {
+    let spec = std::env::var("HYPERTY_NATS_BENCH").ok();
+    let one_core = spec.as_deref().and_then(|s| s.strip_prefix("rr-one-core:")).map(|n| n.parse::<usize>().expect("rr-one-core:<count>"));
+    if one_core.is_some() {
+        // Before any thread (or the node) starts: they all inherit it.
+        pin_to_one_core();
+    }
     let nats = Nats::start();
     let servers = [nats.endpoint()];
-    let spec = std::env::var("HYPERTY_NATS_BENCH").ok();
-    let usage = "HYPERTY_NATS_BENCH=<oneway|oneway-deep|oneway-sliding|rr>:<count>[:policies]";
+    let usage = "HYPERTY_NATS_BENCH=<oneway|oneway-deep|oneway-sliding|rr|rr-one-core>:<count>[:policies]";
     let policies = spec.as_deref().is_some_and(|s| s.ends_with(":policies"));
     let policies_dir = tempfile::tempdir().unwrap();
     let path = RuntimePath::new(&servers, policies.then_some(policies_dir.path()));
     path.round_trips(200); // warm-up: stubs loaded, subscriptions in place
     path.one_way(2_000, WINDOW, 1);
+    if let Some(n) = one_core {
+        let (raw, ours): (Vec<f64>, Vec<f64>) =
+            (0..RUNS).map(|_| (percentiles(raw_round_trips(nats.port, n)).0, percentiles(path.round_trips(n)).0)).unzip();
+        println!("{ONE_CORE_LINE} raw {:.1} ours {:.1}", median(raw), median(ours));
+        return;
+    }
     if let Some(spec) = spec {
         let mut parts = spec.split(':');
         let kind = parts.next().unwrap_or_default();
@@ -131,6 +150,49 @@ fn main() {
     row("a round trip", &format!("{a:.1}"), &format!("{b:.1}"), &format!("{:.1}x", b / a));
     for (kind, (_, cpu)) in kinds.iter().zip(&ours_one) {
         row(&format!("a one-way message{}", label(*kind)), &format!("{raw_cpu:.2}"), &format!("{cpu:.2}"), &format!("{:.1}x", cpu / raw_cpu));
+    }
+    drop((path, nats));
+    println!("everything on one core (this bench again, pinned with its nats-server; median of {RUNS}):");
+    let (a, b) = round_trips_on_one_core();
+    row("request/response p50 (µs)", &format!("{a:.1}"), &format!("{b:.1}"), &format!("{:.1}x", b / a));
+}
+
+/// What the child run on one core prints before its two p50s.
+const ONE_CORE_LINE: &str = "one core, round-trip p50 (µs):";
+
+/// Runs this bench again pinned to one core
+/// (`HYPERTY_NATS_BENCH=rr-one-core:<ROUND_TRIPS>`): the p50 (µs) of raw
+/// NATS's round trips and of ours, when no wake-up crosses cores.
+fn round_trips_on_one_core() -> (f64, f64) {
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .arg("--bench")
+        .env("HYPERTY_NATS_BENCH", format!("rr-one-core:{ROUND_TRIPS}"))
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let parse = || -> Option<(f64, f64)> {
+        let line = text.lines().find_map(|l| l.strip_prefix(ONE_CORE_LINE))?;
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words[..] {
+            ["raw", raw, "ours", ours] => Some((raw.parse().ok()?, ours.parse().ok()?)),
+            _ => None,
+        }
+    };
+    parse().unwrap_or_else(|| panic!("the run on one core ({}) printed no figures: {text}", out.status))
+}
+
+/// Pins this process to the first core it may run on: threads started
+/// after this, and children (the nats-server), inherit it.
+fn pin_to_one_core() {
+    // SAFETY: sched_{get,set}affinity read and write the set they are given.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        assert_eq!(libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set), 0);
+        let first = (0..libc::CPU_SETSIZE as usize).find(|&c| libc::CPU_ISSET(c, &set)).expect("a core to run on");
+        libc::CPU_ZERO(&mut set);
+        libc::CPU_SET(first, &mut set);
+        assert_eq!(libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set), 0, "{}", std::io::Error::last_os_error());
     }
 }
 
