@@ -45,7 +45,7 @@ use std::sync::{Arc, Condvar, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant};
 
 use crate::address::Address;
-use crate::message::{Message, MessageType, code};
+use crate::message::{Message, MessageType, Text, code};
 use crate::metrics::Metrics;
 use crate::policy::{Decision, Descriptor, EnforcementPoint, Parties, PolicyDecisionPoint};
 
@@ -699,7 +699,7 @@ impl Bus {
         let waiting = if remote { self.inner.inbound.close(response) } else { self.closed(self.inner.timer.close(response)) };
         if waiting {
             let mut refusal = Message::response(response.id, response.from.clone(), response.to.clone(), code);
-            refusal.body.description = Some(format!("the response was refused: {why}"));
+            refusal.body.description = Some(format!("the response was refused: {why}").into());
             self.deliver_answer(refusal);
         }
         self.deliver_answer(response.answer(code, format!("your response to {} was refused: {why}", response.to)));
@@ -825,8 +825,8 @@ struct Outstanding {
 /// at most [`KEPT_VALUE_BYTES`] (else only its length).
 struct Kept {
     kind: MessageType,
-    resource: Option<String>,
-    value: Result<Option<String>, usize>,
+    resource: Option<Text>,
+    value: Result<Option<Text>, usize>,
 }
 
 impl Kept {
@@ -844,11 +844,11 @@ impl Kept {
     /// the value was not kept, or would make the 408 larger than `max`
     /// bytes, `body` has `"value-bytes": n` (its length) instead.
     fn to_json(&self, id: u64, requester: &Address, responder: &Address, max: usize) -> String {
-        let text = |value: Result<&Option<String>, usize>| {
+        let text = |value: Result<&Option<Text>, usize>| {
             let mut body = serde_json::Map::new();
-            body.insert("resource".into(), self.resource.clone().into());
+            body.insert("resource".into(), self.resource.as_deref().into());
             match value {
-                Ok(v) => body.insert("value".into(), v.clone().into()),
+                Ok(v) => body.insert("value".into(), v.as_deref().into()),
                 Err(n) => body.insert("value-bytes".into(), n.into()),
             };
             serde_json::json!({ "id": id, "type": self.kind.as_str(), "from": requester.as_str(), "to": responder.as_str(), "body": body })
@@ -858,7 +858,7 @@ impl Kept {
         if full.len() <= max {
             return full;
         }
-        text(Err(self.value.as_ref().map_or_else(|n| *n, |v| v.as_ref().map_or(0, String::len))))
+        text(Err(self.value.as_ref().map_or_else(|n| *n, |v| v.as_deref().map_or(0, str::len))))
     }
 }
 
@@ -1032,8 +1032,8 @@ impl Timer {
                     let max = bus.inner.config.max_message_bytes.saturating_sub(requester.as_str().len() + o.responder.as_str().len() + description.len());
                     let value = o.request.to_json(id, &requester, &o.responder, max);
                     let mut answer = Message::response(id, o.responder, requester, code::TIMEOUT);
-                    answer.body.description = Some(description);
-                    answer.body.value = Some(value);
+                    answer.body.description = Some(description.into());
+                    answer.body.value = Some(value.into());
                     bus.deliver_answer(answer);
                 }
                 p = self.pending.lock().unwrap();
@@ -1336,6 +1336,24 @@ mod tests {
         let response = Message::response(1, from.clone(), from, code::OK);
         assert!(matches!(&bus.send_each(response, vec![address("hyperty://bob.example/taker")], 1, None)[..], [SendError::Malformed(_)]));
         assert_eq!(taker.got().len(), 1, "a response is never sent to many");
+    }
+
+    #[test]
+    fn send_each_shares_one_body_among_its_copies() {
+        let (bus, _asker) = bus_and_asker();
+        let takers = [Arc::new(Probe::new()), Arc::new(Probe::new())];
+        let to = ["hyperty://bob.example/one", "hyperty://bob.example/two"].map(address);
+        for (t, a) in takers.iter().zip(&to) {
+            bus.add_route(a.clone(), t.clone());
+        }
+        let from = address("hyperty://alice.example/asker");
+        let mut delta = Message::new(0, MessageType::Update, from.clone(), from, Some("{\"n\":1}".into()));
+        delta.body.resource = Some("comm://alice.example/room".into());
+        assert!(bus.send_each(delta, to.to_vec(), 1, None).is_empty());
+        let [one, two] = takers.map(|t| t.got().remove(0).0.body);
+        assert_eq!(one, two);
+        assert_eq!(one.value.as_ref().unwrap().as_ptr(), two.value.as_ref().unwrap().as_ptr(), "the value is shared, not copied");
+        assert_eq!(one.resource.as_ref().unwrap().as_ptr(), two.resource.as_ref().unwrap().as_ptr(), "the resource too");
     }
 
     #[test]

@@ -161,7 +161,7 @@ pub use address::Address;
 pub use bundle::{Bundle, BundleBuilder, BundleError, Problem};
 pub use bus::SendError;
 pub use engine::{Digest, EngineKind};
-pub use message::{Assertion, Body, Identity, Message, MessageBuilder, MessageError, MessageType};
+pub use message::{Assertion, Body, Identity, Message, MessageBuilder, MessageError, MessageType, Text};
 pub use policy::cedar::{CedarPolicies, PolicyError};
 pub use policy::clock::{Clock, FixedClock, SystemClock};
 pub use policy::{Decision, Descriptor, EnforcementPoint, Parties, PolicyDecisionPoint};

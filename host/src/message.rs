@@ -55,12 +55,114 @@ impl MessageType {
 
 /// The body: response code, the resource the message is about, a JSON value
 /// and a human-readable description (set by the host on its own answers).
+/// Its text is [`Text`]: a copy of the message (one per observer of a data
+/// object, one per recipient of [`crate::bus::Bus::send_each`]) shares it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Body {
     pub code: Option<u16>,
-    pub resource: Option<String>,
-    pub value: Option<String>,
-    pub description: Option<String>,
+    pub resource: Option<Text>,
+    pub value: Option<Text>,
+    pub description: Option<Text>,
+}
+
+/// An immutable UTF-8 string that a clone shares instead of copying: made
+/// from a `String` without a copy (it keeps the `String`'s buffer), then
+/// counted by reference from its first clone on (`bytes::Bytes` underneath).
+/// It reads as a `&str` (`Deref`, `as_str`, `as_deref()` on an
+/// `Option<Text>`); build one with `.into()` from a `String` or a `&str`.
+#[derive(Clone, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Text(bytes::Bytes);
+
+impl Text {
+    pub fn as_str(&self) -> &str {
+        // SAFETY: every constructor takes a `str` or a `String`: the bytes are UTF-8.
+        unsafe { std::str::from_utf8_unchecked(&self.0) }
+    }
+}
+
+impl std::ops::Deref for Text {
+    type Target = str;
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl AsRef<str> for Text {
+    fn as_ref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl std::borrow::Borrow<str> for Text {
+    fn borrow(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl From<String> for Text {
+    fn from(s: String) -> Text {
+        Text(bytes::Bytes::from(s))
+    }
+}
+
+impl From<&str> for Text {
+    fn from(s: &str) -> Text {
+        Text(bytes::Bytes::copy_from_slice(s.as_bytes()))
+    }
+}
+
+impl From<&String> for Text {
+    fn from(s: &String) -> Text {
+        Text::from(s.as_str())
+    }
+}
+
+impl From<Text> for String {
+    fn from(t: Text) -> String {
+        t.as_str().to_owned()
+    }
+}
+
+impl PartialEq<str> for Text {
+    fn eq(&self, other: &str) -> bool {
+        self.as_str() == other
+    }
+}
+
+impl PartialEq<&str> for Text {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+impl PartialEq<String> for Text {
+    fn eq(&self, other: &String) -> bool {
+        self.as_str() == other
+    }
+}
+
+impl std::fmt::Debug for Text {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+impl std::fmt::Display for Text {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl serde::Serialize for Text {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Text {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Text, D::Error> {
+        String::deserialize(deserializer).map(Text::from)
+    }
 }
 
 /// Who a message's sender acts for: a user and the identity provider that
@@ -112,7 +214,7 @@ pub mod code {
 impl Message {
     /// A message with a JSON value (or none).
     pub fn new(id: u64, kind: MessageType, from: Address, to: Address, value: Option<String>) -> Message {
-        Message { id, kind, from, to, body: Body { value, ..Body::default() }, identity: None, assertion: None }
+        Message { id, kind, from, to, body: Body { value: value.map(Text::from), ..Body::default() }, identity: None, assertion: None }
     }
 
     /// The response answering request `id` from `requester`, sent by
@@ -133,7 +235,7 @@ impl Message {
     /// description of why.
     pub fn answer(&self, code: u16, description: impl Into<String>) -> Message {
         let mut r = Message::response(self.id, self.to.clone(), self.from.clone(), code);
-        r.body.description = Some(description.into());
+        r.body.description = Some(description.into().into());
         r
     }
 
@@ -142,7 +244,7 @@ impl Message {
         let b = &self.body;
         self.from.as_str().len()
             + self.to.as_str().len()
-            + [&b.resource, &b.value, &b.description].iter().map(|s| s.as_ref().map_or(0, String::len)).sum::<usize>()
+            + [&b.resource, &b.value, &b.description].iter().map(|s| s.as_deref().map_or(0, str::len)).sum::<usize>()
             + self.assertion.as_ref().map_or(0, |a| a.idp.len() + a.token.len())
     }
 }
@@ -187,13 +289,13 @@ impl MessageBuilder {
 
     /// `body.value`: JSON text (RFC 8259), checked by [`validate_value`].
     pub fn value(mut self, json: impl Into<String>) -> MessageBuilder {
-        self.body.value = Some(json.into());
+        self.body.value = Some(json.into().into());
         self
     }
 
     /// `body.resource`: what the message is about.
     pub fn resource(mut self, resource: impl Into<String>) -> MessageBuilder {
-        self.body.resource = Some(resource.into());
+        self.body.resource = Some(resource.into().into());
         self
     }
 
@@ -290,6 +392,22 @@ fn check_json_shape(text: &str) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_text_keeps_its_strings_buffer_and_its_clones_share_it() {
+        let s = String::from("{\"n\":1}");
+        let at = s.as_ptr();
+        let text = Text::from(s);
+        assert_eq!(text.as_ptr(), at, "made without a copy");
+        let (a, b) = (text.clone(), text.clone());
+        assert_eq!((a.as_ptr(), b.as_ptr()), (at, at), "clones share it");
+        drop(text);
+        assert_eq!(&*b, "{\"n\":1}");
+        assert_eq!(format!("{b:?} {b}"), "\"{\\\"n\\\":1}\" {\"n\":1}", "reads as the str it holds");
+        assert_eq!(serde_json::to_string(&a).unwrap(), serde_json::to_string("{\"n\":1}").unwrap());
+        assert_eq!(serde_json::from_str::<Text>("\"é\"").unwrap(), "é");
+        assert!(Text::from("b") > Text::from("a") && Text::default().is_empty());
+    }
 
     #[test]
     fn json_values_are_bounded() {

@@ -123,7 +123,7 @@ impl Announcer {
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut message = Message::new(id, kind, self.runtime.clone(), to, Some(value().to_string()));
-        message.body.resource = Some(r.address.to_string());
+        message.body.resource = Some(r.address.as_str().into());
         // On behalf of the registration's user: its assertion goes along,
         // for registries that want to know who announces.
         let on_behalf = Descriptor { domain: r.domain.clone(), name: r.name.clone(), user: r.user.clone() };

@@ -78,7 +78,7 @@ use serde_json::{Map, Value, json};
 use crate::address::Address;
 use crate::bus::{Bus, Destination, Refused};
 use crate::events::{EventKind, Events};
-use crate::message::{MAX_JSON_DEPTH, Message, MessageType, code, validate_value};
+use crate::message::{MAX_JSON_DEPTH, Message, MessageType, Text, code, validate_value};
 use crate::registry::{Kind, Registration, Registry, Status};
 use crate::sandbox::limits::{DomainMemory, Limits};
 use crate::store::{Membership, Store};
@@ -254,7 +254,7 @@ impl Object {
         let also = also.filter(|a| !self.subscribers.contains(*a)).cloned();
         let first_id = next_id.fetch_add((self.subscribers.len() + usize::from(also.is_some())) as u64, Ordering::Relaxed);
         let mut message = Message::new(first_id, kind, self.url.clone(), self.url.clone(), Some(Value::Object(delta).to_string()));
-        message.body.resource = Some(resource);
+        message.body.resource = Some(resource.into());
         Deltas { message, to: self.subscribers.clone(), also, first_id }
     }
 }
@@ -540,7 +540,7 @@ impl Syncher {
         for observer in invitees {
             let id = self.next_id.fetch_add(1, Ordering::Relaxed);
             let mut m = Message::new(id, MessageType::Create, url.clone(), observer, Some(invitation.clone()));
-            m.body.resource = Some(url.to_string());
+            m.body.resource = Some(url.as_str().into());
             if let Err(e) = self.bus.send(m, None, sender.as_deref()) {
                 tracing::debug!(%url, "invitation not delivered ({e}); the observer may still subscribe");
             }
@@ -782,7 +782,7 @@ impl Syncher {
                     let id = self.next_id.fetch_add(1, Ordering::Relaxed);
                     let value = json!({ "observer": m.from.as_str() }).to_string();
                     let mut told = Message::new(id, MessageType::Unsubscribe, url.clone(), reporter.clone(), Some(value));
-                    told.body.resource = Some(url.to_string());
+                    told.body.resource = Some(url.as_str().into());
                     self.send_all(&reporter, vec![told]);
                 }
             }
@@ -877,7 +877,7 @@ impl Syncher {
         drop(o);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut ask = Message::new(id, m.kind, m.to.clone(), reporter.clone(), Some(json!({ "observer": m.from.as_str() }).to_string()));
-        ask.body.resource = Some(m.to.to_string());
+        ask.body.resource = Some(m.to.as_str().into());
         self.asking.lock().unwrap().insert(id, Asking { kind: m.kind, url: m.to.clone(), observer: m.from.clone(), request_id: m.id });
         let sender = self.bus.descriptor_of(reporter);
         if let Err(e) = self.bus.send(ask, Some(ACCEPT_TIMEOUT), sender.as_deref()) {
@@ -934,11 +934,11 @@ impl Syncher {
             return;
         }
         let mut r = Message::response(request.id, request.to.clone(), request.from.clone(), status);
-        r.body.value = value;
+        r.body.value = value.map(Text::from);
         if !description.is_empty() {
-            r.body.description = Some(description);
+            r.body.description = Some(description.into());
         }
-        r.body.resource = Some(request.to.to_string());
+        r.body.resource = Some(request.to.as_str().into());
         let sender = reporter.and_then(|r| self.bus.descriptor_of(r));
         if let Err(e) = self.bus.send(r, None, sender.as_deref()) {
             tracing::debug!(to = %request.from, "syncher answer not delivered: {e}");

@@ -57,7 +57,7 @@ impl Case {
     /// Asks the hostile hyperty and returns the answer's code and description.
     fn poke(&mut self, value: Value) -> (u16, String) {
         let answer = self.driver.ask(&self.evil.clone(), value);
-        (answer.body.code.unwrap_or(0), answer.body.description.unwrap_or_default())
+        (answer.body.code.unwrap_or(0), answer.body.description.map(String::from).unwrap_or_default())
     }
 }
 

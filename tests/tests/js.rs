@@ -150,7 +150,7 @@ impl Hostile {
     /// Asks the probe to misbehave: the answer's code and description.
     fn poke(&mut self, command: Value) -> (u16, String) {
         let answer = self.driver.ask(&self.probe.clone(), command);
-        (answer.body.code.unwrap_or(0), answer.body.description.unwrap_or_default())
+        (answer.body.code.unwrap_or(0), answer.body.description.map(String::from).unwrap_or_default())
     }
 
     fn trapped(&mut self) -> String {

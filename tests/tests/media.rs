@@ -1076,7 +1076,7 @@ fn a_relay_only_hyperty_calls_through_coturn_and_data_and_video_flow_both_ways_o
         // A command's answer comes after the reports of what its hyperty
         // handled before: those reached the observer, set aside.
         candidates_of(&mut driver, peer, 0);
-        seen.extend(driver.endpoint.take_set_aside(|m| &m.from == peer).iter().map(|m| m.body.value.clone().unwrap_or_default()));
+        seen.extend(driver.endpoint.take_set_aside(|m| &m.from == peer).iter().map(|m| m.body.value.as_deref().unwrap_or_default().to_owned()));
     }
     assert!(seen.len() > 20, "the events of the call: {}", seen.len());
     for text in &seen {

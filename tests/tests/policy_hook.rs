@@ -50,7 +50,7 @@ fn each_enforcement_point_can_deny_on_its_own_with_a_prompt_403() {
     for (point, domain) in [("outgoing", "app.example"), ("bus-access", "runtime.example"), ("incoming", "bob.example")] {
         let id = driver.fresh_id();
         let mut msg = Message::new(id, MessageType::Read, driver.address().clone(), b.clone(), None);
-        msg.body.resource = Some(format!("deny-{point}"));
+        msg.body.resource = Some(format!("deny-{point}").into());
         driver.endpoint.request(msg, None).unwrap();
         // Well before the 60 s request timeout.
         let answer = driver.find(|m| m.id == id, Duration::from_secs(10)).expect("a prompt answer");

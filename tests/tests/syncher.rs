@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
 use hyperty_host::syncher::{Applied, Replica};
-use hyperty_host::{Address, Endpoint, EventKind, Message, MessageType, Runtime, RuntimeConfig};
+use hyperty_host::{Address, Endpoint, EventKind, Message, MessageType, Runtime, RuntimeConfig, Text};
 use hyperty_tests::rethink::{ask, create};
 use hyperty_tests::*;
 use serde_json::{Value, json};
@@ -38,7 +38,7 @@ fn delta(report: &Value) -> Message {
         Address::parse(report["to"].as_str().unwrap()).unwrap(),
         report["value"].as_str().map(str::to_owned),
     );
-    m.body.resource = report["resource"].as_str().map(str::to_owned);
+    m.body.resource = report["resource"].as_str().map(Text::from);
     m
 }
 
@@ -68,7 +68,7 @@ fn the_whole_lifecycle_across_two_domains() {
         let answer = driver.command(&reporter, json!({ "op": op, "url": url, "name": "msg1", "data": data }));
         assert_eq!(answer["version"], replica.version + 1, "{answer}");
         let d = next_delta(&driver, &observer, &url);
-        assert_eq!((d.kind.as_str(), d.body.resource.clone().unwrap()), (kind, format!("{url}/children/msg1")));
+        assert_eq!((d.kind.as_str(), d.body.resource.clone().unwrap().to_string()), (kind, format!("{url}/children/msg1")));
         assert_eq!(replica.apply(&d), Ok(Applied::Applied));
         if kind != "delete" {
             assert_eq!(replica.children["msg1"], data);

@@ -111,7 +111,7 @@ impl Decisions {
         }
         let result = policy.decide_path(points, message, parties);
         let counter = metrics.message_counter(message.from.domain(), message.kind);
-        let text = message.body.resource.as_ref().map_or(0, String::len) + message.identity.as_ref().map_or(0, |i| i.user.len() + i.idp.len());
+        let text = message.body.resource.as_deref().map_or(0, str::len) + message.identity.as_ref().map_or(0, |i| i.user.len() + i.idp.len());
         if text <= KEPT_TEXT_BYTES
             && policy.version() == Some(version)
             && let Ok(mut kept) = self.kept.try_lock()

@@ -92,7 +92,7 @@ pub use http::CLIENT_PATH;
 use crate::address::Address;
 use crate::bus::{Bus, SendError};
 use crate::identity::Identities;
-use crate::message::{Assertion, Body, Message, MessageType, validate_value};
+use crate::message::{Assertion, Body, Message, MessageType, Text, validate_value};
 use crate::policy::Descriptor;
 use crate::policy::cedar::{AppPrincipal, CedarPolicies};
 use crate::registry::Registry;
@@ -733,9 +733,9 @@ async fn handle(shared: &Shared, endpoint: &Arc<Endpoint>, text: &str, bucket: &
     let to = Address::parse(frame.to).map_err(|e| refuse("bad-address", format!("to: {e}")))?;
     let body = Body {
         code: frame.body.code,
-        resource: frame.body.resource,
-        value: frame.body.value.map(|v| v.to_string()),
-        description: frame.body.description,
+        resource: frame.body.resource.map(Text::from),
+        value: frame.body.value.map(|v| v.to_string().into()),
+        description: frame.body.description.map(Text::from),
     };
     let request = kind != MessageType::Response && frame.request.unwrap_or(true);
     // Only this task sends from the connection's address: the counts cannot

@@ -1079,7 +1079,7 @@ fn deliver(sink: &Sink, outbox: &mut VecDeque<(Message, Option<u32>)>, conn: &Co
     let frames = &conn.held.frames;
     while let Some((m, frame)) = outbox.pop_front() {
         if let Some(track) = frame {
-            let bytes = m.body.value.as_ref().map_or(0, String::len);
+            let bytes = m.body.value.as_deref().map_or(0, str::len);
             if frames.reserve(&conn.address, m.id, bytes, conn.settings.pending_frames, conn.settings.pending_frame_bytes).is_err() {
                 conn.count_dropped(track);
                 continue;

@@ -17,7 +17,7 @@ use serde::Deserialize;
 use serde::de::{IgnoredAny, MapAccess, SeqAccess, Visitor};
 
 use crate::address::Address;
-use crate::message::{Assertion, Body, Message, MessageType};
+use crate::message::{Assertion, Body, Message, MessageType, Text};
 
 /// The wire format: the message as JSON, with the queue's origin, the
 /// message's sequence number and, for a request, how long its sender waits
@@ -76,7 +76,7 @@ pub(super) fn write(m: &Message, origin: &str, seq: u64, wait: Option<Duration>)
         timeout_ms: wait.map(|w| u64::try_from(w.as_millis()).unwrap_or(u64::MAX)),
     };
     // The fields' own lengths, and room for the names and escapes.
-    let texts = [&m.body.resource, &m.body.value, &m.body.description].iter().map(|t| t.as_ref().map_or(0, String::len)).sum::<usize>()
+    let texts = [&m.body.resource, &m.body.value, &m.body.description].iter().map(|t| t.as_deref().map_or(0, str::len)).sum::<usize>()
         + m.assertion.as_ref().map_or(0, |a| a.idp.len() + a.token.len());
     let mut out = Vec::with_capacity(192 + origin.len() + m.from.as_str().len() + m.to.as_str().len() + texts);
     serde_json::to_writer(&mut out, &envelope).expect("a message serialises");
@@ -142,7 +142,12 @@ pub(crate) fn open(text: &str) -> Result<Received, String> {
         kind,
         from,
         to,
-        body: Body { code, resource: optional(body.resource, "body.resource")?, value, description: optional(body.description, "body.description")? },
+        body: Body {
+            code,
+            resource: optional(body.resource, "body.resource")?.map(Text::from),
+            value: value.map(Text::from),
+            description: optional(body.description, "body.description")?.map(Text::from),
+        },
         identity: None,
         assertion,
     };

@@ -273,7 +273,7 @@ impl Stub {
             MessageType::Subscribe | MessageType::Unsubscribe => {
                 let status = if message.kind == MessageType::Subscribe { self.watch(&message.from) } else { self.unwatch(&message.from) };
                 let mut answer = Message::response(message.id, message.to, message.from, code::OK);
-                answer.body.value = Some(status.to_string());
+                answer.body.value = Some(status.to_string().into());
                 let _ = bus.send(answer, None, None);
             }
             MessageType::Response => {}
@@ -1020,7 +1020,7 @@ pub(crate) fn tell_status(stub: &Stub, sink: StatusSink<'_>, anyway: bool) {
     for watcher in watchers {
         let id = STATUS_IDS.fetch_add(1, Ordering::Relaxed);
         let mut update = Message::new(id, MessageType::Update, stub.address.clone(), watcher, Some(value.to_string()));
-        update.body.resource = Some(stub.address.to_string());
+        update.body.resource = Some(stub.address.as_str().into());
         if let Err(e) = sink.bus.send(update, None, None) {
             tracing::debug!("status of protostub {} not told: {e}", stub.domain);
         }

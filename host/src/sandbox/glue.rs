@@ -17,7 +17,7 @@ use super::limits::{Grant, InstanceLimiter, Limits, LogLimiter, MAX_LOG_LINE, Ra
 use crate::address::Address;
 use crate::bus::{Bus, SendError};
 use crate::events::{EventKind, Events};
-use crate::message::{Body, Message, MessageType};
+use crate::message::{Body, Message, MessageType, Text};
 use crate::policy::Descriptor;
 use crate::registry::{Kind, Query, Registration, Registry, Status};
 use crate::syncher::{Account, SyncError, Syncher};
@@ -176,7 +176,7 @@ impl InstanceState {
             kind: m.type_.into(),
             from,
             to,
-            body: Body { code: m.body.code, resource: m.body.resource, value, description: m.body.description },
+            body: Body { code: m.body.code, resource: m.body.resource.map(Text::from), value: value.map(Text::from), description: m.body.description.map(Text::from) },
             identity: None,
             assertion: None,
         })
@@ -292,7 +292,7 @@ impl wit_bus::Host for InstanceState {
     fn reply(&mut self, request: wit::MessageResult, code: u16, value: Option<String>) -> Result<(), wit::SendError> {
         let result = self.accept_request(request, code).and_then(|request| {
             let mut response = Message::response(request.id, request.to, request.from, code);
-            response.body.value = value.map(|v| check_json(v, self.bus.config().max_message_bytes)).transpose()?;
+            response.body.value = value.map(|v| check_json(v, self.bus.config().max_message_bytes).map(Text::from)).transpose()?;
             self.bus.send(response, None, Some(&self.descriptor))
         });
         Ok(self.reported(result)?)

@@ -908,7 +908,7 @@ impl Sandbox {
                 if kind != MessageType::Response {
                     // The message that made it trap gets an answer, not silence.
                     let mut answer = Message::response(message.id, message.to, message.from, code::INTERNAL_ERROR);
-                    answer.body.description = Some(format!("{} failed while handling this message: {reason}", answer.from));
+                    answer.body.description = Some(format!("{} failed while handling this message: {reason}", answer.from).into());
                     self.shared.bus.deliver_final_answer(answer);
                 }
             }
