@@ -70,8 +70,16 @@ pub struct Body {
 /// counted by reference from its first clone on (`bytes::Bytes` underneath).
 /// It reads as a `&str` (`Deref`, `as_str`, `as_deref()` on an
 /// `Option<Text>`); build one with `.into()` from a `String` or a `&str`.
-#[derive(Clone, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, Default, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Text(bytes::Bytes);
+
+/// As the `str` it holds (`Borrow<str>` asks it: `Bytes` hashes as `[u8]`,
+/// with its length first, where `str` hashes its bytes and a 0xff).
+impl std::hash::Hash for Text {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.as_str().hash(state);
+    }
+}
 
 impl Text {
     pub fn as_str(&self) -> &str {
@@ -407,6 +415,8 @@ mod tests {
         assert_eq!(serde_json::to_string(&a).unwrap(), serde_json::to_string("{\"n\":1}").unwrap());
         assert_eq!(serde_json::from_str::<Text>("\"é\"").unwrap(), "é");
         assert!(Text::from("b") > Text::from("a") && Text::default().is_empty());
+        let kept: std::collections::HashSet<Text> = [Text::from("comm://a.example/x")].into();
+        assert!(kept.contains("comm://a.example/x"), "found by its str, as Borrow<str> promises");
     }
 
     #[test]
