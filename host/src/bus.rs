@@ -1341,19 +1341,23 @@ mod tests {
     #[test]
     fn send_each_shares_one_body_among_its_copies() {
         let (bus, _asker) = bus_and_asker();
-        let takers = [Arc::new(Probe::new()), Arc::new(Probe::new())];
-        let to = ["hyperty://bob.example/one", "hyperty://bob.example/two"].map(address);
+        // Two recipients in one domain (one identity step), one in another.
+        let takers = [Arc::new(Probe::new()), Arc::new(Probe::new()), Arc::new(Probe::new())];
+        let to = ["hyperty://bob.example/one", "hyperty://bob.example/two", "hyperty://carol.example/three"].map(address);
         for (t, a) in takers.iter().zip(&to) {
             bus.add_route(a.clone(), t.clone());
         }
         let from = address("hyperty://alice.example/asker");
         let mut delta = Message::new(0, MessageType::Update, from.clone(), from, Some("{\"n\":1}".into()));
         delta.body.resource = Some("comm://alice.example/room".into());
+        let sent = (delta.body.value.as_ref().unwrap().as_ptr(), delta.body.resource.as_ref().unwrap().as_ptr());
         assert!(bus.send_each(delta, to.to_vec(), 1, None).is_empty());
-        let [one, two] = takers.map(|t| t.got().remove(0).0.body);
-        assert_eq!(one, two);
-        assert_eq!(one.value.as_ref().unwrap().as_ptr(), two.value.as_ref().unwrap().as_ptr(), "the value is shared, not copied");
-        assert_eq!(one.resource.as_ref().unwrap().as_ptr(), two.resource.as_ref().unwrap().as_ptr(), "the resource too");
+        for taker in takers {
+            let body = taker.got().remove(0).0.body;
+            assert_eq!(body.value.as_deref(), Some("{\"n\":1}"));
+            let got = (body.value.as_ref().unwrap().as_ptr(), body.resource.as_ref().unwrap().as_ptr());
+            assert_eq!(got, sent, "the value and the resource sent, shared, not copied");
+        }
     }
 
     #[test]

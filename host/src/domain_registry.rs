@@ -132,7 +132,7 @@ impl DomainRegistry {
             return Err(format!("{} is not a runtime", m.from));
         }
         let remote = !bus.is_routed(&m.from);
-        let announcer = m.identity.as_ref().map(|i| i.user.clone());
+        let announcer = m.identity.as_ref().map(|i| i.user.to_string());
         let served = m.to.domain();
         let value: serde_json::Value = serde_json::from_str(m.body.value.as_deref().unwrap_or("{}")).map_err(|e| e.to_string())?;
         let resource = m.body.resource.as_deref().ok_or("no body.resource (the registration's address)")?;

@@ -154,7 +154,7 @@ pub(crate) fn user_of(identities: &Identities, domain: &str, assertion: &Asserti
         let trusted = expected.map_or("no IdP".to_owned(), |idp| format!("IdP {idp}"));
         return Err(format!("{domain} trusts {trusted}, not {}", assertion.idp));
     }
-    identities.validate(assertion).map(|identity| identity.user).map_err(|(_, why)| why)
+    identities.validate(assertion).map(|identity| identity.user.into()).map_err(|(_, why)| why)
 }
 
 /// An embedder's endpoint on the bus — and any host service reading the

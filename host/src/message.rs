@@ -177,8 +177,8 @@ impl<'de> serde::Deserialize<'de> for Text {
 /// vouches for it.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Identity {
-    pub user: String,
-    pub idp: String,
+    pub user: Text,
+    pub idp: Text,
 }
 
 /// An IdP's signed statement of who the sender is, as it travels with a
@@ -186,8 +186,8 @@ pub struct Identity {
 /// to the host and only the proxy of IdP `idp` can validate it.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Assertion {
-    pub idp: String,
-    pub token: String,
+    pub idp: Text,
+    pub token: Text,
 }
 
 /// A message on the bus.
@@ -417,6 +417,11 @@ mod tests {
         assert!(Text::from("b") > Text::from("a") && Text::default().is_empty());
         let kept: std::collections::HashSet<Text> = [Text::from("comm://a.example/x")].into();
         assert!(kept.contains("comm://a.example/x"), "found by its str, as Borrow<str> promises");
+        let mut spare = String::with_capacity(64);
+        spare.push_str("spare capacity");
+        let at = spare.as_ptr();
+        let text = Text::from(spare);
+        assert_eq!((text.as_ptr(), text.clone().as_ptr(), &*text), (at, at, "spare capacity"), "kept, not copied, whatever its capacity");
     }
 
     #[test]

@@ -534,13 +534,14 @@ impl Syncher {
         let (reporter, url) = (o.reporter.clone(), o.url.clone());
         drop(o);
         // reTHINK's invitation: a `create` from the object, so the observer
-        // knows to subscribe; each made as it is sent, so a large state is
-        // not copied for every invitee at once.
+        // knows to subscribe; one text shared by every invitee's message.
         let sender = self.bus.descriptor_of(&reporter);
+        let (invitation, resource) = (Text::from(invitation), Text::from(url.as_str()));
         for observer in invitees {
             let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-            let mut m = Message::new(id, MessageType::Create, url.clone(), observer, Some(invitation.clone()));
-            m.body.resource = Some(url.as_str().into());
+            let mut m = Message::new(id, MessageType::Create, url.clone(), observer, None);
+            m.body.value = Some(invitation.clone());
+            m.body.resource = Some(resource.clone());
             if let Err(e) = self.bus.send(m, None, sender.as_deref()) {
                 tracing::debug!(%url, "invitation not delivered ({e}); the observer may still subscribe");
             }

@@ -94,7 +94,7 @@ pub fn assertion(data: &[u8]) -> Option<u16> {
     let carol = world.carol.lock().unwrap();
     let mut m = Message::new(0, MessageType::Read, carol.address().clone(), world.b.clone(), None);
     m.id = carol.next_id();
-    m.assertion = Some(hyperty_host::Assertion { idp: if idp { IDP.to_owned() } else { token.chars().take(8).collect() }, token: token.to_owned() });
+    m.assertion = Some(hyperty_host::Assertion { idp: if idp { IDP.into() } else { token.chars().take(8).collect::<String>().into() }, token: token.into() });
     carol.request(m, None).ok()?;
     carol.recv_timeout(Duration::from_secs(30)).expect("an answer to every request").body.code
 }

@@ -127,7 +127,7 @@ fn an_endpoint_bound_to_an_assertion_gets_the_validated_user_and_is_asserted_acr
     runtime.deploy(&bundle.load()).unwrap();
     let b = runtime.lookup("bob.example", "b").unwrap();
     let token = jwt(IDP_KEY, IDP, "alice@idp.example", unix_now() + 600);
-    let assertion = Assertion { idp: IDP.into(), token };
+    let assertion = Assertion { idp: IDP.into(), token: token.into() };
     let app = runtime.endpoint_as("app://alice.example/web", 16, Acting::Assertion(assertion.clone())).unwrap();
     assert_eq!(app.user(), Some("alice@idp.example"));
     // bob.example requires identity: the bound endpoint's request is
@@ -144,8 +144,8 @@ fn an_endpoint_bound_to_an_assertion_gets_the_validated_user_and_is_asserted_acr
     assert_eq!(driver.report(&b, |r| r["id"] == id)["identity"], json!(["alice@idp.example", IDP]));
     // Refused assertions: expired, another key, an IdP the domain does not
     // trust, a domain with no IdP; each names why.
-    let expired = Assertion { idp: IDP.into(), token: jwt(IDP_KEY, IDP, "alice@idp.example", unix_now() - 3600) };
-    let forged = Assertion { idp: IDP.into(), token: jwt([9; 32], IDP, "alice@idp.example", unix_now() + 600) };
+    let expired = Assertion { idp: IDP.into(), token: jwt(IDP_KEY, IDP, "alice@idp.example", unix_now() - 3600).into() };
+    let forged = Assertion { idp: IDP.into(), token: jwt([9; 32], IDP, "alice@idp.example", unix_now() + 600).into() };
     let other = Assertion { idp: "other.example".into(), token: assertion.token.clone() };
     for (address, assertion, why) in [
         ("app://alice.example/x1", expired, "expired"),

@@ -70,7 +70,7 @@ fn request_with(endpoint: &Endpoint, id: u64, to: &Address, assertion: Option<As
 }
 
 fn assertion(token: String) -> Option<Assertion> {
-    Some(Assertion { idp: IDP.into(), token })
+    Some(Assertion { idp: IDP.into(), token: token.into() })
 }
 
 #[test]
@@ -148,7 +148,7 @@ fn validation_accepts_the_good_token_and_answers_401_to_bad_ones() {
         ("tampered signature", assertion(flipped), "signature not made by a key of idp.example"),
         ("foreign key", assertion(jwt(FOREIGN_KEY, IDP, "carol@idp.example", in_5_min)), "signature not made by a key of idp.example"),
         ("another IdP's user", assertion(jwt(IDP_KEY, IDP, "eve@evil.example", in_5_min)), "not a user of idp.example"),
-        ("unknown IdP", Some(Assertion { idp: "evil.example".into(), token: good.clone() }), "no proxy for this IdP"),
+        ("unknown IdP", Some(Assertion { idp: "evil.example".into(), token: good.as_str().into() }), "no proxy for this IdP"),
         ("garbage", assertion("not.a.jwt".into()), "malformed"),
     ];
     for (i, (case, assertion, why)) in cases.into_iter().enumerate() {

@@ -702,7 +702,7 @@ fn identity_bound_fingerprints_are_accepted_and_each_side_is_told_the_other_s_us
     assert_eq!(again["assertion"].as_str().map(|a| a.contains(&token)), Some(true), "kept for the connection: {again}");
     let endpoint = runtime.endpoint("hyperty://carol.example/replayer", 16).unwrap();
     let mut m = hyperty_host::Message::new(1, hyperty_host::MessageType::Read, endpoint.address().clone(), b.clone(), None);
-    m.assertion = Some(hyperty_host::message::Assertion { idp: IDP.into(), token });
+    m.assertion = Some(hyperty_host::message::Assertion { idp: IDP.into(), token: token.into() });
     endpoint.request(m, None).unwrap();
     let answer = endpoint.recv_timeout(Duration::from_secs(10)).expect("an answer");
     assert_eq!(answer.body.code, Some(401), "{answer:?}");

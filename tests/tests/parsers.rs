@@ -167,7 +167,7 @@ fn jwt_headers_and_claims_through_the_idp_proxy() {
     let mallory = runtime.endpoint("hyperty://mallory.example/m", 16).unwrap();
     let ask = |id: u64, token: String| {
         let mut m = Message::new(id, MessageType::Read, mallory.address().clone(), b.clone(), None);
-        m.assertion = Some(hyperty_host::message::Assertion { idp: IDP.into(), token });
+        m.assertion = Some(hyperty_host::message::Assertion { idp: IDP.into(), token: token.into() });
         mallory.request(m, None).unwrap();
         let answer = mallory.recv_timeout(Duration::from_secs(10)).expect("an answer");
         assert_eq!(answer.id, id, "{answer:?}");

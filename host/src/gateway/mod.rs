@@ -620,7 +620,7 @@ async fn login(shared: &Arc<Shared>, frames: &mut Frames, deadline: Instant, ori
         (Some(_), Some(_)) => return Err(refuse("the login has an assertion and a user: the assertion names the user".into())),
         (Some(assertion), None) => {
             let identities = shared.identities.clone();
-            let assertion = Assertion { idp: assertion.idp, token: assertion.token };
+            let assertion = Assertion { idp: assertion.idp.into(), token: assertion.token.into() };
             let of = domain.clone();
             // The IdP proxy is a guest: off the gateway's thread.
             match tokio::task::spawn_blocking(move || crate::endpoint::user_of(&identities, &of, &assertion)).await {

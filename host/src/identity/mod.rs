@@ -176,7 +176,7 @@ impl Identities {
             message.assertion = None;
             if let Some(user) = sender.and_then(|s| s.user.as_ref()) {
                 let idp = self.domain_idp(from_domain).unwrap_or_else(|| from_domain.to_owned());
-                message.identity = Some(Identity { user: user.clone(), idp });
+                message.identity = Some(Identity { user: user.as_str().into(), idp: idp.into() });
             }
             return Ok(());
         }
@@ -218,7 +218,7 @@ impl Identities {
         let unavailable = |why: String| (code::INTERNAL_ERROR, format!("cannot assert {user} with IdP {idp}: {why}"));
         let proxy = self.proxy(idp).ok_or_else(|| unavailable("no proxy runs for it".into()))?;
         let issued = proxy.generate(user).map_err(unavailable)?;
-        let assertion = Assertion { idp: idp.to_owned(), token: issued.token };
+        let assertion = Assertion { idp: idp.into(), token: issued.token.into() };
         let mut cache = self.issued.lock().unwrap();
         if cache.len() >= CACHE_LIMIT {
             cache.retain(|_, issued| issued.expires > now);
@@ -238,7 +238,7 @@ impl Identities {
         let idp = self.domain_idp(domain).ok_or_else(|| format!("{domain} has no IdP (`idp` in its bundle entry) to assert {user}"))?;
         let proxy = self.proxy(&idp).ok_or_else(|| format!("no proxy runs for IdP {idp}"))?;
         let issued = proxy.generate_bound(user, contents).map_err(|why| format!("IdP {idp} cannot assert {user}: {why}"))?;
-        Ok((Assertion { idp, token: issued.token }, issued.expires))
+        Ok((Assertion { idp: idp.into(), token: issued.token.into() }, issued.expires))
     }
 
     /// Who a bound `assertion` says its bearer is, and the contents it
@@ -251,7 +251,7 @@ impl Identities {
         if claims.expires <= now() {
             return Err(format!("the assertion of {} expired at {} (Unix seconds)", claims.user, claims.expires));
         }
-        Ok((Identity { user: claims.user, idp: assertion.idp.clone() }, claims.contents))
+        Ok((Identity { user: claims.user.into(), idp: assertion.idp.clone() }, claims.contents))
     }
 
     /// Who `assertion` says the sender is, as its IdP's proxy validates it.
@@ -272,7 +272,7 @@ impl Identities {
         if proxy.binds() && proxy.validate_bound(&assertion.token).is_ok() {
             return Err(refused("a bound assertion (its contents claim) is not a message assertion".into()));
         }
-        let identity = Identity { user: claims.user, idp: assertion.idp.clone() };
+        let identity = Identity { user: claims.user.into(), idp: assertion.idp.clone() };
         let mut cache = self.validated.write().unwrap();
         if cache.len() >= CACHE_LIMIT {
             cache.retain(|_, (_, expires)| *expires > now);

@@ -186,7 +186,7 @@ impl DomainMedia {
         };
         let mut state = conn.lock()?;
         may_set_remote_identity(&state)?;
-        let user = remote.identity.user.clone();
+        let user = remote.identity.user.to_string();
         tracing::info!(connection = %conn.address, "remote identity assertion valid: {user} (IdP {}), to be checked against the remote SDP", remote.identity.idp);
         state.remote_identity = Some(remote);
         Ok(user)
@@ -237,7 +237,7 @@ fn parse(text: &str) -> Result<Assertion, String> {
     crate::message::validate_value(text).map_err(|e| e.replacen("body.value ", "", 1))?;
     let value: Value = serde_json::from_str(text).map_err(|e| e.to_string())?;
     match (value["idp"]["domain"].as_str(), value["assertion"].as_str()) {
-        (Some(idp), Some(token)) if !idp.is_empty() => Ok(Assertion { idp: idp.to_owned(), token: token.to_owned() }),
+        (Some(idp), Some(token)) if !idp.is_empty() => Ok(Assertion { idp: idp.into(), token: token.into() }),
         _ => Err("expected {\"idp\": {\"domain\": <IdP>, ...}, \"assertion\": <token>}".into()),
     }
 }

@@ -39,7 +39,7 @@ use super::clock::{CivilTime, Clock, SystemClock};
 use super::{Decision, Descriptor, EnforcementPoint, Parties, PolicyDecisionPoint, Version};
 use crate::address::Address;
 use crate::bundle::{Problem, line_of};
-use crate::message::{Identity, Message};
+use crate::message::{Identity, Message, Text};
 
 /// The schema policies are validated against (shipped in `policies/`).
 pub const SCHEMA: &str = include_str!("../../../policies/schema.cedarschema");
@@ -501,7 +501,7 @@ impl CedarPolicies {
     pub fn authorize_deploy(&self, domain: &str, address: &Address, descriptor: &Descriptor) -> Decision {
         let parties = Parties { sender: Some(descriptor), target: Some(descriptor) };
         // Not asserted yet: the user the bundle binds the hyperty to.
-        let identity = descriptor.user.clone().map(|user| Identity { user, idp: String::new() });
+        let identity = descriptor.user.as_deref().map(|user| Identity { user: user.into(), idp: Text::default() });
         let parts = RequestParts {
             action: "deploy",
             from: address,
@@ -536,7 +536,7 @@ impl CedarPolicies {
         remote: Option<(&str, Option<&Descriptor>)>,
         remote_identity: Option<&Identity>,
     ) -> Decision {
-        let identity = descriptor.user.clone().map(|user| Identity { user, idp: String::new() });
+        let identity = descriptor.user.as_deref().map(|user| Identity { user: user.into(), idp: Text::default() });
         let remote_address = remote.and_then(|(r, _)| Address::parse(r).ok());
         let parts = RequestParts {
             action,

@@ -133,8 +133,8 @@ pub(crate) fn open(text: &str) -> Result<Received, String> {
         None => None,
         Some(Nested::Other) => return Err("assertion is not an object".into()),
         Some(Nested::Object(a)) => Some(Assertion {
-            idp: string(a.idp, "assertion.idp")?.into_owned(),
-            token: string(a.token, "assertion.token")?.into_owned(),
+            idp: string(a.idp, "assertion.idp")?.into_owned().into(),
+            token: string(a.token, "assertion.token")?.into_owned().into(),
         }),
     };
     let message = Message {

@@ -57,7 +57,7 @@ pub(crate) use glue::{StubPre, prepare};
 use crate::address::Address;
 use crate::bus::{Bus, Carrier, Destination, Refused};
 use crate::events::{EventKind, Events};
-use crate::message::{Message, MessageType, code};
+use crate::message::{Message, MessageType, Text, code};
 use crate::registry::{Registry, Status};
 use crate::store::Store;
 
@@ -1017,10 +1017,12 @@ pub(crate) fn tell_status(stub: &Stub, sink: StatusSink<'_>, anyway: bool) {
         EventKind::StubStatus { status: name.to_owned(), detail: detail.to_owned() },
     );
     let watchers: Vec<Address> = stub.watchers.lock().unwrap().iter().cloned().collect();
+    let (value, resource) = (Text::from(value.to_string()), Text::from(stub.address.as_str()));
     for watcher in watchers {
         let id = STATUS_IDS.fetch_add(1, Ordering::Relaxed);
-        let mut update = Message::new(id, MessageType::Update, stub.address.clone(), watcher, Some(value.to_string()));
-        update.body.resource = Some(stub.address.as_str().into());
+        let mut update = Message::new(id, MessageType::Update, stub.address.clone(), watcher, None);
+        update.body.value = Some(value.clone());
+        update.body.resource = Some(resource.clone());
         if let Err(e) = sink.bus.send(update, None, None) {
             tracing::debug!("status of protostub {} not told: {e}", stub.domain);
         }
