@@ -639,6 +639,9 @@ impl Bus {
             return vec![SendError::Malformed("a response goes to its requester alone".into())];
         }
         tracing::debug!(id = first_id, kind = message.kind.as_str(), from = %message.from, "message to each");
+        // Shared once: each recipient's copy then costs a count, not a copy.
+        let mut message = message;
+        message.share();
         let mut refused = Vec::new();
         // The identity established for the current group of recipients,
         // (domain, scheme, remote), and the message as it came out of it.
@@ -656,7 +659,10 @@ impl Bus {
                 slot => {
                     let mut m = copy(&message, id, to.clone());
                     let crossing = if remote { Crossing::Leaving } else { Crossing::Here };
-                    let result = self.inner.identities.establish(&mut m, sender, crossing).map(|()| m);
+                    let result = self.inner.identities.establish(&mut m, sender, crossing).map(|()| {
+                        m.share(); // what the identity step set
+                        m
+                    });
                     let g = Group { domain: key.0.to_owned(), scheme: key.1.to_owned(), remote, established: result };
                     &slot.insert(g).established
                 }
@@ -1062,6 +1068,7 @@ mod tests {
     use std::sync::mpsc;
 
     use super::*;
+    use crate::message::Body;
     use crate::policy::AllowAll;
 
     /// A bus allowing everything, with an endpoint at
@@ -1350,13 +1357,12 @@ mod tests {
         let from = address("hyperty://alice.example/asker");
         let mut delta = Message::new(0, MessageType::Update, from.clone(), from, Some("{\"n\":1}".into()));
         delta.body.resource = Some("comm://alice.example/room".into());
-        let sent = (delta.body.value.as_ref().unwrap().as_ptr(), delta.body.resource.as_ref().unwrap().as_ptr());
         assert!(bus.send_each(delta, to.to_vec(), 1, None).is_empty());
-        for taker in takers {
-            let body = taker.got().remove(0).0.body;
+        let bodies = takers.map(|t| t.got().remove(0).0.body);
+        let at = |b: &Body| (b.value.as_ref().unwrap().as_ptr(), b.resource.as_ref().unwrap().as_ptr());
+        for body in &bodies {
             assert_eq!(body.value.as_deref(), Some("{\"n\":1}"));
-            let got = (body.value.as_ref().unwrap().as_ptr(), body.resource.as_ref().unwrap().as_ptr());
-            assert_eq!(got, sent, "the value and the resource sent, shared, not copied");
+            assert_eq!(at(body), at(&bodies[0]), "every recipient's value and resource the same buffers, shared, not copied");
         }
     }
 

@@ -55,8 +55,9 @@ impl MessageType {
 
 /// The body: response code, the resource the message is about, a JSON value
 /// and a human-readable description (set by the host on its own answers).
-/// Its text is [`Text`]: a copy of the message (one per observer of a data
-/// object, one per recipient of [`crate::bus::Bus::send_each`]) shares it.
+/// Its text is [`Text`]: once the message is [`Message::share`]d, its
+/// copies (one per observer of a data object, one per recipient of
+/// [`crate::bus::Bus::send_each`]) share it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Body {
     pub code: Option<u16>,
@@ -65,26 +66,71 @@ pub struct Body {
     pub description: Option<Text>,
 }
 
-/// An immutable UTF-8 string that a clone shares instead of copying: made
-/// from a `String` without a copy (it keeps the `String`'s buffer), then
-/// counted by reference from its first clone on (`bytes::Bytes` underneath).
-/// It reads as a `&str` (`Deref`, `as_str`, `as_deref()` on an
-/// `Option<Text>`); build one with `.into()` from a `String` or a `&str`.
-#[derive(Clone, Default, PartialEq, Eq, PartialOrd, Ord)]
-pub struct Text(bytes::Bytes);
+/// An immutable UTF-8 string, owned like a `String` (made from one without
+/// a copy, cloned by copying, dropped by a plain free: what a message that
+/// goes to one recipient costs) until [`Text::share`]d, after which its
+/// clones share it (`Arc<str>`). A message sent to many
+/// ([`Message::share`], as [`crate::bus::Bus::send_each`] does) is shared
+/// once, then each recipient's copy costs a count. It reads as a `&str`
+/// (`Deref`, `as_str`, `as_deref()` on an `Option<Text>`), compares and
+/// hashes as one; build one with `.into()` from a `String` or a `&str`.
+/// The size of a `String` (24 bytes, an `Option<Text>` too).
+#[derive(Clone)]
+pub struct Text(Repr);
 
-/// As the `str` it holds (`Borrow<str>` asks it: `Bytes` hashes as `[u8]`,
-/// with its length first, where `str` hashes its bytes and a 0xff).
-impl std::hash::Hash for Text {
-    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        self.as_str().hash(state);
-    }
+#[derive(Clone)]
+enum Repr {
+    Owned(String),
+    Shared(std::sync::Arc<str>),
 }
 
 impl Text {
     pub fn as_str(&self) -> &str {
-        // SAFETY: every constructor takes a `str` or a `String`: the bytes are UTF-8.
-        unsafe { std::str::from_utf8_unchecked(&self.0) }
+        match &self.0 {
+            Repr::Owned(s) => s,
+            Repr::Shared(s) => s,
+        }
+    }
+
+    /// From now on its clones share it: moves an owned text into a shared
+    /// buffer (one copy), once.
+    pub fn share(&mut self) {
+        if let Repr::Owned(s) = &mut self.0 {
+            self.0 = Repr::Shared(std::mem::take(s).into());
+        }
+    }
+}
+
+impl Default for Text {
+    fn default() -> Text {
+        Text(Repr::Owned(String::new()))
+    }
+}
+
+impl PartialEq for Text {
+    fn eq(&self, other: &Text) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+impl Eq for Text {}
+
+impl PartialOrd for Text {
+    fn partial_cmp(&self, other: &Text) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Text {
+    fn cmp(&self, other: &Text) -> std::cmp::Ordering {
+        self.as_str().cmp(other.as_str())
+    }
+}
+
+/// As the `str` it holds, as `Borrow<str>` promises.
+impl std::hash::Hash for Text {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.as_str().hash(state);
     }
 }
 
@@ -109,13 +155,13 @@ impl std::borrow::Borrow<str> for Text {
 
 impl From<String> for Text {
     fn from(s: String) -> Text {
-        Text(bytes::Bytes::from(s))
+        Text(Repr::Owned(s))
     }
 }
 
 impl From<&str> for Text {
     fn from(s: &str) -> Text {
-        Text(bytes::Bytes::copy_from_slice(s.as_bytes()))
+        Text(Repr::Owned(s.to_owned()))
     }
 }
 
@@ -127,7 +173,10 @@ impl From<&String> for Text {
 
 impl From<Text> for String {
     fn from(t: Text) -> String {
-        t.as_str().to_owned()
+        match t.0 {
+            Repr::Owned(s) => s,
+            Repr::Shared(s) => s.as_ref().to_owned(),
+        }
     }
 }
 
@@ -245,6 +294,24 @@ impl Message {
         let mut r = Message::response(self.id, self.to.clone(), self.from.clone(), code);
         r.body.description = Some(description.into().into());
         r
+    }
+
+    /// Makes its text (body, identity, assertion) shared by the clones made
+    /// from now on ([`Text::share`]): for a message about to be copied for
+    /// many recipients.
+    pub fn share(&mut self) {
+        let b = &mut self.body;
+        for t in [&mut b.resource, &mut b.value, &mut b.description].into_iter().flatten() {
+            t.share();
+        }
+        if let Some(i) = &mut self.identity {
+            i.user.share();
+            i.idp.share();
+        }
+        if let Some(a) = &mut self.assertion {
+            a.idp.share();
+            a.token.share();
+        }
     }
 
     /// Bytes of variable-size content, the measure for the size limit.
@@ -402,26 +469,30 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_text_keeps_its_strings_buffer_and_its_clones_share_it() {
-        let s = String::from("{\"n\":1}");
-        let at = s.as_ptr();
-        let text = Text::from(s);
-        assert_eq!(text.as_ptr(), at, "made without a copy");
+    fn a_text_is_a_strings_buffer_until_shared_then_its_clones_share_one() {
+        let mut spare = String::with_capacity(64);
+        spare.push_str("{\"n\":1}");
+        let at = spare.as_ptr();
+        let mut text = Text::from(spare);
+        assert_eq!(text.as_ptr(), at, "made without a copy, whatever its capacity");
+        assert_ne!(text.clone().as_ptr(), at, "an owned text's clone is a copy, as a String's");
+        text.share();
+        let shared = text.as_ptr();
         let (a, b) = (text.clone(), text.clone());
-        assert_eq!((a.as_ptr(), b.as_ptr()), (at, at), "clones share it");
+        assert_eq!((a.as_ptr(), b.as_ptr()), (shared, shared), "a shared text's clones share it");
+        text.share();
+        assert_eq!(text.as_ptr(), shared, "shared once");
         drop(text);
         assert_eq!(&*b, "{\"n\":1}");
+        assert_eq!(a, Text::from("{\"n\":1}"), "equal whether shared or owned");
+        assert_eq!(String::from(a.clone()), "{\"n\":1}");
         assert_eq!(format!("{b:?} {b}"), "\"{\\\"n\\\":1}\" {\"n\":1}", "reads as the str it holds");
         assert_eq!(serde_json::to_string(&a).unwrap(), serde_json::to_string("{\"n\":1}").unwrap());
         assert_eq!(serde_json::from_str::<Text>("\"é\"").unwrap(), "é");
         assert!(Text::from("b") > Text::from("a") && Text::default().is_empty());
-        let kept: std::collections::HashSet<Text> = [Text::from("comm://a.example/x")].into();
-        assert!(kept.contains("comm://a.example/x"), "found by its str, as Borrow<str> promises");
-        let mut spare = String::with_capacity(64);
-        spare.push_str("spare capacity");
-        let at = spare.as_ptr();
-        let text = Text::from(spare);
-        assert_eq!((text.as_ptr(), text.clone().as_ptr(), &*text), (at, at, "spare capacity"), "kept, not copied, whatever its capacity");
+        let kept: std::collections::HashSet<Text> = [a, Text::from("comm://a.example/x")].into();
+        assert!(kept.contains("comm://a.example/x") && kept.contains("{\"n\":1}"), "found by its str, as Borrow<str> promises");
+        assert_eq!((std::mem::size_of::<Text>(), std::mem::size_of::<Option<Text>>()), (24, 24), "a String's size");
     }
 
     #[test]

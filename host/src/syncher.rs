@@ -536,7 +536,9 @@ impl Syncher {
         // reTHINK's invitation: a `create` from the object, so the observer
         // knows to subscribe; one text shared by every invitee's message.
         let sender = self.bus.descriptor_of(&reporter);
-        let (invitation, resource) = (Text::from(invitation), Text::from(url.as_str()));
+        let (mut invitation, mut resource) = (Text::from(invitation), Text::from(url.as_str()));
+        invitation.share();
+        resource.share();
         for observer in invitees {
             let id = self.next_id.fetch_add(1, Ordering::Relaxed);
             let mut m = Message::new(id, MessageType::Create, url.clone(), observer, None);
