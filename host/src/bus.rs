@@ -620,8 +620,8 @@ impl Bus {
     /// is done once per receiving domain (and scheme, and whether its
     /// route is a carrier): the identity step, which reads only the
     /// message's `from` and assertion, its receiver's domain and scheme,
-    /// the sender and the crossing (see [`IdentityPoint`]); the value is
-    /// made once, by the caller, and copied. Decisions come from beside
+    /// the sender and the crossing (see [`IdentityPoint`]); the message's
+    /// text is shared once ([`Message::share`]) and each copy counts it. Decisions come from beside
     /// each recipient's route, as for any message. Returns the refusals at
     /// the import, each naming its recipient (a full inbox,
     /// [`SendError::InboxFull`], is back-pressure: that recipient misses

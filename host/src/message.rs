@@ -230,6 +230,14 @@ pub struct Identity {
     pub idp: Text,
 }
 
+impl Identity {
+    /// Its clones share its text from now on ([`Text::share`]).
+    pub fn share(&mut self) {
+        self.user.share();
+        self.idp.share();
+    }
+}
+
 /// An IdP's signed statement of who the sender is, as it travels with a
 /// message between domains (reTHINK's `body.identity`): the token is opaque
 /// to the host and only the proxy of IdP `idp` can validate it.
@@ -237,6 +245,14 @@ pub struct Identity {
 pub struct Assertion {
     pub idp: Text,
     pub token: Text,
+}
+
+impl Assertion {
+    /// Its clones share its text from now on ([`Text::share`]).
+    pub fn share(&mut self) {
+        self.idp.share();
+        self.token.share();
+    }
 }
 
 /// A message on the bus.
@@ -304,13 +320,11 @@ impl Message {
         for t in [&mut b.resource, &mut b.value, &mut b.description].into_iter().flatten() {
             t.share();
         }
-        if let Some(i) = &mut self.identity {
-            i.user.share();
-            i.idp.share();
+        if let Some(identity) = &mut self.identity {
+            identity.share();
         }
-        if let Some(a) = &mut self.assertion {
-            a.idp.share();
-            a.token.share();
+        if let Some(assertion) = &mut self.assertion {
+            assertion.share();
         }
     }
 

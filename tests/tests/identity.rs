@@ -100,6 +100,12 @@ fn assertion_attached_on_egress_and_not_on_local_traffic() {
     assert_eq!(a.token.split('.').count(), 3, "a compact JWT: {}", a.token);
     let identity = m.identity.as_ref().unwrap();
     assert_eq!((identity.user.as_str(), identity.idp.as_str()), ("alice@idp.example", IDP), "validated on arrival");
+    // The next message carries the assertion issued for the first and the
+    // identity validated for it, from the caches: counts, not copies.
+    w.a_sends(remote.address());
+    let again = remote.recv_timeout(Duration::from_secs(10)).unwrap();
+    let buffers = |m: &Message| (m.assertion.as_ref().unwrap().token.as_ptr(), m.identity.as_ref().unwrap().user.as_ptr());
+    assert_eq!(buffers(&again), buffers(&m), "one token and one user buffer for both messages");
 
     // Hyperty to hyperty: b (bob.example) sees alice, validated; a sees
     // bob on the response; a2 (same domain) sees alice without assertion.

@@ -218,7 +218,8 @@ impl Identities {
         let unavailable = |why: String| (code::INTERNAL_ERROR, format!("cannot assert {user} with IdP {idp}: {why}"));
         let proxy = self.proxy(idp).ok_or_else(|| unavailable("no proxy runs for it".into()))?;
         let issued = proxy.generate(user).map_err(unavailable)?;
-        let assertion = Assertion { idp: idp.into(), token: issued.token.into() };
+        let mut assertion = Assertion { idp: idp.into(), token: issued.token.into() };
+        assertion.share(); // each message it goes with then holds a count, not a copy of the token
         let mut cache = self.issued.lock().unwrap();
         if cache.len() >= CACHE_LIMIT {
             cache.retain(|_, issued| issued.expires > now);
@@ -272,7 +273,8 @@ impl Identities {
         if proxy.binds() && proxy.validate_bound(&assertion.token).is_ok() {
             return Err(refused("a bound assertion (its contents claim) is not a message assertion".into()));
         }
-        let identity = Identity { user: claims.user.into(), idp: assertion.idp.clone() };
+        let mut identity = Identity { user: claims.user.into(), idp: assertion.idp.clone() };
+        identity.share(); // each message it is stamped on then holds a count
         let mut cache = self.validated.write().unwrap();
         if cache.len() >= CACHE_LIMIT {
             cache.retain(|_, (_, expires)| *expires > now);
