@@ -1084,30 +1084,28 @@ fn deliver(sink: &Sink, outbox: &mut VecDeque<(Message, Option<u32>)>, conn: &Co
                 conn.count_dropped(track);
                 continue;
             }
-        }
-        let (id, sent) = (m.id, sink.bus.send(m.clone(), None, Some(&sink.descriptor)));
-        if sent.is_err() && frame.is_some() {
-            frames.unreserve(&conn.address, id);
-        }
-        match sent {
-            Ok(()) => {}
-            Err(SendError::InboxFull(_)) => match frame {
-                Some(track) => conn.count_dropped(track),
-                None => {
-                    outbox.push_front((m, None));
-                    return;
-                }
-            },
-            // A frame refused for another reason (too large for the bus) is
-            // dropped and counted too: a remote peer sends frames, so one
-            // log line each would be a log flood it controls.
-            Err(e) => match frame {
-                Some(track) => {
+            // A frame refused is dropped and counted, so it is sent itself
+            // (no copy of its payload). Refused for another reason than a
+            // full inbox (too large for the bus): a remote peer sends
+            // frames, so one log line each would be a log flood it controls.
+            let id = m.id;
+            if let Err(e) = sink.bus.send(m, None, Some(&sink.descriptor)) {
+                frames.unreserve(&conn.address, id);
+                if !matches!(e, SendError::InboxFull(_)) {
                     tracing::debug!(to = %sink.owner, "a received frame was refused: {e}");
-                    conn.count_dropped(track)
                 }
-                None => tracing::warn!(to = %sink.owner, "a media event was refused: {e}"),
-            },
+                conn.count_dropped(track);
+            }
+            continue;
+        }
+        // An event refused for a full inbox is offered again: a copy is sent.
+        match sink.bus.send(m.clone(), None, Some(&sink.descriptor)) {
+            Ok(()) => {}
+            Err(SendError::InboxFull(_)) => {
+                outbox.push_front((m, None));
+                return;
+            }
+            Err(e) => tracing::warn!(to = %sink.owner, "a media event was refused: {e}"),
         }
     }
 }
