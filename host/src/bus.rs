@@ -621,15 +621,15 @@ impl Bus {
     /// route is a carrier): the identity step, which reads only the
     /// message's `from` and assertion, its receiver's domain and scheme,
     /// the sender and the crossing (see [`IdentityPoint`]); the message's
-    /// text is shared once ([`Message::share`]) and each copy counts it. Decisions come from beside
-    /// each recipient's route, as for any message. Returns the refusals at
+    /// text is shared once ([`Message::share`]) and each copy counts it.
+    /// Decisions come from beside each recipient's route, as for any message. Returns the refusals at
     /// the import, each naming its recipient (a full inbox,
     /// [`SendError::InboxFull`], is back-pressure: that recipient misses
     /// the message); everything else is answered to `from` as
     /// [`Bus::send`] answers it.
     pub fn send_each(
         &self,
-        message: Message,
+        mut message: Message,
         recipients: impl IntoIterator<Item = Address>,
         first_id: u64,
         sender: Option<&Descriptor>,
@@ -640,7 +640,6 @@ impl Bus {
         }
         tracing::debug!(id = first_id, kind = message.kind.as_str(), from = %message.from, "message to each");
         // Shared once: each recipient's copy then costs a count, not a copy.
-        let mut message = message;
         message.share();
         let mut refused = Vec::new();
         // The identity established for the current group of recipients,

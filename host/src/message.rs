@@ -92,6 +92,12 @@ impl Text {
         }
     }
 
+    /// A text shared from the start (one copy of `text`), for one text sent
+    /// to many recipients in messages of their own.
+    pub fn shared(text: &str) -> Text {
+        Text(Repr::Shared(text.into()))
+    }
+
     /// From now on its clones share it: moves an owned text into a shared
     /// buffer (one copy), once.
     pub fn share(&mut self) {
@@ -306,9 +312,9 @@ impl Message {
 
     /// The host's own answer to this message: a response with `code` and a
     /// description of why.
-    pub fn answer(&self, code: u16, description: impl Into<String>) -> Message {
+    pub fn answer(&self, code: u16, description: impl Into<Text>) -> Message {
         let mut r = Message::response(self.id, self.to.clone(), self.from.clone(), code);
-        r.body.description = Some(description.into().into());
+        r.body.description = Some(description.into());
         r
     }
 
@@ -377,14 +383,14 @@ impl MessageBuilder {
     }
 
     /// `body.value`: JSON text (RFC 8259), checked by [`validate_value`].
-    pub fn value(mut self, json: impl Into<String>) -> MessageBuilder {
-        self.body.value = Some(json.into().into());
+    pub fn value(mut self, json: impl Into<Text>) -> MessageBuilder {
+        self.body.value = Some(json.into());
         self
     }
 
     /// `body.resource`: what the message is about.
-    pub fn resource(mut self, resource: impl Into<String>) -> MessageBuilder {
-        self.body.resource = Some(resource.into().into());
+    pub fn resource(mut self, resource: impl Into<Text>) -> MessageBuilder {
+        self.body.resource = Some(resource.into());
         self
     }
 
@@ -496,6 +502,8 @@ mod tests {
         assert_eq!((a.as_ptr(), b.as_ptr()), (shared, shared), "a shared text's clones share it");
         text.share();
         assert_eq!(text.as_ptr(), shared, "shared once");
+        let from_the_start = Text::shared("{\"n\":1}");
+        assert_eq!((from_the_start.clone().as_ptr(), &*from_the_start), (from_the_start.as_ptr(), "{\"n\":1}"), "shared from the start");
         drop(text);
         assert_eq!(&*b, "{\"n\":1}");
         assert_eq!(a, Text::from("{\"n\":1}"), "equal whether shared or owned");

@@ -536,9 +536,7 @@ impl Syncher {
         // reTHINK's invitation: a `create` from the object, so the observer
         // knows to subscribe; one text shared by every invitee's message.
         let sender = self.bus.descriptor_of(&reporter);
-        let (mut invitation, mut resource) = (Text::from(invitation), Text::from(url.as_str()));
-        invitation.share();
-        resource.share();
+        let (invitation, resource) = (Text::shared(&invitation), Text::shared(url.as_str()));
         for observer in invitees {
             let id = self.next_id.fetch_add(1, Ordering::Relaxed);
             let mut m = Message::new(id, MessageType::Create, url.clone(), observer, None);

@@ -1017,9 +1017,7 @@ pub(crate) fn tell_status(stub: &Stub, sink: StatusSink<'_>, anyway: bool) {
         EventKind::StubStatus { status: name.to_owned(), detail: detail.to_owned() },
     );
     let watchers: Vec<Address> = stub.watchers.lock().unwrap().iter().cloned().collect();
-    let (mut value, mut resource) = (Text::from(value.to_string()), Text::from(stub.address.as_str()));
-    value.share();
-    resource.share();
+    let (value, resource) = (Text::shared(&value.to_string()), Text::shared(stub.address.as_str()));
     for watcher in watchers {
         let id = STATUS_IDS.fetch_add(1, Ordering::Relaxed);
         let mut update = Message::new(id, MessageType::Update, stub.address.clone(), watcher, None);
